@@ -1,0 +1,102 @@
+"""The interface every model of the library shares: fit, score, recommend."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+
+def as_csr(X, name: str = "X", n_items: int | None = None) -> sp.csr_matrix:
+    """Accept an :class:`~recvae.data.Interactions` or a sparse matrix; return float32 CSR.
+
+    Raises a ``TypeError``/``ValueError`` naming ``name`` when the input is not usable.
+    """
+    matrix = getattr(X, "matrix", X)
+    if not sp.issparse(matrix):
+        raise TypeError(
+            f"{name}: expected a scipy.sparse matrix or recvae.data.Interactions, got {type(X).__name__}"
+        )
+    matrix = sp.csr_matrix(matrix, dtype=np.float32)
+    if n_items is not None and matrix.shape[1] != n_items:
+        raise ValueError(f"{name}: expected {n_items} item columns (as in training), got {matrix.shape[1]}")
+    if matrix.nnz and not np.isfinite(matrix.data).all():
+        raise ValueError(f"{name}: contains non-finite values")
+    return matrix
+
+
+class Recommender:
+    """Base class: subclasses implement ``fit`` and ``_score_batch``.
+
+    ``fit`` must set ``n_items_``. Scores are for items in the training item index space.
+    """
+
+    #: rows scored at once by ``score``/``recommend``; bounds dense memory to batch x items
+    batch_size_predict: int = 1000
+
+    def fit(self, train, validation=None):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _score_batch(self, user_items: sp.csr_matrix) -> np.ndarray:  # pragma: no cover - abstract
+        """Dense float32 scores (batch, n_items) for a CSR batch of user histories."""
+        raise NotImplementedError
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "n_items_"):
+            raise RuntimeError(f"{type(self).__name__} is not fitted yet: call fit() first")
+
+    def score(self, user_items) -> np.ndarray:
+        """Dense float32 scores (users, n_items) for the given histories (a CSR batch).
+
+        Only call on batches: the result is dense. ``recommend`` and
+        :func:`recvae.evaluation.evaluate` batch for you.
+        """
+        self._check_fitted()
+        user_items = as_csr(user_items, "user_items", self.n_items_)
+        return np.asarray(self._score_batch(user_items), dtype=np.float32)
+
+    def recommend(
+        self,
+        user_items,
+        N: int = 10,
+        filter_already_liked_items: bool = True,
+        filter_items=None,
+        batch_size: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-N items for each row of ``user_items`` (users x items CSR of histories).
+
+        Returns ``(ids, scores)``, each of shape (users, N), best first. Items in a
+        user's history are excluded when ``filter_already_liked_items``; item indices
+        in ``filter_items`` are excluded for everyone. Where fewer than N items are
+        left, the remaining slots hold id -1 and score -inf.
+        """
+        self._check_fitted()
+        user_items = as_csr(user_items, "user_items", self.n_items_)
+        if not isinstance(N, (int, np.integer)) or N < 1:
+            raise ValueError(f"N: expected a positive integer, got {N!r}")
+        n_users, n_items = user_items.shape
+        k = min(int(N), n_items)
+        ids = np.full((n_users, N), -1, dtype=np.int64)
+        out = np.full((n_users, N), -np.inf, dtype=np.float32)
+        blocked = None
+        if filter_items is not None:
+            blocked = np.unique(np.asarray(filter_items, dtype=np.int64))
+            if blocked.size and (blocked.min() < 0 or blocked.max() >= n_items):
+                raise ValueError(f"filter_items: item indices must lie in [0, {n_items}), got {blocked.min()}..{blocked.max()}")
+        bs = batch_size or self.batch_size_predict
+        for start in range(0, n_users, bs):
+            batch = user_items[start : start + bs]
+            scores = self.score(batch)
+            if filter_already_liked_items:
+                rows = np.repeat(np.arange(batch.shape[0]), np.diff(batch.indptr))
+                scores[rows, batch.indices] = -np.inf
+            if blocked is not None and blocked.size:
+                scores[:, blocked] = -np.inf
+            part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            part_scores = np.take_along_axis(scores, part, axis=1)
+            order = np.argsort(-part_scores, axis=1, kind="stable")
+            top = np.take_along_axis(part, order, axis=1)
+            top_scores = np.take_along_axis(part_scores, order, axis=1)
+            top[~np.isfinite(top_scores)] = -1
+            ids[start : start + bs, :k] = top
+            out[start : start + bs, :k] = top_scores
+        return ids, out

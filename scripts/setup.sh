@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Creates .venv and installs recvae with its test and plot extras.
+#
+# torch is pinned to 2.13.0 and installed on its own first: an unpinned torch
+# (or a range admitting newer releases) pulls a multi-GB CUDA build. On Linux
+# without a GPU, set TORCH_INDEX_URL to PyTorch's CPU wheel index to get the
+# small CPU build from the internet; machines that carry a local CPU wheel
+# (as our CI does) pick it up with no setting.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+    if [ -n "${TORCH_INDEX_URL:-}" ]; then
+        .venv/bin/pip install -q "torch==2.13.0" --index-url "$TORCH_INDEX_URL"
+    else
+        .venv/bin/pip install -q "torch==2.13.0"
+    fi
+fi
+.venv/bin/pip install -q -e ".[test,plot,parquet]"
