@@ -1,0 +1,297 @@
+"""The ``recvae`` command line: datasets, train, evaluate, recommend."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+logger = logging.getLogger("recvae")
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
+    try:
+        return args.func(args) or 0
+    except (CLIError, ValueError, OSError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"recvae: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="recvae",
+        description="Mult-VAE / Mult-DAE collaborative filtering (Liang et al., WWW 2018) with the paper's protocol.",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the results")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("datasets", help="list the MovieLens datasets, where they are looked for, which are present")
+    d.add_argument("--data-dir", help="data directory (default: $RECVAE_DATA, else ./data)")
+    d.set_defaults(func=cmd_datasets)
+
+    t = sub.add_parser("train", help="train a model with the paper's protocol and print its test metrics")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", help="a MovieLens name (see `recvae datasets`)")
+    src.add_argument("--data", metavar="FILE", help="an interaction file: CSV, TSV, GroupLens '::' (.dat) or Parquet")
+    add_data_options(t)
+    t.add_argument("--model", default="multvae", help="multvae (default), multdae, ease or popularity")
+    t.add_argument("--epochs", type=int, help="training epochs (paper: 200)")
+    t.add_argument("--batch-size", type=int, help="users per gradient update (paper: 500)")
+    t.add_argument("--lr", type=float, help="Adam learning rate (paper: 1e-3)")
+    t.add_argument("--dropout", type=float, help="input dropout (paper: 0.5)")
+    t.add_argument("--anneal-cap", type=float, help="largest KL weight beta (paper: 0.2)")
+    t.add_argument("--total-anneal-steps", type=int, help="updates to reach beta=1 before capping (paper: 200000)")
+    t.add_argument("--patience", type=int, help="early stopping: epochs without validation NDCG@100 gain")
+    t.add_argument("--l2", type=float, help="EASE's L2 weight lambda (default 500)")
+    t.add_argument("--seed", type=int, default=0, help="model seed (default 0)")
+    t.add_argument("--split-seed", type=int, default=0, help="seed of the user split (default 0)")
+    t.add_argument("--n-heldout-users", type=int, help="validation and test users each (default: the library's rule)")
+    t.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    t.add_argument("--precision", choices=("fp32", "bf16"), help="matrix product precision of neural models")
+    t.add_argument("--out", metavar="RUN_DIR", help="write the run directory here")
+    t.add_argument("--show", type=int, default=3, metavar="N", help="print top-10 lists for N test users (default 3)")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="re-evaluate a saved run on its test (or validation) users")
+    e.add_argument("run_dir", metavar="RUN_DIR")
+    e.add_argument("--split", choices=("test", "validation"), default="test")
+    e.set_defaults(func=cmd_evaluate)
+
+    r = sub.add_parser("recommend", help="top-K items for the users of a history file, known or new")
+    r.add_argument("run_dir", metavar="RUN_DIR")
+    r.add_argument("--input", required=True, help="history file (CSV, TSV, Parquet) with user and item columns")
+    r.add_argument("--user-col", default="user")
+    r.add_argument("--item-col", default="item")
+    r.add_argument("--k", type=int, default=10, help="items per user (default 10)")
+    r.add_argument("--output", default="-", help="CSV or Parquet by extension; '-' for stdout (default)")
+    r.add_argument("--strict", action="store_true", help="fail on item ids unknown to the model instead of dropping them")
+    r.set_defaults(func=cmd_recommend)
+    return p
+
+
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="data directory for MovieLens (default: $RECVAE_DATA, else ./data)")
+    p.add_argument("--user-col", default="user", help="user column of --data (default 'user')")
+    p.add_argument("--item-col", default="item", help="item column of --data (default 'item')")
+    p.add_argument("--rating-col", default="rating", help="rating column of --data; 'none' for none")
+    p.add_argument("--sep", help="separator of --data (default: from the extension)")
+    p.add_argument("--rating-threshold", type=float, default=3.5, help="keep ratings > this (paper: 3.5)")
+    p.add_argument("--min-user-interactions", type=int, default=5, help="drop users with fewer (paper: 5)")
+    p.add_argument("--min-item-interactions", type=int, default=0, help="drop items with fewer (paper: none)")
+
+
+def data_spec_from_args(args):
+    from recvae.experiment import DataSpec
+
+    rating_col = None if str(args.rating_col).lower() == "none" else args.rating_col
+    if args.data is not None and not Path(args.data).is_file():
+        raise CLIError(f"--data {args.data}: no such file")
+    return DataSpec(
+        dataset=args.dataset,
+        path=args.data,
+        data_dir=args.data_dir,
+        user_col=args.user_col,
+        item_col=args.item_col,
+        rating_col=rating_col,
+        sep=args.sep,
+        rating_threshold=args.rating_threshold if rating_col else None,
+        min_user_interactions=args.min_user_interactions,
+        min_item_interactions=args.min_item_interactions,
+    )
+
+
+def model_params_from_args(args) -> dict:
+    neural = args.model in ("multvae", "multdae")
+    given = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "dropout": args.dropout,
+        "patience": args.patience,
+        "precision": args.precision,
+    }
+    params = {}
+    if neural:
+        params.update({k: v for k, v in given.items() if v is not None})
+        params["random_state"] = args.seed
+        params["device"] = args.device
+        params["show_progress"] = not args.quiet
+        if args.model == "multvae":
+            if args.anneal_cap is not None:
+                params["anneal_cap"] = args.anneal_cap
+            if args.total_anneal_steps is not None:
+                params["total_anneal_steps"] = args.total_anneal_steps
+    else:
+        unused = [k for k, v in given.items() if v is not None]
+        if unused:
+            raise CLIError(f"--model {args.model}: does not take {', '.join('--' + u.replace('_', '-') for u in unused)}")
+        if args.model == "ease" and args.l2 is not None:
+            params["l2"] = args.l2
+    if args.model != "ease" and args.l2 is not None:
+        raise CLIError(f"--l2: only for --model ease, not {args.model}")
+    return params
+
+
+def cmd_datasets(args) -> int:
+    from recvae.data import resolve_data_dir
+    from recvae.data.movielens import DATASETS, dataset_status
+
+    data_dir = resolve_data_dir(args.data_dir)
+    print(f"data directory: {data_dir.resolve()} (argument --data-dir, else $RECVAE_DATA, else ./data)")
+    rows = [(name, dataset_status(name, data_dir)) for name in DATASETS]
+    width = max(len(n) for n, _ in rows)
+    for name, status in rows:
+        print(f"  {name:<{width}}  {status}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from recvae.experiment import RunConfig, make_model, run
+
+    spec = data_spec_from_args(args)
+    params = model_params_from_args(args)
+    make_model(args.model, **params)  # fail on a bad model name or parameter before loading data
+    config = RunConfig(
+        data=spec, model=args.model, params=params, split_seed=args.split_seed, n_heldout_users=args.n_heldout_users
+    )
+    result = run(config, out=args.out, show_progress=not args.quiet)
+    print(f"\n{args.model} on {spec.name}: trained in {result.train_seconds:.1f} s")
+    print(format_table({"validation": result.validation, "test": result.test}))
+    if args.out:
+        print(f"\nrun directory: {args.out}")
+    if args.show > 0:
+        print_examples(result, spec, args.show)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from recvae.evaluation import evaluate
+    from recvae.experiment import load_heldout, load_run
+
+    model, description = load_run(args.run_dir)
+    users = load_heldout(Path(args.run_dir) / f"{args.split}.npz")
+    result = evaluate(model, users.fold_in, users.heldout, ks=tuple(description.get("ks", (20, 50, 100))))
+    print(f"{description['model']} on {description['data'].get('dataset') or description['data'].get('path')}")
+    print(format_table({args.split: result}))
+    return 0
+
+
+def cmd_recommend(args) -> int:
+    from recvae.data import Interactions
+    from recvae.experiment import load_run
+    from recvae.recommend import histories_to_csr, recommend_frame
+
+    if args.k < 1:
+        raise CLIError(f"--k: expected a positive integer, got {args.k}")
+    model, _ = load_run(args.run_dir)
+    histories = read_table(args.input)
+    train = Interactions.load(Path(args.run_dir) / "train.npz")
+    matrix, users = histories_to_csr(histories, train.item_ids, args.user_col, args.item_col, strict=args.strict)
+    # Known users: their training history joins the rows given in the file.
+    rows = train.user_index(users)
+    known = rows >= 0
+    if known.any():
+        import scipy.sparse as sp
+
+        extra = sp.csr_matrix((matrix.shape[0], matrix.shape[1]), dtype=np.float32)
+        extra = sp.vstack([train.matrix[rows[i]] if k else extra[i] for i, k in enumerate(known)]).tocsr()
+        matrix = ((matrix + extra) > 0).astype(np.float32).tocsr()
+    popularity = np.asarray(train.matrix.sum(axis=0)).ravel()
+    frame = recommend_frame(model, matrix, users, train.item_ids, N=args.k, fallback_scores=popularity)
+    write_table(frame, args.output)
+    return 0
+
+
+def read_table(path: str) -> pd.DataFrame:
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"--input {path}: no such file")
+    try:
+        if p.suffix.lower() == ".parquet":
+            return pd.read_parquet(p)
+        return pd.read_csv(p, sep="\t" if p.suffix.lower() in (".tsv", ".tab") else ",")
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise CLIError(f"--input {path}: cannot parse: {e}") from e
+
+
+def write_table(frame: pd.DataFrame, output: str) -> None:
+    if output == "-":
+        frame.to_csv(sys.stdout, index=False)
+        return
+    out = Path(output)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise CLIError(f"--output {output}: folder {parent} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=out.name, suffix=".tmp")
+    except OSError as e:
+        raise CLIError(f"--output {output}: cannot write there ({e.strerror})") from e
+    os.close(fd)
+    try:
+        if out.suffix.lower() == ".parquet":
+            frame.to_parquet(tmp, index=False)
+        else:
+            frame.to_csv(tmp, index=False, sep="\t" if out.suffix.lower() == ".tsv" else ",")
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def format_table(results: dict) -> str:
+    """Markdown table: one row per split, Recall@20, Recall@50, NDCG@100 as mean ± stderr."""
+    from recvae.experiment import REPORT_METRICS
+
+    header = "| split | users | " + " | ".join(m.replace("recall", "Recall").replace("ndcg", "NDCG") for m in REPORT_METRICS) + " |"
+    lines = [header, "|" + "---|" * (len(REPORT_METRICS) + 2)]
+    for name, res in results.items():
+        if res is None:
+            continue
+        cells = [f"{res[m].mean:.4f} ± {res[m].stderr:.4f}" for m in REPORT_METRICS]
+        lines.append(f"| {name} | {res[REPORT_METRICS[0]].n_users} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def print_examples(result, spec, n_users: int) -> None:
+    """Top-10 lists for a few test users, with titles when the dataset has them."""
+    titles = {}
+    if spec.dataset:
+        try:
+            from recvae.data.movielens import load_movielens_titles
+
+            titles = load_movielens_titles(spec.dataset, data_dir=spec.data_dir)
+        except (OSError, ValueError, KeyError):
+            titles = {}
+    model = result.model
+    test = result.split.test
+    item_ids = np.asarray(result.split.train.item_ids)
+    rows = test.fold_in[:n_users]
+    ids, _ = model.recommend(rows, N=10)
+    for r in range(rows.shape[0]):
+        heldout = set(test.heldout[r].indices.tolist())
+        print(f"\ntop-10 for test user {test.user_ids[r]} ({rows[r].nnz} fold-in items; * = held out, i.e. a hit):")
+        for rank, i in enumerate(ids[r], start=1):
+            if i < 0:
+                break
+            item = item_ids[i]
+            mark = "*" if i in heldout else " "
+            print(f"  {rank:2d}.{mark} {item}  {titles.get(item, '')}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""One training run end to end: load data, split as the paper, fit, evaluate, write a run directory.
+
+A run directory holds everything needed later::
+
+    run.json            data source, preprocessing, split description, model name and parameters
+    model/              the fitted model (weights, hyperparameters, item ids; no pickle)
+    train.npz           training interactions (histories of known users, popularity fallback)
+    validation.npz      held-out validation users (fold-in and held-out items)
+    test.npz            held-out test users
+    history.csv/.json   per-epoch history (neural models)
+    metrics.json        validation and test metrics (mean, stderr, n_users)
+    learning_curve.png  loss, KL, beta and validation NDCG@100 per epoch (needs matplotlib)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from recvae import __version__
+from recvae.data import Interactions, load_movielens, read_interactions
+from recvae.data.splits import HeldOutUsers, strong_generalization_split
+from recvae.evaluation import EvaluationResult, evaluate
+from recvae.models import EASE, MultDAE, MultVAE, Popularity, load_model
+
+logger = logging.getLogger(__name__)
+
+MODELS = {"multvae": MultVAE, "multdae": MultDAE, "ease": EASE, "popularity": Popularity}
+REPORT_METRICS = ("recall@20", "recall@50", "ndcg@100")
+
+
+@dataclass
+class DataSpec:
+    """Where interactions come from and how they are preprocessed (defaults: the paper's)."""
+
+    dataset: str | None = None  # a MovieLens name, or None when `path` is given
+    path: str | None = None  # an interaction file (CSV, TSV, ::, Parquet)
+    data_dir: str | None = None
+    user_col: str = "user"
+    item_col: str = "item"
+    rating_col: str | None = "rating"
+    sep: str | None = None
+    rating_threshold: float | None = 3.5
+    min_user_interactions: int = 5
+    min_item_interactions: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.dataset is None) == (self.path is None):
+            raise ValueError("data: give exactly one of a MovieLens dataset name or an interaction file path")
+
+    @property
+    def name(self) -> str:
+        return self.dataset if self.dataset else Path(self.path).stem
+
+    def load(self, show_progress: bool = False) -> Interactions:
+        if self.dataset is not None:
+            return load_movielens(
+                self.dataset,
+                data_dir=self.data_dir,
+                rating_threshold=self.rating_threshold,
+                min_user_interactions=self.min_user_interactions,
+                min_item_interactions=self.min_item_interactions,
+                show_progress=show_progress,
+            )
+        return read_interactions(
+            self.path,
+            user_col=self.user_col,
+            item_col=self.item_col,
+            rating_col=self.rating_col,
+            sep=self.sep,
+            rating_threshold=self.rating_threshold if self.rating_col else None,
+            min_user_interactions=self.min_user_interactions,
+            min_item_interactions=self.min_item_interactions,
+        )
+
+
+@dataclass
+class RunConfig:
+    data: DataSpec
+    model: str = "multvae"
+    params: dict = field(default_factory=dict)  # hyperparameters passed to the model's __init__
+    split_seed: int = 0
+    n_heldout_users: int | None = None
+    ks: tuple = (20, 50, 100)
+
+
+def make_model(name: str, **params):
+    """A model of the library by name (``multvae``, ``multdae``, ``ease``, ``popularity``)."""
+    if name not in MODELS:
+        raise ValueError(f"model: unknown model {name!r}; expected one of {sorted(MODELS)}")
+    return MODELS[name](**params)
+
+
+@dataclass
+class RunResult:
+    model: object
+    validation: EvaluationResult | None
+    test: EvaluationResult
+    train_seconds: float
+    run_dir: Path | None
+    split: object  # the StrongSplit the model was trained and evaluated on
+
+
+def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: bool = False) -> RunResult:
+    """Train ``config.model`` with the paper's protocol; write the run directory when ``out`` is given."""
+    interactions = config.data.load(show_progress=show_progress)
+    split = strong_generalization_split(interactions, n_heldout_users=config.n_heldout_users, seed=config.split_seed)
+    out = Path(out) if out is not None else None
+    if out is not None:
+        _prepare_dir(out)
+    params = dict(config.params)
+    if config.model in ("multvae", "multdae") and out is not None:
+        params.setdefault("run_dir", str(out))
+    model = make_model(config.model, **params)
+    start = time.perf_counter()
+    model.fit(split.train, validation=split.validation)
+    train_seconds = time.perf_counter() - start
+    val = evaluate(model, split.validation.fold_in, split.validation.heldout, ks=config.ks)
+    test = evaluate(model, split.test.fold_in, split.test.heldout, ks=config.ks)
+    result = RunResult(model, val, test, train_seconds, out, split)
+    if out is not None:
+        _write_run(out, config, split, result)
+    return result
+
+
+def _prepare_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"--out {out}: cannot create the run directory ({e.strerror})") from e
+    if not os.access(out, os.W_OK):
+        raise PermissionError(f"--out {out}: the run directory is not writable")
+
+
+def _write_run(out: Path, config: RunConfig, split, result: RunResult) -> None:
+    result.model.save(out / "model")
+    split.train.save(out / "train.npz")
+    save_heldout(out / "validation.npz", split.validation)
+    save_heldout(out / "test.npz", split.test)
+    description = {
+        "recvae_version": __version__,
+        "data": asdict(config.data),
+        "split": split.describe(),
+        "model": config.model,
+        "params": config.params,
+        "ks": list(config.ks),
+    }
+    write_json(out / "run.json", description)
+    metrics = {
+        "train_seconds": result.train_seconds,
+        "validation": result.validation.to_dict() if result.validation else None,
+        "test": result.test.to_dict(),
+    }
+    write_json(out / "metrics.json", metrics)
+    history = getattr(result.model, "history_", None)
+    if history:
+        try:
+            plot_learning_curve(history, out / "learning_curve.png")
+        except ImportError:
+            logger.warning("matplotlib is not installed: no learning_curve.png (pip install 'recvae[plot]')")
+
+
+def load_run(run_dir: str | os.PathLike) -> tuple[object, dict]:
+    """The fitted model of a run directory and its ``run.json`` description."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file():
+        raise FileNotFoundError(f"RUN_DIR {run_dir}: not a run directory (no run.json)")
+    description = json.loads((run_dir / "run.json").read_text())
+    return load_model(run_dir / "model"), description
+
+
+def save_heldout(path: Path, users: HeldOutUsers) -> None:
+    arrays = {"user_ids": np.asarray(users.user_ids)}
+    for name in ("fold_in", "heldout"):
+        m = users.__getattribute__(name).tocsr()
+        arrays.update({f"{name}_indptr": m.indptr, f"{name}_indices": m.indices, f"{name}_shape": np.array(m.shape)})
+    _atomic_npz(path, arrays)
+
+
+def load_heldout(path: Path) -> HeldOutUsers:
+    with np.load(path, allow_pickle=False) as z:
+        mats = {}
+        for name in ("fold_in", "heldout"):
+            indptr, indices = z[f"{name}_indptr"], z[f"{name}_indices"]
+            mats[name] = sp.csr_matrix(
+                (np.ones(len(indices), dtype=np.float32), indices, indptr), shape=tuple(z[f"{name}_shape"])
+            )
+        return HeldOutUsers(fold_in=mats["fold_in"], heldout=mats["heldout"], user_ids=z["user_ids"])
+
+
+def _atomic_npz(path: Path, arrays: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=_json_default)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def plot_learning_curve(history: list[dict], path: Path) -> None:
+    """Loss, KL, beta and validation NDCG@100 per epoch, one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    panels = [k for k in ("loss", "nll", "kl", "beta", "val_ndcg@100") if any(k in h for h in history)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        ax.plot(epochs, [h.get(key, np.nan) for h in history], marker=".")
+        ax.set_title(key)
+        ax.set_xlabel("epoch")
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
