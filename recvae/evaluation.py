@@ -1,56 +1,217 @@
-"""Batched evaluation of any model of the library on held-out users (the paper's fold-in protocol)."""
+"""Batched evaluation of any model of the library on held-out users (the paper's fold-in protocol).
+
+For each evaluated user the model sees the *fold-in* part of the history, scores every
+item, the fold-in items are excluded from the ranking (score set to ``-inf``), and the
+ranking is compared with the *held-out* items. Metric conventions (Recall@K denominator
+``min(K, n_u)``, ties broken by lower item index, standard error ``std / sqrt(n)``) are
+documented in :mod:`recvae.metrics`.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
+from tqdm.auto import tqdm
 
-from recvae import metrics
+from recvae import metrics as M
+from recvae.metrics import MetricSummary  # re-exported: callers import it from here
 from recvae.models.base import as_csr
 
+logger = logging.getLogger(__name__)
 
-@dataclass
-class MetricSummary:
-    mean: float
-    stderr: float  # std / sqrt(n_users), as the paper reports
-    n_users: int
+__all__ = ["DEFAULT_METRICS", "EvaluationResult", "MetricSummary", "evaluate"]
+
+#: the paper's metrics; add "precision", "hit_rate", "mrr" (per user) or "coverage" (catalogue)
+DEFAULT_METRICS = ("recall", "ndcg")
 
 
 @dataclass
 class EvaluationResult:
-    metrics: dict[str, MetricSummary] = field(default_factory=dict)  # e.g. "ndcg@100"
+    """Per-metric summaries keyed ``"{metric}@{k}"`` (e.g. ``"ndcg@100"``) and timings.
+
+    ``seconds`` is the wall time of the whole evaluation; ``score_seconds`` the part
+    spent inside ``model.score``, so ``seconds - score_seconds`` is the ranking/metric
+    time. ``n_skipped`` users had no held-out item and were left out.
+    """
+
+    metrics: dict[str, MetricSummary] = field(default_factory=dict)
     seconds: float = 0.0
+    score_seconds: float = 0.0
+    n_users: int = 0
+    n_skipped: int = 0
 
     def __getitem__(self, name: str) -> MetricSummary:
-        return self.metrics[name]
+        try:
+            return self.metrics[name]
+        except KeyError:
+            raise KeyError(f"{name!r}: not evaluated; available: {sorted(self.metrics)}") from None
+
+    def __str__(self) -> str:
+        parts = []
+        for name, s in self.metrics.items():
+            if math.isnan(s.stderr):
+                parts.append(f"{name}={s.mean:.5f}")
+            else:
+                parts.append(f"{name}={s.mean:.5f} ({s.stderr:.5f})")
+        return f"{', '.join(parts)} [{self.n_users} users, {self.seconds:.2f}s]"
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (a NaN stderr, as for coverage, becomes ``None``)."""
+        return {
+            "metrics": {
+                name: {
+                    "mean": s.mean,
+                    "stderr": None if math.isnan(s.stderr) else s.stderr,
+                    "n_users": s.n_users,
+                }
+                for name, s in self.metrics.items()
+            },
+            "seconds": self.seconds,
+            "score_seconds": self.score_seconds,
+            "n_users": self.n_users,
+            "n_skipped": self.n_skipped,
+        }
+
+    @staticmethod
+    def markdown_header(names, label: str = "model") -> str:
+        """Header and separator lines of a markdown table for :meth:`markdown_row`."""
+        names = list(names)
+        return f"| {label} | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names)
+
+    def markdown_row(self, label: str, names=None, digits: int = 4) -> str:
+        """``| label | mean ± stderr | ... |`` for ``names`` (default: every metric)."""
+        names = list(self.metrics) if names is None else list(names)
+        cells = []
+        for name in names:
+            s = self[name]
+            cell = f"{s.mean:.{digits}f}"
+            if not math.isnan(s.stderr):
+                cell += f" ± {s.stderr:.{digits}f}"
+            cells.append(cell)
+        return f"| {label} | " + " | ".join(cells) + " |"
 
 
-def evaluate(model, fold_in, heldout, ks=(20, 50, 100), batch_size: int = 1000) -> EvaluationResult:
+def _unpack(fold_in, heldout):
+    if heldout is not None:
+        return fold_in, heldout
+    if hasattr(fold_in, "fold_in") and hasattr(fold_in, "heldout"):
+        return fold_in.fold_in, fold_in.heldout
+    if isinstance(fold_in, tuple) and len(fold_in) == 2:
+        return fold_in
+    raise TypeError(
+        "heldout: missing; pass evaluate(model, fold_in, heldout), or an object with "
+        f".fold_in and .heldout (HeldOutUsers) or a (fold_in, heldout) tuple, got {type(fold_in).__name__}"
+    )
+
+
+def evaluate(
+    model,
+    fold_in,
+    heldout=None,
+    ks=(20, 50, 100),
+    batch_size: int = 1000,
+    metrics=DEFAULT_METRICS,
+    show_progress: bool = False,
+) -> EvaluationResult:
     """Score users from their fold-in items and rank the rest against their held-out items.
 
-    Fold-in items are excluded from the ranking (score set to -inf). Users are scored in
-    batches of ``batch_size``, so at most one batch of dense scores is held at a time.
+    Parameters
+    ----------
+    model : any object with ``score(csr_batch) -> dense (batch, n_items)`` (e.g. a fitted
+        :class:`~recvae.models.base.Recommender`). The returned array is modified in place
+        (fold-in items set to ``-inf``), so ``score`` must return a fresh array.
+    fold_in, heldout : users x items sparse matrices (or Interactions) of the same shape,
+        with disjoint entries per user. Alternatively pass one object with ``.fold_in`` and
+        ``.heldout`` (a ``HeldOutUsers``) or a ``(fold_in, heldout)`` tuple as ``fold_in``.
+    ks : cut-offs K.
+    batch_size : users scored at once; at most one ``batch_size x n_items`` block of dense
+        scores exists at a time.
+    metrics : names out of :data:`recvae.metrics.USER_METRICS` and ``"coverage"``.
+        Coverage is catalogue-level: its summary has ``stderr = nan``.
+
+    Users without held-out items are skipped (their Recall/NDCG is 0/0), with a logged count.
+    One ranking of ``max(ks)`` items per user serves every metric and cut-off.
     """
+    start = time.perf_counter()
+    fold_in, heldout = _unpack(fold_in, heldout)
     fold_in = as_csr(fold_in, "fold_in")
     heldout = as_csr(heldout, "heldout")
     if fold_in.shape != heldout.shape:
         raise ValueError(f"heldout: expected shape {fold_in.shape} (same as fold_in), got {heldout.shape}")
-    start = time.perf_counter()
+    n_total, n_items = fold_in.shape
+    if isinstance(ks, (int, np.integer)):
+        ks = (ks,)
+    ks = tuple(sorted({M.check_k(k, n_items, "ks") for k in ks}))
+    if not ks:
+        raise ValueError("ks: expected at least one cut-off K")
+    names = M._check_metric_names(metrics, M.USER_METRICS + M.CATALOGUE_METRICS)
+    user_names = tuple(m for m in names if m in M.USER_METRICS)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+
+    heldout = heldout.copy()
+    heldout.data = (heldout.data > 0).astype(np.float32)
+    heldout.eliminate_zeros()
+    heldout.sum_duplicates()
+    overlap = fold_in.multiply(heldout).count_nonzero()
+    if overlap:
+        raise ValueError(
+            f"heldout: {overlap} (user, item) pair(s) also appear in fold_in; held-out items must be "
+            "disjoint from the fold-in items, which are excluded from the ranking"
+        )
+    n_heldout = np.diff(heldout.indptr)
+    users = np.flatnonzero(n_heldout > 0)
+    n_skipped = n_total - users.size
+    if n_skipped:
+        logger.warning("evaluate: skipping %d of %d user(s) with no held-out items", n_skipped, n_total)
+    if users.size == 0:
+        raise ValueError(f"heldout: none of the {n_total} user(s) has a held-out item; nothing to evaluate")
+    if n_skipped:
+        fold_in, heldout = fold_in[users], heldout[users]
+
+    k_max = ks[-1]
     values: dict[str, list[np.ndarray]] = {}
-    for lo in range(0, fold_in.shape[0], batch_size):
+    seen = {k: np.zeros(n_items, dtype=bool) for k in ks} if "coverage" in names else None
+    score_seconds = 0.0
+    for lo in tqdm(range(0, users.size, batch_size), disable=not show_progress, desc="evaluate", unit="batch"):
         x = fold_in[lo : lo + batch_size]
-        scores = model.score(x)
+        t0 = time.perf_counter()
+        scores = np.asarray(model.score(x))
+        score_seconds += time.perf_counter() - t0
+        if scores.shape != x.shape:
+            raise ValueError(
+                f"model.score: returned shape {scores.shape} for a batch of shape {x.shape}; "
+                "expected dense (batch, n_items)"
+            )
+        if not scores.flags.writeable or not np.issubdtype(scores.dtype, np.floating):
+            scores = scores.astype(np.float32)
         rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
         scores[rows, x.indices] = -np.inf
+        idx = M.top_k(scores, k_max)
         h = heldout[lo : lo + batch_size]
+        if user_names:
+            hits = M.ranked_hits(idx, h)
+            for name, v in M.metrics_from_hits(hits, np.diff(h.indptr), ks, user_names).items():
+                values.setdefault(name, []).append(v)
+        if seen is not None:
+            ranked = np.take_along_axis(scores, idx, axis=1) > -np.inf
+            for k in ks:
+                seen[k][idx[:, :k][ranked[:, :k]]] = True
+        del scores
+
+    result = EvaluationResult(n_users=int(users.size), n_skipped=int(n_skipped), score_seconds=score_seconds)
+    summaries = M.summarize({name: np.concatenate(parts) for name, parts in values.items()})
+    for name in names:  # keep the requested order: metric, then K
         for k in ks:
-            values.setdefault(f"recall@{k}", []).append(metrics.recall_at_k(scores, h, k))
-            values.setdefault(f"ndcg@{k}", []).append(metrics.ndcg_at_k(scores, h, k))
-    result = EvaluationResult(seconds=time.perf_counter() - start)
-    for name, parts in values.items():
-        v = np.concatenate(parts)
-        result.metrics[name] = MetricSummary(float(v.mean()), float(v.std() / np.sqrt(len(v))), len(v))
+            key = f"{name}@{k}"
+            if name == "coverage":
+                result.metrics[key] = MetricSummary(float(seen[k].mean()), float("nan"), int(users.size))
+            else:
+                result.metrics[key] = summaries[key]
+    result.seconds = time.perf_counter() - start
     return result

@@ -1,75 +1,328 @@
-"""Top-K ranking metrics with the conventions of Liang et al. (2018).
+"""Top-K ranking metrics with the conventions of Liang et al. (WWW 2018).
 
-Every metric is a pure, vectorised function of a dense ``scores`` array
-(users x items) and a CSR ``heldout`` matrix of the same shape holding the
-relevant items (binary relevance). Each returns one value per user.
+Every per-user metric is a pure, vectorised function of a dense ``scores`` array
+(users x items; higher is better) and a ``heldout`` matrix of the same shape
+whose stored positive entries are the relevant items (binary relevance: the
+value itself is ignored). Each returns a float64 array with one value per user.
+
+Notation, for one user u and cut-off K: ``n_u`` = number of held-out items,
+``rel_r`` = 1 if the item at rank r (1-based) of the ranking is held out, else 0,
+``hits@K = sum_{r<=K} rel_r``.
+
+Ranking and ties
+----------------
+Items are ranked by decreasing score; **equal scores are broken by the lower
+item (column) index first**, always, so results are deterministic and the top-K
+list for a smaller K is a prefix of the one for a larger K (one ranking serves
+all cut-offs). ``-inf`` scores are allowed and rank last: this is how
+:func:`recvae.evaluation.evaluate` excludes a user's fold-in items. ``NaN``
+scores are rejected.
+
+Users with no held-out item have undefined Recall/NDCG (0/0): the functions
+reject them with an error; :func:`recvae.evaluation.evaluate` filters them out
+first and logs how many.
+
+Reported summaries are the mean over users with the standard error
+``std / sqrt(n)`` using numpy's default ``ddof=0``, exactly as the paper's
+notebook prints them (``np.std(n100_list) / np.sqrt(len(n100_list))``); see
+:func:`summarize`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import scipy.sparse as sp
 
+#: per-user metrics accepted by :func:`per_user_metrics` and ``evaluate(metrics=...)``
+USER_METRICS = ("recall", "ndcg", "precision", "hit_rate", "mrr")
+#: catalogue-level metrics (one number for the whole set of users)
+CATALOGUE_METRICS = ("coverage",)
 
-def _check(scores: np.ndarray, heldout: sp.spmatrix, k: int) -> sp.csr_matrix:
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_scores(scores) -> np.ndarray:
     scores = np.asarray(scores)
     if scores.ndim != 2:
         raise ValueError(f"scores: expected a 2-d (users x items) array, got shape {scores.shape}")
-    if heldout.shape != scores.shape:
-        raise ValueError(f"heldout: expected shape {scores.shape} (same as scores), got {heldout.shape}")
-    if not 1 <= k <= scores.shape[1]:
-        raise ValueError(f"k: expected 1 <= k <= number of items ({scores.shape[1]}), got {k}")
+    if scores.shape[1] == 0:
+        raise ValueError("scores: expected at least one item column, got 0")
+    if not np.issubdtype(scores.dtype, np.floating):
+        if not (np.issubdtype(scores.dtype, np.integer) or scores.dtype == bool):
+            raise TypeError(f"scores: expected a numeric array, got dtype {scores.dtype}")
+        scores = scores.astype(np.float64)
     if np.isnan(scores).any():
-        raise ValueError("scores: contains NaN; expected finite values or -inf for excluded items")
-    heldout = sp.csr_matrix(heldout)
-    n = np.diff(heldout.indptr)
-    if (n == 0).any():
-        bad = np.flatnonzero(n == 0)[:5].tolist()
+        n_bad = int(np.isnan(scores).any(axis=1).sum())
         raise ValueError(
-            f"heldout: {int((n == 0).sum())} user(s) have no held-out items (rows {bad}...); "
-            "filter them out before computing metrics"
+            f"scores: contains NaN in {n_bad} row(s); expected finite values, or -inf for excluded items"
         )
-    return heldout
+    return scores
 
 
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` highest scores per row, best first (argpartition, then sort only k)."""
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1)
+def check_k(k, n_items: int, name: str = "k") -> int:
+    """Return ``k`` as an int after checking ``1 <= k <= n_items`` (error names ``name``)."""
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"{name}: expected an integer cut-off, got {k!r}")
+    if not 1 <= k <= n_items:
+        raise ValueError(f"{name}: expected 1 <= {name} <= number of items ({n_items}), got {k}")
+    return int(k)
 
 
-def _hits(scores: np.ndarray, heldout: sp.csr_matrix, k: int) -> np.ndarray:
-    """Boolean (users x k): whether the item at each rank is relevant."""
-    idx = top_k(scores, k)
-    rows = np.repeat(np.arange(scores.shape[0]), k)
-    return np.asarray(heldout[rows, idx.ravel()]).reshape(idx.shape) > 0
+def _relevance(heldout, shape: tuple[int, int]) -> sp.csr_matrix:
+    """Binary CSR (sorted indices) of the stored positive entries of ``heldout``; rejects empty rows."""
+    if heldout is None:
+        raise TypeError("heldout: expected a users x items matrix of held-out items, got None")
+    rel = sp.csr_matrix(heldout, copy=True)
+    if rel.shape != shape:
+        raise ValueError(f"heldout: expected shape {shape} (same as scores), got {rel.shape}")
+    rel.data = (rel.data > 0).astype(np.float32)
+    rel.eliminate_zeros()
+    rel.sum_duplicates()  # also sorts indices, which the hit look-up relies on
+    n = np.diff(rel.indptr)
+    if (n == 0).any():
+        bad = np.flatnonzero(n == 0)
+        raise ValueError(
+            f"heldout: {bad.size} user(s) have no held-out items (rows {bad[:5].tolist()}"
+            f"{'...' if bad.size > 5 else ''}); their metrics are undefined (0/0): filter them out "
+            "first (recvae.evaluation.evaluate does this and logs the count)"
+        )
+    return rel
 
 
-def recall_at_k(scores: np.ndarray, heldout: sp.spmatrix, k: int) -> np.ndarray:
-    """Recall@K as in Liang et al. (2018): hits in the top K / min(K, n_u).
+# --------------------------------------------------------------------------- ranking
 
-    ``n_u`` is the number of held-out items of user u. The paper (and its
-    notebook) divides by ``min(K, n_u)`` so a perfect ranking scores 1 even when
-    a user has more than K held-out items. RecBole and Cornac divide by ``n_u``
-    instead, which gives lower values whenever ``n_u > K``.
+
+def top_k(scores, k: int) -> np.ndarray:
+    """Indices (users x k, int64) of the ``k`` highest scores per row, best first.
+
+    Equal scores are ordered by the lower item index first. Cost: one
+    ``argpartition`` over the row plus a sort of only ``k`` candidates; rows where
+    a tie straddles the K-th place (common for popularity-like scores, rare for
+    continuous ones) are re-selected exactly, lowest indices first.
     """
-    heldout = _check(scores, heldout, k)
-    hits = _hits(scores, heldout, k).sum(axis=1)
-    n = np.diff(heldout.indptr)
-    return hits / np.minimum(k, n)
+    scores = _check_scores(scores)
+    n_users, n_items = scores.shape
+    k = check_k(k, n_items)
+    if k == n_items:
+        cand = np.broadcast_to(np.arange(n_items), scores.shape)
+    else:
+        # argpartition on scores (not -scores) avoids a negated copy of the whole batch
+        part = np.argpartition(scores, n_items - k, axis=1)
+        cand = part[:, n_items - k :]
+        thr = np.take_along_axis(scores, cand[:, :1], axis=1)  # the K-th largest score
+        n_ge = np.count_nonzero(scores >= thr, axis=1)
+        tied = np.flatnonzero(n_ge > k)  # more items reach the threshold than places left
+        cand = np.sort(cand, axis=1)
+        if tied.size:
+            cand[tied] = _select_ties_low_index(scores[tied], thr[tied], k)
+    vals = np.take_along_axis(scores, cand, axis=1)
+    # candidates are in increasing index order, so a stable sort keeps lower indices first among ties
+    order = np.argsort(-vals, axis=1, kind="stable")
+    return np.take_along_axis(cand, order, axis=1).astype(np.int64, copy=False)
 
 
-def ndcg_at_k(scores: np.ndarray, heldout: sp.spmatrix, k: int) -> np.ndarray:
-    """NDCG@K with binary relevance, as in Liang et al. (2018).
+def _select_ties_low_index(scores: np.ndarray, thr: np.ndarray, k: int) -> np.ndarray:
+    """For each row: every index with score > thr, then the lowest-index items equal to thr
+    until k are chosen. Returned sorted by index, shape (rows, k)."""
+    sel = scores > thr
+    need = k - np.count_nonzero(sel, axis=1)
+    r, c = np.nonzero(scores == thr)  # row-major: columns ascend within each row
+    first = np.searchsorted(r, np.arange(scores.shape[0]))
+    rank_in_row = np.arange(r.size) - first[r]
+    keep = rank_in_row < need[r]
+    sel[r[keep], c[keep]] = True
+    return np.nonzero(sel)[1].reshape(scores.shape[0], k)
 
-    DCG@K = sum_{r=1..K} rel_r / log2(r + 1); the ideal DCG puts min(K, n_u)
-    hits at the top: IDCG@K = sum_{r=1..min(K, n_u)} 1 / log2(r + 1).
+
+def ranked_hits(idx: np.ndarray, rel: sp.csr_matrix) -> np.ndarray:
+    """Boolean (users x K): whether the item at each rank of ``idx`` is in ``rel``.
+
+    ``rel`` must be CSR with sorted indices (as built by the metric functions).
+    Looks the (user, item) pairs up by binary search, without densifying ``rel``.
     """
-    heldout = _check(scores, heldout, k)
-    hits = _hits(scores, heldout, k)
-    discount = 1.0 / np.log2(np.arange(2, k + 2))
-    dcg = hits @ discount
-    n = np.minimum(np.diff(heldout.indptr), k)
-    idcg = np.cumsum(discount)[n - 1]
+    n_users, k = idx.shape
+    n_items = rel.shape[1]
+    rows = np.repeat(np.arange(n_users, dtype=np.int64), np.diff(rel.indptr))
+    keys = rows * n_items + rel.indices  # globally sorted: rows ascend, indices sorted per row
+    query = (np.arange(n_users, dtype=np.int64)[:, None] * n_items + idx).ravel()
+    if keys.size == 0:
+        return np.zeros((n_users, k), dtype=bool)
+    pos = np.minimum(np.searchsorted(keys, query), keys.size - 1)
+    return (keys[pos] == query).reshape(n_users, k)
+
+
+def _discount(k: int) -> np.ndarray:
+    return 1.0 / np.log2(np.arange(2, k + 2, dtype=np.float64))
+
+
+# hit-matrix formulas; ``hits`` is (users x >=k) by rank, ``n`` the held-out count per user
+def _recall(hits, n, k):
+    return np.count_nonzero(hits[:, :k], axis=1) / np.minimum(k, n)
+
+
+def _ndcg(hits, n, k):
+    disc = _discount(k)
+    dcg = hits[:, :k] @ disc
+    idcg = np.cumsum(disc)[np.minimum(n, k) - 1]
     return dcg / idcg
+
+
+def _precision(hits, n, k):
+    return np.count_nonzero(hits[:, :k], axis=1) / float(k)
+
+
+def _hit_rate(hits, n, k):
+    return hits[:, :k].any(axis=1).astype(np.float64)
+
+
+def _mrr(hits, n, k):
+    h = hits[:, :k]
+    first = np.argmax(h, axis=1)  # first True; 0 when none, masked below
+    return np.where(h.any(axis=1), 1.0 / (first + 1.0), 0.0)
+
+
+_FORMULAS = {"recall": _recall, "ndcg": _ndcg, "precision": _precision, "hit_rate": _hit_rate, "mrr": _mrr}
+
+
+def metrics_from_hits(hits: np.ndarray, n_relevant: np.ndarray, ks, metrics=("recall", "ndcg")) -> dict[str, np.ndarray]:
+    """Per-user metrics ``"{name}@{k}"`` for every name in ``metrics`` and k in ``ks``,
+    from one hit matrix (users x max(ks)) of a ranking and the held-out counts."""
+    out = {}
+    for name in metrics:
+        for k in ks:
+            out[f"{name}@{k}"] = _FORMULAS[name](hits, n_relevant, k)
+    return out
+
+
+def _check_metric_names(metrics, allowed, name: str = "metrics") -> tuple[str, ...]:
+    if isinstance(metrics, str):
+        metrics = (metrics,)
+    metrics = tuple(metrics)
+    if not metrics:
+        raise ValueError(f"{name}: expected at least one metric name out of {allowed}")
+    unknown = [m for m in metrics if m not in allowed]
+    if unknown:
+        raise ValueError(f"{name}: unknown metric(s) {unknown}; expected names out of {allowed}")
+    return tuple(dict.fromkeys(metrics))
+
+
+def per_user_metrics(scores, heldout, ks=(20, 50, 100), metrics=("recall", "ndcg")) -> dict[str, np.ndarray]:
+    """Several per-user metrics at several cut-offs from a single ranking.
+
+    One ``top_k`` for ``max(ks)`` and one hit matrix serve every metric and
+    cut-off (the top-K list for a smaller K is a prefix, see the module notes),
+    so the values equal those of the individual functions exactly.
+    """
+    scores = _check_scores(scores)
+    metrics = _check_metric_names(metrics, USER_METRICS)
+    ks = tuple(check_k(k, scores.shape[1], "ks") for k in np.atleast_1d(np.asarray(ks, dtype=object)))
+    rel = _relevance(heldout, scores.shape)
+    hits = ranked_hits(top_k(scores, max(ks)), rel)
+    return metrics_from_hits(hits, np.diff(rel.indptr), ks, metrics)
+
+
+def _single(name: str, scores, heldout, k) -> np.ndarray:
+    scores = _check_scores(scores)
+    k = check_k(k, scores.shape[1])
+    rel = _relevance(heldout, scores.shape)
+    hits = ranked_hits(top_k(scores, k), rel)
+    return _FORMULAS[name](hits, np.diff(rel.indptr), k)
+
+
+# --------------------------------------------------------------------------- public metrics
+
+
+def recall_at_k(scores, heldout, k: int) -> np.ndarray:
+    """Recall@K as in Liang et al. (2018) and their notebook:
+
+        Recall@K(u) = hits@K / min(K, n_u)
+
+    The denominator ``min(K, n_u)`` makes a perfect ranking score 1 even when the
+    user has more than K held-out items (the paper: "the minimum of K and the number
+    of items clicked by user u ... normalizes Recall@K to have a maximum of 1").
+    RecBole and Cornac divide by ``n_u`` instead, which gives lower values whenever
+    ``n_u > K``; the two agree when ``n_u <= K``. Values lie in [0, 1].
+    """
+    return _single("recall", scores, heldout, k)
+
+
+def ndcg_at_k(scores, heldout, k: int) -> np.ndarray:
+    """NDCG@K with binary relevance, as in Liang et al. (2018):
+
+        DCG@K(u)  = sum_{r=1..K} rel_r / log2(r + 1)
+        IDCG@K(u) = sum_{r=1..min(K, n_u)} 1 / log2(r + 1)   (all hits ranked first)
+        NDCG@K(u) = DCG@K / IDCG@K
+
+    The ideal DCG counts ``min(K, n_u)`` hits, so a perfect ranking scores 1 for any
+    ``n_u``. This is also what RecBole and Cornac compute for binary relevance.
+    Values lie in [0, 1].
+    """
+    return _single("ndcg", scores, heldout, k)
+
+
+def precision_at_k(scores, heldout, k: int) -> np.ndarray:
+    """Precision@K = hits@K / K (values in [0, 1]; at most n_u / K when n_u < K)."""
+    return _single("precision", scores, heldout, k)
+
+
+def hit_rate_at_k(scores, heldout, k: int) -> np.ndarray:
+    """HitRate@K = 1 if hits@K >= 1 else 0 (any held-out item in the top K)."""
+    return _single("hit_rate", scores, heldout, k)
+
+
+def mrr_at_k(scores, heldout, k: int) -> np.ndarray:
+    """MRR@K (reciprocal rank) = 1 / r_first if the first held-out item is at rank
+    r_first <= K, else 0. Its mean over users is the mean reciprocal rank."""
+    return _single("mrr", scores, heldout, k)
+
+
+def coverage_at_k(scores, k: int) -> float:
+    """Catalogue coverage@K: the fraction of the catalogue that appears in at least
+    one user's top K,
+
+        Coverage@K = |union_u TopK(u)| / n_items
+
+    A **catalogue-level** metric: a single float over the given set of users (not a
+    per-user value, so it has no standard error and depends on how many users are
+    ranked). Positions whose score is ``-inf`` (excluded items that only fill a
+    ranking with fewer than K candidates) are not counted.
+    """
+    scores = _check_scores(scores)
+    k = check_k(k, scores.shape[1])
+    idx = top_k(scores, k)
+    ranked = np.take_along_axis(scores, idx, axis=1) > -np.inf
+    seen = np.zeros(scores.shape[1], dtype=bool)
+    seen[idx[ranked]] = True
+    return float(seen.mean())
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+@dataclass(frozen=True)
+class MetricSummary:
+    """Mean over users and its standard error, as the paper reports them."""
+
+    mean: float
+    stderr: float  # std(ddof=0) / sqrt(n_users); NaN for catalogue-level metrics
+    n_users: int
+
+
+def mean_stderr(values) -> tuple[float, float]:
+    """``(mean, std / sqrt(n))`` with numpy's default ``ddof=0``, as in the paper's notebook."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if v.size == 0:
+        raise ValueError("values: expected at least one per-user value, got an empty array")
+    return float(v.mean()), float(v.std() / np.sqrt(v.size))
+
+
+def summarize(per_user: dict[str, np.ndarray]) -> dict[str, MetricSummary]:
+    """Mean, standard error (``std / sqrt(n)``, ddof=0) and count for each metric array."""
+    out = {}
+    for name, values in per_user.items():
+        mean, se = mean_stderr(values)
+        out[name] = MetricSummary(mean, se, int(np.size(values)))
+    return out

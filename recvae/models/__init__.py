@@ -3,3 +3,7 @@
 from recvae.models.base import Recommender
 
 __all__ = ["Recommender"]
+from recvae.models.ease import EASE, select_ease_l2  # noqa: E402
+from recvae.models.popularity import Popularity  # noqa: E402
+
+__all__ += ["EASE", "Popularity", "select_ease_l2"]
