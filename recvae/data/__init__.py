@@ -1,6 +1,39 @@
 """Interaction data, readers, MovieLens files and download, and splits."""
 
-from recvae.data.interactions import Interactions
+from recvae.data.download import ChecksumError, DownloadError, download
+from recvae.data.interactions import Interactions, read_interactions, read_table
+from recvae.data.movielens import (
+    DATASETS as MOVIELENS_DATASETS,
+    download_movielens,
+    load_movielens,
+    load_movielens_ratings,
+    load_movielens_titles,
+)
 from recvae.data.paths import resolve_data_dir
+from recvae.data.splits import (
+    HeldOutUsers,
+    StrongSplit,
+    WeakSplit,
+    strong_generalization_split,
+    weak_generalization_split,
+)
 
-__all__ = ["Interactions", "resolve_data_dir"]
+__all__ = [
+    "ChecksumError",
+    "DownloadError",
+    "HeldOutUsers",
+    "Interactions",
+    "MOVIELENS_DATASETS",
+    "StrongSplit",
+    "WeakSplit",
+    "download",
+    "download_movielens",
+    "load_movielens",
+    "load_movielens_ratings",
+    "load_movielens_titles",
+    "read_interactions",
+    "read_table",
+    "resolve_data_dir",
+    "strong_generalization_split",
+    "weak_generalization_split",
+]

@@ -1,11 +1,37 @@
-"""The one container for implicit feedback: a users x items CSR matrix plus id vocabularies."""
+"""The one container for implicit feedback: a users x items CSR matrix plus id vocabularies.
+
+Also the generic readers (CSV, TSV, GroupLens ``::`` files, Parquet) and the ``.npz`` cache.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+import tempfile
 from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Callable, Hashable, Sequence
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
+
+logger = logging.getLogger(__name__)
+
+#: bumped when the layout of the ``.npz`` cache changes
+NPZ_FORMAT_VERSION = 1
+
+_EXTENSION_FORMATS = {
+    ".csv": ("csv", ","),
+    ".tsv": ("csv", "\t"),
+    ".tab": ("csv", "\t"),
+    ".dat": ("csv", "::"),  # GroupLens ML-1M / ML-10M
+    ".data": ("csv", "\t"),  # GroupLens ML-100K ``u.data``
+    ".parquet": ("parquet", None),
+    ".pq": ("parquet", None),
+}
 
 
 @dataclass(frozen=True, eq=False)
@@ -13,7 +39,9 @@ class Interactions:
     """Implicit feedback as a binary users x items CSR matrix.
 
     ``user_ids[u]`` / ``item_ids[i]`` are the original ids (ints or strings) of row ``u`` /
-    column ``i``; indices are contiguous ``0..n-1``.
+    column ``i``; indices are contiguous ``0..n-1``. :meth:`from_dataframe` sorts both id
+    arrays (sorted unique original ids), so the same data always gives the same indices.
+    Use :meth:`user_index` / :meth:`item_index` to go from original ids to indices.
     """
 
     matrix: sp.csr_matrix  # (n_users, n_items), float32 ones, sorted indices, no duplicates
@@ -40,3 +68,414 @@ class Interactions:
     @property
     def nnz(self) -> int:
         return self.matrix.nnz
+
+    def __repr__(self) -> str:
+        return f"Interactions(n_users={self.n_users}, n_items={self.n_items}, nnz={self.nnz})"
+
+    # ------------------------------------------------------------------ id <-> index
+    @cached_property
+    def _user_lookup(self) -> pd.Index:
+        return pd.Index(self.user_ids)
+
+    @cached_property
+    def _item_lookup(self) -> pd.Index:
+        return pd.Index(self.item_ids)
+
+    def user_index(self, ids) -> np.ndarray:
+        """Row indices (int64) of the original user ``ids``; ``-1`` where an id is unknown.
+
+        ``ids`` is a scalar or a sequence; a scalar gives a 0-d result converted to ``int``.
+        Lookups are exact: ``"1"`` and ``1`` are different ids.
+        """
+        return _lookup(self._user_lookup, ids)
+
+    def item_index(self, ids) -> np.ndarray:
+        """Column indices (int64) of the original item ``ids``; ``-1`` where an id is unknown."""
+        return _lookup(self._item_lookup, ids)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dataframe(
+        cls,
+        df: pd.DataFrame,
+        user_col: Hashable = "user",
+        item_col: Hashable = "item",
+        rating_col: Hashable | None = None,
+        rating_threshold: float | None = None,
+        min_user_interactions: int = 0,
+        min_item_interactions: int = 0,
+        *,
+        source: str | None = None,
+    ) -> "Interactions":
+        """Build binary implicit feedback from a table of (user, item[, rating]) rows.
+
+        Steps, in this order (each a single pass, as in the Mult-VAE paper's preprocessing):
+
+        1. keep rows with ``rating > rating_threshold`` (strictly greater; the paper keeps
+           ratings > 3.5, i.e. 4 and above on MovieLens). Needs ``rating_col``.
+        2. merge duplicate (user, item) pairs into one binary interaction.
+        3. keep users with ``>= min_user_interactions`` interactions (the paper: 5), counted
+           after step 1-2.
+        4. keep items with ``>= min_item_interactions`` interactions, counted after step 3
+           (the paper: 0, i.e. no item filter). Not iterated: a user may fall below the user
+           minimum after step 4. (The paper's notebook ``filter_triplets`` filters items
+           before users; with the paper's item minimum of 0 both orders give the same data.)
+
+        ``user_ids`` / ``item_ids`` are the sorted unique original ids (ints or strings);
+        mixing ints and strings in one column is an error.
+
+        Raises ``KeyError`` for a missing column (listing the available ones) and
+        ``ValueError`` for missing ids, non-numeric ratings (naming the first bad row) or when
+        a filter leaves nothing (naming the filter). ``source`` (e.g. a file name) prefixes
+        error messages.
+        """
+        where = f"{source}: " if source else ""
+        if not isinstance(df, pd.DataFrame):
+            raise TypeError(f"{where}df: expected a pandas DataFrame, got {type(df).__name__}")
+        for arg, col in (("user_col", user_col), ("item_col", item_col), ("rating_col", rating_col)):
+            if col is not None and col not in df.columns:
+                raise KeyError(
+                    f"{where}{arg}: column {col!r} not found; available columns: {list(df.columns)}"
+                )
+        if rating_threshold is not None and rating_col is None:
+            raise ValueError(f"{where}rating_threshold: given ({rating_threshold}) but rating_col is None")
+        for arg, v in (("min_user_interactions", min_user_interactions), ("min_item_interactions", min_item_interactions)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{where}{arg}: expected a non-negative integer, got {v!r}")
+        if len(df) == 0:
+            raise ValueError(f"{where}no rows: the table is empty")
+
+        users = df[user_col]
+        items = df[item_col]
+        for arg, col, values in (("user_col", user_col, users), ("item_col", item_col, items)):
+            missing = values.isna().to_numpy()
+            if missing.any():
+                first = int(np.argmax(missing))
+                raise ValueError(
+                    f"{where}{arg}: column {col!r} has {int(missing.sum())} missing id(s); "
+                    f"first at row {first} (index {df.index[first]!r})"
+                )
+        keep = np.ones(len(df), dtype=bool)
+        if rating_col is not None:
+            raw = df[rating_col]
+            ratings = pd.to_numeric(raw, errors="coerce")
+            bad = ratings.isna().to_numpy()
+            if bad.any():
+                first = int(np.argmax(bad))
+                raise ValueError(
+                    f"{where}rating_col: column {rating_col!r} must be numeric; "
+                    f"row {first} (index {df.index[first]!r}) holds {raw.iloc[first]!r}"
+                )
+            if rating_threshold is not None:
+                keep = ratings.to_numpy(dtype=np.float64) > float(rating_threshold)
+                if not keep.any():
+                    raise ValueError(
+                        f"{where}rating_threshold: no rating is > {rating_threshold} "
+                        f"(max rating {ratings.max()}); nothing left"
+                    )
+
+        u_codes, u_uniques = _factorize(users[keep], "user_col", user_col, where)
+        i_codes, i_uniques = _factorize(items[keep], "item_col", item_col, where)
+        n_u, n_i = len(u_uniques), len(i_uniques)
+        # one key per (user, item) pair: np.unique merges duplicates and sorts by (user, item)
+        pairs = np.unique(u_codes * n_i + i_codes)
+        rows, cols = np.divmod(pairs, n_i)
+
+        if min_user_interactions > 0:
+            counts = np.bincount(rows, minlength=n_u)
+            ok_rows = counts[rows] >= min_user_interactions
+            if not ok_rows.any():
+                raise ValueError(
+                    f"{where}min_user_interactions: no user has >= {min_user_interactions} "
+                    f"interactions (most active user: {counts.max()}); nothing left"
+                )
+            rows, cols = rows[ok_rows], cols[ok_rows]
+        if min_item_interactions > 0:
+            counts = np.bincount(cols, minlength=n_i)
+            ok_cols = counts[cols] >= min_item_interactions
+            if not ok_cols.any():
+                raise ValueError(
+                    f"{where}min_item_interactions: no item has >= {min_item_interactions} "
+                    f"interactions after the user filter (most popular item: {counts.max()}); nothing left"
+                )
+            rows, cols = rows[ok_cols], cols[ok_cols]
+
+        # re-index the survivors densely; rows/cols are sorted by (row, col) already
+        used_u = np.unique(rows)
+        used_i = np.unique(cols)
+        rows = np.searchsorted(used_u, rows)
+        cols = np.searchsorted(used_i, cols)
+        indptr = np.zeros(len(used_u) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=len(used_u)), out=indptr[1:])
+        matrix = sp.csr_matrix(
+            (np.ones(len(cols), dtype=np.float32), cols.astype(np.int32), indptr),
+            shape=(len(used_u), len(used_i)),
+        )
+        matrix.has_sorted_indices = True
+        return cls(matrix, _as_id_array(u_uniques[used_u]), _as_id_array(i_uniques[used_i]))
+
+    # ------------------------------------------------------------------ .npz cache
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a compact ``.npz`` cache (CSR arrays + id arrays), atomically.
+
+        Strings ids are stored as fixed-width unicode arrays so that :meth:`load` works with
+        ``allow_pickle=False``. Written to a temporary file beside ``path``, then renamed.
+        """
+        path = Path(path)
+        arrays = {
+            "format_version": np.array(NPZ_FORMAT_VERSION),
+            "indptr": self.matrix.indptr,
+            "indices": self.matrix.indices,
+            "data": self.matrix.data,
+            "shape": np.array(self.matrix.shape, dtype=np.int64),
+            "user_ids": _as_id_array(self.user_ids, "user_ids"),
+            "item_ids": _as_id_array(self.item_ids, "item_ids"),
+        }
+        atomic_write(path, lambda f: np.savez(f, **arrays))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Interactions":
+        """Read a cache written by :meth:`save` (no pickle involved)."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"interactions cache not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                version = int(z["format_version"])
+                if version != NPZ_FORMAT_VERSION:
+                    raise ValueError(
+                        f"{path}: cache format version {version}, expected {NPZ_FORMAT_VERSION}; delete it to rebuild"
+                    )
+                shape = tuple(int(s) for s in z["shape"])
+                matrix = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=shape)
+                return cls(matrix, z["user_ids"], z["item_ids"])
+        except (KeyError, OSError, EOFError) as e:  # zip damaged or keys missing
+            raise ValueError(f"{path}: not a valid interactions cache ({e})") from e
+
+
+def _lookup(index: pd.Index, ids):
+    scalar = np.ndim(ids) == 0
+    if scalar:
+        target = pd.Index([ids], dtype=object)
+    elif isinstance(ids, (np.ndarray, pd.Index, pd.Series)):
+        target = pd.Index(ids)
+    else:  # a list may mix types: keep each value as is ("1" must not match 1)
+        target = pd.Index(list(ids), dtype=object)
+    out = np.asarray(index.get_indexer(target), dtype=np.int64)
+    return int(out[0]) if scalar else out
+
+
+def _factorize(values: pd.Series, arg: str, col, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Codes into the sorted unique values of ``values``."""
+    try:
+        codes, uniques = pd.factorize(values, sort=True)
+    except TypeError as e:
+        raise ValueError(
+            f"{where}{arg}: column {col!r} mixes id types that cannot be sorted (e.g. ints and strings): {e}"
+        ) from e
+    return codes.astype(np.int64), np.asarray(uniques)
+
+
+def _as_id_array(ids, name: str = "ids") -> np.ndarray:
+    """Ids as a numpy array storable without pickle: integers as int64, text as unicode."""
+    arr = np.asarray(ids)
+    if arr.dtype.kind in "iu":
+        return arr.astype(np.int64, copy=False)
+    if arr.dtype.kind in "Uf":
+        return arr
+    if arr.dtype.kind == "b":
+        return arr
+    # object / pandas string arrays: all strings -> unicode, all ints -> int64
+    values = list(arr)
+    if all(isinstance(v, str) for v in values):
+        return np.array(values, dtype=str)
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        return np.array(values, dtype=np.int64)
+    raise TypeError(f"{name}: ids must be all integers or all strings, got {sorted({type(v).__name__ for v in values})}")
+
+
+def ensure_writable_dir(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed; ``PermissionError`` naming it when it cannot be written.
+
+    A folder without any write bit counts as read-only even for root (for whom ``os.access``
+    always says yes), so a data directory shared read-only is never written to.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PermissionError(f"cannot create the directory {folder}: {e.strerror or e}") from e
+    if not os.access(folder, os.W_OK) or not folder.stat().st_mode & 0o222:
+        raise PermissionError(
+            f"the directory {folder} is not writable; choose another (data_dir= or $RECVAE_DATA for data)"
+        )
+    return folder
+
+
+def atomic_write(path: str | os.PathLike, write: Callable) -> None:
+    """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it into place.
+
+    On any error the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    folder = ensure_writable_dir(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise PermissionError(f"cannot write to directory {folder}: {e.strerror or e}") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+# ---------------------------------------------------------------------- readers
+def read_table(
+    path: str | os.PathLike,
+    *,
+    sep: str | None = None,
+    format: str | None = None,
+    names: Sequence[str] | None = None,
+    header: int | None | str = "infer",
+    encoding: str = "utf-8",
+    opener: Callable | None = None,
+) -> pd.DataFrame:
+    """Read a delimited text file or a Parquet file into a DataFrame.
+
+    The format comes from ``format`` (``"csv"`` or ``"parquet"``) or ``sep`` if given, else
+    from the extension: ``.csv`` (``,``), ``.tsv``/``.tab``/``.data`` (tab), ``.dat``
+    (GroupLens ``::``), ``.parquet``/``.pq``. ``names`` gives column names for a file without
+    a header line (``header="infer"`` then means no header); ``header=None`` forces "no header".
+
+    ``opener`` (internal) opens a binary stream for ``path`` instead of the file system, e.g.
+    a member of a zip archive; ``path`` is then only used for the format and for messages.
+    Errors name the file, and the line when the parser reports it.
+    """
+    path_str = str(path)
+    if opener is None:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"interactions file not found: {p}")
+        if p.is_dir():
+            raise IsADirectoryError(f"expected a file, got a directory: {p}")
+        opener = lambda: open(p, "rb")  # noqa: E731
+    fmt, sep = _resolve_format(path_str, sep, format)
+    if fmt == "parquet":
+        try:
+            with opener() as f:
+                df = pd.read_parquet(f)
+        except ImportError as e:
+            raise ImportError(f"{path_str}: reading Parquet needs pyarrow (pip install recvae[parquet])") from e
+        except Exception as e:
+            raise ValueError(f"{path_str}: could not read as Parquet: {e}") from e
+        if names is not None:
+            if len(names) != df.shape[1]:
+                raise ValueError(f"names: {len(names)} names given but {path_str} has {df.shape[1]} columns")
+            df.columns = list(names)
+        return df
+    if header == "infer":
+        header = None if names is not None else 0
+    kwargs = dict(header=header, names=names, encoding=encoding)
+    try:
+        if sep == "::":
+            return _read_double_colon(opener, path_str, kwargs)
+        with opener() as f:
+            return pd.read_csv(f, sep=sep, **kwargs)
+    except pd.errors.ParserError as e:
+        raise ValueError(f"{path_str}: malformed {_sep_name(sep)} file: {e}") from e
+    except pd.errors.EmptyDataError as e:
+        raise ValueError(f"{path_str}: file is empty") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path_str}: not valid {encoding} text ({e}); pass encoding=") from e
+
+
+def _read_double_colon(opener, path_str: str, kwargs: dict) -> pd.DataFrame:
+    """Read a GroupLens ``::`` file fast: split on ``:`` with the C parser, keep even columns.
+
+    Falls back to pandas' (slow) python engine when a field itself holds a ``:`` (titles
+    in ``movies.dat``), which the fast path detects as non-empty odd columns or ragged rows.
+    """
+    names = kwargs["names"]
+    header = kwargs["header"]
+    if header is None:
+        try:
+            with opener() as f:
+                raw = pd.read_csv(f, sep=":", header=None, encoding=kwargs["encoding"])
+            odd = raw.columns[1::2]
+            if raw.shape[1] % 2 == 1 and all(raw[c].isna().all() for c in odd):
+                cols = raw.columns[0::2]
+                if names is None or len(names) == len(cols):
+                    df = raw[cols].copy()
+                    df.columns = list(names) if names is not None else range(len(cols))
+                    return df
+        except pd.errors.ParserError:
+            pass  # ragged after splitting on ':' -> let the exact parser decide and report
+    with opener() as f:
+        return pd.read_csv(f, sep=re.escape("::"), engine="python", **kwargs)
+
+
+def _resolve_format(path: str, sep: str | None, format: str | None) -> tuple[str, str | None]:
+    if format is not None:
+        if format not in ("csv", "parquet"):
+            raise ValueError(f"format: expected 'csv' or 'parquet', got {format!r}")
+        if format == "csv" and sep is None:
+            sep = _EXTENSION_FORMATS.get(Path(path).suffix.lower(), ("csv", ","))[1] or ","
+        return format, sep
+    if sep is not None:
+        return "csv", sep
+    suffix = Path(path).suffix.lower()
+    if suffix == ".gz":
+        suffix = Path(path[:-3]).suffix.lower()
+    if suffix not in _EXTENSION_FORMATS:
+        raise ValueError(
+            f"{path}: cannot tell the format from the extension {suffix!r}; pass sep= "
+            f"(e.g. ',', '\\t', '::') or format='parquet'. Known extensions: {sorted(_EXTENSION_FORMATS)}"
+        )
+    return _EXTENSION_FORMATS[suffix]
+
+
+def _sep_name(sep: str | None) -> str:
+    return {",": "comma-separated", "\t": "tab-separated", "::": "'::'-separated"}.get(sep, f"{sep!r}-separated")
+
+
+def read_interactions(
+    path: str | os.PathLike,
+    user_col: Hashable = "user",
+    item_col: Hashable = "item",
+    rating_col: Hashable | None = None,
+    sep: str | None = None,
+    *,
+    format: str | None = None,
+    names: Sequence[str] | None = None,
+    header: int | None | str = "infer",
+    encoding: str = "utf-8",
+    rating_threshold: float | None = None,
+    min_user_interactions: int = 0,
+    min_item_interactions: int = 0,
+) -> Interactions:
+    """Read a ratings/interactions file into :class:`Interactions`.
+
+    File handling as in :func:`read_table` (CSV, TSV, ``::``, Parquet; header or ``names=``);
+    preprocessing as in :meth:`Interactions.from_dataframe`. Example for ML-1M::
+
+        read_interactions("ml-1m/ratings.dat", names=["user", "item", "rating", "ts"],
+                          rating_col="rating", rating_threshold=3.5, min_user_interactions=5)
+    """
+    df = read_table(path, sep=sep, format=format, names=names, header=header, encoding=encoding)
+    return Interactions.from_dataframe(
+        df,
+        user_col=user_col,
+        item_col=item_col,
+        rating_col=rating_col,
+        rating_threshold=rating_threshold,
+        min_user_interactions=min_user_interactions,
+        min_item_interactions=min_item_interactions,
+        source=str(path),
+    )

@@ -1,0 +1,148 @@
+"""Download a file over HTTP(S) with a progress bar, checksum verification and atomic placement."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from recvae.data.interactions import ensure_writable_dir
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+
+
+class DownloadError(OSError):
+    """The file could not be fetched (HTTP error, connection lost, truncated body)."""
+
+
+class ChecksumError(DownloadError):
+    """The downloaded bytes do not have the expected digest."""
+
+    def __init__(self, path, algorithm: str, expected: str, actual: str, url: str):
+        self.path, self.algorithm, self.expected, self.actual, self.url = path, algorithm, expected, actual, url
+        super().__init__(
+            f"{path}: {algorithm.upper()} mismatch for {url}: expected {expected}, got {actual}. "
+            "The download is corrupted or the file changed upstream; nothing was kept."
+        )
+
+
+def download(
+    url: str,
+    dest: str | os.PathLike,
+    sha256: str | None = None,
+    show_progress: bool = True,
+    retries: int = 1,
+    *,
+    md5: str | None = None,
+    timeout: float = 60.0,
+) -> Path:
+    """Fetch ``url`` to ``dest`` and return ``dest`` once its checksum is verified.
+
+    The body is streamed into a temporary file in ``dest``'s folder, hashed on the fly and
+    moved onto ``dest`` with :func:`os.replace` only when complete and verified, so ``dest``
+    is either absent/unchanged or the full verified file, and no partial file remains.
+
+    Verification: SHA-256 when ``sha256`` is given, else MD5 when ``md5`` is given (GroupLens
+    publishes MD5s), else none, with a logged warning (the computed SHA-256 is logged so it
+    can be recorded). A checksum mismatch, a truncated body (fewer bytes than the
+    ``Content-Length``) or a network error are retried ``retries`` more times; then
+    :class:`ChecksumError` (naming the file, the expected and the actual digest) or
+    :class:`DownloadError` is raised. HTTP errors such as 404 are not retried.
+    """
+    dest = Path(dest)
+    if not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries: expected a non-negative integer, got {retries!r}")
+    expected = _expected_digest(sha256, md5)
+    folder = dest.parent
+    ensure_writable_dir(folder)
+    last_error: Exception | None = None
+    for attempt in range(retries + 1):
+        if attempt:
+            logger.warning("retrying download of %s (attempt %d of %d): %s", url, attempt + 1, retries + 1, last_error)
+        try:
+            _fetch_once(url, dest, expected, show_progress, timeout)
+            return dest
+        except ChecksumError as e:
+            last_error = e
+        except PermissionError:
+            raise
+        except urllib.error.HTTPError as e:
+            raise DownloadError(f"download of {url} failed: HTTP {e.code} {e.reason} (nothing written to {dest})") from e
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            if isinstance(e, DownloadError):
+                last_error = e
+            else:
+                reason = getattr(e, "reason", None) or f"{type(e).__name__}: {e}"
+                last_error = DownloadError(f"download of {url} failed: {reason} (nothing written to {dest})")
+                last_error.__cause__ = e
+    assert last_error is not None
+    raise last_error
+
+
+def _expected_digest(sha256: str | None, md5: str | None) -> tuple[str, str] | None:
+    for name, value, length in (("sha256", sha256, 64), ("md5", md5, 32)):
+        if value is not None:
+            value = value.strip().lower()
+            if len(value) != length or any(c not in "0123456789abcdef" for c in value):
+                raise ValueError(f"{name}: expected {length} hexadecimal digits, got {value!r}")
+            return name, value
+    return None
+
+
+def _fetch_once(url: str, dest: Path, expected: tuple[str, str] | None, show_progress: bool, timeout: float) -> None:
+    sha = hashlib.sha256()
+    other = hashlib.new(expected[0]) if expected and expected[0] != "sha256" else None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    except OSError as e:
+        raise PermissionError(f"cannot write to the data directory {dest.parent}: {e.strerror or e}") from e
+    try:
+        with os.fdopen(fd, "wb") as out:
+            request = urllib.request.Request(url, headers={"User-Agent": "recvae"})
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                length = response.headers.get("Content-Length")
+                total = int(length) if length and length.isdigit() else None
+                received = 0
+                with tqdm(
+                    total=total, unit="B", unit_scale=True, desc=dest.name, disable=not show_progress, leave=False
+                ) as bar:
+                    while True:
+                        chunk = response.read(_CHUNK)
+                        if not chunk:
+                            break
+                        out.write(chunk)
+                        sha.update(chunk)
+                        if other is not None:
+                            other.update(chunk)
+                        received += len(chunk)
+                        bar.update(len(chunk))
+        # http.client returns a short body without raising when the server closes early
+        if total is not None and received != total:
+            raise DownloadError(
+                f"download of {url} was cut: received {received} of {total} bytes (nothing written to {dest})"
+            )
+        actual_sha = sha.hexdigest()
+        if expected is None:
+            logger.warning("no known checksum for %s: not verified (its SHA-256 is %s)", url, actual_sha)
+        else:
+            algorithm, digest = expected
+            actual = actual_sha if other is None else other.hexdigest()
+            if actual != digest:
+                raise ChecksumError(dest, algorithm, digest, actual, url)
+        os.replace(tmp, dest)
+        logger.info("downloaded %s to %s (%d bytes, sha256 %s)", url, dest, received, actual_sha)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

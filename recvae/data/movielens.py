@@ -1,0 +1,222 @@
+"""MovieLens datasets from GroupLens: registry, download, and readers for their own file layouts.
+
+Files are looked up in the data directory (:func:`~recvae.data.paths.resolve_data_dir`), in
+this order:
+
+1. the extracted folder as GroupLens ships it, e.g. ``<data_dir>/ml-1m/ratings.dat``
+   (``ml-10M100K/`` for ML-10M; ``<data_dir>/ml-10m/`` is accepted too);
+2. the original archive ``<data_dir>/<name>.zip``, read in place without extracting;
+3. a download of ``<name>.zip`` from GroupLens into the data directory (when ``download``).
+
+Only step 3 writes, so a read-only data directory holding the files works.
+The server is ``$RECVAE_MOVIELENS_URL`` if set, else :data:`BASE_URL` (tests point it at a
+local server). The MovieLens terms forbid redistributing the files: never commit them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from recvae.data.download import download as _download
+from recvae.data.interactions import Interactions, read_table
+from recvae.data.paths import resolve_data_dir
+
+logger = logging.getLogger(__name__)
+
+#: GroupLens's folder of MovieLens archives; ``$RECVAE_MOVIELENS_URL`` overrides it.
+BASE_URL = "https://files.grouplens.org/datasets/movielens"
+URL_ENV_VAR = "RECVAE_MOVIELENS_URL"
+
+RATING_COLUMNS = ["user", "item", "rating", "timestamp"]
+
+
+@dataclass(frozen=True)
+class MovieLensSpec:
+    """Where a MovieLens release keeps its ratings and titles, and how they are written.
+
+    ``sha256``/``md5`` are digests of ``<name>.zip``. Only digests known with certainty are
+    recorded; where both are None the download is not verified (a warning is logged with the
+    computed SHA-256). ``download`` verifies SHA-256 when known, else the MD5 GroupLens
+    publishes beside each archive (``<name>.zip.md5``).
+    """
+
+    name: str
+    folder: str  # top folder inside the zip
+    ratings_file: str
+    ratings_sep: str
+    ratings_header: bool  # True: header ``userId,movieId,rating,timestamp``
+    items_file: str
+    items_sep: str
+    items_encoding: str
+    items_header: bool
+    sha256: str | None = None
+    md5: str | None = None
+
+    @property
+    def archive(self) -> str:
+        return f"{self.name}.zip"
+
+
+def _csv_release(name: str, md5: str | None = None) -> MovieLensSpec:
+    return MovieLensSpec(name, name, "ratings.csv", ",", True, "movies.csv", ",", "utf-8", True, md5=md5)
+
+
+# SHA-256 digests of the zips are not recorded: none is known here with certainty. The MD5s are
+# the ones GroupLens publishes (ml-*.zip.md5), as quoted identically by several projects.
+# ml-32m's MD5 is not known here; ml-latest-small changes with every release.
+DATASETS: dict[str, MovieLensSpec] = {
+    "ml-100k": MovieLensSpec(
+        "ml-100k", "ml-100k", "u.data", "\t", False, "u.item", "|", "latin-1", False,
+        md5="0e33842e24a9c977be4e0107933c0723",
+    ),
+    "ml-1m": MovieLensSpec(
+        "ml-1m", "ml-1m", "ratings.dat", "::", False, "movies.dat", "::", "latin-1", False,
+        md5="c4d9eecfca2ab87c1945afe126590906",
+    ),
+    "ml-10m": MovieLensSpec(
+        "ml-10m", "ml-10M100K", "ratings.dat", "::", False, "movies.dat", "::", "utf-8", False,
+        md5="ce571fd55effeba0271552578f2648bd",
+    ),
+    "ml-20m": _csv_release("ml-20m", md5="cd245b17a1ae2cc31bb14903e1204af3"),
+    "ml-25m": _csv_release("ml-25m", md5="6b51fb2759a8657d3bfcbfc42b592ada"),
+    "ml-32m": _csv_release("ml-32m"),
+    "ml-latest-small": _csv_release("ml-latest-small"),
+}
+
+
+def get_spec(name: str) -> MovieLensSpec:
+    """The registry entry for ``name``; ``ValueError`` listing the known names otherwise."""
+    try:
+        return DATASETS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"name: unknown MovieLens dataset {name!r}; known: {', '.join(DATASETS)}") from None
+
+
+def movielens_url(name: str) -> str:
+    """Download URL of ``name``'s archive (``$RECVAE_MOVIELENS_URL`` or :data:`BASE_URL`)."""
+    base = os.environ.get(URL_ENV_VAR) or BASE_URL
+    return f"{base.rstrip('/')}/{get_spec(name).archive}"
+
+
+def download_movielens(name: str, data_dir=None, show_progress: bool = True) -> Path:
+    """Download ``<name>.zip`` into the data directory (verified, atomic); return its path."""
+    spec = get_spec(name)
+    dest = resolve_data_dir(data_dir) / spec.archive
+    return _download(movielens_url(name), dest, spec.sha256, show_progress=show_progress, md5=spec.md5)
+
+
+def _read_member(spec: MovieLensSpec, data_dir, filename: str, download: bool, show_progress: bool, **kwargs):
+    """Read ``filename`` of the release from the extracted folder, else the zip, else download."""
+    root = resolve_data_dir(data_dir)
+    folders = [spec.folder] + ([spec.name] if spec.name != spec.folder else [])
+    for folder in folders:
+        path = root / folder / filename
+        if path.is_file():
+            logger.debug("reading %s", path)
+            return read_table(path, **kwargs)
+    archive = root / spec.archive
+    if not archive.is_file():
+        if not download:
+            looked = [str(root / f / filename) for f in folders] + [str(archive)]
+            raise FileNotFoundError(
+                f"{spec.name}: {filename} not found; looked for {', '.join(looked)}. "
+                "Pass download=True, or place GroupLens's folder or zip in the data directory"
+            )
+        logger.info("%s not found in %s: downloading %s", spec.name, root, movielens_url(spec.name))
+        download_movielens(spec.name, root, show_progress=show_progress)
+    return _read_from_zip(archive, spec, filename, **kwargs)
+
+
+def _read_from_zip(archive: Path, spec: MovieLensSpec, filename: str, **kwargs) -> pd.DataFrame:
+    try:
+        zf = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{archive}: not a valid zip archive ({e}); delete it to download again") from e
+    with zf:
+        names = zf.namelist()
+        wanted = f"{spec.folder}/{filename}"
+        member = wanted if wanted in names else next((n for n in names if n.endswith("/" + filename)), None)
+        if member is None:
+            raise FileNotFoundError(f"{archive}: no {wanted} inside the archive (it holds {len(names)} entries)")
+        logger.debug("reading %s from %s", member, archive)
+        return read_table(f"{archive}/{member}", opener=lambda: zf.open(member), **kwargs)
+
+
+def load_movielens_ratings(
+    name: str, data_dir=None, download: bool = True, show_progress: bool = True
+) -> pd.DataFrame:
+    """All explicit ratings of a MovieLens release as a DataFrame.
+
+    Columns ``user`` and ``item`` (GroupLens's integer ids), ``rating`` (float: 1-5, or
+    0.5-5 in half stars for the CSV releases) and ``timestamp`` (int, seconds since epoch).
+    """
+    spec = get_spec(name)
+    if spec.ratings_header:
+        df = _read_member(spec, data_dir, spec.ratings_file, download, show_progress, sep=spec.ratings_sep)
+        df = df.rename(columns={"userId": "user", "movieId": "item"})
+    else:
+        df = _read_member(
+            spec, data_dir, spec.ratings_file, download, show_progress, sep=spec.ratings_sep, names=RATING_COLUMNS
+        )
+    missing = [c for c in RATING_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{spec.name}/{spec.ratings_file}: expected columns {RATING_COLUMNS}, missing {missing}")
+    df = df[RATING_COLUMNS]
+    return df.astype({"rating": "float64"})
+
+
+def load_movielens(
+    name: str,
+    data_dir=None,
+    *,
+    rating_threshold: float | None = 3.5,
+    min_user_interactions: int = 5,
+    min_item_interactions: int = 0,
+    download: bool = True,
+    show_progress: bool = True,
+) -> Interactions:
+    """A MovieLens release as binary implicit feedback, preprocessed as in the Mult-VAE paper.
+
+    Defaults are the paper's: keep ratings > 3.5, then users with >= 5 such ratings, no item
+    filter (see :meth:`Interactions.from_dataframe` for the order of the steps). ML-100K gives
+    938 users, 1,447 items, 55,361 interactions; ML-20M 136,677 users, 20,108 items.
+    ``rating_threshold=None`` keeps every rating.
+    """
+    spec = get_spec(name)
+    df = load_movielens_ratings(name, data_dir, download=download, show_progress=show_progress)
+    return Interactions.from_dataframe(
+        df,
+        "user",
+        "item",
+        "rating",
+        rating_threshold=rating_threshold,
+        min_user_interactions=min_user_interactions,
+        min_item_interactions=min_item_interactions,
+        source=f"{spec.name}/{spec.ratings_file}",
+    )
+
+
+def load_movielens_titles(name: str, data_dir=None, download: bool = False, show_progress: bool = True) -> pd.Series:
+    """Movie titles as a Series indexed by GroupLens's item id (e.g. for showing recommendations).
+
+    Reads ``u.item`` (``|``, latin-1) for ML-100K, ``movies.dat`` (``::``; latin-1 for ML-1M,
+    utf-8 for ML-10M) or ``movies.csv`` (utf-8, header). Does not download by default.
+    """
+    spec = get_spec(name)
+    kwargs = dict(sep=spec.items_sep, encoding=spec.items_encoding)
+    if not spec.items_header:
+        kwargs["header"] = None
+    df = _read_member(spec, data_dir, spec.items_file, download, show_progress, **kwargs)
+    if spec.items_header:
+        df = df.rename(columns={"movieId": "item"})
+        ids, titles = df["item"], df["title"]
+    else:
+        ids, titles = df[0], df[1]
+    out = pd.Series(titles.to_numpy(), index=pd.Index(ids.to_numpy(), name="item"), name="title")
+    return out

@@ -1,0 +1,274 @@
+"""Train / validation / test splits of the Mult-VAE paper (strong generalization) and a weak one.
+
+Strong generalization (Liang et al. 2018, Sec. 4.2; their preprocessing notebook): users are
+split into disjoint training, validation and test sets. Models learn from the training users
+only; a held-out user is scored from a random 80% of their items (*fold-in*) and evaluated on
+the other 20% (*held-out*).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+from recvae.data.interactions import Interactions
+
+#: the paper holds out 10,000 validation and 10,000 test users on ML-20M (136,677 users)
+PAPER_N_HELDOUT_USERS = 10_000
+#: below this many items a held-out user keeps everything in fold-in (the notebook's ``>= 5``)
+MIN_ITEMS_TO_SPLIT = 5
+
+
+@dataclass(frozen=True, eq=False)
+class HeldOutUsers:
+    """Users evaluated by fold-in: score from ``fold_in`` rows, rank against ``heldout`` rows.
+
+    Both are binary CSR matrices of the same shape (users x training items); row ``u`` is the
+    user with original id ``user_ids[u]``. Every row has at least one held-out item.
+    """
+
+    fold_in: sp.csr_matrix
+    heldout: sp.csr_matrix
+    user_ids: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.fold_in.shape != self.heldout.shape:
+            raise ValueError(f"heldout: shape {self.heldout.shape} differs from fold_in's {self.fold_in.shape}")
+        if len(self.user_ids) != self.fold_in.shape[0]:
+            raise ValueError(f"user_ids: {len(self.user_ids)} ids for {self.fold_in.shape[0]} rows")
+
+    @property
+    def n_users(self) -> int:
+        return self.fold_in.shape[0]
+
+    @property
+    def n_items(self) -> int:
+        return self.fold_in.shape[1]
+
+    def __repr__(self) -> str:
+        return f"HeldOutUsers(n_users={self.n_users}, fold_in={self.fold_in.nnz}, heldout={self.heldout.nnz})"
+
+    def _describe(self) -> dict:
+        return {
+            "n_users": int(self.n_users),
+            "n_fold_in_interactions": int(self.fold_in.nnz),
+            "n_heldout_interactions": int(self.heldout.nnz),
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class StrongSplit:
+    """Result of :func:`strong_generalization_split`; ``describe()`` summarises it for run dirs."""
+
+    train: Interactions
+    validation: HeldOutUsers
+    test: HeldOutUsers
+    item_ids: np.ndarray  # == train.item_ids: the columns of every matrix here
+    seed: int
+    n_heldout_users: int  # users drawn for validation and for test (before dropping)
+    heldout_fraction: float
+    min_items_to_split: int
+    n_heldout_users_rule: str
+    _stats: dict = field(default_factory=dict, repr=False)
+
+    def describe(self) -> dict:
+        """JSON-ready counts, seed and rule (what a run directory records)."""
+        return {
+            "protocol": "strong_generalization",
+            "seed": int(self.seed),
+            "n_heldout_users": int(self.n_heldout_users),
+            "n_heldout_users_rule": self.n_heldout_users_rule,
+            "heldout_fraction": float(self.heldout_fraction),
+            "min_items_to_split": int(self.min_items_to_split),
+            "n_items": int(len(self.item_ids)),
+            "train": {"n_users": int(self.train.n_users), "n_interactions": int(self.train.nnz)},
+            "validation": {**self.validation._describe(), **self._stats.get("validation", {})},
+            "test": {**self.test._describe(), **self._stats.get("test", {})},
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class WeakSplit:
+    """Result of :func:`weak_generalization_split`."""
+
+    train: Interactions
+    test: HeldOutUsers
+    item_ids: np.ndarray
+    seed: int
+    heldout_fraction: float
+    min_items_to_split: int
+
+    def describe(self) -> dict:
+        return {
+            "protocol": "weak_generalization",
+            "seed": int(self.seed),
+            "heldout_fraction": float(self.heldout_fraction),
+            "min_items_to_split": int(self.min_items_to_split),
+            "n_items": int(len(self.item_ids)),
+            "train": {"n_users": int(self.train.n_users), "n_interactions": int(self.train.nnz)},
+            "test": self.test._describe(),
+        }
+
+
+def default_n_heldout_users(n_users: int) -> int:
+    """``min(10_000, max(1, round(0.1 * n_users)))``: the paper's 10,000 on ML-20M, else 10%."""
+    return min(PAPER_N_HELDOUT_USERS, max(1, int(round(0.1 * n_users))))
+
+
+def strong_generalization_split(
+    interactions: Interactions,
+    n_heldout_users: int | None = None,
+    heldout_fraction: float = 0.2,
+    seed: int = 0,
+    *,
+    min_items_to_split: int = MIN_ITEMS_TO_SPLIT,
+) -> StrongSplit:
+    """Split users into train / validation / test, as in the Mult-VAE paper's notebook.
+
+    1. Shuffle the users with ``seed``; the last ``N`` are test users, the ``N`` before them
+       validation users, the rest training users (rows keep their original order within
+       each set). ``N = n_heldout_users``, or when None
+       ``N = min(10_000, max(1, round(0.1 * n_users)))``: the paper's 10,000 on ML-20M
+       (136,677 users), 10% of the users each on smaller data (94 on ML-100K's 938).
+    2. Training users keep all their items. The item index is the items with at least one
+       training interaction (the columns of ``train``, ``item_ids``); validation and test
+       interactions on other items are discarded.
+    3. Each validation/test user with ``>= min_items_to_split`` (5) remaining items has
+       ``floor(heldout_fraction * n_items_u)`` of them, drawn uniformly at random, held out;
+       the rest is fold-in. Users with fewer items keep everything in fold-in in the
+       notebook, which leaves them without a held-out item: they are dropped here (their
+       Recall/NDCG is undefined); ``describe()`` reports how many.
+
+    Every random choice comes from ``np.random.default_rng`` streams spawned from ``seed``
+    (one for the user permutation, one per held-out set), so a seed gives one split.
+    """
+    _check_interactions(interactions)
+    _check_fraction(heldout_fraction)
+    _check_min_items(min_items_to_split)
+    n_users = interactions.n_users
+    if n_heldout_users is None:
+        n = default_n_heldout_users(n_users)
+        rule = "min(10000, max(1, round(0.1 * n_users)))"
+    else:
+        if not isinstance(n_heldout_users, (int, np.integer)) or isinstance(n_heldout_users, bool) or n_heldout_users < 1:
+            raise ValueError(f"n_heldout_users: expected a positive integer or None, got {n_heldout_users!r}")
+        n = int(n_heldout_users)
+        rule = "given"
+    if 2 * n >= n_users:
+        raise ValueError(
+            f"n_heldout_users: {n} validation + {n} test users leave no training user out of {n_users}; "
+            f"expected fewer than {n_users / 2:g}"
+        )
+    users_rng, vad_rng, test_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+    perm = users_rng.permutation(n_users)
+    train_rows = np.sort(perm[: n_users - 2 * n])
+    vad_rows = np.sort(perm[n_users - 2 * n : n_users - n])
+    test_rows = np.sort(perm[n_users - n :])
+
+    X = interactions.matrix
+    train_X = X[train_rows]
+    items = np.flatnonzero(np.bincount(train_X.indices, minlength=X.shape[1]))
+    train = Interactions(_sorted(train_X[:, items]), interactions.user_ids[train_rows], interactions.item_ids[items])
+
+    stats = {}
+    held = {}
+    for name, rows, rng in (("validation", vad_rows, vad_rng), ("test", test_rows, test_rng)):
+        sub_all = X[rows]
+        sub = _sorted(sub_all[:, items])
+        fold_in, heldout, keep = _split_rows(sub, heldout_fraction, min_items_to_split, rng)
+        held[name] = HeldOutUsers(fold_in[keep], heldout[keep], interactions.user_ids[rows][keep])
+        stats[name] = {
+            "n_users_drawn": int(len(rows)),
+            "n_users_dropped": int(len(rows) - keep.sum()),
+            "n_interactions_on_items_not_in_train": int(sub_all.nnz - sub.nnz),
+        }
+    return StrongSplit(
+        train=train,
+        validation=held["validation"],
+        test=held["test"],
+        item_ids=train.item_ids,
+        seed=seed,
+        n_heldout_users=n,
+        heldout_fraction=heldout_fraction,
+        min_items_to_split=min_items_to_split,
+        n_heldout_users_rule=rule,
+        _stats=stats,
+    )
+
+
+def weak_generalization_split(
+    interactions: Interactions,
+    heldout_fraction: float = 0.2,
+    seed: int = 0,
+    *,
+    min_items_to_split: int = MIN_ITEMS_TO_SPLIT,
+) -> WeakSplit:
+    """Per-user random holdout: every user is in training, with part of their items hidden.
+
+    Each user with ``>= min_items_to_split`` items has ``floor(heldout_fraction * n_items_u)``
+    random items held out (same rule as the strong split); ``train`` holds every user's other
+    items, with the original user and item index (no row or column is removed, so an item
+    seen only in held-out data is an all-zero column). ``test`` holds the users with at least
+    one held-out item: ``fold_in`` is their ``train`` row, ``heldout`` the hidden items.
+    """
+    _check_interactions(interactions)
+    _check_fraction(heldout_fraction)
+    _check_min_items(min_items_to_split)
+    rng = np.random.default_rng(seed)
+    fold_in, heldout, keep = _split_rows(_sorted(interactions.matrix), heldout_fraction, min_items_to_split, rng)
+    train = Interactions(fold_in, interactions.user_ids, interactions.item_ids)
+    test = HeldOutUsers(fold_in[keep], heldout[keep], interactions.user_ids[keep])
+    return WeakSplit(train, test, interactions.item_ids, seed, heldout_fraction, min_items_to_split)
+
+
+def _split_rows(
+    X: sp.csr_matrix, fraction: float, min_items: int, rng: np.random.Generator
+) -> tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray]:
+    """Per row, hold out ``floor(fraction * n)`` uniformly random entries when ``n >= min_items``.
+
+    Vectorised: each entry gets a uniform key; within a row the entries with the smallest
+    keys are held out, which picks a uniformly random subset of the required size.
+    Returns ``(fold_in, heldout, rows_with_heldout)``.
+    """
+    n_rows = X.shape[0]
+    counts = np.diff(X.indptr)
+    n_hold = np.where(counts >= min_items, np.floor(fraction * counts).astype(np.int64), 0)
+    rows = np.repeat(np.arange(n_rows), counts)
+    keys = rng.random(X.nnz)
+    order = np.lexsort((keys, rows))  # by row, then key
+    rank = np.empty(X.nnz, dtype=np.int64)
+    rank[order] = np.arange(X.nnz)
+    rank -= X.indptr[rows]
+    is_held = rank < n_hold[rows]
+    return _masked(X, rows, ~is_held), _masked(X, rows, is_held), n_hold > 0
+
+
+def _masked(X: sp.csr_matrix, rows: np.ndarray, mask: np.ndarray) -> sp.csr_matrix:
+    indptr = np.zeros(X.shape[0] + 1, dtype=X.indptr.dtype)
+    np.cumsum(np.bincount(rows[mask], minlength=X.shape[0]), out=indptr[1:])
+    out = sp.csr_matrix((X.data[mask], X.indices[mask], indptr), shape=X.shape)
+    out.has_sorted_indices = X.has_sorted_indices
+    return out
+
+
+def _sorted(X: sp.csr_matrix) -> sp.csr_matrix:
+    if not X.has_sorted_indices:
+        X = X.sorted_indices()
+    return X
+
+
+def _check_interactions(interactions) -> None:
+    if not isinstance(interactions, Interactions):
+        raise TypeError(f"interactions: expected recvae.data.Interactions, got {type(interactions).__name__}")
+
+
+def _check_fraction(fraction) -> None:
+    if not isinstance(fraction, (float, int)) or isinstance(fraction, bool) or not 0 < fraction < 1:
+        raise ValueError(f"heldout_fraction: expected a number in (0, 1), got {fraction!r}")
+
+
+def _check_min_items(min_items) -> None:
+    if not isinstance(min_items, (int, np.integer)) or isinstance(min_items, bool) or min_items < 1:
+        raise ValueError(f"min_items_to_split: expected a positive integer, got {min_items!r}")
