@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -212,7 +213,13 @@ class Interactions:
             shape=(len(used_u), len(used_i)),
         )
         matrix.has_sorted_indices = True
-        return cls(matrix, _as_id_array(u_uniques[used_u]), _as_id_array(i_uniques[used_i]))
+        ids = []
+        for arg, col, uniques, used in (("user_col", user_col, u_uniques, used_u), ("item_col", item_col, i_uniques, used_i)):
+            try:
+                ids.append(_as_id_array(uniques[used], arg))
+            except TypeError as e:
+                raise ValueError(f"{where}{arg}: column {col!r} mixes id types; {e}") from e
+        return cls(matrix, *ids)
 
     # ------------------------------------------------------------------ .npz cache
     def save(self, path: str | os.PathLike) -> Path:
@@ -240,6 +247,8 @@ class Interactions:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"interactions cache not found: {path}")
+        if not zipfile.is_zipfile(path):  # else np.load would try (and refuse) to unpickle it
+            raise ValueError(f"{path}: not a valid interactions cache (not an .npz archive)")
         try:
             with np.load(path, allow_pickle=False) as z:
                 version = int(z["format_version"])
@@ -292,7 +301,8 @@ def _as_id_array(ids, name: str = "ids") -> np.ndarray:
         return np.array(values, dtype=str)
     if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
         return np.array(values, dtype=np.int64)
-    raise TypeError(f"{name}: ids must be all integers or all strings, got {sorted({type(v).__name__ for v in values})}")
+    kinds = sorted({type(v).__name__ for v in values})
+    raise TypeError(f"{name}: ids must be all integers or all strings, got {kinds}")
 
 
 def ensure_writable_dir(folder: str | os.PathLike) -> Path:
