@@ -85,13 +85,14 @@ def sha256(data: bytes) -> str:
 class LocalServer:
     """HTTP server on 127.0.0.1 (ephemeral port) in a thread.
 
-    ``files[path] = bytes`` are served at ``/path``; ``cut[path] = bytes`` announce
+    ``files[path] = bytes`` are served at ``/path`` (a list of bytes: one per request, the
+    last one repeated); ``cut[path] = bytes`` announce
     ``len + 1000`` bytes in Content-Length, send the bytes, then close the connection.
     Anything else is a 404. ``requests`` counts GETs per path.
     """
 
     def __init__(self):
-        self.files: dict[str, bytes] = {}
+        self.files: dict[str, bytes | list[bytes]] = {}
         self.cut: dict[str, bytes] = {}
         self.requests: Counter = Counter()
         server = self
@@ -102,6 +103,8 @@ class LocalServer:
                 server.requests[path] += 1
                 if path in server.files:
                     body = server.files[path]
+                    if isinstance(body, list):
+                        body = body.pop(0) if len(body) > 1 else body[0]
                     self.send_response(200)
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
@@ -121,7 +124,7 @@ class LocalServer:
                 pass
 
         self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.02,), daemon=True)
 
     @property
     def url(self) -> str:

@@ -1,0 +1,113 @@
+"""The downloader against a local HTTP server: success, checksum mismatch, 404, cut connection."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+
+import pytest
+
+from archives import LocalServer, sha256
+from recvae.data import ChecksumError, DownloadError, download
+
+BODY = os.urandom(3 * (1 << 20) + 123)  # more than one read chunk
+
+
+@pytest.fixture
+def server():
+    with LocalServer() as s:
+        yield s
+
+
+def test_good_download_is_verified_and_placed(server, tmp_path):
+    server.files["a.zip"] = BODY
+    dest = tmp_path / "sub" / "a.zip"  # the folder is created
+    out = download(f"{server.url}/a.zip", dest, sha256(BODY), show_progress=False)
+    assert out == dest and dest.read_bytes() == BODY
+    assert os.listdir(dest.parent) == ["a.zip"]
+    assert server.requests["a.zip"] == 1
+
+
+def test_md5_is_used_when_no_sha256(server, tmp_path):
+    server.files["a.zip"] = BODY
+    dest = tmp_path / "a.zip"
+    download(f"{server.url}/a.zip", dest, None, show_progress=False, md5=hashlib.md5(BODY).hexdigest())
+    assert dest.read_bytes() == BODY
+    with pytest.raises(ChecksumError, match=r"MD5 mismatch"):
+        download(f"{server.url}/a.zip", tmp_path / "b.zip", None, show_progress=False, md5="0" * 32)
+    assert not (tmp_path / "b.zip").exists()
+
+
+def test_no_digest_downloads_with_a_warning(server, tmp_path, caplog):
+    server.files["a.zip"] = BODY
+    with caplog.at_level(logging.WARNING, logger="recvae.data.download"):
+        download(f"{server.url}/a.zip", tmp_path / "a.zip", None, show_progress=False)
+    assert f"not verified (its SHA-256 is {sha256(BODY)})" in caplog.text
+    assert (tmp_path / "a.zip").read_bytes() == BODY
+
+
+def test_checksum_mismatch_retries_once_then_names_file_and_digests(server, tmp_path):
+    corrupted = BODY[:-1] + bytes([BODY[-1] ^ 0xFF])
+    server.files["a.zip"] = corrupted
+    dest = tmp_path / "a.zip"
+    with pytest.raises(ChecksumError) as info:
+        download(f"{server.url}/a.zip", dest, sha256(BODY), show_progress=False)
+    msg = str(info.value)
+    assert str(dest) in msg and sha256(BODY) in msg and sha256(corrupted) in msg
+    assert info.value.expected == sha256(BODY) and info.value.actual == sha256(corrupted)
+    assert server.requests["a.zip"] == 2  # one retry
+    assert os.listdir(tmp_path) == []  # no partial or temporary file
+
+
+def test_retry_recovers_from_a_transient_corruption(server, tmp_path):
+    server.files["a.zip"] = [b"garbage", BODY]  # first response corrupted, then good
+    download(f"{server.url}/a.zip", tmp_path / "a.zip", sha256(BODY), show_progress=False)
+    assert (tmp_path / "a.zip").read_bytes() == BODY and server.requests["a.zip"] == 2
+    assert os.listdir(tmp_path) == ["a.zip"]
+
+
+def test_404_is_a_clear_error_and_not_retried(server, tmp_path):
+    with pytest.raises(DownloadError, match=r"download of http://127\.0\.0\.1:\d+/missing\.zip failed: HTTP 404"):
+        download(f"{server.url}/missing.zip", tmp_path / "m.zip", None, show_progress=False)
+    assert server.requests["missing.zip"] == 1
+    assert os.listdir(tmp_path) == []
+
+
+def test_connection_cut_midway_leaves_nothing(server, tmp_path):
+    server.cut["a.zip"] = BODY[:5000]
+    with pytest.raises(DownloadError, match=r"was cut: received 5000 of 6000 bytes|failed: .*Incomplete"):
+        download(f"{server.url}/a.zip", tmp_path / "a.zip", sha256(BODY), show_progress=False)
+    assert server.requests["a.zip"] == 2  # network failures are retried too
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_file_is_kept_when_the_download_fails(server, tmp_path):
+    dest = tmp_path / "a.zip"
+    dest.write_bytes(b"previous")
+    server.files["a.zip"] = b"corrupted"
+    with pytest.raises(ChecksumError):
+        download(f"{server.url}/a.zip", dest, sha256(BODY), show_progress=False, retries=0)
+    assert dest.read_bytes() == b"previous" and os.listdir(tmp_path) == ["a.zip"]
+    assert server.requests["a.zip"] == 1  # retries=0: a single attempt
+
+
+def test_unwritable_directory_is_named(server, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    server.files["a.zip"] = BODY
+    try:
+        with pytest.raises(PermissionError, match=rf"{re.escape(str(ro))} is not writable"):
+            download(f"{server.url}/a.zip", ro / "a.zip", sha256(BODY), show_progress=False)
+    finally:
+        ro.chmod(0o755)
+    assert os.listdir(ro) == [] and server.requests["a.zip"] == 0  # refused before fetching
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match=r"sha256: expected 64 hexadecimal digits, got 'abc'"):
+        download("http://127.0.0.1:9/x", tmp_path / "x", "abc", show_progress=False)
+    with pytest.raises(ValueError, match=r"retries: expected a non-negative integer, got -1"):
+        download("http://127.0.0.1:9/x", tmp_path / "x", None, show_progress=False, retries=-1)
