@@ -98,14 +98,46 @@ def _relevance(heldout, shape: tuple[int, int]) -> sp.csr_matrix:
 def top_k(scores, k: int) -> np.ndarray:
     """Indices (users x k, int64) of the ``k`` highest scores per row, best first.
 
-    Equal scores are ordered by the lower item index first. Cost: one
-    ``argpartition`` over the row plus a sort of only ``k`` candidates; rows where
-    a tie straddles the K-th place (common for popularity-like scores, rare for
-    continuous ones) are re-selected exactly, lowest indices first.
+    Equal scores are ordered by the lower item index first (see the module notes).
+
+    Speed: instead of an ``argpartition`` over all items, a cheap lower bound of each
+    row's K-th largest score comes first: the first ``4k * g`` items form 4k strided
+    groups, and the K-th largest of the 4k group maxima is reached by k distinct items,
+    so it cannot exceed the row's K-th largest score. Only items at or above it (about
+    1.2 k for continuous scores) are then ranked exactly. If the bound is too loose for
+    some row (more than a quarter of the items pass: e.g. many ``-inf``), the whole batch
+    falls back to the plain ``argpartition``; the result is the same either way.
     """
     scores = _check_scores(scores)
     n_users, n_items = scores.shape
     k = check_k(k, n_items)
+    m = 4 * k  # number of groups
+    if n_users == 0 or 2 * m > n_items:
+        return _top_k_exact(scores, k)
+    g = n_items // m
+    row, col = scores.strides
+    groups = np.lib.stride_tricks.as_strided(scores, (n_users, g, m), (row, m * col, col), writeable=False)
+    bound = np.partition(groups.max(axis=1), m - k, axis=1)[:, m - k, None]
+    flat = np.flatnonzero(scores >= bound)  # much faster than a 2-d np.nonzero
+    r, c = np.divmod(flat, n_items)
+    counts = np.bincount(r, minlength=n_users)
+    width = int(counts.max())
+    if width > n_items // 4:
+        return _top_k_exact(scores, k)
+    # candidates packed left in increasing item order, padded with -inf (never selected:
+    # every row has >= k real candidates, all >= bound > -inf)
+    pos = np.arange(r.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    packed = np.full((n_users, width), -np.inf, dtype=scores.dtype)
+    packed[r, pos] = scores[r, c]
+    items = np.zeros((n_users, width), dtype=np.int64)
+    items[r, pos] = c
+    return np.take_along_axis(items, _top_k_exact(packed, k), axis=1)
+
+
+def _top_k_exact(scores: np.ndarray, k: int) -> np.ndarray:
+    """:func:`top_k` by one ``argpartition`` over each row, then a sort of k candidates;
+    rows where a tie straddles the K-th place are re-selected, lowest indices first."""
+    n_users, n_items = scores.shape
     if k == n_items:
         cand = np.broadcast_to(np.arange(n_items), scores.shape)
     else:

@@ -118,6 +118,44 @@ def test_ties_many_rows_match_lexsort():
         np.testing.assert_array_equal(M.top_k(scores, k), want)
 
 
+def lexsort_top_k(scores, k):
+    return np.array([np.lexsort((np.arange(scores.shape[1]), -row))[:k] for row in scores])
+
+
+@pytest.mark.parametrize("kind", ["continuous", "ties", "sorted", "reversed", "some_minus_inf", "few_finite"])
+@pytest.mark.parametrize("k", [1, 7, 25, 60])
+def test_top_k_bounded_path_matches_lexsort(kind, k):
+    # 500 items >= 8k: top_k first bounds the K-th score, then ranks only the candidates
+    rng = np.random.default_rng(k)
+    n_users, n_items = 30, 500
+    if kind == "ties":
+        scores = rng.integers(0, 8, (n_users, n_items)).astype(np.float32)
+    elif kind in ("sorted", "reversed"):
+        scores = np.tile(np.arange(n_items, dtype=np.float32), (n_users, 1))
+        scores = scores[:, ::-1].copy() if kind == "reversed" else scores
+    else:
+        scores = rng.standard_normal((n_users, n_items)).astype(np.float32)
+        if kind == "some_minus_inf":
+            scores[rng.random(scores.shape) < 0.3] = -np.inf
+        if kind == "few_finite":  # a row with fewer than k finite scores forces the fallback
+            scores[3, : n_items - max(k - 1, 0)] = -np.inf
+    np.testing.assert_array_equal(M.top_k(scores, k), lexsort_top_k(scores, k))
+
+
+def test_top_k_falls_back_to_full_argpartition(monkeypatch):
+    calls = []
+    exact = M._top_k_exact
+    monkeypatch.setattr(M, "_top_k_exact", lambda s, k: calls.append(s.shape) or exact(s, k))
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal((4, 400))
+    M.top_k(scores, 10)
+    assert len(calls) == 1 and calls[0][0] == 4 and 10 <= calls[0][1] < 100  # only packed candidates
+    calls.clear()
+    scores[2, :] = -np.inf  # bound is -inf: every item would be a candidate
+    np.testing.assert_array_equal(M.top_k(scores, 10), lexsort_top_k(scores, 10))
+    assert calls == [(4, 400)]
+
+
 def test_minus_inf_rows_still_work():
     scores = np.array([[-np.inf, 0.5, -np.inf, 0.2], [-np.inf, -np.inf, -np.inf, -np.inf]])
     h = sp.csr_matrix(np.array([[0, 0, 0, 1.0], [0, 1.0, 0, 0]]))
