@@ -139,7 +139,8 @@ def strong_generalization_split(
        ``floor(heldout_fraction * n_items_u)`` of them, drawn uniformly at random, held out;
        the rest is fold-in. Users with fewer items keep everything in fold-in in the
        notebook, which leaves them without a held-out item: they are dropped here (their
-       Recall/NDCG is undefined); ``describe()`` reports how many.
+       Recall/NDCG is undefined), as are users whose ``floor(heldout_fraction * n_items_u)``
+       is 0 (only with a fraction below 0.2); ``describe()`` reports how many.
 
     Every random choice comes from ``np.random.default_rng`` streams spawned from ``seed``
     (one for the user permutation, one per held-out set), so a seed gives one split.
