@@ -239,6 +239,7 @@ class Interactions:
             "item_ids": _as_id_array(self.item_ids, "item_ids"),
         }
         atomic_write(path, lambda f: np.savez(f, **arrays))
+        logger.debug("saved %r to %s", self, path)
         return path
 
     @classmethod
