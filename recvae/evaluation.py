@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from recvae import metrics as M

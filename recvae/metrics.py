@@ -273,8 +273,8 @@ def recall_at_k(scores, heldout, k: int) -> np.ndarray:
         Recall@K(u) = hits@K / min(K, n_u)
 
     The denominator ``min(K, n_u)`` makes a perfect ranking score 1 even when the
-    user has more than K held-out items (the paper: "the minimum of K and the number
-    of items clicked by user u ... normalizes Recall@K to have a maximum of 1").
+    user has more than K held-out items (the paper's stated reason: it normalises
+    Recall@K to a maximum of 1, reached by ranking all relevant items first).
     RecBole and Cornac divide by ``n_u`` instead, which gives lower values whenever
     ``n_u > K``; the two agree when ``n_u <= K``. Values lie in [0, 1].
     """
@@ -289,7 +289,8 @@ def ndcg_at_k(scores, heldout, k: int) -> np.ndarray:
         NDCG@K(u) = DCG@K / IDCG@K
 
     The ideal DCG counts ``min(K, n_u)`` hits, so a perfect ranking scores 1 for any
-    ``n_u``. This is also what RecBole and Cornac compute for binary relevance.
+    ``n_u``. (The notebook multiplies the stored held-out values, all 1 there, by the
+    discounts; here any stored positive value counts as 1.) This is also what RecBole and Cornac compute for binary relevance.
     Values lie in [0, 1].
     """
     return _single("ndcg", scores, heldout, k)
