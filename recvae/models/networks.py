@@ -1,0 +1,221 @@
+"""The torch modules of Mult-VAE and Mult-DAE (Liang et al., WWW 2018) and their configuration.
+
+Defaults follow the paper's released notebook (dawenl/vae_cf, ``VAE_ML20M_WWW2018.ipynb``):
+
+* Mult-VAE: q-network ``I -> 600 -> 2x200`` (tanh on the hidden layer; the last layer gives mu
+  and logvar), p-network ``200 -> 600 -> I`` (tanh on the hidden layer).
+* Mult-DAE: ``I -> 200 -> I``, i.e. no hidden layer (the notebook's ``p_dims=[200, n_items]``),
+  tanh on the 200-d code. (The paper's text reports ``I-600-200-600-I`` for both; pass
+  ``hidden_dims=(600,)`` for that.)
+* input: rows L2-normalised (``tf.nn.l2_normalize``), then dropout with keep probability 0.5,
+  kept entries scaled by ``1/keep`` (``tf.nn.dropout``); training only.
+* weights Xavier/Glorot uniform, biases truncated normal with std 0.001 (cut at 2 std, as
+  ``tf.truncated_normal_initializer``).
+
+The first layer takes the sparse batch directly and the output layer is fused with the
+multinomial likelihood (see :mod:`recvae.models.sparse_layers`), so a training step never
+builds a dense users x items matrix. Dropout acts on the stored nonzeros only, which is the
+same as dense dropout: a zero entry stays zero whether it is dropped or scaled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from recvae.models.sparse_layers import (
+    SparseBatch,
+    Workspace,
+    output_layer_nll,
+    sparse_input_linear,
+)
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "tanh": torch.tanh,
+    "relu": torch.relu,
+    "sigmoid": torch.sigmoid,
+    "identity": lambda x: x,
+}
+
+BIAS_INIT_STD = 0.001  # notebook: tf.truncated_normal_initializer(stddev=0.001)
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Architecture of a Mult-VAE / Mult-DAE network.
+
+    ``hidden_dims`` are the encoder's hidden widths (the decoder mirrors them); ``latent_dim``
+    is the size of z (VAE) or of the code (DAE). ``variational`` picks VAE (True) or DAE.
+    """
+
+    n_items: int
+    hidden_dims: tuple[int, ...] = (600,)
+    latent_dim: int = 200
+    dropout: float = 0.5
+    activation: str = "tanh"
+    variational: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden_dims", tuple(int(d) for d in self.hidden_dims))
+        if not isinstance(self.n_items, int) or self.n_items < 1:
+            raise ValueError(f"n_items: expected a positive integer, got {self.n_items!r}")
+        if any(d < 1 for d in self.hidden_dims):
+            raise ValueError(f"hidden_dims: expected positive widths, got {self.hidden_dims!r}")
+        if not isinstance(self.latent_dim, int) or self.latent_dim < 1:
+            raise ValueError(f"latent_dim: expected a positive integer, got {self.latent_dim!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+
+
+@dataclass
+class LossTerms:
+    """One batch's objective: ``loss = nll + beta * kl`` (kl is 0 for the DAE)."""
+
+    loss: torch.Tensor
+    nll: torch.Tensor
+    kl: torch.Tensor
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) averaged over users:
+
+    KL = 1/B sum_u 0.5 * sum_k (-logvar_uk + exp(logvar_uk) + mu_uk^2 - 1).
+    """
+    mu, logvar = mu.float(), logvar.float()
+    return (0.5 * (-logvar + logvar.exp() + mu.pow(2) - 1.0)).sum(dim=1).mean()
+
+
+def _init_linear_(weight: torch.Tensor, bias: torch.Tensor, generator: torch.Generator | None) -> None:
+    # Glorot uniform is symmetric in fan-in/fan-out, so the (I, H) layout of the sparse and
+    # output layers needs no special case.
+    nn.init.xavier_uniform_(weight, generator=generator)
+    nn.init.trunc_normal_(bias, std=BIAS_INIT_STD, a=-2 * BIAS_INIT_STD, b=2 * BIAS_INIT_STD, generator=generator)
+
+
+class MultNetwork(nn.Module):
+    """Encoder/decoder shared by :class:`MultVAENetwork` and :class:`MultDAENetwork`.
+
+    Parameters: ``input_weight`` (I, d0) and ``input_bias`` for the sparse first layer,
+    ``encoder`` / ``decoder`` ``nn.Linear`` stacks in between, ``output_weight`` (I, d_last) and
+    ``output_bias`` (I,) for the logits.
+    """
+
+    variational = False
+
+    def __init__(self, config: NetworkConfig, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if config.variational != self.variational:
+            raise ValueError(f"config: variational={config.variational} does not fit {type(self).__name__}")
+        self.config = config
+        self.act = ACTIVATIONS[config.activation]
+        enc = list(config.hidden_dims) + [config.latent_dim * (2 if self.variational else 1)]
+        dec = [config.latent_dim] + list(reversed(config.hidden_dims))
+        self.input_weight = nn.Parameter(torch.empty(config.n_items, enc[0]))
+        self.input_bias = nn.Parameter(torch.empty(enc[0]))
+        self.encoder = nn.ModuleList(nn.Linear(a, b) for a, b in zip(enc[:-1], enc[1:]))
+        self.decoder = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dec[:-1], dec[1:]))
+        self.output_weight = nn.Parameter(torch.empty(config.n_items, dec[-1]))
+        self.output_bias = nn.Parameter(torch.empty(config.n_items))
+        self.workspace = Workspace()  # reused B x I buffers; not part of the state dict
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Notebook initialisation, layer by layer from input to output, drawing from ``generator``."""
+        with torch.no_grad():
+            _init_linear_(self.input_weight, self.input_bias, generator)
+            for layer in list(self.encoder) + list(self.decoder):
+                _init_linear_(layer.weight, layer.bias, generator)
+            _init_linear_(self.output_weight, self.output_bias, generator)
+
+    def weight_matrices(self) -> list[nn.Parameter]:
+        """The weights the notebook's L2 penalty applies to (biases excluded)."""
+        return [self.input_weight] + [l.weight for l in self.encoder] + [l.weight for l in self.decoder] + [self.output_weight]
+
+    # -- pieces -----------------------------------------------------------------------------
+    def _input_values(self, batch: SparseBatch, generator: torch.Generator | None) -> torch.Tensor:
+        v = batch.normalized
+        p = float(self.config.dropout)
+        if self.training and p > 0:
+            keep = torch.empty_like(v).bernoulli_(1.0 - p, generator=generator)
+            v = v * keep / (1.0 - p)
+        return v
+
+    def _encode(self, batch: SparseBatch, generator: torch.Generator | None) -> torch.Tensor:
+        """Last encoder output (pre-activation): [mu, logvar] for the VAE, the code for the DAE."""
+        h = sparse_input_linear(self._input_values(batch, generator), self.input_weight, self.input_bias, batch,
+                                self.workspace)
+        for layer in self.encoder:
+            h = layer(self.act(h))
+        return h
+
+    def _hidden(self, z: torch.Tensor) -> torch.Tensor:
+        """Decoder up to (and including) the last activation: the input of the output layer."""
+        h = z
+        for layer in self.decoder:
+            h = self.act(layer(h))
+        return h
+
+    def _latent(self, batch: SparseBatch, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    # -- public -----------------------------------------------------------------------------
+    def forward(self, batch: SparseBatch, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Dense float32 logits (B, I). In eval mode: no dropout and z = mu."""
+        z, _ = self._latent(batch, generator)
+        h = self._hidden(z)
+        return torch.addmm(self.output_bias.to(h.dtype), h, self.output_weight.to(h.dtype).t()).float()
+
+    def loss(self, batch: SparseBatch, beta: float = 1.0, generator: torch.Generator | None = None) -> LossTerms:
+        """Training objective of one batch: multinomial NLL (averaged over users) + beta * KL."""
+        z, kl = self._latent(batch, generator)
+        nll = output_layer_nll(self._hidden(z), self.output_weight, self.output_bias, batch, self.workspace)
+        if kl is None:
+            kl = torch.zeros((), device=nll.device)
+        return LossTerms(loss=nll + beta * kl, nll=nll, kl=kl)
+
+
+class MultVAENetwork(MultNetwork):
+    """Mult-VAE: Gaussian q(z|x) with reparameterised sampling in training, z = mu otherwise."""
+
+    variational = True
+
+    def __init__(self, config: NetworkConfig, generator: torch.Generator | None = None) -> None:
+        super().__init__(config, generator)
+
+    def encode(self, batch: SparseBatch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, logvar), each (B, latent_dim), float32."""
+        out = self._encode(batch, generator).float()
+        d = self.config.latent_dim
+        return out[:, :d], out[:, d:]
+
+    def _latent(self, batch, generator):
+        mu, logvar = self.encode(batch, generator)
+        if self.training:
+            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            z = mu + eps * torch.exp(0.5 * logvar)
+        else:
+            z = mu
+        return z, gaussian_kl(mu, logvar)
+
+
+class MultDAENetwork(MultNetwork):
+    """Mult-DAE: deterministic code ``act(encoder(x))``, no KL term."""
+
+    variational = False
+
+    def encode(self, batch: SparseBatch, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The (B, latent_dim) code."""
+        return self.act(self._encode(batch, generator))
+
+    def _latent(self, batch, generator):
+        return self.encode(batch, generator), None
+
+
+def build_network(config: NetworkConfig, generator: torch.Generator | None = None) -> MultNetwork:
+    """The VAE or DAE module that ``config.variational`` asks for."""
+    return (MultVAENetwork if config.variational else MultDAENetwork)(config, generator)

@@ -1,0 +1,286 @@
+"""The two layers that touch all I items, written so a training step never builds a dense input.
+
+* :class:`SparseBatch` carries one batch of user histories (a CSR slice) as torch index tensors,
+  plus the item-major (transposed) order of its nonzeros.
+* :func:`sparse_input_linear` is the first layer, ``x @ W + b`` for a sparse ``x``: forward is an
+  embedding-bag (a weighted sum of the weight rows of each user's items), backward writes
+  ``x^T @ grad`` into ``W.grad`` with one sparse-CSR x dense product, i.e. touches only the rows of
+  the batch's items.
+* :func:`output_layer_nll` is the last layer fused with the multinomial log-likelihood:
+  ``logits = h @ W^T + b`` over all items and
+
+      NLL = 1/B * sum_u ( n_u * logsumexp_i(logits_ui) - sum_{i in x_u} x_ui * logits_ui ),
+      n_u = sum_i x_ui,
+
+  which equals ``-1/B sum_u sum_i x_ui log softmax(logits_u)_i`` without a dense ``x``. The
+  gradient w.r.t. the logits is ``n_u * softmax_u - x_u``; it is formed in place in the softmax
+  buffer (a scatter at the nonzeros), so the backward pass is two matrix products and nothing
+  else of size B x I. Together with the forward product these are the three matmuls that bound
+  the cost of a step.
+
+Both functions accumulate their weight gradients straight into ``weight.grad`` / ``bias.grad``
+(and return no gradient for them through autograd): autograd would otherwise allocate a fresh
+I x H tensor per step and then add it, and fresh page-faulted memory is what dominates the
+elementwise cost on CPU. Consequence: ``torch.autograd.grad`` w.r.t. these weights is not
+supported; ``loss.backward()`` is. Large B x I / I x H buffers are reused across steps through a
+:class:`Workspace`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+# tf.nn.l2_normalize's epsilon: x / sqrt(max(sum x^2, eps)); an empty row stays all-zero
+L2_NORMALIZE_EPS = 1e-12
+
+
+def _csr_tensor(crow, col, values, size) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
+
+
+@dataclass
+class SparseBatch:
+    """One batch of user rows of a users x items CSR matrix, as torch tensors on one device.
+
+    ``values`` are the raw entries (used by the likelihood); ``normalized`` the same entries
+    divided by the row's L2 norm (the encoder input). ``t_perm`` lists the nonzeros in
+    item-major order and ``t_crow`` are the row pointers of the transpose (items x users).
+    """
+
+    n_rows: int
+    n_items: int
+    crow: torch.Tensor  # (B+1,) int64
+    cols: torch.Tensor  # (nnz,) int64
+    rows: torch.Tensor  # (nnz,) int64, row of each nonzero
+    values: torch.Tensor  # (nnz,) float32 raw x
+    normalized: torch.Tensor  # (nnz,) float32 x / ||x_u||
+    row_sums: torch.Tensor  # (B,) float32, n_u = sum_i x_ui
+    t_crow: torch.Tensor  # (I+1,) int64
+    t_perm: torch.Tensor  # (nnz,) int64
+
+    @classmethod
+    def from_csr(cls, matrix: sp.csr_matrix, device: torch.device | str = "cpu") -> "SparseBatch":
+        matrix = sp.csr_matrix(matrix, dtype=np.float32)
+        if not matrix.has_canonical_format:
+            matrix = matrix.copy()
+            matrix.sum_duplicates()  # also sorts indices; the in-place scatter needs unique (u, i)
+        n_rows, n_items = matrix.shape
+        crow = matrix.indptr.astype(np.int64)
+        cols = matrix.indices.astype(np.int64)
+        vals = matrix.data.astype(np.float32, copy=False)
+        rows = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(crow))
+        sq = np.bincount(rows, weights=vals.astype(np.float64) ** 2, minlength=n_rows)
+        inv_norm = 1.0 / np.sqrt(np.maximum(sq, L2_NORMALIZE_EPS))
+        normalized = (vals * inv_norm[rows]).astype(np.float32)
+        row_sums = np.bincount(rows, weights=vals, minlength=n_rows).astype(np.float32)
+        t_perm = np.argsort(cols, kind="stable")
+        t_crow = np.zeros(n_items + 1, dtype=np.int64)
+        np.cumsum(np.bincount(cols, minlength=n_items), out=t_crow[1:])
+
+        def to(a):
+            return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+        return cls(n_rows, n_items, to(crow), to(cols), to(rows), to(vals), to(normalized),
+                   to(row_sums), to(t_crow), to(t_perm))
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def to_dense(self) -> torch.Tensor:
+        """Dense (B, I) raw x: for tests and reference implementations only."""
+        out = torch.zeros(self.n_rows, self.n_items, device=self.device)
+        out[self.rows, self.cols] = self.values
+        return out
+
+
+class Workspace:
+    """Reusable large buffers, keyed by name; ``generation`` detects reuse before backward."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+        self.generation = 0
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A tensor of ``shape`` (uninitialised), a leading-dim slice of a kept buffer."""
+        buf = self._buffers.get(name)
+        if (buf is None or buf.dtype != dtype or buf.device != device or buf.shape[1:] != shape[1:]
+                or buf.shape[0] < shape[0]):
+            buf = torch.empty(shape, dtype=dtype, device=device)
+            self._buffers[name] = buf
+        return buf[: shape[0]]
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
+def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
+    if param.grad is None:
+        param.grad = grad.to(param.dtype, copy=True)
+    else:
+        param.grad.add_(grad)
+
+
+def _grad_buffer(param: torch.Tensor, workspace: Workspace, name: str) -> torch.Tensor | None:
+    """Where to write ``param``'s gradient: None when ``param.grad`` holds one to add to.
+
+    Otherwise a kept buffer, installed as ``param.grad`` (to be overwritten). With
+    ``optimizer.zero_grad()`` (set_to_none) every step, this reuses one I x H tensor for the
+    whole run instead of allocating and page-faulting a new one per step.
+    """
+    if param.grad is not None:
+        return None
+    buf = workspace.get(name, tuple(param.shape), param.dtype, param.device)
+    param.grad = buf
+    return buf
+
+
+def compute_dtype(device_type: str) -> torch.dtype:
+    """bf16/fp16 when autocast is on for ``device_type``, else float32."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.float32
+
+
+class _SparseInputLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, weight, bias, batch: SparseBatch, workspace: Workspace):
+        out = F.embedding_bag(batch.cols, weight, batch.crow[:-1], mode="sum", per_sample_weights=values)
+        out.add_(bias)
+        ctx.batch, ctx.workspace = batch, workspace
+        ctx.save_for_backward(values, weight, bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, weight, bias = ctx.saved_tensors
+        b = ctx.batch
+        grad_out = grad_out.float().contiguous()
+        xt = _csr_tensor(b.t_crow, b.rows[b.t_perm], values[b.t_perm], (b.n_items, b.n_rows))
+        fresh = _grad_buffer(weight, ctx.workspace, "input_weight_grad")
+        # x^T @ grad as one CSR x dense product; beta=0 overwrites a reused buffer
+        torch.addmm(weight.grad, xt, grad_out, beta=0 if fresh is not None else 1, out=weight.grad)
+        _accumulate(bias, grad_out.sum(0))
+        return None, None, None, None, None
+
+
+def sparse_input_linear(values: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, batch: SparseBatch,
+                        workspace: Workspace | None = None) -> torch.Tensor:
+    """``x @ weight + bias`` for the sparse batch ``x`` whose nonzeros are ``values``.
+
+    ``weight`` is (I, H) (the transpose of an ``nn.Linear`` weight). Runs in float32 whatever
+    the autocast state: it is cheap, and a bf16 copy of an I x H weight per step would not be.
+    """
+    device_type = weight.device.type
+    with torch.autocast(device_type, enabled=False):
+        return _SparseInputLinear.apply(values.float(), weight, bias, batch, workspace or Workspace())
+
+
+def _logsumexp_from_softmax(logits, probs, picked, batch: SparseBatch) -> torch.Tensor:
+    """Per-row log-sum-exp, read off the softmax: lse_u = logit_ui - log p_ui.
+
+    Uses, per user, the item of the history with the largest logit (no extra pass over the
+    B x I logits). Rows where that p is tiny (< 1e-30, where it loses precision) are recomputed
+    exactly; rows without items get 0 (they are weighted by n_u = 0).
+    """
+    B, I = batch.n_rows, batch.n_items
+    dev = picked.device
+    lse = torch.zeros(B, device=dev)
+    if picked.numel() == 0:
+        return lse
+    row_max = torch.full((B,), -torch.inf, device=dev).scatter_reduce_(0, batch.rows, picked, "amax")
+    pos = torch.arange(picked.numel(), device=dev)
+    is_max = picked == row_max[batch.rows]
+    first = torch.full((B,), picked.numel(), device=dev, dtype=torch.long).scatter_reduce_(
+        0, batch.rows[is_max], pos[is_max], "amin")
+    has = first < picked.numel()
+    idx = first[has]
+    p = probs.view(-1)[batch.rows[idx] * I + batch.cols[idx]].float()
+    lse[has] = picked[idx] - torch.log(p)
+    bad = torch.zeros(B, dtype=torch.bool, device=dev)
+    bad[has] = ~(p > 1e-30)
+    if bool(bad.any()):
+        lse[bad] = torch.logsumexp(logits[bad].float(), dim=1)
+    return lse
+
+
+class _OutputLayerNLL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, bias, batch: SparseBatch, workspace: Workspace, cd: torch.dtype):
+        B, I = batch.n_rows, batch.n_items
+        dev = h.device
+        if cd == weight.dtype:
+            w_c, b_c = weight, bias
+        else:
+            w_c = workspace.get("weight_lowp", tuple(weight.shape), cd, dev)
+            w_c.copy_(weight)
+            b_c = bias.to(cd)
+        h_c = h.to(cd).contiguous()
+        logits = workspace.get("logits", (B, I), cd, dev)
+        torch.addmm(b_c, h_c, w_c.t(), out=logits)
+        flat = batch.rows * I + batch.cols
+        picked = logits.view(-1)[flat].float()
+        probs = workspace.get("probs", (B, I), cd, dev)
+        torch.ops.aten._softmax.out(logits, 1, False, out=probs)
+        lse = _logsumexp_from_softmax(logits, probs, picked, batch)
+        dot = torch.zeros(B, device=dev).index_add_(0, batch.rows, batch.values * picked)
+        nll = (batch.row_sums * lse - dot).sum() / B
+        workspace.generation += 1
+        ctx.generation = workspace.generation
+        ctx.workspace, ctx.batch, ctx.cd = workspace, batch, cd
+        ctx.probs, ctx.w_c, ctx.h_c = probs, w_c, h_c
+        ctx.h_dtype = h.dtype
+        ctx.save_for_backward(weight, bias)
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.workspace.generation != ctx.generation:
+            raise RuntimeError(
+                "output_layer_nll: another forward pass reused the softmax buffer before this "
+                "backward; call backward() after each forward"
+            )
+        weight, bias = ctx.saved_tensors
+        b, cd, g = ctx.batch, ctx.cd, ctx.probs
+        B, I = b.n_rows, b.n_items
+        c = grad_out.float() / B
+        n = b.row_sums
+        # d NLL_u / d logits_u = n_u * (softmax_u - x_u / n_u): write the bracket in place
+        has = n[b.rows] > 0
+        flat = (b.rows * I + b.cols)[has]
+        g.view(-1).index_add_(0, flat, (-b.values[has] / n[b.rows][has]).to(cd))
+        cn = c * n  # (B,) per-row scale, applied to the small factors instead of the B x I one
+        grad_h = torch.mm(g, ctx.w_c).float().mul_(cn[:, None]).to(ctx.h_dtype)
+        hs = (ctx.h_c.float() * cn[:, None]).to(cd)
+        fresh = _grad_buffer(weight, ctx.workspace, "output_weight_grad")
+        if cd == weight.dtype:
+            torch.addmm(weight.grad, g.t(), hs, beta=0 if fresh is not None else 1, out=weight.grad)
+        else:
+            gw = ctx.workspace.get("output_weight_grad_lowp", (I, hs.shape[1]), cd, g.device)
+            torch.mm(g.t(), hs, out=gw)
+            # a plain conversion when the buffer is fresh; a mixed-dtype add_ is ~4x slower
+            weight.grad.copy_(gw) if fresh is not None else weight.grad.add_(gw.float())
+        _accumulate(bias, torch.mv(g.t(), cn.to(cd)).float())
+        ctx.probs = ctx.w_c = ctx.h_c = None
+        return grad_h, None, None, None, None, None
+
+
+def output_layer_nll(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, batch: SparseBatch,
+                     workspace: Workspace | None = None) -> torch.Tensor:
+    """Mean over the batch's users of the multinomial NLL of ``batch`` under ``softmax(h W^T + b)``.
+
+    ``weight`` is (I, H) like ``nn.Linear(H, I).weight``. Matmuls run in the autocast dtype when
+    autocast is on (bf16), else float32; the softmax reads bf16 logits with float accumulation
+    then, so the loss value carries the bf16 rounding of the logits (~1e-2 absolute).
+    """
+    cd = compute_dtype(h.device.type)
+    with torch.autocast(h.device.type, enabled=False):
+        return _OutputLayerNLL.apply(h, weight, bias, batch, workspace or Workspace(), cd)

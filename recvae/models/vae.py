@@ -1,0 +1,560 @@
+"""Mult-VAE and Mult-DAE estimators: the paper's training procedure, checkpoints, save and load.
+
+Training follows the released notebook (dawenl/vae_cf, ``VAE_ML20M_WWW2018.ipynb``): Adam with
+lr 1e-3, batches of 500 users shuffled every epoch, up to 200 epochs, the model of the epoch
+with the best validation NDCG@100 kept. Beta is annealed per update (see
+:mod:`recvae.models.annealing`). L2 penalty: the notebook adds ``2 * l2_regularizer(lam)`` over
+the weight matrices (not biases), i.e. ``lam * sum_W ||W||_F^2``, with ``lam=0`` for the VAE and
+``lam=0.01/batch_size = 2e-5`` for the DAE. Here it is applied as Adam's (coupled) weight decay
+``2 * lam`` on the weight matrices, which adds exactly that penalty's gradient.
+
+Where the time goes and why it is fast on CPU: :mod:`recvae.models.sparse_layers`.
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from tqdm.auto import tqdm
+
+from recvae.models.annealing import ANNEAL_CAP, TOTAL_ANNEAL_STEPS, make_schedule
+from recvae.models.base import Recommender, as_csr
+from recvae.models.networks import ACTIVATIONS, MultNetwork, NetworkConfig, build_network
+from recvae.models.sparse_layers import SparseBatch
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CHECKPOINT_FILE = "checkpoint.pt"
+WEIGHTS_FILE = "weights.pt"
+MODEL_FILE = "model.json"
+VALIDATION_METRIC = "val_ndcg@100"
+HISTORY_FIELDS = ["epoch", "step", "loss", "nll", "kl", "beta", "l2", VALIDATION_METRIC, "seconds", "val_seconds"]
+
+# Hyperparameters a resumed run must share with the checkpoint (epochs, patience, device,
+# progress and paths may change between the interrupted run and its continuation).
+_RESUME_KEYS = ("hidden_dims", "latent_dim", "dropout", "activation", "lam", "anneal_cap",
+                "total_anneal_steps", "beta", "batch_size", "lr", "random_state")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; says at which epoch and update."""
+
+
+def resolve_device(device) -> torch.device:
+    """"auto" -> CUDA when available, else CPU; anything else goes to ``torch.device``."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or a torch.device, got {device!r}") from e
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+def _derived_seed(*key: int) -> int:
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _fingerprint(X: sp.csr_matrix) -> int:
+    crc = zlib.crc32(np.ascontiguousarray(X.indptr).tobytes())
+    return zlib.crc32(np.ascontiguousarray(X.indices).tobytes(), crc)
+
+
+class _AutoencoderRecommender(Recommender):
+    """Shared estimator code; subclasses set ``_variational`` and their ``__init__`` defaults."""
+
+    _variational: bool = True
+
+    # -- scikit-learn style parameters -------------------------------------------------------
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        return [p for p in sig.parameters if p != "self"]
+
+    def get_params(self, deep: bool = True) -> dict:
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params):
+        valid = set(self._param_names())
+        for k, v in params.items():
+            if k not in valid:
+                raise ValueError(f"{k}: not a parameter of {type(self).__name__}; expected one of {sorted(valid)}")
+            setattr(self, k, v)
+        return self
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    def _json_params(self) -> dict:
+        p = self.get_params()
+        p["hidden_dims"] = [int(d) for d in p["hidden_dims"]]
+        if p.get("run_dir") is not None:
+            p["run_dir"] = str(p["run_dir"])
+        return p
+
+    def _check_params(self) -> None:
+        def positive_int(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+
+        for name in ("latent_dim", "epochs", "batch_size", "eval_batch_size"):
+            positive_int(name)
+        try:
+            dims = tuple(int(d) for d in self.hidden_dims)
+        except TypeError:
+            raise ValueError(f"hidden_dims: expected a tuple of positive integers, got {self.hidden_dims!r}") from None
+        if any(d < 1 for d in dims):
+            raise ValueError(f"hidden_dims: expected positive widths, got {self.hidden_dims!r}")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if not (isinstance(self.lam, (int, float)) and self.lam >= 0):
+            raise ValueError(f"lam: expected a number >= 0, got {self.lam!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr: expected a finite number > 0, got {self.lr!r}")
+        if self.patience is not None:
+            positive_int("patience")
+        if self.random_state is not None and (isinstance(self.random_state, bool)
+                                              or not isinstance(self.random_state, (int, np.integer))):
+            raise ValueError(f"random_state: expected None or an integer, got {self.random_state!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision: expected 'fp32' or 'bf16', got {self.precision!r}")
+        if self._variational:
+            make_schedule(self.beta, self.anneal_cap, self.total_anneal_steps)  # raises on bad values
+        resolve_device(self.device)
+
+    def _config(self, n_items: int) -> NetworkConfig:
+        return NetworkConfig(n_items=n_items, hidden_dims=tuple(int(d) for d in self.hidden_dims),
+                             latent_dim=int(self.latent_dim), dropout=float(self.dropout),
+                             activation=self.activation, variational=self._variational)
+
+    def _schedule(self):
+        if not self._variational:
+            return None
+        return make_schedule(self.beta, self.anneal_cap, self.total_anneal_steps)
+
+    # -- fit -----------------------------------------------------------------------------------
+    def fit(self, train, validation=None, resume: bool = False):
+        """Train on ``train`` (CSR users x items, or Interactions); return self.
+
+        ``validation``: a ``HeldOutUsers`` (``.fold_in``/``.heldout``) or a ``(fold_in, heldout)``
+        tuple; NDCG@100 on it is computed after every epoch, drives early stopping (``patience``)
+        and picks the epoch whose weights are kept. ``resume=True`` continues from
+        ``run_dir/checkpoint.pt`` (written after every epoch) when it exists.
+        """
+        self._check_params()
+        X = as_csr(train, "train")
+        if X.shape[0] < 1 or X.shape[1] < 1:
+            raise ValueError(f"train: expected at least one user and one item, got shape {X.shape}")
+        if X.nnz and X.data.min() < 0:
+            raise ValueError("train: expected non-negative interaction values (counts or 1s)")
+        if not X.has_canonical_format:
+            X = X.copy()
+            X.sum_duplicates()
+        n_users, n_items = X.shape
+        val = self._check_validation(validation, n_items)
+        if resume and self.run_dir is None:
+            raise ValueError("resume: needs run_dir, where the checkpoint of the interrupted run is")
+
+        device = resolve_device(self.device)
+        item_ids = getattr(train, "item_ids", None)
+        run_dir = Path(self.run_dir) if self.run_dir is not None else None
+        ckpt_path = run_dir / CHECKPOINT_FILE if run_dir is not None else None
+        ckpt = None
+        if resume and ckpt_path.exists():
+            ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+            self._check_checkpoint(ckpt, X)
+            seed = int(ckpt["seed"])
+        elif self.random_state is not None:
+            seed = int(self.random_state)
+        else:
+            seed = int(np.random.SeedSequence().entropy % (2**62))
+        if resume and ckpt is None:
+            logger.info("resume: no checkpoint in %s; starting from scratch", run_dir)
+
+        init_gen = torch.Generator().manual_seed(_derived_seed(seed, 0xC0FFEE))
+        network = build_network(self._config(n_items), init_gen).to(device)
+        weights = {id(p) for p in network.weight_matrices()}
+        groups = [
+            {"params": [p for p in network.parameters() if id(p) in weights], "weight_decay": 2.0 * self.lam},
+            {"params": [p for p in network.parameters() if id(p) not in weights], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.Adam(groups, lr=self.lr, fused=True)
+        schedule = self._schedule()
+
+        # learned attributes are set before the loop: validation scores through self.score
+        self.module_ = network
+        self.n_items_ = n_items
+        self.device_ = device
+        self.seed_ = seed
+        if item_ids is not None:
+            self.item_ids_ = np.asarray(item_ids)
+        elif hasattr(self, "item_ids_"):
+            del self.item_ids_
+
+        state = dict(epoch=0, step=0, history=[], best_state=None, best_epoch=None,
+                     best_score=-math.inf, bad_epochs=0, stopped=False)
+        if ckpt is not None:
+            network.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            for k in state:
+                state[k] = ckpt[k]
+            logger.info("resumed from %s after epoch %d (update %d)", ckpt_path, state["epoch"], state["step"])
+        del ckpt
+
+        batch_size = int(self.batch_size)
+        n_batches = math.ceil(n_users / batch_size)
+        gen = torch.Generator(device=device)
+        use_bf16 = self.precision == "bf16"
+        fingerprint = _fingerprint(X)
+        epochs = tqdm(range(state["epoch"], int(self.epochs)), desc=type(self).__name__,
+                      disable=not self.show_progress, initial=state["epoch"], total=int(self.epochs))
+        for epoch in epochs:
+            if state["stopped"]:
+                break
+            t0 = time.perf_counter()
+            network.train()
+            # every epoch reseeds from (seed, epoch): the checkpoint's seed is the whole RNG state
+            order = np.random.default_rng([seed, epoch]).permutation(n_users)
+            gen.manual_seed(_derived_seed(seed, epoch, 1))
+            sums = np.zeros(3)
+            beta = 0.0
+            batches = tqdm(range(n_batches), desc=f"epoch {epoch + 1}", leave=False, disable=not self.show_progress)
+            for b in batches:
+                rows = order[b * batch_size:(b + 1) * batch_size]
+                batch = SparseBatch.from_csr(X[rows], device)
+                beta = schedule(state["step"]) if schedule is not None else 0.0
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    terms = network.loss(batch, beta=beta, generator=gen)
+                values = torch.stack([terms.loss.detach(), terms.nll.detach(), terms.kl.detach()]).float().cpu().numpy()
+                if not np.isfinite(values).all():
+                    raise NonFiniteLossError(
+                        f"non-finite training loss (loss={values[0]}, nll={values[1]}, kl={values[2]}) at epoch "
+                        f"{epoch + 1}, update {state['step'] + 1} (batch {b + 1}/{n_batches}); the last "
+                        f"checkpoint{' in ' + str(run_dir) if run_dir else ''} is from epoch {state['epoch']}. "
+                        "Lower lr, or try precision='fp32'."
+                    )
+                terms.loss.backward()
+                optimizer.step()
+                state["step"] += 1
+                sums += values * len(rows)
+                if self.show_progress:
+                    batches.set_postfix(loss=f"{values[0]:.2f}", beta=f"{beta:.3f}", refresh=False)
+            network.workspace.clear()  # buffers are sized by the training batch; free them for scoring
+            means = sums / n_users
+            row = {"epoch": epoch + 1, "step": state["step"], "loss": float(means[0]), "nll": float(means[1]),
+                   "kl": float(means[2]), "beta": float(beta), "l2": self._l2_penalty(network),
+                   VALIDATION_METRIC: None, "seconds": time.perf_counter() - t0, "val_seconds": None}
+            if val is not None:
+                res = self._validate(val)
+                row[VALIDATION_METRIC], row["val_seconds"] = res
+                score = row[VALIDATION_METRIC]
+                if score > state["best_score"]:
+                    state.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0,
+                                 best_state={k: v.detach().clone() for k, v in network.state_dict().items()})
+                else:
+                    state["bad_epochs"] += 1
+                if self.patience is not None and state["bad_epochs"] >= self.patience:
+                    state["stopped"] = True
+                    logger.info("early stop after epoch %d: no improvement for %d epochs", epoch + 1, self.patience)
+            state["epoch"] = epoch + 1
+            state["history"].append(row)
+            logger.info("epoch %d: loss %.4f nll %.4f kl %.4f beta %.4f %s %s (%.1fs)", epoch + 1, row["loss"],
+                        row["nll"], row["kl"], row["beta"], VALIDATION_METRIC, row[VALIDATION_METRIC], row["seconds"])
+            if self.show_progress:
+                epochs.set_postfix(loss=f"{row['loss']:.2f}", ndcg=row[VALIDATION_METRIC], refresh=False)
+            if run_dir is not None:
+                self._write_history(run_dir, state["history"])
+                self._write_checkpoint(ckpt_path, network, optimizer, state, seed, X, fingerprint)
+
+        # keep the best epoch's weights (the last epoch's without validation)
+        if state["best_state"] is not None:
+            network.load_state_dict(state["best_state"])
+        network.eval()
+        history = state["history"]
+        self.history_ = history
+        self.stopped_early_ = bool(state["stopped"])
+        if val is not None and state["best_epoch"] is not None:
+            self.best_epoch_ = int(state["best_epoch"])
+            self.best_score_ = float(state["best_score"])
+            self.best_beta_ = float(history[self.best_epoch_ - 1]["beta"]) if self._variational else None
+        else:
+            self.best_epoch_ = int(state["epoch"])
+            self.best_score_ = None
+            self.best_beta_ = None
+        return self
+
+    @staticmethod
+    def _check_validation(validation, n_items):
+        if validation is None:
+            return None
+        if hasattr(validation, "fold_in") and hasattr(validation, "heldout"):
+            fold_in, heldout = validation.fold_in, validation.heldout
+        elif isinstance(validation, (tuple, list)) and len(validation) == 2:
+            fold_in, heldout = validation
+        else:
+            raise TypeError(
+                "validation: expected a HeldOutUsers (with .fold_in and .heldout) or a (fold_in, heldout) "
+                f"tuple of CSR matrices, got {type(validation).__name__}"
+            )
+        fold_in = as_csr(fold_in, "validation fold_in", n_items)
+        heldout = as_csr(heldout, "validation heldout", n_items)
+        if fold_in.shape != heldout.shape:
+            raise ValueError(f"validation: fold_in {fold_in.shape} and heldout {heldout.shape} differ in shape")
+        return fold_in, heldout
+
+    def _validate(self, val) -> tuple[float, float]:
+        from recvae.evaluation import evaluate  # evaluation imports models.base; keep import lazy
+
+        k = min(100, self.n_items_)  # with fewer items, NDCG@100 ranks them all: the same quantity
+        res = evaluate(self, val[0], val[1], ks=(k,), batch_size=int(self.eval_batch_size))
+        return float(res.metrics[f"ndcg@{k}"].mean), float(res.seconds)
+
+    def _l2_penalty(self, network: MultNetwork) -> float:
+        if not self.lam:
+            return 0.0
+        with torch.no_grad():
+            return float(self.lam * sum(float(w.float().pow(2).sum()) for w in network.weight_matrices()))
+
+    # -- run directory ----------------------------------------------------------------------
+    @staticmethod
+    def _write_history(run_dir: Path, history: list[dict]) -> None:
+        _atomic_write_bytes(run_dir / "history.json", json.dumps(history, indent=1).encode())
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+        w.writeheader()
+        for r in history:
+            w.writerow({k: ("" if r.get(k) is None else r[k]) for k in HISTORY_FIELDS})
+        _atomic_write_bytes(run_dir / "history.csv", buf.getvalue().encode())
+
+    def _write_checkpoint(self, path, network, optimizer, state, seed, X, fingerprint) -> None:
+        payload = {
+            "format_version": FORMAT_VERSION,
+            "class": type(self).__name__,
+            "params": json.dumps(self._json_params()),
+            "seed": int(seed),
+            "n_users": int(X.shape[0]),
+            "n_items": int(X.shape[1]),
+            "nnz": int(X.nnz),
+            "fingerprint": int(fingerprint),
+            "model": network.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            **state,
+        }
+        _atomic_torch_save(payload, path)
+
+    def _check_checkpoint(self, ckpt: dict, X: sp.csr_matrix) -> None:
+        where = f"{Path(self.run_dir) / CHECKPOINT_FILE}"
+        if ckpt.get("format_version") != FORMAT_VERSION or ckpt.get("class") != type(self).__name__:
+            raise ValueError(f"resume: {where} holds a {ckpt.get('class')} checkpoint "
+                             f"(format {ckpt.get('format_version')}), expected {type(self).__name__} format {FORMAT_VERSION}")
+        if (ckpt["n_users"], ckpt["n_items"], ckpt["nnz"]) != (X.shape[0], X.shape[1], X.nnz) \
+                or ckpt["fingerprint"] != _fingerprint(X):
+            raise ValueError(f"resume: {where} was trained on other data (shape {ckpt['n_users']}x{ckpt['n_items']}, "
+                             f"{ckpt['nnz']} interactions; now {X.shape[0]}x{X.shape[1]}, {X.nnz})")
+        saved, now = json.loads(ckpt["params"]), self._json_params()
+        diff = [k for k in _RESUME_KEYS if saved.get(k) != now.get(k)]
+        if diff:
+            detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff)
+            raise ValueError(f"resume: hyperparameters differ from {where} ({detail})")
+
+    # -- scoring ------------------------------------------------------------------------------
+    def _score_batch(self, user_items: sp.csr_matrix) -> np.ndarray:
+        """Logits (B, I), float32, eval mode (no dropout, z = mu), in float32 whatever ``precision``."""
+        net = self.module_
+        was_training = net.training
+        net.eval()
+        try:
+            with torch.no_grad():
+                logits = net(SparseBatch.from_csr(user_items, self.device_))
+        finally:
+            net.train(was_training)
+        return logits.cpu().numpy()
+
+    # -- save / load --------------------------------------------------------------------------
+    def save(self, path) -> Path:
+        """Write ``weights.pt`` (state dict) and ``model.json`` (hyperparameters, item ids,
+        training summary) into the folder ``path``; both atomically. No pickle."""
+        self._check_fitted()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in self.module_.state_dict().items()}
+        _atomic_torch_save(state, path / WEIGHTS_FILE)
+        item_ids = getattr(self, "item_ids_", None)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "class": type(self).__name__,
+            "params": self._json_params(),
+            "n_items": int(self.n_items_),
+            "item_ids": None if item_ids is None else item_ids.tolist(),
+            "seed": int(self.seed_),
+            "best_epoch": self.best_epoch_,
+            "best_score": self.best_score_,
+            "best_beta": self.best_beta_,
+            "stopped_early": self.stopped_early_,
+            "history": self.history_,
+        }
+        _atomic_write_bytes(path / MODEL_FILE, json.dumps(meta, indent=1).encode())
+        return path
+
+    @classmethod
+    def load(cls, path, device=None):
+        """A fitted estimator from a folder written by :meth:`save` (``device`` overrides the saved one)."""
+        path = Path(path)
+        meta_file = path / MODEL_FILE
+        if not meta_file.exists():
+            raise FileNotFoundError(f"path: no {MODEL_FILE} in {path}; expected a folder written by save()")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{meta_file}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+        target = cls
+        if cls is _AutoencoderRecommender:
+            target = _REGISTRY.get(meta.get("class"))
+            if target is None:
+                raise ValueError(f"{meta_file}: unknown class {meta.get('class')!r}, expected one of {sorted(_REGISTRY)}")
+        elif meta.get("class") != cls.__name__:
+            raise ValueError(f"{meta_file}: holds a {meta.get('class')}, not a {cls.__name__}; use recvae.models.vae.load")
+        params = dict(meta["params"])
+        params["hidden_dims"] = tuple(params["hidden_dims"])
+        if device is not None:
+            params["device"] = device
+        model = target(**params)
+        dev = resolve_device(model.device)
+        network = build_network(model._config(int(meta["n_items"])))
+        state = torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        network.load_state_dict(state)
+        network.to(dev).eval()
+        model.module_ = network
+        model.n_items_ = int(meta["n_items"])
+        model.device_ = dev
+        model.seed_ = meta["seed"]
+        if meta["item_ids"] is not None:
+            model.item_ids_ = np.asarray(meta["item_ids"])
+        model.best_epoch_ = meta["best_epoch"]
+        model.best_score_ = meta["best_score"]
+        model.best_beta_ = meta["best_beta"]
+        model.stopped_early_ = meta["stopped_early"]
+        model.history_ = meta["history"]
+        return model
+
+
+class MultVAE(_AutoencoderRecommender):
+    """Mult-VAE (Liang et al., 2018): a VAE with multinomial likelihood and annealed KL weight.
+
+    Objective per batch (averaged over its B users), minimised with Adam::
+
+        -1/B sum_u sum_i x_ui log softmax(f(z_u))_i  +  beta * 1/B sum_u KL(q(z|x_u) || N(0, I))
+        + lam * sum_W ||W||^2
+
+    with ``beta = min(anneal_cap, step / total_anneal_steps)`` (or the constant ``beta``). The
+    defaults are the released notebook's. Learned attributes: ``module_`` (the torch network),
+    ``n_items_``, ``history_`` (one dict per epoch: loss, nll, kl, beta, l2, val_ndcg@100,
+    seconds), ``best_epoch_``, ``best_score_`` (validation NDCG@100), ``best_beta_`` (the beta
+    at the best epoch: the cap to use in a second run after annealing to 1.0),
+    ``item_ids_`` (when fitted on Interactions), ``seed_``, ``device_``, ``stopped_early_``.
+
+    ``precision="bf16"`` runs the training step's matmuls under bf16 autocast (weights, Adam and
+    the softmax's accumulation stay float32); scoring is float32 either way.
+    """
+
+    _variational = True
+
+    def __init__(self, hidden_dims=(600,), latent_dim=200, dropout=0.5, activation="tanh", lam=0.0,
+                 anneal_cap=ANNEAL_CAP, total_anneal_steps=TOTAL_ANNEAL_STEPS, beta=None, epochs=200,
+                 batch_size=500, lr=1e-3, patience=None, random_state=None, device="auto", precision="fp32",
+                 eval_batch_size=2000, show_progress=False, run_dir=None):
+        self.hidden_dims = hidden_dims
+        self.latent_dim = latent_dim
+        self.dropout = dropout
+        self.activation = activation
+        self.lam = lam
+        self.anneal_cap = anneal_cap
+        self.total_anneal_steps = total_anneal_steps
+        self.beta = beta
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.patience = patience
+        self.random_state = random_state
+        self.device = device
+        self.precision = precision
+        self.eval_batch_size = eval_batch_size
+        self.show_progress = show_progress
+        self.run_dir = run_dir
+
+
+class MultDAE(_AutoencoderRecommender):
+    """Mult-DAE (Liang et al., 2018): denoising autoencoder with multinomial likelihood.
+
+    Objective per batch: ``-1/B sum_u sum_i x_ui log softmax(f(g(dropout(x_u))))_i
+    + lam * sum_W ||W||^2``. Defaults are the released notebook's: architecture ``I-200-I``
+    (``hidden_dims=()``; tanh on the 200-d code) and ``lam = 0.01 / 500 = 2e-5`` (the notebook
+    passes ``lam=0.01/batch_size``). Learned attributes as :class:`MultVAE` (``best_beta_`` is None).
+    """
+
+    _variational = False
+
+    def __init__(self, hidden_dims=(), latent_dim=200, dropout=0.5, activation="tanh", lam=0.01 / 500,
+                 epochs=200, batch_size=500, lr=1e-3, patience=None, random_state=None, device="auto",
+                 precision="fp32", eval_batch_size=2000, show_progress=False, run_dir=None):
+        self.hidden_dims = hidden_dims
+        self.latent_dim = latent_dim
+        self.dropout = dropout
+        self.activation = activation
+        self.lam = lam
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.patience = patience
+        self.random_state = random_state
+        self.device = device
+        self.precision = precision
+        self.eval_batch_size = eval_batch_size
+        self.show_progress = show_progress
+        self.run_dir = run_dir
+
+
+_REGISTRY = {"MultVAE": MultVAE, "MultDAE": MultDAE}
+
+
+def load(path, device=None) -> _AutoencoderRecommender:
+    """Load a saved MultVAE or MultDAE, whichever ``path/model.json`` names."""
+    return _AutoencoderRecommender.load(path, device=device)
