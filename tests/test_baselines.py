@@ -135,6 +135,31 @@ def test_select_ease_l2_picks_best_on_validation():
         assert row["ndcg@5"] == pytest.approx(res["ndcg@5"].mean, rel=1e-9)
 
 
+# ----------------------------------------------------------------- save / load
+
+
+def test_save_load_round_trip(tmp_path):
+    from recvae.data import Interactions
+
+    X = random_binary(6)
+    train = Interactions(X, np.arange(X.shape[0]), np.array([f"m{i}" for i in range(X.shape[1])]))
+    batch = random_binary(7, n_users=4)
+    for model in (EASE(l2=3.0, dtype="float32"), Popularity()):
+        model.fit(train)
+        model.save(tmp_path / type(model).__name__)
+        back = type(model).load(tmp_path / type(model).__name__)
+        np.testing.assert_array_equal(back.score(batch), model.score(batch))
+        np.testing.assert_array_equal(back.item_ids_, train.item_ids)
+        assert back.n_items_ == model.n_items_ == 15
+    assert EASE.load(tmp_path / "EASE").l2 == 3.0 and EASE.load(tmp_path / "EASE").dtype == "float32"
+    with pytest.raises(ValueError, match="holds a Popularity, not a EASE"):
+        EASE.load(tmp_path / "Popularity")
+    with pytest.raises(FileNotFoundError, match="path: no model.json in"):
+        Popularity.load(tmp_path / "missing")
+    with pytest.raises(RuntimeError, match="not fitted yet"):
+        EASE().save(tmp_path / "unfitted")
+
+
 # ----------------------------------------------------------------- errors
 
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 
 from recvae.models.base import Recommender, as_csr
+from recvae.models.popularity import load_baseline, save_baseline
 
 logger = logging.getLogger(__name__)
 
@@ -124,12 +126,32 @@ class EASE(Recommender):
         t0 = time.perf_counter()
         self.B_ = ease_weights(gram_matrix(X, dt), l2, overwrite=True)
         self.n_items_ = X.shape[1]
+        if getattr(train, "item_ids", None) is not None:
+            self.item_ids_ = np.asarray(train.item_ids)
         self.fit_seconds_ = time.perf_counter() - t0
         logger.info("EASE fit: %d items, l2=%g, %.2fs", self.n_items_, l2, self.fit_seconds_)
         return self
 
     def _score_batch(self, user_items: sp.csr_matrix) -> np.ndarray:
         return np.asarray(user_items @ self.B_, dtype=np.float32)
+
+    def save(self, path) -> Path:
+        """Write ``B_`` and the hyperparameters to the folder ``path`` (``model.json`` +
+        ``arrays.npz``, n_items^2 floats)."""
+        self._check_fitted()
+        params = {"l2": float(self.l2), "dtype": np.dtype(self.dtype).name}
+        return save_baseline(self, path, params, {"B": self.B_})
+
+    @classmethod
+    def load(cls, path) -> "EASE":
+        """A fitted model from a folder written by :meth:`save`."""
+        meta, arrays = load_baseline(cls, path)
+        model = cls(**meta["params"])
+        model.B_ = arrays["B"]
+        model.n_items_ = int(meta["n_items"])
+        if meta["item_ids"] is not None:
+            model.item_ids_ = np.asarray(meta["item_ids"])
+        return model
 
 
 def select_ease_l2(

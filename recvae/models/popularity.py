@@ -2,10 +2,64 @@
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import scipy.sparse as sp
 
 from recvae.models.base import Recommender, as_csr
+
+MODEL_FILE = "model.json"
+ARRAYS_FILE = "arrays.npz"
+FORMAT_VERSION = 1
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_baseline(model, path, params: dict, arrays: dict) -> Path:
+    """Write ``model.json`` (class, hyperparameters, item ids) and ``arrays.npz`` into the
+    folder ``path``, each atomically; no pickle."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    item_ids = getattr(model, "item_ids_", None)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "class": type(model).__name__,
+        "params": params,
+        "n_items": int(model.n_items_),
+        "item_ids": None if item_ids is None else np.asarray(item_ids).tolist(),
+    }
+    _atomic_write(path / ARRAYS_FILE, lambda f: np.savez(f, **arrays))
+    _atomic_write(path / MODEL_FILE, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    return path
+
+
+def load_baseline(cls, path) -> tuple[dict, dict]:
+    """``(meta, arrays)`` of a folder written by :func:`save_baseline` for class ``cls``."""
+    path = Path(path)
+    meta_file = path / MODEL_FILE
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"path: no {MODEL_FILE} in {path}; expected a folder written by save()")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_file}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    if meta.get("class") != cls.__name__:
+        raise ValueError(f"{meta_file}: holds a {meta.get('class')}, not a {cls.__name__}")
+    with np.load(path / ARRAYS_FILE, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    return meta, arrays
 
 
 class Popularity(Recommender):
@@ -25,8 +79,26 @@ class Popularity(Recommender):
         # count users, not summed values, so weighted or repeated entries count once
         self.item_counts_ = np.asarray((X > 0).sum(axis=0), dtype=np.float32).ravel()
         self.n_items_ = X.shape[1]
+        if getattr(train, "item_ids", None) is not None:
+            self.item_ids_ = np.asarray(train.item_ids)
         return self
 
     def _score_batch(self, user_items: sp.csr_matrix) -> np.ndarray:
         # a fresh writable array per call: evaluate() writes -inf into it
         return np.tile(self.item_counts_, (user_items.shape[0], 1))
+
+    def save(self, path) -> Path:
+        """Write the fitted counts to the folder ``path`` (``model.json`` + ``arrays.npz``)."""
+        self._check_fitted()
+        return save_baseline(self, path, {}, {"item_counts": self.item_counts_})
+
+    @classmethod
+    def load(cls, path) -> "Popularity":
+        """A fitted model from a folder written by :meth:`save`."""
+        meta, arrays = load_baseline(cls, path)
+        model = cls(**meta["params"])
+        model.item_counts_ = arrays["item_counts"].astype(np.float32)
+        model.n_items_ = int(meta["n_items"])
+        if meta["item_ids"] is not None:
+            model.item_ids_ = np.asarray(meta["item_ids"])
+        return model
