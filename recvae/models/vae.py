@@ -345,7 +345,7 @@ class _AutoencoderRecommender(Recommender):
         from recvae.evaluation import evaluate  # evaluation imports models.base; keep import lazy
 
         k = min(100, self.n_items_)  # with fewer items, NDCG@100 ranks them all: the same quantity
-        res = evaluate(self, val[0], val[1], ks=(k,), batch_size=int(self.eval_batch_size))
+        res = evaluate(self, val[0], val[1], ks=(k,), batch_size=int(self.eval_batch_size), metrics=("ndcg",))
         return float(res.metrics[f"ndcg@{k}"].mean), float(res.seconds)
 
     def _l2_penalty(self, network: MultNetwork) -> float:
