@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 logger = logging.getLogger("recvae")
 
@@ -207,10 +208,7 @@ def cmd_recommend(args) -> int:
     rows = train.user_index(users)
     known = rows >= 0
     if known.any():
-        import scipy.sparse as sp
-
-        extra = sp.csr_matrix((matrix.shape[0], matrix.shape[1]), dtype=np.float32)
-        extra = sp.vstack([train.matrix[rows[i]] if k else extra[i] for i, k in enumerate(known)]).tocsr()
+        extra = sp.diags(known.astype(np.float32)) @ train.matrix[np.where(known, rows, 0)]
         matrix = ((matrix + extra) > 0).astype(np.float32).tocsr()
     popularity = np.asarray(train.matrix.sum(axis=0)).ravel()
     frame = recommend_frame(model, matrix, users, train.item_ids, N=args.k, fallback_scores=popularity)

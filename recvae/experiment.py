@@ -111,24 +111,29 @@ class RunResult:
 
 def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: bool = False) -> RunResult:
     """Train ``config.model`` with the paper's protocol; write the run directory when ``out`` is given."""
-    interactions = config.data.load(show_progress=show_progress)
-    split = strong_generalization_split(interactions, n_heldout_users=config.n_heldout_users, seed=config.split_seed)
     out = Path(out) if out is not None else None
     if out is not None:
         _prepare_dir(out)
-    params = dict(config.params)
-    if config.model in ("multvae", "multdae") and out is not None:
-        params.setdefault("run_dir", str(out))
-    model = make_model(config.model, **params)
-    start = time.perf_counter()
-    model.fit(split.train, validation=split.validation)
-    train_seconds = time.perf_counter() - start
-    val = evaluate(model, split.validation.fold_in, split.validation.heldout, ks=config.ks)
-    test = evaluate(model, split.test.fold_in, split.test.heldout, ks=config.ks)
-    result = RunResult(model, val, test, train_seconds, out, split)
+    interactions = config.data.load(show_progress=show_progress)
+    split = strong_generalization_split(interactions, n_heldout_users=config.n_heldout_users, seed=config.split_seed)
+    result = fit_and_evaluate(split, config.model, config.params, ks=config.ks, run_dir=out)
     if out is not None:
         _write_run(out, config, split, result)
     return result
+
+
+def fit_and_evaluate(split, model: str, params: dict, ks=(20, 50, 100), run_dir: Path | None = None) -> RunResult:
+    """Fit a model by name on ``split.train`` (early stopping on validation), evaluate validation and test."""
+    params = dict(params)
+    if model in ("multvae", "multdae") and run_dir is not None:
+        params.setdefault("run_dir", str(run_dir))
+    estimator = make_model(model, **params)
+    start = time.perf_counter()
+    estimator.fit(split.train, validation=split.validation)
+    train_seconds = time.perf_counter() - start
+    val = evaluate(estimator, split.validation, ks=ks)
+    test = evaluate(estimator, split.test, ks=ks)
+    return RunResult(estimator, val, test, train_seconds, run_dir, split)
 
 
 def _prepare_dir(out: Path) -> None:

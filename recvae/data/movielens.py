@@ -220,3 +220,15 @@ def load_movielens_titles(name: str, data_dir=None, download: bool = False, show
         ids, titles = df[0], df[1]
     out = pd.Series(titles.to_numpy(), index=pd.Index(ids.to_numpy(), name="item"), name="title")
     return out
+
+
+def dataset_status(name: str, data_dir=None) -> str:
+    """Where ``name`` would be read from in the data directory: folder, zip, or absent."""
+    spec = get_spec(name)
+    root = resolve_data_dir(data_dir)
+    for folder in [spec.folder] + ([spec.name] if spec.name != spec.folder else []):
+        if (root / folder / spec.ratings_file).is_file():
+            return f"present: {root / folder}/"
+    if (root / spec.archive).is_file():
+        return f"present: {root / spec.archive}"
+    return f"absent (downloads from {movielens_url(name)})"

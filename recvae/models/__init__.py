@@ -1,12 +1,35 @@
-"""Models: torch modules (networks) apart from the estimators that train them, and baselines."""
+"""Models: torch modules (networks) apart from the estimators that train them, and baselines.
+
+- ``networks.py``: the torch modules of Mult-VAE / Mult-DAE (no training logic)
+- ``sparse_layers.py``: sparse input layer and the fused softmax + multinomial NLL output layer
+- ``annealing.py``: the KL weight (beta) schedules
+- ``vae.py``: the estimators ``MultVAE`` / ``MultDAE`` that train the networks
+- ``ease.py``, ``popularity.py``: baselines with the same fit / recommend interface
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from recvae.models.base import Recommender
+from recvae.models.ease import EASE, select_ease_l2
+from recvae.models.popularity import Popularity
+from recvae.models.vae import MultDAE, MultVAE, NonFiniteLossError
 
-__all__ = ["Recommender"]
-from recvae.models.ease import EASE, select_ease_l2  # noqa: E402
-from recvae.models.popularity import Popularity  # noqa: E402
+__all__ = [
+    "EASE", "MultDAE", "MultVAE", "NonFiniteLossError", "Popularity", "Recommender", "load_model", "select_ease_l2",
+]
 
-__all__ += ["EASE", "Popularity", "select_ease_l2"]
-from recvae.models.vae import MultDAE, MultVAE, NonFiniteLossError  # noqa: E402
+_CLASSES = {cls.__name__: cls for cls in (MultVAE, MultDAE, EASE, Popularity)}
 
-__all__ += ["MultDAE", "MultVAE", "NonFiniteLossError"]
+
+def load_model(path) -> Recommender:
+    """Load any saved model of the library; the class is read from ``path/model.json``."""
+    meta_file = Path(path) / "model.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"path: no model.json in {path}; expected a folder written by a model's save()")
+    name = json.loads(meta_file.read_text()).get("class")
+    if name not in _CLASSES:
+        raise ValueError(f"{meta_file}: unknown model class {name!r}; expected one of {sorted(_CLASSES)}")
+    return _CLASSES[name].load(path)
