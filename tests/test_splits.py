@@ -73,7 +73,9 @@ def check_strong(data: Interactions, split, fraction=0.2, min_items=5) -> None:
 def test_default_number_of_heldout_users():
     assert default_n_heldout_users(136_677) == 10_000  # the paper on ML-20M
     assert default_n_heldout_users(938) == 94  # ML-100K after preprocessing
-    assert default_n_heldout_users(6_034) == 603
+    assert default_n_heldout_users(6_034) == 600  # ML-1M: the common 600 + 600
+    assert default_n_heldout_users(659) == 66  # ml-latest-small
+    assert default_n_heldout_users(1_049) == 100
     assert default_n_heldout_users(100_001) == 10_000
     assert default_n_heldout_users(5) == 1  # never zero
 
