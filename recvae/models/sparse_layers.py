@@ -268,7 +268,8 @@ class _OutputLayerNLL(torch.autograd.Function):
             torch.mm(g.t(), hs, out=gw)
             # a plain conversion when the buffer is fresh; a mixed-dtype add_ is ~4x slower
             weight.grad.copy_(gw) if fresh is not None else weight.grad.add_(gw.float())
-        _accumulate(bias, torch.mv(g.t(), cn.to(cd)).float())
+        # (1 x B) @ (B x I): a gemm reads g ~3x faster than mv(g.t(), .) on CPU
+        _accumulate(bias, torch.mm(cn.to(cd)[None], g).squeeze(0).float())
         ctx.probs = ctx.w_c = ctx.h_c = None
         return grad_h, None, None, None, None, None
 

@@ -94,6 +94,32 @@ def _fingerprint(X: sp.csr_matrix) -> int:
     return zlib.crc32(np.ascontiguousarray(X.indices).tobytes(), crc)
 
 
+def make_optimizer(network: MultNetwork, lr: float = 1e-3, lam: float = 0.0) -> torch.optim.Adam:
+    """Adam as in the notebook; ``lam * sum_W ||W||^2`` enters as coupled weight decay ``2*lam``
+    on the weight matrices (biases are not penalised). Fused: one kernel over all parameters."""
+    weights = {id(p) for p in network.weight_matrices()}
+    groups = [
+        {"params": [p for p in network.parameters() if id(p) in weights], "weight_decay": 2.0 * lam},
+        {"params": [p for p in network.parameters() if id(p) not in weights], "weight_decay": 0.0},
+    ]
+    return torch.optim.Adam(groups, lr=lr, fused=True)
+
+
+def training_step(network: MultNetwork, optimizer: torch.optim.Optimizer, batch: SparseBatch, beta: float,
+                  generator: torch.Generator | None, bf16: bool = False) -> np.ndarray | None:
+    """One update on ``batch``; returns the batch's (loss, nll, kl). When any is not finite the
+    update is skipped (the weights stay as they were) and the caller decides what to do."""
+    optimizer.zero_grad(set_to_none=True)  # lets the sparse layers overwrite their kept buffers
+    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
+        terms = network.loss(batch, beta=beta, generator=generator)
+    values = torch.stack([terms.loss.detach(), terms.nll.detach(), terms.kl.detach()]).float().cpu().numpy()
+    if not np.isfinite(values).all():
+        return values
+    terms.loss.backward()
+    optimizer.step()
+    return values
+
+
 class _AutoencoderRecommender(Recommender):
     """Shared estimator code; subclasses set ``_variational`` and their ``__init__`` defaults."""
 
@@ -211,12 +237,7 @@ class _AutoencoderRecommender(Recommender):
 
         init_gen = torch.Generator().manual_seed(_derived_seed(seed, 0xC0FFEE))
         network = build_network(self._config(n_items), init_gen).to(device)
-        weights = {id(p) for p in network.weight_matrices()}
-        groups = [
-            {"params": [p for p in network.parameters() if id(p) in weights], "weight_decay": 2.0 * self.lam},
-            {"params": [p for p in network.parameters() if id(p) not in weights], "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.Adam(groups, lr=self.lr, fused=True)
+        optimizer = make_optimizer(network, lr=self.lr, lam=self.lam)
         schedule = self._schedule()
 
         # learned attributes are set before the loop: validation scores through self.score
@@ -261,10 +282,7 @@ class _AutoencoderRecommender(Recommender):
                 rows = order[b * batch_size:(b + 1) * batch_size]
                 batch = SparseBatch.from_csr(X[rows], device)
                 beta = schedule(state["step"]) if schedule is not None else 0.0
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    terms = network.loss(batch, beta=beta, generator=gen)
-                values = torch.stack([terms.loss.detach(), terms.nll.detach(), terms.kl.detach()]).float().cpu().numpy()
+                values = training_step(network, optimizer, batch, beta, gen, use_bf16)
                 if not np.isfinite(values).all():
                     raise NonFiniteLossError(
                         f"non-finite training loss (loss={values[0]}, nll={values[1]}, kl={values[2]}) at epoch "
@@ -272,8 +290,6 @@ class _AutoencoderRecommender(Recommender):
                         f"checkpoint{' in ' + str(run_dir) if run_dir else ''} is from epoch {state['epoch']}. "
                         "Lower lr, or try precision='fp32'."
                     )
-                terms.loss.backward()
-                optimizer.step()
                 state["step"] += 1
                 sums += values * len(rows)
                 if self.show_progress:
