@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from recvae import __version__
+from recvae.fileio import atomic_write, ensure_writable_dir, write_json
 from recvae.data import Interactions, load_movielens, read_interactions
 from recvae.data.splits import HeldOutUsers, strong_generalization_split
 from recvae.evaluation import EvaluationResult, evaluate
@@ -138,11 +138,9 @@ def fit_and_evaluate(split, model: str, params: dict, ks=(20, 50, 100), run_dir:
 
 def _prepare_dir(out: Path) -> None:
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OSError(f"--out {out}: cannot create the run directory ({e.strerror})") from e
-    if not os.access(out, os.W_OK):
-        raise PermissionError(f"--out {out}: the run directory is not writable")
+        ensure_writable_dir(out)
+    except PermissionError as e:
+        raise PermissionError(f"--out {out}: {e}") from e
 
 
 def _write_run(out: Path, config: RunConfig, split, result: RunResult) -> None:
@@ -187,7 +185,7 @@ def save_heldout(path: Path, users: HeldOutUsers) -> None:
     for name in ("fold_in", "heldout"):
         m = users.__getattribute__(name).tocsr()
         arrays.update({f"{name}_indptr": m.indptr, f"{name}_indices": m.indices, f"{name}_shape": np.array(m.shape)})
-    _atomic_npz(path, arrays)
+    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def load_heldout(path: Path) -> HeldOutUsers:
@@ -199,39 +197,6 @@ def load_heldout(path: Path) -> HeldOutUsers:
                 (np.ones(len(indices), dtype=np.float32), indices, indptr), shape=tuple(z[f"{name}_shape"])
             )
         return HeldOutUsers(fold_in=mats["fold_in"], heldout=mats["heldout"], user_ids=z["user_ids"])
-
-
-def _atomic_npz(path: Path, arrays: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=_json_default)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def plot_learning_curve(history: list[dict], path: Path) -> None:
@@ -249,11 +214,7 @@ def plot_learning_curve(history: list[dict], path: Path) -> None:
         ax.set_title(key)
         ax.set_xlabel("epoch")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)

@@ -11,7 +11,6 @@ import torch
 
 from recvae.data import Interactions
 from recvae.evaluation import evaluate
-from recvae.models import vae as vae_module
 from recvae.models.annealing import ConstantBeta, LinearAnnealing, cap_from_history, make_schedule
 from recvae.models.networks import MultNetwork
 from recvae.models.vae import MultDAE, MultVAE, NonFiniteLossError, load

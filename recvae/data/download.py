@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from recvae.data.interactions import ensure_writable_dir
+from recvae.fileio import ensure_writable_dir
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,6 +17,8 @@ from typing import Callable, Hashable, Sequence
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+from recvae.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -304,47 +305,6 @@ def _as_id_array(ids, name: str = "ids") -> np.ndarray:
         return np.array(values, dtype=np.int64)
     kinds = sorted({type(v).__name__ for v in values})
     raise TypeError(f"{name}: ids must be all integers or all strings, got {kinds}")
-
-
-def ensure_writable_dir(folder: str | os.PathLike) -> Path:
-    """Create ``folder`` if needed; ``PermissionError`` naming it when it cannot be written.
-
-    A folder without any write bit counts as read-only even for root (for whom ``os.access``
-    always says yes), so a data directory shared read-only is never written to.
-    """
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PermissionError(f"cannot create the directory {folder}: {e.strerror or e}") from e
-    if not os.access(folder, os.W_OK) or not folder.stat().st_mode & 0o222:
-        raise PermissionError(
-            f"the directory {folder} is not writable; choose another (data_dir= or $RECVAE_DATA for data)"
-        )
-    return folder
-
-
-def atomic_write(path: str | os.PathLike, write: Callable) -> None:
-    """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it into place.
-
-    On any error the temporary file is removed and ``path`` is left untouched.
-    """
-    path = Path(path)
-    folder = ensure_writable_dir(path.parent)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise PermissionError(f"cannot write to directory {folder}: {e.strerror or e}") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 # ---------------------------------------------------------------------- readers

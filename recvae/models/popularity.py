@@ -3,29 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 
+from recvae.fileio import atomic_write, write_json
 from recvae.models.base import Recommender, as_csr
 
 MODEL_FILE = "model.json"
 ARRAYS_FILE = "arrays.npz"
 FORMAT_VERSION = 1
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def save_baseline(model, path, params: dict, arrays: dict) -> Path:
@@ -41,8 +29,8 @@ def save_baseline(model, path, params: dict, arrays: dict) -> Path:
         "n_items": int(model.n_items_),
         "item_ids": None if item_ids is None else np.asarray(item_ids).tolist(),
     }
-    _atomic_write(path / ARRAYS_FILE, lambda f: np.savez(f, **arrays))
-    _atomic_write(path / MODEL_FILE, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    atomic_write(path / ARRAYS_FILE, lambda f: np.savez(f, **arrays))
+    write_json(path / MODEL_FILE, meta, indent=1)
     return path
 
 

@@ -19,8 +19,6 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -30,6 +28,7 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
+from recvae.fileio import write_bytes, write_json
 from recvae.models.annealing import ANNEAL_CAP, TOTAL_ANNEAL_STEPS, make_schedule
 from recvae.models.base import Recommender, as_csr
 from recvae.models.networks import ACTIVATIONS, MultNetwork, NetworkConfig, build_network
@@ -64,25 +63,10 @@ def resolve_device(device) -> torch.device:
         raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or a torch.device, got {device!r}") from e
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _atomic_torch_save(obj, path: Path) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
-    _atomic_write_bytes(path, buf.getvalue())
+    write_bytes(path, buf.getvalue())
 
 
 def _derived_seed(*key: int) -> int:
@@ -373,13 +357,13 @@ class _AutoencoderRecommender(Recommender):
     # -- run directory ----------------------------------------------------------------------
     @staticmethod
     def _write_history(run_dir: Path, history: list[dict]) -> None:
-        _atomic_write_bytes(run_dir / "history.json", json.dumps(history, indent=1).encode())
+        write_json(run_dir / "history.json", history, indent=1)
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
         w.writeheader()
         for r in history:
             w.writerow({k: ("" if r.get(k) is None else r[k]) for k in HISTORY_FIELDS})
-        _atomic_write_bytes(run_dir / "history.csv", buf.getvalue().encode())
+        write_bytes(run_dir / "history.csv", buf.getvalue().encode())
 
     def _write_checkpoint(self, path, network, optimizer, state, seed, X, fingerprint) -> None:
         payload = {
@@ -448,7 +432,7 @@ class _AutoencoderRecommender(Recommender):
             "stopped_early": self.stopped_early_,
             "history": self.history_,
         }
-        _atomic_write_bytes(path / MODEL_FILE, json.dumps(meta, indent=1).encode())
+        write_json(path / MODEL_FILE, meta, indent=1)
         return path
 
     @classmethod
