@@ -109,3 +109,32 @@ def _align_dtype(values: pd.Series, catalogue: pd.Index) -> pd.Series:
     if catalogue.dtype.kind in "OU" and values.dtype.kind != "O":
         return values.astype(str)
     return values
+
+
+def recommend_ids(
+    model,
+    histories,
+    N: int = 10,
+    user_col: str = "user",
+    item_col: str = "item",
+    strict: bool = False,
+    fallback_scores: np.ndarray | None = None,
+    filter_already_liked_items: bool = True,
+) -> pd.DataFrame:
+    """Top-N in original ids for histories in original ids, known users or new ones alike.
+
+    ``histories`` is a DataFrame of (user, item) rows, or a plain list of item ids for one user
+    (reported as user 0). The model must have been fitted on :class:`~recvae.data.Interactions`
+    (so it knows ``item_ids_``). Returns a DataFrame ``(user, rank, item, score)``, best first.
+    Unknown item ids are dropped with a warning that counts them (``strict=True`` raises); a
+    user left with no known item gets ``fallback_scores`` (e.g. training popularity) when
+    given, else a ``ValueError``. Fewer than N rows come back for a user when fewer than N items
+    remain after filtering.
+    """
+    item_ids = getattr(model, "item_ids_", None)
+    if item_ids is None:
+        raise ValueError("model: has no item_ids_; fit it on recvae.data.Interactions to use original ids")
+    if not isinstance(histories, pd.DataFrame):
+        histories = pd.DataFrame({user_col: 0, item_col: list(histories)})
+    matrix, users = histories_to_csr(histories, item_ids, user_col, item_col, strict=strict)
+    return recommend_frame(model, matrix, users, item_ids, N, fallback_scores, filter_already_liked_items)
