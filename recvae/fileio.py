@@ -19,15 +19,22 @@ def ensure_writable_dir(folder: str | os.PathLike) -> Path:
     always says yes), so a data directory shared read-only is never written to.
     """
     folder = Path(folder)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and existing != folder and not _writable(existing):
+        raise PermissionError(f"cannot create the directory {folder}: {existing} is not writable")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PermissionError(f"cannot create the directory {folder}: {e.strerror or e}") from e
-    if not os.access(folder, os.W_OK) or not folder.stat().st_mode & 0o222:
+    if not _writable(folder):
         raise PermissionError(
             f"the directory {folder} is not writable; choose another (data_dir= or $RECVAE_DATA for data)"
         )
     return folder
+
+
+def _writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable) -> None:
@@ -46,10 +53,17 @@ def atomic_write(path: str | os.PathLike, write: Callable) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -286,3 +286,21 @@ def test_csv_without_header_uses_names(tmp_path):
     it = read_interactions(tmp_path / "r.csv", names=["user", "item", "rating"], rating_col="rating", rating_threshold=4)
     assert it.user_ids.tolist() == [2] and it.item_ids.tolist() == [10]
     assert sp.isspmatrix_csr(it.matrix)
+
+
+def test_atomic_write_never_creates_folders_under_a_read_only_one(tmp_path):
+    """Root may write anywhere; a folder without write bits must still stay untouched."""
+    from recvae.fileio import atomic_write
+
+    ro = tmp_path / "shared"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError, match="is not writable"):
+            atomic_write(ro / "cache" / "x.npz", lambda f: f.write(b"x"))
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+    atomic_write(tmp_path / "ok.bin", lambda f: f.write(b"abc"))
+    assert (tmp_path / "ok.bin").read_bytes() == b"abc"
+    assert (tmp_path / "ok.bin").stat().st_mode & 0o044  # readable by others, unlike mkstemp's 0600

@@ -67,7 +67,8 @@ def test_download_then_load_each_release(name, server, monkeypatch, tmp_path):
     expect_digest(monkeypatch, name, archive)
     it = load_movielens(name, tmp_path, show_progress=False)
     assert_paper_preprocessed(it)
-    assert os.listdir(tmp_path) == [f"{name}.zip"]  # the zip is read in place, nothing else written
+    # the zip is read in place: besides it only the cache of the preprocessed data is written
+    assert sorted(os.listdir(tmp_path)) == sorted([f"{name}.zip", ml.CACHE_FOLDER])
     # second load: from the zip, no new request
     assert load_movielens(name, tmp_path, show_progress=False).nnz == it.nnz
     assert server.requests[f"{name}.zip"] == 1
@@ -244,3 +245,42 @@ def test_real_ml_latest_small(real_data_dir):
     _assert_same(it, _paper_reference(raw))
     assert (it.n_users, it.n_items, it.nnz) == (659, 6169, 51_535)
     assert load_movielens_titles("ml-latest-small", real_data_dir)[1] == "Toy Story (1995)"
+
+
+def test_load_movielens_caches_preprocessed_data(tmp_path, monkeypatch):
+    """A second load reads the .npz cache instead of parsing; other settings or a changed
+    file never read a stale cache; a read-only data directory is never written to."""
+    from recvae.data import movielens
+
+    folder = tmp_path / "ml-1m"
+    folder.mkdir()
+    rows = [f"{u}::{i}::{5 if (u + i) % 3 else 2}::0" for u in range(1, 9) for i in range(1, 8)]
+    (folder / "ratings.dat").write_text("\n".join(rows) + "\n")
+    first = movielens.load_movielens("ml-1m", tmp_path, min_user_interactions=1)
+    cached = list((tmp_path / movielens.CACHE_FOLDER).glob("ml-1m-*.npz"))
+    assert len(cached) == 1
+
+    def no_parsing(*a, **k):
+        raise AssertionError("parsed although a cache exists")
+
+    monkeypatch.setattr(movielens, "load_movielens_ratings", no_parsing)
+    again = movielens.load_movielens("ml-1m", tmp_path, min_user_interactions=1)
+    assert (again.matrix != first.matrix).nnz == 0
+    assert again.item_ids.tolist() == first.item_ids.tolist()
+    with pytest.raises(AssertionError, match="parsed although"):
+        movielens.load_movielens("ml-1m", tmp_path, min_user_interactions=2)  # other settings
+    monkeypatch.undo()
+
+    (folder / "ratings.dat").write_text("\n".join(rows[:20]) + "\n")  # the file changed
+    changed = movielens.load_movielens("ml-1m", tmp_path, min_user_interactions=1)
+    assert changed.nnz < first.nnz
+
+    readonly = tmp_path / "ro"
+    (readonly / "ml-1m").mkdir(parents=True)
+    (readonly / "ml-1m" / "ratings.dat").write_text("\n".join(rows) + "\n")
+    readonly.chmod(0o555)
+    try:
+        movielens.load_movielens("ml-1m", readonly, min_user_interactions=1)
+        assert not (readonly / movielens.CACHE_FOLDER).exists()
+    finally:
+        readonly.chmod(0o755)

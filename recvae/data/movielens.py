@@ -15,6 +15,7 @@ local server). The MovieLens terms forbid redistributing the files: never commit
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import zipfile
@@ -24,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from recvae.data.download import download as _download
-from recvae.data.interactions import Interactions, read_table
+from recvae.data.interactions import NPZ_FORMAT_VERSION, Interactions, read_table
 from recvae.data.paths import resolve_data_dir
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ BASE_URL = "https://files.grouplens.org/datasets/movielens"
 URL_ENV_VAR = "RECVAE_MOVIELENS_URL"
 
 RATING_COLUMNS = ["user", "item", "rating", "timestamp"]
+CACHE_FOLDER = ".recvae-cache"
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,7 @@ def load_movielens(
     min_item_interactions: int = 0,
     download: bool = True,
     show_progress: bool = True,
+    cache: bool = True,
 ) -> Interactions:
     """A MovieLens release as binary implicit feedback, preprocessed as in the Mult-VAE paper.
 
@@ -187,10 +190,18 @@ def load_movielens(
     filter (see :meth:`Interactions.from_dataframe` for the order of the steps). ML-100K gives
     938 users, 1,447 items, 55,361 interactions; ML-20M 136,677 users, 20,108 items.
     ``rating_threshold=None`` keeps every rating.
+
+    With ``cache`` the result is kept as ``.npz`` under ``<data_dir>/.recvae-cache/`` (when the
+    data directory is writable), so a second load of a large release skips parsing.
     """
     spec = get_spec(name)
+    params = (rating_threshold, min_user_interactions, min_item_interactions)
+    cache_file = _cache_path(spec, data_dir, params) if cache else None
+    if cache_file is not None and cache_file.is_file():
+        logger.debug("reading the cached %s", cache_file)
+        return Interactions.load(cache_file)
     df = load_movielens_ratings(name, data_dir, download=download, show_progress=show_progress)
-    return Interactions.from_dataframe(
+    data = Interactions.from_dataframe(
         df,
         "user",
         "item",
@@ -200,6 +211,33 @@ def load_movielens(
         min_item_interactions=min_item_interactions,
         source=f"{spec.name}/{spec.ratings_file}",
     )
+    if cache:
+        cache_file = cache_file or _cache_path(spec, data_dir, params)  # the source may be new
+        try:
+            data.save(cache_file)
+        except OSError as e:  # a read-only data directory: parse again next time
+            logger.debug("not caching %s: %s", spec.name, e)
+    return data
+
+
+def _source_file(spec: MovieLensSpec, data_dir) -> Path | None:
+    """The ratings file (extracted) or the zip that :func:`_read_member` would read, if present."""
+    root = resolve_data_dir(data_dir)
+    for folder in [spec.folder] + ([spec.name] if spec.name != spec.folder else []):
+        if (root / folder / spec.ratings_file).is_file():
+            return root / folder / spec.ratings_file
+    return root / spec.archive if (root / spec.archive).is_file() else None
+
+
+def _cache_path(spec: MovieLensSpec, data_dir, params: tuple) -> Path | None:
+    """``<data_dir>/.recvae-cache/<name>-<key>.npz``, the key covering the source file's size and
+    modification time and the preprocessing, so a changed file or setting never reads a stale cache."""
+    source = _source_file(spec, data_dir)
+    if source is None:
+        return None
+    st = source.stat()
+    key = hashlib.sha256(repr((str(source), st.st_size, st.st_mtime_ns, params, NPZ_FORMAT_VERSION)).encode())
+    return resolve_data_dir(data_dir) / CACHE_FOLDER / f"{spec.name}-{key.hexdigest()[:16]}.npz"
 
 
 def load_movielens_titles(name: str, data_dir=None, download: bool = False, show_progress: bool = True) -> pd.Series:
