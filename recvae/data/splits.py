@@ -138,9 +138,9 @@ def strong_generalization_split(
 
     1. Shuffle the users with ``seed``; the last ``N`` are test users, the ``N`` before them
        validation users, the rest training users (rows keep their original order within
-       each set). ``N = n_heldout_users``, or when None
-       ``N = min(10_000, max(1, round(0.1 * n_users)))``: the paper's 10,000 on ML-20M
-       (136,677 users), 10% of the users each on smaller data (94 on ML-100K's 938).
+       each set). ``N = n_heldout_users``, or when None :func:`default_n_heldout_users`:
+       10% of the users, rounded to hundreds from 1,000 users, capped at the paper's 10,000
+       (ML-20M 10,000; ML-1M 600; ML-100K 94).
     2. Training users keep all their items. The item index is the items with at least one
        training interaction (the columns of ``train``, ``item_ids``); validation and test
        interactions on other items are discarded.
@@ -160,7 +160,7 @@ def strong_generalization_split(
     n_users = interactions.n_users
     if n_heldout_users is None:
         n = default_n_heldout_users(n_users)
-        rule = "min(10000, max(1, round(0.1 * n_users)))"
+        rule = "10% of users, rounded to hundreds from 1,000 users, at most 10,000"
     else:
         if not isinstance(n_heldout_users, (int, np.integer)) or isinstance(n_heldout_users, bool) or n_heldout_users < 1:
             raise ValueError(f"n_heldout_users: expected a positive integer or None, got {n_heldout_users!r}")
