@@ -83,7 +83,7 @@ def test_default_number_of_heldout_users():
 def test_strong_split_default_and_override():
     data = random_interactions()
     split = strong_generalization_split(data, seed=3)
-    assert split.n_heldout_users == 6 and split.n_heldout_users_rule.startswith("min(10000")
+    assert split.n_heldout_users == 6 and split.n_heldout_users_rule.startswith("10% of users")
     check_strong(data, split)
     split = strong_generalization_split(data, n_heldout_users=20, seed=3)
     assert split.n_heldout_users == 20 and split.train.n_users == 20 and split.n_heldout_users_rule == "given"
