@@ -1,0 +1,138 @@
+"""Smoke test of benchmarks/paper_table.py on a tiny synthetic file, and its bad-input paths."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def paper_table():
+    spec = importlib.util.spec_from_file_location("paper_table", ROOT / "benchmarks" / "paper_table.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["paper_table"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def log_csv(tmp_path_factory):
+    """120 users in 4 taste clusters over 120 items, ratings 1-5 (kept when > 3.5); columns uid/iid/stars."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for u in range(120):
+        c = u % 4
+        for i in rng.choice(np.arange(c * 30, c * 30 + 30), size=12, replace=False):
+            rows.append((u, i, 5))
+        for i in rng.choice(120, size=3, replace=False):
+            rows.append((u, i, int(rng.choice([1, 2]))))
+    path = tmp_path_factory.mktemp("log") / "tiny.csv"
+    pd.DataFrame(rows, columns=["uid", "iid", "stars"]).drop_duplicates(["uid", "iid"]).to_csv(path, index=False)
+    return path
+
+
+def args_for(path, out, *extra):
+    return ["--data", str(path), "--user-col", "uid", "--item-col", "iid", "--rating-col", "stars",
+            "--out-dir", str(out), "--n-heldout-users", "20", "--epochs", "3", "--seeds", "2", *extra]
+
+
+def test_smoke_writes_json_md_png_with_expected_keys(paper_table, log_csv, tmp_path, capsys):
+    rc = paper_table.main(args_for(log_csv, tmp_path, "--max-minutes", "5", "--precision", "fp32"))
+    assert rc == 0
+    report = json.loads((tmp_path / "tiny.json").read_text())
+    assert report["complete"] is True and report["seeds_done"] == [0, 1]
+    assert report["data"]["n_users"] == 120 and report["n_heldout_users"] == 20
+    summary = report["summary"]
+    for key in ("multvae", "multvae:paper", "multvae:anneal-1", "multvae:heuristic", "multdae", "ease", "popularity"):
+        s = summary[key]
+        assert s["n_seeds"] == 2
+        for m in ("recall@20", "recall@50", "ndcg@100"):
+            assert 0.0 <= s[m]["mean"] <= 1.0
+            assert s[m]["std_over_seeds"] >= 0.0 and s[m]["mean_stderr_within_seed"] >= 0.0
+            assert len(s[m]["per_seed"]) == 2
+    # the Mult-VAE row is the schedule with the best validation score, and copies its test figures
+    for r in report["per_seed"]:
+        best = max(("multvae:paper", "multvae:anneal-1", "multvae:heuristic"),
+                   key=lambda k: r[k]["validation_ndcg@100"])
+        assert r["multvae"]["selected"] == best
+        assert r["multvae"]["test"] == r[best]["test"]
+        # run 2's cap is run 1's beta at its best epoch; run 1 anneals to 1.0 over all updates
+        assert r["multvae:heuristic"]["params"]["anneal_cap"] == r["multvae:anneal-1"]["beta_at_best_epoch"]
+        assert r["multvae:anneal-1"]["params"]["total_anneal_steps"] == report["anneal_steps"]
+        assert r["ease"]["params"]["l2"] in report["ease_grid"]
+    # the 100 training users make one batch of 500 per epoch: 3 epochs -> 3 updates
+    assert report["anneal_steps"] == 3
+    assert summary["popularity"]["ndcg@100"]["mean"] < summary["ease"]["ndcg@100"]["mean"]
+    for key in ("torch", "numpy", "scipy", "recvae", "cpu"):
+        assert report["environment"][key]
+    assert report["peak_rss_gb"] > 0 and "--data" in report["command"]
+    assert report["paper_table2_ml20m"] is None
+    md = (tmp_path / "tiny.md").read_text()
+    assert "| Mult-VAE |" in md and "| EASE |" in md and "Incomplete" not in md
+    assert (tmp_path / "tiny.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_max_minutes_stops_between_runs_and_says_so(paper_table, log_csv, tmp_path, monkeypatch):
+    # a budget that runs out after the popularity run: it is reported, nothing after it
+    calls = iter([False, False] + [True] * 100)  # before seed 0, before popularity
+    monkeypatch.setattr(paper_table.TimeBudget, "exhausted", lambda self: next(calls))
+    rc = paper_table.main(args_for(log_csv, tmp_path, "--models", "popularity,ease", "--max-minutes", "0.01",
+                                   "--name", "cut"))
+    assert rc == 0
+    report = json.loads((tmp_path / "cut.json").read_text())
+    assert report["complete"] is False and "--max-minutes" in report["stopped_reason"]
+    assert list(report["summary"]) == ["popularity"] and report["seeds_done"] == [0]
+    assert "Incomplete" in (tmp_path / "cut.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "setup, expected",
+    [
+        (lambda d: d / "missing.csv", "no such file"),
+        (lambda d: _write(d / "nocols.csv", "a,b,c\n1,2,5\n"), "column 'uid' not found"),
+        (lambda d: _write(d / "low.csv", "uid,iid,stars\n1,2,1\n1,3,2\n2,3,3\n"), "nothing left"),
+    ],
+    ids=["missing-file", "missing-columns", "nothing-survives-threshold"],
+)
+def test_bad_input_one_line_nonzero_no_results(paper_table, tmp_path, capsys, setup, expected):
+    path = setup(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    rc = paper_table.main(args_for(path, out))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0
+    assert len(err) == 1 and str(path) in err[0] and expected in err[0]
+    assert list(out.iterdir()) == []
+
+
+def test_bad_options_name_the_option(paper_table, log_csv, tmp_path, capsys):
+    assert paper_table.main(args_for(log_csv, tmp_path, "--models", "multvae,svd")) == 2
+    assert "--models" in capsys.readouterr().err
+    assert paper_table.main(args_for(log_csv, tmp_path, "--seeds", "a,b")) == 2
+    assert "--seeds" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_synthetic_ml20m_shape_is_long_tailed_and_seeded(paper_table):
+    small = (2000, 500, 40_000)
+    a = paper_table.synthetic_ml20m(seed=1, shape=small)
+    b = paper_table.synthetic_ml20m(seed=1, shape=small)
+    assert a.matrix.shape == (2000, 500) and (a.matrix != b.matrix).nnz == 0
+    assert abs(a.nnz - 40_000) < 0.1 * 40_000  # ~6% extra draws make up for duplicates
+    assert np.diff(a.matrix.indptr).min() >= 5 and a.matrix.data.max() == 1.0
+    pop = np.sort(np.asarray(a.matrix.sum(axis=0)).ravel())[::-1]
+    assert pop[:50].sum() > 3 * pop[-250:].sum()  # head of 10% items outweighs the bottom half
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
