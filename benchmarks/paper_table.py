@@ -110,6 +110,12 @@ def synthetic_ml20m(seed: int = 0, shape=ML20M_SHAPE) -> Interactions:
     items = rng.choice(n_items, size=int(lengths.sum()), p=popularity)
     users = np.repeat(np.arange(n_users, dtype=np.int64), lengths)
     codes = np.unique(users * n_items + items)
+    for _ in range(20):  # duplicates can leave a user under 5 distinct items: draw more for those
+        short = np.flatnonzero(np.bincount(codes // n_items, minlength=n_users) < 5)
+        if short.size == 0:
+            break
+        extra = np.repeat(short, 5) * n_items + rng.choice(n_items, size=5 * short.size, p=popularity)
+        codes = np.union1d(codes, extra)
     rows, cols = np.divmod(codes, n_items)
     indptr = np.zeros(n_users + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=n_users), out=indptr[1:])
