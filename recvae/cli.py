@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dropout", type=float, help="input dropout (paper: 0.5)")
     t.add_argument("--anneal-cap", type=float, help="largest KL weight beta (paper: 0.2)")
     t.add_argument("--total-anneal-steps", type=int, help="updates to reach beta=1 before capping (paper: 200000)")
+    t.add_argument("--beta", type=float, help="a constant KL weight instead of annealing")
+    t.add_argument("--lam", type=float, help="L2 weight on the weight matrices (paper: 0 VAE, 0.01/500 DAE)")
+    t.add_argument("--hidden-dims", help="comma-separated hidden layer sizes (paper: 600 VAE, none DAE)")
+    t.add_argument("--latent-dim", type=int, help="latent size (paper: 200)")
     t.add_argument("--patience", type=int, help="early stopping: epochs without validation NDCG@100 gain")
     t.add_argument("--l2", type=float, help="EASE's L2 weight lambda (default 500)")
     t.add_argument("--seed", type=int, default=0, help="model seed (default 0)")
@@ -118,7 +122,8 @@ def data_spec_from_args(args):
 
 
 def model_params_from_args(args) -> dict:
-    neural = args.model in ("multvae", "multdae")
+    """Hyperparameters for ``args.model`` from the options given; an option the model does not
+    take is an error rather than silently ignored."""
     given = {
         "epochs": args.epochs,
         "batch_size": args.batch_size,
@@ -126,27 +131,39 @@ def model_params_from_args(args) -> dict:
         "dropout": args.dropout,
         "patience": args.patience,
         "precision": args.precision,
+        "lam": args.lam,
+        "latent_dim": args.latent_dim,
+        "hidden_dims": parse_dims(args.hidden_dims),
+        "anneal_cap": args.anneal_cap,
+        "total_anneal_steps": args.total_anneal_steps,
+        "beta": args.beta,
+        "l2": args.l2,
     }
-    params = {}
-    if neural:
-        params.update({k: v for k, v in given.items() if v is not None})
-        params["random_state"] = args.seed
-        params["device"] = args.device
-        params["show_progress"] = not args.quiet
-        if args.model == "multvae":
-            if args.anneal_cap is not None:
-                params["anneal_cap"] = args.anneal_cap
-            if args.total_anneal_steps is not None:
-                params["total_anneal_steps"] = args.total_anneal_steps
-    else:
-        unused = [k for k, v in given.items() if v is not None]
-        if unused:
-            raise CLIError(f"--model {args.model}: does not take {', '.join('--' + u.replace('_', '-') for u in unused)}")
-        if args.model == "ease" and args.l2 is not None:
-            params["l2"] = args.l2
-    if args.model != "ease" and args.l2 is not None:
-        raise CLIError(f"--l2: only for --model ease, not {args.model}")
+    accepted = {
+        "multvae": set(given) - {"l2"},
+        "multdae": set(given) - {"l2", "anneal_cap", "total_anneal_steps", "beta"},
+        "ease": {"l2"},
+        "popularity": set(),
+    }.get(args.model, set(given))
+    unused = [k for k, v in given.items() if v is not None and k not in accepted]
+    if unused:
+        raise CLIError(f"--model {args.model}: does not take {', '.join('--' + u.replace('_', '-') for u in unused)}")
+    params = {k: v for k, v in given.items() if v is not None}
+    if args.model in ("multvae", "multdae"):
+        params.update(random_state=args.seed, device=args.device, show_progress=not args.quiet)
     return params
+
+
+def parse_dims(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        dims = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise CLIError(f"--hidden-dims: expected comma-separated integers such as 600 or 600,300, got {text!r}") from None
+    if any(d < 1 for d in dims):
+        raise CLIError(f"--hidden-dims: sizes must be positive, got {text!r}")
+    return dims
 
 
 def cmd_datasets(args) -> int:

@@ -167,3 +167,29 @@ def test_datasets_lists_presence(tmp_path, capsys):
     assert "present" in lines["ml-100k"] and "present" in lines["ml-1m"]
     assert "absent" in lines["ml-20m"]
     assert set(lines) == {"ml-100k", "ml-1m", "ml-10m", "ml-20m", "ml-25m", "ml-32m", "ml-latest-small"}
+
+
+@pytest.mark.parametrize(
+    "model, extra, message",
+    [
+        ("ease", ["--epochs", "3"], "--model ease: does not take --epochs"),
+        ("multdae", ["--anneal-cap", "0.3"], "--model multdae: does not take --anneal-cap"),
+        ("multvae", ["--l2", "10"], "--model multvae: does not take --l2"),
+        ("multvae", ["--hidden-dims", "600,x"], "--hidden-dims: expected comma-separated integers"),
+    ],
+)
+def test_options_a_model_does_not_take(log_csv, tmp_path, capsys, model, extra, message):
+    assert main(train_args(log_csv, tmp_path / "r", model=model, extra=extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists(), "nothing written for a rejected command"
+
+
+def test_hyperparameters_reach_the_model(log_csv, tmp_path):
+    out = tmp_path / "deep"
+    extra = ["--epochs", "2", "--hidden-dims", "32,16", "--latent-dim", "8", "--beta", "0.5", "--lam", "0.001"]
+    assert main(train_args(log_csv, out, extra=extra)) == 0
+    params = json.loads((out / "model" / "model.json").read_text())["params"]
+    assert params["hidden_dims"] == [32, 16] and params["latent_dim"] == 8
+    assert params["beta"] == 0.5 and params["lam"] == 0.001 and params["epochs"] == 2
+    history = pd.read_csv(out / "history.csv")
+    assert (history["beta"] == 0.5).all()
