@@ -111,11 +111,11 @@ class RunResult:
 
 def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: bool = False) -> RunResult:
     """Train ``config.model`` with the paper's protocol; write the run directory when ``out`` is given."""
-    out = Path(out) if out is not None else None
-    if out is not None:
-        _prepare_dir(out)
     interactions = config.data.load(show_progress=show_progress)
     split = strong_generalization_split(interactions, n_heldout_users=config.n_heldout_users, seed=config.split_seed)
+    out = Path(out) if out is not None else None
+    if out is not None:  # only once the data is known good: a bad input leaves no folder behind
+        _prepare_dir(out)
     result = fit_and_evaluate(split, config.model, config.params, ks=config.ks, run_dir=out)
     if out is not None:
         _write_run(out, config, split, result)

@@ -139,6 +139,7 @@ def test_user_errors_are_one_line(argv, message, capsys):
 def test_bad_column_and_model(log_csv, tmp_path, capsys):
     assert main(["train", "--data", str(log_csv), "--user-col", "who", "--out", str(tmp_path / "r")]) == 2
     assert "'who'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists(), "a failed load must leave no run directory"
     assert main(train_args(log_csv, tmp_path / "r2", model="svd")) == 2
     assert "unknown model 'svd'" in capsys.readouterr().err
 
