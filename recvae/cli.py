@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--split-seed", type=int, default=0, help="seed of the user split (default 0)")
     t.add_argument("--n-heldout-users", type=int, help="validation and test users each (default: the library's rule)")
     t.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
-    t.add_argument("--precision", choices=("fp32", "bf16"), help="matrix product precision of neural models")
+    t.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="training matmul precision of neural models; auto: bf16 where it is fast")
     t.add_argument("--out", metavar="RUN_DIR", help="write the run directory here")
     t.add_argument("--show", type=int, default=3, metavar="N", help="print top-10 lists for N test users (default 3)")
     t.set_defaults(func=cmd_train)

@@ -330,3 +330,19 @@ def test_vae_and_dae_beat_popularity_on_ml100k_validation(real_data_dir):
     # measured (seed 0, 94 validation users): VAE 0.447, DAE 0.443, popularity 0.250 (stderr 0.018)
     assert vae.best_score_ > pop + 0.1, (vae.best_score_, pop)
     assert dae.best_score_ > pop + 0.1, (dae.best_score_, pop)
+
+
+def test_precision_auto_resolves_by_hardware(monkeypatch):
+    from recvae.models import vae as vae_mod
+
+    cpu = torch.device("cpu")
+    assert vae_mod.resolve_precision("fp32", cpu) == "fp32"
+    assert vae_mod.resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(vae_mod, "cpu_has_fast_bf16", lambda: True)
+    assert vae_mod.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(vae_mod, "cpu_has_fast_bf16", lambda: False)
+    assert vae_mod.resolve_precision("auto", cpu) == "fp32"
+    x = sp.random(40, 20, density=0.3, format="csr", random_state=0, dtype=np.float32)
+    x.data[:] = 1
+    model = MultDAE(epochs=1, batch_size=20, random_state=0, precision="auto").fit(x)
+    assert model.precision_ == "fp32"

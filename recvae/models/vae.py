@@ -63,6 +63,28 @@ def resolve_device(device) -> torch.device:
         raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or a torch.device, got {device!r}") from e
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> "bf16" where bf16 matrix products are fast (CUDA with bf16 support; a CPU with
+    AVX-512 BF16 or AMX), else "fp32". bf16 matched fp32 within the seed spread on ML-100K
+    (benchmarks/results/ml-100k.md), and elsewhere it would be emulated and slower."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    return "fp32"
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (Linux: /proc/cpuinfo flags)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def _atomic_torch_save(obj, path: Path) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -164,8 +186,8 @@ class _AutoencoderRecommender(Recommender):
         if self.random_state is not None and (isinstance(self.random_state, bool)
                                               or not isinstance(self.random_state, (int, np.integer))):
             raise ValueError(f"random_state: expected None or an integer, got {self.random_state!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision: expected 'fp32' or 'bf16', got {self.precision!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision: expected 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         if self._variational:
             make_schedule(self.beta, self.anneal_cap, self.total_anneal_steps)  # raises on bad values
         resolve_device(self.device)
@@ -247,7 +269,8 @@ class _AutoencoderRecommender(Recommender):
         batch_size = int(self.batch_size)
         n_batches = math.ceil(n_users / batch_size)
         gen = torch.Generator(device=device)
-        use_bf16 = self.precision == "bf16"
+        self.precision_ = resolve_precision(self.precision, device)
+        use_bf16 = self.precision_ == "bf16"
         fingerprint = _fingerprint(X)
         epochs = tqdm(range(state["epoch"], int(self.epochs)), desc=type(self).__name__,
                       disable=not self.show_progress, initial=state["epoch"], total=int(self.epochs))
