@@ -64,7 +64,7 @@ def test_vae_defaults_are_the_notebooks():
     assert MultVAE().get_params() == dict(
         hidden_dims=(600,), latent_dim=200, dropout=0.5, activation="tanh", lam=0.0, anneal_cap=0.2,
         total_anneal_steps=200_000, beta=None, epochs=200, batch_size=500, lr=1e-3, patience=None,
-        random_state=None, device="auto", precision="fp32", eval_batch_size=2000, show_progress=False,
+        random_state=None, device="auto", precision="auto", eval_batch_size=2000, show_progress=False,
         run_dir=None)
 
 
