@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import scipy.sparse as sp
 
 from recvae import metrics as M
 from recvae.evaluation import evaluate
+from recvae.fileio import write_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -95,18 +95,6 @@ def evaluate_first_implementation(model, fold_in, heldout, ks, batch_size):
                 values.setdefault(f"{name}@{k}", []).append(first_implementation(scores, h, k, name))
     total = time.perf_counter() - start
     return {n: np.concatenate(v) for n, v in values.items()}, total - model_s
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def main(argv=None) -> dict:
@@ -184,7 +172,7 @@ def main(argv=None) -> dict:
         f"{out['metric_seconds_min']:.2f}s metric time (min of {a.repeats}); "
         f"matches per-user loop: {loop_equal}"
     )
-    atomic_write_text(a.out / "eval_speed.json", json.dumps(out, indent=2) + "\n")
+    write_bytes(a.out / "eval_speed.json", (json.dumps(out, indent=2) + "\n").encode())
     md = [
         "# Evaluation speed (metric time only, model time excluded)",
         "",
@@ -202,7 +190,7 @@ def main(argv=None) -> dict:
         md += ["", f"Speed-up {out['speedup_vs_first_implementation']:.1f}x; largest difference of a mean metric "
                f"{out['max_abs_mean_difference_vs_first_implementation']:.1e}."]
     md += ["", f"Per-user NDCG@100 equal to a plain per-user loop on 200 users: {loop_equal}.", ""]
-    atomic_write_text(a.out / "eval_speed.md", "\n".join(md))
+    write_bytes(a.out / "eval_speed.md", "\n".join(md).encode())
     return out
 
 
