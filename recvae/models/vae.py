@@ -320,7 +320,7 @@ class _AutoencoderRecommender(Recommender):
                     logger.info("early stop after epoch %d: no improvement for %d epochs", epoch + 1, self.patience)
             state["epoch"] = epoch + 1
             state["history"].append(row)
-            logger.info("epoch %d: loss %.4f nll %.4f kl %.4f beta %.4f %s %s (%.1fs)", epoch + 1, row["loss"],
+            logger.debug("epoch %d: loss %.4f nll %.4f kl %.4f beta %.4f %s %s (%.1fs)", epoch + 1, row["loss"],
                         row["nll"], row["kl"], row["beta"], VALIDATION_METRIC, row[VALIDATION_METRIC], row["seconds"])
             if self.show_progress:
                 epochs.set_postfix(loss=f"{row['loss']:.2f}", ndcg=row[VALIDATION_METRIC], refresh=False)
