@@ -51,7 +51,8 @@ def test_smoke_writes_json_md_png_with_expected_keys(paper_table, log_csv, tmp_p
     assert report["complete"] is True and report["seeds_done"] == [0, 1]
     assert report["data"]["n_users"] == 120 and report["n_heldout_users"] == 20
     summary = report["summary"]
-    for key in ("multvae", "multvae:paper", "multvae:anneal-1", "multvae:heuristic", "multdae", "ease", "popularity"):
+    for key in ("multvae", "multvae:paper", "multvae:anneal-1", "multvae:anneal-1-latent50", "multvae:heuristic",
+                "multdae", "ease", "popularity"):
         s = summary[key]
         assert s["n_seeds"] == 2
         for m in ("recall@20", "recall@50", "ndcg@100"):
@@ -60,13 +61,16 @@ def test_smoke_writes_json_md_png_with_expected_keys(paper_table, log_csv, tmp_p
             assert len(s[m]["per_seed"]) == 2
     # the Mult-VAE row is the schedule with the best validation score, and copies its test figures
     for r in report["per_seed"]:
-        best = max(("multvae:paper", "multvae:anneal-1", "multvae:heuristic"),
+        best = max(("multvae:paper", "multvae:anneal-1", "multvae:anneal-1-latent50", "multvae:heuristic"),
                    key=lambda k: r[k]["validation_ndcg@100"])
         assert r["multvae"]["selected"] == best
         assert r["multvae"]["test"] == r[best]["test"]
         # run 2's cap is run 1's beta at its best epoch; run 1 anneals to 1.0 over all updates
         assert r["multvae:heuristic"]["params"]["anneal_cap"] == r["multvae:anneal-1"]["beta_at_best_epoch"]
         assert r["multvae:anneal-1"]["params"]["total_anneal_steps"] == report["anneal_steps"]
+        # run 2 is a fresh run: another model seed than run 1
+        assert r["multvae:heuristic"]["params"]["random_state"] != r["multvae:anneal-1"]["params"]["random_state"]
+        assert r["multvae:anneal-1-latent50"]["params"]["latent_dim"] == 50
         assert r["ease"]["params"]["l2"] in report["ease_grid"]
     # the 100 training users make one batch of 500 per epoch: 3 epochs -> 3 updates
     assert report["anneal_steps"] == 3
