@@ -12,7 +12,7 @@ from recvae.models import EASE, MultDAE, Popularity
 from recvae.recommend import UnknownItemsWarning, recommend_ids
 
 
-def interactions(rows, users=None) -> Interactions:
+def interactions(rows) -> Interactions:
     df = pd.DataFrame(rows, columns=["user", "item"])
     return Interactions.from_dataframe(df, "user", "item")
 
