@@ -20,3 +20,13 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     fi
 fi
 .venv/bin/pip install -q -e ".[test,plot,parquet]"
+
+# This project's own machines (CI, developers) have no internet and keep real MovieLens files
+# in ../shared/data: link them into ./data so the README's commands find them there. On other
+# machines nothing happens and the loader downloads from GroupLens.
+if [ -d ../shared/data ]; then
+    for src in ../shared/data/ml-*; do
+        name=$(basename "$src")
+        [ -e "data/$name" ] || ln -s "../$src" "data/$name"
+    done
+fi
