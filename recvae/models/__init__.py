@@ -9,10 +9,7 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from recvae.models.base import Recommender
+from recvae.models.base import Recommender, read_model_meta
 from recvae.models.ease import EASE, select_ease_l2
 from recvae.models.popularity import Popularity
 from recvae.models.vae import MultDAE, MultVAE, NonFiniteLossError
@@ -26,10 +23,8 @@ _CLASSES = {cls.__name__: cls for cls in (MultVAE, MultDAE, EASE, Popularity)}
 
 def load_model(path) -> Recommender:
     """Load any saved model of the library; the class is read from ``path/model.json``."""
-    meta_file = Path(path) / "model.json"
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"path: no model.json in {path}; expected a folder written by a model's save()")
-    name = json.loads(meta_file.read_text()).get("class")
+    meta_file, meta = read_model_meta(path)
+    name = meta.get("class")
     if name not in _CLASSES:
         raise ValueError(f"{meta_file}: unknown model class {name!r}; expected one of {sorted(_CLASSES)}")
     return _CLASSES[name].load(path)

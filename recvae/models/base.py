@@ -2,8 +2,28 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import scipy.sparse as sp
+
+#: every saved model folder holds this JSON (class name, hyperparameters, item ids)
+MODEL_FILE = "model.json"
+#: bumped when the layout of a saved model changes
+FORMAT_VERSION = 1
+
+
+def read_model_meta(path) -> tuple[Path, dict]:
+    """``(path/model.json, its content)`` of a folder written by a model's ``save()``;
+    errors name the file when it is missing or of another format version."""
+    meta_file = Path(path) / MODEL_FILE
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"path: no {MODEL_FILE} in {path}; expected a folder written by a model's save()")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_file}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    return meta_file, meta
 
 
 def as_csr(X, name: str = "X", n_items: int | None = None) -> sp.csr_matrix:

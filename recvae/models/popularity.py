@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 
 from recvae.fileio import atomic_write, write_json
-from recvae.models.base import Recommender, as_csr
+from recvae.models.base import FORMAT_VERSION, MODEL_FILE, Recommender, as_csr, read_model_meta
 
-MODEL_FILE = "model.json"
 ARRAYS_FILE = "arrays.npz"
-FORMAT_VERSION = 1
 
 
 def save_baseline(model, path, params: dict, arrays: dict) -> Path:
@@ -37,12 +34,7 @@ def save_baseline(model, path, params: dict, arrays: dict) -> Path:
 def load_baseline(cls, path) -> tuple[dict, dict]:
     """``(meta, arrays)`` of a folder written by :func:`save_baseline` for class ``cls``."""
     path = Path(path)
-    meta_file = path / MODEL_FILE
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"path: no {MODEL_FILE} in {path}; expected a folder written by save()")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{meta_file}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    meta_file, meta = read_model_meta(path)
     if meta.get("class") != cls.__name__:
         raise ValueError(f"{meta_file}: holds a {meta.get('class')}, not a {cls.__name__}")
     with np.load(path / ARRAYS_FILE, allow_pickle=False) as z:

@@ -30,16 +30,14 @@ from tqdm.auto import tqdm
 
 from recvae.fileio import write_bytes, write_json
 from recvae.models.annealing import ANNEAL_CAP, TOTAL_ANNEAL_STEPS, make_schedule
-from recvae.models.base import Recommender, as_csr
+from recvae.models.base import FORMAT_VERSION, MODEL_FILE, Recommender, as_csr, read_model_meta
 from recvae.models.networks import ACTIVATIONS, MultNetwork, NetworkConfig, build_network
 from recvae.models.sparse_layers import SparseBatch
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 CHECKPOINT_FILE = "checkpoint.pt"
 WEIGHTS_FILE = "weights.pt"
-MODEL_FILE = "model.json"
 VALIDATION_METRIC = "val_ndcg@100"
 HISTORY_FIELDS = ["epoch", "step", "loss", "nll", "kl", "beta", "l2", VALIDATION_METRIC, "seconds", "val_seconds"]
 
@@ -462,12 +460,7 @@ class _AutoencoderRecommender(Recommender):
     def load(cls, path, device=None):
         """A fitted estimator from a folder written by :meth:`save` (``device`` overrides the saved one)."""
         path = Path(path)
-        meta_file = path / MODEL_FILE
-        if not meta_file.exists():
-            raise FileNotFoundError(f"path: no {MODEL_FILE} in {path}; expected a folder written by save()")
-        meta = json.loads(meta_file.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{meta_file}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+        meta_file, meta = read_model_meta(path)
         target = cls
         if cls is _AutoencoderRecommender:
             target = _REGISTRY.get(meta.get("class"))
