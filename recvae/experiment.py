@@ -105,7 +105,6 @@ class RunResult:
     validation: EvaluationResult | None
     test: EvaluationResult
     train_seconds: float
-    run_dir: Path | None
     split: object  # the StrongSplit the model was trained and evaluated on
 
 
@@ -133,7 +132,7 @@ def fit_and_evaluate(split, model: str, params: dict, ks=(20, 50, 100), run_dir:
     train_seconds = time.perf_counter() - start
     val = evaluate(estimator, split.validation, ks=ks)
     test = evaluate(estimator, split.test, ks=ks)
-    return RunResult(estimator, val, test, train_seconds, run_dir, split)
+    return RunResult(estimator, val, test, train_seconds, split)
 
 
 def _prepare_dir(out: Path) -> None:
