@@ -155,6 +155,15 @@ def test_gaussian_kl_matches_closed_form_of_torch_distributions():
     assert gaussian_kl(torch.zeros(2, 3), torch.zeros(2, 3)).item() == 0.0  # q = prior
 
 
+def test_gaussian_kl_weights_scale_each_users_term():
+    mu = torch.tensor([[1.0, 0.0], [0.0, 2.0]])  # per-user KL with logvar 0: |mu|^2 / 2 = 0.5 and 2.0
+    logvar = torch.zeros(2, 2)
+    assert gaussian_kl(mu, logvar).item() == pytest.approx((0.5 + 2.0) / 2)
+    assert gaussian_kl(mu, logvar, weights=torch.tensor([2.0, 0.5])).item() == pytest.approx((1.0 + 1.0) / 2)
+    with pytest.raises(AssertionError, match="weights"):
+        gaussian_kl(mu, logvar, weights=torch.ones(3))
+
+
 @pytest.mark.parametrize("variational", [True, False])
 def test_loss_logits_and_all_gradients_equal_the_dense_reference(variational):
     cfg = NetworkConfig(25, hidden_dims=(9,), latent_dim=4, variational=variational)

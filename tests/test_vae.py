@@ -63,7 +63,7 @@ def assert_same_weights(a, b):
 def test_vae_defaults_are_the_notebooks():
     assert MultVAE().get_params() == dict(
         hidden_dims=(600,), latent_dim=200, dropout=0.5, activation="tanh", lam=0.0, anneal_cap=0.2,
-        total_anneal_steps=200_000, beta=None, epochs=200, batch_size=500, lr=1e-3, patience=None,
+        total_anneal_steps=200_000, beta=None, kl_weighting="uniform", epochs=200, batch_size=500, lr=1e-3, patience=None,
         random_state=None, device="auto", precision="auto", eval_batch_size=2000, show_progress=False,
         run_dir=None)
 
@@ -89,7 +89,8 @@ def test_init_only_stores_and_set_params_checks_names():
     [({"batch_size": 0}, "batch_size"), ({"epochs": 1.5}, "epochs"), ({"dropout": 1.0}, "dropout"),
      ({"precision": "fp16"}, "precision"), ({"lr": 0}, "lr"), ({"activation": "swish"}, "activation"),
      ({"anneal_cap": -1}, "anneal_cap"), ({"random_state": "x"}, "random_state"), ({"patience": 0}, "patience"),
-     ({"device": "tpu9"}, "device"), ({"hidden_dims": (0,)}, "hidden_dims"), ({"lam": -1.0}, "lam")],
+     ({"device": "tpu9"}, "device"), ({"hidden_dims": (0,)}, "hidden_dims"), ({"lam": -1.0}, "lam"),
+     ({"kl_weighting": "per-item"}, "kl_weighting")],
 )
 def test_bad_hyperparameters_raise_naming_them(data, params, name):
     with pytest.raises(ValueError, match=name):
@@ -205,6 +206,35 @@ def test_early_stopping_restores_the_best_epochs_weights(data, monkeypatch):
     assert_same_weights(m, one)
 
 
+def test_activity_kl_weighting_changes_nothing_when_every_user_has_as_many_items(data):
+    train = data[0]  # planted(): every user has 8 items, so every weight n_u / mean n is 1
+    uniform = MultVAE(**SMALL, epochs=2, anneal_cap=1.0, total_anneal_steps=10).fit(train)
+    activity = MultVAE(**SMALL, epochs=2, anneal_cap=1.0, total_anneal_steps=10, kl_weighting="activity").fit(train)
+    assert_same_weights(uniform, activity)
+
+
+def test_activity_kl_weighting_passes_n_u_over_mean_n_per_user(monkeypatch):
+    # half the users have 4 items, half 12: weights 0.5 and 1.5 (mean n = 8)
+    X = sp.vstack([planted(n_users=100, per_user=4, seed=1), planted(n_users=100, per_user=12, seed=2)]).tocsr()
+    seen = []
+    original = MultNetwork.loss
+
+    def spy(self, batch, beta=1.0, generator=None, kl_weights=None):
+        seen.append((batch.row_sums.clone(), None if kl_weights is None else kl_weights.clone()))
+        return original(self, batch, beta=beta, generator=generator, kl_weights=kl_weights)
+
+    monkeypatch.setattr(MultNetwork, "loss", spy)
+    kw = dict(SMALL, epochs=1, beta=1.0)
+    uniform = MultVAE(**kw).fit(X)
+    assert all(w is None for _, w in seen)
+    seen.clear()
+    activity = MultVAE(**kw, kl_weighting="activity").fit(X)
+    assert len(seen) == 4  # 200 users / batches of 50
+    for n, w in seen:
+        torch.testing.assert_close(w, torch.where(n == 4, 0.5, 1.5))
+    assert not np.allclose(weights(uniform)["input_weight"], weights(activity)["input_weight"])
+
+
 def test_lam_adds_the_l2_penalty_gradient(data):
     train, _ = data
     m = MultDAE(**{**SMALL, "hidden_dims": ()}, epochs=1).fit(train)
@@ -221,8 +251,8 @@ def test_non_finite_loss_names_epoch_and_update_and_keeps_the_checkpoint(data, t
     original = MultNetwork.loss
     calls = {"n": 0}
 
-    def poisoned(self, batch, beta=1.0, generator=None):
-        terms = original(self, batch, beta, generator)
+    def poisoned(self, batch, beta=1.0, generator=None, kl_weights=None):
+        terms = original(self, batch, beta, generator, kl_weights)
         calls["n"] += 1
         if calls["n"] == 3:
             terms.loss = terms.loss * float("nan")
@@ -260,11 +290,11 @@ def test_resume_after_a_crash_mid_epoch(data, tmp_path, monkeypatch):
     original = MultNetwork.loss
     calls = {"n": 0}
 
-    def crashing(self, batch, beta=1.0, generator=None):
+    def crashing(self, batch, beta=1.0, generator=None, kl_weights=None):
         calls["n"] += 1
         if calls["n"] == 16:  # epoch 3, batch 4
             raise KeyboardInterrupt
-        return original(self, batch, beta, generator)
+        return original(self, batch, beta, generator, kl_weights)
 
     monkeypatch.setattr(MultNetwork, "loss", crashing)
     with pytest.raises(KeyboardInterrupt):

@@ -81,13 +81,17 @@ class LossTerms:
     kl: torch.Tensor
 
 
-def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, I)) averaged over users:
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) averaged over users, each weighted by ``weights`` (default 1):
 
-    KL = 1/B sum_u 0.5 * sum_k (-logvar_uk + exp(logvar_uk) + mu_uk^2 - 1).
+    KL = 1/B sum_u w_u * 0.5 * sum_k (-logvar_uk + exp(logvar_uk) + mu_uk^2 - 1).
     """
     mu, logvar = mu.float(), logvar.float()
-    return (0.5 * (-logvar + logvar.exp() + mu.pow(2) - 1.0)).sum(dim=1).mean()
+    per_user = (0.5 * (-logvar + logvar.exp() + mu.pow(2) - 1.0)).sum(dim=1)  # (B,)
+    if weights is not None:
+        assert weights.shape == per_user.shape, f"weights {tuple(weights.shape)} != users {tuple(per_user.shape)}"
+        per_user = per_user * weights.float()
+    return per_user.mean()
 
 
 def _init_linear_(weight: torch.Tensor, bias: torch.Tensor, generator: torch.Generator | None) -> None:
@@ -160,7 +164,9 @@ class MultNetwork(nn.Module):
             h = self.act(layer(h))
         return h
 
-    def _latent(self, batch: SparseBatch, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _latent(self, batch: SparseBatch, generator: torch.Generator | None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """(z, (mu, logvar)) for the VAE, (code, None) for the DAE."""
         raise NotImplementedError
 
     # -- public -----------------------------------------------------------------------------
@@ -170,12 +176,18 @@ class MultNetwork(nn.Module):
         h = self._hidden(z)
         return torch.addmm(self.output_bias.to(h.dtype), h, self.output_weight.to(h.dtype).t()).float()
 
-    def loss(self, batch: SparseBatch, beta: float = 1.0, generator: torch.Generator | None = None) -> LossTerms:
-        """Training objective of one batch: multinomial NLL (averaged over users) + beta * KL."""
-        z, kl = self._latent(batch, generator)
+    def loss(self, batch: SparseBatch, beta: float = 1.0, generator: torch.Generator | None = None,
+             kl_weights: torch.Tensor | None = None) -> LossTerms:
+        """Training objective of one batch: multinomial NLL (averaged over users) + beta * KL.
+
+        ``kl_weights`` (B,) scale each user's KL term (see ``MultVAE(kl_weighting=...)``); None: 1.
+        """
+        z, posterior = self._latent(batch, generator)
         nll = output_layer_nll(self._hidden(z), self.output_weight, self.output_bias, batch, self.workspace)
-        if kl is None:
+        if posterior is None:
             kl = torch.zeros((), device=nll.device)
+        else:
+            kl = gaussian_kl(*posterior, weights=kl_weights)
         return LossTerms(loss=nll + beta * kl, nll=nll, kl=kl)
 
 
@@ -200,7 +212,7 @@ class MultVAENetwork(MultNetwork):
             z = mu + eps * torch.exp(0.5 * logvar)
         else:
             z = mu
-        return z, gaussian_kl(mu, logvar)
+        return z, (mu, logvar)
 
 
 class MultDAENetwork(MultNetwork):

@@ -44,7 +44,8 @@ HISTORY_FIELDS = ["epoch", "step", "loss", "nll", "kl", "beta", "l2", VALIDATION
 # Hyperparameters a resumed run must share with the checkpoint (epochs, patience, device,
 # progress and paths may change between the interrupted run and its continuation).
 _RESUME_KEYS = ("hidden_dims", "latent_dim", "dropout", "activation", "lam", "anneal_cap",
-                "total_anneal_steps", "beta", "batch_size", "lr", "random_state")
+                "total_anneal_steps", "beta", "kl_weighting", "batch_size", "lr", "random_state")
+KL_WEIGHTINGS = ("uniform", "activity")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -110,12 +111,13 @@ def make_optimizer(network: MultNetwork, lr: float = 1e-3, lam: float = 0.0) -> 
 
 
 def training_step(network: MultNetwork, optimizer: torch.optim.Optimizer, batch: SparseBatch, beta: float,
-                  generator: torch.Generator | None, bf16: bool = False) -> np.ndarray | None:
+                  generator: torch.Generator | None, bf16: bool = False,
+                  kl_weights: torch.Tensor | None = None) -> np.ndarray | None:
     """One update on ``batch``; returns the batch's (loss, nll, kl). When any is not finite the
     update is skipped (the weights stay as they were) and the caller decides what to do."""
     optimizer.zero_grad(set_to_none=True)  # lets the sparse layers overwrite their kept buffers
     with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
-        terms = network.loss(batch, beta=beta, generator=generator)
+        terms = network.loss(batch, beta=beta, generator=generator, kl_weights=kl_weights)
     values = torch.stack([terms.loss.detach(), terms.nll.detach(), terms.kl.detach()]).float().cpu().numpy()
     if not np.isfinite(values).all():
         return values
@@ -188,6 +190,8 @@ class _AutoencoderRecommender(Recommender):
             raise ValueError(f"precision: expected 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         if self._variational:
             make_schedule(self.beta, self.anneal_cap, self.total_anneal_steps)  # raises on bad values
+            if self.kl_weighting not in KL_WEIGHTINGS:
+                raise ValueError(f"kl_weighting: expected one of {list(KL_WEIGHTINGS)}, got {self.kl_weighting!r}")
         resolve_device(self.device)
 
     def _config(self, n_items: int) -> NetworkConfig:
@@ -270,6 +274,9 @@ class _AutoencoderRecommender(Recommender):
         self.precision_ = resolve_precision(self.precision, device)
         use_bf16 = self.precision_ == "bf16"
         fingerprint = _fingerprint(X)
+        # kl_weighting="activity": user u's KL weighted by n_u / (mean n over training users)
+        activity = self._variational and self.kl_weighting == "activity"
+        kl_scale = n_users / max(float(X.sum()), 1e-12) if activity else None
         epochs = tqdm(range(state["epoch"], int(self.epochs)), desc=type(self).__name__,
                       disable=not self.show_progress, initial=state["epoch"], total=int(self.epochs))
         for epoch in epochs:
@@ -287,7 +294,8 @@ class _AutoencoderRecommender(Recommender):
                 rows = order[b * batch_size:(b + 1) * batch_size]
                 batch = SparseBatch.from_csr(X[rows], device)
                 beta = schedule(state["step"]) if schedule is not None else 0.0
-                values = training_step(network, optimizer, batch, beta, gen, use_bf16)
+                kl_weights = batch.row_sums * kl_scale if kl_scale is not None else None
+                values = training_step(network, optimizer, batch, beta, gen, use_bf16, kl_weights)
                 if not np.isfinite(values).all():
                     raise NonFiniteLossError(
                         f"non-finite training loss (loss={values[0]}, nll={values[1]}, kl={values[2]}) at epoch "
@@ -497,11 +505,15 @@ class MultVAE(_AutoencoderRecommender):
 
     Objective per batch (averaged over its B users), minimised with Adam::
 
-        -1/B sum_u sum_i x_ui log softmax(f(z_u))_i  +  beta * 1/B sum_u KL(q(z|x_u) || N(0, I))
+        -1/B sum_u sum_i x_ui log softmax(f(z_u))_i  +  beta * 1/B sum_u w_u KL(q(z|x_u) || N(0, I))
         + lam * sum_W ||W||^2
 
     with ``beta = min(anneal_cap, step / total_anneal_steps)`` (or the constant ``beta``). The
-    defaults are the released notebook's. Learned attributes: ``module_`` (the torch network),
+    defaults are the released notebook's. ``w_u`` is 1 with ``kl_weighting="uniform"`` (the
+    paper); ``"activity"`` sets ``w_u = n_u / mean_v n_v`` (``n_u = sum_i x_ui``, mean over the
+    training users), so a user's KL grows with the likelihood term it regularises, as RecVAE
+    (Shenbin et al., WSDM 2020) scales beta by the user's number of interactions; the mean weight
+    stays 1, so ``beta`` keeps its scale. Learned attributes: ``module_`` (the torch network),
     ``n_items_``, ``history_`` (one dict per epoch: loss, nll, kl, beta, l2, val_ndcg@100,
     seconds), ``best_epoch_``, ``best_score_`` (validation NDCG@100), ``best_beta_`` (the beta
     at the best epoch: the cap to use in a second run after annealing to 1.0),
@@ -517,9 +529,9 @@ class MultVAE(_AutoencoderRecommender):
     _variational = True
 
     def __init__(self, hidden_dims=(600,), latent_dim=200, dropout=0.5, activation="tanh", lam=0.0,
-                 anneal_cap=ANNEAL_CAP, total_anneal_steps=TOTAL_ANNEAL_STEPS, beta=None, epochs=200,
-                 batch_size=500, lr=1e-3, patience=None, random_state=None, device="auto", precision="auto",
-                 eval_batch_size=2000, show_progress=False, run_dir=None):
+                 anneal_cap=ANNEAL_CAP, total_anneal_steps=TOTAL_ANNEAL_STEPS, beta=None, kl_weighting="uniform",
+                 epochs=200, batch_size=500, lr=1e-3, patience=None, random_state=None, device="auto",
+                 precision="auto", eval_batch_size=2000, show_progress=False, run_dir=None):
         self.hidden_dims = hidden_dims
         self.latent_dim = latent_dim
         self.dropout = dropout
@@ -528,6 +540,7 @@ class MultVAE(_AutoencoderRecommender):
         self.anneal_cap = anneal_cap
         self.total_anneal_steps = total_anneal_steps
         self.beta = beta
+        self.kl_weighting = kl_weighting
         self.epochs = epochs
         self.batch_size = batch_size
         self.lr = lr
