@@ -51,8 +51,7 @@ def test_smoke_writes_json_md_png_with_expected_keys(paper_table, log_csv, tmp_p
     assert report["complete"] is True and report["seeds_done"] == [0, 1]
     assert report["data"]["n_users"] == 120 and report["n_heldout_users"] == 20
     summary = report["summary"]
-    for key in ("multvae", "multvae:paper", "multvae:anneal-1", "multvae:anneal-1-latent50", "multvae:heuristic",
-                "multdae", "ease", "popularity"):
+    for key in ("multvae", "multvae:paper", "multvae:anneal-1", "multvae:heuristic", "multdae", "ease", "popularity"):
         s = summary[key]
         assert s["n_seeds"] == 2
         for m in ("recall@20", "recall@50", "ndcg@100"):
@@ -61,7 +60,7 @@ def test_smoke_writes_json_md_png_with_expected_keys(paper_table, log_csv, tmp_p
             assert len(s[m]["per_seed"]) == 2
     # the Mult-VAE row is the schedule with the best validation score, and copies its test figures
     for r in report["per_seed"]:
-        best = max(("multvae:paper", "multvae:anneal-1", "multvae:anneal-1-latent50", "multvae:heuristic"),
+        best = max(("multvae:paper", "multvae:anneal-1", "multvae:heuristic"),
                    key=lambda k: r[k]["validation_ndcg@100"])
         assert r["multvae"]["selected"] == best
         assert r["multvae"]["test"] == r[best]["test"]
@@ -70,7 +69,11 @@ def test_smoke_writes_json_md_png_with_expected_keys(paper_table, log_csv, tmp_p
         assert r["multvae:anneal-1"]["params"]["total_anneal_steps"] == report["anneal_steps"]
         # run 2 is a fresh run: another model seed than run 1
         assert r["multvae:heuristic"]["params"]["random_state"] != r["multvae:anneal-1"]["params"]["random_state"]
-        assert r["multvae:anneal-1-latent50"]["params"]["latent_dim"] == 50
+        # the paper run keeps the paper's network; both heuristic runs use HEURISTIC_NETWORK
+        assert "latent_dim" not in r["multvae:paper"]["params"]
+        for key in ("multvae:anneal-1", "multvae:heuristic"):
+            for name, value in paper_table.HEURISTIC_NETWORK.items():
+                assert r[key]["params"][name] == (list(value) if isinstance(value, tuple) else value)
         assert r["ease"]["params"]["l2"] in report["ease_grid"]
     # the 100 training users make one batch of 500 per epoch: 3 epochs -> 3 updates
     assert report["anneal_steps"] == 3
@@ -83,6 +86,19 @@ def test_smoke_writes_json_md_png_with_expected_keys(paper_table, log_csv, tmp_p
     assert "| Mult-VAE |" in md and "| EASE |" in md and "Incomplete" not in md
     assert (tmp_path / "tiny.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(tmp_path.glob("*.tmp"))
+    assert "Both heuristic runs: hidden (1500,), latent 50, KL weighting activity" in md
+
+
+def test_heuristic_network_paper_keeps_the_papers_network_for_both_runs(paper_table, log_csv, tmp_path):
+    assert paper_table.main(args_for(log_csv, tmp_path, "--models", "multvae", "--seeds", "1",
+                                     "--heuristic-network", "paper", "--precision", "fp32")) == 0
+    report = json.loads((tmp_path / "tiny.json").read_text())
+    assert report["heuristic_network"] == "paper"
+    for key in ("multvae:anneal-1", "multvae:heuristic"):
+        params = report["per_seed"][0][key]["params"]
+        assert not {"hidden_dims", "latent_dim", "kl_weighting"} & set(params)
+        assert params["anneal_cap"] > 0
+    assert "Both heuristic runs" not in (tmp_path / "tiny.md").read_text()
 
 
 def test_max_minutes_stops_between_runs_and_says_so(paper_table, log_csv, tmp_path, monkeypatch):
