@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--anneal-cap", type=float, help="largest KL weight beta (paper: 0.2)")
     t.add_argument("--total-anneal-steps", type=int, help="updates to reach beta=1 before capping (paper: 200000)")
     t.add_argument("--beta", type=float, help="a constant KL weight instead of annealing")
+    t.add_argument("--kl-weighting", choices=("uniform", "activity"),
+                   help="each user's KL weight: uniform (paper) or n_u / mean n (activity)")
     t.add_argument("--lam", type=float, help="L2 weight on the weight matrices (paper: 0 VAE, 0.01/500 DAE)")
     t.add_argument("--hidden-dims", help="comma-separated hidden layer sizes (paper: 600 VAE, none DAE)")
     t.add_argument("--latent-dim", type=int, help="latent size (paper: 200)")
@@ -137,11 +139,12 @@ def model_params_from_args(args) -> dict:
         "anneal_cap": args.anneal_cap,
         "total_anneal_steps": args.total_anneal_steps,
         "beta": args.beta,
+        "kl_weighting": args.kl_weighting,
         "l2": args.l2,
     }
     accepted = {
         "multvae": set(given) - {"l2"},
-        "multdae": set(given) - {"l2", "anneal_cap", "total_anneal_steps", "beta"},
+        "multdae": set(given) - {"l2", "anneal_cap", "total_anneal_steps", "beta", "kl_weighting"},
         "ease": {"l2"},
         "popularity": set(),
     }.get(args.model, set(given))

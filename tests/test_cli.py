@@ -175,6 +175,7 @@ def test_datasets_lists_presence(tmp_path, capsys):
     [
         ("ease", ["--epochs", "3"], "--model ease: does not take --epochs"),
         ("multdae", ["--anneal-cap", "0.3"], "--model multdae: does not take --anneal-cap"),
+        ("multdae", ["--kl-weighting", "activity"], "--model multdae: does not take --kl-weighting"),
         ("multvae", ["--l2", "10"], "--model multvae: does not take --l2"),
         ("multvae", ["--hidden-dims", "600,x"], "--hidden-dims: expected comma-separated integers"),
     ],
@@ -187,10 +188,11 @@ def test_options_a_model_does_not_take(log_csv, tmp_path, capsys, model, extra, 
 
 def test_hyperparameters_reach_the_model(log_csv, tmp_path):
     out = tmp_path / "deep"
-    extra = ["--epochs", "2", "--hidden-dims", "32,16", "--latent-dim", "8", "--beta", "0.5", "--lam", "0.001"]
+    extra = ["--epochs", "2", "--hidden-dims", "32,16", "--latent-dim", "8", "--beta", "0.5", "--lam", "0.001",
+             "--kl-weighting", "activity"]
     assert main(train_args(log_csv, out, extra=extra)) == 0
     params = json.loads((out / "model" / "model.json").read_text())["params"]
-    assert params["hidden_dims"] == [32, 16] and params["latent_dim"] == 8
+    assert params["hidden_dims"] == [32, 16] and params["latent_dim"] == 8 and params["kl_weighting"] == "activity"
     assert params["beta"] == 0.5 and params["lam"] == 0.001 and params["epochs"] == 2
     history = pd.read_csv(out / "history.csv")
     assert (history["beta"] == 0.5).all()
