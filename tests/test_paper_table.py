@@ -86,7 +86,7 @@ def test_smoke_writes_json_md_png_with_expected_keys(paper_table, log_csv, tmp_p
     assert "| Mult-VAE |" in md and "| EASE |" in md and "Incomplete" not in md
     assert (tmp_path / "tiny.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(tmp_path.glob("*.tmp"))
-    assert "Both heuristic runs: hidden (1500,), latent 50, KL weighting activity" in md
+    assert "Both heuristic runs: hidden (1000,), latent 50, KL weighting activity" in md
 
 
 def test_heuristic_network_paper_keeps_the_papers_network_for_both_runs(paper_table, log_csv, tmp_path):
