@@ -514,7 +514,7 @@ class MultVAE(_AutoencoderRecommender):
     training users), so a user's KL grows with the likelihood term it regularises, as RecVAE
     (Shenbin et al., WSDM 2020) scales beta by the user's number of interactions; the mean weight
     stays 1, so ``beta`` keeps its scale. Learned attributes: ``module_`` (the torch network),
-    ``n_items_``, ``history_`` (one dict per epoch: loss, nll, kl, beta, l2, val_ndcg@100,
+    ``n_items_``, ``history_`` (one dict per epoch: loss, nll, kl (with ``w_u``), beta, l2, val_ndcg@100,
     seconds), ``best_epoch_``, ``best_score_`` (validation NDCG@100), ``best_beta_`` (the beta
     at the best epoch: the cap to use in a second run after annealing to 1.0),
     ``item_ids_`` (when fitted on Interactions), ``seed_``, ``device_``, ``stopped_early_``.
