@@ -313,6 +313,22 @@ def test_resume_refuses_other_hyperparameters_or_data(data, tmp_path):
         MultVAE(**SMALL, epochs=2, run_dir=tmp_path).fit(train[:-1], resume=True)
     with pytest.raises(ValueError, match="MultVAE checkpoint"):
         MultDAE(**SMALL, epochs=2, run_dir=tmp_path).fit(train, resume=True)
+    with pytest.raises(ValueError, match="kl_weighting: checkpoint 'uniform' vs now 'activity'"):
+        MultVAE(**SMALL, epochs=2, kl_weighting="activity", run_dir=tmp_path).fit(train, resume=True)
+
+
+def test_resume_reads_a_checkpoint_from_before_kl_weighting_as_uniform(data, tmp_path):
+    train, _ = data
+    MultVAE(**SMALL, epochs=1, run_dir=tmp_path).fit(train)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    params = json.loads(ckpt["params"])
+    del params["kl_weighting"]
+    ckpt["params"] = json.dumps(params)
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    resumed = MultVAE(**SMALL, epochs=2, run_dir=tmp_path).fit(train, resume=True)
+    assert len(resumed.history_) == 2
+    with pytest.raises(ValueError, match="kl_weighting: checkpoint 'uniform' vs now 'activity'"):
+        MultVAE(**SMALL, epochs=3, kl_weighting="activity", run_dir=tmp_path).fit(train, resume=True)
 
 
 # -- save / load --------------------------------------------------------------------------------

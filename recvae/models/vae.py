@@ -420,6 +420,8 @@ class _AutoencoderRecommender(Recommender):
             raise ValueError(f"resume: {where} was trained on other data (shape {ckpt['n_users']}x{ckpt['n_items']}, "
                              f"{ckpt['nnz']} interactions; now {X.shape[0]}x{X.shape[1]}, {X.nnz})")
         saved, now = json.loads(ckpt["params"]), self._json_params()
+        if self._variational:
+            saved.setdefault("kl_weighting", "uniform")  # checkpoints from before the option: the paper's
         diff = [k for k in _RESUME_KEYS if saved.get(k) != now.get(k)]
         if diff:
             detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff)
