@@ -188,6 +188,11 @@ def fit_neural(cls, params: dict, split) -> tuple[object, dict]:
     return model, info
 
 
+def heuristic_network(args) -> dict:
+    """The heuristic runs' network parameters: HEURISTIC_NETWORK, or none (the paper's defaults)."""
+    return HEURISTIC_NETWORK if args.heuristic_network == "tuned" else {}
+
+
 def run_seed(seed: int, data: Interactions, args, models, budget: TimeBudget, results: dict) -> bool:
     """Fit and evaluate every model on one split; fills ``results[key]`` as runs finish.
     Returns False when the time budget ran out before every run of this seed was done."""
@@ -226,7 +231,7 @@ def run_seed(seed: int, data: Interactions, args, models, budget: TimeBudget, re
         del ease
     if "multvae" in models:
         slope = epochs * n_batches  # updates in a full run: beta reaches 1.0 at the last one
-        network = HEURISTIC_NETWORK if args.heuristic_network == "tuned" else {}
+        network = heuristic_network(args)
         for key, extra in [("multvae:paper", {}),
                            ("multvae:anneal-1", {**network, "anneal_cap": 1.0, "total_anneal_steps": slope})]:
             if stop():
@@ -558,8 +563,7 @@ def _main(args, argv) -> int:
         "seeds_done": [r["seed"] for r in per_seed],
         "models": models,
         "precision": args.precision,
-        "heuristic_network": ({k: list(v) if isinstance(v, tuple) else v for k, v in HEURISTIC_NETWORK.items()}
-                              if args.heuristic_network == "tuned" else "paper"),
+        "heuristic_network": heuristic_network(args) or "paper",
         "epochs": args.epochs or 200,
         "patience": args.patience,
         "anneal_steps": (args.epochs or 200) * n_batches,
