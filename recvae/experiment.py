@@ -170,13 +170,14 @@ def _write_run(out: Path, config: RunConfig, split, result: RunResult) -> None:
             logger.warning("matplotlib is not installed: no learning_curve.png (pip install 'recvae[plot]')")
 
 
-def load_run(run_dir: str | os.PathLike) -> tuple[object, dict]:
-    """The fitted model of a run directory and its ``run.json`` description."""
+def load_run(run_dir: str | os.PathLike, device=None) -> tuple[object, dict]:
+    """The fitted model of a run directory and its ``run.json`` description; ``device`` (neural
+    models) overrides the device stored with the model."""
     run_dir = Path(run_dir)
     if not (run_dir / "run.json").is_file():
         raise FileNotFoundError(f"RUN_DIR {run_dir}: not a run directory (no run.json)")
     description = json.loads((run_dir / "run.json").read_text())
-    return load_model(run_dir / "model"), description
+    return load_model(run_dir / "model", device=device), description
 
 
 def save_heldout(path: Path, users: HeldOutUsers) -> None:

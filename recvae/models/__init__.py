@@ -21,10 +21,12 @@ __all__ = [
 _CLASSES = {cls.__name__: cls for cls in (MultVAE, MultDAE, EASE, Popularity)}
 
 
-def load_model(path) -> Recommender:
-    """Load any saved model of the library; the class is read from ``path/model.json``."""
+def load_model(path, device=None) -> Recommender:
+    """Load any saved model of the library; the class is read from ``path/model.json``.
+    ``device`` is for the neural models (baselines compute with numpy on the CPU)."""
     meta_file, meta = read_model_meta(path)
     name = meta.get("class")
     if name not in _CLASSES:
         raise ValueError(f"{meta_file}: unknown model class {name!r}; expected one of {sorted(_CLASSES)}")
-    return _CLASSES[name].load(path)
+    cls = _CLASSES[name]
+    return cls.load(path, device=device) if device is not None and cls in (MultVAE, MultDAE) else cls.load(path)
