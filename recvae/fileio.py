@@ -1,13 +1,17 @@
 """Atomic file writes: a temporary file beside the target, then a rename, so a reader (or a
-crash) never sees a half-written file. Every writer of the library goes through here."""
+crash) never sees a half-written file. Every writer of the library goes through here, and so
+does every reader of the library's own JSON and ``.npz`` files, whose errors name the file."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 
@@ -37,27 +41,50 @@ def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
 
 
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[BinaryIO]:
+    """Yield a temporary binary file beside ``path``; when the block ends without error it is
+    flushed, synced, given the mode the umask gives (``mkstemp`` makes 0600) and renamed onto
+    ``path``. On any error (or Ctrl-C) it is removed and ``path`` is left untouched.
+
+    For streaming writers (downloads); the temporary name is ``.<name>.<random><suffix>``.
+    """
+    with atomic_path(path, suffix) as tmp:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield the *path* of an empty temporary file beside ``path``, for writers that want a
+    file name (``DataFrame.to_parquet``, ``savefig``); renamed onto ``path`` with the mode the
+    umask gives when the block ends without error, removed otherwise."""
+    path = Path(path)
+    folder = ensure_writable_dir(path.parent)
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=suffix)
+    except OSError as e:
+        raise PermissionError(f"cannot write to directory {folder}: {e.strerror or e}") from e
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def atomic_write(path: str | os.PathLike, write: Callable) -> None:
     """Call ``write(fileobj)`` on a temporary binary file beside ``path``, then rename it into place.
 
     On any error the temporary file is removed and ``path`` is left untouched.
     """
-    path = Path(path)
-    folder = ensure_writable_dir(path.parent)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise PermissionError(f"cannot write to directory {folder}: {e.strerror or e}") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        write(f)
 
 
 def _umask() -> int:
@@ -83,3 +110,39 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_json(path: str | os.PathLike, expect=dict):
+    """The content of a JSON file; ``ValueError`` naming the file when it is not valid JSON or
+    (``expect``) not of the expected top-level type, ``FileNotFoundError`` when absent."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (not UTF-8 text: {e.reason} at byte {e.start})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if expect is not None and not isinstance(obj, expect):
+        kind = {dict: "object", list: "array"}.get(expect, expect.__name__)
+        got = {dict: "object", list: "array", str: "string", type(None): "null"}.get(type(obj), type(obj).__name__)
+        raise ValueError(f"{path}: expected a JSON {kind} at the top level, got a {got}")
+    return obj
+
+
+def read_npz(path: str | os.PathLike, what: str = "array file") -> dict[str, np.ndarray]:
+    """All arrays of an ``.npz`` file, read without pickle; ``ValueError`` naming the file (and
+    ``what`` it should be) when it is not a readable ``.npz`` archive."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (expected the {what})")
+    if not zipfile.is_zipfile(path):  # else np.load would try (and refuse) to unpickle it
+        raise ValueError(f"{path}: damaged or not an .npz archive (expected the {what})")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise ValueError(f"{path}: damaged .npz archive, cannot read the {what} ({e})") from e

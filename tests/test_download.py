@@ -111,3 +111,24 @@ def test_bad_arguments(tmp_path):
         download("http://127.0.0.1:9/x", tmp_path / "x", "abc", show_progress=False)
     with pytest.raises(ValueError, match=r"retries: expected a non-negative integer, got -1"):
         download("http://127.0.0.1:9/x", tmp_path / "x", None, show_progress=False, retries=-1)
+
+
+def test_downloaded_file_gets_the_mode_the_umask_gives(server, tmp_path):
+    server.files["a.zip"] = BODY
+    old = os.umask(0o022)
+    try:
+        download(f"{server.url}/a.zip", tmp_path / "a.zip", sha256(BODY), show_progress=False)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.zip").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+
+
+def test_next_download_removes_parts_left_by_a_killed_one(server, tmp_path):
+    server.files["a.zip"] = BODY
+    stale = [tmp_path / ".a.zip.x1y2z3.part", tmp_path / ".a.zip.abcdef.part"]
+    for p in stale:
+        p.write_bytes(BODY[:1000])  # what a download killed mid-way leaves
+    other = tmp_path / ".b.zip.abcdef.part"  # another archive's: not ours to remove
+    other.write_bytes(b"x")
+    download(f"{server.url}/a.zip", tmp_path / "a.zip", sha256(BODY), show_progress=False)
+    assert sorted(os.listdir(tmp_path)) == [".b.zip.abcdef.part", "a.zip"]

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import http.client
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from recvae.fileio import ensure_writable_dir
+from recvae.fileio import atomic_open, ensure_writable_dir
 
 logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
+PART_SUFFIX = ".part"  # of the temporary file a download streams into
 
 
 class DownloadError(OSError):
@@ -98,33 +99,36 @@ def _expected_digest(sha256: str | None, md5: str | None) -> tuple[str, str] | N
     return None
 
 
+def _remove_stale_parts(dest: Path) -> None:
+    """Delete the temporary files an earlier, killed download of ``dest`` left beside it."""
+    for stale in dest.parent.glob(f".{glob.escape(dest.name)}.*{PART_SUFFIX}"):
+        logger.info("removing %s, left by an interrupted download", stale)
+        stale.unlink(missing_ok=True)
+
+
 def _fetch_once(url: str, dest: Path, expected: tuple[str, str] | None, show_progress: bool, timeout: float) -> None:
     sha = hashlib.sha256()
     other = hashlib.new(expected[0]) if expected and expected[0] != "sha256" else None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    except OSError as e:
-        raise PermissionError(f"cannot write to the data directory {dest.parent}: {e.strerror or e}") from e
-    try:
-        with os.fdopen(fd, "wb") as out:
-            request = urllib.request.Request(url, headers={"User-Agent": "recvae"})
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                length = response.headers.get("Content-Length")
-                total = int(length) if length and length.isdigit() else None
-                received = 0
-                with tqdm(
-                    total=total, unit="B", unit_scale=True, desc=dest.name, disable=not show_progress, leave=False
-                ) as bar:
-                    while True:
-                        chunk = response.read(_CHUNK)
-                        if not chunk:
-                            break
-                        out.write(chunk)
-                        sha.update(chunk)
-                        if other is not None:
-                            other.update(chunk)
-                        received += len(chunk)
-                        bar.update(len(chunk))
+    _remove_stale_parts(dest)
+    with atomic_open(dest, suffix=PART_SUFFIX) as out:
+        request = urllib.request.Request(url, headers={"User-Agent": "recvae"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            received = 0
+            with tqdm(
+                total=total, unit="B", unit_scale=True, desc=dest.name, disable=not show_progress, leave=False
+            ) as bar:
+                while True:
+                    chunk = response.read(_CHUNK)
+                    if not chunk:
+                        break
+                    out.write(chunk)
+                    sha.update(chunk)
+                    if other is not None:
+                        other.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
         # http.client returns a short body without raising when the server closes early
         if total is not None and received != total:
             raise DownloadError(
@@ -138,11 +142,4 @@ def _fetch_once(url: str, dest: Path, expected: tuple[str, str] | None, show_pro
             actual = actual_sha if other is None else other.hexdigest()
             if actual != digest:
                 raise ChecksumError(dest, algorithm, digest, actual, url)
-        os.replace(tmp, dest)
-        logger.info("downloaded %s to %s (%d bytes, sha256 %s)", url, dest, received, actual_sha)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    logger.info("downloaded %s to %s (%d bytes, sha256 %s)", url, dest, received, actual_sha)

@@ -91,7 +91,8 @@ def _atomic_torch_save(obj, path: Path) -> None:
 
 
 def _derived_seed(*key: int) -> int:
-    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0] >> 1)
+    # shift a Python int: numpy 1.x refuses uint64 >> int (no common integer type)
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0]) >> 1
 
 
 def _fingerprint(X: sp.csr_matrix) -> int:
