@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="re-evaluate a saved run on its test (or validation) users")
     e.add_argument("run_dir", metavar="RUN_DIR")
     e.add_argument("--split", choices=("test", "validation"), default="test")
+    e.add_argument("--device", help="cpu or cuda (default: the device saved with the run, CPU where it has no CUDA)")
     e.set_defaults(func=cmd_evaluate)
 
     r = sub.add_parser("recommend", help="top-K items for the users of a history file, known or new")
@@ -203,10 +204,10 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from recvae.evaluation import evaluate
-    from recvae.experiment import load_heldout, load_run
+    from recvae.experiment import load_run, load_run_users
 
-    model, description = load_run(args.run_dir)
-    users = load_heldout(Path(args.run_dir) / f"{args.split}.npz")
+    model, description = load_run(args.run_dir, device=args.device)
+    users = load_run_users(args.run_dir, args.split, model)
     result = evaluate(model, users.fold_in, users.heldout, ks=tuple(description.get("ks", (20, 50, 100))))
     print(f"{description['model']} on {description['data'].get('dataset') or description['data'].get('path')}")
     print(format_table({args.split: result}))

@@ -14,7 +14,6 @@ A run directory holds everything needed later::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -25,7 +24,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from recvae import __version__
-from recvae.fileio import atomic_write, ensure_writable_dir, write_json
+from recvae.fileio import atomic_write, ensure_writable_dir, read_json, read_npz, write_json
 from recvae.data import Interactions, load_movielens, read_interactions
 from recvae.data.splits import HeldOutUsers, strong_generalization_split
 from recvae.evaluation import EvaluationResult, evaluate
@@ -172,12 +171,42 @@ def _write_run(out: Path, config: RunConfig, split, result: RunResult) -> None:
 
 def load_run(run_dir: str | os.PathLike, device=None) -> tuple[object, dict]:
     """The fitted model of a run directory and its ``run.json`` description; ``device`` (neural
-    models) overrides the device stored with the model."""
+    models) overrides the device stored with the model. Errors name the file at fault."""
     run_dir = Path(run_dir)
     if not (run_dir / "run.json").is_file():
         raise FileNotFoundError(f"RUN_DIR {run_dir}: not a run directory (no run.json)")
-    description = json.loads((run_dir / "run.json").read_text())
+    description = read_json(run_dir / "run.json")
     return load_model(run_dir / "model", device=device), description
+
+
+def load_run_train(run_dir: str | os.PathLike, model) -> Interactions:
+    """The training interactions ``train.npz`` of a run directory, checked against ``model``:
+    its item ids must be the model's, in the same order (else every recommended id would be
+    another item's); ``ValueError`` naming the file otherwise."""
+    path = Path(run_dir) / "train.npz"
+    train = Interactions.load(path)
+    _check_items(path, train.n_items, model, train.item_ids)
+    return train
+
+
+def load_run_users(run_dir: str | os.PathLike, split: str, model) -> HeldOutUsers:
+    """The held-out users ``<split>.npz`` of a run directory, checked against ``model``'s items."""
+    path = Path(run_dir) / f"{split}.npz"
+    users = load_heldout(path)
+    _check_items(path, users.fold_in.shape[1], model)
+    return users
+
+
+def _check_items(path: Path, n_items: int, model, item_ids=None) -> None:
+    if n_items != model.n_items_:
+        raise ValueError(f"{path}: {n_items} items, but the model has {model.n_items_}: not the model's data")
+    model_ids = getattr(model, "item_ids_", None)
+    if item_ids is not None and model_ids is not None:
+        same = len(model_ids) == len(item_ids) and all(
+            type(a) is type(b) and a == b for a, b in zip(np.asarray(item_ids).tolist(), np.asarray(model_ids).tolist())
+        )
+        if not same:
+            raise ValueError(f"{path}: its item ids differ from the model's (model/model.json): not the model's data")
 
 
 def save_heldout(path: Path, users: HeldOutUsers) -> None:
@@ -189,7 +218,8 @@ def save_heldout(path: Path, users: HeldOutUsers) -> None:
 
 
 def load_heldout(path: Path) -> HeldOutUsers:
-    with np.load(path, allow_pickle=False) as z:
+    z = read_npz(path, "held-out users")
+    try:
         mats = {}
         for name in ("fold_in", "heldout"):
             indptr, indices = z[f"{name}_indptr"], z[f"{name}_indices"]
@@ -197,6 +227,8 @@ def load_heldout(path: Path) -> HeldOutUsers:
                 (np.ones(len(indices), dtype=np.float32), indices, indptr), shape=tuple(z[f"{name}_shape"])
             )
         return HeldOutUsers(fold_in=mats["fold_in"], heldout=mats["heldout"], user_ids=z["user_ids"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"{path}: not a valid held-out users file ({e})") from e
 
 
 def plot_learning_curve(history: list[dict], path: Path) -> None:

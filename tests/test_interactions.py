@@ -185,7 +185,7 @@ def test_npz_save_overwrites_atomically_and_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "missing.npz"))):
         Interactions.load(tmp_path / "missing.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="junk.npz: not a valid interactions cache"):
+    with pytest.raises(ValueError, match="junk.npz: damaged or not an .npz archive"):
         Interactions.load(tmp_path / "junk.npz")
 
 

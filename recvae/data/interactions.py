@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import zipfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from recvae.fileio import atomic_write
+from recvae.fileio import atomic_write, read_npz
 
 logger = logging.getLogger(__name__)
 
@@ -249,19 +248,18 @@ class Interactions:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"interactions cache not found: {path}")
-        if not zipfile.is_zipfile(path):  # else np.load would try (and refuse) to unpickle it
-            raise ValueError(f"{path}: not a valid interactions cache (not an .npz archive)")
+        z = read_npz(path, "interactions cache")
+        missing = sorted({"format_version", "indptr", "indices", "data", "shape", "user_ids", "item_ids"} - set(z))
+        if missing:
+            raise ValueError(f"{path}: not a valid interactions cache (missing {', '.join(missing)})")
+        version = int(z["format_version"])
+        if version != NPZ_FORMAT_VERSION:
+            raise ValueError(f"{path}: cache format version {version}, expected {NPZ_FORMAT_VERSION}; delete it to rebuild")
+        shape = tuple(int(s) for s in z["shape"])
         try:
-            with np.load(path, allow_pickle=False) as z:
-                version = int(z["format_version"])
-                if version != NPZ_FORMAT_VERSION:
-                    raise ValueError(
-                        f"{path}: cache format version {version}, expected {NPZ_FORMAT_VERSION}; delete it to rebuild"
-                    )
-                shape = tuple(int(s) for s in z["shape"])
-                matrix = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=shape)
-                return cls(matrix, z["user_ids"], z["item_ids"])
-        except (KeyError, OSError, EOFError) as e:  # zip damaged or keys missing
+            matrix = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=shape)
+            return cls(matrix, z["user_ids"], z["item_ids"])
+        except (ValueError, TypeError) as e:
             raise ValueError(f"{path}: not a valid interactions cache ({e})") from e
 
 

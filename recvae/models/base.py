@@ -2,28 +2,148 @@
 
 from __future__ import annotations
 
-import json
+import hashlib
+import inspect
+import logging
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import scipy.sparse as sp
 
-#: every saved model folder holds this JSON (class name, hyperparameters, item ids)
+from recvae.fileio import read_json, write_json
+
+logger = logging.getLogger(__name__)
+
+#: every saved model folder holds this JSON (class name, hyperparameters, item ids, file digests)
 MODEL_FILE = "model.json"
-#: bumped when the layout of a saved model changes
-FORMAT_VERSION = 1
+#: bumped when the layout of a saved model changes. 2: ``files`` records the SHA-256 of every
+#: weight/array file. Folders of version 1 (no digests) still load, with a warning.
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+#: keys of every model.json; a model class adds its own in ``_meta_keys``
+_META_KEYS = ("format_version", "class", "params", "n_items", "item_ids", "files")
 
 
-def read_model_meta(path) -> tuple[Path, dict]:
-    """``(path/model.json, its content)`` of a folder written by a model's ``save()``;
-    errors name the file when it is missing or of another format version."""
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_model_meta(folder: Path, model: "Recommender", params: dict, files: Sequence[str], **extra) -> Path:
+    """Write ``folder/model.json`` for ``model`` whose weight/array ``files`` (names in
+    ``folder``) are already written: class, hyperparameters, item ids, the SHA-256 of each
+    file (checked by :func:`verified_file` at load) and the class's ``extra`` fields."""
+    item_ids = getattr(model, "item_ids_", None)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "class": type(model).__name__,
+        "params": params,
+        "n_items": int(model.n_items_),
+        "item_ids": None if item_ids is None else np.asarray(item_ids).tolist(),
+        "files": {name: sha256_file(folder / name) for name in files},
+        **extra,
+    }
+    write_json(folder / MODEL_FILE, meta, indent=1)
+    return folder / MODEL_FILE
+
+
+def read_model_meta(path, cls: type | None = None) -> tuple[Path, dict]:
+    """``(path/model.json, its content)`` of a folder written by a model's ``save()``, checked:
+    errors (``ValueError``, one line) name the file and the key that is missing, unknown, of
+    another format version or inconsistent (``n_items`` vs the item ids). With ``cls``, the
+    class and its hyperparameter names are checked too."""
     meta_file = Path(path) / MODEL_FILE
     if not meta_file.is_file():
         raise FileNotFoundError(f"path: no {MODEL_FILE} in {path}; expected a folder written by a model's save()")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{meta_file}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    meta = read_json(meta_file)
+    version = meta.get("format_version")
+    if version not in _READABLE_VERSIONS:
+        raise ValueError(f"{meta_file}: format_version {version!r}, expected {FORMAT_VERSION}")
+    required = [k for k in _META_KEYS if k != "files" or version >= 2]
+    if cls is not None:
+        if meta.get("class") != cls.__name__:
+            raise ValueError(f"{meta_file}: holds a {meta.get('class')}, not a {cls.__name__}")
+        required += list(cls._meta_keys)
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise ValueError(f"{meta_file}: missing key(s) {', '.join(map(repr, missing))}")
+    if cls is not None:
+        unknown = sorted(set(meta) - set(required))
+        if unknown:
+            raise ValueError(f"{meta_file}: unknown key(s) {', '.join(map(repr, unknown))}")
+        if not isinstance(meta["params"], dict):
+            raise ValueError(f"{meta_file}: params: expected an object, got {type(meta['params']).__name__}")
+        unknown = sorted(set(meta["params"]) - set(cls._param_names()))
+        if unknown:
+            raise ValueError(f"{meta_file}: params: unknown key(s) {', '.join(map(repr, unknown))} for {cls.__name__}")
+    n_items, item_ids = meta["n_items"], meta["item_ids"]
+    if isinstance(n_items, bool) or not isinstance(n_items, int) or n_items < 1:
+        raise ValueError(f"{meta_file}: n_items: expected a positive integer, got {n_items!r}")
+    if item_ids is not None:
+        if not isinstance(item_ids, list) or len(item_ids) != n_items:
+            got = f"{len(item_ids)} ids" if isinstance(item_ids, list) else type(item_ids).__name__
+            raise ValueError(f"{meta_file}: item_ids: expected a list of n_items = {n_items} ids, got {got}")
+        if len(set(map(repr, item_ids))) != n_items:
+            raise ValueError(f"{meta_file}: item_ids: the ids are not unique")
+    files = meta.get("files")
+    if files is not None and not (
+        isinstance(files, dict) and all(isinstance(v, str) and len(v) == 64 for v in files.values())
+    ):
+        raise ValueError(f"{meta_file}: files: expected an object of file name -> SHA-256 (64 hex digits)")
     return meta_file, meta
+
+
+def verified_file(meta_file: Path, meta: dict, name: str) -> Path:
+    """The path of the model file ``name`` beside ``meta_file`` once its SHA-256 equals the one
+    ``model.json`` records; ``ValueError`` naming the file when it differs (damaged or replaced).
+    Folders of format version 1 record no digests: loaded unverified, with a warning."""
+    path = meta_file.parent / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (part of the model described by {meta_file})")
+    digests = meta.get("files")
+    if digests is None:
+        logger.warning(
+            "%s: saved by an older recvae (format_version 1) without file digests: %s is not verified; "
+            "save the model again to record them", meta_file, name,
+        )
+        return path
+    if name not in digests:
+        raise ValueError(f"{meta_file}: files: no SHA-256 recorded for {name}")
+    actual = sha256_file(path)
+    if actual != digests[name]:
+        raise ValueError(
+            f"{path}: damaged or replaced: its SHA-256 {actual[:16]}... differs from the "
+            f"{digests[name][:16]}... recorded in {meta_file}"
+        )
+    return path
+
+
+def check_finite(path: Path, arrays: dict) -> None:
+    """``ValueError`` naming the file and the first array (tensor) of ``arrays`` that holds NaN
+    or infinity: such a model would rank items arbitrarily."""
+    for name, values in arrays.items():
+        values = np.asarray(values)
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            bad = int(values.size - np.isfinite(values).sum())
+            raise ValueError(f"{path}: {name!r} holds {bad} non-finite value(s) (NaN or infinity); the model is unusable")
+
+
+def check_shapes(path: Path, arrays: dict, expected: dict) -> None:
+    """``ValueError`` naming the file when ``arrays`` lacks, adds or misshapes one of ``expected``
+    (name -> shape), e.g. weights that do not fit the stored number of items."""
+    missing = sorted(set(expected) - set(arrays))
+    unknown = sorted(set(arrays) - set(expected))
+    if missing or unknown:
+        parts = ([f"missing {missing}"] if missing else []) + ([f"unexpected {unknown}"] if unknown else [])
+        raise ValueError(f"{path}: arrays do not match the model: {', '.join(parts)}")
+    for name, shape in expected.items():
+        got = tuple(np.shape(arrays[name]))
+        if got != tuple(shape):
+            raise ValueError(f"{path}: {name!r} has shape {got}, expected {tuple(shape)} (n_items in model.json)")
 
 
 def as_csr(X, name: str = "X", n_items: int | None = None) -> sp.csr_matrix:
@@ -52,6 +172,15 @@ class Recommender:
 
     #: rows scored at once by ``score``/``recommend``; bounds dense memory to batch x items
     batch_size_predict: int = 1000
+    #: keys of this class's model.json beyond the common ones
+    _meta_keys: tuple[str, ...] = ()
+
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        """The hyperparameters: the keyword arguments of ``__init__``."""
+        sig = inspect.signature(cls.__init__)
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        return [n for n, p in sig.parameters.items() if n != "self" and p.kind in kinds]
 
     def fit(self, train, validation=None):  # pragma: no cover - abstract
         raise NotImplementedError

@@ -145,7 +145,7 @@ class EASE(Recommender):
     @classmethod
     def load(cls, path) -> "EASE":
         """A fitted model from a folder written by :meth:`save`."""
-        meta, arrays = load_baseline(cls, path)
+        meta, arrays = load_baseline(cls, path, lambda n: {"B": (n, n)})
         model = cls(**meta["params"])
         model.B_ = arrays["B"]
         model.n_items_ = int(meta["n_items"])

@@ -7,38 +7,32 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from recvae.fileio import atomic_write, write_json
-from recvae.models.base import FORMAT_VERSION, MODEL_FILE, Recommender, as_csr, read_model_meta
+from recvae.fileio import atomic_write, read_npz
+from recvae.models.base import (
+    Recommender, as_csr, check_finite, check_shapes, read_model_meta, verified_file, write_model_meta,
+)
 
 ARRAYS_FILE = "arrays.npz"
 
 
 def save_baseline(model, path, params: dict, arrays: dict) -> Path:
-    """Write ``model.json`` (class, hyperparameters, item ids) and ``arrays.npz`` into the
-    folder ``path``, each atomically; no pickle."""
+    """Write ``arrays.npz`` and then ``model.json`` (class, hyperparameters, item ids, the
+    archive's SHA-256) into the folder ``path``, each atomically; no pickle."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    item_ids = getattr(model, "item_ids_", None)
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "class": type(model).__name__,
-        "params": params,
-        "n_items": int(model.n_items_),
-        "item_ids": None if item_ids is None else np.asarray(item_ids).tolist(),
-    }
     atomic_write(path / ARRAYS_FILE, lambda f: np.savez(f, **arrays))
-    write_json(path / MODEL_FILE, meta, indent=1)
+    write_model_meta(path, model, params, [ARRAYS_FILE])
     return path
 
 
-def load_baseline(cls, path) -> tuple[dict, dict]:
-    """``(meta, arrays)`` of a folder written by :func:`save_baseline` for class ``cls``."""
-    path = Path(path)
-    meta_file, meta = read_model_meta(path)
-    if meta.get("class") != cls.__name__:
-        raise ValueError(f"{meta_file}: holds a {meta.get('class')}, not a {cls.__name__}")
-    with np.load(path / ARRAYS_FILE, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
+def load_baseline(cls, path, shapes) -> tuple[dict, dict]:
+    """``(meta, arrays)`` of a folder written by :func:`save_baseline` for class ``cls``, verified:
+    the archive's digest, ``shapes(n_items)`` (array name -> expected shape), finite values."""
+    meta_file, meta = read_model_meta(path, cls)
+    arrays_file = verified_file(meta_file, meta, ARRAYS_FILE)
+    arrays = read_npz(arrays_file, f"{cls.__name__} arrays")
+    check_shapes(arrays_file, arrays, shapes(meta["n_items"]))
+    check_finite(arrays_file, arrays)
     return meta, arrays
 
 
@@ -75,8 +69,8 @@ class Popularity(Recommender):
     @classmethod
     def load(cls, path) -> "Popularity":
         """A fitted model from a folder written by :meth:`save`."""
-        meta, arrays = load_baseline(cls, path)
-        model = cls(**meta["params"])
+        meta, arrays = load_baseline(cls, path, lambda n: {"item_counts": (n,)})
+        model = cls()
         model.item_counts_ = arrays["item_counts"].astype(np.float32)
         model.n_items_ = int(meta["n_items"])
         if meta["item_ids"] is not None:

@@ -14,11 +14,11 @@ Where the time goes and why it is fast on CPU: :mod:`recvae.models.sparse_layers
 from __future__ import annotations
 
 import csv
-import inspect
 import io
 import json
 import logging
 import math
+import pickle
 import time
 import zlib
 from pathlib import Path
@@ -30,13 +30,16 @@ from tqdm.auto import tqdm
 
 from recvae.fileio import write_bytes, write_json
 from recvae.models.annealing import ANNEAL_CAP, TOTAL_ANNEAL_STEPS, make_schedule
-from recvae.models.base import FORMAT_VERSION, MODEL_FILE, Recommender, as_csr, read_model_meta
+from recvae.models.base import (
+    Recommender, as_csr, check_finite, check_shapes, read_model_meta, verified_file, write_model_meta,
+)
 from recvae.models.networks import ACTIVATIONS, MultNetwork, NetworkConfig, build_network
 from recvae.models.sparse_layers import SparseBatch
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT_VERSION = 1  # of checkpoint.pt; a saved model's is models.base.FORMAT_VERSION
 WEIGHTS_FILE = "weights.pt"
 VALIDATION_METRIC = "val_ndcg@100"
 HISTORY_FIELDS = ["epoch", "step", "loss", "nll", "kl", "beta", "l2", VALIDATION_METRIC, "seconds", "val_seconds"]
@@ -52,14 +55,25 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; says at which epoch and update."""
 
 
+class CUDAUnavailableError(ValueError):
+    """CUDA was asked for explicitly, but this torch has no CUDA device."""
+
+
 def resolve_device(device) -> torch.device:
-    """"auto" -> CUDA when available, else CPU; anything else goes to ``torch.device``."""
+    """"auto" -> CUDA when available, else CPU; anything else goes to ``torch.device``.
+    Asking for CUDA where torch has none raises :class:`CUDAUnavailableError` (a ValueError)."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or a torch.device, got {device!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else "no usable CUDA device"
+        raise CUDAUnavailableError(
+            f"device: {str(device)!r} asks for CUDA, but this torch ({torch.__version__}) has {build}; use 'cpu' or 'auto'"
+        )
+    return dev
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -133,11 +147,6 @@ class _AutoencoderRecommender(Recommender):
     _variational: bool = True
 
     # -- scikit-learn style parameters -------------------------------------------------------
-    @classmethod
-    def _param_names(cls) -> list[str]:
-        sig = inspect.signature(cls.__init__)
-        return [p for p in sig.parameters if p != "self"]
-
     def get_params(self, deep: bool = True) -> dict:
         return {name: getattr(self, name) for name in self._param_names()}
 
@@ -160,7 +169,7 @@ class _AutoencoderRecommender(Recommender):
             p["run_dir"] = str(p["run_dir"])
         return p
 
-    def _check_params(self) -> None:
+    def _check_params(self, check_device: bool = True) -> None:
         def positive_int(name):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
@@ -193,7 +202,8 @@ class _AutoencoderRecommender(Recommender):
             make_schedule(self.beta, self.anneal_cap, self.total_anneal_steps)  # raises on bad values
             if self.kl_weighting not in KL_WEIGHTINGS:
                 raise ValueError(f"kl_weighting: expected one of {list(KL_WEIGHTINGS)}, got {self.kl_weighting!r}")
-        resolve_device(self.device)
+        if check_device:
+            resolve_device(self.device)
 
     def _config(self, n_items: int) -> NetworkConfig:
         return NetworkConfig(n_items=n_items, hidden_dims=tuple(int(d) for d in self.hidden_dims),
@@ -397,7 +407,7 @@ class _AutoencoderRecommender(Recommender):
 
     def _write_checkpoint(self, path, network, optimizer, state, seed, X, fingerprint) -> None:
         payload = {
-            "format_version": FORMAT_VERSION,
+            "format_version": CHECKPOINT_FORMAT_VERSION,
             "class": type(self).__name__,
             "params": json.dumps(self._json_params()),
             "seed": int(seed),
@@ -413,9 +423,9 @@ class _AutoencoderRecommender(Recommender):
 
     def _check_checkpoint(self, ckpt: dict, X: sp.csr_matrix) -> None:
         where = f"{Path(self.run_dir) / CHECKPOINT_FILE}"
-        if ckpt.get("format_version") != FORMAT_VERSION or ckpt.get("class") != type(self).__name__:
+        if ckpt.get("format_version") != CHECKPOINT_FORMAT_VERSION or ckpt.get("class") != type(self).__name__:
             raise ValueError(f"resume: {where} holds a {ckpt.get('class')} checkpoint "
-                             f"(format {ckpt.get('format_version')}), expected {type(self).__name__} format {FORMAT_VERSION}")
+                             f"(format {ckpt.get('format_version')}), expected {type(self).__name__} format {CHECKPOINT_FORMAT_VERSION}")
         if (ckpt["n_users"], ckpt["n_items"], ckpt["nnz"]) != (X.shape[0], X.shape[1], X.nnz) \
                 or ckpt["fingerprint"] != _fingerprint(X):
             raise ValueError(f"resume: {where} was trained on other data (shape {ckpt['n_users']}x{ckpt['n_items']}, "
@@ -442,51 +452,58 @@ class _AutoencoderRecommender(Recommender):
         return logits.cpu().numpy()
 
     # -- save / load --------------------------------------------------------------------------
+    _meta_keys = ("seed", "best_epoch", "best_score", "best_beta", "stopped_early", "history")
+
     def save(self, path) -> Path:
-        """Write ``weights.pt`` (state dict) and ``model.json`` (hyperparameters, item ids,
-        training summary) into the folder ``path``; both atomically. No pickle."""
+        """Write ``weights.pt`` (state dict), then ``model.json`` (hyperparameters, item ids,
+        the weights' SHA-256, training summary) into the folder ``path``; both atomically. No pickle."""
         self._check_fitted()
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in self.module_.state_dict().items()}
         _atomic_torch_save(state, path / WEIGHTS_FILE)
-        item_ids = getattr(self, "item_ids_", None)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "class": type(self).__name__,
-            "params": self._json_params(),
-            "n_items": int(self.n_items_),
-            "item_ids": None if item_ids is None else item_ids.tolist(),
-            "seed": int(self.seed_),
-            "best_epoch": self.best_epoch_,
-            "best_score": self.best_score_,
-            "best_beta": self.best_beta_,
-            "stopped_early": self.stopped_early_,
-            "history": self.history_,
-        }
-        write_json(path / MODEL_FILE, meta, indent=1)
+        write_model_meta(
+            path, self, self._json_params(), [WEIGHTS_FILE],
+            seed=int(self.seed_), best_epoch=self.best_epoch_, best_score=self.best_score_,
+            best_beta=self.best_beta_, stopped_early=self.stopped_early_, history=self.history_,
+        )
         return path
 
     @classmethod
     def load(cls, path, device=None):
-        """A fitted estimator from a folder written by :meth:`save` (``device`` overrides the saved one)."""
+        """A fitted estimator from a folder written by :meth:`save`, verified (weights' digest,
+        shapes against the stored item count, finite values). ``device`` (e.g. "cpu", "cuda")
+        overrides the saved one; the saved one is a preference: a model trained on CUDA loads
+        on the CPU where there is no CUDA."""
         path = Path(path)
-        meta_file, meta = read_model_meta(path)
         target = cls
         if cls is _AutoencoderRecommender:
+            meta_file, meta = read_model_meta(path)
             target = _REGISTRY.get(meta.get("class"))
             if target is None:
                 raise ValueError(f"{meta_file}: unknown class {meta.get('class')!r}, expected one of {sorted(_REGISTRY)}")
-        elif meta.get("class") != cls.__name__:
-            raise ValueError(f"{meta_file}: holds a {meta.get('class')}, not a {cls.__name__}; use recvae.models.vae.load")
+        meta_file, meta = read_model_meta(path, target)
         params = dict(meta["params"])
-        params["hidden_dims"] = tuple(params["hidden_dims"])
+        dev = resolve_device(device) if device is not None else _stored_device(params.get("device"), meta_file)
+        try:
+            params["hidden_dims"] = tuple(params["hidden_dims"])
+            model = target(**params)
+            model._check_params(check_device=False)
+            network = build_network(model._config(int(meta["n_items"])))
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"{meta_file}: params: {e}") from None
         if device is not None:
-            params["device"] = device
-        model = target(**params)
-        dev = resolve_device(model.device)
-        network = build_network(model._config(int(meta["n_items"])))
-        state = torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+            model.device = device
+        weights_file = verified_file(meta_file, meta, WEIGHTS_FILE)
+        try:
+            state = torch.load(weights_file, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:  # truncated, not torch's
+            raise ValueError(f"{weights_file}: not a readable weights file ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{weights_file}: expected a state dict of tensors")
+        expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
+        check_shapes(weights_file, state, expected)
+        check_finite(weights_file, {k: v.detach().float().numpy() for k, v in state.items()})
         network.load_state_dict(state)
         network.to(dev).eval()
         model.module_ = network
@@ -501,6 +518,15 @@ class _AutoencoderRecommender(Recommender):
         model.stopped_early_ = meta["stopped_early"]
         model.history_ = meta["history"]
         return model
+
+
+def _stored_device(stored, meta_file: Path) -> torch.device:
+    """The device saved with a model is a preference: CUDA where this torch has none means CPU."""
+    try:
+        return resolve_device(stored)
+    except CUDAUnavailableError:
+        logger.info("%s: trained on %s; this machine has no CUDA, loading on the CPU", meta_file, stored)
+        return torch.device("cpu")
 
 
 class MultVAE(_AutoencoderRecommender):
