@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -13,11 +14,22 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from recvae import __version__
+from recvae.optional import MissingDependencyError
+
 logger = logging.getLogger("recvae")
 
 
 class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
+
+
+#: what a user gets wrong: bad input files, arguments, missing optional packages. Printed as one
+#: line (the traceback only with --debug); any other exception is a bug and shows its traceback.
+USER_ERRORS = (CLIError, ValueError, OSError, KeyError, MissingDependencyError)
+#: library parameter names whose flag is not the option of the same dest; None: never rewritten
+#: (``data: ...`` is a word of the library's messages, not the --data flag)
+PARAM_FLAGS = {"random_state": "--seed", "data": None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,10 +40,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args) or 0
-    except (CLIError, ValueError, OSError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"recvae: error: {msg}", file=sys.stderr)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"recvae: error: {user_message(e, parser, args.command)}", file=sys.stderr)
         return 2
+
+
+def user_message(error: BaseException, parser: argparse.ArgumentParser, command: str) -> str:
+    """The one line a user error prints: the library's parameter names (``item_col: ...``)
+    become the flags the user typed (``--item-col: ...``), the only place where this is done."""
+    msg = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    msg = " ".join(str(msg).split())  # one line, whatever the parser (pandas, torch) put in it
+    flags = command_flags(parser, command)
+    pattern = r"(?<![\w./-])(" + "|".join(map(re.escape, sorted(flags, key=len, reverse=True))) + r")(?=:)"
+    return re.sub(pattern, lambda m: flags[m.group(1)], msg) if flags else msg
+
+
+def command_flags(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
+    """Parameter name -> flag of ``command``'s options, e.g. ``item_col`` -> ``--item-col``."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    flags = {}
+    for action in sub._actions:
+        long = [o for o in action.option_strings if o.startswith("--")]
+        if long and action.dest not in PARAM_FLAGS:
+            flags[action.dest] = long[0]
+    flags.update({k: v for k, v in PARAM_FLAGS.items() if v is not None and v in flags.values()})
+    return flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,14 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="recvae",
         description="Mult-VAE / Mult-DAE collaborative filtering (Liang et al., WWW 2018) with the paper's protocol.",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the results")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    # also accepted after the command; SUPPRESS keeps the global value when it is not given there
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = sub.add_parser("datasets", help="list the MovieLens datasets, where they are looked for, which are present")
+    d = sub.add_parser("datasets", parents=[common], help="list the MovieLens datasets, where they are looked for, which are present")
     d.add_argument("--data-dir", help="data directory (default: $RECVAE_DATA, else ./data)")
     d.set_defaults(func=cmd_datasets)
 
-    t = sub.add_parser("train", help="train a model with the paper's protocol and print its test metrics")
+    t = sub.add_parser("train", parents=[common], help="train a model with the paper's protocol and print its test metrics")
     src = t.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="a MovieLens name (see `recvae datasets`)")
     src.add_argument("--data", metavar="FILE", help="an interaction file: CSV, TSV, GroupLens '::' (.dat) or Parquet")
@@ -75,13 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--show", type=int, default=3, metavar="N", help="print top-10 lists for N test users (default 3)")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("evaluate", help="re-evaluate a saved run on its test (or validation) users")
+    e = sub.add_parser("evaluate", parents=[common], help="re-evaluate a saved run on its test (or validation) users")
     e.add_argument("run_dir", metavar="RUN_DIR")
     e.add_argument("--split", choices=("test", "validation"), default="test")
     e.add_argument("--device", help="cpu or cuda (default: the device saved with the run, CPU where it has no CUDA)")
     e.set_defaults(func=cmd_evaluate)
 
-    r = sub.add_parser("recommend", help="top-K items for the users of a history file, known or new")
+    r = sub.add_parser("recommend", parents=[common], help="top-K items for the users of a history file, known or new")
     r.add_argument("run_dir", metavar="RUN_DIR")
     r.add_argument("--input", required=True, help="history file (CSV, TSV, Parquet) with user and item columns")
     r.add_argument("--user-col", default="user")

@@ -176,6 +176,10 @@ def load_run(run_dir: str | os.PathLike, device=None) -> tuple[object, dict]:
     if not (run_dir / "run.json").is_file():
         raise FileNotFoundError(f"RUN_DIR {run_dir}: not a run directory (no run.json)")
     description = read_json(run_dir / "run.json")
+    for key, kind in (("model", str), ("data", dict)):
+        if not isinstance(description.get(key), kind):
+            raise ValueError(f"{run_dir / 'run.json'}: {key}: expected a {'string' if kind is str else 'JSON object'}, "
+                             f"got {description.get(key)!r}")
     return load_model(run_dir / "model", device=device), description
 
 

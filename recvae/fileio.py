@@ -127,9 +127,9 @@ def read_json(path: str | os.PathLike, expect=dict):
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     if expect is not None and not isinstance(obj, expect):
-        kind = {dict: "object", list: "array"}.get(expect, expect.__name__)
-        got = {dict: "object", list: "array", str: "string", type(None): "null"}.get(type(obj), type(obj).__name__)
-        raise ValueError(f"{path}: expected a JSON {kind} at the top level, got a {got}")
+        names = {dict: "an object", list: "an array", str: "a string", type(None): "null", bool: "a boolean"}
+        got = names.get(type(obj), f"a {type(obj).__name__}")
+        raise ValueError(f"{path}: expected {names.get(expect, expect.__name__)} at the top level of the JSON, got {got}")
     return obj
 
 

@@ -18,6 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from recvae.fileio import atomic_write, read_npz
+from recvae.optional import require
 
 logger = logging.getLogger(__name__)
 
@@ -337,11 +338,10 @@ def read_table(
         opener = lambda: open(p, "rb")  # noqa: E731
     fmt, sep = _resolve_format(path_str, sep, format)
     if fmt == "parquet":
+        require("pyarrow", f"{path_str}: reading Parquet")
         try:
             with opener() as f:
                 df = pd.read_parquet(f)
-        except ImportError as e:
-            raise ImportError(f"{path_str}: reading Parquet needs pyarrow (pip install recvae[parquet])") from e
         except Exception as e:
             raise ValueError(f"{path_str}: could not read as Parquet: {e}") from e
         if names is not None:
