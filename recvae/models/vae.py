@@ -208,8 +208,9 @@ class _AutoencoderRecommender(Recommender):
         if self.patience is not None:
             positive_int("patience")
         if self.random_state is not None and (isinstance(self.random_state, bool)
-                                              or not isinstance(self.random_state, (int, np.integer))):
-            raise ValueError(f"random_state: expected None or an integer, got {self.random_state!r}")
+                                              or not isinstance(self.random_state, (int, np.integer))
+                                              or self.random_state < 0):
+            raise ValueError(f"random_state: expected None or a non-negative integer, got {self.random_state!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision: expected 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         if self._variational:
