@@ -6,6 +6,8 @@ import argparse
 import logging
 import os
 import re
+import shlex
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -32,9 +34,19 @@ USER_ERRORS = (CLIError, ValueError, OSError, KeyError, MissingDependencyError)
 PARAM_FLAGS = {"random_state": "--seed", "data": None}
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt for SIGINT."""
+
+
+#: exit statuses of a run stopped by a signal: 128 + the signal's number, as a shell reports it
+EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the resume command it prints
+    args.prog = sys.argv[0] if argv is None and Path(sys.argv[0]).name == "recvae" else "recvae"
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr
     )
@@ -111,7 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--n-heldout-users", type=int, help="validation and test users each (default: the library's rule)")
     t.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     t.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="training matmul precision of neural models; auto: bf16 where it is fast")
-    t.add_argument("--out", metavar="RUN_DIR", help="write the run directory here")
+    t.add_argument("--out", metavar="RUN_DIR", help="write the run directory here (a new or empty directory)")
+    mode = t.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true", help="empty the run directory --out first")
+    mode.add_argument("--resume", action="store_true",
+                      help="continue the run in --out from its checkpoint (same options; --epochs, --patience, "
+                           "--lr, --device, --precision may change)")
+    t.add_argument("--keep-checkpoint", action="store_true",
+                   help="keep checkpoint.pt when training finishes (to --resume with more --epochs later)")
     t.add_argument("--show", type=int, default=3, metavar="N", help="print top-10 lists for N test users (default 3)")
     t.set_defaults(func=cmd_train)
 
@@ -224,15 +243,52 @@ def cmd_datasets(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from recvae.experiment import RunConfig, make_model, run
+    from recvae.experiment import ResumeMismatch, RunConfig, RunFinished, make_model, run
+    from recvae.models.vae import NonFiniteLossError, checkpoint_epoch
+    from recvae.optional import MissingDependencyError
 
+    if (args.resume or args.overwrite or args.keep_checkpoint) and not args.out:
+        flag = "--resume" if args.resume else "--overwrite" if args.overwrite else "--keep-checkpoint"
+        raise CLIError(f"{flag}: needs --out, the run directory")
     spec = data_spec_from_args(args)
     params = model_params_from_args(args)
-    make_model(args.model, **params)  # fail on a bad model name or parameter before loading data
+    try:  # a bad model name or parameter fails before the data is read
+        model = make_model(args.model, **params)
+    except ValueError as e:
+        name, _, rest = str(e).partition(":")
+        raise CLIError(f"{flag_of(name)}:{rest}" if name in params else str(e)) from None
     config = RunConfig(
         data=spec, model=args.model, params=params, split_seed=args.split_seed, n_heldout_users=args.n_heldout_users
     )
-    result = run(config, out=args.out, show_progress=not args.quiet)
+    previous = _on_sigterm(_raise_terminated)
+    try:
+        result = run(config, out=args.out, show_progress=not args.quiet, resume=args.resume,
+                     overwrite=args.overwrite, keep_checkpoint=args.keep_checkpoint)
+    except (KeyboardInterrupt, Terminated) as e:
+        name, code = ("SIGINT", EXIT_SIGINT) if isinstance(e, KeyboardInterrupt) else ("SIGTERM", EXIT_SIGTERM)
+        epoch = checkpoint_epoch(args.out) if args.out and Path(args.out).is_dir() else None
+        if not args.out:
+            line = "during training; no --out was given, so nothing was kept"
+        elif epoch is None:
+            line = f"before a checkpoint was written; start again with: {resume_command(args)}"
+        else:
+            line = f"after epoch {epoch} (checkpoint in {args.out}); resume with: {resume_command(args)}"
+        print(f"recvae: stopped by {name} {line}", file=sys.stderr)
+        return code
+    except NonFiniteLossError as e:
+        print(f"recvae: error: {non_finite_message(e, args, model.lr)}", file=sys.stderr)
+        return 2
+    except RunFinished as e:
+        print(f"recvae: {e}", file=sys.stderr)
+        return 0
+    except ResumeMismatch as e:
+        detail = "; ".join(f"{flag_of(k)}: {a!r} in the run, now {b!r}" for k, a, b in e.differences)
+        raise CLIError(f"--resume: {Path(args.out) / 'run.json'} was made with other settings ({detail}); "
+                       "use the options of the interrupted run") from None
+    except MissingDependencyError as e:
+        raise CLIError(str(e)) from None
+    finally:
+        _on_sigterm(previous)
     print(f"\n{args.model} on {spec.name}: trained in {result.train_seconds:.1f} s")
     print(format_table({"validation": result.validation, "test": result.test}))
     if args.out:
@@ -240,6 +296,61 @@ def cmd_train(args) -> int:
     if args.show > 0:
         print_examples(result, spec, args.show)
     return 0
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _on_sigterm(handler):
+    """Install ``handler`` for SIGTERM; returns the previous one (None outside the main thread,
+    where Python cannot handle signals)."""
+    try:
+        return signal.signal(signal.SIGTERM, handler if handler is not None else signal.SIG_DFL)
+    except ValueError:
+        return None
+
+
+def resume_command(args, lr: float | None = None) -> str:
+    """The user's command with --resume added and --overwrite removed (and --lr set to ``lr``)."""
+    argv, skip = [], False
+    for a in args.argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--overwrite" or (lr is not None and a.startswith("--lr=")):
+            continue
+        if lr is not None and a == "--lr":
+            skip = True
+            continue
+        argv.append(a)
+    if "--resume" not in argv:
+        argv.append("--resume")
+    if lr is not None:
+        argv += ["--lr", f"{lr:g}"]
+    return shlex.join([args.prog, *argv])
+
+
+def non_finite_message(e, args, lr: float) -> str:
+    """One line: where the loss diverged, what was kept, how to go on."""
+    head = f"non-finite training loss at epoch {e.epoch}, update {e.update} with --lr {lr:g}"
+    if e.kept_epoch is None:
+        left = f", nothing written to --out {args.out}" if args.out else ""
+        return (f"{head}: no epoch had finished, nothing was learnt{left}; lower --lr (e.g. --lr {lr / 10:g}) "
+                "or try --precision fp32")
+    if not args.out:
+        return f"{head}; training ended with the weights of epoch {e.kept_epoch}; lower --lr or try --precision fp32"
+    from recvae.models.vae import checkpoint_epoch
+
+    return (f"{head}; {args.out} holds the model of epoch {e.kept_epoch} (evaluate and recommend work on it); "
+            f"to go on from the checkpoint of epoch {checkpoint_epoch(args.out)} with half the learning rate: "
+            f"{resume_command(args, lr=lr / 2)}")
+
+
+def flag_of(setting: str) -> str:
+    """The command-line flag of a RunConfig setting (``data.path`` -> ``--data``)."""
+    name = setting.split(".")[-1]
+    return {"path": "--data", "random_state": "--seed", "ks": "ks"}.get(name, "--" + name.replace("_", "-"))
 
 
 def cmd_evaluate(args) -> int:

@@ -10,12 +10,19 @@ A run directory holds everything needed later::
     history.csv/.json   per-epoch history (neural models)
     metrics.json        validation and test metrics (mean, stderr, n_users)
     learning_curve.png  loss, KL, beta and validation NDCG@100 per epoch (needs matplotlib)
+    checkpoint.pt       while a neural model trains (removed when it finishes unless kept)
+
+``run.json`` and the three ``.npz`` files are written before training starts, so an interrupted
+run directory says what it was; ``metrics.json`` is written last, once the model is there.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,11 +36,35 @@ from recvae.data import Interactions, load_movielens, read_interactions
 from recvae.data.splits import HeldOutUsers, strong_generalization_split
 from recvae.evaluation import EvaluationResult, evaluate
 from recvae.models import EASE, MultDAE, MultVAE, Popularity, load_model
+from recvae.models.base import MODEL_FILE
+from recvae.models.vae import CHECKPOINT_FILE, MODEL_DIR, NonFiniteLossError
+from recvae.optional import available, require
 
 logger = logging.getLogger(__name__)
 
 MODELS = {"multvae": MultVAE, "multdae": MultDAE, "ease": EASE, "popularity": Popularity}
 REPORT_METRICS = ("recall@20", "recall@50", "ndcg@100")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+#: what a run directory may hold: --overwrite empties only a folder made of these
+RUN_FILES = {"run.json", MODEL_DIR, "train.npz", "validation.npz", "test.npz", "history.csv", "history.json",
+             "metrics.json", "learning_curve.png", CHECKPOINT_FILE}
+#: model parameters a resumed run may change (see MultVAE.fit); the rest must equal run.json's
+RESUMABLE_PARAMS = ("epochs", "patience", "lr", "device", "precision", "show_progress", "eval_batch_size",
+                    "run_dir", "keep_checkpoint")
+
+
+class RunFinished(Exception):
+    """``resume=True`` on a run directory whose run finished: there is nothing to continue."""
+
+
+class ResumeMismatch(ValueError):
+    """``resume=True`` with settings that differ from the run directory's ``run.json``.
+    ``differences``: ``(setting, in run.json, now)`` with settings named as ``RunConfig`` fields
+    (``data.path``, ``split_seed``, ``params.dropout``, ...)."""
+
+    def __init__(self, message: str, differences: list[tuple[str, object, object]]):
+        super().__init__(message)
+        self.differences = differences
 
 
 @dataclass
@@ -58,6 +89,11 @@ class DataSpec:
     @property
     def name(self) -> str:
         return self.dataset if self.dataset else Path(self.path).stem
+
+    def check_optional(self) -> None:
+        """Fail now, not after hours, when reading the data needs a package that is missing."""
+        if self.path is not None and Path(self.path).suffix.lower() in PARQUET_SUFFIXES:
+            require("pyarrow", f"data {self.path}: reading Parquet")
 
     def load(self, show_progress: bool = False) -> Interactions:
         if self.dataset is not None:
@@ -92,10 +128,13 @@ class RunConfig:
 
 
 def make_model(name: str, **params):
-    """A model of the library by name (``multvae``, ``multdae``, ``ease``, ``popularity``)."""
+    """A model of the library by name (``multvae``, ``multdae``, ``ease``, ``popularity``), its
+    hyperparameters checked (so a bad value fails before any data is read or written)."""
     if name not in MODELS:
         raise ValueError(f"model: unknown model {name!r}; expected one of {sorted(MODELS)}")
-    return MODELS[name](**params)
+    model = MODELS[name](**params)
+    model._check_params()
+    return model
 
 
 @dataclass
@@ -105,33 +144,155 @@ class RunResult:
     test: EvaluationResult
     train_seconds: float
     split: object  # the StrongSplit the model was trained and evaluated on
+    error: NonFiniteLossError | None = None  # training diverged; the model is its best epoch before
 
 
-def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: bool = False) -> RunResult:
-    """Train ``config.model`` with the paper's protocol; write the run directory when ``out`` is given."""
+def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: bool = False,
+        resume: bool = False, overwrite: bool = False, keep_checkpoint: bool = False) -> RunResult:
+    """Train ``config.model`` with the paper's protocol; write the run directory when ``out`` is given.
+
+    ``out`` must be new or empty, unless ``overwrite`` (a run directory is emptied first) or
+    ``resume`` (continue the run there from its checkpoint: the settings must equal its
+    ``run.json`` except ``RESUMABLE_PARAMS``; :class:`RunFinished` when it finished).
+    ``keep_checkpoint`` keeps ``checkpoint.pt`` after a successful finish. Everything is checked
+    before anything is written. A non-finite loss after a good epoch writes the whole run
+    directory with that epoch's model, then raises the :class:`NonFiniteLossError`; at epoch 1
+    it removes what this run wrote.
+    """
+    make_model(config.model, **config.params)
+    config.data.check_optional()
+    out = Path(out) if out is not None else None
+    if out is None and (resume or overwrite or keep_checkpoint):
+        raise ValueError("resume, overwrite and keep_checkpoint need a run directory (out)")
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run, or replace it")
+    if out is not None:
+        check_out_dir(out, config, resume=resume, overwrite=overwrite)
+    plot = available("matplotlib")
+    if out is not None and not plot:
+        logger.warning("matplotlib is not installed: no learning_curve.png (pip install 'recvae[plot]')")
     interactions = config.data.load(show_progress=show_progress)
     split = strong_generalization_split(interactions, n_heldout_users=config.n_heldout_users, seed=config.split_seed)
-    out = Path(out) if out is not None else None
+    created = False
     if out is not None:  # only once the data is known good: a bad input leaves no folder behind
+        created = not out.exists()
         _prepare_dir(out)
-    result = fit_and_evaluate(split, config.model, config.params, ks=config.ks, run_dir=out)
+        if overwrite:
+            _empty_dir(out)
+        _write_description(out, config, split)
+    params = dict(config.params)
+    if out is not None and config.model in ("multvae", "multdae"):
+        params.update(run_dir=str(out), keep_checkpoint=keep_checkpoint)
+    try:
+        result = fit_and_evaluate(split, config.model, params, ks=config.ks, resume=resume)
+    except NonFiniteLossError:
+        if out is not None and not resume:  # nothing learnt: leave nothing of this run behind
+            shutil.rmtree(out) if created else _empty_dir(out)
+        raise
     if out is not None:
-        _write_run(out, config, split, result)
+        _write_results(out, result, plot)
+    if result.error is not None:
+        raise result.error
     return result
 
 
-def fit_and_evaluate(split, model: str, params: dict, ks=(20, 50, 100), run_dir: Path | None = None) -> RunResult:
-    """Fit a model by name on ``split.train`` (early stopping on validation), evaluate validation and test."""
-    params = dict(params)
-    if model in ("multvae", "multdae") and run_dir is not None:
-        params.setdefault("run_dir", str(run_dir))
+def fit_and_evaluate(split, model: str, params: dict, ks=(20, 50, 100), resume: bool = False) -> RunResult:
+    """Fit a model by name on ``split.train`` (early stopping on validation), evaluate validation and test.
+
+    A neural model with ``run_dir`` in ``params`` checkpoints there and saves itself into
+    ``run_dir/model``; ``resume`` continues from its checkpoint (or, when fit had finished and
+    only the evaluation was cut short, takes its saved model). A non-finite loss after a good
+    epoch evaluates the epoch kept and returns the error in ``RunResult.error``.
+    """
     estimator = make_model(model, **params)
+    run_dir = getattr(estimator, "run_dir", None)
+    resume = resume and run_dir is not None
+    error = None
     start = time.perf_counter()
-    estimator.fit(split.train, validation=split.validation)
+    try:
+        if resume and not (Path(run_dir) / CHECKPOINT_FILE).exists() and (Path(run_dir) / MODEL_DIR / MODEL_FILE).exists():
+            estimator = load_model(Path(run_dir) / MODEL_DIR, device=params.get("device"))
+        else:
+            estimator.fit(split.train, validation=split.validation, **({"resume": True} if resume else {}))
+    except NonFiniteLossError as e:
+        if e.kept_epoch is None:
+            raise
+        error = e
     train_seconds = time.perf_counter() - start
     val = evaluate(estimator, split.validation, ks=ks)
     test = evaluate(estimator, split.test, ks=ks)
-    return RunResult(estimator, val, test, train_seconds, split)
+    return RunResult(estimator, val, test, train_seconds, split, error)
+
+
+def check_out_dir(out: Path, config: RunConfig, resume: bool = False, overwrite: bool = False) -> None:
+    """Whether ``out`` may take this run: new or empty; a run directory with ``overwrite``; the
+    same run's directory with ``resume``. Raises naming the directory (and setting) otherwise."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries:
+        if resume:
+            logger.info("resume: %s is empty or absent; starting the run from scratch", out)
+        return
+    listing = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+    if not resume and not overwrite:
+        raise ValueError(f"--out {out}: the directory already holds files ({listing}); pass --overwrite to "
+                         "replace them, or --resume to continue the run there")
+    if overwrite:
+        foreign = [n for n in entries if n not in RUN_FILES and not _is_temporary(n)]
+        if foreign:
+            raise ValueError(f"--out {out}: --overwrite empties only run directories, and this one holds other "
+                             f"files ({', '.join(foreign[:5])}); choose a new or empty directory")
+        return
+    if not (out / "run.json").is_file():
+        raise ValueError(f"--out {out}: not a run directory (no run.json): nothing to resume")
+    saved = read_json(out / "run.json")
+    differences = resume_differences(config, saved)
+    if differences:
+        detail = "; ".join(f"{k}: {a!r} in run.json, now {b!r}" for k, a, b in differences)
+        raise ResumeMismatch(f"resume: the settings differ from {out / 'run.json'} ({detail})", differences)
+    if (out / "metrics.json").is_file() and not (out / CHECKPOINT_FILE).is_file():
+        raise RunFinished(f"--out {out}: the run has finished (metrics.json, no {CHECKPOINT_FILE}): nothing to resume")
+
+
+def resume_differences(config: RunConfig, saved: dict) -> list[tuple[str, object, object]]:
+    """``(setting, saved, now)`` for each setting of ``config`` a resume may not change."""
+    now = _description(config)
+    diff = [(f"data.{k}", v, now["data"].get(k)) for k, v in saved.get("data", {}).items() if v != now["data"].get(k)]
+    split_now = {"split_seed": config.split_seed, "n_heldout_users": config.n_heldout_users}
+    split_saved = saved.get("split_settings", {})
+    diff += [(k, split_saved.get(k), v) for k, v in split_now.items() if split_saved.get(k) != v]
+    if saved.get("model") != config.model:
+        return diff + [("model", saved.get("model"), config.model)]
+    a, b = _all_params(config.model, saved.get("params", {})), _all_params(config.model, now["params"])
+    diff += [(f"params.{k}", a.get(k), b.get(k)) for k in a if k not in RESUMABLE_PARAMS and a.get(k) != b.get(k)]
+    if saved.get("ks") != now["ks"]:
+        diff.append(("ks", saved.get("ks"), now["ks"]))
+    return diff
+
+
+def _all_params(model: str, params: dict) -> dict:
+    """``params`` completed with the model's defaults, as JSON would store them (tuples as lists)."""
+    defaults = {k: p.default for k, p in inspect.signature(MODELS[model].__init__).parameters.items() if k != "self"}
+    return json.loads(json.dumps({**defaults, **params}, default=str))
+
+
+def _description(config: RunConfig, split=None) -> dict:
+    description = {
+        "recvae_version": __version__,
+        "data": asdict(config.data),
+        "split_settings": {"split_seed": config.split_seed, "n_heldout_users": config.n_heldout_users},
+        "model": config.model,
+        "params": config.params,
+        "ks": list(config.ks),
+    }
+    if split is not None:
+        description["split"] = split.describe()
+    return json.loads(json.dumps(description, default=str))
+
+
+def _is_temporary(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")
 
 
 def _prepare_dir(out: Path) -> None:
@@ -141,32 +302,34 @@ def _prepare_dir(out: Path) -> None:
         raise PermissionError(f"--out {out}: {e}") from e
 
 
-def _write_run(out: Path, config: RunConfig, split, result: RunResult) -> None:
-    result.model.save(out / "model")
+def _empty_dir(out: Path) -> None:
+    for p in out.iterdir():
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def _write_description(out: Path, config: RunConfig, split) -> None:
+    """What the run is, before it trains: run.json and the split's interactions."""
     split.train.save(out / "train.npz")
     save_heldout(out / "validation.npz", split.validation)
     save_heldout(out / "test.npz", split.test)
-    description = {
-        "recvae_version": __version__,
-        "data": asdict(config.data),
-        "split": split.describe(),
-        "model": config.model,
-        "params": config.params,
-        "ks": list(config.ks),
-    }
-    write_json(out / "run.json", description)
+    write_json(out / "run.json", _description(config, split))
+
+
+def _write_results(out: Path, result: RunResult, plot: bool = True) -> None:
+    """The model (neural models saved themselves into out/model), metrics.json, then the picture:
+    a failure drawing it must not lose the numbers."""
+    if getattr(result.model, "run_dir", None) is None:
+        result.model.save(out / MODEL_DIR)
     metrics = {
         "train_seconds": result.train_seconds,
         "validation": result.validation.to_dict() if result.validation else None,
         "test": result.test.to_dict(),
+        "ended": "completed" if result.error is None else str(result.error),
     }
     write_json(out / "metrics.json", metrics)
     history = getattr(result.model, "history_", None)
-    if history:
-        try:
-            plot_learning_curve(history, out / "learning_curve.png")
-        except ImportError:
-            logger.warning("matplotlib is not installed: no learning_curve.png (pip install 'recvae[plot]')")
+    if history and plot:
+        plot_learning_curve(history, out / "learning_curve.png")
 
 
 def load_run(run_dir: str | os.PathLike, device=None) -> tuple[object, dict]:
@@ -175,6 +338,9 @@ def load_run(run_dir: str | os.PathLike, device=None) -> tuple[object, dict]:
     run_dir = Path(run_dir)
     if not (run_dir / "run.json").is_file():
         raise FileNotFoundError(f"RUN_DIR {run_dir}: not a run directory (no run.json)")
+    if not (run_dir / MODEL_DIR / MODEL_FILE).is_file() and not (run_dir / "metrics.json").is_file():
+        raise FileNotFoundError(f"RUN_DIR {run_dir}: the run has not finished (no model yet); continue it with "
+                                "the `recvae train` command that started it plus --resume")
     description = read_json(run_dir / "run.json")
     for key, kind in (("model", str), ("data", dict)):
         if not isinstance(description.get(key), kind):

@@ -13,7 +13,7 @@ from recvae.data import Interactions
 from recvae.evaluation import evaluate
 from recvae.models.annealing import ConstantBeta, LinearAnnealing, cap_from_history, make_schedule
 from recvae.models.networks import MultNetwork
-from recvae.models.vae import MultDAE, MultVAE, NonFiniteLossError, load
+from recvae.models.vae import MultDAE, MultVAE, NonFiniteLossError, checkpoint_epoch, load
 
 SMALL = dict(hidden_dims=(16,), latent_dim=4, batch_size=50, random_state=0, device="cpu")
 
@@ -65,7 +65,7 @@ def test_vae_defaults_are_the_notebooks():
         hidden_dims=(600,), latent_dim=200, dropout=0.5, activation="tanh", lam=0.0, anneal_cap=0.2,
         total_anneal_steps=200_000, beta=None, kl_weighting="uniform", epochs=200, batch_size=500, lr=1e-3, patience=None,
         random_state=None, device="auto", precision="auto", eval_batch_size=2000, show_progress=False,
-        run_dir=None)
+        run_dir=None, keep_checkpoint=False)
 
 
 def test_dae_defaults_are_the_notebooks():
@@ -246,7 +246,7 @@ def test_lam_adds_the_l2_penalty_gradient(data):
 # -- non-finite loss ----------------------------------------------------------------------------
 def test_non_finite_loss_names_epoch_and_update_and_keeps_the_checkpoint(data, tmp_path, monkeypatch):
     train, val = data
-    MultVAE(**SMALL, epochs=1, run_dir=tmp_path).fit(train, val)
+    MultVAE(**SMALL, epochs=1, run_dir=tmp_path, keep_checkpoint=True).fit(train, val)
     before = (tmp_path / "checkpoint.pt").read_bytes()
     original = MultNetwork.loss
     calls = {"n": 0}
@@ -274,7 +274,7 @@ def test_huge_learning_rate_is_caught_as_non_finite(data):
 # -- checkpoints and resume -----------------------------------------------------------------------
 def test_resume_continues_to_identical_weights(data, tmp_path):
     train, val = data
-    MultVAE(**SMALL, epochs=2, run_dir=tmp_path).fit(train, val)
+    MultVAE(**SMALL, epochs=2, run_dir=tmp_path, keep_checkpoint=True).fit(train, val)
     resumed = MultVAE(**SMALL, epochs=4, run_dir=tmp_path).fit(train, val, resume=True)
     straight = MultVAE(**SMALL, epochs=4).fit(train, val)
     assert_same_weights(resumed, straight)
@@ -306,9 +306,9 @@ def test_resume_after_a_crash_mid_epoch(data, tmp_path, monkeypatch):
 
 def test_resume_refuses_other_hyperparameters_or_data(data, tmp_path):
     train, val = data
-    MultVAE(**SMALL, epochs=1, run_dir=tmp_path).fit(train)
-    with pytest.raises(ValueError, match="lr: checkpoint 0.001 vs now 0.01"):
-        MultVAE(**SMALL, epochs=2, lr=0.01, run_dir=tmp_path).fit(train, resume=True)
+    MultVAE(**SMALL, epochs=1, run_dir=tmp_path, keep_checkpoint=True).fit(train)
+    with pytest.raises(ValueError, match="dropout: checkpoint 0.5 vs now 0.3"):
+        MultVAE(**{**SMALL, "dropout": 0.3}, epochs=2, run_dir=tmp_path).fit(train, resume=True)
     with pytest.raises(ValueError, match="other data"):
         MultVAE(**SMALL, epochs=2, run_dir=tmp_path).fit(train[:-1], resume=True)
     with pytest.raises(ValueError, match="MultVAE checkpoint"):
@@ -317,15 +317,82 @@ def test_resume_refuses_other_hyperparameters_or_data(data, tmp_path):
         MultVAE(**SMALL, epochs=2, kl_weighting="activity", run_dir=tmp_path).fit(train, resume=True)
 
 
+def test_fit_with_run_dir_saves_the_model_and_removes_the_checkpoint(data, tmp_path):
+    train, val = data
+    m = MultVAE(**SMALL, epochs=2, run_dir=tmp_path).fit(train, val)
+    assert not (tmp_path / "checkpoint.pt").exists(), "a finished run has nothing to resume"
+    assert len(json.loads((tmp_path / "history.json").read_text())) == 2
+    loaded = load(tmp_path / "model")
+    assert_same_weights(loaded, m)
+    kept = MultVAE(**SMALL, epochs=2, run_dir=tmp_path / "k", keep_checkpoint=True).fit(train, val)
+    assert checkpoint_epoch(tmp_path / "k") == 2 and checkpoint_epoch(tmp_path) is None
+    # the best epoch was the last: its weights are not stored twice
+    ckpt = torch.load(tmp_path / "k" / "checkpoint.pt", weights_only=True)
+    assert kept.best_epoch_ == 2 and ckpt["best_epoch"] == 2 and ckpt["best_state"] is None
+
+
+def test_resume_may_lower_the_learning_rate(data, tmp_path):
+    train, _ = data
+    MultVAE(**SMALL, epochs=1, run_dir=tmp_path, keep_checkpoint=True).fit(train)
+    slow = MultVAE(**SMALL, epochs=2, lr=1e-4, run_dir=tmp_path, keep_checkpoint=True).fit(train, resume=True)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == [1e-4, 1e-4]
+    # epoch 2 at lr 1e-3 and at 1e-4 start from the same weights; the step sizes differ tenfold
+    MultVAE(**SMALL, epochs=1, run_dir=tmp_path / "b", keep_checkpoint=True).fit(train)
+    fast = MultVAE(**SMALL, epochs=2, run_dir=tmp_path / "b").fit(train, resume=True)
+    first = MultVAE(**SMALL, epochs=1).fit(train)
+    w0, ws, wf = weights(first), weights(slow), weights(fast)
+    moved_slow = sum(float((ws[k] - w0[k]).abs().sum()) for k in w0)
+    moved_fast = sum(float((wf[k] - w0[k]).abs().sum()) for k in w0)
+    assert 0 < moved_slow < 0.3 * moved_fast
+
+
+@pytest.mark.parametrize("with_validation", [True, False])
+def test_non_finite_loss_keeps_the_best_or_last_epoch_as_the_model(data, tmp_path, monkeypatch, with_validation):
+    train, val = data
+    val = val if with_validation else None
+    reference = MultVAE(**SMALL, epochs=2).fit(train, val)
+    original = MultNetwork.loss
+    calls = {"n": 0}
+
+    def poisoned(self, batch, beta=1.0, generator=None, kl_weights=None):
+        terms = original(self, batch, beta, generator, kl_weights)
+        calls["n"] += 1
+        if calls["n"] == 14:  # epoch 3 (6 updates an epoch), update 2
+            terms.loss = terms.loss * float("inf")
+        return terms
+
+    monkeypatch.setattr(MultNetwork, "loss", poisoned)
+    m = MultVAE(**SMALL, epochs=5, run_dir=tmp_path)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 3, update 14 .*kept the weights of epoch (\d)") as info:
+        m.fit(train, val)
+    assert (info.value.epoch, info.value.update) == (3, 14)
+    # the reference ran the same two epochs and kept the same epoch
+    assert info.value.kept_epoch == reference.best_epoch_ == m.best_epoch_
+    assert (info.value.kept_epoch == 2) if val is None else info.value.kept_epoch in (1, 2)
+    assert_same_weights(m, reference)
+    assert_same_weights(load(tmp_path / "model"), reference)
+    assert len(m.history_) == 2 and m.stopped_early_
+    assert checkpoint_epoch(tmp_path) == 2, "the checkpoint stays for a resume with a lower lr"
+
+
+def test_non_finite_loss_at_epoch_1_fits_nothing(data, tmp_path):
+    m = MultDAE(**SMALL, epochs=2, lr=1e30, run_dir=tmp_path)
+    with pytest.raises(NonFiniteLossError, match=r"at epoch 1, update 3 \(batch 3/6\) with lr 1e\+30: no epoch finished") as info:
+        m.fit(data[0])
+    assert info.value.kept_epoch is None and not hasattr(m, "history_")
+    assert not (tmp_path / "model").exists() and checkpoint_epoch(tmp_path) is None
+
+
 def test_resume_reads_a_checkpoint_from_before_kl_weighting_as_uniform(data, tmp_path):
     train, _ = data
-    MultVAE(**SMALL, epochs=1, run_dir=tmp_path).fit(train)
+    MultVAE(**SMALL, epochs=1, run_dir=tmp_path, keep_checkpoint=True).fit(train)
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     params = json.loads(ckpt["params"])
     del params["kl_weighting"]
     ckpt["params"] = json.dumps(params)
     torch.save(ckpt, tmp_path / "checkpoint.pt")
-    resumed = MultVAE(**SMALL, epochs=2, run_dir=tmp_path).fit(train, resume=True)
+    resumed = MultVAE(**SMALL, epochs=2, run_dir=tmp_path, keep_checkpoint=True).fit(train, resume=True)
     assert len(resumed.history_) == 2
     with pytest.raises(ValueError, match="kl_weighting: checkpoint 'uniform' vs now 'activity'"):
         MultVAE(**SMALL, epochs=3, kl_weighting="activity", run_dir=tmp_path).fit(train, resume=True)

@@ -185,6 +185,10 @@ class Recommender:
     def fit(self, train, validation=None):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _check_params(self) -> None:
+        """Raise ``ValueError`` naming a bad hyperparameter; ``fit`` calls it, and so does
+        :func:`recvae.experiment.make_model`, before any data is read or anything written."""
+
     def _score_batch(self, user_items: sp.csr_matrix) -> np.ndarray:  # pragma: no cover - abstract
         """Dense float32 scores (batch, n_items) for a CSR batch of user histories."""
         raise NotImplementedError

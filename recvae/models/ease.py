@@ -115,6 +115,10 @@ class EASE(Recommender):
         self.l2 = l2
         self.dtype = dtype
 
+    def _check_params(self) -> None:
+        _check_l2(self.l2)
+        _check_dtype(self.dtype)
+
     def fit(self, train, validation=None):
         """Closed-form fit on ``train`` (csr or Interactions). ``validation`` is accepted for
         the shared interface and ignored; tune ``l2`` with :func:`select_ease_l2`."""

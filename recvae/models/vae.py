@@ -28,7 +28,7 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from recvae.fileio import write_bytes, write_json
+from recvae.fileio import atomic_write, write_bytes, write_json
 from recvae.models.annealing import ANNEAL_CAP, TOTAL_ANNEAL_STEPS, make_schedule
 from recvae.models.base import (
     Recommender, as_csr, check_finite, check_shapes, read_model_meta, verified_file, write_model_meta,
@@ -44,15 +44,27 @@ WEIGHTS_FILE = "weights.pt"
 VALIDATION_METRIC = "val_ndcg@100"
 HISTORY_FIELDS = ["epoch", "step", "loss", "nll", "kl", "beta", "l2", VALIDATION_METRIC, "seconds", "val_seconds"]
 
-# Hyperparameters a resumed run must share with the checkpoint (epochs, patience, device,
-# progress and paths may change between the interrupted run and its continuation).
-_RESUME_KEYS = ("hidden_dims", "latent_dim", "dropout", "activation", "lam", "anneal_cap",
-                "total_anneal_steps", "beta", "kl_weighting", "batch_size", "lr", "random_state")
+MODEL_DIR = "model"  # where an estimator with run_dir saves itself when fit ends
+# Hyperparameters a resumed run must share with the checkpoint. epochs, patience, lr (to continue
+# after a non-finite loss with a lower one), device, precision, progress and paths may change
+# between the interrupted run and its continuation.
+RESUME_KEYS = ("hidden_dims", "latent_dim", "dropout", "activation", "lam", "anneal_cap",
+               "total_anneal_steps", "beta", "kl_weighting", "batch_size", "random_state")
 KL_WEIGHTINGS = ("uniform", "activity")
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; says at which epoch and update."""
+    """The training loss became NaN or infinite; says at which epoch and update.
+
+    ``epoch``/``update``: where it happened (1-based). ``kept_epoch``: the epoch whose weights the
+    estimator kept (the best validation epoch, else the last finished one); the estimator is then
+    fitted as if training had ended there (and saved into ``run_dir/model``). None when no epoch
+    finished: nothing was learnt and the estimator is not fitted.
+    """
+
+    def __init__(self, message: str, epoch: int, update: int, kept_epoch: int | None = None):
+        super().__init__(message)
+        self.epoch, self.update, self.kept_epoch = epoch, update, kept_epoch
 
 
 class CUDAUnavailableError(ValueError):
@@ -99,9 +111,21 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    write_bytes(path, buf.getvalue())
+    # straight into the temporary file: through a BytesIO the ML-20M checkpoint took 4x longer
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def checkpoint_epoch(run_dir) -> int | None:
+    """The last finished epoch stored in ``run_dir/checkpoint.pt``; None without a checkpoint.
+    Memory-maps the file: reads the counters, not the tensors."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+
+
+def _clone(network: MultNetwork) -> dict:
+    return {k: v.detach().clone() for k, v in network.state_dict().items()}
 
 
 def _derived_seed(*key: int) -> int:
@@ -194,8 +218,9 @@ class _AutoencoderRecommender(Recommender):
         if self.patience is not None:
             positive_int("patience")
         if self.random_state is not None and (isinstance(self.random_state, bool)
-                                              or not isinstance(self.random_state, (int, np.integer))):
-            raise ValueError(f"random_state: expected None or an integer, got {self.random_state!r}")
+                                              or not isinstance(self.random_state, (int, np.integer))
+                                              or self.random_state < 0):
+            raise ValueError(f"random_state: expected None or a non-negative integer, got {self.random_state!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision: expected 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         if self._variational:
@@ -221,8 +246,13 @@ class _AutoencoderRecommender(Recommender):
 
         ``validation``: a ``HeldOutUsers`` (``.fold_in``/``.heldout``) or a ``(fold_in, heldout)``
         tuple; NDCG@100 on it is computed after every epoch, drives early stopping (``patience``)
-        and picks the epoch whose weights are kept. ``resume=True`` continues from
-        ``run_dir/checkpoint.pt`` (written after every epoch) when it exists.
+        and picks the epoch whose weights are kept. With ``run_dir``: ``history.json/.csv`` and
+        ``checkpoint.pt`` are written after every epoch, the fitted model is saved into
+        ``run_dir/model`` when fit ends, and the checkpoint is then removed unless
+        ``keep_checkpoint``. ``resume=True`` continues from ``run_dir/checkpoint.pt`` when it
+        exists (``epochs``, ``patience``, ``lr``, ``device``, ``precision`` may differ from the
+        interrupted run; the other hyperparameters and the data must not). A non-finite loss
+        raises :class:`NonFiniteLossError` after keeping the best epoch's weights (see there).
         """
         self._check_params()
         X = as_csr(train, "train")
@@ -274,8 +304,12 @@ class _AutoencoderRecommender(Recommender):
         if ckpt is not None:
             network.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
+            for group in optimizer.param_groups:  # the optimizer's state carries the old lr
+                group["lr"] = self.lr
             for k in state:
                 state[k] = ckpt[k]
+            if state["best_state"] is None and state["best_epoch"] == state["epoch"]:
+                state["best_state"] = _clone(network)  # not stored twice: the best epoch was the last
             logger.info("resumed from %s after epoch %d (update %d)", ckpt_path, state["epoch"], state["step"])
         del ckpt
 
@@ -288,6 +322,7 @@ class _AutoencoderRecommender(Recommender):
         # kl_weighting="activity": user u's KL weighted by n_u / (mean n over training users)
         activity = self._variational and self.kl_weighting == "activity"
         kl_scale = n_users / max(float(X.sum()), 1e-12) if activity else None
+        last_state = _clone(network) if val is None and state["epoch"] else None
         epochs = tqdm(range(state["epoch"], int(self.epochs)), desc=type(self).__name__,
                       disable=not self.show_progress, initial=state["epoch"], total=int(self.epochs))
         for epoch in epochs:
@@ -308,12 +343,7 @@ class _AutoencoderRecommender(Recommender):
                 kl_weights = batch.row_sums * kl_scale if kl_scale is not None else None
                 values = training_step(network, optimizer, batch, beta, gen, use_bf16, kl_weights)
                 if not np.isfinite(values).all():
-                    raise NonFiniteLossError(
-                        f"non-finite training loss (loss={values[0]}, nll={values[1]}, kl={values[2]}) at epoch "
-                        f"{epoch + 1}, update {state['step'] + 1} (batch {b + 1}/{n_batches}); the last "
-                        f"checkpoint{' in ' + str(run_dir) if run_dir else ''} is from epoch {state['epoch']}. "
-                        "Lower lr, or try precision='fp32'."
-                    )
+                    self._stop_on_non_finite(values, epoch + 1, state, b, n_batches, val, last_state)
                 state["step"] += 1
                 sums += values * len(rows)
                 if self.show_progress:
@@ -328,8 +358,7 @@ class _AutoencoderRecommender(Recommender):
                 row[VALIDATION_METRIC], row["val_seconds"] = res
                 score = row[VALIDATION_METRIC]
                 if score > state["best_score"]:
-                    state.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0,
-                                 best_state={k: v.detach().clone() for k, v in network.state_dict().items()})
+                    state.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0, best_state=_clone(network))
                 else:
                     state["bad_epochs"] += 1
                 if self.patience is not None and state["bad_epochs"] >= self.patience:
@@ -337,6 +366,8 @@ class _AutoencoderRecommender(Recommender):
                     logger.info("early stop after epoch %d: no improvement for %d epochs", epoch + 1, self.patience)
             state["epoch"] = epoch + 1
             state["history"].append(row)
+            if val is None:  # kept in case a later epoch diverges (with validation, best_state is)
+                last_state = _clone(network)
             logger.debug("epoch %d: loss %.4f nll %.4f kl %.4f beta %.4f %s %s (%.1fs)", epoch + 1, row["loss"],
                         row["nll"], row["kl"], row["beta"], VALIDATION_METRIC, row[VALIDATION_METRIC], row["seconds"])
             if self.show_progress:
@@ -345,10 +376,42 @@ class _AutoencoderRecommender(Recommender):
                 self._write_history(run_dir, state["history"])
                 self._write_checkpoint(ckpt_path, network, optimizer, state, seed, X, fingerprint)
 
-        # keep the best epoch's weights (the last epoch's without validation)
+        self._finish(state, val)
+        if run_dir is not None:
+            self.save(run_dir / MODEL_DIR)
+            if not self.keep_checkpoint:
+                ckpt_path.unlink(missing_ok=True)  # finished: nothing to resume; model and history stay
+        return self
+
+    def _stop_on_non_finite(self, values, epoch: int, state: dict, b: int, n_batches: int, val, last_state):
+        """A non-finite loss: keep the best (else the last finished) epoch's weights as the fitted
+        model, saved into run_dir/model, and raise :class:`NonFiniteLossError` saying so."""
+        where = (f"non-finite training loss (loss={values[0]}, nll={values[1]}, kl={values[2]}) at epoch {epoch}, "
+                 f"update {state['step'] + 1} (batch {b + 1}/{n_batches}) with lr {self.lr:g}")
+        if state["epoch"] == 0:
+            raise NonFiniteLossError(f"{where}: no epoch finished, nothing was learnt. Lower lr, or try "
+                                     "precision='fp32'.", epoch, state["step"] + 1)
+        if val is None:
+            state["best_state"] = last_state
+        state["stopped"] = True
+        self._finish(state, val)
+        kept = self.best_epoch_
+        saved = ""
+        if self.run_dir is not None:
+            saved = f", saved in {self.save(Path(self.run_dir) / MODEL_DIR)}"
+        raise NonFiniteLossError(f"{where}; kept the weights of epoch {kept} "
+                                 f"({'best validation NDCG@100' if val is not None else 'last finished'}){saved}. "
+                                 "Continue with a lower lr (resume), or try precision='fp32'.",
+                                 epoch, state["step"] + 1, kept_epoch=kept)
+
+    def _finish(self, state: dict, val) -> None:
+        """Fitted attributes from the training state: the best epoch's weights (the last epoch's
+        without validation), history, best epoch and score."""
+        network = self.module_
         if state["best_state"] is not None:
             network.load_state_dict(state["best_state"])
         network.eval()
+        network.workspace.clear()
         history = state["history"]
         self.history_ = history
         self.stopped_early_ = bool(state["stopped"])
@@ -360,7 +423,6 @@ class _AutoencoderRecommender(Recommender):
             self.best_epoch_ = int(state["epoch"])
             self.best_score_ = None
             self.best_beta_ = None
-        return self
 
     @staticmethod
     def _check_validation(validation, n_items):
@@ -419,6 +481,9 @@ class _AutoencoderRecommender(Recommender):
             "optimizer": optimizer.state_dict(),
             **state,
         }
+        if state["best_epoch"] == state["epoch"]:
+            payload["best_state"] = None  # the same tensors as "model": a quarter of the file saved
+
         _atomic_torch_save(payload, path)
 
     def _check_checkpoint(self, ckpt: dict, X: sp.csr_matrix) -> None:
@@ -433,7 +498,7 @@ class _AutoencoderRecommender(Recommender):
         saved, now = json.loads(ckpt["params"]), self._json_params()
         if self._variational:
             saved.setdefault("kl_weighting", "uniform")  # checkpoints from before the option: the paper's
-        diff = [k for k in _RESUME_KEYS if saved.get(k) != now.get(k)]
+        diff = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
         if diff:
             detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff)
             raise ValueError(f"resume: hyperparameters differ from {where} ({detail})")
@@ -560,7 +625,7 @@ class MultVAE(_AutoencoderRecommender):
     def __init__(self, hidden_dims=(600,), latent_dim=200, dropout=0.5, activation="tanh", lam=0.0,
                  anneal_cap=ANNEAL_CAP, total_anneal_steps=TOTAL_ANNEAL_STEPS, beta=None, kl_weighting="uniform",
                  epochs=200, batch_size=500, lr=1e-3, patience=None, random_state=None, device="auto",
-                 precision="auto", eval_batch_size=2000, show_progress=False, run_dir=None):
+                 precision="auto", eval_batch_size=2000, show_progress=False, run_dir=None, keep_checkpoint=False):
         self.hidden_dims = hidden_dims
         self.latent_dim = latent_dim
         self.dropout = dropout
@@ -580,6 +645,7 @@ class MultVAE(_AutoencoderRecommender):
         self.eval_batch_size = eval_batch_size
         self.show_progress = show_progress
         self.run_dir = run_dir
+        self.keep_checkpoint = keep_checkpoint
 
 
 class MultDAE(_AutoencoderRecommender):
@@ -595,7 +661,7 @@ class MultDAE(_AutoencoderRecommender):
 
     def __init__(self, hidden_dims=(), latent_dim=200, dropout=0.5, activation="tanh", lam=0.01 / 500,
                  epochs=200, batch_size=500, lr=1e-3, patience=None, random_state=None, device="auto",
-                 precision="auto", eval_batch_size=2000, show_progress=False, run_dir=None):
+                 precision="auto", eval_batch_size=2000, show_progress=False, run_dir=None, keep_checkpoint=False):
         self.hidden_dims = hidden_dims
         self.latent_dim = latent_dim
         self.dropout = dropout
@@ -611,6 +677,7 @@ class MultDAE(_AutoencoderRecommender):
         self.eval_batch_size = eval_batch_size
         self.show_progress = show_progress
         self.run_dir = run_dir
+        self.keep_checkpoint = keep_checkpoint
 
 
 _REGISTRY = {"MultVAE": MultVAE, "MultDAE": MultDAE}
