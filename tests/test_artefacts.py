@@ -101,6 +101,8 @@ def test_asking_for_cuda_without_cuda_is_one_line(copy_run, log_csv, tmp_path, c
     run = copy_run("multvae")
     with pytest.raises(ValueError, match=r"^device: 'cuda' asks for CUDA, but this torch .* has"):
         load_model(run / "model", device="cuda")
+    with pytest.raises(ValueError, match=r"^device: 'cuda' asks for CUDA"):  # also where it would be unused
+        load_model(copy_run("ease") / "model", device="cuda")
     msg = evaluate_fails(run, capsys, "--device", "cuda")
     assert msg.startswith("recvae: error: --device: 'cuda' asks for CUDA")
     assert main(["train", "--data", str(log_csv), "--device", "cuda", "--epochs", "1",
