@@ -40,7 +40,6 @@ import platform
 import resource
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -53,6 +52,7 @@ from recvae.data import Interactions
 from recvae.data.splits import default_n_heldout_users, strong_generalization_split
 from recvae.evaluation import evaluate
 from recvae.experiment import REPORT_METRICS, plot_learning_curve, write_json  # noqa: F401 (plot: see _plot)
+from recvae.fileio import atomic_path, write_bytes
 from recvae.models import EASE, MultDAE, MultVAE, Popularity, select_ease_l2
 
 logger = logging.getLogger("paper_table")
@@ -418,25 +418,15 @@ def plot_curves(per_seed: list[dict], path: Path) -> None:
     ax.set_title("validation NDCG@100 per epoch (one line per split seed)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=100)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
 
 
 def write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes(path, text.encode())
 
 
 # -- command line ------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 from recvae.models.base import Recommender, read_model_meta
 from recvae.models.ease import EASE, select_ease_l2
 from recvae.models.popularity import Popularity
-from recvae.models.vae import MultDAE, MultVAE, NonFiniteLossError
+from recvae.models.vae import MultDAE, MultVAE, NonFiniteLossError, resolve_device
 
 __all__ = [
     "EASE", "MultDAE", "MultVAE", "NonFiniteLossError", "Popularity", "Recommender", "load_model", "select_ease_l2",
@@ -29,4 +29,7 @@ def load_model(path, device=None) -> Recommender:
     if name not in _CLASSES:
         raise ValueError(f"{meta_file}: unknown model class {name!r}; expected one of {sorted(_CLASSES)}")
     cls = _CLASSES[name]
-    return cls.load(path, device=device) if device is not None and cls in (MultVAE, MultDAE) else cls.load(path)
+    if device is None:
+        return cls.load(path)
+    resolve_device(device)  # an explicit CUDA without CUDA is an error even for the numpy baselines
+    return cls.load(path, device=device) if cls in (MultVAE, MultDAE) else cls.load(path)

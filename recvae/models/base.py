@@ -143,7 +143,7 @@ def check_shapes(path: Path, arrays: dict, expected: dict) -> None:
     for name, shape in expected.items():
         got = tuple(np.shape(arrays[name]))
         if got != tuple(shape):
-            raise ValueError(f"{path}: {name!r} has shape {got}, expected {tuple(shape)} (n_items in model.json)")
+            raise ValueError(f"{path}: {name!r} has shape {got}, expected {tuple(shape)} from model.json (n_items, params)")
 
 
 def as_csr(X, name: str = "X", n_items: int | None = None) -> sp.csr_matrix:

@@ -563,7 +563,8 @@ class _AutoencoderRecommender(Recommender):
         try:
             state = torch.load(weights_file, map_location="cpu", weights_only=True)
         except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:  # truncated, not torch's
-            raise ValueError(f"{weights_file}: not a readable weights file ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+            detail = " ".join(str(e).split()[:20])
+            raise ValueError(f"{weights_file}: not a readable weights file ({type(e).__name__}{': ' if detail else ''}{detail})") from e
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError(f"{weights_file}: expected a state dict of tensors")
         expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}

@@ -1,0 +1,58 @@
+"""recvae.fileio: the one temp-file-and-rename writer, and the readers whose errors name the file."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from recvae.fileio import atomic_open, atomic_path, read_json, read_npz
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_atomic_path_renames_on_success_with_the_umask_mode(tmp_path, umask_022):
+    target = tmp_path / "out.csv"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".out.csv.") and not target.exists()
+        tmp.write_text("a,b\n")  # a writer that wants a file name
+    assert target.read_text() == "a,b\n"
+    assert target.stat().st_mode & 0o777 == 0o644
+    assert os.listdir(tmp_path) == ["out.csv"]
+
+
+def test_atomic_open_leaves_the_old_file_on_error(tmp_path):
+    target = tmp_path / "a.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_open(target, suffix=".part") as f:
+            f.write(b"half")
+            raise RuntimeError("killed")
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["a.bin"]
+
+
+def test_read_json_names_the_file(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text('{"a": 1,\n "b": }')
+    with pytest.raises(ValueError, match=rf"^{path}: not valid JSON \(Expecting value at line 2 column 7\)$"):
+        read_json(path)
+    path.write_text('"text"')
+    with pytest.raises(ValueError, match=rf"^{path}: expected an object at the top level of the JSON, got a string$"):
+        read_json(path)
+    assert read_json(path, expect=str) == "text"
+
+
+def test_read_npz_names_the_file(tmp_path):
+    good = tmp_path / "a.npz"
+    np.savez(good, x=np.arange(3))
+    assert read_npz(good)["x"].tolist() == [0, 1, 2]
+    bad = tmp_path / "b.npz"
+    bad.write_bytes(b"\x80\x04not a zip")  # a pickle header: must not be unpickled
+    with pytest.raises(ValueError, match=rf"^{bad}: damaged or not an .npz archive \(expected the weights\)$"):
+        read_npz(bad, "weights")
