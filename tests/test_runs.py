@@ -285,3 +285,14 @@ def test_keep_checkpoint_then_resume_with_more_epochs(log_csv, tmp_path, straigh
     assert checkpoint_epoch(out) == EPOCHS - 4
     assert main(train_argv(log_csv, out, "--resume")) == 0
     assert_same_run(out, straight)
+
+
+def test_train_on_parquet_without_pyarrow_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "log.parquet"
+    path.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    assert main(["train", "--data", str(path), "--model", "popularity", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"recvae: error: data {path}: reading Parquet need(s) the optional package pyarrow, which is not installed "
+        "(pip install 'recvae[parquet]')")
+    assert not (tmp_path / "run").exists()
