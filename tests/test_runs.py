@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -296,3 +297,14 @@ def test_train_on_parquet_without_pyarrow_is_one_line_before_any_work(tmp_path, 
         f"recvae: error: data {path}: reading Parquet need(s) the optional package pyarrow, which is not installed "
         "(pip install 'recvae[parquet]')")
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_after_a_kill_during_evaluation_evaluates_the_saved_model(straight, log_csv, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    (out / "metrics.json").unlink()  # killed after the model was saved, before the metrics
+    (out / "learning_curve.png").unlink()
+    trained = (out / "history.json").stat().st_mtime_ns
+    assert main(train_argv(log_csv, out, "--resume")) == 0
+    assert (out / "history.json").stat().st_mtime_ns == trained, "trained again instead of evaluating the model"
+    assert_same_run(out, straight)
