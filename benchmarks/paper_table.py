@@ -22,7 +22,8 @@ Both heuristic runs use ``HEURISTIC_NETWORK`` (``--heuristic-network paper`` giv
 paper's instead): a wider hidden layer, a 50-d latent and each user's KL weighted by its number
 of interactions, chosen on ML-1M validation users (see the constant's comment).
 
-Writes ``<out-dir>/<name>.json``, ``.md`` and ``.png`` (validation NDCG@100 per epoch), atomically.
+Writes ``<out-dir>/<name>.json``, ``.md`` and then ``.png`` (validation NDCG@100 per epoch), atomically;
+without matplotlib (the ``plot`` extra) it says so once at the start and skips only the picture.
 Examples::
 
     RECVAE_DATA=/work/shared/data python benchmarks/paper_table.py --dataset ml-100k
@@ -51,8 +52,9 @@ from recvae.cli import CLIError, add_data_options, data_spec_from_args
 from recvae.data import Interactions
 from recvae.data.splits import default_n_heldout_users, strong_generalization_split
 from recvae.evaluation import evaluate
-from recvae.experiment import REPORT_METRICS, plot_learning_curve, write_json  # noqa: F401 (plot: see _plot)
-from recvae.fileio import atomic_path, write_bytes
+from recvae.experiment import REPORT_METRICS
+from recvae.fileio import atomic_path, write_bytes, write_json
+from recvae.optional import MissingDependencyError, available
 from recvae.models import EASE, MultDAE, MultVAE, Popularity, select_ease_l2
 
 logger = logging.getLogger("paper_table")
@@ -141,6 +143,7 @@ def load_data(args) -> tuple[Interactions, dict]:
         data = synthetic_ml20m(seed=0)
         return data, {"source": "synthetic ML-20M-shaped data (seed 0): log-normal user lengths, Zipf-like items"}
     spec = data_spec_from_args(args)
+    spec.check_optional()
     data = spec.load(show_progress=False)
     from dataclasses import asdict
 
@@ -425,10 +428,6 @@ def plot_curves(per_seed: list[dict], path: Path) -> None:
         plt.close(fig)
 
 
-def write_text(path: Path, text: str) -> None:
-    write_bytes(path, text.encode())
-
-
 # -- command line ------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -485,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("recvae").setLevel(logging.WARNING)
     try:
         return _main(args, argv)
-    except (CLIError, ValueError, KeyError, OSError) as e:
+    except (CLIError, ValueError, KeyError, OSError, MissingDependencyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         where = f" (--data {args.data})" if args.data and args.data not in msg else ""
         print(f"paper_table: error{where}: {msg}", file=sys.stderr)
@@ -507,6 +506,9 @@ def _main(args, argv) -> int:
         raise CLIError(f"--out-dir {args.out_dir}: no such folder")
     budget = TimeBudget(args.max_minutes)
     load_start = os.getloadavg()
+    plot = available("matplotlib")  # checked now: a long run must not die drawing its picture
+    if not plot:
+        logger.warning("matplotlib is not installed: the results will have no picture (pip install 'recvae[plot]')")
 
     data, source = load_data(args)
     if data.n_users < 3:
@@ -573,11 +575,11 @@ def _main(args, argv) -> int:
     }
     out = args.out_dir
     md = markdown(report)
-    if any("curve" in r.get(k, {}) for r in per_seed for k in LABELS):
-        plot_curves(per_seed, out / f"{name}.png")
-    write_json(out / f"{name}.json", report)
-    write_text(out / f"{name}.md", md)
+    write_json(out / f"{name}.json", report)  # the numbers first: the picture is the optional part
+    write_bytes(out / f"{name}.md", md.encode())
     print(md)
+    if plot and any("curve" in r.get(k, {}) for r in per_seed for k in LABELS):
+        plot_curves(per_seed, out / f"{name}.png")
     return 0
 
 

@@ -269,6 +269,8 @@ def cmd_train(args) -> int:
         epoch = checkpoint_epoch(args.out) if args.out and Path(args.out).is_dir() else None
         if not args.out:
             line = "during training; no --out was given, so nothing was kept"
+        elif epoch is None and (Path(args.out) / "model" / "model.json").is_file():
+            line = f"after training, before the metrics were written; finish with: {resume_command(args)}"
         elif epoch is None:
             line = f"before a checkpoint was written; start again with: {resume_command(args)}"
         else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -157,3 +158,32 @@ def test_synthetic_ml20m_shape_is_long_tailed_and_seeded(paper_table):
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def test_without_matplotlib_the_results_are_written_and_the_picture_skipped(paper_table, log_csv, tmp_path,
+                                                                            monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    caplog.set_level(logging.INFO, logger="paper_table")
+    assert paper_table.main(args_for(log_csv, tmp_path, "--models", "popularity,multdae", "--seeds", "1",
+                                     "--precision", "fp32")) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.json", "tiny.md"]
+    report = json.loads((tmp_path / "tiny.json").read_text())
+    assert set(report["summary"]) == {"popularity", "multdae"}
+    warnings = [r.getMessage() for r in caplog.records if "matplotlib" in r.getMessage()]
+    assert warnings == ["matplotlib is not installed: the results will have no picture (pip install 'recvae[plot]')"]
+    # said before the work started: it precedes the first seed's line
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages.index(warnings[0]) < next(i for i, m in enumerate(messages) if m.startswith("seed 0"))
+
+
+def test_parquet_without_pyarrow_fails_before_any_work(paper_table, tmp_path, monkeypatch, capsys):
+    path = tmp_path / "log.parquet"
+    path.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert paper_table.main(args_for(path, out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"paper_table: error: data {path}: reading Parquet need(s) the optional package pyarrow, which is "
+                   "not installed (pip install 'recvae[parquet]')")
+    assert list(out.iterdir()) == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -284,4 +285,26 @@ def test_keep_checkpoint_then_resume_with_more_epochs(log_csv, tmp_path, straigh
     assert main(train_argv(log_csv, out, "--keep-checkpoint", epochs=EPOCHS - 4)) == 0
     assert checkpoint_epoch(out) == EPOCHS - 4
     assert main(train_argv(log_csv, out, "--resume")) == 0
+    assert_same_run(out, straight)
+
+
+def test_train_on_parquet_without_pyarrow_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "log.parquet"
+    path.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    assert main(["train", "--data", str(path), "--model", "popularity", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"recvae: error: data {path}: reading Parquet need(s) the optional package pyarrow, which is not installed "
+        "(pip install 'recvae[parquet]')")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_after_a_kill_during_evaluation_evaluates_the_saved_model(straight, log_csv, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    (out / "metrics.json").unlink()  # killed after the model was saved, before the metrics
+    (out / "learning_curve.png").unlink()
+    trained = (out / "history.json").stat().st_mtime_ns
+    assert main(train_argv(log_csv, out, "--resume")) == 0
+    assert (out / "history.json").stat().st_mtime_ns == trained, "trained again instead of evaluating the model"
     assert_same_run(out, straight)
