@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -42,18 +43,28 @@ def atomic_write(path: str | os.PathLike, write: Callable) -> None:
 
     On any error the temporary file is removed and ``path`` is left untouched.
     """
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write (by name, e.g. a Parquet writer or an
+    appending loop); on success it is renamed onto ``path`` with the usual permissions, on any
+    error it is removed and ``path`` is left untouched."""
     path = Path(path)
     folder = ensure_writable_dir(path.parent)
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
         raise PermissionError(f"cannot write to directory {folder}: {e.strerror or e}") from e
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

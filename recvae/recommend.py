@@ -313,11 +313,13 @@ class RunRecommender:
     # -- id lookups ---------------------------------------------------------------------------
     def user_rows(self, values) -> tuple[np.ndarray, np.ndarray]:
         """``(rows, ids)``: each value's row among the run's users (-1 for a new user) and its id
-        as reported: the run's typed id where it is one, else the value as given."""
+        as reported: the run's typed id, or the text of every value when some value cannot be an
+        id of the run's type (a new user such as ``"alice"`` where ids are integers)."""
         rows, converted, bad = match_ids(values, self.users)
-        given = np.asarray(pd.Series(values, dtype=object) if not isinstance(values, pd.Series) else values, dtype=object)
-        ids = np.where(bad, given, converted) if bad.any() else converted
-        return rows, ids
+        if bad.any():  # some ids are not of the run's type: report all as text, one type per column
+            given = pd.Series(values, dtype=object) if not isinstance(values, pd.Series) else values
+            return rows, given.astype(str).to_numpy(dtype=object)
+        return rows, converted
 
     def item_codes(self, values, locate: Callable[[int], str]) -> np.ndarray:
         """Catalogue positions of item ``values`` (-1 unknown); :class:`IdError` naming
