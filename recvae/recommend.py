@@ -60,6 +60,8 @@ def convert_ids(values, like: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     an id of that type (``1.5``, ``"abc"``, a missing value for integer ids); their converted
     entry is meaningless.
     """
+    if not isinstance(values, pd.Series) and len(values) <= 256:  # a request's ids: per value, no pandas
+        return _convert_few(values, np.asarray(like).dtype.kind in "iu")
     series = pd.Series(values, dtype=object) if not isinstance(values, pd.Series) else values
     n = len(series)
     missing = series.isna().to_numpy()
@@ -94,6 +96,38 @@ def convert_ids(values, like: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         text = [str(int(v)) if np.isfinite(v) and v == int(v) else str(v) for v in series.to_numpy()]
         return np.asarray(text, dtype=object), missing
     return series.astype(str).to_numpy(dtype=object), missing
+
+
+def _convert_few(values, to_int: bool) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`convert_ids` value by value (the same rules), for a few ids such as one request's."""
+    out, bad = [], []
+    for v in values:
+        if v is None or (isinstance(v, float) and not np.isfinite(v)):
+            out.append(0 if to_int else "")
+            bad.append(True)
+            continue
+        if not to_int:
+            text = str(int(v)) if isinstance(v, float) and v == int(v) else str(v)
+            out.append(text)
+            bad.append(False)
+            continue
+        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            ok, num = -(2**63) <= v < 2**63, int(v)
+        else:
+            try:
+                num = int(str(v).strip())
+                ok = -(2**63) <= num < 2**63
+            except ValueError:
+                try:
+                    f = float(str(v).strip())
+                except ValueError:
+                    f = np.nan
+                ok = bool(np.isfinite(f) and f == np.floor(f) and abs(f) < 2**53)
+                num = int(f) if ok else 0
+        out.append(num if ok else 0)
+        bad.append(not ok)
+    dtype = np.int64 if to_int else object
+    return np.array(out, dtype=dtype), np.array(bad, dtype=bool)
 
 
 def match_ids(values, vocabulary: pd.Index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -30,7 +30,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from recvae.optional import require
-from recvae.recommend import IdError, RunRecommender, user_items_csr
+from recvae.recommend import IdError, RunRecommender
 
 logger = logging.getLogger(__name__)
 
@@ -115,11 +115,19 @@ class MicroBatcher:
             self.task.cancel()
         self.executor.shutdown(wait=False)
 
-    async def submit(self, positives: sp.csr_matrix, exclude: sp.csr_matrix, k: int):
-        """``(ids, scores, fallback)`` of one user (1-row CSRs), ids in catalogue positions."""
+    async def submit(self, positives: np.ndarray, exclude: np.ndarray, k: int):
+        """``(ids, scores, fallback)`` of one user given the catalogue positions of their
+        history (``positives``, sorted, unique) and of the items to exclude besides it."""
         future = asyncio.get_running_loop().create_future()
         await self.queue.put((positives, exclude, k, future))
         return await future
+
+    def _matrix(self, rows: list) -> sp.csr_matrix:
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum([len(r) for r in rows], out=indptr[1:])
+        indices = np.concatenate(rows).astype(np.int32) if indptr[-1] else np.zeros(0, dtype=np.int32)
+        data = np.ones(len(indices), dtype=np.float32)
+        return sp.csr_matrix((data, indices, indptr), shape=(len(rows), self.run.n_items))
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -127,8 +135,8 @@ class MicroBatcher:
             batch = [await self.queue.get()]
             while len(batch) < self.max_batch and not self.queue.empty():
                 batch.append(self.queue.get_nowait())
-            positives = sp.vstack([b[0] for b in batch], format="csr")
-            exclude = sp.vstack([b[1] for b in batch], format="csr")
+            positives = self._matrix([b[0] for b in batch])
+            exclude = self._matrix([b[1] for b in batch])
             k = max(b[2] for b in batch)
             try:
                 ids, scores, fallback = await loop.run_in_executor(
@@ -213,8 +221,8 @@ def create_app(run_dir, device=None, max_body: int = 1 << 20, max_batch: int = 6
             rows, _ = run.user_rows([request.user])
             if rows[0] < 0:
                 return error(404, ["body", "user"], f"unknown user {request.user!r}: not a user of the run", "not_found")
-            positives = run.known[int(rows[0])]
-            exclude = run.seen[int(rows[0])] + user_items_csr(np.zeros(len(extra), int), extra, 1, run.n_items)
+            positives = _row(run.known, int(rows[0]))
+            exclude = np.concatenate([_row(run.seen, int(rows[0])), extra])
         else:
             if not request.items:
                 return error(422, ["body", "items"], "empty: give at least one item id (or 'user' for a user of the run)", "value_error")
@@ -223,10 +231,9 @@ def create_app(run_dir, device=None, max_body: int = 1 << 20, max_batch: int = 6
             except IdError as e:
                 return error(422, ["body", "items", e.position], str(e), "value_error")
             unknown += [request.items[j] for j in np.flatnonzero(codes < 0)]
-            codes = codes[codes >= 0]
-            positives = user_items_csr(np.zeros(len(codes), int), codes, 1, run.n_items)
-            exclude = user_items_csr(np.zeros(len(extra), int), extra, 1, run.n_items)
-        ids, scores, fallback = await batcher.submit(positives.tocsr(), exclude.tocsr(), request.k)
+            positives = np.unique(codes[codes >= 0])
+            exclude = extra
+        ids, scores, fallback = await batcher.submit(positives, exclude, request.k)
         keep = ids >= 0
         return {
             "items": run.item_ids[ids[keep]].tolist(),
@@ -236,6 +243,11 @@ def create_app(run_dir, device=None, max_body: int = 1 << 20, max_batch: int = 6
         }
 
     return app
+
+
+def _row(matrix: sp.csr_matrix, r: int) -> np.ndarray:
+    """Column indices of row ``r`` of a CSR (a view, no scipy slicing per request)."""
+    return matrix.indices[matrix.indptr[r] : matrix.indptr[r + 1]]
 
 
 def app_from_env():

@@ -69,13 +69,16 @@ def test_top_k_orders_ties_by_index_across_the_cut():
     assert ids[0].tolist() == [1, 2, 4, 0, -1] and np.isneginf(values[0, 4])
 
 
-def test_convert_ids_to_the_vocabulary_type():
+@pytest.mark.parametrize("container", [pd.Series, list], ids=["column", "request"])
+def test_convert_ids_to_the_vocabulary_type(container):
+    # a file's column (vectorised) and a request's few ids (value by value) follow the same rules
     ints = np.array([1, 2])
-    got, bad = convert_ids(pd.Series(["1", " 2", "3.0", "1.5", "abc", None]), ints)
-    assert got[:3].tolist() == [1, 2, 3] and bad.tolist() == [False, False, False, True, True, True]
-    got, bad = convert_ids(pd.Series([7, 8]), np.array(["a"]))
+    got, bad = convert_ids(container(["1", " 2", "3.0", "1.5", "abc", None, "99999999999999999999", "-4"]), ints)
+    assert got[:3].tolist() == [1, 2, 3] and got[7] == -4
+    assert bad.tolist() == [False, False, False, True, True, True, True, False]
+    got, bad = convert_ids(container([7, 8]), np.array(["a"]))
     assert got.tolist() == ["7", "8"] and not bad.any()
-    got, _ = convert_ids(pd.Series([7.0]), np.array(["a"]))  # a float column of a Parquet file
+    got, _ = convert_ids(container([7.0]), np.array(["a"]))  # a float column of a Parquet file
     assert got.tolist() == ["7"]
 
 
