@@ -15,7 +15,7 @@ the weights' values), written as a run directory:
    micro-batching (``--max-batch 64``, the default) and once without (``--max-batch 1``).
 
 Writes benchmarks/results/serving.json and .md (through recvae.fileio). Run it alone, e.g.
-``flock /work/bench.lock python benchmarks/serving.py``; about 6-8 minutes on 2 cores.
+``flock /work/bench.lock python benchmarks/serving.py``; about 6-10 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seconds", type=float, default=15.0, help="load per concurrency level (default 15)")
+    p.add_argument("--seconds", type=float, default=10.0, help="load per concurrency level (default 10)")
     p.add_argument("--k-all-users", type=int, default=100)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--smoke", action="store_true", help="a small data set and short loads, to check the script")
