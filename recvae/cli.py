@@ -1,20 +1,18 @@
-"""The ``recvae`` command line: datasets, train, evaluate, recommend."""
+"""The ``recvae`` command line: datasets, train, evaluate, recommend, serve."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import shlex
 import signal
 import sys
-import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from recvae import __version__
 from recvae.optional import MissingDependencyError
@@ -140,15 +138,34 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", help="cpu or cuda (default: the device saved with the run, CPU where it has no CUDA)")
     e.set_defaults(func=cmd_evaluate)
 
-    r = sub.add_parser("recommend", parents=[common], help="top-K items for the users of a history file, known or new")
+    r = sub.add_parser("recommend", parents=[common], help="top-K items for every user of a run, a list of users, or the users of a history file")
     r.add_argument("run_dir", metavar="RUN_DIR")
-    r.add_argument("--input", required=True, help="history file (CSV, TSV, Parquet) with user and item columns")
-    r.add_argument("--user-col", default="user")
-    r.add_argument("--item-col", default="item")
-    r.add_argument("--k", type=int, default=10, help="items per user (default 10)")
-    r.add_argument("--output", default="-", help="CSV or Parquet by extension; '-' for stdout (default)")
+    who = r.add_mutually_exclusive_group(required=True)
+    who.add_argument("--input", metavar="FILE", help="history file (CSV, TSV, Parquet): user and item columns (rating optional; items optional for known users)")
+    who.add_argument("--users", metavar="FILE", help="file listing user ids of the run (column --user-col)")
+    who.add_argument("--all-users", action="store_true", help="every user of the run: training and held-out users")
+    r.add_argument("--user-col", help="user column (default: the run's)")
+    r.add_argument("--item-col", help="item column (default: the run's)")
+    r.add_argument("--rating-col", help="rating column (default: the run's); rows at or below the threshold count as seen, not as history; 'none' for none")
+    r.add_argument("--rating-threshold", type=float, help="positive when rating > this (default: the run's)")
+    r.add_argument("--sep", help="separator of --input/--users (default: the run's, else from the extension)")
+    r.add_argument("--k", type=int, default=10, help="items per user (default 10); above the catalogue: all items")
+    r.add_argument("--output", default="-", help="CSV, TSV or Parquet by extension; '-' for stdout (default)")
+    r.add_argument("--include-seen", action="store_true", help="do not exclude items the user already has (at any rating)")
     r.add_argument("--strict", action="store_true", help="fail on item ids unknown to the model instead of dropping them")
+    r.add_argument("--batch-size", type=int, default=1000, help="users scored at once (default 1000); bounds memory")
+    r.add_argument("--device", help="cpu, cuda or auto (default: the device saved with the model)")
     r.set_defaults(func=cmd_recommend)
+
+    v = sub.add_parser("serve", parents=[common], help="an HTTP service answering top-K requests from a run (needs recvae[serve])")
+    v.add_argument("run_dir", metavar="RUN_DIR")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    v.add_argument("--workers", type=int, default=1, help="worker processes, each loading the model once (default 1)")
+    v.add_argument("--device", help="cpu, cuda or auto (default: the device saved with the model)")
+    v.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES", help="largest request body accepted (default 1 MiB; 413 beyond)")
+    v.add_argument("--max-batch", type=int, default=64, help="concurrent requests scored in one forward pass (default 64; 1 = no batching)")
+    v.set_defaults(func=cmd_serve)
     return p
 
 
@@ -368,61 +385,211 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_recommend(args) -> int:
-    from recvae.data import Interactions
-    from recvae.experiment import load_run
-    from recvae.recommend import histories_to_csr, recommend_frame
+    from recvae.recommend import RunRecommender, note_large_k
 
     if args.k < 1:
         raise CLIError(f"--k: expected a positive integer, got {args.k}")
-    model, _ = load_run(args.run_dir)
-    histories = read_table(args.input)
-    train = Interactions.load(Path(args.run_dir) / "train.npz")
-    matrix, users = histories_to_csr(histories, train.item_ids, args.user_col, args.item_col, strict=args.strict)
-    # Known users: their training history joins the rows given in the file.
-    rows = train.user_index(users)
-    known = rows >= 0
-    if known.any():
-        extra = sp.diags(known.astype(np.float32)) @ train.matrix[np.where(known, rows, 0)]
-        matrix = ((matrix + extra) > 0).astype(np.float32).tocsr()
-    popularity = np.asarray(train.matrix.sum(axis=0)).ravel()
-    frame = recommend_frame(model, matrix, users, train.item_ids, N=args.k, fallback_scores=popularity)
-    write_table(frame, args.output)
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size: expected a positive integer, got {args.batch_size}")
+    for flag, given in (("--input", args.input), ("--users", args.users)):
+        if given is not None and args.output != "-" and _same_file(given, args.output):
+            raise CLIError(f"--output {args.output}: is the {flag} file; choose another")
+    check_output(args.output)
+    run = RunRecommender(args.run_dir, device=args.device)
+    note_large_k(args.k, run.n_items)
+    if args.all_users:
+        batches = (run.known_histories(np.arange(s, min(s + args.batch_size, len(run.user_ids))))
+                   for s in range(0, len(run.user_ids), args.batch_size))
+        n_users = len(run.user_ids)
+    else:
+        hist = histories_from_file(run, args)
+        batches = (hist.slice(s, s + args.batch_size) for s in range(0, len(hist), args.batch_size))
+        n_users = len(hist)
+    from tqdm.auto import tqdm
+
+    with table_writer(args.output) as write, tqdm(total=n_users, unit="user", disable=args.quiet, file=sys.stderr) as bar:
+        for batch in batches:
+            write(run.recommend(batch, args.k, include_seen=args.include_seen))
+            bar.update(len(batch))
     return 0
 
 
-def read_table(path: str) -> pd.DataFrame:
+def histories_from_file(run, args):
+    """The users of ``--input``/``--users`` with their histories: the file's rows (rating above the
+    threshold: history; at or below: seen only) joined with what the run knows of each user."""
+    from recvae.recommend import IdError, log_unknown
+
+    flag = "--input" if args.input is not None else "--users"
+    path = args.input if args.input is not None else args.users
+    data = run.data
+    user_col = args.user_col or data.get("user_col") or "user"
+    item_col = args.item_col or data.get("item_col") or "item"
+    rating_col = args.rating_col if args.rating_col is not None else data.get("rating_col")
+    rating_col = None if rating_col is None or str(rating_col).lower() == "none" else rating_col
+    threshold = args.rating_threshold if args.rating_threshold is not None else data.get("rating_threshold")
+    frame, locate = read_table(path, flag, sep=args.sep or data.get("sep"), id_cols=(user_col, item_col))
+    columns = list(map(str, frame.columns))
+    if user_col not in frame.columns:
+        raise CLIError(f"{flag} {path}: no user column {user_col!r} (--user-col); found {columns}")
+    users_only = args.users is not None or item_col not in frame.columns
+    if args.input is not None and users_only and args.item_col is not None:
+        raise CLIError(f"{flag} {path}: no item column {item_col!r} (--item-col); found {columns}")
+    if args.input is not None and args.rating_col is not None and rating_col and rating_col not in frame.columns:
+        raise CLIError(f"{flag} {path}: no rating column {rating_col!r} (--rating-col); found {columns}")
+    missing = frame[user_col].isna().to_numpy()
+    if missing.any():
+        raise CLIError(f"{flag} {path}: {locate(int(np.argmax(missing)))}, column {user_col!r} (--user-col): user id missing")
+    rows, ids = run.user_rows(frame[user_col])
+    position, users = pd.factorize(pd.Series(ids, dtype=object), sort=False)
+    user_rows = np.full(len(users), -1, dtype=np.int64)
+    user_rows[position] = rows
+    empty = np.zeros((0, 2), dtype=np.int64)
+    if users_only:
+        log_unknown("user ids", np.asarray(users)[user_rows < 0], len(users))
+        return run.histories(np.asarray(users), user_rows, empty, empty)
+    try:
+        codes = run.item_codes(frame[item_col], lambda j: f"{flag} {path}: {locate(j)}, column {item_col!r} (--item-col)")
+    except IdError as e:
+        raise CLIError(str(e)) from None
+    unknown = codes < 0
+    if unknown.any() and args.strict:
+        examples = pd.unique(frame[item_col][unknown])[:5].tolist()
+        raise CLIError(f"{flag} {path}: {int(unknown.sum())} row(s) name item ids unknown to the model (e.g. {examples}); "
+                       "drop --strict to skip them")
+    log_unknown("item ids", frame[item_col].to_numpy()[unknown], frame[item_col].nunique())
+    positive = ~unknown
+    if rating_col is not None and rating_col in frame.columns and threshold is not None:
+        ratings = pd.to_numeric(frame[rating_col], errors="coerce").to_numpy(np.float64)
+        bad = np.isnan(ratings) & frame[rating_col].notna().to_numpy()
+        if bad.any():
+            j = int(np.argmax(bad))
+            raise CLIError(f"{flag} {path}: {locate(j)}, column {rating_col!r} (--rating-col): "
+                           f"expected a number, got {frame[rating_col].iloc[j]!r}")
+        positive &= ratings > float(threshold)  # a missing rating is not a positive
+    pairs = np.column_stack([position, codes])
+    new = int((user_rows < 0).sum())
+    if new:
+        logger.info("%d user(s) not in the run: recommended from the file's rows alone", new)
+    return run.histories(np.asarray(users), user_rows, pairs[positive], pairs[~unknown & ~positive])
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def cmd_serve(args) -> int:
+    from recvae.serve import run_server
+
+    if not 0 < args.port < 65536:
+        raise CLIError(f"--port: expected 1..65535, got {args.port}")
+    for flag, value in (("--workers", args.workers), ("--max-body", args.max_body), ("--max-batch", args.max_batch)):
+        if value < 1:
+            raise CLIError(f"{flag}: expected a positive integer, got {value}")
+    if not (Path(args.run_dir) / "run.json").is_file():
+        raise CLIError(f"RUN_DIR {args.run_dir}: not a run directory (no run.json)")
+    run_server(args.run_dir, host=args.host, port=args.port, workers=args.workers, device=args.device,
+               max_body=args.max_body, max_batch=args.max_batch, log_level="warning" if args.quiet else "info")
+    return 0
+
+
+def read_table(path: str, flag: str = "--input", sep: str | None = None, id_cols=()) -> tuple[pd.DataFrame, callable]:
+    """``(frame, locate)``: a CSV/TSV/Parquet file with the columns ``id_cols`` read as text (ids
+    are converted to the run's types later, one by one), and ``locate(j)`` naming row ``j`` as the
+    user sees it: ``line N`` of a text file (header = line 1), ``row N`` of a Parquet file."""
     p = Path(path)
     if not p.is_file():
-        raise CLIError(f"--input {path}: no such file")
+        raise CLIError(f"{flag} {path}: no such file")
+    suffix = p.suffix.lower()
     try:
-        if p.suffix.lower() == ".parquet":
-            return pd.read_parquet(p)
-        return pd.read_csv(p, sep="\t" if p.suffix.lower() in (".tsv", ".tab") else ",")
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise CLIError(f"--input {path}: cannot parse: {e}") from e
+        if suffix in (".parquet", ".pq"):
+            from recvae.optional import require
+
+            require("pyarrow", f"{flag} as Parquet")
+            return pd.read_parquet(p), lambda j: f"row {j + 1}"
+        if sep is None:
+            sep = "\t" if suffix in (".tsv", ".tab", ".data") else ("::" if suffix == ".dat" else ",")
+        frame = pd.read_csv(p, sep=sep, dtype={c: str for c in id_cols}, engine="python" if len(sep) > 1 else "c")
+        return frame, lambda j: f"line {j + 2}"
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        raise CLIError(f"{flag} {path}: cannot parse: {str(e).strip().splitlines()[0]}") from e
 
 
-def write_table(frame: pd.DataFrame, output: str) -> None:
+def check_output(output: str) -> None:
     if output == "-":
-        frame.to_csv(sys.stdout, index=False)
         return
-    out = Path(output)
-    parent = out.parent if str(out.parent) else Path(".")
+    parent = Path(output).parent
     if not parent.is_dir():
         raise CLIError(f"--output {output}: folder {parent} does not exist")
+
+
+@contextmanager
+def table_writer(output: str):
+    """Yield ``write(frame)`` appending DataFrames to ``output``: CSV (or TSV by extension) appended
+    batch by batch, Parquet as one row group per batch, ``-`` CSV on stdout. A file is written
+    under a temporary name and renamed at the end (recvae.fileio.atomic_path): a failure leaves
+    nothing half-written, and only one batch is ever in memory."""
+    from recvae.fileio import atomic_path
+    from recvae.recommend import COLUMNS
+
+    state = {"header": True}
+    if output == "-":
+        def write(frame):
+            frame.to_csv(sys.stdout, index=False, header=state["header"])
+            state["header"] = False
+
+        yield write
+        if state["header"]:
+            pd.DataFrame(columns=COLUMNS).to_csv(sys.stdout, index=False)
+        return
+    out = Path(output)
     try:
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=out.name, suffix=".tmp")
-    except OSError as e:
-        raise CLIError(f"--output {output}: cannot write there ({e.strerror})") from e
-    os.close(fd)
+        with atomic_path(out) as tmp:
+            if out.suffix.lower() in (".parquet", ".pq"):
+                with _parquet_writer(tmp) as write:
+                    yield write
+            else:
+                sep = "\t" if out.suffix.lower() in (".tsv", ".tab") else ","
+                with open(tmp, "w", newline="") as f:
+                    def write(frame):
+                        frame.to_csv(f, index=False, header=state["header"], sep=sep)
+                        state["header"] = False
+
+                    yield write
+                    if state["header"]:
+                        pd.DataFrame(columns=COLUMNS).to_csv(f, index=False, sep=sep)
+    except PermissionError as e:
+        raise CLIError(f"--output {output}: {e}") from e
+
+
+@contextmanager
+def _parquet_writer(path: Path):
+    from recvae.optional import require
+    from recvae.recommend import COLUMNS
+
+    pa = require("pyarrow", "--output as Parquet")
+    import pyarrow.parquet as pq
+
+    writer = None
+
+    def write(frame):
+        nonlocal writer
+        if len(frame) == 0:
+            return
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        if writer is None:
+            writer = pq.ParquetWriter(path, table.schema)
+        writer.write_table(table.cast(writer.schema))
+
     try:
-        if out.suffix.lower() == ".parquet":
-            frame.to_parquet(tmp, index=False)
-        else:
-            frame.to_csv(tmp, index=False, sep="\t" if out.suffix.lower() == ".tsv" else ",")
-        os.replace(tmp, out)
+        yield write
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        pd.DataFrame(columns=COLUMNS).to_parquet(path, index=False)
 
 
 def format_table(results: dict) -> str:

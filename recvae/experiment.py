@@ -7,6 +7,7 @@ A run directory holds everything needed later::
     train.npz           training interactions (histories of known users, popularity fallback)
     validation.npz      held-out validation users (fold-in and held-out items)
     test.npz            held-out test users
+    seen.npz            every interaction of the run's users at any rating (items `recommend` excludes)
     history.csv/.json   per-epoch history (neural models)
     metrics.json        validation and test metrics (mean, stderr, n_users)
     learning_curve.png  loss, KL, beta and validation NDCG@100 per epoch (needs matplotlib)
@@ -39,6 +40,8 @@ from recvae.models import EASE, MultDAE, MultVAE, Popularity, load_model
 from recvae.models.base import MODEL_FILE
 from recvae.models.vae import CHECKPOINT_FILE, MODEL_DIR, NonFiniteLossError
 from recvae.optional import available, require
+
+SEEN_FILE = "seen.npz"  # read by recvae.recommend
 
 logger = logging.getLogger(__name__)
 
@@ -312,6 +315,7 @@ def _write_description(out: Path, config: RunConfig, split) -> None:
     split.train.save(out / "train.npz")
     save_heldout(out / "validation.npz", split.validation)
     save_heldout(out / "test.npz", split.test)
+    write_seen(out / SEEN_FILE, config.data, split)
     write_json(out / "run.json", _description(config, split))
 
 
@@ -330,6 +334,32 @@ def _write_results(out: Path, result: RunResult, plot: bool = True) -> None:
     history = getattr(result.model, "history_", None)
     if history and plot:
         plot_learning_curve(history, out / "learning_curve.png")
+
+
+def write_seen(path: Path, data: DataSpec, split) -> None:
+    """Every interaction of the source data, at any rating, of the run's users (training,
+    validation, test; in that order) over the run's catalogue, as an :class:`Interactions`.
+
+    The training data keeps only ratings above the threshold; ``recommend`` must also exclude
+    what a user rated lower. Without a threshold this is the known history, so nothing is read.
+    """
+    users = np.concatenate([np.asarray(split.train.user_ids), np.asarray(split.validation.user_ids),
+                            np.asarray(split.test.user_ids)])
+    items = np.asarray(split.train.item_ids)
+    if data.rating_threshold is None:
+        known = [split.train.matrix] + [h.fold_in + h.heldout for h in (split.validation, split.test)]
+        matrix = sp.vstack(known, format="csr")
+    else:
+        raw = DataSpec(**{**asdict(data), "rating_threshold": None, "min_user_interactions": 0,
+                          "min_item_interactions": 0}).load()
+        rows = raw.user_index(users)
+        cols = raw.item_index(items)  # raw column of each catalogue item
+        sub = raw.matrix[np.where(rows >= 0, rows, 0)][:, cols]
+        sub = sp.diags((rows >= 0).astype(np.float32)) @ sub
+        matrix = sub.tocsr()
+    matrix.data[:] = 1.0
+    matrix.eliminate_zeros()
+    Interactions(matrix.astype(np.float32).tocsr(), users, items).save(path)
 
 
 def load_run(run_dir: str | os.PathLike, device=None) -> tuple[object, dict]:

@@ -15,6 +15,9 @@ class MissingDependencyError(ImportError):
 EXTRAS = {
     "matplotlib": ("plot", "plots"),
     "pyarrow": ("parquet", "Parquet files"),
+    "fastapi": ("serve", "the HTTP service (recvae serve)"),
+    "uvicorn": ("serve", "the HTTP service (recvae serve)"),
+    "httpx": ("serve", "the serving benchmark's load generator"),
 }
 
 

@@ -1,114 +1,219 @@
-"""Recommendations in original ids: histories in, a (user, rank, item, score) table out."""
+"""Recommendations in original ids: histories in, a ``(user, rank, item, score, source)`` table out.
+
+Two levels:
+
+* :func:`recommend_ids` for a fitted model alone (its ``item_ids_``), histories as a DataFrame;
+* :class:`RunRecommender` for a run directory: the model plus every user the run knows (training
+  users, and held-out users with their fold-in and held-out items) and the items each of them has
+  *seen* at any rating (``seen.npz``), used by ``recvae recommend`` and ``recvae serve``.
+
+Ids are matched to the vocabularies whatever their type in the input (:func:`match_ids`): ``"42"``
+matches the integer id 42 and ``42`` the string id ``"42"``. A user with no known item gets the
+popularity fallback: items ranked by the number of training users who have them, with score the
+*fraction of training users* having the item (in [0, 1]) and ``source="popularity"``; model rows
+carry ``source="model"`` and the model's own scores (logits for Mult-VAE/DAE), so the ``source``
+column says which unit a row's score is in.
+"""
 
 from __future__ import annotations
 
 import logging
-import warnings
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from recvae.data import Interactions
+from recvae.experiment import SEEN_FILE, load_run, load_run_train, load_run_users
+from recvae.fileio import read_json
+from recvae.models.base import mask_rows, top_k
+
 logger = logging.getLogger(__name__)
 
+COLUMNS = ["user", "rank", "item", "score", "source"]
+_INT_TEXT = r"[+-]?\d+"
 
-class UnknownItemsWarning(UserWarning):
-    """Some item ids of the histories are not in the model's catalogue and were dropped."""
 
+class IdError(ValueError):
+    """An id that cannot be an id of the run (e.g. ``1.5`` where ids are integers).
 
-def histories_to_csr(
-    histories: pd.DataFrame,
-    item_ids: np.ndarray,
-    user_col: str = "user",
-    item_col: str = "item",
-    strict: bool = False,
-) -> tuple[sp.csr_matrix, np.ndarray]:
-    """Turn (user, item) rows in original ids into a users x items CSR over ``item_ids``.
-
-    Returns ``(matrix, users)`` with rows in order of first appearance of each user. Rows whose
-    item is unknown are dropped with an :class:`UnknownItemsWarning` giving the count, or raise a
-    ``ValueError`` with ``strict=True``. A user whose rows are all unknown keeps an empty row.
+    ``position`` is the 0-based position of the value in its column, so callers can name a
+    file line or a JSON field.
     """
-    for col in (user_col, item_col):
-        if col not in histories.columns:
-            raise ValueError(
-                f"histories: expected a column {col!r}, found {list(map(str, histories.columns))}"
-            )
-    users, user_codes = _codes_in_order(histories[user_col])
-    catalogue = pd.Index(item_ids)
-    item_codes = catalogue.get_indexer(_align_dtype(histories[item_col], catalogue))
-    unknown = item_codes < 0
-    if unknown.any():
-        examples = histories[item_col][unknown].unique()[:5].tolist()
-        msg = f"{int(unknown.sum())} history row(s) name item ids unknown to the model (e.g. {examples})"
-        if strict:
-            raise ValueError(f"histories: {msg}")
-        warnings.warn(f"{msg}; dropped", UnknownItemsWarning, stacklevel=2)
-    keep = ~unknown
-    matrix = sp.csr_matrix(
-        (np.ones(int(keep.sum()), dtype=np.float32), (user_codes[keep], item_codes[keep])),
-        shape=(len(users), len(catalogue)),
+
+    def __init__(self, message: str, position: int, value):
+        super().__init__(message)
+        self.position = position
+        self.value = value
+
+
+def convert_ids(values, like: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``values`` converted to the id type of the vocabulary ``like``: ``(converted, bad)``.
+
+    Integer vocabularies take ints, integral floats (``3.0``, e.g. a Parquet float column) and
+    text spelling an integer (``"42"``, ``" 42 "``, ``"42.0"``); string vocabularies take the text
+    of any value (an integral float as its integer text). ``bad[j]`` marks values that cannot be
+    an id of that type (``1.5``, ``"abc"``, a missing value for integer ids); their converted
+    entry is meaningless.
+    """
+    if not isinstance(values, pd.Series) and len(values) <= 256:  # a request's ids: per value, no pandas
+        return _convert_few(values, np.asarray(like).dtype.kind in "iu")
+    series = pd.Series(values, dtype=object) if not isinstance(values, pd.Series) else values
+    n = len(series)
+    missing = series.isna().to_numpy()
+    if np.asarray(like).dtype.kind in "iu":
+        if series.dtype.kind in "iu":
+            return series.to_numpy(np.int64), np.zeros(n, dtype=bool)
+        out = np.zeros(n, dtype=np.int64)
+        ok = np.zeros(n, dtype=bool)
+        text = series.astype(str).str.strip()
+        is_int = text.str.fullmatch(_INT_TEXT).fillna(False).to_numpy() & ~missing
+        if is_int.any():
+            parsed = pd.to_numeric(text[is_int], errors="coerce")  # beyond int64 -> float: refused below
+            exact = parsed.to_numpy().dtype.kind in "iu"
+            if exact:
+                out[is_int] = parsed.to_numpy(np.int64)
+                ok[is_int] = True
+            else:  # some value exceeds int64: check one by one
+                for j in np.flatnonzero(is_int):
+                    v = int(text.iloc[j])
+                    if -(2**63) <= v < 2**63:
+                        out[j], ok[j] = v, True
+        rest = ~is_int & ~missing
+        if rest.any():
+            num = pd.to_numeric(text[rest], errors="coerce").to_numpy(np.float64)
+            integral = np.isfinite(num) & (np.floor(num) == num) & (np.abs(num) < 2**53)
+            idx = np.flatnonzero(rest)[integral]
+            out[idx] = num[integral].astype(np.int64)
+            ok[idx] = True
+        return out, ~ok
+    # string vocabulary
+    if series.dtype.kind == "f":  # e.g. a Parquet float column: 3.0 is the id "3"
+        text = [str(int(v)) if np.isfinite(v) and v == int(v) else str(v) for v in series.to_numpy()]
+        return np.asarray(text, dtype=object), missing
+    return series.astype(str).to_numpy(dtype=object), missing
+
+
+def _convert_few(values, to_int: bool) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`convert_ids` value by value (the same rules), for a few ids such as one request's."""
+    out, bad = [], []
+    for v in values:
+        if v is None or (isinstance(v, float) and not np.isfinite(v)):
+            out.append(0 if to_int else "")
+            bad.append(True)
+            continue
+        if not to_int:
+            text = str(int(v)) if isinstance(v, float) and v == int(v) else str(v)
+            out.append(text)
+            bad.append(False)
+            continue
+        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            ok, num = -(2**63) <= v < 2**63, int(v)
+        else:
+            try:
+                num = int(str(v).strip())
+                ok = -(2**63) <= num < 2**63
+            except ValueError:
+                try:
+                    f = float(str(v).strip())
+                except ValueError:
+                    f = np.nan
+                ok = bool(np.isfinite(f) and f == np.floor(f) and abs(f) < 2**53)
+                num = int(f) if ok else 0
+        out.append(num if ok else 0)
+        bad.append(not ok)
+    dtype = np.int64 if to_int else object
+    return np.array(out, dtype=dtype), np.array(bad, dtype=bool)
+
+
+def match_ids(values, vocabulary: pd.Index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Positions of ``values`` in ``vocabulary`` (-1 where unknown), after :func:`convert_ids`.
+
+    Returns ``(codes, converted, bad)``; ``bad`` values (not of the vocabulary's type) get code -1.
+    """
+    converted, bad = convert_ids(values, vocabulary.to_numpy())
+    codes = np.full(len(converted), -1, dtype=np.int64)
+    good = ~bad
+    if good.any():
+        codes[good] = vocabulary.get_indexer(pd.Index(converted[good]))
+    return codes, converted, bad
+
+
+def log_unknown(what: str, values: np.ndarray, total: int) -> None:
+    """One warning line with the count of unknown ids and a few examples."""
+    values = pd.unique(pd.Series(values, dtype=object))
+    if len(values):
+        examples = ", ".join(repr(v) for v in values[:5])
+        logger.warning("%d of %d %s unknown to the run (e.g. %s)", len(values), total, what, examples)
+
+
+def user_items_csr(rows: np.ndarray, cols: np.ndarray, n_rows: int, n_items: int) -> sp.csr_matrix:
+    """Binary CSR (n_rows, n_items) with ones at (rows[j], cols[j]); duplicates merged."""
+    m = sp.csr_matrix(
+        (np.ones(len(rows), dtype=np.float32), (np.asarray(rows), np.asarray(cols))), shape=(n_rows, n_items)
     )
-    matrix.sum_duplicates()
-    matrix.data[:] = 1.0
-    return matrix, users
+    m.sum_duplicates()
+    m.data[:] = 1.0
+    return m
 
 
-def recommend_frame(
+def recommend_rows(
     model,
-    user_items: sp.csr_matrix,
-    users: np.ndarray,
-    item_ids: np.ndarray,
-    N: int = 10,
-    fallback_scores: np.ndarray | None = None,
-    filter_already_liked_items: bool = True,
-) -> pd.DataFrame:
-    """Top-N for each row as a long table ``(user, rank, item, score)`` in original ids.
+    positives: sp.csr_matrix,
+    exclude: sp.csr_matrix | None,
+    k: int,
+    popularity: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k of each row: the model's for rows with a positive item, the popularity fallback
+    (``popularity`` = fraction of training users per item) for empty rows.
 
-    Rows with an empty history get ``fallback_scores`` (e.g. training popularity) when given,
-    else a ``ValueError``: an amortised model would otherwise recommend from an all-zero input,
-    which is the same list for everyone and says nothing about the user.
+    Items of a row of ``positives`` are excluded; so are those of ``exclude`` (the same shape,
+    None for none). Returns ``(ids, scores, fallback)``: (n, min(k, n_items)) arrays (id -1 /
+    score -inf where nothing is left) and a boolean (n,) marking the fallback rows.
     """
-    empty = np.diff(user_items.indptr) == 0
-    if empty.any() and fallback_scores is None:
-        raise ValueError(
-            f"histories: {int(empty.sum())} user(s) have no known item (e.g. {users[empty][:5].tolist()}); "
-            "give them at least one item from the catalogue"
-        )
-    ids, scores = model.recommend(user_items, N=N, filter_already_liked_items=filter_already_liked_items)
-    if empty.any():
-        ranked = np.argsort(-fallback_scores, kind="stable")[:N]
-        ids[empty, : len(ranked)] = ranked
-        scores[empty, : len(ranked)] = fallback_scores[ranked]
-    rank = np.tile(np.arange(1, N + 1), len(users))
-    flat_ids = ids.ravel()
-    valid = flat_ids >= 0  # fewer than N items left after filtering
-    out = pd.DataFrame(
+    n, n_items = positives.shape
+    width = min(int(k), n_items)
+    ids = np.full((n, width), -1, dtype=np.int64)
+    scores = np.full((n, width), -np.inf, dtype=np.float32)
+    fallback = np.diff(positives.indptr) == 0
+    has = np.flatnonzero(~fallback)
+    if has.size:
+        sub = positives if has.size == n else positives[has]
+        sub_exclude = None if exclude is None else (exclude if has.size == n else exclude[has])
+        ids[has], scores[has] = model.recommend(sub, N=width, exclude=sub_exclude)
+    empty = np.flatnonzero(fallback)
+    if empty.size:
+        pop = np.tile(np.asarray(popularity, dtype=np.float32), (empty.size, 1))
+        if exclude is not None:
+            mask_rows(pop, exclude[empty])
+        ids[empty], scores[empty] = top_k(pop, width)
+    return ids, scores, fallback
+
+
+def to_frame(users, ids: np.ndarray, scores: np.ndarray, fallback: np.ndarray, item_ids: np.ndarray) -> pd.DataFrame:
+    """Long table ``(user, rank, item, score, source)`` from top-k arrays; id -1 slots dropped."""
+    n, width = ids.shape
+    flat = ids.ravel()
+    valid = flat >= 0
+    return pd.DataFrame(
         {
-            "user": np.repeat(users, N)[valid],
-            "rank": rank[valid],
-            "item": np.asarray(item_ids)[flat_ids[valid]],
+            "user": np.repeat(np.asarray(users), width)[valid],
+            "rank": np.tile(np.arange(1, width + 1, dtype=np.int64), n)[valid],
+            "item": np.asarray(item_ids)[flat[valid]],
             "score": scores.ravel()[valid],
-        }
+            "source": np.repeat(np.where(fallback, "popularity", "model"), width)[valid],
+        },
+        columns=COLUMNS,
     )
-    return out.reset_index(drop=True)
 
 
-def _codes_in_order(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    if values.isna().any():
-        line = int(np.flatnonzero(values.isna().to_numpy())[0])
-        raise ValueError(f"histories: user id missing (NaN) in row {line}")
-    codes, uniques = pd.factorize(values, sort=False)
-    return np.asarray(uniques), codes
-
-
-def _align_dtype(values: pd.Series, catalogue: pd.Index) -> pd.Series:
-    """Compare ids as the catalogue stores them: '42' in a CSV matches item 42."""
-    if catalogue.dtype.kind in "iu" and values.dtype.kind not in "iu":
-        return pd.to_numeric(values, errors="coerce").astype("Int64")
-    if catalogue.dtype.kind in "OU" and values.dtype.kind != "O":
-        return values.astype(str)
-    return values
+def note_large_k(k: int, n_items: int) -> None:
+    if k > n_items:
+        logger.info("k = %d exceeds the catalogue: returning all %d items (fewer where seen items are excluded)", k, n_items)
 
 
 def recommend_ids(
@@ -118,23 +223,190 @@ def recommend_ids(
     user_col: str = "user",
     item_col: str = "item",
     strict: bool = False,
-    fallback_scores: np.ndarray | None = None,
+    popularity: np.ndarray | None = None,
     filter_already_liked_items: bool = True,
 ) -> pd.DataFrame:
-    """Top-N in original ids for histories in original ids, known users or new ones alike.
+    """Top-N in original ids for histories in original ids, for a model fitted on
+    :class:`~recvae.data.Interactions` (so it knows ``item_ids_``).
 
     ``histories`` is a DataFrame of (user, item) rows, or a plain list of item ids for one user
-    (reported as user 0). The model must have been fitted on :class:`~recvae.data.Interactions`
-    (so it knows ``item_ids_``). Returns a DataFrame ``(user, rank, item, score)``, best first.
-    Unknown item ids are dropped with a warning that counts them (``strict=True`` raises); a
-    user left with no known item gets ``fallback_scores`` (e.g. training popularity) when
-    given, else a ``ValueError``. Fewer than N rows come back for a user when fewer than N items
-    remain after filtering.
+    (reported as user 0). Item ids are matched whatever their type (:func:`convert_ids`); a value
+    that cannot be an item id raises :class:`IdError`; unknown ids are dropped with one log
+    warning (``strict=True`` raises). A user left with no known item gets ``popularity`` (the
+    fraction of training users per item) with ``source="popularity"`` when given, else a
+    ``ValueError``. Returns ``(user, rank, item, score, source)``, best first; fewer than N rows
+    for a user when fewer items remain.
     """
     item_ids = getattr(model, "item_ids_", None)
     if item_ids is None:
         raise ValueError("model: has no item_ids_; fit it on recvae.data.Interactions to use original ids")
     if not isinstance(histories, pd.DataFrame):
         histories = pd.DataFrame({user_col: 0, item_col: list(histories)})
-    matrix, users = histories_to_csr(histories, item_ids, user_col, item_col, strict=strict)
-    return recommend_frame(model, matrix, users, item_ids, N, fallback_scores, filter_already_liked_items)
+    for col in (user_col, item_col):
+        if col not in histories.columns:
+            raise ValueError(f"histories: expected a column {col!r}, found {list(map(str, histories.columns))}")
+    catalogue = pd.Index(np.asarray(item_ids))
+    codes, _, bad = match_ids(histories[item_col], catalogue)
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        raise IdError(f"histories: row {j} of column {item_col!r} holds {histories[item_col].iloc[j]!r}, "
+                      f"which cannot be an item id of the model ({_kind(catalogue)})", j, histories[item_col].iloc[j])
+    unknown = codes < 0
+    if unknown.any() and strict:
+        examples = histories[item_col][unknown].unique()[:5].tolist()
+        raise ValueError(f"histories: {int(unknown.sum())} row(s) name item ids unknown to the model (e.g. {examples})")
+    log_unknown("item ids", histories[item_col].to_numpy()[unknown], histories[item_col].nunique())
+    user_codes, users = pd.factorize(histories[user_col], sort=False)
+    keep = ~unknown
+    matrix = user_items_csr(user_codes[keep], codes[keep], len(users), len(catalogue))
+    empty = np.diff(matrix.indptr) == 0
+    if empty.any() and popularity is None:
+        raise ValueError(
+            f"histories: {int(empty.sum())} user(s) have no known item (e.g. {list(users[empty][:5])}); "
+            "give them at least one item from the catalogue"
+        )
+    note_large_k(N, len(catalogue))
+    if filter_already_liked_items:
+        ids, scores, fallback = recommend_rows(model, matrix, None, N, popularity if popularity is not None else 0)
+    else:  # keep history items: score with nothing masked
+        ids, scores = model.recommend(matrix, N=N, filter_already_liked_items=False)
+        fallback = np.zeros(len(users), dtype=bool)
+    return to_frame(np.asarray(users), ids, scores, fallback, catalogue.to_numpy())
+
+
+def _kind(vocabulary: pd.Index) -> str:
+    return "integers" if vocabulary.dtype.kind in "iu" else "strings"
+
+
+# ---------------------------------------------------------------------------- run directories
+@dataclass
+class Histories:
+    """A batch of users to recommend for: their ids, positive histories and extra exclusions."""
+
+    users: np.ndarray  # (n,) user ids as reported in the output
+    positives: sp.csr_matrix  # (n, n_items) fold-in input of the model
+    seen: sp.csr_matrix  # (n, n_items) items excluded besides the positives (any rating)
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def slice(self, start: int, stop: int) -> "Histories":
+        return Histories(self.users[start:stop], self.positives[start:stop], self.seen[start:stop])
+
+
+class RunRecommender:
+    """A run directory loaded to answer recommendation requests in original ids.
+
+    Holds the model, the item vocabulary, every user of the run with their full known history
+    (training users: their training positives; held-out users: fold-in + held-out items) and the
+    items each has seen at any rating (``seen.npz``, written at train time; runs from before it
+    fall back to the positives, with an info line). ``popularity_`` is the fraction of training
+    users having each item (the fallback's score).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, device=None):
+        run_dir = Path(run_dir)
+        self.run_dir = run_dir
+        self.model, self.description = load_run(run_dir, device=device)
+        train = load_run_train(run_dir, self.model)  # item ids checked against the model's
+        held = [load_run_users(run_dir, name, self.model) for name in ("validation", "test")]
+        self.item_ids = np.asarray(train.item_ids)
+        self.items = pd.Index(self.item_ids)
+        self.user_ids = np.concatenate([np.asarray(train.user_ids)] + [np.asarray(h.user_ids) for h in held])
+        self.users = pd.Index(self.user_ids)
+        known = sp.vstack([train.matrix] + [(h.fold_in + h.heldout) for h in held], format="csr")
+        known.data[:] = 1.0
+        self.known = known.astype(np.float32)
+        self.seen = self._load_seen(run_dir)
+        self.popularity = np.asarray(train.matrix.sum(axis=0), dtype=np.float32).ravel() / max(train.n_users, 1)
+        metrics = run_dir / "metrics.json"
+        self.metrics = read_json(metrics) if metrics.is_file() else None
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def data(self) -> dict:
+        """The run's data description (``run.json`` "data"): columns, separator, threshold."""
+        return self.description.get("data", {})
+
+    def _load_seen(self, run_dir: Path) -> sp.csr_matrix:
+        path = run_dir / SEEN_FILE
+        if not path.is_file():
+            if self.data.get("rating_threshold") is not None:
+                logger.info("%s has no %s (a run from an older recvae): items the run's users rated at or below "
+                            "the threshold are not known and may be recommended", run_dir, SEEN_FILE)
+            return self.known
+        seen = Interactions.load(path)
+        rows = pd.Index(seen.user_ids).get_indexer(self.users)
+        if (rows < 0).any() or not np.array_equal(np.asarray(seen.item_ids), self.item_ids):
+            raise ValueError(f"{path}: its users or items do not match the run's")
+        return ((seen.matrix[rows] + self.known) > 0).astype(np.float32).tocsr()
+
+    # -- id lookups ---------------------------------------------------------------------------
+    def user_rows(self, values) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, ids)``: each value's row among the run's users (-1 for a new user) and its id
+        as reported: the run's typed id, or the text of every value when some value cannot be an
+        id of the run's type (a new user such as ``"alice"`` where ids are integers)."""
+        rows, converted, bad = match_ids(values, self.users)
+        if bad.any():  # some ids are not of the run's type: report all as text, one type per column
+            given = pd.Series(values, dtype=object) if not isinstance(values, pd.Series) else values
+            return rows, given.astype(str).to_numpy(dtype=object)
+        return rows, converted
+
+    def item_codes(self, values, locate: Callable[[int], str]) -> np.ndarray:
+        """Catalogue positions of item ``values`` (-1 unknown); :class:`IdError` naming
+        ``locate(position)`` for a value that cannot be an item id of the run."""
+        codes, _, bad = match_ids(values, self.items)
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            value = list(values)[j] if not isinstance(values, pd.Series) else values.iloc[j]
+            raise IdError(f"{locate(j)} holds {value!r}, which cannot be an item id of the run "
+                          f"(its item ids are {_kind(self.items)})", j, value)
+        return codes
+
+    # -- batches ------------------------------------------------------------------------------
+    def known_histories(self, rows: np.ndarray, ids=None) -> Histories:
+        """The run's users at ``rows`` (>= 0) with their full known history."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return Histories(self.user_ids[rows] if ids is None else np.asarray(ids), self.known[rows], self.seen[rows])
+
+    def histories(self, users, rows: np.ndarray, positive_items: np.ndarray, seen_items: np.ndarray,
+                  with_known: bool = True) -> Histories:
+        """Histories of ``users`` (rows of the run, -1 for new) from (user position, item code)
+        pairs: ``positive_items`` (n_pairs, 2) fold-in rows, ``seen_items`` (n_pairs, 2) rows only
+        excluded; known users' run histories join them when ``with_known``."""
+        n = len(users)
+        positives = user_items_csr(positive_items[:, 0], positive_items[:, 1], n, self.n_items)
+        seen = user_items_csr(seen_items[:, 0], seen_items[:, 1], n, self.n_items)
+        known = rows >= 0
+        if with_known and known.any():
+            pick = sp.diags(known.astype(np.float32)) @ self.known[np.where(known, rows, 0)]
+            pick_seen = sp.diags(known.astype(np.float32)) @ self.seen[np.where(known, rows, 0)]
+            positives = ((positives + pick) > 0).astype(np.float32).tocsr()
+            seen = ((seen + pick_seen) > 0).astype(np.float32).tocsr()
+        return Histories(np.asarray(users), positives, seen)
+
+    def recommend(self, batch: Histories, k: int, include_seen: bool = False) -> pd.DataFrame:
+        """Top-k table for a batch (see :func:`recommend_rows`); ``include_seen`` keeps seen items."""
+        if include_seen:
+            ids, scores, fallback = self.recommend_arrays(batch.positives, None, k, filter_positives=False)
+        else:
+            ids, scores, fallback = self.recommend_arrays(batch.positives, batch.seen, k)
+        return to_frame(batch.users, ids, scores, fallback, self.item_ids)
+
+    def recommend_arrays(self, positives, exclude, k: int, filter_positives: bool = True):
+        """``(ids, scores, fallback)`` in catalogue positions; see :func:`recommend_rows`."""
+        if filter_positives:
+            return recommend_rows(self.model, positives, exclude, k, self.popularity)
+        fallback = np.diff(positives.indptr) == 0
+        ids, scores = self.model.recommend(positives, N=k, filter_already_liked_items=False)
+        if fallback.any():
+            ids[fallback], scores[fallback] = top_k(np.tile(self.popularity, (int(fallback.sum()), 1)), ids.shape[1])
+        return ids, scores, fallback
+
+    def iter_batches(self, batch: Histories, batch_size: int, k: int, include_seen: bool = False) -> Iterator[pd.DataFrame]:
+        """Tables of ``batch`` in slices of ``batch_size`` users: memory bounded by the slice."""
+        for start in range(0, len(batch), batch_size):
+            yield self.recommend(batch.slice(start, start + batch_size), k, include_seen)

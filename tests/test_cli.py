@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pandas as pd
 import pytest
 
 from recvae.cli import main
+from recvae.data import Interactions
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +84,14 @@ def test_recommend_known_and_new_user(vae_run, tmp_path, log_csv):
     log = pd.read_csv(log_csv)
     known = "u0"  # cluster 0, in training or held out: either way a history row works
     history = pd.DataFrame(
-        {"user": [known, "new-user", "new-user", "new-user"], "item": ["m0", "m21", "m22", "m23"]}
+        {"uid": [known, "new-user", "new-user", "new-user"], "iid": ["m0", "m21", "m22", "m23"]}
     )
     inp = tmp_path / "history.csv"
     history.to_csv(inp, index=False)
     out = tmp_path / "recs.csv"
     assert main(["recommend", str(vae_run), "--input", str(inp), "--k", "5", "--output", str(out)]) == 0
     recs = pd.read_csv(out)
-    assert list(recs.columns) == ["user", "rank", "item", "score"]
+    assert list(recs.columns) == ["user", "rank", "item", "score", "source"]
     assert recs.groupby("user").size().to_dict() == {known: 5, "new-user": 5}
     new = recs[recs.user == "new-user"]
     assert not set(new.item) & {"m21", "m22", "m23"}, "already-seen items recommended"
@@ -102,23 +104,34 @@ def test_recommend_known_and_new_user(vae_run, tmp_path, log_csv):
 
 def test_recommend_to_stdout_and_parquet(vae_run, tmp_path, capsys):
     inp = tmp_path / "h.csv"
-    pd.DataFrame({"user": ["x"], "item": ["m5"]}).to_csv(inp, index=False)
-    assert main(["recommend", str(vae_run), "--input", str(inp), "--k", "3"]) == 0
+    pd.DataFrame({"uid": ["x"], "iid": ["m5"]}).to_csv(inp, index=False)
+    assert main(["-q", "recommend", str(vae_run), "--input", str(inp), "--k", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "user,rank,item,score" and len(lines) == 4
+    assert lines[0] == "user,rank,item,score,source" and len(lines) == 4
     pq = tmp_path / "r.parquet"
     assert main(["recommend", str(vae_run), "--input", str(inp), "--k", "3", "--output", str(pq)]) == 0
     assert len(pd.read_parquet(pq)) == 3
 
 
-def test_unknown_items_dropped_or_strict(vae_run, tmp_path, capsys):
+def test_unknown_items_dropped_or_strict(vae_run, tmp_path, capsys, caplog):
     inp = tmp_path / "h.csv"
-    pd.DataFrame({"user": ["x", "x"], "item": ["m5", "nope"]}).to_csv(inp, index=False)
-    with pytest.warns(UserWarning, match="1 history row"):
+    pd.DataFrame({"uid": ["x", "x", "y"], "iid": ["m5", "nope", "gone"]}).to_csv(inp, index=False)
+    with caplog.at_level("INFO"):
         assert main(["recommend", str(vae_run), "--input", str(inp), "--k", "2"]) == 0
-    capsys.readouterr()
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert [r.getMessage() for r in warnings] == ["2 of 3 item ids unknown to the run (e.g. 'nope', 'gone')"]
+    assert warnings[0].name == "recvae.recommend"
+    recs = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    # y has no known item: the popularity fallback, scored as the fraction of training users
+    train = Interactions.load(vae_run / "train.npz")
+    fraction = np.asarray(train.matrix.sum(axis=0)).ravel() / train.n_users
+    y = recs[recs.user == "y"]
+    assert y.source.tolist() == ["popularity"] * 2
+    assert y.item.tolist() == train.item_ids[np.argsort(-fraction, kind="stable")[:2]].tolist()
+    np.testing.assert_allclose(y.score, np.sort(fraction)[::-1][:2], rtol=1e-6)
+    assert recs[recs.user == "x"].source.tolist() == ["model"] * 2
     assert main(["recommend", str(vae_run), "--input", str(inp), "--strict"]) == 2
-    assert "unknown to the model" in capsys.readouterr().err
+    assert "2 row(s) name item ids unknown to the model" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -146,7 +159,7 @@ def test_bad_column_and_model(log_csv, tmp_path, capsys):
 
 def test_unwritable_output(vae_run, tmp_path, capsys):
     inp = tmp_path / "h.csv"
-    pd.DataFrame({"user": ["x"], "item": ["m5"]}).to_csv(inp, index=False)
+    pd.DataFrame({"uid": ["x"], "iid": ["m5"]}).to_csv(inp, index=False)
     assert main(["recommend", str(vae_run), "--input", str(inp), "--output", str(tmp_path / "no" / "r.csv")]) == 2
     assert "--output" in capsys.readouterr().err
 

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 
 from recvae.fileio import read_json, write_json
 
@@ -214,22 +215,30 @@ class Recommender:
         filter_already_liked_items: bool = True,
         filter_items=None,
         batch_size: int | None = None,
+        exclude=None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-N items for each row of ``user_items`` (users x items CSR of histories).
 
-        Returns ``(ids, scores)``, each of shape (users, N), best first. Items in a
-        user's history are excluded when ``filter_already_liked_items``; item indices
-        in ``filter_items`` are excluded for everyone. Where fewer than N items are
-        left, the remaining slots hold id -1 and score -inf.
+        Returns ``(ids, scores)``, each of shape (users, min(N, n_items)), best first: an N
+        beyond the catalogue returns the whole catalogue, and memory never grows with N past
+        it. Items in a user's history are excluded when ``filter_already_liked_items``; item
+        indices in ``filter_items`` are excluded for everyone; the stored entries of row ``u``
+        of ``exclude`` (a CSR of the same shape, e.g. items rated below a threshold) are
+        excluded for user ``u``. Where fewer items are left, the remaining slots hold id -1
+        and score -inf.
         """
         self._check_fitted()
         user_items = as_csr(user_items, "user_items", self.n_items_)
-        if not isinstance(N, (int, np.integer)) or N < 1:
+        if not isinstance(N, (int, np.integer)) or isinstance(N, bool) or N < 1:
             raise ValueError(f"N: expected a positive integer, got {N!r}")
         n_users, n_items = user_items.shape
+        if exclude is not None:
+            exclude = as_csr(exclude, "exclude", n_items)
+            if exclude.shape[0] != n_users:
+                raise ValueError(f"exclude: expected {n_users} rows (one per user), got {exclude.shape[0]}")
         k = min(int(N), n_items)
-        ids = np.full((n_users, N), -1, dtype=np.int64)
-        out = np.full((n_users, N), -np.inf, dtype=np.float32)
+        ids = np.full((n_users, k), -1, dtype=np.int64)
+        out = np.full((n_users, k), -np.inf, dtype=np.float32)
         blocked = None
         if filter_items is not None:
             blocked = np.unique(np.asarray(filter_items, dtype=np.int64))
@@ -240,16 +249,41 @@ class Recommender:
             batch = user_items[start : start + bs]
             scores = self.score(batch)
             if filter_already_liked_items:
-                rows = np.repeat(np.arange(batch.shape[0]), np.diff(batch.indptr))
-                scores[rows, batch.indices] = -np.inf
+                mask_rows(scores, batch)
+            if exclude is not None:
+                mask_rows(scores, exclude[start : start + bs])
             if blocked is not None and blocked.size:
                 scores[:, blocked] = -np.inf
-            part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-            part_scores = np.take_along_axis(scores, part, axis=1)
-            order = np.argsort(-part_scores, axis=1, kind="stable")
-            top = np.take_along_axis(part, order, axis=1)
-            top_scores = np.take_along_axis(part_scores, order, axis=1)
-            top[~np.isfinite(top_scores)] = -1
-            ids[start : start + bs, :k] = top
-            out[start : start + bs, :k] = top_scores
+            ids[start : start + bs], out[start : start + bs] = top_k(scores, k)
         return ids, out
+
+
+def mask_rows(scores: np.ndarray, rows: sp.csr_matrix) -> None:
+    """Set ``scores[u, i] = -inf`` for every stored entry (u, i) of the CSR ``rows``, in place."""
+    r = np.repeat(np.arange(rows.shape[0]), np.diff(rows.indptr))
+    scores[r, rows.indices] = -np.inf
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best columns of each row of ``scores`` (B, I): ``(ids, values)``, each (B, k).
+
+    Best first; equal scores by lower column index (also across the k-th place); a -inf score
+    (an excluded item) comes back as id -1. ``torch.topk`` does the selection (faster than
+    ``np.argpartition`` on wide rows); rows where a tie straddles the k-th place are redone
+    with a stable sort.
+    """
+    k = min(int(k), scores.shape[1])
+    scores = np.ascontiguousarray(scores, dtype=np.float32)
+    values, idx = torch.topk(torch.from_numpy(scores), k, dim=1)
+    values, idx = values.numpy(), idx.numpy().astype(np.int64)
+    order = np.lexsort((idx, -values), axis=1)  # by score descending, then index ascending
+    idx = np.take_along_axis(idx, order, axis=1)
+    values = np.take_along_axis(values, order, axis=1)
+    if k < scores.shape[1]:
+        last = values[:, -1:]
+        straddle = (scores == last).sum(axis=1) > (values == last).sum(axis=1)
+        for r in np.flatnonzero(straddle & np.isfinite(last[:, 0])):
+            idx[r] = np.argsort(-scores[r], kind="stable")[:k]
+            values[r] = scores[r, idx[r]]
+    idx[~np.isfinite(values)] = -1
+    return idx, values

@@ -1,0 +1,176 @@
+"""`recvae serve`: the real server in a subprocess on a free local port, answers checked against
+``model.recommend`` for the same histories, and the 4xx cases."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from recvae.cli import main  # noqa: E402
+from recvae.recommend import RunRecommender, user_items_csr  # noqa: E402
+
+from test_recommend_cli import make_log  # noqa: E402
+
+MAX_BODY = 4000
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serve")
+    log = folder / "log.csv"
+    make_log(int_ids=False).to_csv(log, index=False)
+    out = folder / "run"
+    argv = ["-q", "train", "--data", str(log), "--user-col", "uid", "--item-col", "iid", "--rating-col", "stars",
+            "--model", "multdae", "--epochs", "3", "--batch-size", "30", "--out", str(out),
+            "--n-heldout-users", "10", "--show", "0"]
+    assert main(argv) == 0
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recvae.cli", "-q", "serve", str(run_dir), "--port", str(port),
+         "--max-body", str(MAX_BODY), "--max-batch", "8"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read().decode()}")
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("server did not answer /health within 90 s")
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def run(run_dir):
+    return RunRecommender(run_dir)
+
+
+def post(server, body, **kw):
+    return httpx.post(f"{server}/recommend", json=body, timeout=30, **kw)
+
+
+def expected(run, items, k, exclude=()):
+    codes = run.items.get_indexer(items)
+    extra = run.items.get_indexer(list(exclude))
+    x = user_items_csr(np.zeros(len(codes), int), codes, 1, run.n_items)
+    ex = user_items_csr(np.zeros(len(extra), int), extra, 1, run.n_items)
+    ids, scores = run.model.recommend(x, N=k, exclude=ex)
+    return run.item_ids[ids[0]].tolist(), scores[0]
+
+
+def test_health_and_model(server, run):
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+    info = httpx.get(f"{server}/model").json()
+    assert info["model"] == "MultDAE" and info["dataset"] == "log.csv"
+    assert info["n_items"] == run.n_items and info["n_users"] == 90
+    assert info["metrics"]["test"]["metrics"]["ndcg@100"]["mean"] == run.metrics["test"]["metrics"]["ndcg@100"]["mean"]
+
+
+def test_new_user_equals_model_recommend(server, run):
+    r = post(server, {"items": ["m1", "m2", "m5", "nope"], "k": 7, "exclude": ["m3"]})
+    assert r.status_code == 200
+    body = r.json()
+    items, scores = expected(run, ["m1", "m2", "m5"], 7, exclude=["m3"])
+    assert body["items"] == items and body["source"] == "model" and body["unknown_items"] == ["nope"]
+    np.testing.assert_allclose(body["scores"], scores, rtol=1e-5, atol=1e-6)
+
+
+def test_known_user_gets_full_history_with_seen_items_excluded(server, run):
+    user = run.user_ids[-1]  # a held-out test user: fold-in + held-out items
+    row = len(run.user_ids) - 1
+    body = post(server, {"user": str(user), "k": 5}).json()
+    ids, scores = run.model.recommend(run.known[row], N=5, exclude=run.seen[row])
+    assert body["items"] == run.item_ids[ids[0]].tolist()
+    np.testing.assert_allclose(body["scores"], scores[0], rtol=1e-5, atol=1e-6)
+    assert not set(body["items"]) & set(run.item_ids[run.seen[row].indices])
+
+
+def test_unknown_items_only_get_the_popularity_fallback(server, run):
+    body = post(server, {"items": ["nope"], "k": 3}).json()
+    assert body["source"] == "popularity"
+    order = np.argsort(-run.popularity, kind="stable")[:3]
+    assert body["items"] == run.item_ids[order].tolist()
+    np.testing.assert_allclose(body["scores"], run.popularity[order], rtol=1e-6)
+
+
+def test_concurrent_requests_are_answered_each_as_alone(server, run):
+    histories = [[f"m{i}", f"m{i + 1}"] for i in range(0, 60, 3)]
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=server, timeout=30) as client:
+            return await asyncio.gather(*[
+                client.post("/recommend", json={"items": h, "k": 1 + n % 6}) for n, h in enumerate(histories)
+            ])
+
+    answers = asyncio.run(fire())
+    for n, (h, r) in enumerate(zip(histories, answers)):
+        items, scores = expected(run, h, 1 + n % 6)
+        assert r.json()["items"] == items
+        np.testing.assert_allclose(r.json()["scores"], scores, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "body, status, loc, message",
+    [
+        ({"user": "nobody"}, 404, ["body", "user"], "unknown user 'nobody'"),
+        ({"items": []}, 422, ["body", "items"], "empty: give at least one item id"),
+        ({"items": ["m1"], "k": 0}, 422, ["body", "k"], "k must lie in 1..119, got 0"),
+        ({"items": ["m1"], "k": 5000}, 422, ["body", "k"], "k must lie in 1..119"),
+        ({"items": ["m1"], "k": "3"}, 422, ["body", "k"], "valid integer"),
+        ({"items": "m1"}, 422, ["body", "items"], "valid list"),
+        ({"items": [["m1"]]}, 422, ["body", "items", 0, "int"], "valid integer"),
+        ({"items": ["m1"], "user": "u1"}, 422, ["body"], "exactly one of 'user'"),
+        ({"items": ["m1"], "colour": "red"}, 422, ["body", "colour"], "Extra inputs"),
+        ({}, 422, ["body"], "exactly one of 'user'"),
+    ],
+)
+def test_bad_requests_name_the_field(server, body, status, loc, message):
+    r = post(server, body)
+    assert r.status_code == status
+    detail = r.json()["detail"][0]
+    assert detail["loc"] == loc and message in detail["msg"]
+
+
+def test_oversized_and_malformed_bodies(server):
+    big = {"items": ["m1"] * 2000}
+    r = post(server, big)
+    assert r.status_code == 413
+    assert r.json()["detail"][0]["msg"] == f"request body larger than {MAX_BODY} bytes (--max-body)"
+    r = httpx.post(f"{server}/recommend", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"
+    assert httpx.get(f"{server}/health").status_code == 200, "the server survives bad input"
