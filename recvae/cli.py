@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--dataset", help="a MovieLens name (see `recvae datasets`)")
     src.add_argument("--data", metavar="FILE", help="an interaction file: CSV, TSV, GroupLens '::' (.dat) or Parquet")
     add_data_options(t)
-    t.add_argument("--model", default="multvae", help="multvae (default), multdae, ease or popularity")
+    t.add_argument("--model", default="multvae", help="multvae (default), multdae, recvae, ease or popularity")
     t.add_argument("--epochs", type=int, help="training epochs (paper: 200)")
     t.add_argument("--batch-size", type=int, help="users per gradient update (paper: 500)")
     t.add_argument("--lr", type=float, help="Adam learning rate (paper: 1e-3)")
@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--hidden-dims", help="comma-separated hidden layer sizes (paper: 600 VAE, none DAE)")
     t.add_argument("--latent-dim", type=int, help="latent size (paper: 200)")
     t.add_argument("--patience", type=int, help="early stopping: epochs without validation NDCG@100 gain")
+    t.add_argument("--gamma", type=float, help="RecVAE: KL weight per interaction, beta_u = gamma * n_u (default 0.005)")
+    t.add_argument("--encoder-epochs", type=int, help="RecVAE: encoder passes per epoch (default 3)")
+    t.add_argument("--decoder-epochs", type=int, help="RecVAE: decoder passes per epoch (default 1)")
+    t.add_argument("--mixture-weights", help="RecVAE: prior weights of N(0,1), q_old, N(0,e^10) (default 0.15,0.75,0.1)")
     t.add_argument("--l2", type=float, help="EASE's L2 weight lambda (default 500)")
     t.add_argument("--seed", type=int, default=0, help="model seed (default 0)")
     t.add_argument("--split-seed", type=int, default=0, help="seed of the user split (default 0)")
@@ -140,11 +144,18 @@ def model_params_from_args(args) -> dict:
         "total_anneal_steps": args.total_anneal_steps,
         "beta": args.beta,
         "kl_weighting": args.kl_weighting,
+        "gamma": args.gamma,
+        "encoder_epochs": args.encoder_epochs,
+        "decoder_epochs": args.decoder_epochs,
+        "mixture_weights": parse_floats(args.mixture_weights, "--mixture-weights"),
         "l2": args.l2,
     }
+    recvae_only = {"gamma", "encoder_epochs", "decoder_epochs", "mixture_weights"}
+    annealing = {"anneal_cap", "total_anneal_steps", "beta", "kl_weighting"}
     accepted = {
-        "multvae": set(given) - {"l2"},
-        "multdae": set(given) - {"l2", "anneal_cap", "total_anneal_steps", "beta", "kl_weighting"},
+        "multvae": set(given) - {"l2"} - recvae_only,
+        "multdae": set(given) - {"l2"} - recvae_only - annealing,
+        "recvae": set(given) - {"l2"} - annealing,
         "ease": {"l2"},
         "popularity": set(),
     }.get(args.model, set(given))
@@ -152,9 +163,18 @@ def model_params_from_args(args) -> dict:
     if unused:
         raise CLIError(f"--model {args.model}: does not take {', '.join('--' + u.replace('_', '-') for u in unused)}")
     params = {k: v for k, v in given.items() if v is not None}
-    if args.model in ("multvae", "multdae"):
+    if args.model in ("multvae", "multdae", "recvae"):
         params.update(random_state=args.seed, device=args.device, show_progress=not args.quiet)
     return params
+
+
+def parse_floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise CLIError(f"{flag}: expected comma-separated numbers such as 0.15,0.75,0.1, got {text!r}") from None
 
 
 def parse_dims(text: str | None) -> tuple[int, ...] | None:

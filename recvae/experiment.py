@@ -29,11 +29,11 @@ from recvae.fileio import atomic_write, ensure_writable_dir, write_json
 from recvae.data import Interactions, load_movielens, read_interactions
 from recvae.data.splits import HeldOutUsers, strong_generalization_split
 from recvae.evaluation import EvaluationResult, evaluate
-from recvae.models import EASE, MultDAE, MultVAE, Popularity, load_model
+from recvae.models import EASE, MultDAE, MultVAE, Popularity, RecVAE, load_model
 
 logger = logging.getLogger(__name__)
 
-MODELS = {"multvae": MultVAE, "multdae": MultDAE, "ease": EASE, "popularity": Popularity}
+MODELS = {"multvae": MultVAE, "multdae": MultDAE, "recvae": RecVAE, "ease": EASE, "popularity": Popularity}
 REPORT_METRICS = ("recall@20", "recall@50", "ndcg@100")
 
 
@@ -124,7 +124,7 @@ def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: 
 def fit_and_evaluate(split, model: str, params: dict, ks=(20, 50, 100), run_dir: Path | None = None) -> RunResult:
     """Fit a model by name on ``split.train`` (early stopping on validation), evaluate validation and test."""
     params = dict(params)
-    if model in ("multvae", "multdae") and run_dir is not None:
+    if model in ("multvae", "multdae", "recvae") and run_dir is not None:
         params.setdefault("run_dir", str(run_dir))
     estimator = make_model(model, **params)
     start = time.perf_counter()

@@ -37,6 +37,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "tanh": torch.tanh,
     "relu": torch.relu,
     "sigmoid": torch.sigmoid,
+    "swish": torch.nn.functional.silu,  # x * sigmoid(x), RecVAE's
     "identity": lambda x: x,
 }
 
