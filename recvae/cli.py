@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--data", metavar="FILE", help="an interaction file: CSV, TSV, GroupLens '::' (.dat) or Parquet")
     add_data_options(t)
     t.add_argument("--model", default="multvae", help="multvae (default), multdae, recvae, ease or popularity")
+    t.add_argument("--latent", choices=("gaussian", "bernoulli"),
+                   help="multvae's latent: gaussian (paper) or bernoulli (binary codes; the binary-multvae model)")
+    t.add_argument("--temperature", type=float,
+                   help="binary latent: relaxed Gumbel-sigmoid sample at this temperature (default: straight-through bits)")
     t.add_argument("--epochs", type=int, help="training epochs (paper: 200)")
     t.add_argument("--batch-size", type=int, help="users per gradient update (paper: 500)")
     t.add_argument("--lr", type=float, help="Adam learning rate (paper: 1e-3)")
@@ -144,6 +148,7 @@ def model_params_from_args(args) -> dict:
         "total_anneal_steps": args.total_anneal_steps,
         "beta": args.beta,
         "kl_weighting": args.kl_weighting,
+        "temperature": args.temperature,
         "gamma": args.gamma,
         "encoder_epochs": args.encoder_epochs,
         "decoder_epochs": args.decoder_epochs,
@@ -152,20 +157,39 @@ def model_params_from_args(args) -> dict:
     }
     recvae_only = {"gamma", "encoder_epochs", "decoder_epochs", "mixture_weights"}
     annealing = {"anneal_cap", "total_anneal_steps", "beta", "kl_weighting"}
+    binary_only = {"temperature"}
     accepted = {
-        "multvae": set(given) - {"l2"} - recvae_only,
-        "multdae": set(given) - {"l2"} - recvae_only - annealing,
-        "recvae": set(given) - {"l2"} - annealing,
+        "multvae": set(given) - {"l2"} - recvae_only - binary_only,
+        "binary-multvae": set(given) - {"l2"} - recvae_only,
+        "multdae": set(given) - {"l2"} - recvae_only - annealing - binary_only,
+        "recvae": set(given) - {"l2"} - annealing - binary_only,
         "ease": {"l2"},
         "popularity": set(),
-    }.get(args.model, set(given))
+    }.get(model_name(args), set(given))
     unused = [k for k, v in given.items() if v is not None and k not in accepted]
     if unused:
-        raise CLIError(f"--model {args.model}: does not take {', '.join('--' + u.replace('_', '-') for u in unused)}")
+        raise CLIError(f"--model {args.model}{latent_note(args)}: does not take {', '.join('--' + u.replace('_', '-') for u in unused)}")
     params = {k: v for k, v in given.items() if v is not None}
-    if args.model in ("multvae", "multdae", "recvae"):
+    from recvae.experiment import NEURAL_MODELS
+
+    if model_name(args) in NEURAL_MODELS:
         params.update(random_state=args.seed, device=args.device, show_progress=not args.quiet)
     return params
+
+
+def model_name(args) -> str:
+    """The model ``--model`` and ``--latent`` name together: ``--model multvae --latent bernoulli``
+    is ``binary-multvae``; another model with ``--latent`` is an error."""
+    latent = getattr(args, "latent", None)
+    if latent is None or (latent == "gaussian" and args.model == "multvae"):
+        return args.model
+    if args.model == "multvae":
+        return "binary-multvae"
+    raise CLIError(f"--model {args.model}: does not take --latent (only multvae has a choice of latent)")
+
+
+def latent_note(args) -> str:
+    return " --latent bernoulli" if model_name(args) == "binary-multvae" and args.model == "multvae" else ""
 
 
 def parse_floats(text: str | None, flag: str) -> tuple[float, ...] | None:
@@ -207,12 +231,13 @@ def cmd_train(args) -> int:
 
     spec = data_spec_from_args(args)
     params = model_params_from_args(args)
-    make_model(args.model, **params)  # fail on a bad model name or parameter before loading data
+    model = model_name(args)
+    make_model(model, **params)  # fail on a bad model name or parameter before loading data
     config = RunConfig(
-        data=spec, model=args.model, params=params, split_seed=args.split_seed, n_heldout_users=args.n_heldout_users
+        data=spec, model=model, params=params, split_seed=args.split_seed, n_heldout_users=args.n_heldout_users
     )
     result = run(config, out=args.out, show_progress=not args.quiet)
-    print(f"\n{args.model} on {spec.name}: trained in {result.train_seconds:.1f} s")
+    print(f"\n{model} on {spec.name}: trained in {result.train_seconds:.1f} s")
     print(format_table({"validation": result.validation, "test": result.test}))
     if args.out:
         print(f"\nrun directory: {args.out}")

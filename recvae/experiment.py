@@ -29,11 +29,13 @@ from recvae.fileio import atomic_write, ensure_writable_dir, write_json
 from recvae.data import Interactions, load_movielens, read_interactions
 from recvae.data.splits import HeldOutUsers, strong_generalization_split
 from recvae.evaluation import EvaluationResult, evaluate
-from recvae.models import EASE, MultDAE, MultVAE, Popularity, RecVAE, load_model
+from recvae.models import EASE, BinaryMultVAE, MultDAE, MultVAE, Popularity, RecVAE, load_model
 
 logger = logging.getLogger(__name__)
 
-MODELS = {"multvae": MultVAE, "multdae": MultDAE, "recvae": RecVAE, "ease": EASE, "popularity": Popularity}
+MODELS = {"multvae": MultVAE, "multdae": MultDAE, "binary-multvae": BinaryMultVAE, "recvae": RecVAE, "ease": EASE,
+          "popularity": Popularity}
+NEURAL_MODELS = ("multvae", "multdae", "binary-multvae", "recvae")
 REPORT_METRICS = ("recall@20", "recall@50", "ndcg@100")
 
 
@@ -93,7 +95,7 @@ class RunConfig:
 
 
 def make_model(name: str, **params):
-    """A model of the library by name (``multvae``, ``multdae``, ``ease``, ``popularity``)."""
+    """A model of the library by name (one of ``MODELS``)."""
     if name not in MODELS:
         raise ValueError(f"model: unknown model {name!r}; expected one of {sorted(MODELS)}")
     return MODELS[name](**params)
@@ -124,7 +126,7 @@ def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: 
 def fit_and_evaluate(split, model: str, params: dict, ks=(20, 50, 100), run_dir: Path | None = None) -> RunResult:
     """Fit a model by name on ``split.train`` (early stopping on validation), evaluate validation and test."""
     params = dict(params)
-    if model in ("multvae", "multdae", "recvae") and run_dir is not None:
+    if model in NEURAL_MODELS and run_dir is not None:
         params.setdefault("run_dir", str(run_dir))
     estimator = make_model(model, **params)
     start = time.perf_counter()

@@ -5,22 +5,24 @@
 - ``annealing.py``: the KL weight (beta) schedules
 - ``vae.py``: the estimators ``MultVAE`` / ``MultDAE`` that train the networks
 - ``recvae_network.py``, ``recvae.py``: RecVAE's network (composite prior) and estimator
+- ``binary_vae.py``: ``BinaryMultVAE``, Mult-VAE with a Bernoulli (binary code) latent
 - ``ease.py``, ``popularity.py``: baselines with the same fit / recommend interface
 """
 
 from __future__ import annotations
 
 from recvae.models.base import Recommender, read_model_meta
+from recvae.models.binary_vae import BinaryMultVAE
 from recvae.models.ease import EASE, select_ease_l2
 from recvae.models.popularity import Popularity
 from recvae.models.recvae import RecVAE
 from recvae.models.vae import MultDAE, MultVAE, NonFiniteLossError
 
 __all__ = [
-    "EASE", "MultDAE", "MultVAE", "NonFiniteLossError", "Popularity", "RecVAE", "Recommender", "load_model", "select_ease_l2",
+    "BinaryMultVAE", "EASE", "MultDAE", "MultVAE", "NonFiniteLossError", "Popularity", "RecVAE", "Recommender", "load_model", "select_ease_l2",
 ]
 
-_CLASSES = {cls.__name__: cls for cls in (MultVAE, MultDAE, RecVAE, EASE, Popularity)}
+_CLASSES = {cls.__name__: cls for cls in (MultVAE, MultDAE, BinaryMultVAE, RecVAE, EASE, Popularity)}
 
 
 def load_model(path, device=None) -> Recommender:
@@ -31,4 +33,4 @@ def load_model(path, device=None) -> Recommender:
     if name not in _CLASSES:
         raise ValueError(f"{meta_file}: unknown model class {name!r}; expected one of {sorted(_CLASSES)}")
     cls = _CLASSES[name]
-    return cls.load(path, device=device) if device is not None and cls in (MultVAE, MultDAE, RecVAE) else cls.load(path)
+    return cls.load(path, device=device) if device is not None and cls in (MultVAE, MultDAE, BinaryMultVAE, RecVAE) else cls.load(path)
