@@ -8,7 +8,8 @@ the optimisers and what one epoch does. One outer epoch (defaults from the paper
    the encoder only (Adam, lr 5e-4), input dropout 0.5, objective
    ``nll + gamma * 1/B sum_u n_u KL_u`` (``n_u = sum_i x_ui``; KL to the composite prior,
    estimated with one sample, see :mod:`recvae.models.recvae_network`);
-2. q_old := the encoder (the prior's middle component);
+2. q_old := the encoder (the prior's middle component; its (mu, logvar) for every training user
+   is computed once per outer epoch, as it does not change during the encoder passes);
 3. ``decoder_epochs`` (1) passes updating the decoder only (its own Adam), no dropout.
 
 Validation NDCG@100 after each outer epoch; the best outer epoch's weights are kept.
@@ -20,7 +21,9 @@ import math
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 
+from recvae.models.sparse_layers import SparseBatch
 from recvae.models.recvae_network import MIXTURE_WEIGHTS, WIDE_LOGVAR, RecVAEConfig, RecVAENetwork
 from recvae.models.vae import _REGISTRY, _AutoencoderRecommender, make_optimizer, update_step
 
@@ -140,6 +143,8 @@ class RecVAE(_AutoencoderRecommender):
         gamma = float(self.gamma)
         n_enc, n_dec = int(self.encoder_epochs), int(self.decoder_epochs)
 
+        old = None  # q_old's (mu, logvar) of every training user: fixed for the whole encoder phase
+
         def run_pass(p: int, phase: str) -> np.ndarray:
             encoder_phase = phase == "encoder"
             # only the trained half needs gradients: the fused output layer then skips its I x d product
@@ -147,9 +152,12 @@ class RecVAE(_AutoencoderRecommender):
             network.decoder.requires_grad_(not encoder_phase)
             opt = optimizer.encoder if encoder_phase else optimizer.decoder
 
-            def update(batch):
-                loss = (lambda: network.encoder_loss(batch, gamma, loop.gen)) if encoder_phase \
-                    else (lambda: network.decoder_loss(batch, loop.gen))
+            def update(batch, rows):
+                if encoder_phase:
+                    idx = torch.as_tensor(rows, device=old[0].device)
+                    loss = lambda: network.encoder_loss(batch, gamma, loop.gen, (old[0][idx], old[1][idx]))  # noqa: E731
+                else:
+                    loss = lambda: network.decoder_loss(batch, loop.gen)  # noqa: E731
                 return update_step(opt, loss, batch.device.type, loop.bf16), gamma
 
             order = np.random.default_rng([loop.seed, epoch, p]).permutation(X.shape[0])
@@ -157,6 +165,7 @@ class RecVAE(_AutoencoderRecommender):
             return means
 
         try:
+            old = self._old_posteriors(network, X, loop)
             enc = sum(run_pass(p, "encoder") for p in range(n_enc)) / n_enc
             network.refresh_prior()
             for p in range(n_enc, n_enc + n_dec):
@@ -165,6 +174,21 @@ class RecVAE(_AutoencoderRecommender):
             network.encoder.requires_grad_(True)
             network.decoder.requires_grad_(True)
         return enc, gamma
+
+    def _old_posteriors(self, network: RecVAENetwork, X: sp.csr_matrix, loop) -> tuple:
+        """q_old's (mu, logvar), each (n_users, latent_dim) on the device, computed once per outer
+        epoch (under the training precision) instead of once per encoder update: q_old and its
+        input (no dropout) do not change within an encoder phase."""
+        mus, logvars = [], []
+        step = int(self.eval_batch_size)
+        for lo in range(0, X.shape[0], step):
+            batch = SparseBatch.from_csr(X[lo:lo + step], loop.device)
+            with torch.autocast(loop.device.type, dtype=torch.bfloat16, enabled=loop.bf16):
+                mu, logvar = network.old_posterior(batch)
+            mus.append(mu)
+            logvars.append(logvar)
+        network.workspace.clear()
+        return torch.cat(mus), torch.cat(logvars)
 
 
 _REGISTRY[RecVAE.__name__] = RecVAE  # vae.load / load_model read it from model.json's "class"

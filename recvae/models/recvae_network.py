@@ -193,14 +193,20 @@ class RecVAENetwork(nn.Module):
     def _nll(self, z: torch.Tensor, batch: SparseBatch) -> torch.Tensor:
         return output_layer_nll(z, self.decoder.output_weight, self.decoder.output_bias, batch, self.workspace)
 
-    def encoder_loss(self, batch: SparseBatch, gamma: float, generator: torch.Generator | None = None) -> LossTerms:
+    def old_posterior(self, batch: SparseBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """q_old's (mu, logvar) for the batch, each (B, latent_dim): no dropout, no gradient."""
+        with torch.no_grad():
+            return self.old_encoder(batch.normalized, batch, self.workspace)
+
+    def encoder_loss(self, batch: SparseBatch, gamma: float, generator: torch.Generator | None = None,
+                     old: tuple[torch.Tensor, torch.Tensor] | None = None) -> LossTerms:
         """Encoder phase: ``nll + gamma * 1/B sum_u n_u KL_u`` with dropout on the input and the
-        one-sample KL to the composite prior (q_old without dropout). ``kl`` is
-        ``1/B sum_u n_u KL_u``, so ``loss = nll + gamma * kl``."""
+        one-sample KL to the composite prior (q_old without dropout; ``old`` passes its
+        :meth:`old_posterior` when already computed). ``kl`` is ``1/B sum_u n_u KL_u``, so
+        ``loss = nll + gamma * kl``."""
         mu, logvar = self.encoder(self._input_values(batch, True, generator), batch, self.workspace)
         z = self._sample(mu, logvar, generator)  # (B, d)
-        with torch.no_grad():
-            old_mu, old_logvar = self.old_encoder(batch.normalized, batch, self.workspace)
+        old_mu, old_logvar = old if old is not None else self.old_posterior(batch)
         log_prior = composite_prior_log_density(z, old_mu, old_logvar, self.config.mixture_weights,
                                                 self.config.wide_logvar)
         kl = (one_sample_kl(z, mu, logvar, log_prior) * batch.row_sums).mean()

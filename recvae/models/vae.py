@@ -257,7 +257,7 @@ class _AutoencoderRecommender(Recommender):
         activity = self._variational and self.kl_weighting == "activity"
         kl_scale = X.shape[0] / max(float(X.sum()), 1e-12) if activity else None
 
-        def update(batch: SparseBatch) -> tuple[np.ndarray, float]:
+        def update(batch: SparseBatch, rows: np.ndarray) -> tuple[np.ndarray, float]:
             beta = schedule(loop.state["step"]) if schedule is not None else 0.0
             kl_weights = batch.row_sums * kl_scale if kl_scale is not None else None
             return training_step(network, optimizer, batch, beta, loop.gen, loop.bf16, kl_weights), beta
@@ -268,7 +268,8 @@ class _AutoencoderRecommender(Recommender):
 
     def _pass_over_users(self, X: sp.csr_matrix, order: np.ndarray, update, epoch: int, loop: "_Loop",
                          desc: str) -> tuple[np.ndarray, float]:
-        """Calls ``update(batch) -> ((loss, nll, kl), beta)`` on consecutive batches of ``order``;
+        """Calls ``update(batch, rows) -> ((loss, nll, kl), beta)`` on consecutive batches of ``order``
+        (``rows``: the batch's rows of ``X``);
         counts the updates in ``loop.state["step"]``; stops on a non-finite loss. Returns the
         per-user mean (loss, nll, kl) and the last beta."""
         batch_size = int(self.batch_size)
@@ -279,7 +280,7 @@ class _AutoencoderRecommender(Recommender):
         for b in batches:
             rows = order[b * batch_size:(b + 1) * batch_size]
             batch = SparseBatch.from_csr(X[rows], loop.device)
-            values, beta = update(batch)
+            values, beta = update(batch, rows)
             if not np.isfinite(values).all():
                 raise NonFiniteLossError(
                     f"non-finite training loss (loss={values[0]}, nll={values[1]}, kl={values[2]}) at epoch "
