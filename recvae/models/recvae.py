@@ -62,7 +62,7 @@ class RecVAE(_AutoencoderRecommender):
     """
 
     _variational = True
-    _tuple_params = ("mixture_weights",)
+    _float_tuple_params = ("mixture_weights",)
     _resume_keys = ("hidden_dims", "latent_dim", "dropout", "activation", "lam", "gamma", "mixture_weights",
                     "wide_logvar", "layer_norm_eps", "encoder_epochs", "decoder_epochs", "batch_size", "lr",
                     "random_state")

@@ -158,8 +158,8 @@ class _AutoencoderRecommender(Recommender):
     """
 
     _variational: bool = True
-    #: tuple-valued parameters other than hidden_dims (JSON gives lists back)
-    _tuple_params: tuple[str, ...] = ()
+    #: parameters that are tuples of floats (JSON gives lists back), besides hidden_dims
+    _float_tuple_params: tuple[str, ...] = ()
 
     # -- scikit-learn style parameters -------------------------------------------------------
     @classmethod
@@ -185,7 +185,7 @@ class _AutoencoderRecommender(Recommender):
     def _json_params(self) -> dict:
         p = self.get_params()
         p["hidden_dims"] = [int(d) for d in p["hidden_dims"]]
-        for name in self._tuple_params:
+        for name in self._float_tuple_params:
             p[name] = [float(v) for v in p[name]]
         if p.get("run_dir") is not None:
             p["run_dir"] = str(p["run_dir"])
@@ -542,7 +542,7 @@ class _AutoencoderRecommender(Recommender):
             raise ValueError(f"{meta_file}: holds a {meta.get('class')}, not a {cls.__name__}; use recvae.models.vae.load")
         params = dict(meta["params"])
         params["hidden_dims"] = tuple(params["hidden_dims"])
-        for name in target._tuple_params:
+        for name in target._float_tuple_params:
             params[name] = tuple(params[name])
         if device is not None:
             params["device"] = device
@@ -654,5 +654,6 @@ _REGISTRY = {"MultVAE": MultVAE, "MultDAE": MultDAE}
 
 
 def load(path, device=None) -> _AutoencoderRecommender:
-    """Load a saved MultVAE or MultDAE, whichever ``path/model.json`` names."""
+    """Load a saved MultVAE, MultDAE, BinaryMultVAE or RecVAE, whichever ``path/model.json`` names
+    (the last two register themselves when :mod:`recvae.models` is imported)."""
     return _AutoencoderRecommender.load(path, device=device)
