@@ -22,6 +22,13 @@ Both heuristic runs use ``HEURISTIC_NETWORK`` (``--heuristic-network paper`` giv
 paper's instead): a wider hidden layer, a 50-d latent and each user's KL weighted by its number
 of interactions, chosen on ML-1M validation users (see the constant's comment).
 
+RecVAE (``recvae``) runs with the reference defaults (``RECVAE_PARAMS``; 50 outer epochs unless
+``--epochs``); the binary-latent Mult-VAE (``binary-multvae``) with 200 bits (``BINARY_PARAMS``),
+beta annealed to 1.0 over the run as heuristic run 1. Every model is compared with EASE on the
+same test users: the mean paired difference of NDCG@100 over all test users of all seeds, with a
+95% interval from a paired bootstrap (users resampled within each seed; 2,000 resamples, seed 0;
+:func:`recvae.evaluation.paired_difference`), and the number of seeds where it beats EASE.
+
 Writes ``<out-dir>/<name>.json``, ``.md`` and then ``.png`` (validation NDCG@100 per epoch), atomically;
 without matplotlib (the ``plot`` extra) it says so once at the start and skips only the picture.
 Examples::
@@ -51,16 +58,16 @@ from recvae import __version__ as recvae_version
 from recvae.cli import CLIError, add_data_options, data_spec_from_args
 from recvae.data import Interactions
 from recvae.data.splits import default_n_heldout_users, strong_generalization_split
-from recvae.evaluation import evaluate
+from recvae.evaluation import evaluate, paired_difference
 from recvae.experiment import REPORT_METRICS
 from recvae.fileio import atomic_path, write_bytes, write_json
 from recvae.optional import MissingDependencyError, available
-from recvae.models import EASE, MultDAE, MultVAE, Popularity, select_ease_l2
+from recvae.models import EASE, BinaryMultVAE, MultDAE, MultVAE, Popularity, RecVAE, select_ease_l2
 
 logger = logging.getLogger("paper_table")
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL_MODELS = ("multvae", "multdae", "ease", "popularity")
+ALL_MODELS = ("multvae", "multdae", "recvae", "binary-multvae", "ease", "popularity")
 EASE_GRID = (50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
 LABELS = {
     "multvae": "Mult-VAE",
@@ -69,6 +76,8 @@ LABELS = {
     "multvae:heuristic": "Mult-VAE, heuristic run 2 (cap = run 1's best beta, new seed)",
     "multvae:other-precision": "Mult-VAE, selected schedule in the other precision",
     "multdae": "Mult-DAE",
+    "recvae": "RecVAE",
+    "binary-multvae": "Mult-VAE, binary latent (200 bits)",
     "ease": "EASE",
     "popularity": "Popularity",
 }
@@ -80,6 +89,13 @@ LABELS = {
 # the ML-1M table under 20 minutes). No gain from weight decay (lam 1e-5..1e-4), dropout 0.3 /
 # 0.6 / 0.7, batch 100 / 250, relu, lr 3e-4 / 3e-3 or a constant beta (see the closing notes).
 HEURISTIC_NETWORK = {"hidden_dims": (1000,), "latent_dim": 50, "kl_weighting": "activity"}
+# RecVAE: the reference defaults (recvae.models.RecVAE), 50 outer epochs unless --epochs is given.
+RECVAE_PARAMS: dict = {}
+# The binary-latent Mult-VAE: 200 bits (the paper's latent size), the paper's I-600-...-I network,
+# straight-through bits, beta annealed to 1.0 over the run as heuristic run 1 (best epoch kept).
+BINARY_PARAMS = {"hidden_dims": (600,), "latent_dim": 200}
+#: the paired comparison's bootstrap
+N_RESAMPLES, BOOTSTRAP_SEED = 2000, 0
 # Liang et al. 2018, Table 2 (ML-20M): Recall@20, Recall@50, NDCG@100
 PAPER_ML20M = {
     "Mult-VAE": {"recall@20": 0.395, "recall@50": 0.537, "ndcg@100": 0.426},
@@ -161,7 +177,9 @@ def default_name(args) -> str:
 # -- runs --------------------------------------------------------------------------------------
 
 def metrics_of(res) -> dict:
-    return {m: {"mean": res[m].mean, "stderr": res[m].stderr} for m in REPORT_METRICS} | {"n_users": res.n_users}
+    """Test metrics (mean, stderr) and the per-user NDCG@100 the paired comparison with EASE uses."""
+    return ({m: {"mean": res[m].mean, "stderr": res[m].stderr} for m in REPORT_METRICS}
+            | {"n_users": res.n_users, "ndcg@100_per_user": res.per_user["ndcg@100"].tolist()})
 
 
 def neural_summary(model, train_seconds: float) -> dict:
@@ -267,7 +285,28 @@ def run_seed(seed: int, data: Interactions, args, models, budget: TimeBudget, re
         if stop():
             return False
         _, results["multdae"] = fit_neural(MultDAE, common, split)
+    if "recvae" in models:
+        if stop():
+            return False
+        rv = {k: v for k, v in common.items() if k != "epochs" or args.epochs is not None}
+        _, results["recvae"] = fit_neural(RecVAE, {**rv, **RECVAE_PARAMS}, split)
+    if "binary-multvae" in models:
+        if stop():
+            return False
+        _, results["binary-multvae"] = fit_neural(
+            BinaryMultVAE, {**common, **BINARY_PARAMS, "anneal_cap": 1.0, "total_anneal_steps": epochs * n_batches},
+            split)
     return True
+
+
+def paired_with_ease(per_seed: list[dict], key: str) -> dict | None:
+    """``key``'s NDCG@100 minus EASE's, paired by test user, over the seeds where both ran."""
+    rows = [r for r in per_seed if key in r and "ease" in r and key != "ease"]
+    if not rows or any("ndcg@100_per_user" not in r[key]["test"] for r in rows):
+        return None
+    return paired_difference([r[key]["test"]["ndcg@100_per_user"] for r in rows],
+                             [r["ease"]["test"]["ndcg@100_per_user"] for r in rows],
+                             n_resamples=N_RESAMPLES, seed=BOOTSTRAP_SEED)
 
 
 # -- reporting ---------------------------------------------------------------------------------
@@ -296,6 +335,8 @@ def summarise(per_seed: list[dict]) -> dict:
         if key == "multvae:other-precision":
             s["precision"] = rows[0]["params"]["precision"]
             s["mode"] = rows[0]["mode"]
+        if s.get("mode") != "timing":
+            s["vs_ease"] = paired_with_ease(per_seed, key)
         if key == "ease":
             s["l2"] = [r["params"]["l2"] for r in rows]
             s["validation_ndcg@100"] = float(np.mean([r["validation_ndcg@100"] for r in rows]))
@@ -330,6 +371,22 @@ def cell(s: dict, m: str) -> str:
     return f"{s[m]['mean']:.4f}{spread} [{s[m]['mean_stderr_within_seed']:.4f}]"
 
 
+def paired_cell(p: dict | None) -> str:
+    if p is None:
+        return ""
+    return f"{p['mean']:+.4f} [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}] ({p['wins']}/{p['n_splits']})"
+
+
+def noise_sentence(summ: dict) -> str:
+    """One sentence: which differences from EASE are larger than noise (CI excludes 0)."""
+    real = [f"{s['label']} ({'above' if s['vs_ease']['mean'] > 0 else 'below'})" for s in summ.values()
+            if s.get("vs_ease") and (s["vs_ease"]["ci_low"] > 0 or s["vs_ease"]["ci_high"] < 0)]
+    if not real:
+        return "No model's NDCG@100 differs from EASE's by more than noise (every 95% interval contains 0)."
+    return ("Larger than noise (95% interval excludes 0): " + "; ".join(real)
+            + "; every other difference from EASE is within noise.")
+
+
 def markdown(report: dict) -> str:
     d, env, summ = report["data"], report["environment"], report["summary"]
     lines = [
@@ -347,8 +404,13 @@ def markdown(report: dict) -> str:
         "Mean over seeds ± standard deviation over seeds (ddof=1); in brackets the mean within-seed "
         "standard error over test users (std/sqrt(n), as the paper reports).",
         "",
-        "| model | Recall@20 | Recall@50 | NDCG@100 | train s | s / epoch | best epoch | chosen |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "NDCG@100 − EASE: the mean paired difference over all test users of all seeds, a 95% "
+        f"paired bootstrap interval (users resampled within seeds, {N_RESAMPLES} resamples, seed "
+        f"{BOOTSTRAP_SEED}) and the seeds where the model's mean beats EASE's.",
+        "",
+        "| model | Recall@20 | Recall@50 | NDCG@100 | NDCG@100 − EASE [95% CI] (wins) | train s | s / epoch "
+        "| best epoch | chosen |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for key, s in summ.items():
         chosen = ""
@@ -365,8 +427,9 @@ def markdown(report: dict) -> str:
         cells = [cell(s, m) for m in ("recall@20", "recall@50", "ndcg@100")]
         if s.get("mode") == "timing":  # 5 epochs for seconds per epoch: its metrics mean nothing
             cells = ["(timing only)"] * 3
-        lines.append(f"| {s['label']} | {' | '.join(cells)} "
+        lines.append(f"| {s['label']} | {' | '.join(cells)} | {paired_cell(s.get('vs_ease'))} "
                      f"| {s['train_seconds']:.1f} | {spe} | {be} | {chosen} |")
+    lines += ["", noise_sentence(summ)]
     if "multvae" in summ and "multvae:other-precision" in summ:
         o = summ["multvae:other-precision"]
         lines += ["", f"Seconds per Mult-VAE training epoch (selected schedule, mean over seeds): "

@@ -101,7 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--dataset", help="a MovieLens name (see `recvae datasets`)")
     src.add_argument("--data", metavar="FILE", help="an interaction file: CSV, TSV, GroupLens '::' (.dat) or Parquet")
     add_data_options(t)
-    t.add_argument("--model", default="multvae", help="multvae (default), multdae, ease or popularity")
+    t.add_argument("--model", default="multvae", help="multvae (default), multdae, recvae, ease or popularity")
+    t.add_argument("--latent", choices=("gaussian", "bernoulli"),
+                   help="multvae's latent: gaussian (paper) or bernoulli (binary codes; the binary-multvae model)")
+    t.add_argument("--temperature", type=float,
+                   help="binary latent: relaxed Gumbel-sigmoid sample at this temperature (default: straight-through bits)")
     t.add_argument("--epochs", type=int, help="training epochs (paper: 200)")
     t.add_argument("--batch-size", type=int, help="users per gradient update (paper: 500)")
     t.add_argument("--lr", type=float, help="Adam learning rate (paper: 1e-3)")
@@ -115,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--hidden-dims", help="comma-separated hidden layer sizes (paper: 600 VAE, none DAE)")
     t.add_argument("--latent-dim", type=int, help="latent size (paper: 200)")
     t.add_argument("--patience", type=int, help="early stopping: epochs without validation NDCG@100 gain")
+    t.add_argument("--gamma", type=float, help="RecVAE: KL weight per interaction, beta_u = gamma * n_u (default 0.005)")
+    t.add_argument("--encoder-epochs", type=int, help="RecVAE: encoder passes per epoch (default 3)")
+    t.add_argument("--decoder-epochs", type=int, help="RecVAE: decoder passes per epoch (default 1)")
+    t.add_argument("--mixture-weights", help="RecVAE: prior weights of N(0,1), q_old, N(0,e^10) (default 0.15,0.75,0.1)")
     t.add_argument("--l2", type=float, help="EASE's L2 weight lambda (default 500)")
     t.add_argument("--seed", type=int, default=0, help="model seed (default 0)")
     t.add_argument("--split-seed", type=int, default=0, help="seed of the user split (default 0)")
@@ -217,21 +225,57 @@ def model_params_from_args(args) -> dict:
         "total_anneal_steps": args.total_anneal_steps,
         "beta": args.beta,
         "kl_weighting": args.kl_weighting,
+        "temperature": args.temperature,
+        "gamma": args.gamma,
+        "encoder_epochs": args.encoder_epochs,
+        "decoder_epochs": args.decoder_epochs,
+        "mixture_weights": parse_floats(args.mixture_weights, "--mixture-weights"),
         "l2": args.l2,
     }
+    recvae_only = {"gamma", "encoder_epochs", "decoder_epochs", "mixture_weights"}
+    annealing = {"anneal_cap", "total_anneal_steps", "beta", "kl_weighting"}
+    binary_only = {"temperature"}
     accepted = {
-        "multvae": set(given) - {"l2"},
-        "multdae": set(given) - {"l2", "anneal_cap", "total_anneal_steps", "beta", "kl_weighting"},
+        "multvae": set(given) - {"l2"} - recvae_only - binary_only,
+        "binary-multvae": set(given) - {"l2"} - recvae_only,
+        "multdae": set(given) - {"l2"} - recvae_only - annealing - binary_only,
+        "recvae": set(given) - {"l2"} - annealing - binary_only,
         "ease": {"l2"},
         "popularity": set(),
-    }.get(args.model, set(given))
+    }.get(model_name(args), set(given))
     unused = [k for k, v in given.items() if v is not None and k not in accepted]
     if unused:
-        raise CLIError(f"--model {args.model}: does not take {', '.join('--' + u.replace('_', '-') for u in unused)}")
+        raise CLIError(f"--model {args.model}{latent_note(args)}: does not take {', '.join('--' + u.replace('_', '-') for u in unused)}")
     params = {k: v for k, v in given.items() if v is not None}
-    if args.model in ("multvae", "multdae"):
+    from recvae.experiment import NEURAL_MODELS
+
+    if model_name(args) in NEURAL_MODELS:
         params.update(random_state=args.seed, device=args.device, show_progress=not args.quiet)
     return params
+
+
+def model_name(args) -> str:
+    """The model ``--model`` and ``--latent`` name together: ``--model multvae --latent bernoulli``
+    is ``binary-multvae``; another model with ``--latent`` is an error."""
+    latent = getattr(args, "latent", None)
+    if latent is None or (latent == "gaussian" and args.model == "multvae"):
+        return args.model
+    if args.model == "multvae":
+        return "binary-multvae"
+    raise CLIError(f"--model {args.model}: does not take --latent (only multvae has a choice of latent)")
+
+
+def latent_note(args) -> str:
+    return " --latent bernoulli" if model_name(args) == "binary-multvae" and args.model == "multvae" else ""
+
+
+def parse_floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise CLIError(f"{flag}: expected comma-separated numbers such as 0.15,0.75,0.1, got {text!r}") from None
 
 
 def parse_dims(text: str | None) -> tuple[int, ...] | None:
@@ -269,13 +313,14 @@ def cmd_train(args) -> int:
         raise CLIError(f"{flag}: needs --out, the run directory")
     spec = data_spec_from_args(args)
     params = model_params_from_args(args)
+    name = model_name(args)
     try:  # a bad model name or parameter fails before the data is read
-        model = make_model(args.model, **params)
+        model = make_model(name, **params)
     except ValueError as e:
         name, _, rest = str(e).partition(":")
         raise CLIError(f"{flag_of(name)}:{rest}" if name in params else str(e)) from None
     config = RunConfig(
-        data=spec, model=args.model, params=params, split_seed=args.split_seed, n_heldout_users=args.n_heldout_users
+        data=spec, model=name, params=params, split_seed=args.split_seed, n_heldout_users=args.n_heldout_users
     )
     previous = _on_sigterm(_raise_terminated)
     try:
@@ -308,7 +353,7 @@ def cmd_train(args) -> int:
         raise CLIError(str(e)) from None
     finally:
         _on_sigterm(previous)
-    print(f"\n{args.model} on {spec.name}: trained in {result.train_seconds:.1f} s")
+    print(f"\n{config.model} on {spec.name}: trained in {result.train_seconds:.1f} s")
     print(format_table({"validation": result.validation, "test": result.test}))
     if args.out:
         print(f"\nrun directory: {args.out}")

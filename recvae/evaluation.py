@@ -23,7 +23,7 @@ from recvae.models.base import as_csr
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_METRICS", "EvaluationResult", "MetricSummary", "evaluate"]
+__all__ = ["DEFAULT_METRICS", "EvaluationResult", "MetricSummary", "evaluate", "paired_difference"]
 
 #: the paper's metrics; add "precision", "hit_rate", "mrr" (per user) or "coverage" (catalogue)
 DEFAULT_METRICS = ("recall", "ndcg")
@@ -35,7 +35,10 @@ class EvaluationResult:
 
     ``seconds`` is the wall time of the whole evaluation; ``score_seconds`` the part
     spent inside ``model.score``, so ``seconds - score_seconds`` is the ranking/metric
-    time. ``n_skipped`` users had no held-out item and were left out.
+    time. ``n_skipped`` users had no held-out item and were left out. ``per_user`` holds each
+    user metric's values, one per evaluated user in the order of the input rows (skipped users
+    left out): two models evaluated on the same users can be compared user by user
+    (:func:`paired_difference`).
     """
 
     metrics: dict[str, MetricSummary] = field(default_factory=dict)
@@ -43,6 +46,7 @@ class EvaluationResult:
     score_seconds: float = 0.0
     n_users: int = 0
     n_skipped: int = 0
+    per_user: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def __getitem__(self, name: str) -> MetricSummary:
         try:
@@ -204,7 +208,8 @@ def evaluate(
         del scores
 
     result = EvaluationResult(n_users=int(users.size), n_skipped=int(n_skipped), score_seconds=score_seconds)
-    summaries = M.summarize({name: np.concatenate(parts) for name, parts in values.items()})
+    result.per_user = {name: np.concatenate(parts) for name, parts in values.items()}
+    summaries = M.summarize(result.per_user)
     for name in names:  # keep the requested order: metric, then K
         for k in ks:
             key = f"{name}@{k}"
@@ -214,3 +219,50 @@ def evaluate(
                 result.metrics[key] = summaries[key]
     result.seconds = time.perf_counter() - start
     return result
+
+
+def paired_difference(model: list, baseline: list, n_resamples: int = 2000, seed: int = 0,
+                      level: float = 0.95) -> dict:
+    """Paired comparison of two models' per-user values over several splits (seeds).
+
+    ``model[s]`` and ``baseline[s]`` are the per-user values (e.g. NDCG@100) of the same test
+    users of split ``s``, in the same order. With ``d_su = model_su - baseline_su`` over all N
+    users of all splits:
+
+    * ``mean``: ``1/N sum_s sum_u d_su`` (the difference of the pooled means);
+    * ``ci_low``, ``ci_high``: percentile interval (``level``, default 95%) of the same mean over
+      ``n_resamples`` paired bootstrap resamples, users drawn with replacement within each split
+      (the split sizes kept), from a generator seeded with ``seed``;
+    * ``wins``: splits where the model's mean is above the baseline's; ``n_splits``, ``n_users``.
+    """
+    if len(model) != len(baseline) or not model:
+        raise ValueError(f"model, baseline: expected per-user arrays for the same splits, got {len(model)} "
+                         f"and {len(baseline)}")
+    diffs = []
+    for s, (a, b) in enumerate(zip(model, baseline)):
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+            raise ValueError(f"split {s}: expected two equal-length, non-empty per-user arrays, got shapes "
+                             f"{a.shape} and {b.shape}")
+        diffs.append(a - b)
+    if not 0 < level < 1:
+        raise ValueError(f"level: expected a probability in (0, 1), got {level!r}")
+    n = sum(d.size for d in diffs)
+    rng = np.random.default_rng(seed)
+    totals = np.zeros(int(n_resamples))
+    for d in diffs:  # resample within each split: the sum over its users, per resample
+        for lo in range(0, int(n_resamples), 256):  # bounded memory: 256 x n_users indices at a time
+            hi = min(lo + 256, int(n_resamples))
+            totals[lo:hi] += d[rng.integers(0, d.size, size=(hi - lo, d.size))].sum(axis=1)
+    means = totals / n
+    alpha = (1.0 - level) / 2.0
+    return {
+        "mean": float(sum(d.sum() for d in diffs) / n),
+        "ci_low": float(np.quantile(means, alpha)),
+        "ci_high": float(np.quantile(means, 1.0 - alpha)),
+        "level": float(level),
+        "method": f"paired bootstrap over users within splits, {int(n_resamples)} resamples, seed {seed}",
+        "wins": int(sum(d.mean() > 0 for d in diffs)),
+        "n_splits": len(diffs),
+        "n_users": int(n),
+    }

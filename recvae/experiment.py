@@ -36,7 +36,7 @@ from recvae.fileio import atomic_write, ensure_writable_dir, read_json, read_npz
 from recvae.data import Interactions, load_movielens, read_interactions
 from recvae.data.splits import HeldOutUsers, strong_generalization_split
 from recvae.evaluation import EvaluationResult, evaluate
-from recvae.models import EASE, MultDAE, MultVAE, Popularity, load_model
+from recvae.models import EASE, BinaryMultVAE, MultDAE, MultVAE, Popularity, RecVAE, load_model
 from recvae.models.base import MODEL_FILE
 from recvae.models.vae import CHECKPOINT_FILE, MODEL_DIR, NonFiniteLossError
 from recvae.optional import available, require
@@ -45,7 +45,9 @@ SEEN_FILE = "seen.npz"  # read by recvae.recommend
 
 logger = logging.getLogger(__name__)
 
-MODELS = {"multvae": MultVAE, "multdae": MultDAE, "ease": EASE, "popularity": Popularity}
+MODELS = {"multvae": MultVAE, "multdae": MultDAE, "binary-multvae": BinaryMultVAE, "recvae": RecVAE, "ease": EASE,
+          "popularity": Popularity}
+NEURAL_MODELS = ("multvae", "multdae", "binary-multvae", "recvae")
 REPORT_METRICS = ("recall@20", "recall@50", "ndcg@100")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 #: what a run directory may hold: --overwrite empties only a folder made of these
@@ -131,8 +133,8 @@ class RunConfig:
 
 
 def make_model(name: str, **params):
-    """A model of the library by name (``multvae``, ``multdae``, ``ease``, ``popularity``), its
-    hyperparameters checked (so a bad value fails before any data is read or written)."""
+    """A model of the library by name (one of ``MODELS``), its hyperparameters checked (so a
+    bad value fails before any data is read or written)."""
     if name not in MODELS:
         raise ValueError(f"model: unknown model {name!r}; expected one of {sorted(MODELS)}")
     model = MODELS[name](**params)
@@ -184,7 +186,7 @@ def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: 
             _empty_dir(out)
         _write_description(out, config, split)
     params = dict(config.params)
-    if out is not None and config.model in ("multvae", "multdae"):
+    if out is not None and config.model in NEURAL_MODELS:
         params.update(run_dir=str(out), keep_checkpoint=keep_checkpoint)
     try:
         result = fit_and_evaluate(split, config.model, params, ks=config.ks, resume=resume)

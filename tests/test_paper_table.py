@@ -46,7 +46,8 @@ def args_for(path, out, *extra):
 
 
 def test_smoke_writes_json_md_png_with_expected_keys(paper_table, log_csv, tmp_path, capsys):
-    rc = paper_table.main(args_for(log_csv, tmp_path, "--max-minutes", "5", "--precision", "fp32"))
+    rc = paper_table.main(args_for(log_csv, tmp_path, "--max-minutes", "5", "--precision", "fp32",
+                                   "--models", "multvae,multdae,ease,popularity"))  # the others: below
     assert rc == 0
     report = json.loads((tmp_path / "tiny.json").read_text())
     assert report["complete"] is True and report["seeds_done"] == [0, 1]
@@ -187,3 +188,46 @@ def test_parquet_without_pyarrow_fails_before_any_work(paper_table, tmp_path, mo
     assert err == (f"paper_table: error: data {path}: reading Parquet need(s) the optional package pyarrow, which is "
                    "not installed (pip install 'recvae[parquet]')")
     assert list(out.iterdir()) == []
+
+
+def test_paired_difference_by_hand():
+    from recvae.evaluation import paired_difference
+
+    # two seeds; differences 0.1, 0.1 | 0.1, 0.1, 0.1: mean 0.1, every resample 0.1, 2 wins
+    r = paired_difference([[0.5, 0.6], [0.2, 0.3, 0.4]], [[0.4, 0.5], [0.1, 0.2, 0.3]], n_resamples=500)
+    assert r["mean"] == pytest.approx(0.1) and r["ci_low"] == pytest.approx(0.1) and r["ci_high"] == pytest.approx(0.1)
+    assert (r["wins"], r["n_splits"], r["n_users"]) == (2, 2, 5)
+    # one seed, differences 0 and 1: a resample's mean is 0, 0.5 or 1 (p = 1/4, 1/2, 1/4): the
+    # 95% interval is [0, 1]; the pooled mean weights users, not seeds: (0 + 1 - 0.2 * 2) / 4 = 0.15
+    r = paired_difference([[0.0, 1.0]], [[0.0, 0.0]], n_resamples=4000, seed=1)
+    assert (r["mean"], r["ci_low"], r["ci_high"], r["wins"]) == (0.5, 0.0, 1.0, 1)
+    r = paired_difference([[0.0, 1.0], [0.0, 0.0]], [[0.0, 0.0], [0.2, 0.2]])
+    assert r["mean"] == pytest.approx(0.15) and r["wins"] == 1
+    # large n: the interval is about mean +- 1.96 sd / sqrt(n); seeded, so reproducible
+    d = np.random.default_rng(0).normal(0.01, 0.1, size=4000)
+    r = paired_difference([d], [np.zeros_like(d)], seed=3)
+    half = 1.96 * d.std() / np.sqrt(d.size)
+    assert r["ci_high"] - r["ci_low"] == pytest.approx(2 * half, rel=0.1)
+    assert r == paired_difference([d], [np.zeros_like(d)], seed=3)
+    with pytest.raises(ValueError, match="split 0: expected two equal-length"):
+        paired_difference([[0.1, 0.2]], [[0.1]])
+
+
+def test_recvae_and_binary_rows_with_the_paired_column(paper_table, log_csv, tmp_path):
+    rc = paper_table.main(args_for(log_csv, tmp_path, "--models", "recvae,binary-multvae,ease", "--epochs", "1",
+                                   "--precision", "fp32"))
+    assert rc == 0
+    report = json.loads((tmp_path / "tiny.json").read_text())
+    summ = report["summary"]
+    assert set(summ) == {"recvae", "binary-multvae", "ease"}
+    for key in ("recvae", "binary-multvae"):
+        p = summ[key]["vs_ease"]
+        diffs = [np.subtract(r[key]["test"]["ndcg@100_per_user"], r["ease"]["test"]["ndcg@100_per_user"])
+                 for r in report["per_seed"]]
+        assert p["mean"] == pytest.approx(np.concatenate(diffs).mean())
+        assert p["ci_low"] <= p["mean"] <= p["ci_high"] and p["n_splits"] == 2
+        assert p["wins"] == sum(d.mean() > 0 for d in diffs)
+    assert summ["ease"]["vs_ease"] is None
+    md = (tmp_path / "tiny.md").read_text()
+    assert "NDCG@100 − EASE [95% CI] (wins)" in md and "| RecVAE |" in md
+    assert ("Larger than noise" in md) or ("No model's NDCG@100 differs from EASE's" in md)

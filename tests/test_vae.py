@@ -87,7 +87,7 @@ def test_init_only_stores_and_set_params_checks_names():
 @pytest.mark.parametrize(
     "params, name",
     [({"batch_size": 0}, "batch_size"), ({"epochs": 1.5}, "epochs"), ({"dropout": 1.0}, "dropout"),
-     ({"precision": "fp16"}, "precision"), ({"lr": 0}, "lr"), ({"activation": "swish"}, "activation"),
+     ({"precision": "fp16"}, "precision"), ({"lr": 0}, "lr"), ({"activation": "gelu"}, "activation"),
      ({"anneal_cap": -1}, "anneal_cap"), ({"random_state": "x"}, "random_state"), ({"patience": 0}, "patience"),
      ({"device": "tpu9"}, "device"), ({"hidden_dims": (0,)}, "hidden_dims"), ({"lam": -1.0}, "lam"),
      ({"kl_weighting": "per-item"}, "kl_weighting")],

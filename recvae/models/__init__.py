@@ -4,21 +4,25 @@
 - ``sparse_layers.py``: sparse input layer and the fused softmax + multinomial NLL output layer
 - ``annealing.py``: the KL weight (beta) schedules
 - ``vae.py``: the estimators ``MultVAE`` / ``MultDAE`` that train the networks
+- ``recvae_network.py``, ``recvae.py``: RecVAE's network (composite prior) and estimator
+- ``binary_vae.py``: ``BinaryMultVAE``, Mult-VAE with a Bernoulli (binary code) latent
 - ``ease.py``, ``popularity.py``: baselines with the same fit / recommend interface
 """
 
 from __future__ import annotations
 
 from recvae.models.base import Recommender, read_model_meta
+from recvae.models.binary_vae import BinaryMultVAE
 from recvae.models.ease import EASE, select_ease_l2
 from recvae.models.popularity import Popularity
+from recvae.models.recvae import RecVAE
 from recvae.models.vae import MultDAE, MultVAE, NonFiniteLossError, resolve_device
 
 __all__ = [
-    "EASE", "MultDAE", "MultVAE", "NonFiniteLossError", "Popularity", "Recommender", "load_model", "select_ease_l2",
+    "BinaryMultVAE", "EASE", "MultDAE", "MultVAE", "NonFiniteLossError", "Popularity", "RecVAE", "Recommender", "load_model", "select_ease_l2",
 ]
 
-_CLASSES = {cls.__name__: cls for cls in (MultVAE, MultDAE, EASE, Popularity)}
+_CLASSES = {cls.__name__: cls for cls in (MultVAE, MultDAE, BinaryMultVAE, RecVAE, EASE, Popularity)}
 
 
 def load_model(path, device=None) -> Recommender:
@@ -32,4 +36,4 @@ def load_model(path, device=None) -> Recommender:
     if device is None:
         return cls.load(path)
     resolve_device(device)  # an explicit CUDA without CUDA is an error even for the numpy baselines
-    return cls.load(path, device=device) if cls in (MultVAE, MultDAE) else cls.load(path)
+    return cls.load(path, device=device) if cls in (MultVAE, MultDAE, BinaryMultVAE, RecVAE) else cls.load(path)

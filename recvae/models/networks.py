@@ -20,10 +20,12 @@ same as dense dropout: a zero entry stays zero whether it is dropped or scaled.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from recvae.models.sparse_layers import (
@@ -37,9 +39,11 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "tanh": torch.tanh,
     "relu": torch.relu,
     "sigmoid": torch.sigmoid,
+    "swish": torch.nn.functional.silu,  # x * sigmoid(x), RecVAE's
     "identity": lambda x: x,
 }
 
+LATENTS = ("gaussian", "bernoulli")
 BIAS_INIT_STD = 0.001  # notebook: tf.truncated_normal_initializer(stddev=0.001)
 
 
@@ -48,7 +52,8 @@ class NetworkConfig:
     """Architecture of a Mult-VAE / Mult-DAE network.
 
     ``hidden_dims`` are the encoder's hidden widths (the decoder mirrors them); ``latent_dim``
-    is the size of z (VAE) or of the code (DAE). ``variational`` picks VAE (True) or DAE.
+    is the size of z (VAE) or of the code (DAE). ``variational`` picks VAE (True) or DAE;
+    ``latent`` the VAE's q(z|x): ``"gaussian"`` (the paper) or ``"bernoulli"`` (one bit per dimension).
     """
 
     n_items: int
@@ -57,6 +62,7 @@ class NetworkConfig:
     dropout: float = 0.5
     activation: str = "tanh"
     variational: bool = True
+    latent: str = "gaussian"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden_dims", tuple(int(d) for d in self.hidden_dims))
@@ -70,6 +76,8 @@ class NetworkConfig:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if self.latent not in LATENTS:
+            raise ValueError(f"latent: expected one of {list(LATENTS)}, got {self.latent!r}")
 
 
 @dataclass
@@ -110,6 +118,8 @@ class MultNetwork(nn.Module):
     """
 
     variational = False
+    #: encoder outputs per latent dimension: mu and logvar (Gaussian), one logit (Bernoulli), the code (DAE)
+    outputs_per_latent = 1
 
     def __init__(self, config: NetworkConfig, generator: torch.Generator | None = None) -> None:
         super().__init__()
@@ -117,7 +127,7 @@ class MultNetwork(nn.Module):
             raise ValueError(f"config: variational={config.variational} does not fit {type(self).__name__}")
         self.config = config
         self.act = ACTIVATIONS[config.activation]
-        enc = list(config.hidden_dims) + [config.latent_dim * (2 if self.variational else 1)]
+        enc = list(config.hidden_dims) + [config.latent_dim * self.outputs_per_latent]
         dec = [config.latent_dim] + list(reversed(config.hidden_dims))
         self.input_weight = nn.Parameter(torch.empty(config.n_items, enc[0]))
         self.input_bias = nn.Parameter(torch.empty(enc[0]))
@@ -166,8 +176,12 @@ class MultNetwork(nn.Module):
 
     def _latent(self, batch: SparseBatch, generator: torch.Generator | None
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """(z, (mu, logvar)) for the VAE, (code, None) for the DAE."""
+        """(z, posterior parameters) for the VAE, (code, None) for the DAE."""
         raise NotImplementedError
+
+    def _kl(self, posterior: tuple[torch.Tensor, ...], kl_weights: torch.Tensor | None) -> torch.Tensor:
+        """KL(q(z|x) || prior) averaged over the batch, users weighted by ``kl_weights``."""
+        return gaussian_kl(*posterior, weights=kl_weights)
 
     # -- public -----------------------------------------------------------------------------
     def forward(self, batch: SparseBatch, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -187,7 +201,7 @@ class MultNetwork(nn.Module):
         if posterior is None:
             kl = torch.zeros((), device=nll.device)
         else:
-            kl = gaussian_kl(*posterior, weights=kl_weights)
+            kl = self._kl(posterior, kl_weights)
         return LossTerms(loss=nll + beta * kl, nll=nll, kl=kl)
 
 
@@ -195,9 +209,7 @@ class MultVAENetwork(MultNetwork):
     """Mult-VAE: Gaussian q(z|x) with reparameterised sampling in training, z = mu otherwise."""
 
     variational = True
-
-    def __init__(self, config: NetworkConfig, generator: torch.Generator | None = None) -> None:
-        super().__init__(config, generator)
+    outputs_per_latent = 2
 
     def encode(self, batch: SparseBatch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, logvar), each (B, latent_dim), float32."""
@@ -228,6 +240,66 @@ class MultDAENetwork(MultNetwork):
         return self.encode(batch, generator), None
 
 
+def bernoulli_kl(logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(Bernoulli(p) || Bernoulli(0.5)) summed over the K bits, averaged over users (each
+    weighted by ``weights``, default 1), with ``p = sigmoid(logits)``:
+
+    KL_u = sum_k [p_k log p_k + (1 - p_k) log(1 - p_k)] + K log 2,
+
+    with ``log p = logsigmoid(l)`` and ``log(1 - p) = logsigmoid(-l)``: finite at any logit.
+    """
+    logits = logits.float()
+    p = torch.sigmoid(logits)
+    per_bit = p * F.logsigmoid(logits) + (1.0 - p) * F.logsigmoid(-logits) + math.log(2.0)
+    per_user = per_bit.sum(dim=1)  # (B,)
+    if weights is not None:
+        assert weights.shape == per_user.shape, f"weights {tuple(weights.shape)} != users {tuple(per_user.shape)}"
+        per_user = per_user * weights.float()
+    return per_user.mean()
+
+
+class MultBernoulliNetwork(MultNetwork):
+    """Mult-VAE with a binary latent: one logit per bit, prior Bernoulli(0.5) per bit.
+
+    Training: a sampled 0/1 bit forward with the gradient of its probability backward
+    (straight-through, ``temperature=None``), or a relaxed Gumbel-sigmoid sample
+    ``sigmoid((logit + log u - log(1 - u)) / temperature)``. Eval mode: the bit probabilities,
+    or the bits thresholded at 0.5 with ``binary_inference="bits"``. ``temperature`` and
+    ``binary_inference`` are set by the estimator (not part of the state dict).
+    """
+
+    variational = True
+    outputs_per_latent = 1
+
+    def __init__(self, config: NetworkConfig, generator: torch.Generator | None = None) -> None:
+        super().__init__(config, generator)
+        self.temperature: float | None = None
+        self.binary_inference = "probabilities"
+
+    def encode(self, batch: SparseBatch, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, latent_dim) float32 logits of the bits."""
+        return self._encode(batch, generator).float()
+
+    def _latent(self, batch, generator):
+        logits = self.encode(batch, generator)
+        p = torch.sigmoid(logits)
+        if not self.training:
+            return (p > 0.5).float() if self.binary_inference == "bits" else p, (logits,)
+        u = torch.rand(logits.shape, generator=generator, device=logits.device)
+        if self.temperature is None:
+            bits = (u < p).float()
+            z = bits + (p - p.detach())  # forward: the bit; backward: d bit / d p := 1
+        else:
+            noise = torch.log(u) - torch.log1p(-u)  # logistic: sigmoid((l + noise) / t) is relaxed Bernoulli(p)
+            z = torch.sigmoid((logits + noise) / self.temperature)
+        return z, (logits,)
+
+    def _kl(self, posterior, kl_weights):
+        return bernoulli_kl(*posterior, weights=kl_weights)
+
+
 def build_network(config: NetworkConfig, generator: torch.Generator | None = None) -> MultNetwork:
-    """The VAE or DAE module that ``config.variational`` asks for."""
-    return (MultVAENetwork if config.variational else MultDAENetwork)(config, generator)
+    """The VAE (Gaussian or Bernoulli latent) or DAE module that ``config`` asks for."""
+    if not config.variational:
+        return MultDAENetwork(config, generator)
+    return (MultBernoulliNetwork if config.latent == "bernoulli" else MultVAENetwork)(config, generator)

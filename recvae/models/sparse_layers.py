@@ -258,7 +258,11 @@ class _OutputLayerNLL(torch.autograd.Function):
         flat = (b.rows * I + b.cols)[has]
         g.view(-1).index_add_(0, flat, (-b.values[has] / n[b.rows][has]).to(cd))
         cn = c * n  # (B,) per-row scale, applied to the small factors instead of the B x I one
-        grad_h = torch.mm(g, ctx.w_c).float().mul_(cn[:, None]).to(ctx.h_dtype)
+        grad_h = torch.mm(g, ctx.w_c).float().mul_(cn[:, None]).to(ctx.h_dtype) if ctx.needs_input_grad[0] else None
+        if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+            # a frozen output layer (RecVAE's encoder phase): skip the I x H product
+            ctx.probs = ctx.w_c = ctx.h_c = None
+            return grad_h, None, None, None, None, None
         hs = (ctx.h_c.float() * cn[:, None]).to(cd)
         fresh = _grad_buffer(weight, ctx.workspace, "output_weight_grad")
         if cd == weight.dtype:

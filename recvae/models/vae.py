@@ -21,6 +21,7 @@ import math
 import pickle
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -154,9 +155,17 @@ def training_step(network: MultNetwork, optimizer: torch.optim.Optimizer, batch:
                   kl_weights: torch.Tensor | None = None) -> np.ndarray | None:
     """One update on ``batch``; returns the batch's (loss, nll, kl). When any is not finite the
     update is skipped (the weights stay as they were) and the caller decides what to do."""
+    return update_step(optimizer, lambda: network.loss(batch, beta=beta, generator=generator, kl_weights=kl_weights),
+                       batch.device.type, bf16)
+
+
+def update_step(optimizer: torch.optim.Optimizer, compute_loss, device_type: str, bf16: bool = False) -> np.ndarray:
+    """One update of ``optimizer``'s parameters on the ``LossTerms`` that ``compute_loss()`` returns
+    (run under bf16 autocast when ``bf16``); returns (loss, nll, kl) and skips the update when any
+    is not finite."""
     optimizer.zero_grad(set_to_none=True)  # lets the sparse layers overwrite their kept buffers
-    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
-        terms = network.loss(batch, beta=beta, generator=generator, kl_weights=kl_weights)
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+        terms = compute_loss()
     values = torch.stack([terms.loss.detach(), terms.nll.detach(), terms.kl.detach()]).float().cpu().numpy()
     if not np.isfinite(values).all():
         return values
@@ -165,10 +174,33 @@ def training_step(network: MultNetwork, optimizer: torch.optim.Optimizer, batch:
     return values
 
 
+@dataclass
+class _Loop:
+    """What one training run's epochs share: the seed, the sampling generator, precision, device,
+    the checkpointed loop state (epoch, step, best epoch, ...) and the run directory."""
+
+    seed: int
+    gen: torch.Generator
+    bf16: bool
+    device: torch.device
+    state: dict
+    run_dir: Path | None
+    val: tuple | None = None  # validation (fold_in, heldout): which epoch a non-finite loss keeps
+    last_state: dict | None = None  # the last finished epoch's weights when there is no validation
+
+
 class _AutoencoderRecommender(Recommender):
-    """Shared estimator code; subclasses set ``_variational`` and their ``__init__`` defaults."""
+    """Shared estimator code; subclasses set ``_variational`` and their ``__init__`` defaults.
+
+    Training hooks a subclass may override: ``_build_network``, ``_make_optimizer`` (anything
+    with ``state_dict``/``load_state_dict``), ``_train_epoch`` (the updates of one epoch),
+    ``_check_objective_params`` and ``_resume_keys``; ``fit`` keeps validation, early stopping,
+    checkpoints and resume for all of them.
+    """
 
     _variational: bool = True
+    #: parameters that are tuples of floats (JSON gives lists back), besides hidden_dims
+    _float_tuple_params: tuple[str, ...] = ()
 
     # -- scikit-learn style parameters -------------------------------------------------------
     def get_params(self, deep: bool = True) -> dict:
@@ -189,6 +221,8 @@ class _AutoencoderRecommender(Recommender):
     def _json_params(self) -> dict:
         p = self.get_params()
         p["hidden_dims"] = [int(d) for d in p["hidden_dims"]]
+        for name in self._float_tuple_params:
+            p[name] = [float(v) for v in p[name]]
         if p.get("run_dir") is not None:
             p["run_dir"] = str(p["run_dir"])
         return p
@@ -223,12 +257,16 @@ class _AutoencoderRecommender(Recommender):
             raise ValueError(f"random_state: expected None or a non-negative integer, got {self.random_state!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision: expected 'auto', 'fp32' or 'bf16', got {self.precision!r}")
+        self._check_objective_params()
+        if check_device:
+            resolve_device(self.device)
+
+    def _check_objective_params(self) -> None:
+        """The KL weight's parameters (subclasses with another objective override this)."""
         if self._variational:
             make_schedule(self.beta, self.anneal_cap, self.total_anneal_steps)  # raises on bad values
             if self.kl_weighting not in KL_WEIGHTINGS:
                 raise ValueError(f"kl_weighting: expected one of {list(KL_WEIGHTINGS)}, got {self.kl_weighting!r}")
-        if check_device:
-            resolve_device(self.device)
 
     def _config(self, n_items: int) -> NetworkConfig:
         return NetworkConfig(n_items=n_items, hidden_dims=tuple(int(d) for d in self.hidden_dims),
@@ -239,6 +277,55 @@ class _AutoencoderRecommender(Recommender):
         if not self._variational:
             return None
         return make_schedule(self.beta, self.anneal_cap, self.total_anneal_steps)
+
+    # -- hooks for estimators with another network or update scheme (RecVAE) -------------------
+    _resume_keys: tuple[str, ...] = RESUME_KEYS
+
+    def _build_network(self, n_items: int, generator: torch.Generator | None = None):
+        return build_network(self._config(n_items), generator)
+
+    def _make_optimizer(self, network):
+        return make_optimizer(network, lr=self.lr, lam=self.lam)
+
+    def _train_epoch(self, network, optimizer, X: sp.csr_matrix, epoch: int, loop: "_Loop") -> tuple[np.ndarray, float]:
+        """One epoch of updates: every training user once, in batches, in a fresh order.
+        Returns the per-user mean (loss, nll, kl) and the beta of the last update."""
+        schedule = self._schedule()
+        # kl_weighting="activity": user u's KL weighted by n_u / (mean n over training users)
+        activity = self._variational and self.kl_weighting == "activity"
+        kl_scale = X.shape[0] / max(float(X.sum()), 1e-12) if activity else None
+
+        def update(batch: SparseBatch, rows: np.ndarray) -> tuple[np.ndarray, float]:
+            beta = schedule(loop.state["step"]) if schedule is not None else 0.0
+            kl_weights = batch.row_sums * kl_scale if kl_scale is not None else None
+            return training_step(network, optimizer, batch, beta, loop.gen, loop.bf16, kl_weights), beta
+
+        # every epoch reseeds from (seed, epoch): the checkpoint's seed is the whole RNG state
+        order = np.random.default_rng([loop.seed, epoch]).permutation(X.shape[0])
+        return self._pass_over_users(X, order, update, epoch, loop, f"epoch {epoch + 1}")
+
+    def _pass_over_users(self, X: sp.csr_matrix, order: np.ndarray, update, epoch: int, loop: "_Loop",
+                         desc: str) -> tuple[np.ndarray, float]:
+        """Calls ``update(batch, rows) -> ((loss, nll, kl), beta)`` on consecutive batches of ``order``
+        (``rows``: the batch's rows of ``X``);
+        counts the updates in ``loop.state["step"]``; stops on a non-finite loss. Returns the
+        per-user mean (loss, nll, kl) and the last beta."""
+        batch_size = int(self.batch_size)
+        n_batches = math.ceil(len(order) / batch_size)
+        sums = np.zeros(3)
+        beta = 0.0
+        batches = tqdm(range(n_batches), desc=desc, leave=False, disable=not self.show_progress)
+        for b in batches:
+            rows = order[b * batch_size:(b + 1) * batch_size]
+            batch = SparseBatch.from_csr(X[rows], loop.device)
+            values, beta = update(batch, rows)
+            if not np.isfinite(values).all():
+                self._stop_on_non_finite(values, epoch + 1, loop.state, b, n_batches, loop.val, loop.last_state)
+            loop.state["step"] += 1
+            sums += values * len(rows)
+            if self.show_progress:
+                batches.set_postfix(loss=f"{values[0]:.2f}", beta=f"{beta:.3f}", refresh=False)
+        return sums / len(order), beta
 
     # -- fit -----------------------------------------------------------------------------------
     def fit(self, train, validation=None, resume: bool = False):
@@ -285,9 +372,8 @@ class _AutoencoderRecommender(Recommender):
             logger.info("resume: no checkpoint in %s; starting from scratch", run_dir)
 
         init_gen = torch.Generator().manual_seed(_derived_seed(seed, 0xC0FFEE))
-        network = build_network(self._config(n_items), init_gen).to(device)
-        optimizer = make_optimizer(network, lr=self.lr, lam=self.lam)
-        schedule = self._schedule()
+        network = self._build_network(n_items, init_gen).to(device)
+        optimizer = self._make_optimizer(network)
 
         # learned attributes are set before the loop: validation scores through self.score
         self.module_ = network
@@ -313,16 +399,11 @@ class _AutoencoderRecommender(Recommender):
             logger.info("resumed from %s after epoch %d (update %d)", ckpt_path, state["epoch"], state["step"])
         del ckpt
 
-        batch_size = int(self.batch_size)
-        n_batches = math.ceil(n_users / batch_size)
         gen = torch.Generator(device=device)
         self.precision_ = resolve_precision(self.precision, device)
-        use_bf16 = self.precision_ == "bf16"
+        loop = _Loop(seed=seed, gen=gen, bf16=self.precision_ == "bf16", device=device, state=state, run_dir=run_dir,
+                     val=val, last_state=_clone(network) if val is None and state["epoch"] else None)
         fingerprint = _fingerprint(X)
-        # kl_weighting="activity": user u's KL weighted by n_u / (mean n over training users)
-        activity = self._variational and self.kl_weighting == "activity"
-        kl_scale = n_users / max(float(X.sum()), 1e-12) if activity else None
-        last_state = _clone(network) if val is None and state["epoch"] else None
         epochs = tqdm(range(state["epoch"], int(self.epochs)), desc=type(self).__name__,
                       disable=not self.show_progress, initial=state["epoch"], total=int(self.epochs))
         for epoch in epochs:
@@ -330,26 +411,9 @@ class _AutoencoderRecommender(Recommender):
                 break
             t0 = time.perf_counter()
             network.train()
-            # every epoch reseeds from (seed, epoch): the checkpoint's seed is the whole RNG state
-            order = np.random.default_rng([seed, epoch]).permutation(n_users)
             gen.manual_seed(_derived_seed(seed, epoch, 1))
-            sums = np.zeros(3)
-            beta = 0.0
-            batches = tqdm(range(n_batches), desc=f"epoch {epoch + 1}", leave=False, disable=not self.show_progress)
-            for b in batches:
-                rows = order[b * batch_size:(b + 1) * batch_size]
-                batch = SparseBatch.from_csr(X[rows], device)
-                beta = schedule(state["step"]) if schedule is not None else 0.0
-                kl_weights = batch.row_sums * kl_scale if kl_scale is not None else None
-                values = training_step(network, optimizer, batch, beta, gen, use_bf16, kl_weights)
-                if not np.isfinite(values).all():
-                    self._stop_on_non_finite(values, epoch + 1, state, b, n_batches, val, last_state)
-                state["step"] += 1
-                sums += values * len(rows)
-                if self.show_progress:
-                    batches.set_postfix(loss=f"{values[0]:.2f}", beta=f"{beta:.3f}", refresh=False)
+            means, beta = self._train_epoch(network, optimizer, X, epoch, loop)
             network.workspace.clear()  # buffers are sized by the training batch; free them for scoring
-            means = sums / n_users
             row = {"epoch": epoch + 1, "step": state["step"], "loss": float(means[0]), "nll": float(means[1]),
                    "kl": float(means[2]), "beta": float(beta), "l2": self._l2_penalty(network),
                    VALIDATION_METRIC: None, "seconds": time.perf_counter() - t0, "val_seconds": None}
@@ -367,7 +431,7 @@ class _AutoencoderRecommender(Recommender):
             state["epoch"] = epoch + 1
             state["history"].append(row)
             if val is None:  # kept in case a later epoch diverges (with validation, best_state is)
-                last_state = _clone(network)
+                loop.last_state = _clone(network)
             logger.debug("epoch %d: loss %.4f nll %.4f kl %.4f beta %.4f %s %s (%.1fs)", epoch + 1, row["loss"],
                         row["nll"], row["kl"], row["beta"], VALIDATION_METRIC, row[VALIDATION_METRIC], row["seconds"])
             if self.show_progress:
@@ -498,7 +562,7 @@ class _AutoencoderRecommender(Recommender):
         saved, now = json.loads(ckpt["params"]), self._json_params()
         if self._variational:
             saved.setdefault("kl_weighting", "uniform")  # checkpoints from before the option: the paper's
-        diff = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
+        diff = [k for k in self._resume_keys if saved.get(k) != now.get(k)]
         if diff:
             detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff)
             raise ValueError(f"resume: hyperparameters differ from {where} ({detail})")
@@ -552,9 +616,11 @@ class _AutoencoderRecommender(Recommender):
         dev = resolve_device(device) if device is not None else _stored_device(params.get("device"), meta_file)
         try:
             params["hidden_dims"] = tuple(params["hidden_dims"])
+            for name in target._float_tuple_params:
+                params[name] = tuple(params[name])
             model = target(**params)
             model._check_params(check_device=False)
-            network = build_network(model._config(int(meta["n_items"])))
+            network = model._build_network(int(meta["n_items"]))
         except (TypeError, ValueError, KeyError) as e:
             raise ValueError(f"{meta_file}: params: {e}") from None
         if device is not None:
@@ -685,5 +751,6 @@ _REGISTRY = {"MultVAE": MultVAE, "MultDAE": MultDAE}
 
 
 def load(path, device=None) -> _AutoencoderRecommender:
-    """Load a saved MultVAE or MultDAE, whichever ``path/model.json`` names."""
+    """Load a saved MultVAE, MultDAE, BinaryMultVAE or RecVAE, whichever ``path/model.json`` names
+    (the last two register themselves when :mod:`recvae.models` is imported)."""
     return _AutoencoderRecommender.load(path, device=device)

@@ -1,0 +1,118 @@
+"""Mult-VAE with a binary latent: each user gets a K-bit code (compact storage, Hamming retrieval).
+
+The second form of the ELBO in the project's seed: q(z|x) is a product of Bernoullis (one logit
+per bit from the encoder), the prior Bernoulli(0.5) per bit, so
+
+    KL_u = sum_k [p_k log p_k + (1 - p_k) log(1 - p_k)] + K log 2
+
+beside the multinomial reconstruction term; beta, its annealing and ``kl_weighting`` are
+:class:`~recvae.models.vae.MultVAE`'s. The bits are sampled with a straight-through estimator
+(forward: a 0/1 bit drawn with probability p; backward: the gradient of p) or, with a
+``temperature``, a relaxed Gumbel-sigmoid sample whose temperature decays per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from recvae.models.annealing import ANNEAL_CAP, TOTAL_ANNEAL_STEPS
+from recvae.models.base import as_csr
+from recvae.models.networks import NetworkConfig
+from recvae.models.sparse_layers import SparseBatch
+from recvae.models.vae import _REGISTRY, RESUME_KEYS, MultVAE
+
+BINARY_INFERENCE = ("probabilities", "bits")
+
+
+class BinaryMultVAE(MultVAE):
+    """Mult-VAE whose latent is ``latent_dim`` Bernoulli bits (prior Bernoulli(0.5)).
+
+    Parameters as :class:`MultVAE`, plus ``temperature``: None (default) samples hard bits with
+    the straight-through estimator; a number t0 > 0 uses the relaxed (Gumbel-sigmoid) sample at
+    temperature ``max(min_temperature, t0 * exp(-temperature_decay * epoch))`` (epoch from 0).
+    ``binary_inference``: what the decoder reads when scoring, ``"probabilities"`` (default) or
+    ``"bits"`` (thresholded at 0.5, i.e. exactly the user's code). :meth:`codes` gives the packed codes.
+    """
+
+    _resume_keys = RESUME_KEYS + ("temperature", "min_temperature", "temperature_decay")
+
+    def __init__(self, hidden_dims=(600,), latent_dim=200, dropout=0.5, activation="tanh", lam=0.0,
+                 anneal_cap=ANNEAL_CAP, total_anneal_steps=TOTAL_ANNEAL_STEPS, beta=None, kl_weighting="uniform",
+                 temperature=None, min_temperature=0.5, temperature_decay=0.0, binary_inference="probabilities",
+                 epochs=200, batch_size=500, lr=1e-3, patience=None, random_state=None, device="auto",
+                 precision="auto", eval_batch_size=2000, show_progress=False, run_dir=None):
+        super().__init__(hidden_dims=hidden_dims, latent_dim=latent_dim, dropout=dropout, activation=activation,
+                         lam=lam, anneal_cap=anneal_cap, total_anneal_steps=total_anneal_steps, beta=beta,
+                         kl_weighting=kl_weighting, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
+                         random_state=random_state, device=device, precision=precision,
+                         eval_batch_size=eval_batch_size, show_progress=show_progress, run_dir=run_dir)
+        self.temperature = temperature
+        self.min_temperature = min_temperature
+        self.temperature_decay = temperature_decay
+        self.binary_inference = binary_inference
+
+    def _check_objective_params(self) -> None:
+        super()._check_objective_params()
+
+        def number(name, ok, expected):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+                raise ValueError(f"{name}: expected {expected}, got {v!r}")
+
+        if self.temperature is not None:
+            number("temperature", lambda v: v > 0, "None (straight-through) or a number > 0")
+        number("min_temperature", lambda v: v > 0, "a number > 0")
+        number("temperature_decay", lambda v: v >= 0, "a number >= 0")
+        if self.binary_inference not in BINARY_INFERENCE:
+            raise ValueError(f"binary_inference: expected one of {list(BINARY_INFERENCE)}, got {self.binary_inference!r}")
+
+    def _config(self, n_items: int) -> NetworkConfig:
+        c = super()._config(n_items)
+        return NetworkConfig(n_items=c.n_items, hidden_dims=c.hidden_dims, latent_dim=c.latent_dim,
+                             dropout=c.dropout, activation=c.activation, variational=True, latent="bernoulli")
+
+    def _build_network(self, n_items, generator=None):
+        network = super()._build_network(n_items, generator)
+        network.binary_inference = self.binary_inference
+        return network
+
+    def _epoch_temperature(self, epoch: int) -> float | None:
+        if self.temperature is None:
+            return None
+        return max(float(self.min_temperature), float(self.temperature) * math.exp(-self.temperature_decay * epoch))
+
+    def _train_epoch(self, network, optimizer, X, epoch, loop):
+        network.temperature = self._epoch_temperature(epoch)
+        return super()._train_epoch(network, optimizer, X, epoch, loop)
+
+    def _score_batch(self, user_items):
+        self.module_.binary_inference = self.binary_inference  # set_params after fit applies too
+        return super()._score_batch(user_items)
+
+    def codes(self, user_items) -> np.ndarray:
+        """Packed binary codes, uint8 (users, ceil(latent_dim / 8)): bit k of a user is 1 when
+        its probability is above 0.5; ``np.unpackbits(codes, axis=1, count=latent_dim)`` gives
+        the bits back (big-endian within a byte, as ``np.packbits``)."""
+        self._check_fitted()
+        user_items = as_csr(user_items, "user_items", self.n_items_)
+        net = self.module_
+        out = []
+        was_training = net.training
+        net.eval()
+        try:
+            with torch.no_grad():
+                for start in range(0, user_items.shape[0], int(self.eval_batch_size)):
+                    batch = SparseBatch.from_csr(user_items[start:start + int(self.eval_batch_size)], self.device_)
+                    bits = (net.encode(batch) > 0).cpu().numpy()  # p > 0.5  <=>  logit > 0
+                    out.append(np.packbits(bits.astype(np.uint8), axis=1))
+        finally:
+            net.train(was_training)
+        if not out:
+            return np.zeros((0, (int(self.latent_dim) + 7) // 8), dtype=np.uint8)
+        return np.concatenate(out)
+
+
+_REGISTRY[BinaryMultVAE.__name__] = BinaryMultVAE

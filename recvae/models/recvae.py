@@ -1,0 +1,194 @@
+"""RecVAE estimator (Shenbin, Alekseev, Tutubalina, Malykh, Nikolenko, WSDM 2020).
+
+Same interface as :class:`~recvae.models.vae.MultVAE` (fit with validation and early stopping,
+recommend, save/load, resume): it reuses that estimator's ``fit`` and overrides only the network,
+the optimisers and what one epoch does. One outer epoch (defaults from the paper's code):
+
+1. ``encoder_epochs`` (3) passes over the training users, each in a fresh random order, updating
+   the encoder only (Adam, lr 5e-4), input dropout 0.5, objective
+   ``nll + gamma * 1/B sum_u n_u KL_u`` (``n_u = sum_i x_ui``; KL to the composite prior,
+   estimated with one sample, see :mod:`recvae.models.recvae_network`);
+2. q_old := the encoder (the prior's middle component; its (mu, logvar) for every training user
+   is computed once per outer epoch, as it does not change during the encoder passes);
+3. ``decoder_epochs`` (1) passes updating the decoder only (its own Adam), no dropout.
+
+Validation NDCG@100 after each outer epoch; the best outer epoch's weights are kept.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from recvae.models.sparse_layers import SparseBatch
+from recvae.models.recvae_network import MIXTURE_WEIGHTS, WIDE_LOGVAR, RecVAEConfig, RecVAENetwork
+from recvae.models.vae import _REGISTRY, _AutoencoderRecommender, make_optimizer, update_step
+
+
+class _PhaseOptimizers:
+    """The encoder's and the decoder's Adam, checkpointed together."""
+
+    def __init__(self, network: RecVAENetwork, lr: float, lam: float) -> None:
+        self.encoder = make_optimizer(network.encoder, lr=lr, lam=lam)
+        self.decoder = make_optimizer(network.decoder, lr=lr, lam=lam)
+
+    def state_dict(self) -> dict:
+        return {"encoder": self.encoder.state_dict(), "decoder": self.decoder.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.encoder.load_state_dict(state["encoder"])
+        self.decoder.load_state_dict(state["decoder"])
+
+
+class RecVAE(_AutoencoderRecommender):
+    """RecVAE: Mult-VAE with a denser encoder, a composite prior, a per-user KL weight
+    ``gamma * n_u`` and alternating encoder/decoder updates.
+
+    Objective of an encoder pass, per batch of B users::
+
+        -1/B sum_u sum_i x_ui log softmax(W z_u + b)_i  +  gamma * 1/B sum_u n_u KL_u,
+        KL_u = sum_k [log q(z_uk|x_u) - log p(z_uk)],  z_u ~ q(z|x_u) (one sample),
+        p(z_k) = 0.15 N(0, 1) + 0.75 q_old(z_k|x_u) + 0.10 N(0, e^10)
+
+    Parameters as :class:`MultVAE` where shared; ``hidden_dims`` are the encoder's dense layers
+    (equal widths), ``activation`` is swish, ``gamma`` the KL weight per interaction,
+    ``mixture_weights`` / ``wide_logvar`` the prior's, ``layer_norm_eps`` the layer norms' eps,
+    ``encoder_epochs`` / ``decoder_epochs`` the passes per outer epoch (``epochs`` counts outer
+    epochs). Learned attributes as :class:`MultVAE`; ``history_`` rows hold the encoder passes'
+    mean loss, nll and kl (``1/B sum_u n_u KL_u``), and ``beta`` is gamma.
+    """
+
+    _variational = True
+    _float_tuple_params = ("mixture_weights",)
+    _resume_keys = ("hidden_dims", "latent_dim", "dropout", "activation", "lam", "gamma", "mixture_weights",
+                    "wide_logvar", "layer_norm_eps", "encoder_epochs", "decoder_epochs", "batch_size",
+                    "random_state")
+
+    def __init__(self, hidden_dims=(600,) * 5, latent_dim=200, dropout=0.5, activation="swish", lam=0.0,
+                 gamma=0.005, mixture_weights=MIXTURE_WEIGHTS, wide_logvar=WIDE_LOGVAR, layer_norm_eps=0.1,
+                 encoder_epochs=3, decoder_epochs=1, epochs=50, batch_size=500, lr=5e-4, patience=None,
+                 random_state=None, device="auto", precision="auto", eval_batch_size=2000, show_progress=False,
+                 run_dir=None):
+        self.hidden_dims = hidden_dims
+        self.latent_dim = latent_dim
+        self.dropout = dropout
+        self.activation = activation
+        self.lam = lam
+        self.gamma = gamma
+        self.mixture_weights = mixture_weights
+        self.wide_logvar = wide_logvar
+        self.layer_norm_eps = layer_norm_eps
+        self.encoder_epochs = encoder_epochs
+        self.decoder_epochs = decoder_epochs
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.patience = patience
+        self.random_state = random_state
+        self.device = device
+        self.precision = precision
+        self.eval_batch_size = eval_batch_size
+        self.show_progress = show_progress
+        self.run_dir = run_dir
+
+    def _check_objective_params(self) -> None:
+        def number(name, ok, expected):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
+                    or not math.isfinite(v) or not ok(v):
+                raise ValueError(f"{name}: expected {expected}, got {v!r}")
+
+        number("gamma", lambda v: v >= 0, "a finite number >= 0")
+        number("wide_logvar", lambda v: True, "a finite number")
+        number("layer_norm_eps", lambda v: v > 0, "a finite number > 0")
+        for name in ("encoder_epochs", "decoder_epochs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        w = self.mixture_weights
+        try:
+            ok = len(w) == 3 and all(float(x) > 0 for x in w) and abs(sum(float(x) for x in w) - 1.0) < 1e-6
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"mixture_weights: expected 3 positive weights summing to 1 (standard normal, "
+                             f"q_old, wide normal), got {w!r}")
+        if self.activation != "swish":
+            raise ValueError(f"activation: expected 'swish' (RecVAE's), got {self.activation!r}")
+        dims = tuple(int(d) for d in self.hidden_dims)
+        if not dims or len(set(dims)) != 1:
+            raise ValueError(f"hidden_dims: expected one or more equal widths (each layer adds the earlier "
+                             f"layers' outputs), got {self.hidden_dims!r}")
+
+    def _config(self, n_items: int) -> RecVAEConfig:
+        return RecVAEConfig(n_items=n_items, hidden_dims=tuple(int(d) for d in self.hidden_dims),
+                            latent_dim=int(self.latent_dim), dropout=float(self.dropout),
+                            layer_norm_eps=float(self.layer_norm_eps),
+                            mixture_weights=tuple(float(w) for w in self.mixture_weights),
+                            wide_logvar=float(self.wide_logvar))
+
+    def _build_network(self, n_items, generator=None) -> RecVAENetwork:
+        return RecVAENetwork(self._config(n_items), generator)
+
+    def _make_optimizer(self, network: RecVAENetwork) -> _PhaseOptimizers:
+        return _PhaseOptimizers(network, lr=self.lr, lam=self.lam)
+
+    def _train_epoch(self, network: RecVAENetwork, optimizer: _PhaseOptimizers, X: sp.csr_matrix, epoch: int,
+                     loop) -> tuple[np.ndarray, float]:
+        """encoder_epochs passes (encoder only), q_old refreshed, decoder_epochs passes (decoder only).
+        Returns the encoder passes' mean (loss, nll, kl) per user, and gamma."""
+        gamma = float(self.gamma)
+        n_enc, n_dec = int(self.encoder_epochs), int(self.decoder_epochs)
+
+        old = None  # q_old's (mu, logvar) of every training user: fixed for the whole encoder phase
+
+        def run_pass(p: int, phase: str) -> np.ndarray:
+            encoder_phase = phase == "encoder"
+            # only the trained half needs gradients: the fused output layer then skips its I x d product
+            network.encoder.requires_grad_(encoder_phase)
+            network.decoder.requires_grad_(not encoder_phase)
+            opt = optimizer.encoder if encoder_phase else optimizer.decoder
+
+            def update(batch, rows):
+                if encoder_phase:
+                    idx = torch.as_tensor(rows, device=old[0].device)
+                    loss = lambda: network.encoder_loss(batch, gamma, loop.gen, (old[0][idx], old[1][idx]))  # noqa: E731
+                else:
+                    loss = lambda: network.decoder_loss(batch, loop.gen)  # noqa: E731
+                return update_step(opt, loss, batch.device.type, loop.bf16), gamma
+
+            order = np.random.default_rng([loop.seed, epoch, p]).permutation(X.shape[0])
+            means, _ = self._pass_over_users(X, order, update, epoch, loop, f"epoch {epoch + 1} {phase} {p + 1}")
+            return means
+
+        try:
+            old = self._old_posteriors(network, X, loop)
+            enc = sum(run_pass(p, "encoder") for p in range(n_enc)) / n_enc
+            network.refresh_prior()
+            for p in range(n_enc, n_enc + n_dec):
+                run_pass(p, "decoder")
+        finally:
+            network.encoder.requires_grad_(True)
+            network.decoder.requires_grad_(True)
+        return enc, gamma
+
+    def _old_posteriors(self, network: RecVAENetwork, X: sp.csr_matrix, loop) -> tuple:
+        """q_old's (mu, logvar), each (n_users, latent_dim) on the device, computed once per outer
+        epoch (under the training precision) instead of once per encoder update: q_old and its
+        input (no dropout) do not change within an encoder phase."""
+        mus, logvars = [], []
+        step = int(self.eval_batch_size)
+        for lo in range(0, X.shape[0], step):
+            batch = SparseBatch.from_csr(X[lo:lo + step], loop.device)
+            with torch.autocast(loop.device.type, dtype=torch.bfloat16, enabled=loop.bf16):
+                mu, logvar = network.old_posterior(batch)
+            mus.append(mu)
+            logvars.append(logvar)
+        network.workspace.clear()
+        return torch.cat(mus), torch.cat(logvars)
+
+
+_REGISTRY[RecVAE.__name__] = RecVAE  # vae.load / load_model read it from model.json's "class"
