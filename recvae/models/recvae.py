@@ -71,7 +71,7 @@ class RecVAE(_AutoencoderRecommender):
                  gamma=0.005, mixture_weights=MIXTURE_WEIGHTS, wide_logvar=WIDE_LOGVAR, layer_norm_eps=0.1,
                  encoder_epochs=3, decoder_epochs=1, epochs=50, batch_size=500, lr=5e-4, patience=None,
                  random_state=None, device="auto", precision="auto", eval_batch_size=2000, show_progress=False,
-                 run_dir=None):
+                 run_dir=None, keep_checkpoint=False):
         self.hidden_dims = hidden_dims
         self.latent_dim = latent_dim
         self.dropout = dropout
@@ -93,6 +93,7 @@ class RecVAE(_AutoencoderRecommender):
         self.eval_batch_size = eval_batch_size
         self.show_progress = show_progress
         self.run_dir = run_dir
+        self.keep_checkpoint = keep_checkpoint
 
     def _check_objective_params(self) -> None:
         def number(name, ok, expected):
