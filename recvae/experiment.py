@@ -51,7 +51,7 @@ NEURAL_MODELS = ("multvae", "multdae", "binary-multvae", "recvae")
 REPORT_METRICS = ("recall@20", "recall@50", "ndcg@100")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 #: what a run directory may hold: --overwrite empties only a folder made of these
-RUN_FILES = {"run.json", MODEL_DIR, "train.npz", "validation.npz", "test.npz", "history.csv", "history.json",
+RUN_FILES = {"run.json", MODEL_DIR, "train.npz", SEEN_FILE, "validation.npz", "test.npz", "history.csv", "history.json",
              "metrics.json", "learning_curve.png", CHECKPOINT_FILE}
 #: model parameters a resumed run may change (see MultVAE.fit); the rest must equal run.json's
 RESUMABLE_PARAMS = ("epochs", "patience", "lr", "device", "precision", "show_progress", "eval_batch_size",
@@ -98,7 +98,7 @@ class DataSpec:
     def check_optional(self) -> None:
         """Fail now, not after hours, when reading the data needs a package that is missing."""
         if self.path is not None and Path(self.path).suffix.lower() in PARQUET_SUFFIXES:
-            require("pyarrow", f"data {self.path}: reading Parquet")
+            require("pyarrow", f"{self.path}: reading Parquet")
 
     def load(self, show_progress: bool = False) -> Interactions:
         if self.dataset is not None:

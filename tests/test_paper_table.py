@@ -185,7 +185,7 @@ def test_parquet_without_pyarrow_fails_before_any_work(paper_table, tmp_path, mo
     out.mkdir()
     assert paper_table.main(args_for(path, out)) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"paper_table: error: data {path}: reading Parquet need(s) the optional package pyarrow, which is "
+    assert err == (f"paper_table: error: {path}: reading Parquet need(s) the optional package pyarrow, which is "
                    "not installed (pip install 'recvae[parquet]')")
     assert list(out.iterdir()) == []
 

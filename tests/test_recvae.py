@@ -185,8 +185,9 @@ def test_save_load_round_trip_gives_identical_scores(data, tmp_path):
 
 def test_resume_continues_to_identical_weights(data, tmp_path):
     train, val = data
-    RecVAE(**SMALL, epochs=1, run_dir=tmp_path).fit(train, val)
-    resumed = RecVAE(**SMALL, epochs=2, run_dir=tmp_path).fit(train, val, resume=True)
+    # a finished run removes its checkpoint unless asked to keep it
+    RecVAE(**SMALL, epochs=1, run_dir=tmp_path, keep_checkpoint=True).fit(train, val)
+    resumed = RecVAE(**SMALL, epochs=2, run_dir=tmp_path, keep_checkpoint=True).fit(train, val, resume=True)
     straight = RecVAE(**SMALL, epochs=2).fit(train, val)
     assert_same_weights(resumed, straight)
     assert [h["val_ndcg@100"] for h in resumed.history_] == [h["val_ndcg@100"] for h in straight.history_]

@@ -100,7 +100,7 @@ def assert_same_run(run: Path, reference: Path) -> None:
     assert json.loads((run / "history.json").read_text())[-1]["epoch"] == EPOCHS
     names = {p.name for p in run.iterdir()}
     assert names == {p.name for p in reference.iterdir()} == {
-        "model", "run.json", "train.npz", "validation.npz", "test.npz", "metrics.json", "history.csv",
+        "model", "run.json", "train.npz", "seen.npz", "validation.npz", "test.npz", "metrics.json", "history.csv",
         "history.json", "learning_curve.png"}, "the checkpoint goes when the run finishes"
 
 
@@ -201,7 +201,7 @@ def test_overwrite_empties_only_a_run_directory(log_csv, tmp_path, capsys):
     (["--dropout", "1"], "--dropout: expected a probability in [0, 1), got 1.0"),
     (["--seed", "-1"], "--seed: expected None or a non-negative integer, got -1"),
     (["--lr", "0"], "--lr: expected a finite number > 0, got 0.0"),
-    (["--min-user-interactions", "-1"], "min_user_interactions"),
+    (["--min-user-interactions", "-1"], "--min-user-interactions: expected a non-negative integer, got -1"),
 ])
 def test_bad_arguments_create_nothing(log_csv, tmp_path, capsys, extra, message):
     out = tmp_path / "new" / "run"
@@ -294,7 +294,7 @@ def test_train_on_parquet_without_pyarrow_is_one_line_before_any_work(tmp_path, 
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     assert main(["train", "--data", str(path), "--model", "popularity", "--out", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"recvae: error: data {path}: reading Parquet need(s) the optional package pyarrow, which is not installed "
+        f"recvae: error: {path}: reading Parquet need(s) the optional package pyarrow, which is not installed "
         "(pip install 'recvae[parquet]')")
     assert not (tmp_path / "run").exists()
 

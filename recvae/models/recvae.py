@@ -42,6 +42,11 @@ class _PhaseOptimizers:
         self.encoder.load_state_dict(state["encoder"])
         self.decoder.load_state_dict(state["decoder"])
 
+    @property
+    def param_groups(self) -> list[dict]:
+        """Both optimisers' groups (a resume sets a changed lr through them)."""
+        return self.encoder.param_groups + self.decoder.param_groups
+
 
 class RecVAE(_AutoencoderRecommender):
     """RecVAE: Mult-VAE with a denser encoder, a composite prior, a per-user KL weight
