@@ -166,10 +166,25 @@ async def load(base: str, histories: list[list[int]], clients: int, seconds: flo
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def serve_sweep(run_dir: Path, histories, max_batch: int, levels, seconds: float) -> list[dict]:
+    """Each load level against one server; with the CPU time per request of the server process
+    and of this (load generator) process, to say where the time goes."""
+    out = []
     with Server(run_dir, max_batch) as server:
         asyncio.run(load(server.base, histories, 8, 2.0))  # warm-up
-        return [{"max_batch": max_batch, **asyncio.run(load(server.base, histories, c, seconds))} for c in levels]
+        for c in levels:
+            server_cpu, client_cpu = cpu_seconds(server.proc.pid), time.process_time()
+            r = asyncio.run(load(server.base, histories, c, seconds))
+            r["server_cpu_ms_per_request"] = (cpu_seconds(server.proc.pid) - server_cpu) / r["requests"] * 1e3
+            r["client_cpu_ms_per_request"] = (time.process_time() - client_cpu) / r["requests"] * 1e3
+            out.append({"max_batch": max_batch, **r})
+    return out
 
 
 def markdown(result: dict) -> str:
@@ -181,12 +196,15 @@ def markdown(result: dict) -> str:
         "",
         "## HTTP service (`recvae serve`, top-10, one uvicorn worker)",
         "",
-        "| max-batch | clients | requests | req/s | p50 ms | p95 ms | p99 ms | errors |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| max-batch | clients | requests | req/s | p50 ms | p95 ms | p99 ms | errors | server CPU ms/req | client CPU ms/req |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["serving"]:
         lines.append(f"| {r['max_batch']} | {r['clients']} | {r['requests']} | {r['requests_per_second']:.0f} | "
-                     f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |")
+                     f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | "
+                     f"{r['server_cpu_ms_per_request']:.1f} | {r['client_cpu_ms_per_request']:.1f} |")
+    lines += ["", "CPU ms/req: CPU time of the server process and of the load generator (this process) "
+              "divided by the requests answered; the machine has 2 cores for both and whatever else runs."]
     lines += [
         "",
         f"## `recvae recommend RUN --all-users --k {result['k_all_users']}` ({a['users']:,} users, Parquet)",

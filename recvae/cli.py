@@ -526,6 +526,7 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def cmd_serve(args) -> int:
+    from recvae.optional import MissingDependencyError
     from recvae.serve import run_server
 
     if not 0 < args.port < 65536:
@@ -535,8 +536,11 @@ def cmd_serve(args) -> int:
             raise CLIError(f"{flag}: expected a positive integer, got {value}")
     if not (Path(args.run_dir) / "run.json").is_file():
         raise CLIError(f"RUN_DIR {args.run_dir}: not a run directory (no run.json)")
-    run_server(args.run_dir, host=args.host, port=args.port, workers=args.workers, device=args.device,
-               max_body=args.max_body, max_batch=args.max_batch, log_level="warning" if args.quiet else "info")
+    try:
+        run_server(args.run_dir, host=args.host, port=args.port, workers=args.workers, device=args.device,
+                   max_body=args.max_body, max_batch=args.max_batch, log_level="warning" if args.quiet else "info")
+    except MissingDependencyError as e:
+        raise CLIError(str(e)) from e
     return 0
 
 

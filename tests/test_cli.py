@@ -165,7 +165,7 @@ def test_unwritable_output(vae_run, tmp_path, capsys):
 
 
 def test_help_of_each_command():
-    for argv in (["--help"], ["train", "--help"], ["evaluate", "--help"], ["recommend", "--help"], ["datasets", "--help"]):
+    for argv in (["--help"], ["train", "--help"], ["evaluate", "--help"], ["recommend", "--help"], ["serve", "--help"], ["datasets", "--help"]):
         proc = subprocess.run([sys.executable, "-m", "recvae.cli", *argv], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         assert "usage: recvae" in proc.stdout

@@ -174,3 +174,16 @@ def test_oversized_and_malformed_bodies(server):
     r = httpx.post(f"{server}/recommend", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"
     assert httpx.get(f"{server}/health").status_code == 200, "the server survives bad input"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["serve", "nowhere"], "RUN_DIR nowhere: not a run directory (no run.json)"),
+        (["serve", "nowhere", "--port", "70000"], "--port: expected 1..65535, got 70000"),
+        (["serve", "nowhere", "--workers", "0"], "--workers: expected a positive integer, got 0"),
+    ],
+)
+def test_serve_bad_arguments_are_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"recvae: error: {message}"
