@@ -288,8 +288,7 @@ def run_seed(seed: int, data: Interactions, args, models, budget: TimeBudget, re
     if "recvae" in models:
         if stop():
             return False
-        rv = {k: v for k, v in common.items() if k != "epochs" or args.epochs is not None}
-        _, results["recvae"] = fit_neural(RecVAE, {**rv, **RECVAE_PARAMS}, split)
+        _, results["recvae"] = fit_neural(RecVAE, {**common, **RECVAE_PARAMS}, split)
     if "binary-multvae" in models:
         if stop():
             return False
@@ -327,7 +326,7 @@ def summarise(per_seed: list[dict]) -> dict:
             s["seconds_per_epoch"] = float(np.mean([r["seconds_per_epoch"] for r in rows]))
             s["best_epoch"] = [r["best_epoch"] for r in rows]
             s["validation_ndcg@100"] = float(np.mean([r["validation_ndcg@100"] for r in rows]))
-        if key.startswith("multvae") and key != "multvae:other-precision":
+        if (key.startswith("multvae") or key == "binary-multvae") and key != "multvae:other-precision":
             s["beta_at_best_epoch"] = [r["beta_at_best_epoch"] for r in rows]
             s["max_beta"] = [r["max_beta"] for r in rows]
         if key == "multvae":
@@ -418,7 +417,7 @@ def markdown(report: dict) -> str:
             chosen = "l2 " + ", ".join(f"{v:g}" for v in s["l2"])
         elif key == "multvae":
             chosen = ", ".join(k.split(":")[1] for k in s["selected"])
-        elif key.startswith("multvae") and key != "multvae:other-precision":
+        elif (key.startswith("multvae") or key == "binary-multvae") and key != "multvae:other-precision":
             chosen = "beta@best " + ", ".join(f"{b:.3f}" for b in s["beta_at_best_epoch"])
         elif key == "multvae:other-precision":
             chosen = f"{s['precision']} ({s['mode']})"

@@ -306,10 +306,10 @@ class _AutoencoderRecommender(Recommender):
 
     def _pass_over_users(self, X: sp.csr_matrix, order: np.ndarray, update, epoch: int, loop: "_Loop",
                          desc: str) -> tuple[np.ndarray, float]:
-        """Calls ``update(batch, rows) -> ((loss, nll, kl), beta)`` on consecutive batches of ``order``
-        (``rows``: the batch's rows of ``X``);
-        counts the updates in ``loop.state["step"]``; stops on a non-finite loss. Returns the
-        per-user mean (loss, nll, kl) and the last beta."""
+        """Calls ``update(batch, rows) -> ((loss, nll, kl), beta)`` on consecutive batches of
+        ``order`` (``rows``: the batch's rows of ``X``); counts the updates in
+        ``loop.state["step"]``; stops on a non-finite loss. Returns the per-user mean
+        (loss, nll, kl) and the last beta."""
         batch_size = int(self.batch_size)
         n_batches = math.ceil(len(order) / batch_size)
         sums = np.zeros(3)
