@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -191,7 +192,10 @@ def cmd_train(args) -> int:
     config = RunConfig(
         data=spec, model=args.model, params=params, split_seed=args.split_seed, n_heldout_users=args.n_heldout_users
     )
-    result = run(config, out=args.out, show_progress=not args.quiet)
+    with distributed_training(params) as main:
+        result = run(config, out=args.out, show_progress=not args.quiet and main)
+    if not main:
+        return 0
     print(f"\n{args.model} on {spec.name}: trained in {result.train_seconds:.1f} s")
     print(format_table({"validation": result.validation, "test": result.test}))
     if args.out:
@@ -199,6 +203,21 @@ def cmd_train(args) -> int:
     if args.show > 0:
         print_examples(result, spec, args.show)
     return 0
+
+
+@contextlib.contextmanager
+def distributed_training(params: dict):
+    """Under torchrun: join the process group for the block (yields whether this is rank 0,
+    which alone prints and writes); otherwise a single process, rank 0."""
+    from recvae import distributed
+
+    group = distributed.init_from_env()
+    if not group.is_main:
+        params["show_progress"] = False
+    try:
+        yield group.is_main
+    finally:
+        distributed.shutdown()
 
 
 def cmd_evaluate(args) -> int:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from recvae import __version__
+from recvae import __version__, distributed
 from recvae.fileio import atomic_write, ensure_writable_dir, write_json
 from recvae.data import Interactions, load_movielens, read_interactions
 from recvae.data.splits import HeldOutUsers, strong_generalization_split
@@ -113,10 +113,11 @@ def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: 
     interactions = config.data.load(show_progress=show_progress)
     split = strong_generalization_split(interactions, n_heldout_users=config.n_heldout_users, seed=config.split_seed)
     out = Path(out) if out is not None else None
-    if out is not None:  # only once the data is known good: a bad input leaves no folder behind
+    main = distributed.current().is_main  # with several processes, rank 0 alone writes the run
+    if out is not None and main:  # only once the data is known good: a bad input leaves no folder behind
         _prepare_dir(out)
     result = fit_and_evaluate(split, config.model, config.params, ks=config.ks, run_dir=out)
-    if out is not None:
+    if out is not None and main:
         _write_run(out, config, split, result)
     return result
 

@@ -28,11 +28,12 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
+from recvae import distributed
 from recvae.fileio import write_bytes, write_json
 from recvae.models.annealing import ANNEAL_CAP, TOTAL_ANNEAL_STEPS, make_schedule
 from recvae.models.base import FORMAT_VERSION, MODEL_FILE, Recommender, as_csr, read_model_meta
 from recvae.models.networks import ACTIVATIONS, MultNetwork, NetworkConfig, build_network
-from recvae.models.sparse_layers import SparseBatch
+from recvae.models.sparse_layers import BatchPart, SparseBatch
 
 logger = logging.getLogger(__name__)
 
@@ -114,16 +115,41 @@ def training_step(network: MultNetwork, optimizer: torch.optim.Optimizer, batch:
                   generator: torch.Generator | None, bf16: bool = False,
                   kl_weights: torch.Tensor | None = None) -> np.ndarray | None:
     """One update on ``batch``; returns the batch's (loss, nll, kl). When any is not finite the
-    update is skipped (the weights stay as they were) and the caller decides what to do."""
+    update is skipped (the weights stay as they were) and the caller decides what to do.
+
+    Data parallel (``batch.part`` set): ``batch`` is this process's share of a global batch;
+    its loss is scaled to (its users' sum) / (global batch size) and the gradients summed over
+    the processes, so the update is the global batch's mean whatever the split; the returned
+    values are the global batch's.
+    """
     optimizer.zero_grad(set_to_none=True)  # lets the sparse layers overwrite their kept buffers
-    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
-        terms = network.loss(batch, beta=beta, generator=generator, kl_weights=kl_weights)
-    values = torch.stack([terms.loss.detach(), terms.nll.detach(), terms.kl.detach()]).float().cpu().numpy()
+    part, n = batch.part, batch.n_rows
+    values = np.zeros(3)  # an empty share (only in an epoch's last, short batch) adds nothing
+    if n:
+        with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
+            terms = network.loss(batch, beta=beta, generator=generator, kl_weights=kl_weights)
+        values = torch.stack([terms.loss.detach(), terms.nll.detach(), terms.kl.detach()]).float().cpu().numpy()
+    if part is not None:  # every process sees the same values and takes the same decision
+        values = distributed.allreduce_sum(values * n) / part.n_rows
     if not np.isfinite(values).all():
         return values
-    terms.loss.backward()
+    if n:
+        (terms.loss if part is None else terms.loss * (n / part.n_rows)).backward()
+    if part is not None:
+        distributed.allreduce_gradients(network.parameters())
     optimizer.step()
     return values
+
+
+def batch_of(X: sp.csr_matrix, rows: np.ndarray, device, group: distributed.Group) -> SparseBatch:
+    """The training batch of the users ``rows`` (global batch order); with several processes,
+    this process's contiguous share of them, marked with its place in the global batch."""
+    if not group.parallel:
+        return SparseBatch.from_csr(X[rows], device)
+    start, stop = distributed.shard_bounds(len(rows), group.rank, group.world_size)
+    batch = SparseBatch.from_csr(X[rows[start:stop]], device)
+    batch.part = BatchPart.of(X.indptr[rows + 1] - X.indptr[rows], start, stop)
+    return batch
 
 
 class _AutoencoderRecommender(Recommender):
@@ -228,6 +254,7 @@ class _AutoencoderRecommender(Recommender):
             raise ValueError("resume: needs run_dir, where the checkpoint of the interrupted run is")
 
         device = resolve_device(self.device)
+        group = self._check_group()
         item_ids = getattr(train, "item_ids", None)
         run_dir = Path(self.run_dir) if self.run_dir is not None else None
         ckpt_path = run_dir / CHECKPOINT_FILE if run_dir is not None else None
@@ -239,7 +266,7 @@ class _AutoencoderRecommender(Recommender):
         elif self.random_state is not None:
             seed = int(self.random_state)
         else:
-            seed = int(np.random.SeedSequence().entropy % (2**62))
+            seed = distributed.broadcast_int(int(np.random.SeedSequence().entropy % (2**62)))
         if resume and ckpt is None:
             logger.info("resume: no checkpoint in %s; starting from scratch", run_dir)
 
@@ -292,7 +319,7 @@ class _AutoencoderRecommender(Recommender):
             batches = tqdm(range(n_batches), desc=f"epoch {epoch + 1}", leave=False, disable=not self.show_progress)
             for b in batches:
                 rows = order[b * batch_size:(b + 1) * batch_size]
-                batch = SparseBatch.from_csr(X[rows], device)
+                batch = batch_of(X, rows, device, group)
                 beta = schedule(state["step"]) if schedule is not None else 0.0
                 kl_weights = batch.row_sums * kl_scale if kl_scale is not None else None
                 values = training_step(network, optimizer, batch, beta, gen, use_bf16, kl_weights)
@@ -330,7 +357,7 @@ class _AutoencoderRecommender(Recommender):
                         row["nll"], row["kl"], row["beta"], VALIDATION_METRIC, row[VALIDATION_METRIC], row["seconds"])
             if self.show_progress:
                 epochs.set_postfix(loss=f"{row['loss']:.2f}", ndcg=row[VALIDATION_METRIC], refresh=False)
-            if run_dir is not None:
+            if run_dir is not None and group.is_main:
                 self._write_history(run_dir, state["history"])
                 self._write_checkpoint(ckpt_path, network, optimizer, state, seed, X, fingerprint)
 
@@ -374,8 +401,29 @@ class _AutoencoderRecommender(Recommender):
         from recvae.evaluation import evaluate  # evaluation imports models.base; keep import lazy
 
         k = min(100, self.n_items_)  # with fewer items, NDCG@100 ranks them all: the same quantity
-        res = evaluate(self, val[0], val[1], ks=(k,), batch_size=int(self.eval_batch_size), metrics=("ndcg",))
-        return float(res.metrics[f"ndcg@{k}"].mean), float(res.seconds)
+        group = distributed.current()
+        if not group.parallel:
+            res = evaluate(self, val[0], val[1], ks=(k,), batch_size=int(self.eval_batch_size), metrics=("ndcg",))
+            return float(res.metrics[f"ndcg@{k}"].mean), float(res.seconds)
+        # each process scores its share of the users; the sums and counts are reduced, so every
+        # process gets the same score and takes the same early-stopping decision
+        t0 = time.perf_counter()
+        start, stop = distributed.shard_bounds(val[0].shape[0], group.rank, group.world_size)
+        fold_in, heldout = val[0][start:stop], val[1][start:stop]
+        total = np.zeros(2)
+        if np.diff(heldout.indptr).any():
+            s = evaluate(self, fold_in, heldout, ks=(k,), batch_size=int(self.eval_batch_size),
+                         metrics=("ndcg",)).metrics[f"ndcg@{k}"]
+            total[:] = s.mean * s.n_users, s.n_users
+        total = distributed.allreduce_sum(total)
+        return float(total[0] / total[1]), time.perf_counter() - t0
+
+    def _check_group(self) -> distributed.Group:
+        group = distributed.current()
+        if group.world_size > int(self.batch_size):
+            raise ValueError(f"batch_size: {self.batch_size} users per update cannot be split over "
+                             f"{group.world_size} processes; use at most {self.batch_size} processes or a larger batch")
+        return group
 
     def _l2_penalty(self, network: MultNetwork) -> float:
         if not self.lam:
