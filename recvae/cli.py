@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = t.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="a MovieLens name (see `recvae datasets`)")
     src.add_argument("--data", metavar="FILE", help="an interaction file: CSV, TSV, GroupLens '::' (.dat) or Parquet")
+    src.add_argument("--prepared", metavar="DIR", help="a directory written by `recvae prepare` (memory-mapped)")
     add_data_options(t)
     t.add_argument("--model", default="multvae", help="multvae (default), multdae, ease or popularity")
     t.add_argument("--epochs", type=int, help="training epochs (paper: 200)")
@@ -75,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", metavar="RUN_DIR", help="write the run directory here")
     t.add_argument("--show", type=int, default=3, metavar="N", help="print top-10 lists for N test users (default 3)")
     t.set_defaults(func=cmd_train)
+
+    add_prepare_parser(sub)
 
     e = sub.add_parser("evaluate", help="re-evaluate a saved run on its test (or validation) users")
     e.add_argument("run_dir", metavar="RUN_DIR")
@@ -110,6 +113,10 @@ def data_spec_from_args(args):
     rating_col = None if str(args.rating_col).lower() == "none" else args.rating_col
     if args.data is not None and not Path(args.data).is_file():
         raise CLIError(f"--data {args.data}: no such file")
+    prepared = getattr(args, "prepared", None)
+    if prepared is not None:
+        check_prepared_args(args)
+        return DataSpec(prepared=prepared, rating_threshold=None, min_user_interactions=0)
     return DataSpec(
         dataset=args.dataset,
         path=args.data,
@@ -188,11 +195,11 @@ def cmd_train(args) -> int:
 
     spec = data_spec_from_args(args)
     params = model_params_from_args(args)
-    make_model(args.model, **params)  # fail on a bad model name or parameter before loading data
+    model = make_model(args.model, **params)  # fail on a bad model name or parameter before loading data
     config = RunConfig(
         data=spec, model=args.model, params=params, split_seed=args.split_seed, n_heldout_users=args.n_heldout_users
     )
-    with distributed_training(params) as main:
+    with distributed_training(model, params) as main:
         result = run(config, out=args.out, show_progress=not args.quiet and main)
     if not main:
         return 0
@@ -206,18 +213,57 @@ def cmd_train(args) -> int:
 
 
 @contextlib.contextmanager
-def distributed_training(params: dict):
+def distributed_training(model, params: dict):
     """Under torchrun: join the process group for the block (yields whether this is rank 0,
     which alone prints and writes); otherwise a single process, rank 0."""
     from recvae import distributed
 
     group = distributed.init_from_env()
-    if not group.is_main:
-        params["show_progress"] = False
     try:
+        if hasattr(model, "batch_size"):  # before any data is read or folder made
+            distributed.check_batch_split(model.batch_size, group)
+        if not group.is_main:
+            params["show_progress"] = False
         yield group.is_main
     finally:
         distributed.shutdown()
+
+
+def add_prepare_parser(sub) -> None:
+    p = sub.add_parser("prepare", help="preprocess interactions once into a directory that training processes memory-map")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", help="a MovieLens name (see `recvae datasets`)")
+    src.add_argument("--data", metavar="FILE", help="an interaction file: CSV, TSV, GroupLens '::' (.dat) or Parquet")
+    add_data_options(p)
+    p.add_argument("--out", metavar="DIR", required=True, help="the prepared directory to write (replaced if it is one)")
+    p.set_defaults(func=cmd_prepare)
+
+
+def check_prepared_args(args) -> None:
+    """--prepared fixes the preprocessing: a data option besides it would be silently ignored."""
+    from recvae.data.prepared import is_prepared
+
+    if not is_prepared(args.prepared):
+        raise CLIError(f"--prepared {args.prepared}: not a prepared dataset (no prepared.json); "
+                       f"write one with `recvae prepare --data FILE --out {args.prepared}`")
+    defaults = argparse.ArgumentParser()
+    add_data_options(defaults)
+    given = [a.option_strings[0] for a in defaults._actions if a.dest != "help" and getattr(args, a.dest) != a.default]
+    if given:
+        raise CLIError(f"--prepared: the preprocessing was fixed by `recvae prepare`; drop {', '.join(given)}")
+
+
+def cmd_prepare(args) -> int:
+    from dataclasses import asdict
+
+    from recvae.data.prepared import write_prepared
+
+    spec = data_spec_from_args(args)
+    interactions = spec.load(show_progress=not args.quiet)
+    write_prepared(interactions, args.out, preprocessing=asdict(spec))
+    print(f"prepared {interactions.n_users} users x {interactions.n_items} items ({interactions.nnz} interactions) "
+          f"in {args.out}")
+    return 0
 
 
 def cmd_evaluate(args) -> int:

@@ -18,6 +18,7 @@ initialised process group everything here is the single-process case (rank 0 of 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -96,6 +97,28 @@ def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return rank * n // world_size, (rank + 1) * n // world_size
 
 
+class PeerError(ConnectionError):
+    """A collective failed: another process died, stopped or cannot be reached."""
+
+
+@contextlib.contextmanager
+def _collective(what: str):
+    """Turn a backend's failure (peer closed the connection, timeout) into one line naming it."""
+    try:
+        yield
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PeerError(f"torch.distributed: {what} failed on rank {dist.get_rank()} of {dist.get_world_size()}; "
+                        f"another process probably failed or stopped (see its output): {first}") from e
+
+
+def check_batch_split(batch_size: int, group: Group) -> None:
+    """Each process needs at least one user of every full batch."""
+    if group.world_size > int(batch_size):
+        raise ValueError(f"batch_size: {batch_size} users per update cannot be split over {group.world_size} "
+                         f"processes; use at most {batch_size} processes or a larger --batch-size")
+
+
 def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
@@ -112,16 +135,18 @@ def allreduce_gradients(parameters) -> int:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         grads.append(p.grad)
-    works = [dist.all_reduce(g, op=dist.ReduceOp.SUM, async_op=True) for g in grads]
-    for w in works:
-        w.wait()
+    with _collective("the gradient all-reduce"):
+        works = [dist.all_reduce(g, op=dist.ReduceOp.SUM, async_op=True) for g in grads]
+        for w in works:
+            w.wait()
     return sum(g.numel() * g.element_size() for g in grads)
 
 
 def allreduce_sum(values) -> np.ndarray:
     """The element-wise sum over all processes of a small float array (metric sums, counts)."""
     t = torch.as_tensor(np.asarray(values, dtype=np.float64), device=_comm_device()).clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    with _collective("an all-reduce of loss or metric sums"):
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.cpu().numpy()
 
 
@@ -130,5 +155,6 @@ def broadcast_int(value: int) -> int:
     if not current().parallel:
         return value
     box = [int(value)]
-    dist.broadcast_object_list(box, src=0, device=_comm_device())
+    with _collective("the seed broadcast"):
+        dist.broadcast_object_list(box, src=0, device=_comm_device())
     return int(box[0])

@@ -27,6 +27,7 @@ import scipy.sparse as sp
 from recvae import __version__, distributed
 from recvae.fileio import atomic_write, ensure_writable_dir, write_json
 from recvae.data import Interactions, load_movielens, read_interactions
+from recvae.data.prepared import load_prepared
 from recvae.data.splits import HeldOutUsers, strong_generalization_split
 from recvae.evaluation import EvaluationResult, evaluate
 from recvae.models import EASE, MultDAE, MultVAE, Popularity, load_model
@@ -43,6 +44,7 @@ class DataSpec:
 
     dataset: str | None = None  # a MovieLens name, or None when `path` is given
     path: str | None = None  # an interaction file (CSV, TSV, ::, Parquet)
+    prepared: str | None = None  # a prepared directory (recvae.data.prepared): preprocessing already done
     data_dir: str | None = None
     user_col: str = "user"
     item_col: str = "item"
@@ -53,14 +55,19 @@ class DataSpec:
     min_item_interactions: int = 0
 
     def __post_init__(self) -> None:
-        if (self.dataset is None) == (self.path is None):
-            raise ValueError("data: give exactly one of a MovieLens dataset name or an interaction file path")
+        if sum(x is not None for x in (self.dataset, self.path, self.prepared)) != 1:
+            raise ValueError("data: give exactly one of a MovieLens dataset name, an interaction file path "
+                             "or a prepared directory")
 
     @property
     def name(self) -> str:
+        if self.prepared is not None:
+            return Path(self.prepared).name
         return self.dataset if self.dataset else Path(self.path).stem
 
     def load(self, show_progress: bool = False) -> Interactions:
+        if self.prepared is not None:
+            return load_prepared(self.prepared)
         if self.dataset is not None:
             return load_movielens(
                 self.dataset,

@@ -3,8 +3,10 @@ crash) never sees a half-written file. Every writer of the library goes through 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -83,3 +85,31 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Yield a temporary directory beside ``path`` to fill; on success it is renamed to ``path``.
+
+    An existing ``path`` is replaced (moved aside, then removed once the new one is in place).
+    On any error the temporary directory is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    folder = ensure_writable_dir(path.parent)
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp"))
+    aside = None
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        if path.exists():
+            aside = Path(tempfile.mkdtemp(dir=folder, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, aside / "old")
+        os.replace(tmp, path)
+    except BaseException:
+        if aside is not None and (aside / "old").exists():
+            os.replace(aside / "old", path)  # put the previous version back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)

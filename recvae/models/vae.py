@@ -420,9 +420,7 @@ class _AutoencoderRecommender(Recommender):
 
     def _check_group(self) -> distributed.Group:
         group = distributed.current()
-        if group.world_size > int(self.batch_size):
-            raise ValueError(f"batch_size: {self.batch_size} users per update cannot be split over "
-                             f"{group.world_size} processes; use at most {self.batch_size} processes or a larger batch")
+        distributed.check_batch_split(self.batch_size, group)
         return group
 
     def _l2_penalty(self, network: MultNetwork) -> float:
