@@ -218,15 +218,12 @@ def distributed_training(model, params: dict):
     which alone prints and writes); otherwise a single process, rank 0."""
     from recvae import distributed
 
-    group = distributed.init_from_env()
-    try:
+    with distributed.process_group_from_env() as group:
         if hasattr(model, "batch_size"):  # before any data is read or folder made
             distributed.check_batch_split(model.batch_size, group)
         if not group.is_main:
             params["show_progress"] = False
         yield group.is_main
-    finally:
-        distributed.shutdown()
 
 
 def add_prepare_parser(sub) -> None:

@@ -87,9 +87,17 @@ def init_from_env() -> Group:
     return group
 
 
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+@contextlib.contextmanager
+def process_group_from_env():
+    """:func:`init_from_env` for the block, yielding the group; a group initialised here is
+    destroyed at the end, one initialised by the caller is left alone."""
+    started = launched_by_torchrun() and not (dist.is_available() and dist.is_initialized())
+    group = init_from_env()
+    try:
+        yield group
+    finally:
+        if started and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
