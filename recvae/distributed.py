@@ -166,3 +166,22 @@ def broadcast_int(value: int) -> int:
     with _collective("the seed broadcast"):
         dist.broadcast_object_list(box, src=0, device=_comm_device())
     return int(box[0])
+
+
+def barrier() -> None:
+    """Wait for every process (nothing outside a process group)."""
+    if current().parallel:
+        with _collective("a barrier"):
+            dist.barrier()
+
+
+def check_same(value, what: str) -> None:
+    """ValueError naming ``what`` when the processes hold different ``value``s (e.g. the epoch
+    of the checkpoint each one resumed from)."""
+    if not current().parallel:
+        return
+    values = [None] * dist.get_world_size()
+    with _collective(f"the comparison of {what}"):
+        dist.all_gather_object(values, value)
+    if any(v != values[0] for v in values):
+        raise ValueError(f"{what}: the processes differ ({', '.join(f'rank {r}: {v}' for r, v in enumerate(values))})")

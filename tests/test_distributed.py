@@ -271,6 +271,18 @@ def _gradients_worker(rank, world, port):
                 if len(rows) > 1 and name in ("input_weight", "output_weight"):  # a share alone differs
                     assert not torch.allclose(local[name], p.grad, atol=1e-6)
 
+        # the Python API inside the caller's group: a resumed run continues to the same weights
+        train, run_dir = _random_csr(60, 40, seed=2), Path(os.environ["DIST_TEST_TMP"]) / "resume"
+        small = dict(hidden_dims=(8,), latent_dim=4, batch_size=8, random_state=0, device="cpu", precision="fp32")
+        val = (train[:10], _random_csr(10, 40, seed=3) - train[:10].multiply(_random_csr(10, 40, seed=3)))
+        first = MultVAE(**small, epochs=2, run_dir=run_dir).fit(train, val)
+        resumed = MultVAE(**small, epochs=3, run_dir=run_dir).fit(train, val, resume=True)
+        assert resumed.history_[:2] == first.history_  # epochs 1-2 come from the checkpoint (timings included)
+        straight = MultVAE(**small, epochs=3).fit(train, val)
+        for (name, a), b in zip(resumed.module_.state_dict().items(), straight.module_.state_dict().values()):
+            assert torch.equal(a, b), name
+        assert [h["val_ndcg@100"] for h in resumed.history_] == [h["val_ndcg@100"] for h in straight.history_]
+
         # more processes than users per batch: one line through the CLI, nothing written
         err = io.StringIO()
         out = Path(os.environ["DIST_TEST_TMP"]) / f"too-small-{rank}"
@@ -284,7 +296,7 @@ def _gradients_worker(rank, world, port):
         torch.distributed.destroy_process_group()
 
 
-def test_every_gradient_is_summed_over_the_processes(log_csv, tmp_path, monkeypatch):
+def test_in_a_process_group_gradients_are_summed_resume_works_and_errors_are_one_line(log_csv, tmp_path, monkeypatch):
     monkeypatch.setenv("DIST_TEST_CSV", str(log_csv))
     monkeypatch.setenv("DIST_TEST_TMP", str(tmp_path))
     _spawned(_gradients_worker)

@@ -55,7 +55,7 @@ def write_prepared(interactions: Interactions, path: str | os.PathLike, preproce
         write_json(tmp / PREPARED_FILE, {"format_version": PREPARED_FORMAT_VERSION, "n_users": int(m.shape[0]),
                                          "n_items": int(m.shape[1]), "nnz": int(m.nnz),
                                          "preprocessing": preprocessing or {}})
-    logger.info("prepared %r in %s", interactions, path)
+    logger.debug("prepared %r in %s", interactions, path)
     return path
 
 

@@ -294,6 +294,8 @@ class _AutoencoderRecommender(Recommender):
                 state[k] = ckpt[k]
             logger.info("resumed from %s after epoch %d (update %d)", ckpt_path, state["epoch"], state["step"])
         del ckpt
+        if resume:  # several processes resume only from one checkpoint they all see (a shared run_dir)
+            distributed.check_same(state["epoch"], f"resume: the epoch of {ckpt_path}")
 
         batch_size = int(self.batch_size)
         n_batches = math.ceil(n_users / batch_size)
@@ -361,6 +363,7 @@ class _AutoencoderRecommender(Recommender):
                 self._write_history(run_dir, state["history"])
                 self._write_checkpoint(ckpt_path, network, optimizer, state, seed, X, fingerprint)
 
+        distributed.barrier()  # return once rank 0 has written the last checkpoint
         # keep the best epoch's weights (the last epoch's without validation)
         if state["best_state"] is not None:
             network.load_state_dict(state["best_state"])
