@@ -116,7 +116,7 @@ def data_spec_from_args(args):
     prepared = getattr(args, "prepared", None)
     if prepared is not None:
         check_prepared_args(args)
-        return DataSpec(prepared=prepared, rating_threshold=None, min_user_interactions=0)
+        return DataSpec.of_prepared(prepared)
     return DataSpec(
         dataset=args.dataset,
         path=args.data,

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ import scipy.sparse as sp
 from recvae import __version__, distributed
 from recvae.fileio import atomic_write, ensure_writable_dir, write_json
 from recvae.data import Interactions, load_movielens, read_interactions
-from recvae.data.prepared import load_prepared
+from recvae.data.prepared import load_prepared, read_prepared_description
 from recvae.data.splits import HeldOutUsers, strong_generalization_split
 from recvae.evaluation import EvaluationResult, evaluate
 from recvae.models import EASE, MultDAE, MultVAE, Popularity, load_model
@@ -44,7 +44,9 @@ class DataSpec:
 
     dataset: str | None = None  # a MovieLens name, or None when `path` is given
     path: str | None = None  # an interaction file (CSV, TSV, ::, Parquet)
-    prepared: str | None = None  # a prepared directory (recvae.data.prepared): preprocessing already done
+    # a prepared directory (recvae.data.prepared), read instead of the source; the other fields
+    # then record where it came from and how it was preprocessed
+    prepared: str | None = None
     data_dir: str | None = None
     user_col: str = "user"
     item_col: str = "item"
@@ -55,15 +57,21 @@ class DataSpec:
     min_item_interactions: int = 0
 
     def __post_init__(self) -> None:
-        if sum(x is not None for x in (self.dataset, self.path, self.prepared)) != 1:
-            raise ValueError("data: give exactly one of a MovieLens dataset name, an interaction file path "
-                             "or a prepared directory")
+        if self.prepared is None and (self.dataset is None) == (self.path is None):
+            raise ValueError("data: give exactly one of a MovieLens dataset name or an interaction file path")
+
+    @classmethod
+    def of_prepared(cls, prepared: str | os.PathLike) -> "DataSpec":
+        """The spec of a prepared directory: its source and preprocessing, as ``recvae prepare`` recorded them."""
+        recorded = read_prepared_description(prepared)["preprocessing"]
+        known = {f.name for f in fields(cls)} - {"prepared"}
+        return cls(**{k: v for k, v in recorded.items() if k in known}, prepared=str(prepared))
 
     @property
     def name(self) -> str:
-        if self.prepared is not None:
-            return Path(self.prepared).name
-        return self.dataset if self.dataset else Path(self.path).stem
+        if self.dataset or self.path:
+            return self.dataset if self.dataset else Path(self.path).stem
+        return Path(self.prepared).name
 
     def load(self, show_progress: bool = False) -> Interactions:
         if self.prepared is not None:

@@ -337,6 +337,8 @@ def test_a_run_on_a_prepared_directory_equals_the_run_on_the_file(log_csv, refer
     assert main(_train_args(["--prepared", str(prepared)], out)) == 0
     a, b = _weights(out), _weights(reference)
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
+    data = json.loads((out / "run.json").read_text())["data"]  # the source and preprocessing, and where read
+    assert data == dict(json.loads((reference / "run.json").read_text())["data"], prepared=str(prepared))
 
 
 def test_prepared_directory_errors(log_csv, tmp_path, capsys):
