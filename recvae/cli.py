@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import re
 import shlex
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = t.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="a MovieLens name (see `recvae datasets`)")
     src.add_argument("--data", metavar="FILE", help="an interaction file: CSV, TSV, GroupLens '::' (.dat) or Parquet")
+    src.add_argument("--prepared", metavar="DIR", help="a directory written by `recvae prepare` (memory-mapped)")
     add_data_options(t)
     t.add_argument("--model", default="multvae", help="multvae (default), multdae, recvae, ease or popularity")
     t.add_argument("--latent", choices=("gaussian", "bernoulli"),
@@ -139,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep checkpoint.pt when training finishes (to --resume with more --epochs later)")
     t.add_argument("--show", type=int, default=3, metavar="N", help="print top-10 lists for N test users (default 3)")
     t.set_defaults(func=cmd_train)
+
+    add_prepare_parser(sub)
 
     e = sub.add_parser("evaluate", parents=[common], help="re-evaluate a saved run on its test (or validation) users")
     e.add_argument("run_dir", metavar="RUN_DIR")
@@ -194,6 +198,10 @@ def data_spec_from_args(args):
     rating_col = None if str(args.rating_col).lower() == "none" else args.rating_col
     if args.data is not None and not Path(args.data).is_file():
         raise CLIError(f"--data {args.data}: no such file")
+    prepared = getattr(args, "prepared", None)
+    if prepared is not None:
+        check_prepared_args(args)
+        return DataSpec.of_prepared(prepared)
     return DataSpec(
         dataset=args.dataset,
         path=args.data,
@@ -317,15 +325,16 @@ def cmd_train(args) -> int:
     try:  # a bad model name or parameter fails before the data is read
         model = make_model(name, **params)
     except ValueError as e:
-        name, _, rest = str(e).partition(":")
-        raise CLIError(f"{flag_of(name)}:{rest}" if name in params else str(e)) from None
+        param, _, rest = str(e).partition(":")
+        raise CLIError(f"{flag_of(param)}:{rest}" if param in params else str(e)) from None
     config = RunConfig(
         data=spec, model=name, params=params, split_seed=args.split_seed, n_heldout_users=args.n_heldout_users
     )
     previous = _on_sigterm(_raise_terminated)
     try:
-        result = run(config, out=args.out, show_progress=not args.quiet, resume=args.resume,
-                     overwrite=args.overwrite, keep_checkpoint=args.keep_checkpoint)
+        with distributed_training(model, params) as main:
+            result = run(config, out=args.out, show_progress=not args.quiet and main, resume=args.resume,
+                         overwrite=args.overwrite, keep_checkpoint=args.keep_checkpoint)
     except (KeyboardInterrupt, Terminated) as e:
         name, code = ("SIGINT", EXIT_SIGINT) if isinstance(e, KeyboardInterrupt) else ("SIGTERM", EXIT_SIGTERM)
         epoch = checkpoint_epoch(args.out) if args.out and Path(args.out).is_dir() else None
@@ -353,6 +362,8 @@ def cmd_train(args) -> int:
         raise CLIError(str(e)) from None
     finally:
         _on_sigterm(previous)
+    if not main:
+        return 0
     print(f"\n{config.model} on {spec.name}: trained in {result.train_seconds:.1f} s")
     print(format_table({"validation": result.validation, "test": result.test}))
     if args.out:
@@ -415,6 +426,57 @@ def flag_of(setting: str) -> str:
     """The command-line flag of a RunConfig setting (``data.path`` -> ``--data``)."""
     name = setting.split(".")[-1]
     return {"path": "--data", "random_state": "--seed", "ks": "ks"}.get(name, "--" + name.replace("_", "-"))
+
+
+@contextlib.contextmanager
+def distributed_training(model, params: dict):
+    """Under torchrun: join the process group for the block (yields whether this is rank 0,
+    which alone prints and writes); otherwise a single process, rank 0."""
+    from recvae import distributed
+
+    with distributed.process_group_from_env() as group:
+        if hasattr(model, "batch_size"):  # before any data is read or folder made
+            distributed.check_batch_split(model.batch_size, group)
+        if not group.is_main:
+            params["show_progress"] = False
+        yield group.is_main
+
+
+def add_prepare_parser(sub) -> None:
+    p = sub.add_parser("prepare", help="preprocess interactions once into a directory that training processes memory-map")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", help="a MovieLens name (see `recvae datasets`)")
+    src.add_argument("--data", metavar="FILE", help="an interaction file: CSV, TSV, GroupLens '::' (.dat) or Parquet")
+    add_data_options(p)
+    p.add_argument("--out", metavar="DIR", required=True, help="the prepared directory to write (replaced if it is one)")
+    p.set_defaults(func=cmd_prepare)
+
+
+def check_prepared_args(args) -> None:
+    """--prepared fixes the preprocessing: a data option besides it would be silently ignored."""
+    from recvae.data.prepared import is_prepared
+
+    if not is_prepared(args.prepared):
+        raise CLIError(f"--prepared {args.prepared}: not a prepared dataset (no prepared.json); "
+                       f"write one with `recvae prepare --data FILE --out {args.prepared}`")
+    defaults = argparse.ArgumentParser()
+    add_data_options(defaults)
+    given = [a.option_strings[0] for a in defaults._actions if a.dest != "help" and getattr(args, a.dest) != a.default]
+    if given:
+        raise CLIError(f"--prepared: the preprocessing was fixed by `recvae prepare`; drop {', '.join(given)}")
+
+
+def cmd_prepare(args) -> int:
+    from dataclasses import asdict
+
+    from recvae.data.prepared import write_prepared
+
+    spec = data_spec_from_args(args)
+    interactions = spec.load(show_progress=not args.quiet)
+    write_prepared(interactions, args.out, preprocessing=asdict(spec))
+    print(f"prepared {interactions.n_users} users x {interactions.n_items} items ({interactions.nnz} interactions) "
+          f"in {args.out}")
+    return 0
 
 
 def cmd_evaluate(args) -> int:

@@ -25,15 +25,16 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 
-from recvae import __version__
+from recvae import __version__, distributed
 from recvae.fileio import atomic_write, ensure_writable_dir, read_json, read_npz, write_json
 from recvae.data import Interactions, load_movielens, read_interactions
+from recvae.data.prepared import load_prepared, read_prepared_description
 from recvae.data.splits import HeldOutUsers, strong_generalization_split
 from recvae.evaluation import EvaluationResult, evaluate
 from recvae.models import EASE, BinaryMultVAE, MultDAE, MultVAE, Popularity, RecVAE, load_model
@@ -78,6 +79,9 @@ class DataSpec:
 
     dataset: str | None = None  # a MovieLens name, or None when `path` is given
     path: str | None = None  # an interaction file (CSV, TSV, ::, Parquet)
+    # a prepared directory (recvae.data.prepared), read instead of the source; the other fields
+    # then record where it came from and how it was preprocessed
+    prepared: str | None = None
     data_dir: str | None = None
     user_col: str = "user"
     item_col: str = "item"
@@ -88,12 +92,21 @@ class DataSpec:
     min_item_interactions: int = 0
 
     def __post_init__(self) -> None:
-        if (self.dataset is None) == (self.path is None):
+        if self.prepared is None and (self.dataset is None) == (self.path is None):
             raise ValueError("data: give exactly one of a MovieLens dataset name or an interaction file path")
+
+    @classmethod
+    def of_prepared(cls, prepared: str | os.PathLike) -> "DataSpec":
+        """The spec of a prepared directory: its source and preprocessing, as ``recvae prepare`` recorded them."""
+        recorded = read_prepared_description(prepared)["preprocessing"]
+        known = {f.name for f in fields(cls)} - {"prepared"}
+        return cls(**{k: v for k, v in recorded.items() if k in known}, prepared=str(prepared))
 
     @property
     def name(self) -> str:
-        return self.dataset if self.dataset else Path(self.path).stem
+        if self.dataset or self.path:
+            return self.dataset if self.dataset else Path(self.path).stem
+        return Path(self.prepared).name
 
     def check_optional(self) -> None:
         """Fail now, not after hours, when reading the data needs a package that is missing."""
@@ -101,6 +114,8 @@ class DataSpec:
             require("pyarrow", f"{self.path}: reading Parquet")
 
     def load(self, show_progress: bool = False) -> Interactions:
+        if self.prepared is not None:
+            return load_prepared(self.prepared)
         if self.dataset is not None:
             return load_movielens(
                 self.dataset,
@@ -171,15 +186,16 @@ def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: 
         raise ValueError("resume, overwrite and keep_checkpoint need a run directory (out)")
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: continue the run, or replace it")
-    if out is not None:
+    if out is not None and distributed.current().is_main:  # the others could see rank 0's files
         check_out_dir(out, config, resume=resume, overwrite=overwrite)
     plot = available("matplotlib")
     if out is not None and not plot:
         logger.warning("matplotlib is not installed: no learning_curve.png (pip install 'recvae[plot]')")
     interactions = config.data.load(show_progress=show_progress)
     split = strong_generalization_split(interactions, n_heldout_users=config.n_heldout_users, seed=config.split_seed)
+    main = distributed.current().is_main  # with several processes, rank 0 alone writes the run
     created = False
-    if out is not None:  # only once the data is known good: a bad input leaves no folder behind
+    if out is not None and main:  # only once the data is known good: a bad input leaves no folder behind
         created = not out.exists()
         _prepare_dir(out)
         if overwrite:
@@ -191,10 +207,10 @@ def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: 
     try:
         result = fit_and_evaluate(split, config.model, params, ks=config.ks, resume=resume)
     except NonFiniteLossError:
-        if out is not None and not resume:  # nothing learnt: leave nothing of this run behind
+        if out is not None and main and not resume:  # nothing learnt: leave nothing of this run behind
             shutil.rmtree(out) if created else _empty_dir(out)
         raise
-    if out is not None:
+    if out is not None and main:
         _write_results(out, result, plot)
     if result.error is not None:
         raise result.error

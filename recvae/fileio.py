@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 import zipfile
 import zlib
@@ -146,3 +147,31 @@ def read_npz(path: str | os.PathLike, what: str = "array file") -> dict[str, np.
             return {k: z[k] for k in z.files}
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as e:
         raise ValueError(f"{path}: damaged .npz archive, cannot read the {what} ({e})") from e
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Yield a temporary directory beside ``path`` to fill; on success it is renamed to ``path``.
+
+    An existing ``path`` is replaced (moved aside, then removed once the new one is in place).
+    On any error the temporary directory is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    folder = ensure_writable_dir(path.parent)
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp"))
+    aside = None
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        if path.exists():
+            aside = Path(tempfile.mkdtemp(dir=folder, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, aside / "old")
+        os.replace(tmp, path)
+    except BaseException:
+        if aside is not None and (aside / "old").exists():
+            os.replace(aside / "old", path)  # put the previous version back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)

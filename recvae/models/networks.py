@@ -155,7 +155,11 @@ class MultNetwork(nn.Module):
         v = batch.normalized
         p = float(self.config.dropout)
         if self.training and p > 0:
-            keep = torch.empty_like(v).bernoulli_(1.0 - p, generator=generator)
+            part = batch.part
+            if part is None:
+                keep = torch.empty_like(v).bernoulli_(1.0 - p, generator=generator)
+            else:  # drawn for the global batch's nonzeros on every process; this process's share
+                keep = v.new_empty(part.nnz).bernoulli_(1.0 - p, generator=generator)[part.nnz_start:part.nnz_stop]
             v = v * keep / (1.0 - p)
         return v
 
@@ -220,7 +224,11 @@ class MultVAENetwork(MultNetwork):
     def _latent(self, batch, generator):
         mu, logvar = self.encode(batch, generator)
         if self.training:
-            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            part = batch.part  # data parallel: noise drawn for the global batch, this process's rows kept
+            shape = mu.shape if part is None else (part.n_rows, mu.shape[1])
+            eps = torch.randn(shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            if part is not None:
+                eps = eps[part.start:part.stop]
             z = mu + eps * torch.exp(0.5 * logvar)
         else:
             z = mu

@@ -67,6 +67,7 @@ class RecVAE(_AutoencoderRecommender):
     """
 
     _variational = True
+    _data_parallel = False  # its own random numbers are not split by BatchPart yet
     _float_tuple_params = ("mixture_weights",)
     _resume_keys = ("hidden_dims", "latent_dim", "dropout", "activation", "lam", "gamma", "mixture_weights",
                     "wide_logvar", "layer_norm_eps", "encoder_epochs", "decoder_epochs", "batch_size",

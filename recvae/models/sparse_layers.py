@@ -46,6 +46,29 @@ def _csr_tensor(crow, col, values, size) -> torch.Tensor:
         return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
 
 
+@dataclass(frozen=True)
+class BatchPart:
+    """Where one process's rows sit in a global batch split over data-parallel processes.
+
+    The random numbers of a training step (dropout per nonzero, noise per user) are drawn for
+    the whole global batch, as a single process would, and each process keeps its share: so
+    the number of processes does not change them.
+    """
+
+    n_rows: int  # users in the global batch
+    start: int  # this process's rows are [start, stop) of the global batch
+    stop: int
+    nnz: int  # nonzeros of the global batch
+    nnz_start: int  # this process's nonzeros are [nnz_start, nnz_stop) of them
+    nnz_stop: int
+
+    @classmethod
+    def of(cls, row_nnz: np.ndarray, start: int, stop: int) -> "BatchPart":
+        """The part ``[start, stop)`` of a global batch whose rows hold ``row_nnz`` nonzeros."""
+        offsets = np.concatenate([[0], np.cumsum(row_nnz, dtype=np.int64)])
+        return cls(len(row_nnz), start, stop, int(offsets[-1]), int(offsets[start]), int(offsets[stop]))
+
+
 @dataclass
 class SparseBatch:
     """One batch of user rows of a users x items CSR matrix, as torch tensors on one device.
@@ -65,6 +88,7 @@ class SparseBatch:
     row_sums: torch.Tensor  # (B,) float32, n_u = sum_i x_ui
     t_crow: torch.Tensor  # (I+1,) int64
     t_perm: torch.Tensor  # (nnz,) int64
+    part: BatchPart | None = None  # set in data-parallel training; None: the batch is the global one
 
     @classmethod
     def from_csr(cls, matrix: sp.csr_matrix, device: torch.device | str = "cpu") -> "SparseBatch":

@@ -29,13 +29,14 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
+from recvae import distributed
 from recvae.fileio import atomic_write, write_bytes, write_json
 from recvae.models.annealing import ANNEAL_CAP, TOTAL_ANNEAL_STEPS, make_schedule
 from recvae.models.base import (
     Recommender, as_csr, check_finite, check_shapes, read_model_meta, verified_file, write_model_meta,
 )
 from recvae.models.networks import ACTIVATIONS, MultNetwork, NetworkConfig, build_network
-from recvae.models.sparse_layers import SparseBatch
+from recvae.models.sparse_layers import BatchPart, SparseBatch
 
 logger = logging.getLogger(__name__)
 
@@ -154,22 +155,39 @@ def training_step(network: MultNetwork, optimizer: torch.optim.Optimizer, batch:
                   generator: torch.Generator | None, bf16: bool = False,
                   kl_weights: torch.Tensor | None = None) -> np.ndarray | None:
     """One update on ``batch``; returns the batch's (loss, nll, kl). When any is not finite the
-    update is skipped (the weights stay as they were) and the caller decides what to do."""
+    update is skipped (the weights stay as they were) and the caller decides what to do.
+
+    Data parallel (``batch.part`` set): ``batch`` is this process's share of a global batch;
+    its loss is scaled to (its users' sum) / (global batch size) and the gradients summed over
+    the processes, so the update is the global batch's mean whatever the split; the returned
+    values are the global batch's.
+    """
     return update_step(optimizer, lambda: network.loss(batch, beta=beta, generator=generator, kl_weights=kl_weights),
-                       batch.device.type, bf16)
+                       batch.device.type, bf16, part=batch.part, n_rows=batch.n_rows,
+                       parameters=network.parameters)
 
 
-def update_step(optimizer: torch.optim.Optimizer, compute_loss, device_type: str, bf16: bool = False) -> np.ndarray:
+def update_step(optimizer: torch.optim.Optimizer, compute_loss, device_type: str, bf16: bool = False,
+                part: BatchPart | None = None, n_rows: int | None = None, parameters=None) -> np.ndarray:
     """One update of ``optimizer``'s parameters on the ``LossTerms`` that ``compute_loss()`` returns
     (run under bf16 autocast when ``bf16``); returns (loss, nll, kl) and skips the update when any
-    is not finite."""
+    is not finite. With ``part`` (data parallel) the values are reduced over the processes and
+    the gradients of ``parameters()`` summed (see :func:`training_step`)."""
     optimizer.zero_grad(set_to_none=True)  # lets the sparse layers overwrite their kept buffers
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-        terms = compute_loss()
-    values = torch.stack([terms.loss.detach(), terms.nll.detach(), terms.kl.detach()]).float().cpu().numpy()
+    terms = None
+    values = np.zeros(3)  # an empty share (only in an epoch's last, short batch) adds nothing
+    if part is None or n_rows:
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            terms = compute_loss()
+        values = torch.stack([terms.loss.detach(), terms.nll.detach(), terms.kl.detach()]).float().cpu().numpy()
+    if part is not None:  # every process sees the same values and takes the same decision
+        values = distributed.allreduce_sum(values * n_rows) / part.n_rows
     if not np.isfinite(values).all():
         return values
-    terms.loss.backward()
+    if terms is not None:
+        (terms.loss if part is None else terms.loss * (n_rows / part.n_rows)).backward()
+    if part is not None:
+        distributed.allreduce_gradients(parameters())
     optimizer.step()
     return values
 
@@ -187,6 +205,18 @@ class _Loop:
     run_dir: Path | None
     val: tuple | None = None  # validation (fold_in, heldout): which epoch a non-finite loss keeps
     last_state: dict | None = None  # the last finished epoch's weights when there is no validation
+    group: distributed.Group | None = None  # the data-parallel processes (one when not parallel)
+
+
+def batch_of(X: sp.csr_matrix, rows: np.ndarray, device, group: distributed.Group) -> SparseBatch:
+    """The training batch of the users ``rows`` (global batch order); with several processes,
+    this process's contiguous share of them, marked with its place in the global batch."""
+    if not group.parallel:
+        return SparseBatch.from_csr(X[rows], device)
+    start, stop = distributed.shard_bounds(len(rows), group.rank, group.world_size)
+    batch = SparseBatch.from_csr(X[rows[start:stop]], device)
+    batch.part = BatchPart.of(X.indptr[rows + 1] - X.indptr[rows], start, stop)
+    return batch
 
 
 class _AutoencoderRecommender(Recommender):
@@ -317,7 +347,7 @@ class _AutoencoderRecommender(Recommender):
         batches = tqdm(range(n_batches), desc=desc, leave=False, disable=not self.show_progress)
         for b in batches:
             rows = order[b * batch_size:(b + 1) * batch_size]
-            batch = SparseBatch.from_csr(X[rows], loop.device)
+            batch = batch_of(X, rows, loop.device, loop.group)
             values, beta = update(batch, rows)
             if not np.isfinite(values).all():
                 self._stop_on_non_finite(values, epoch + 1, loop.state, b, n_batches, loop.val, loop.last_state)
@@ -356,6 +386,7 @@ class _AutoencoderRecommender(Recommender):
             raise ValueError("resume: needs run_dir, where the checkpoint of the interrupted run is")
 
         device = resolve_device(self.device)
+        group = self._check_group()
         item_ids = getattr(train, "item_ids", None)
         run_dir = Path(self.run_dir) if self.run_dir is not None else None
         ckpt_path = run_dir / CHECKPOINT_FILE if run_dir is not None else None
@@ -367,7 +398,7 @@ class _AutoencoderRecommender(Recommender):
         elif self.random_state is not None:
             seed = int(self.random_state)
         else:
-            seed = int(np.random.SeedSequence().entropy % (2**62))
+            seed = distributed.broadcast_int(int(np.random.SeedSequence().entropy % (2**62)))
         if resume and ckpt is None:
             logger.info("resume: no checkpoint in %s; starting from scratch", run_dir)
 
@@ -390,19 +421,21 @@ class _AutoencoderRecommender(Recommender):
         if ckpt is not None:
             network.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
-            for group in optimizer.param_groups:  # the optimizer's state carries the old lr
-                group["lr"] = self.lr
+            for param_group in optimizer.param_groups:  # the optimizer's state carries the old lr
+                param_group["lr"] = self.lr
             for k in state:
                 state[k] = ckpt[k]
             if state["best_state"] is None and state["best_epoch"] == state["epoch"]:
                 state["best_state"] = _clone(network)  # not stored twice: the best epoch was the last
             logger.info("resumed from %s after epoch %d (update %d)", ckpt_path, state["epoch"], state["step"])
         del ckpt
+        if resume:  # several processes resume only from one checkpoint they all see (a shared run_dir)
+            distributed.check_same(state["epoch"], f"resume: the epoch of {ckpt_path}")
 
         gen = torch.Generator(device=device)
         self.precision_ = resolve_precision(self.precision, device)
         loop = _Loop(seed=seed, gen=gen, bf16=self.precision_ == "bf16", device=device, state=state, run_dir=run_dir,
-                     val=val, last_state=_clone(network) if val is None and state["epoch"] else None)
+                     val=val, last_state=_clone(network) if val is None and state["epoch"] else None, group=group)
         fingerprint = _fingerprint(X)
         epochs = tqdm(range(state["epoch"], int(self.epochs)), desc=type(self).__name__,
                       disable=not self.show_progress, initial=state["epoch"], total=int(self.epochs))
@@ -436,15 +469,16 @@ class _AutoencoderRecommender(Recommender):
                         row["nll"], row["kl"], row["beta"], VALIDATION_METRIC, row[VALIDATION_METRIC], row["seconds"])
             if self.show_progress:
                 epochs.set_postfix(loss=f"{row['loss']:.2f}", ndcg=row[VALIDATION_METRIC], refresh=False)
-            if run_dir is not None:
+            if run_dir is not None and group.is_main:
                 self._write_history(run_dir, state["history"])
                 self._write_checkpoint(ckpt_path, network, optimizer, state, seed, X, fingerprint)
 
         self._finish(state, val)
-        if run_dir is not None:
+        if run_dir is not None and group.is_main:
             self.save(run_dir / MODEL_DIR)
             if not self.keep_checkpoint:
                 ckpt_path.unlink(missing_ok=True)  # finished: nothing to resume; model and history stay
+        distributed.barrier()  # the other processes return once rank 0 has written the run's model
         return self
 
     def _stop_on_non_finite(self, values, epoch: int, state: dict, b: int, n_batches: int, val, last_state):
@@ -461,7 +495,7 @@ class _AutoencoderRecommender(Recommender):
         self._finish(state, val)
         kept = self.best_epoch_
         saved = ""
-        if self.run_dir is not None:
+        if self.run_dir is not None and distributed.current().is_main:
             saved = f", saved in {self.save(Path(self.run_dir) / MODEL_DIR)}"
         raise NonFiniteLossError(f"{where}; kept the weights of epoch {kept} "
                                  f"({'best validation NDCG@100' if val is not None else 'last finished'}){saved}. "
@@ -511,8 +545,33 @@ class _AutoencoderRecommender(Recommender):
         from recvae.evaluation import evaluate  # evaluation imports models.base; keep import lazy
 
         k = min(100, self.n_items_)  # with fewer items, NDCG@100 ranks them all: the same quantity
-        res = evaluate(self, val[0], val[1], ks=(k,), batch_size=int(self.eval_batch_size), metrics=("ndcg",))
-        return float(res.metrics[f"ndcg@{k}"].mean), float(res.seconds)
+        group = distributed.current()
+        if not group.parallel:
+            res = evaluate(self, val[0], val[1], ks=(k,), batch_size=int(self.eval_batch_size), metrics=("ndcg",))
+            return float(res.metrics[f"ndcg@{k}"].mean), float(res.seconds)
+        # each process scores its share of the users; the sums and counts are reduced, so every
+        # process gets the same score and takes the same early-stopping decision
+        t0 = time.perf_counter()
+        start, stop = distributed.shard_bounds(val[0].shape[0], group.rank, group.world_size)
+        fold_in, heldout = val[0][start:stop], val[1][start:stop]
+        total = np.zeros(2)
+        if np.diff(heldout.indptr).any():
+            s = evaluate(self, fold_in, heldout, ks=(k,), batch_size=int(self.eval_batch_size),
+                         metrics=("ndcg",)).metrics[f"ndcg@{k}"]
+            total[:] = s.mean * s.n_users, s.n_users
+        total = distributed.allreduce_sum(total)
+        return float(total[0] / total[1]), time.perf_counter() - t0
+
+    #: whether fit can train data parallel (its random numbers and updates follow BatchPart)
+    _data_parallel: bool = True
+
+    def _check_group(self) -> distributed.Group:
+        group = distributed.current()
+        if group.parallel and not self._data_parallel:
+            raise ValueError(f"{type(self).__name__}: data-parallel training (torchrun with several processes) "
+                             "is not supported for this model yet; run it in one process")
+        distributed.check_batch_split(self.batch_size, group)
+        return group
 
     def _l2_penalty(self, network: MultNetwork) -> float:
         if not self.lam:

@@ -1,0 +1,378 @@
+"""Data-parallel training on CPU with gloo: torchrun runs, gradient coverage, failures, prepared data.
+
+Every process started here is stopped in every outcome (``_Procs`` kills its process groups;
+the spawned groups are joined with a deadline). Runs use 1 thread per process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import mmap
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+import torch.multiprocessing as mp
+
+from recvae import distributed
+from recvae.cli import main
+from recvae.data.prepared import load_prepared, write_prepared
+from recvae.data import Interactions, read_interactions
+from recvae.fileio import atomic_dir
+from recvae.models.networks import NetworkConfig, build_network
+from recvae.models.sparse_layers import BatchPart
+from recvae.models.vae import MultVAE, batch_of, make_optimizer
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 180  # per launch; generous because CI machines are shared
+#: 1-process vs 2-process weights after the run: equal up to float summation order
+WEIGHT_ATOL = 1e-5
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), RECVAE_DIST_TIMEOUT="30")
+    env.update(extra)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Procs:
+    """Start commands in their own process groups; ``wait`` with a deadline; kill what is left on exit."""
+
+    def __init__(self):
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, cmd, **kw) -> subprocess.Popen:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                             start_new_session=True, **kw)
+        self.procs.append(p)
+        return p
+
+    def wait(self, timeout=TIMEOUT_S) -> list[tuple[int, str]]:
+        deadline = time.monotonic() + timeout
+        out = []
+        for p in self.procs:
+            text, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            out.append((p.returncode, text))
+        return out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def _two_agents(port: int, program: list[str]) -> list[list[str]]:
+    """Two torchrun agents as two nodes of one process each, meeting at a c10d rendezvous on localhost."""
+    return [[*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"test{port}", *program] for _ in range(2)]
+
+
+# -- data and the 1-process reference ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def log_csv(tmp_path_factory):
+    """393 users, 200 items; with 2 x 20 held-out users, 353 training users = 22 batches of 16 + 1:
+    in the last batch the second process's share is empty."""
+    rng = np.random.default_rng(3)
+    rows = [(u, int(i), 5) for u in range(393)
+            for i in rng.choice(200, size=rng.integers(6, 30), replace=False, p=None)]
+    path = tmp_path_factory.mktemp("dist") / "log.csv"
+    pd.DataFrame(rows, columns=["user", "item", "rating"]).to_csv(path, index=False)
+    return path
+
+
+def _train_args(source: list[str], out) -> list[str]:
+    return ["-q", "train", *source, "--epochs", "2", "--batch-size", "16", "--hidden-dims", "24", "--latent-dim", "8",
+            "--n-heldout-users", "20", "--precision", "fp32", "--device", "cpu", "--show", "0", "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def reference(log_csv, tmp_path_factory):
+    """The same training run as one ordinary process (in this process)."""
+    out = tmp_path_factory.mktemp("dist") / "one"
+    assert main(_train_args(["--data", str(log_csv)], out)) == 0
+    return out
+
+
+def _weights(run: Path) -> dict:
+    return torch.load(run / "model" / "weights.pt", weights_only=True)
+
+
+def _assert_same_run(run: Path, reference: Path) -> float:
+    """Weights within WEIGHT_ATOL, same history (steps, losses to 1e-5, validation NDCG); returns the max difference."""
+    a, b = _weights(run), _weights(reference)
+    assert a.keys() == b.keys()
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert diff <= WEIGHT_ATOL, diff
+    ha, hb = (json.loads((r / "history.json").read_text()) for r in (run, reference))
+    assert [h["step"] for h in ha] == [h["step"] for h in hb] == [23, 46]
+    for x, y in zip(ha, hb):
+        for key in ("loss", "nll", "kl", "beta", "val_ndcg@100"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), key
+    return diff
+
+
+# -- torchrun ---------------------------------------------------------------------------------
+def test_two_processes_give_the_one_process_model(log_csv, reference, tmp_path):
+    out = tmp_path / "two"
+    with _Procs() as procs:
+        procs.start([*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "recvae",
+                     *_train_args(["--data", str(log_csv)], out)], env=_env())
+        [(rc, text)] = procs.wait()
+    assert rc == 0, text
+    diff = _assert_same_run(out, reference)
+    print(f"max |w_2proc - w_1proc| = {diff:.2e}")  # measured: ~1e-7 .. 1e-6
+    assert text.count("| test |") == 1  # rank 0 alone prints the results
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+
+
+def test_two_torchrun_agents_as_two_nodes(log_csv, reference, tmp_path):
+    out = tmp_path / "nodes"
+    with _Procs() as procs:
+        for cmd in _two_agents(_free_port(), ["-m", "recvae", *_train_args(["--data", str(log_csv)], out)]):
+            procs.start(cmd, env=_env())
+        results = procs.wait()
+    assert [rc for rc, _ in results] == [0, 0], results
+    _assert_same_run(out, reference)
+
+
+FAILING_RANK = """
+import os, sys
+import recvae.models.vae as vae
+from recvae.cli import main
+if os.environ["RANK"] == "1":  # this process dies at its third update
+    step, calls = vae.training_step, []
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise SystemExit("rank 1 stops here")
+        return step(*a, **k)
+    vae.training_step = failing
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_failing_rank_stops_the_others_with_a_clear_message(log_csv, tmp_path):
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_RANK)
+    out = tmp_path / "failed"
+    start = time.monotonic()
+    with _Procs() as procs:
+        for cmd in _two_agents(_free_port(), [str(script), *_train_args(["--data", str(log_csv)], out)]):
+            procs.start(cmd, env=_env(RECVAE_DIST_TIMEOUT="20"))
+        results = procs.wait()
+    assert all(rc != 0 for rc, _ in results), results
+    errors = [line for _, text in results for line in text.splitlines() if line.startswith("recvae: error:")]
+    assert len(errors) == 1, results  # rank 0's one line; rank 1 died
+    assert errors[0].startswith("recvae: error: torch.distributed: ")
+    assert "failed on rank 0 of 2; another process probably failed or stopped" in errors[0]
+    assert time.monotonic() - start < TIMEOUT_S
+    assert not any(out.glob("*")), list(out.glob("*"))  # died in epoch 1: no checkpoint or history yet
+
+
+def test_a_rank_that_cannot_reach_the_rendezvous(log_csv, tmp_path):
+    out = tmp_path / "lonely"
+    port = _free_port()  # nobody listens there
+    env = _env(RANK="1", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               RECVAE_DIST_TIMEOUT="3")
+    with _Procs() as procs:
+        procs.start([sys.executable, "-m", "recvae", *_train_args(["--data", str(log_csv)], out)], env=env)
+        [(rc, text)] = procs.wait()
+    assert rc == 2, text
+    # ours is the last line and the only one of ours; before it, torch's c10d logs its socket errors
+    # from C++ (silenced by TORCH_CPP_LOG_LEVEL=FATAL)
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert [ln for ln in lines if ln.startswith("recvae:")] == lines[-1:], text
+    assert lines[-1].startswith(f"recvae: error: torch.distributed: cannot join the process group at 127.0.0.1:{port} "
+                               "(rank 1 of 2): "), text
+    assert not out.exists()
+
+
+# -- gradients inside a spawned gloo group ----------------------------------------------------
+def _spawned(fn, nprocs=2, timeout=TIMEOUT_S, *args):
+    port = _free_port()
+    ctx = mp.spawn(fn, args=(nprocs, port, *args), nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=1):
+            assert time.monotonic() < deadline, "spawned processes did not finish in time"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+def _init(rank, world, port):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+
+def _random_csr(n_users, n_items, seed) -> sp.csr_matrix:
+    X = sp.random(n_users, n_items, density=0.1, format="csr", random_state=seed, dtype=np.float32)
+    X.data[:] = 1.0
+    X[np.arange(n_users), np.arange(n_users) % n_items] = 1.0  # nobody empty
+    X.sort_indices()
+    return X
+
+
+def _gradients_worker(rank, world, port):
+    _init(rank, world, port)
+    try:
+        group = distributed.current()
+        X = _random_csr(30, 40, seed=1)
+        config = NetworkConfig(n_items=40, hidden_dims=(12,), latent_dim=5)
+        for rows in (np.array([5, 2, 9, 11, 0, 7, 3]), np.array([4])):  # 4 + 3 users, then 1 + 0
+            net = build_network(config, torch.Generator().manual_seed(0))
+            batch = batch_of(X, rows, "cpu", group)
+            assert batch.part == BatchPart.of(np.diff(X.indptr)[rows], *distributed.shard_bounds(len(rows), rank, world))
+            if batch.n_rows:  # this process's share of the global batch's mean loss
+                net.loss(batch, beta=0.3, generator=torch.Generator().manual_seed(5)).loss.mul(
+                    batch.n_rows / len(rows)).backward()
+            local = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in net.named_parameters()}
+            nbytes = distributed.allreduce_gradients(net.parameters())
+            reduced = {n: p.grad for n, p in net.named_parameters()}
+            assert nbytes == 4 * sum(p.numel() for p in net.parameters())
+
+            # the one-process gradient of the whole batch, with the same random numbers
+            ref = build_network(config, torch.Generator().manual_seed(0))
+            ref.loss(batch_of(X, rows, "cpu", distributed.Group()), beta=0.3,
+                     generator=torch.Generator().manual_seed(5)).loss.backward()
+            assert set(reduced) == {n for n, _ in ref.named_parameters()}  # no parameter left out
+            for name, p in ref.named_parameters():
+                gathered = [torch.empty_like(p) for _ in range(world)]
+                torch.distributed.all_gather(gathered, local[name])
+                torch.testing.assert_close(reduced[name], sum(gathered), rtol=0, atol=1e-6)  # the sum of the shares
+                torch.testing.assert_close(reduced[name], p.grad, rtol=1e-5, atol=1e-6)  # = the global batch's
+                if len(rows) > 1 and name in ("input_weight", "output_weight"):  # a share alone differs
+                    assert not torch.allclose(local[name], p.grad, atol=1e-6)
+
+        # the Python API inside the caller's group: a resumed run continues to the same weights
+        train, run_dir = _random_csr(60, 40, seed=2), Path(os.environ["DIST_TEST_TMP"]) / "resume"
+        small = dict(hidden_dims=(8,), latent_dim=4, batch_size=8, random_state=0, device="cpu", precision="fp32")
+        val = (train[:10], _random_csr(10, 40, seed=3) - train[:10].multiply(_random_csr(10, 40, seed=3)))
+        MultVAE(**small, epochs=2, run_dir=run_dir).fit(train, val)
+        resumed = MultVAE(**small, epochs=3, run_dir=run_dir).fit(train, val, resume=True)
+        # epochs 1-2 come from rank 0's checkpoint on every rank (rank 0's timings included)
+        assert resumed.history_[:2] == json.loads((run_dir / "history.json").read_text())[:2]
+        straight = MultVAE(**small, epochs=3).fit(train, val)
+        for (name, a), b in zip(resumed.module_.state_dict().items(), straight.module_.state_dict().values()):
+            assert torch.equal(a, b), name
+        assert [h["val_ndcg@100"] for h in resumed.history_] == [h["val_ndcg@100"] for h in straight.history_]
+
+        # more processes than users per batch: one line through the CLI, nothing written
+        err = io.StringIO()
+        out = Path(os.environ["DIST_TEST_TMP"]) / f"too-small-{rank}"
+        with contextlib.redirect_stderr(err):
+            rc = main(["-q", "train", "--data", os.environ["DIST_TEST_CSV"], "--batch-size", "1", "--out", str(out)])
+        assert rc == 2
+        assert err.getvalue().strip() == ("recvae: error: batch_size: 1 users per update cannot be split over 2 "
+                                          "processes; use at most 1 processes or a larger --batch-size")
+        assert not out.exists()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_in_a_process_group_gradients_are_summed_resume_works_and_errors_are_one_line(log_csv, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIST_TEST_CSV", str(log_csv))
+    monkeypatch.setenv("DIST_TEST_TMP", str(tmp_path))
+    _spawned(_gradients_worker)
+
+
+def test_outside_a_process_group_one_process_of_one():
+    assert distributed.current() == distributed.Group(0, 1)
+    assert distributed.current().is_main and not distributed.current().parallel
+    assert distributed.broadcast_int(7) == 7
+    assert [distributed.shard_bounds(7, r, 3) for r in range(3)] == [(0, 2), (2, 4), (4, 7)]
+    assert [distributed.shard_bounds(1, r, 2) for r in range(2)] == [(0, 0), (0, 1)]
+    assert BatchPart.of(np.array([3, 1, 4, 1]), 1, 3) == BatchPart(4, 1, 3, 9, 3, 8)
+
+
+# -- prepared data ----------------------------------------------------------------------------
+def _memory_mapped(a) -> bool:
+    while a is not None:
+        if isinstance(a, mmap.mmap):
+            return True
+        a = getattr(a, "base", None)
+    return False
+
+
+def test_a_run_on_a_prepared_directory_equals_the_run_on_the_file(log_csv, reference, tmp_path, capsys):
+    prepared = tmp_path / "prepared"
+    assert main(["-q", "prepare", "--data", str(log_csv), "--out", str(prepared)]) == 0
+    assert "prepared 393 users x 200 items" in capsys.readouterr().out
+    loaded = load_prepared(prepared)
+    assert all(_memory_mapped(a) for a in (loaded.matrix.indptr, loaded.matrix.indices, loaded.matrix.data))
+    original = read_interactions(log_csv)
+    assert (loaded.matrix != original.matrix).nnz == 0
+    np.testing.assert_array_equal(loaded.item_ids, original.item_ids)
+    description = json.loads((prepared / "prepared.json").read_text())
+    assert description["preprocessing"]["rating_threshold"] == 3.5 and description["nnz"] == original.nnz
+
+    out = tmp_path / "run"
+    assert main(_train_args(["--prepared", str(prepared)], out)) == 0
+    a, b = _weights(out), _weights(reference)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
+    data = json.loads((out / "run.json").read_text())["data"]  # the source and preprocessing, and where read
+    assert data == dict(json.loads((reference / "run.json").read_text())["data"], prepared=str(prepared))
+
+
+def test_prepared_directory_errors(log_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_train_args(["--prepared", str(tmp_path / "missing")], out)) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"recvae: error: --prepared {tmp_path / 'missing'}: not a prepared dataset (no prepared.json); "
+        f"write one with `recvae prepare --data FILE --out {tmp_path / 'missing'}`")
+    assert not out.exists()
+
+    prepared = write_prepared(read_interactions(log_csv), tmp_path / "prepared")
+    assert main(_train_args(["--prepared", str(prepared), "--min-user-interactions", "3"], out)) == 2
+    assert capsys.readouterr().err.strip() == ("recvae: error: --prepared: the preprocessing was fixed by "
+                                               "`recvae prepare`; drop --min-user-interactions")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="exists and is not a prepared dataset"):
+        write_prepared(read_interactions(log_csv), other)
+    assert [p.name for p in other.iterdir()] == ["keep.txt"]
+
+
+def test_atomic_dir_leaves_nothing_on_failure_and_replaces_on_success(tmp_path):
+    target = tmp_path / "d"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "a").write_text("half")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    for text in ("one", "two"):
+        with atomic_dir(target) as tmp:
+            (tmp / "a").write_text(text)
+    assert (target / "a").read_text() == "two"
+    assert [p.name for p in tmp_path.iterdir()] == ["d"]  # no temporary or set-aside folder left
+    ids = Interactions(sp.csr_matrix(np.eye(2, dtype=np.float32)), np.array(["x", "y"]), np.array([10, 20]))
+    back = load_prepared(write_prepared(ids, tmp_path / "p"))
+    assert list(back.user_ids) == ["x", "y"] and list(back.item_ids) == [10, 20]
