@@ -191,7 +191,9 @@ def test_a_failing_rank_stops_the_others_with_a_clear_message(log_csv, tmp_path)
     assert errors[0].startswith("recvae: error: torch.distributed: ")
     assert "failed on rank 0 of 2; another process probably failed or stopped" in errors[0]
     assert time.monotonic() - start < TIMEOUT_S
-    assert not any(out.glob("*")), list(out.glob("*"))  # died in epoch 1: no checkpoint or history yet
+    # died in epoch 1: the run's description and split (written before training) but no checkpoint,
+    # history or model
+    assert {p.name for p in out.glob("*")} <= {"run.json", "train.npz", "validation.npz", "test.npz", "seen.npz"}
 
 
 def test_a_rank_that_cannot_reach_the_rendezvous(log_csv, tmp_path):
@@ -275,7 +277,7 @@ def _gradients_worker(rank, world, port):
         train, run_dir = _random_csr(60, 40, seed=2), Path(os.environ["DIST_TEST_TMP"]) / "resume"
         small = dict(hidden_dims=(8,), latent_dim=4, batch_size=8, random_state=0, device="cpu", precision="fp32")
         val = (train[:10], _random_csr(10, 40, seed=3) - train[:10].multiply(_random_csr(10, 40, seed=3)))
-        MultVAE(**small, epochs=2, run_dir=run_dir).fit(train, val)
+        MultVAE(**small, epochs=2, run_dir=run_dir, keep_checkpoint=True).fit(train, val)  # kept: resumed below
         resumed = MultVAE(**small, epochs=3, run_dir=run_dir).fit(train, val, resume=True)
         # epochs 1-2 come from rank 0's checkpoint on every rank (rank 0's timings included)
         assert resumed.history_[:2] == json.loads((run_dir / "history.json").read_text())[:2]
@@ -290,7 +292,7 @@ def _gradients_worker(rank, world, port):
         with contextlib.redirect_stderr(err):
             rc = main(["-q", "train", "--data", os.environ["DIST_TEST_CSV"], "--batch-size", "1", "--out", str(out)])
         assert rc == 2
-        assert err.getvalue().strip() == ("recvae: error: batch_size: 1 users per update cannot be split over 2 "
+        assert err.getvalue().strip() == ("recvae: error: --batch-size: 1 users per update cannot be split over 2 "
                                           "processes; use at most 1 processes or a larger --batch-size")
         assert not out.exists()
     finally:
