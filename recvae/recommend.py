@@ -21,7 +21,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -405,8 +405,3 @@ class RunRecommender:
         if fallback.any():
             ids[fallback], scores[fallback] = top_k(np.tile(self.popularity, (int(fallback.sum()), 1)), ids.shape[1])
         return ids, scores, fallback
-
-    def iter_batches(self, batch: Histories, batch_size: int, k: int, include_seen: bool = False) -> Iterator[pd.DataFrame]:
-        """Tables of ``batch`` in slices of ``batch_size`` users: memory bounded by the slice."""
-        for start in range(0, len(batch), batch_size):
-            yield self.recommend(batch.slice(start, start + batch_size), k, include_seen)
