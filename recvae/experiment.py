@@ -193,6 +193,9 @@ def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: 
         logger.warning("matplotlib is not installed: no learning_curve.png (pip install 'recvae[plot]')")
     interactions = config.data.load(show_progress=show_progress)
     split = strong_generalization_split(interactions, n_heldout_users=config.n_heldout_users, seed=config.split_seed)
+    if max(config.ks) > split.train.n_items:  # else the run would train, then fail to evaluate
+        raise ValueError(f"data {config.data.name}: {split.train.n_items} items after preprocessing, fewer than "
+                         f"the largest cutoff of the metrics (K = {max(config.ks)}, ks={list(config.ks)})")
     main = distributed.current().is_main  # with several processes, rank 0 alone writes the run
     created = False
     if out is not None and main:  # only once the data is known good: a bad input leaves no folder behind

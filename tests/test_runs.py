@@ -308,3 +308,15 @@ def test_resume_after_a_kill_during_evaluation_evaluates_the_saved_model(straigh
     assert main(train_argv(log_csv, out, "--resume")) == 0
     assert (out / "history.json").stat().st_mtime_ns == trained, "trained again instead of evaluating the model"
     assert_same_run(out, straight)
+
+
+def test_fewer_items_than_the_largest_cutoff_fails_before_training(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    rows = [(u, i) for u in range(200) for i in rng.choice(60, size=8, replace=False)]
+    data = tmp_path / "small.csv"
+    data.write_text("user,item\n" + "\n".join(f"{u},{i}" for u, i in rows) + "\n")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--rating-col", "none", "--epochs", "1", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == ("recvae: error: data small: 60 items after preprocessing, fewer than "
+                                               "the largest cutoff of the metrics (K = 100, ks=[20, 50, 100])")
+    assert not out.exists()
