@@ -40,7 +40,7 @@ from paper_table import synthetic_ml20m  # noqa: E402
 from recvae.data import Interactions  # noqa: E402
 from recvae.data.splits import strong_generalization_split  # noqa: E402
 from recvae.evaluation import evaluate  # noqa: E402
-from recvae.experiment import DataSpec, RunConfig, RunResult, _write_run  # noqa: E402
+from recvae.experiment import DataSpec, RunConfig, RunResult, write_run_dir  # noqa: E402
 from recvae.fileio import write_bytes, write_json  # noqa: E402
 from recvae.models import MultVAE  # noqa: E402
 from recvae.recommend import RunRecommender  # noqa: E402
@@ -58,7 +58,7 @@ def build_run(out: Path, seed: int = 0, shape=None) -> Interactions:
     test = evaluate(model, split.test)
     spec = DataSpec(path="synthetic-ml20m", rating_col=None, rating_threshold=None)
     config = RunConfig(data=spec, model="multvae", params={"epochs": 1, "batch_size": 500})
-    _write_run(out, config, split, RunResult(model, None, test, 0.0, split))
+    write_run_dir(out, config, split, RunResult(model, None, test, 0.0, split), plot=False)
     return data
 
 
@@ -103,7 +103,7 @@ class Server:
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "recvae.cli", "-q", "serve", str(run_dir), "--port", str(self.port),
-             "--max-batch", str(max_batch)],
+             "--max-batch", str(max_batch), "--threads", "1"],  # the load generator shares the 2 cores
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
 
@@ -194,7 +194,7 @@ def markdown(result: dict) -> str:
         "",
         f"{result['setup']}",
         "",
-        "## HTTP service (`recvae serve`, top-10, one uvicorn worker)",
+        "## HTTP service (`recvae serve`, top-10, one uvicorn worker, `--threads 1`: the load generator runs on the same 2 cores)",
         "",
         "| max-batch | clients | requests | req/s | p50 ms | p95 ms | p99 ms | errors | server CPU ms/req | client CPU ms/req |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

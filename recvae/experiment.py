@@ -383,6 +383,16 @@ def write_seen(path: Path, data: DataSpec, split) -> None:
     Interactions(matrix.astype(np.float32).tocsr(), users, items).save(path)
 
 
+def write_run_dir(out: str | os.PathLike, config: RunConfig, split, result: RunResult, plot: bool = True) -> Path:
+    """A complete run directory for a model trained elsewhere (benchmarks, notebooks): what
+    :func:`run` writes, in the same order: description and split, then model, metrics, plot."""
+    out = Path(out)
+    _prepare_dir(out)
+    _write_description(out, config, split)
+    _write_results(out, result, plot and available("matplotlib"))
+    return out
+
+
 def load_run(run_dir: str | os.PathLike, device=None) -> tuple[object, dict]:
     """The fitted model of a run directory and its ``run.json`` description; ``device`` (neural
     models) overrides the device stored with the model. Errors name the file at fault."""

@@ -266,9 +266,10 @@ def app_from_env():
 
 
 def run_server(run_dir, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, device=None,
-               max_body: int = 1 << 20, max_batch: int = 64, log_level: str = "info") -> None:
+               max_body: int = 1 << 20, max_batch: int = 64, threads: int | None = None,
+               log_level: str = "info") -> None:
     """Serve ``run_dir`` with uvicorn; each of ``workers`` processes loads the model once and
-    gets ``cpu cores / workers`` torch threads (at least 1)."""
+    gets ``threads`` torch threads (default ``cpu cores / workers``, at least 1)."""
     require("fastapi", "the HTTP service (recvae serve)")
     uvicorn = require("uvicorn", "the HTTP service (recvae serve)")
     os.environ.update({
@@ -276,6 +277,6 @@ def run_server(run_dir, host: str = "127.0.0.1", port: int = 8000, workers: int 
         ENV["device"]: device or "",
         ENV["max_body"]: str(max_body),
         ENV["max_batch"]: str(max_batch),
-        ENV["threads"]: str(max(1, (os.cpu_count() or 1) // workers)),
+        ENV["threads"]: str(threads or max(1, (os.cpu_count() or 1) // workers)),
     })
     uvicorn.run("recvae.serve:app_from_env", factory=True, host=host, port=port, workers=workers, log_level=log_level)
