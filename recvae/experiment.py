@@ -203,6 +203,10 @@ def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: 
         _prepare_dir(out)
         if overwrite:
             _empty_dir(out)
+        elif resume:  # a kill (SIGKILL) mid-write leaves the atomic writer's temporary file behind
+            for p in out.iterdir():
+                if _is_temporary(p.name) and p.is_file():
+                    p.unlink()
         _write_description(out, config, split)
     params = dict(config.params)
     if out is not None and config.model in NEURAL_MODELS:

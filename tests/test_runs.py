@@ -320,3 +320,13 @@ def test_fewer_items_than_the_largest_cutoff_fails_before_training(tmp_path, cap
     assert capsys.readouterr().err.strip() == ("recvae: error: data small: 60 items after preprocessing, fewer than "
                                                "the largest cutoff of the metrics (K = 100, ks=[20, 50, 100])")
     assert not out.exists()
+
+
+def test_resume_removes_the_temporary_file_a_kill_left_mid_write(log_csv, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_argv(log_csv, out, "--keep-checkpoint", epochs=2)) == 0
+    stray = out / ".history.json.x1y2z3.tmp"  # what SIGKILL during an atomic write leaves
+    stray.write_text("[")
+    assert main(train_argv(log_csv, out, "--resume", epochs=3)) == 0
+    assert not stray.exists()
+    assert json.loads((out / "history.json").read_text())[-1]["epoch"] == 3
