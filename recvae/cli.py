@@ -324,11 +324,7 @@ def cmd_train(args) -> int:
     spec = data_spec_from_args(args)
     params = model_params_from_args(args)
     name = model_name(args)
-    try:  # a bad model name or parameter fails before the data is read
-        model = make_model(name, **params)
-    except ValueError as e:
-        param, _, rest = str(e).partition(":")
-        raise CLIError(f"{flag_of(param)}:{rest}" if param in params else str(e)) from None
+    model = make_model(name, **params)  # a bad parameter fails before the data is read (main() names its flag)
     config = RunConfig(
         data=spec, model=name, params=params, split_seed=args.split_seed, n_heldout_users=args.n_heldout_users
     )
