@@ -32,7 +32,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from recvae import __version__, distributed
-from recvae.fileio import atomic_write, ensure_writable_dir, read_json, read_npz, write_json
+from recvae.fileio import (
+    atomic_write, ensure_writable_dir, is_temporary, read_json, read_npz, remove_temporaries, write_json,
+)
 from recvae.data import Interactions, load_movielens, read_interactions
 from recvae.data.prepared import load_prepared, read_prepared_description
 from recvae.data.splits import HeldOutUsers, strong_generalization_split
@@ -204,9 +206,7 @@ def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: 
         if overwrite:
             _empty_dir(out)
         elif resume:  # a kill (SIGKILL) mid-write leaves the atomic writer's temporary file behind
-            for p in out.iterdir():
-                if _is_temporary(p.name) and p.is_file():
-                    p.unlink()
+            remove_temporaries(out)
         _write_description(out, config, split)
     params = dict(config.params)
     if out is not None and config.model in NEURAL_MODELS:
@@ -267,7 +267,7 @@ def check_out_dir(out: Path, config: RunConfig, resume: bool = False, overwrite:
         raise ValueError(f"--out {out}: the directory already holds files ({listing}); pass --overwrite to "
                          "replace them, or --resume to continue the run there")
     if overwrite:
-        foreign = [n for n in entries if n not in RUN_FILES and not _is_temporary(n)]
+        foreign = [n for n in entries if n not in RUN_FILES and not is_temporary(n)]
         if foreign:
             raise ValueError(f"--out {out}: --overwrite empties only run directories, and this one holds other "
                              f"files ({', '.join(foreign[:5])}); choose a new or empty directory")
@@ -317,10 +317,6 @@ def _description(config: RunConfig, split=None) -> dict:
     if split is not None:
         description["split"] = split.describe()
     return json.loads(json.dumps(description, default=str))
-
-
-def _is_temporary(name: str) -> bool:
-    return name.startswith(".") and name.endswith(".tmp")
 
 
 def _prepare_dir(out: Path) -> None:

@@ -79,6 +79,19 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         raise
 
 
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of :func:`atomic_path`'s temporary names (``.<name>.<random>.tmp``),
+    which a process killed mid-write (SIGKILL) leaves behind."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def remove_temporaries(folder: str | os.PathLike) -> None:
+    """Remove the temporary files that writes killed midway left in ``folder``."""
+    for p in Path(folder).iterdir():
+        if is_temporary(p.name) and p.is_file():
+            p.unlink()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable) -> None:
     """Call ``write(fileobj)`` on a temporary binary file beside ``path``, then rename it into place.
 
