@@ -55,20 +55,21 @@ import numpy as np
 import scipy.sparse as sp
 
 from recvae import __version__ as recvae_version
+from recvae import tuning
 from recvae.cli import CLIError, add_data_options, data_spec_from_args
 from recvae.data import Interactions
 from recvae.data.splits import default_n_heldout_users, strong_generalization_split
 from recvae.evaluation import evaluate, paired_difference
-from recvae.experiment import REPORT_METRICS
+from recvae.experiment import NEURAL_MODELS, REPORT_METRICS
 from recvae.fileio import atomic_path, write_bytes, write_json
 from recvae.optional import MissingDependencyError, available
-from recvae.models import EASE, BinaryMultVAE, MultDAE, MultVAE, Popularity, RecVAE, select_ease_l2
+from recvae.models import EASE, BinaryMultVAE
 
 logger = logging.getLogger("paper_table")
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ALL_MODELS = ("multvae", "multdae", "recvae", "binary-multvae", "ease", "popularity")
-EASE_GRID = (50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
+EASE_GRID = tuning.EASE_GRID
 LABELS = {
     "multvae": "Mult-VAE",
     "multvae:paper": "Mult-VAE, paper (I-600-200-600-I, cap 0.2 over 200,000 updates)",
@@ -81,14 +82,8 @@ LABELS = {
     "ease": "EASE",
     "popularity": "Popularity",
 }
-# The heuristic runs' network, chosen on ML-1M validation NDCG@100 (anneal-1 schedule; split
-# seed 0, then seeds 1 and 2). The paper's I-600-200-600-I: 0.409 on seed 0. Latent 100: 0.413,
-# 50: 0.418, 25: 0.414; latent 50 with hidden 1000: 0.421, 1500: 0.424. Each user's KL weighted
-# by activity: latent 50 0.420; with hidden 1000 / 1500 / 2500: 0.425 / 0.429 / 0.424 (seeds
-# 0-2, hidden 1000 vs 1500: 0.416 vs 0.418 on average; 1000 kept: 0.54 vs 0.74 s per epoch keeps
-# the ML-1M table under 20 minutes). No gain from weight decay (lam 1e-5..1e-4), dropout 0.3 /
-# 0.6 / 0.7, batch 100 / 250, relu, lr 3e-4 / 3e-3 or a constant beta (see the closing notes).
-HEURISTIC_NETWORK = {"hidden_dims": (1000,), "latent_dim": 50, "kl_weighting": "activity"}
+# The heuristic runs' network (chosen on ML-1M validation users; see recvae.tuning)
+HEURISTIC_NETWORK = tuning.HEURISTIC_NETWORK
 # RecVAE: the reference defaults (recvae.models.RecVAE), 50 outer epochs unless --epochs is given.
 RECVAE_PARAMS: dict = {}
 # The binary-latent Mult-VAE: 200 bits (the paper's latent size), the paper's I-600-...-I network,
@@ -182,31 +177,29 @@ def metrics_of(res) -> dict:
             | {"n_users": res.n_users, "ndcg@100_per_user": res.per_user["ndcg@100"].tolist()})
 
 
-def neural_summary(model, train_seconds: float) -> dict:
+def trial_info(trial, test_users) -> dict:
+    """What the results keep of a finished trial (``recvae.tuning.Trial``): its validation
+    choice, timing and curve, and its fitted model's test metrics."""
+    model = trial.estimator
+    params = {k: v for k, v in trial.params.items() if k not in ("show_progress", "run_dir")}
+    if trial.model not in NEURAL_MODELS:
+        return {"train_seconds": trial.seconds, "params": params,
+                "test": metrics_of(evaluate(model, test_users, ks=(20, 50, 100)))}
     hist = model.history_
     return {
-        "train_seconds": train_seconds,
+        "train_seconds": trial.seconds,
         "epochs_run": len(hist),
         "seconds_per_epoch": float(np.mean([h["seconds"] for h in hist])),
         "validation_seconds_per_epoch": float(np.mean([h["val_seconds"] or 0.0 for h in hist])),
-        "best_epoch": model.best_epoch_,
-        "validation_ndcg@100": model.best_score_,
-        "beta_at_best_epoch": getattr(model, "best_beta_", None),
+        "best_epoch": trial.best_epoch,
+        "validation_ndcg@100": trial.validation,
+        "beta_at_best_epoch": trial.beta,
         "max_beta": float(max(h["beta"] for h in hist)),
         "stopped_early": model.stopped_early_,
         "curve": [h["val_ndcg@100"] for h in hist],
+        "params": params,
+        "test": metrics_of(evaluate(model, test_users, ks=(20, 50, 100))),
     }
-
-
-def fit_neural(cls, params: dict, split) -> tuple[object, dict]:
-    model = cls(**params)
-    t0 = time.perf_counter()
-    model.fit(split.train, validation=split.validation)
-    seconds = time.perf_counter() - t0
-    info = neural_summary(model, seconds)
-    info["params"] = {k: v for k, v in params.items() if k not in ("show_progress", "run_dir")}
-    info["test"] = metrics_of(evaluate(model, split.test, ks=(20, 50, 100)))
-    return model, info
 
 
 def heuristic_network(args) -> dict:
@@ -216,16 +209,15 @@ def heuristic_network(args) -> dict:
 
 def run_seed(seed: int, data: Interactions, args, models, budget: TimeBudget, results: dict) -> bool:
     """Fit and evaluate every model on one split; fills ``results[key]`` as runs finish.
-    Returns False when the time budget ran out before every run of this seed was done."""
+    Every choice goes through recvae.tuning, as `recvae tune` makes it. Returns False when the
+    time budget ran out before every run of this seed was done."""
     split = strong_generalization_split(data, n_heldout_users=args.n_heldout_users, seed=seed)
     results["split"] = split.describe()
-    n_batches = math.ceil(split.train.n_users / 500)
     common = dict(device=args.device, precision=args.precision, random_state=seed, show_progress=False)
     if args.epochs is not None:
         common["epochs"] = args.epochs
     if args.patience is not None:
         common["patience"] = args.patience
-    epochs = common.get("epochs", 200)
 
     def stop() -> bool:
         if budget.exhausted():
@@ -233,68 +225,54 @@ def run_seed(seed: int, data: Interactions, args, models, budget: TimeBudget, re
             return True
         return False
 
-    if "popularity" in models:
-        if stop():
-            return False
-        t0 = time.perf_counter()
-        pop = Popularity().fit(split.train)
-        results["popularity"] = {"train_seconds": time.perf_counter() - t0, "params": {},
-                                 "test": metrics_of(evaluate(pop, split.test, ks=(20, 50, 100)))}
-    if "ease" in models:
-        if stop():
-            return False
-        t0 = time.perf_counter()
-        l2, table = select_ease_l2(split.train, split.validation, grid=args.ease_grid)
-        ease = EASE(l2=l2).fit(split.train)
-        results["ease"] = {"train_seconds": time.perf_counter() - t0, "params": {"l2": l2},
-                           "validation_grid": table, "validation_ndcg@100": max(r["ndcg@100"] for r in table),
-                           "test": metrics_of(evaluate(ease, split.test, ks=(20, 50, 100)))}
-        del ease
-    if "multvae" in models:
-        slope = epochs * n_batches  # updates in a full run: beta reaches 1.0 at the last one
-        network = heuristic_network(args)
-        for key, extra in [("multvae:paper", {}),
-                           ("multvae:anneal-1", {**network, "anneal_cap": 1.0, "total_anneal_steps": slope})]:
-            if stop():
-                return False
-            _, results[key] = fit_neural(MultVAE, {**common, **extra}, split)
-        if stop():
-            return False
-        cap = results["multvae:anneal-1"]["beta_at_best_epoch"]
-        # run 2 starts from scratch with another model seed: with run 1's seed it would repeat
-        # run 1 exactly up to run 1's best epoch (same init, same slope) and so add nothing
-        _, results["multvae:heuristic"] = fit_neural(
-            MultVAE, {**common, **network, "anneal_cap": cap, "total_anneal_steps": slope,
-                      "random_state": seed + 1000}, split)
-        # the Mult-VAE row: the run with the best validation NDCG@100 (never test)
-        best = max(("multvae:paper", "multvae:anneal-1", "multvae:heuristic"),
-                   key=lambda k: results[k]["validation_ndcg@100"])
-        results["multvae"] = {**results[best], "selected": best}
-        if args.compare_precision != "none":
-            if stop():
-                return False
-            other = "fp32" if args.precision == "bf16" else "bf16"
-            params = {**results[best]["params"], "precision": other}
-            if args.compare_precision == "timing":
-                params["epochs"] = min(5, params.get("epochs", 200))
-                params.pop("patience", None)
-            _, info = fit_neural(MultVAE, params, split)
-            info["mode"] = args.compare_precision
-            results["multvae:other-precision"] = info
-    if "multdae" in models:
-        if stop():
-            return False
-        _, results["multdae"] = fit_neural(MultDAE, common, split)
-    if "recvae" in models:
-        if stop():
-            return False
-        _, results["recvae"] = fit_neural(RecVAE, {**common, **RECVAE_PARAMS}, split)
-    if "binary-multvae" in models:
-        if stop():
-            return False
-        _, results["binary-multvae"] = fit_neural(
-            BinaryMultVAE, {**common, **BINARY_PARAMS, "anneal_cap": 1.0, "total_anneal_steps": epochs * n_batches},
-            split)
+    def trials(prefix: str) -> tuning.Trials:
+        """A search whose every finished trial is evaluated on test and kept as ``prefix + name``."""
+        def record(trial):
+            results[prefix + trial.name] = trial_info(trial, split.test)
+        return tuning.Trials(split.train, split.validation, on_trial=record, before_trial=stop)
+
+    try:
+        if "popularity" in models:
+            trials("").run("popularity", "popularity", {})
+        if "ease" in models:
+            # the l2 grid shares one Gram matrix, so the trials keep no model: fit the chosen one
+            search = tuning.Trials(split.train, split.validation, before_trial=stop)
+            t0 = time.perf_counter()
+            tuning.ease_trials(search, args.ease_grid)
+            best = search.best
+            ease = EASE(l2=best.params["l2"]).fit(split.train)
+            results["ease"] = {"train_seconds": time.perf_counter() - t0, "params": {"l2": best.params["l2"]},
+                               "validation_grid": [{"l2": t.params["l2"], "ndcg@100": t.validation}
+                                                   for t in search.trials],
+                               "validation_ndcg@100": best.validation,
+                               "test": metrics_of(evaluate(ease, split.test, ks=(20, 50, 100)))}
+            del ease
+        if "multvae" in models:
+            search = trials("multvae:")
+            tuning.multvae_trials(search, common, network=heuristic_network(args))
+            # the Mult-VAE row: the run with the best validation NDCG@100 (never test)
+            best = "multvae:" + search.best.name
+            results["multvae"] = {**results[best], "selected": best}
+            if args.compare_precision != "none":
+                other = "fp32" if args.precision == "bf16" else "bf16"
+                params = {**search.best.params, "precision": other}
+                if args.compare_precision == "timing":
+                    params["epochs"] = min(5, params.get("epochs", 200))
+                    params.pop("patience", None)
+                trials("multvae:").run("other-precision", "multvae", params)
+                results["multvae:other-precision"]["mode"] = args.compare_precision
+        if "multdae" in models:
+            trials("").run("multdae", "multdae", common)
+        if "recvae" in models:
+            trials("").run("recvae", "recvae", {**common, **RECVAE_PARAMS})
+        if "binary-multvae" in models:
+            # beta annealed to 1.0 over the run, as heuristic run 1 (the best epoch kept)
+            slope = BinaryMultVAE(**common).epochs * tuning.updates_per_epoch("binary-multvae", common,
+                                                                               split.train.n_users)
+            trials("").run("binary-multvae", "binary-multvae",
+                           {**common, **BINARY_PARAMS, "anneal_cap": 1.0, "total_anneal_steps": slope})
+    except tuning.TuningStopped:
+        return False
     return True
 
 

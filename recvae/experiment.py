@@ -45,6 +45,7 @@ from recvae.models.vae import CHECKPOINT_FILE, MODEL_DIR, NonFiniteLossError
 from recvae.optional import available, require
 
 SEEN_FILE = "seen.npz"  # read by recvae.recommend
+TUNING_FILE = "tuning.csv"  # written by recvae.tuning.tune
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ REPORT_METRICS = ("recall@20", "recall@50", "ndcg@100")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 #: what a run directory may hold: --overwrite empties only a folder made of these
 RUN_FILES = {"run.json", MODEL_DIR, "train.npz", SEEN_FILE, "validation.npz", "test.npz", "history.csv", "history.json",
-             "metrics.json", "learning_curve.png", CHECKPOINT_FILE}
+             "metrics.json", "learning_curve.png", CHECKPOINT_FILE, TUNING_FILE}
 #: model parameters a resumed run may change (see MultVAE.fit); the rest must equal run.json's
 RESUMABLE_PARAMS = ("epochs", "patience", "lr", "device", "precision", "show_progress", "eval_batch_size",
                     "run_dir", "keep_checkpoint")
@@ -383,11 +384,15 @@ def write_seen(path: Path, data: DataSpec, split) -> None:
     Interactions(matrix.astype(np.float32).tocsr(), users, items).save(path)
 
 
-def write_run_dir(out: str | os.PathLike, config: RunConfig, split, result: RunResult, plot: bool = True) -> Path:
-    """A complete run directory for a model trained elsewhere (benchmarks, notebooks): what
-    :func:`run` writes, in the same order: description and split, then model, metrics, plot."""
+def write_run_dir(out: str | os.PathLike, config: RunConfig, split, result: RunResult, plot: bool = True,
+                  overwrite: bool = False) -> Path:
+    """A complete run directory for a model trained elsewhere (benchmarks, notebooks, ``tune``):
+    what :func:`run` writes, in the same order: description and split, then model, metrics,
+    plot. ``overwrite`` empties the directory first (check it with :func:`check_out_dir`)."""
     out = Path(out)
     _prepare_dir(out)
+    if overwrite:
+        _empty_dir(out)
     _write_description(out, config, split)
     _write_results(out, result, plot and available("matplotlib"))
     return out

@@ -7,7 +7,8 @@ import pytest
 import scipy.sparse as sp
 
 from recvae.evaluation import evaluate
-from recvae.models import EASE, Popularity, Recommender, select_ease_l2
+from recvae.models import EASE, Popularity, Recommender
+from recvae.tuning import select_ease_l2
 from recvae.models.ease import ease_weights, gram_matrix
 
 

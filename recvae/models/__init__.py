@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from recvae.models.base import Recommender, read_model_meta
 from recvae.models.binary_vae import BinaryMultVAE
-from recvae.models.ease import EASE, select_ease_l2
+from recvae.models.ease import EASE
 from recvae.models.popularity import Popularity
 from recvae.models.recvae import RecVAE
 from recvae.models.vae import MultDAE, MultVAE, NonFiniteLossError, resolve_device
 
 __all__ = [
-    "BinaryMultVAE", "EASE", "MultDAE", "MultVAE", "NonFiniteLossError", "Popularity", "RecVAE", "Recommender", "load_model", "select_ease_l2",
+    "BinaryMultVAE", "EASE", "MultDAE", "MultVAE", "NonFiniteLossError", "Popularity", "RecVAE", "Recommender", "load_model",
 ]
 
 _CLASSES = {cls.__name__: cls for cls in (MultVAE, MultDAE, BinaryMultVAE, RecVAE, EASE, Popularity)}

@@ -100,7 +100,7 @@ class EASE(Recommender):
     Parameters
     ----------
     l2 : L2 penalty lambda (> 0). Steck reports values of a few hundred (ML-20M: 500)
-        work well; pick it on validation with :func:`select_ease_l2`.
+        work well; pick it on validation with :func:`recvae.tuning.select_ease_l2`.
     dtype : "float64" (default, for an accurate Cholesky inverse) or "float32".
 
     Memory: ``fit`` holds one dense items x items matrix (``n_items**2`` floats: 8 bytes each
@@ -121,7 +121,7 @@ class EASE(Recommender):
 
     def fit(self, train, validation=None):
         """Closed-form fit on ``train`` (csr or Interactions). ``validation`` is accepted for
-        the shared interface and ignored; tune ``l2`` with :func:`select_ease_l2`."""
+        the shared interface and ignored; tune ``l2`` with :func:`recvae.tuning.select_ease_l2`."""
         l2 = _check_l2(self.l2)
         dt = _check_dtype(self.dtype)
         X = as_csr(train, "train")
@@ -156,47 +156,3 @@ class EASE(Recommender):
         if meta["item_ids"] is not None:
             model.item_ids_ = np.asarray(meta["item_ids"])
         return model
-
-
-def select_ease_l2(
-    train,
-    validation,
-    grid=(50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0),
-    metric: str = "ndcg@100",
-    batch_size: int = 1000,
-    dtype="float64",
-):
-    """Pick EASE's ``l2`` on validation: fit on ``train`` for each value of ``grid`` and keep
-    the one with the highest validation ``metric`` (default NDCG@100, the paper's selection
-    metric; ties go to the first grid value).
-
-    ``validation`` is a HeldOutUsers-like object (``.fold_in``/``.heldout``) or a
-    ``(fold_in, heldout)`` tuple. The Gram matrix is computed once for the whole grid.
-
-    Returns ``(best_l2, table)``: ``table`` is a list of dicts ``{"l2", metric, "stderr"}``
-    in grid order.
-    """
-    from recvae.evaluation import evaluate  # local: evaluation imports the models package
-
-    X = as_csr(train, "train")
-    dt = _check_dtype(dtype)
-    grid = [_check_l2(v, "grid") for v in np.atleast_1d(grid)]
-    if not grid:
-        raise ValueError("grid: expected at least one l2 value")
-    try:
-        name, k = metric.split("@")
-        k = int(k)
-    except (AttributeError, ValueError):
-        raise ValueError(f"metric: expected a name like 'ndcg@100', got {metric!r}") from None
-    G = gram_matrix(X, dt)
-    table = []
-    for l2 in grid:
-        model = EASE(l2=l2, dtype=dt.name)
-        model.B_ = ease_weights(G, l2)
-        model.n_items_ = X.shape[1]
-        res = evaluate(model, validation, ks=(k,), batch_size=batch_size, metrics=(name,))
-        s = res[metric]
-        table.append({"l2": l2, metric: s.mean, "stderr": s.stderr})
-        logger.info("EASE l2=%g: validation %s=%.5f (%.5f)", l2, metric, s.mean, s.stderr)
-    best = max(table, key=lambda row: row[metric])  # max() keeps the first of equal values
-    return best["l2"], table
