@@ -1,10 +1,11 @@
-"""The ``recvae`` command line: datasets, train, evaluate, recommend, serve."""
+"""The ``recvae`` command line: datasets, train, tune, prepare, evaluate, recommend, serve."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import logging
+import os
 import re
 import shlex
 import signal
@@ -98,39 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_datasets)
 
     t = sub.add_parser("train", parents=[common], help="train a model with the paper's protocol and print its test metrics")
-    src = t.add_mutually_exclusive_group(required=True)
-    src.add_argument("--dataset", help="a MovieLens name (see `recvae datasets`)")
-    src.add_argument("--data", metavar="FILE", help="an interaction file: CSV, TSV, GroupLens '::' (.dat) or Parquet")
-    src.add_argument("--prepared", metavar="DIR", help="a directory written by `recvae prepare` (memory-mapped)")
+    add_source_options(t)
     add_data_options(t)
-    t.add_argument("--model", default="multvae", help="multvae (default), multdae, recvae, ease or popularity")
-    t.add_argument("--latent", choices=("gaussian", "bernoulli"),
-                   help="multvae's latent: gaussian (paper) or bernoulli (binary codes; the binary-multvae model)")
-    t.add_argument("--temperature", type=float,
-                   help="binary latent: relaxed Gumbel-sigmoid sample at this temperature (default: straight-through bits)")
-    t.add_argument("--epochs", type=int, help="training epochs (paper: 200)")
-    t.add_argument("--batch-size", type=int, help="users per gradient update (paper: 500)")
-    t.add_argument("--lr", type=float, help="Adam learning rate (paper: 1e-3)")
-    t.add_argument("--dropout", type=float, help="input dropout (paper: 0.5)")
-    t.add_argument("--anneal-cap", type=float, help="largest KL weight beta (paper: 0.2)")
-    t.add_argument("--total-anneal-steps", type=int, help="updates to reach beta=1 before capping (paper: 200000)")
-    t.add_argument("--beta", type=float, help="a constant KL weight instead of annealing")
-    t.add_argument("--kl-weighting", choices=("uniform", "activity"),
-                   help="each user's KL weight: uniform (paper) or n_u / mean n (activity)")
-    t.add_argument("--lam", type=float, help="L2 weight on the weight matrices (paper: 0 VAE, 0.01/500 DAE)")
-    t.add_argument("--hidden-dims", help="comma-separated hidden layer sizes (paper: 600 VAE, none DAE)")
-    t.add_argument("--latent-dim", type=int, help="latent size (paper: 200)")
-    t.add_argument("--patience", type=int, help="early stopping: epochs without validation NDCG@100 gain")
-    t.add_argument("--gamma", type=float, help="RecVAE: KL weight per interaction, beta_u = gamma * n_u (default 0.005)")
-    t.add_argument("--encoder-epochs", type=int, help="RecVAE: encoder passes per epoch (default 3)")
-    t.add_argument("--decoder-epochs", type=int, help="RecVAE: decoder passes per epoch (default 1)")
-    t.add_argument("--mixture-weights", help="RecVAE: prior weights of N(0,1), q_old, N(0,e^10) (default 0.15,0.75,0.1)")
-    t.add_argument("--l2", type=float, help="EASE's L2 weight lambda (default 500)")
-    t.add_argument("--seed", type=int, default=0, help="model seed (default 0)")
-    t.add_argument("--split-seed", type=int, default=0, help="seed of the user split (default 0)")
-    t.add_argument("--n-heldout-users", type=int, help="validation and test users each (default: the library's rule)")
-    t.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
-    t.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="training matmul precision of neural models; auto: bf16 where it is fast")
+    add_model_options(t)
     t.add_argument("--out", metavar="RUN_DIR", help="write the run directory here (a new or empty directory)")
     mode = t.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="empty the run directory --out first")
@@ -141,6 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep checkpoint.pt when training finishes (to --resume with more --epochs later)")
     t.add_argument("--show", type=int, default=3, metavar="N", help="print top-10 lists for N test users (default 3)")
     t.set_defaults(func=cmd_train)
+
+    u = sub.add_parser("tune", parents=[common], help="choose a model's hyperparameters on validation users, then keep the best as a run")
+    add_source_options(u)
+    add_data_options(u)
+    add_model_options(u, models="multvae (default), recvae or ease")
+    u.add_argument("--grid", action="append", metavar="NAME=V1,V2",
+                   help="values to try for one hyperparameter (repeat for more; every combination is tried); "
+                        "default per model: multvae latent_dim=50,200, recvae gamma=0.0025,0.005,0.01, "
+                        "ease l2=50,...,5000. Tunable: multvae latent_dim, hidden_dim, dropout, lr, kl_weighting; "
+                        "recvae gamma, latent_dim, dropout, lr; ease l2")
+    u.add_argument("--out", metavar="RUN_DIR", required=True,
+                   help="the chosen model's run directory, with tuning.csv (a new or empty directory)")
+    u.add_argument("--overwrite", action="store_true", help="empty the run directory --out first")
+    u.set_defaults(func=cmd_tune)
 
     add_prepare_parser(sub)
 
@@ -181,6 +166,45 @@ def build_parser() -> argparse.ArgumentParser:
                    "1 where the server shares its cores with other work")
     v.set_defaults(func=cmd_serve)
     return p
+
+
+def add_source_options(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", help="a MovieLens name (see `recvae datasets`)")
+    src.add_argument("--data", metavar="FILE", help="an interaction file: CSV, TSV, GroupLens '::' (.dat) or Parquet")
+    src.add_argument("--prepared", metavar="DIR", help="a directory written by `recvae prepare` (memory-mapped)")
+
+
+def add_model_options(p: argparse.ArgumentParser, models: str = "multvae (default), multdae, recvae, ease or popularity") -> None:
+    """The model and its hyperparameters, split and device: the options `train` and `tune` share."""
+    p.add_argument("--model", default="multvae", help=models)
+    p.add_argument("--latent", choices=("gaussian", "bernoulli"),
+                   help="multvae's latent: gaussian (paper) or bernoulli (binary codes; the binary-multvae model)")
+    p.add_argument("--temperature", type=float,
+                   help="binary latent: relaxed Gumbel-sigmoid sample at this temperature (default: straight-through bits)")
+    p.add_argument("--epochs", type=int, help="training epochs (paper: 200)")
+    p.add_argument("--batch-size", type=int, help="users per gradient update (paper: 500)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (paper: 1e-3)")
+    p.add_argument("--dropout", type=float, help="input dropout (paper: 0.5)")
+    p.add_argument("--anneal-cap", type=float, help="largest KL weight beta (paper: 0.2)")
+    p.add_argument("--total-anneal-steps", type=int, help="updates to reach beta=1 before capping (paper: 200000)")
+    p.add_argument("--beta", type=float, help="a constant KL weight instead of annealing")
+    p.add_argument("--kl-weighting", choices=("uniform", "activity"),
+                   help="each user's KL weight: uniform (paper) or n_u / mean n (activity)")
+    p.add_argument("--lam", type=float, help="L2 weight on the weight matrices (paper: 0 VAE, 0.01/500 DAE)")
+    p.add_argument("--hidden-dims", help="comma-separated hidden layer sizes (paper: 600 VAE, none DAE)")
+    p.add_argument("--latent-dim", type=int, help="latent size (paper: 200)")
+    p.add_argument("--patience", type=int, help="early stopping: epochs without validation NDCG@100 gain")
+    p.add_argument("--gamma", type=float, help="RecVAE: KL weight per interaction, beta_u = gamma * n_u (default 0.005)")
+    p.add_argument("--encoder-epochs", type=int, help="RecVAE: encoder passes per epoch (default 3)")
+    p.add_argument("--decoder-epochs", type=int, help="RecVAE: decoder passes per epoch (default 1)")
+    p.add_argument("--mixture-weights", help="RecVAE: prior weights of N(0,1), q_old, N(0,e^10) (default 0.15,0.75,0.1)")
+    p.add_argument("--l2", type=float, help="EASE's L2 weight lambda (default 500)")
+    p.add_argument("--seed", type=int, default=0, help="model seed (default 0)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the user split (default 0)")
+    p.add_argument("--n-heldout-users", type=int, help="validation and test users each (default: the library's rule)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="training matmul precision of neural models; auto: bf16 where it is fast")
 
 
 def add_data_options(p: argparse.ArgumentParser) -> None:
@@ -369,6 +393,59 @@ def cmd_train(args) -> int:
     if args.show > 0:
         print_examples(result, spec, args.show)
     return 0
+
+
+def cmd_tune(args) -> int:
+    from recvae import tuning
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CLIError("tune runs in one process; start it without torchrun (train takes several)")
+    name = model_name(args)
+    if name not in tuning.TUNABLE:
+        raise CLIError(f"--model {args.model}{latent_note(args)}: tune takes {', '.join(tuning.TUNABLE)}")
+    try:
+        grid = tuning.parse_grid(args.grid, name)
+    except ValueError as e:
+        raise CLIError(f"--{e}") from None  # "grid latent_dim=x: ..." names the option
+    spec = data_spec_from_args(args)
+    params = model_params_from_args(args)
+    try:
+        points = tuning.check_grid(name, grid, params)
+    except ValueError as e:
+        raise CLIError(f"--{e}" if str(e).startswith("grid ") else str(e)) from None
+    n_trials = len(points) * (2 if name == "multvae" else 1) + (name == "multvae")
+    logger.info("tune %s on %s: %d trial(s) of %s", name, spec.name, n_trials, tuning.describe_grid(grid))
+    previous = _on_sigterm(_raise_terminated)
+    try:
+        tuned = tuning.tune(spec, name, grid, params, out=args.out, split_seed=args.split_seed,
+                            n_heldout_users=args.n_heldout_users, overwrite=args.overwrite,
+                            show_progress=not args.quiet)
+    except (KeyboardInterrupt, Terminated) as e:
+        signame, code = ("SIGINT", EXIT_SIGINT) if isinstance(e, KeyboardInterrupt) else ("SIGTERM", EXIT_SIGTERM)
+        print(f"recvae: stopped by {signame} during the trials; nothing was written to --out {args.out}",
+              file=sys.stderr)
+        return code
+    finally:
+        _on_sigterm(previous)
+    rows = tuned.table()
+    print(f"\n{name} on {spec.name}: {len(rows)} trial(s) on {tuned.run.validation.n_users} validation users "
+          f"(* = chosen, by validation NDCG@100)")
+    print(format_trials(rows))
+    print(f"\nchosen: {tuned.best.name}; its model on the held-out users:")
+    print(format_table({"validation": tuned.run.validation, "test": tuned.run.test}))
+    print(f"\nrun directory: {args.out} (trial table: {Path(args.out) / tuning.TUNING_FILE})")
+    return 0
+
+
+def format_trials(rows: list[dict]) -> str:
+    columns = [c for c in rows[0] if c != "selected" and any(r[c] is not None for r in rows)]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        cells = [("* " if r["selected"] and c == "trial" else "") + ("" if r[c] is None else
+                 f"{r[c]:.4f}" if c.startswith("validation") else f"{r[c]:g}" if isinstance(r[c], float) else str(r[c]))
+                 for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _raise_terminated(signum, frame):

@@ -253,9 +253,11 @@ def fit_and_evaluate(split, model: str, params: dict, ks=(20, 50, 100), resume: 
     return RunResult(estimator, val, test, train_seconds, split, error)
 
 
-def check_out_dir(out: Path, config: RunConfig, resume: bool = False, overwrite: bool = False) -> None:
+def check_out_dir(out: Path, config: RunConfig, resume: bool = False, overwrite: bool = False,
+                  resumable: bool = True) -> None:
     """Whether ``out`` may take this run: new or empty; a run directory with ``overwrite``; the
-    same run's directory with ``resume``. Raises naming the directory (and setting) otherwise."""
+    same run's directory with ``resume``. Raises naming the directory (and setting) otherwise;
+    ``resumable=False``: the message offers no resume (``tune``)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
@@ -266,7 +268,7 @@ def check_out_dir(out: Path, config: RunConfig, resume: bool = False, overwrite:
     listing = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
     if not resume and not overwrite:
         raise ValueError(f"--out {out}: the directory already holds files ({listing}); pass --overwrite to "
-                         "replace them, or --resume to continue the run there")
+                         "replace them" + (", or --resume to continue the run there" if resumable else ""))
     if overwrite:
         foreign = [n for n in entries if n not in RUN_FILES and not is_temporary(n)]
         if foreign:

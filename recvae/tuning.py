@@ -297,6 +297,10 @@ def describe(point: dict) -> str:
     return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())
 
 
+def describe_grid(grid: dict) -> str:
+    return " x ".join(f"{k}={','.join(f'{v:g}' if isinstance(v, float) else str(v) for v in vs)}" for k, vs in grid.items())
+
+
 def _model_values(point: dict) -> dict:
     """A grid point as the model's parameters (``hidden_dim`` is one hidden layer's width)."""
     return {("hidden_dims" if k == "hidden_dim" else k): ((v,) if k == "hidden_dim" else v) for k, v in point.items()}
@@ -315,16 +319,17 @@ def parse_grid(specs, model: str) -> dict:
         name, sep, values = str(spec).partition("=")
         name = name.strip().replace("-", "_")
         if not sep or not name:
-            raise ValueError(f"grid {spec!r}: expected NAME=V1,V2,... such as "
-                             f"{next(iter(tunable))}={DEFAULT_GRIDS[model][next(iter(tunable))][0]}")
+            first = next(iter(tunable))
+            raise ValueError(f"grid {spec!r}: expected NAME=V1,V2,... such as {first}="
+                             f"{','.join(f'{v:g}' for v in DEFAULT_GRIDS[model].get(first, ())[:2])}")
         if name not in tunable:
-            raise ValueError(f"grid {name}: not tunable for {model}; tunable: {', '.join(tunable)}")
+            raise ValueError(f"grid {spec}: {name!r} is not tunable for {model}; tunable: {', '.join(tunable)}")
         if name in grid:
-            raise ValueError(f"grid {name}: given twice; list all its values in one NAME=V1,V2")
+            raise ValueError(f"grid {spec}: {name!r} given twice; list all its values in one NAME=V1,V2")
         parse, expected = tunable[name]
-        texts = [t.strip() for t in values.split(",")]
-        if not any(texts):
-            raise ValueError(f"grid {name}: empty; expected {expected}")
+        texts = [t.strip() for t in values.split(",") if t.strip()]
+        if not texts:
+            raise ValueError(f"grid {name}={values}: no values; expected {expected}")
         parsed = []
         for text in texts:
             try:
@@ -340,7 +345,7 @@ def check_grid(model: str, grid: dict, params: dict) -> list[dict]:
     A hyperparameter both fixed in ``params`` and varied by the grid is an error."""
     both = [n for n in grid if n in params or (n == "hidden_dim" and "hidden_dims" in params)]
     if both:
-        raise ValueError(f"grid {both[0]}: also fixed by its own option; give it in one place")
+        raise ValueError(f"grid {both[0]}=...: {both[0]} is also given as a fixed value; give it in one place")
     if model == "multvae":
         chosen = [k for k in ("anneal_cap", "total_anneal_steps", "beta") if k in params]
         if chosen:
@@ -406,7 +411,7 @@ def tune(data: DataSpec, model: str, grid: dict | None = None, params: dict | No
     out = Path(out) if out is not None else None
     config = RunConfig(data=data, model=model, params=params, split_seed=split_seed, n_heldout_users=n_heldout_users)
     if out is not None:
-        check_out_dir(out, config, overwrite=overwrite)
+        check_out_dir(out, config, overwrite=overwrite, resumable=False)
     interactions = data.load(show_progress=show_progress)
     split = strong_generalization_split(interactions, n_heldout_users=n_heldout_users, seed=split_seed)
     if max(config.ks) > split.train.n_items:

@@ -1,0 +1,231 @@
+"""recvae.tuning and `recvae tune`: grids, the beta heuristic, selection on validation users only,
+the chosen model's run directory, and bad grids."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from recvae import tuning
+from recvae.cli import main
+from recvae.data.splits import strong_generalization_split
+from recvae.experiment import DataSpec, RunConfig, load_run, run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def log_csv(tmp_path_factory):
+    """300 users in 6 taste clusters over 120 items, all positives (default column names)."""
+    rng = np.random.default_rng(11)
+    rows = [(u, int(i), 5) for u in range(300)
+            for i in rng.choice(np.arange(u % 6 * 20, u % 6 * 20 + 20), size=12, replace=False)]
+    path = tmp_path_factory.mktemp("tune") / "log.csv"
+    pd.DataFrame(rows, columns=["user", "item", "rating"]).to_csv(path, index=False)
+    return path
+
+
+def tune_argv(log_csv, out, *extra):
+    return ["-q", "tune", "--data", str(log_csv), "--n-heldout-users", "30", "--out", str(out), *extra]
+
+
+SMALL = ("--epochs", "4", "--batch-size", "50", "--hidden-dims", "16", "--device", "cpu", "--precision", "fp32")
+
+
+# -- grids ---------------------------------------------------------------------------------------
+
+def test_parse_grid_types_order_and_defaults():
+    assert tuning.parse_grid(None, "recvae") == {"gamma": (0.0025, 0.005, 0.01)}
+    assert tuning.parse_grid([], "ease") == {"l2": tuning.EASE_GRID}
+    grid = tuning.parse_grid(["latent-dim=50, 200,50", "kl_weighting=activity", "dropout=0.3"], "multvae")
+    assert grid == {"latent_dim": (50, 200), "kl_weighting": ("activity",), "dropout": (0.3,)}
+    assert all(isinstance(v, int) for v in grid["latent_dim"])
+    assert tuning.grid_points({"a": (1, 2), "b": ("x", "y")}) == [
+        {"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 2, "b": "x"}, {"a": 2, "b": "y"}]
+
+
+@pytest.mark.parametrize("spec, model, message", [
+    ("l2=", "ease", "grid l2=: no values; expected positive numbers"),
+    ("l2= , ", "ease", "no values"),
+    ("l2=abc", "ease", "grid l2=abc: expected positive numbers"),
+    ("l2=0", "ease", "grid l2=0: expected positive numbers"),
+    ("latent_dim=1.5", "multvae", "grid latent_dim=1.5: expected positive integers"),
+    ("kl_weighting=none", "multvae", "grid kl_weighting=none: expected 'uniform' and/or 'activity'"),
+    ("dropout=1", "recvae", "grid dropout=1: expected probabilities in [0, 1)"),
+    ("gamma=0.1", "multvae", "'gamma' is not tunable for multvae; tunable: latent_dim, hidden_dim"),
+    ("l2", "ease", "grid 'l2': expected NAME=V1,V2,... such as l2=50,100"),
+])
+def test_parse_grid_errors_name_the_entry(spec, model, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        tuning.parse_grid([spec], model)
+
+
+def test_check_grid_refuses_a_value_fixed_twice_and_a_chosen_schedule():
+    with pytest.raises(ValueError, match=r"grid gamma=\.\.\.: gamma is also given as a fixed value"):
+        tuning.check_grid("recvae", {"gamma": (0.1,)}, {"gamma": 0.2})
+    with pytest.raises(ValueError, match="anneal_cap: tune chooses Mult-VAE's beta schedule"):
+        tuning.check_grid("multvae", {"latent_dim": (8,)}, {"anneal_cap": 0.2})
+    with pytest.raises(ValueError, match=r"grid latent_dim=8 hidden_dim=4: .*lr"):  # the model's own check
+        tuning.check_grid("multvae", {"latent_dim": (8,), "hidden_dim": (4,)}, {"lr": -1.0})
+
+
+# -- selection -----------------------------------------------------------------------------------
+
+def test_select_takes_the_best_validation_and_the_first_of_ties():
+    trials = [tuning.Trial(n, "ease", {}, v, 0.0) for n, v in [("a", 0.3), ("b", 0.5), ("c", 0.5), ("d", 0.1)]]
+    assert tuning.select(trials).name == "b"
+
+
+def _split(log_csv):
+    data = DataSpec(path=str(log_csv)).load()
+    return strong_generalization_split(data, n_heldout_users=30, seed=0)
+
+
+def test_beta_heuristic_caps_run_2_at_run_1s_best_beta_with_another_seed(log_csv):
+    split = _split(log_csv)
+    seen = []
+    trials = tuning.Trials(split.train, split.validation, on_trial=lambda t: seen.append((t.name, t.estimator)))
+    params = dict(epochs=5, batch_size=60, hidden_dims=(16,), latent_dim=4, random_state=3, device="cpu",
+                  precision="fp32")
+    run1, run2 = tuning.beta_heuristic(trials, "multvae", params, suffix=" x")
+    slope = 5 * math.ceil(split.train.n_users / 60)
+    assert (run1.name, run2.name) == ("anneal-1 x", "heuristic x")
+    assert run1.params["anneal_cap"] == 1.0 and run1.params["total_anneal_steps"] == slope
+    assert run2.params["total_anneal_steps"] == slope
+    assert run2.params["anneal_cap"] == run1.beta == seen[0][1].best_beta_  # run 1's beta at its best epoch
+    assert run2.params["random_state"] == 3 + tuning.HEURISTIC_SEED_OFFSET
+    assert run1.validation == seen[0][1].best_score_ and run1.best_epoch == seen[0][1].best_epoch_
+    # every trial was seen fitted; afterwards only the best keeps its model
+    assert all(est is not None for _, est in seen)
+    best = trials.best
+    assert [t.estimator is not None for t in trials.trials] == [t is best for t in trials.trials]
+
+
+def test_before_trial_stops_between_trials(log_csv):
+    split = _split(log_csv)
+    answers = iter([False, True])
+    trials = tuning.Trials(split.train, split.validation, before_trial=lambda: next(answers))
+    trials.run("popularity", "popularity", {})
+    with pytest.raises(tuning.TuningStopped):
+        trials.run("popularity again", "popularity", {})
+    assert [t.name for t in trials.trials] == ["popularity"]
+
+
+def test_ease_trials_equal_plain_fits(log_csv):
+    from recvae.evaluation import evaluate
+    from recvae.models import EASE
+
+    split = _split(log_csv)
+    trials = tuning.search("ease", split.train, split.validation, {"l2": (1.0, 30.0, 1000.0)})
+    assert [t.name for t in trials.trials] == ["l2=1", "l2=30", "l2=1000"]
+    for t in trials.trials:
+        plain = evaluate(EASE(l2=t.params["l2"]).fit(split.train), split.validation, ks=(100,))
+        assert t.validation == pytest.approx(plain["ndcg@100"].mean, rel=1e-9)
+    assert trials.best.validation == max(t.validation for t in trials.trials)
+
+
+# -- recvae tune ---------------------------------------------------------------------------------
+
+def test_tune_multvae_writes_the_chosen_run_and_its_trial_table(log_csv, tmp_path, capsys):
+    out = tmp_path / "tuned"
+    assert main(tune_argv(log_csv, out, *SMALL, "--grid", "latent_dim=4,8")) == 0
+    printed = capsys.readouterr().out
+    table = pd.read_csv(out / "tuning.csv")
+    # the paper's run, then the heuristic's two runs per latent size
+    assert list(table["trial"]) == ["paper", "anneal-1 latent_dim=4", "heuristic latent_dim=4",
+                                    "anneal-1 latent_dim=8", "heuristic latent_dim=8"]
+    assert list(table["latent_dim"]) == [200, 4, 4, 8, 8]
+    assert table["selected"].sum() == 1
+    chosen = table[table["selected"]].iloc[0]
+    assert chosen["validation_ndcg@100"] == table["validation_ndcg@100"].max()
+    assert f"* {chosen['trial']}" in printed
+    # a normal run directory whose model is the chosen trial's, scored as its validation said
+    model, description = load_run(out)
+    assert description["model"] == "multvae" and "show_progress" not in description["params"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["validation"]["metrics"]["ndcg@100"]["mean"] == pytest.approx(chosen["validation_ndcg@100"], abs=1e-6)
+    assert model.best_score_ == pytest.approx(chosen["validation_ndcg@100"], abs=1e-6)
+    # run.json's parameters retrain the same model (what `recvae train` with them does)
+    config = RunConfig(data=DataSpec(**description["data"]), model="multvae", params=description["params"],
+                       split_seed=0, n_heldout_users=30)
+    again = run(config).model
+    for name, tensor in model.module_.state_dict().items():
+        assert torch.equal(tensor, again.module_.state_dict()[name]), name
+    # evaluate and recommend take it as any run
+    assert main(["-q", "evaluate", str(out)]) == 0
+
+
+def test_tune_ease_and_recvae_defaults_through_the_library(log_csv, tmp_path):
+    tuned = tuning.tune(DataSpec(path=str(log_csv)), "ease", out=tmp_path / "ease", n_heldout_users=30)
+    assert [t.params["l2"] for t in tuned.trials] == list(tuning.EASE_GRID)
+    model, description = load_run(tmp_path / "ease")
+    assert model.l2 == tuned.best.params["l2"] == description["params"]["l2"]
+    assert tuned.run.validation["ndcg@100"].mean == pytest.approx(tuned.best.validation, rel=1e-9)
+    tuned = tuning.tune(DataSpec(path=str(log_csv)), "recvae", params=dict(epochs=1, hidden_dims=(8,), latent_dim=4,
+                                                                           device="cpu"), n_heldout_users=30)
+    assert [t.name for t in tuned.trials] == ["gamma=0.0025", "gamma=0.005", "gamma=0.01"]
+    assert [t.params["gamma"] for t in tuned.trials] == [0.0025, 0.005, 0.01]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--model", "ease", "--grid", "l2="), "--grid l2=: no values; expected positive numbers"),
+    (("--model", "ease", "--grid", "l2=abc"), "--grid l2=abc: expected positive numbers"),
+    (("--grid", "latent_dim=50.5"), "--grid latent_dim=50.5: expected positive integers"),
+    (("--model", "ease", "--n-heldout-users", "200"), "--n-heldout-users: 200 validation + 200 test users"),
+    (("--model", "multdae",), "--model multdae: tune takes ease, multvae, recvae"),
+    (("--model", "recvae", "--gamma", "0.1", "--grid", "gamma=0.2"), "--grid gamma=...: gamma is also given"),
+    (("--anneal-cap", "0.2",), "--anneal-cap: tune chooses Mult-VAE's beta schedule"),
+])
+def test_bad_input_one_line_exit_2_no_run_directory(log_csv, tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    assert main(tune_argv(log_csv, out, *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("recvae: error: ") and err.count("\n") == 1 and message in err, err
+    assert not out.exists()
+
+
+def test_existing_out_refused_unless_overwrite(log_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text("{}")
+    assert main(tune_argv(log_csv, out, "--model", "ease", "--grid", "l2=10")) == 2
+    assert "pass --overwrite to replace them\n" in capsys.readouterr().err
+    assert main(tune_argv(log_csv, out, "--model", "ease", "--grid", "l2=10", "--overwrite")) == 0
+    assert list(pd.read_csv(out / "tuning.csv")["l2"]) == [10.0]
+
+
+def test_interrupted_trials_write_nothing(log_csv, tmp_path, capsys, monkeypatch):
+    def interrupt(self, name, model, params):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tuning.Trials, "run", interrupt)
+    out = tmp_path / "run"
+    assert main(tune_argv(log_csv, out, *SMALL)) == 130
+    assert "stopped by SIGINT during the trials; nothing was written to --out" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_paper_table_chooses_through_recvae_tuning():
+    spec = importlib.util.spec_from_file_location("paper_table_t", ROOT / "benchmarks" / "paper_table.py")
+    paper_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper_table)
+    assert paper_table.HEURISTIC_NETWORK is tuning.HEURISTIC_NETWORK
+    assert paper_table.EASE_GRID is tuning.EASE_GRID
+    source = (ROOT / "benchmarks" / "paper_table.py").read_text()
+    assert "tuning.multvae_trials(" in source and "tuning.ease_trials(" in source
+    assert "anneal_cap\": cap" not in source  # no copy of the heuristic's second run
+
+
+def test_tune_help_lists_the_grid():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "recvae.cli", "tune", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "NAME=V1,V2" in proc.stdout and "kl_weighting" in proc.stdout
