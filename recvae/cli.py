@@ -377,7 +377,8 @@ def cmd_train(args) -> int:
         print(f"recvae: {e}", file=sys.stderr)
         return 0
     except ResumeMismatch as e:
-        detail = "; ".join(f"{flag_of(k)}: {a!r} in the run, now {b!r}" for k, a, b in e.differences)
+        flags = command_flags(build_parser(), "train")
+        detail = "; ".join(f"{flag_of(k, flags)}: {a!r} in the run, now {b!r}" for k, a, b in e.differences)
         raise CLIError(f"--resume: {Path(args.out) / 'run.json'} was made with other settings ({detail}); "
                        "use the options of the interrupted run") from None
     except MissingDependencyError as e:
@@ -442,7 +443,8 @@ def format_trials(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         cells = [("* " if r["selected"] and c == "trial" else "") + ("" if r[c] is None else
-                 f"{r[c]:.4f}" if c.startswith("validation") else f"{r[c]:g}" if isinstance(r[c], float) else str(r[c]))
+                 f"{r[c]:.4f}" if c.startswith("validation") else f"{r[c]:.1f}" if c == "seconds"
+                 else f"{r[c]:g}" if isinstance(r[c], float) else str(r[c]))
                  for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -497,10 +499,12 @@ def non_finite_message(e, args, lr: float) -> str:
             f"{resume_command(args, lr=lr / 2)}")
 
 
-def flag_of(setting: str) -> str:
-    """The command-line flag of a RunConfig setting (``data.path`` -> ``--data``)."""
+def flag_of(setting: str, flags: dict[str, str]) -> str:
+    """The flag of a RunConfig setting (``params.dropout`` -> ``--dropout``, ``data.path`` ->
+    ``--data``), from ``flags``, :func:`command_flags`'s mapping, the one that also rewrites
+    error messages; a setting without a flag keeps its name (``ks``)."""
     name = setting.split(".")[-1]
-    return {"path": "--data", "random_state": "--seed", "ks": "ks"}.get(name, "--" + name.replace("_", "-"))
+    return "--data" if name == "path" else flags.get(name, name)
 
 
 @contextlib.contextmanager

@@ -51,6 +51,8 @@ HEURISTIC_NETWORK = {"hidden_dims": (1000,), "latent_dim": 50, "kl_weighting": "
 #: run 2 of the beta heuristic takes this model seed offset: with run 1's seed it would repeat run
 #: 1 exactly up to run 1's best epoch (same initialisation, same slope) and so add nothing
 HEURISTIC_SEED_OFFSET = 1000
+#: models whose KL weight beta is annealed (their trials report beta at the best epoch)
+BETA_MODELS = ("multvae", "binary-multvae")
 #: settings of how a model is trained, not what it is: the paper's trial of ``multvae`` keeps them
 RUN_SETTINGS = ("epochs", "patience", "batch_size", "device", "precision", "random_state", "show_progress",
                 "eval_batch_size")
@@ -162,8 +164,8 @@ class Trials:
         seconds = time.perf_counter() - start
         if model in NEURAL_MODELS:
             score = estimator.best_score_
-            trial = Trial(name, model, dict(params), score, seconds, estimator.best_epoch_,
-                          getattr(estimator, "best_beta_", None), estimator)
+            beta = estimator.best_beta_ if model in BETA_MODELS else None  # RecVAE's "beta" is its gamma
+            trial = Trial(name, model, dict(params), score, seconds, estimator.best_epoch_, beta, estimator)
         else:
             score = validation_score(estimator, self.validation)
             trial = Trial(name, model, dict(params), score, seconds, estimator=estimator)
