@@ -4,7 +4,8 @@ Protocol end to end: the paper's preprocessing (ratings > 3.5, users with >= 5),
 generalization split per split seed (disjoint training / validation / test users; held-out users
 scored from 80% of their items, evaluated on the other 20%), every model of a seed on the same
 split, every choice (EASE's l2, Mult-VAE's beta schedule, the epoch kept) made on validation
-NDCG@100, test users touched once per fitted model.
+NDCG@100 through :mod:`recvae.tuning` (the code ``recvae tune`` runs), test users touched once
+per fitted model.
 
 Mult-VAE runs three times per seed and the run with the best validation NDCG@100 is the
 "Mult-VAE" row (all three are reported):

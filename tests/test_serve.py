@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from pathlib import Path
 import socket
 import subprocess
 import sys
@@ -43,12 +45,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(run_dir):
+@contextlib.contextmanager
+def start_server(run_dir, *extra):
+    """The real `recvae serve` in a subprocess on a free port; yields (base URL, process); always stopped."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "recvae.cli", "-q", "serve", str(run_dir), "--port", str(port),
-         "--max-body", str(MAX_BODY), "--max-batch", "8"],
+        [sys.executable, "-m", "recvae.cli", "-q", "serve", str(run_dir), "--port", str(port), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
@@ -65,7 +67,7 @@ def server(run_dir):
             if time.monotonic() > deadline:
                 raise TimeoutError("server did not answer /health within 90 s")
             time.sleep(0.2)
-        yield base
+        yield base, proc
     finally:
         proc.terminate()
         try:
@@ -73,6 +75,12 @@ def server(run_dir):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    with start_server(run_dir, "--max-body", str(MAX_BODY), "--max-batch", "8") as (base, _):
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +195,18 @@ def test_oversized_and_malformed_bodies(server):
 def test_serve_bad_arguments_are_one_line(argv, message, capsys):
     assert main(argv) == 2
     assert capsys.readouterr().err.strip() == f"recvae: error: {message}"
+
+
+def test_two_workers_each_load_the_model_and_answer_alike(run_dir, run):
+    items, scores = expected(run, ["m1", "m2", "m5"], 5)
+    with start_server(run_dir, "--workers", "2", "--threads", "1") as (base, proc):
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        if children.exists():  # Linux: the supervisor's worker processes
+            deadline = time.monotonic() + 60
+            while len(children.read_text().split()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert len(children.read_text().split()) >= 2
+        for _ in range(12):  # requests spread over the workers: every answer the model's
+            body = httpx.post(f"{base}/recommend", json={"items": ["m1", "m2", "m5"], "k": 5}, timeout=30).json()
+            assert body["items"] == items
+            np.testing.assert_allclose(body["scores"], scores, rtol=1e-5, atol=1e-6)
