@@ -28,6 +28,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from recvae.data import Interactions
+from recvae.data.interactions import index_of
 from recvae.experiment import SEEN_FILE, load_run, load_run_train, load_run_users
 from recvae.fileio import read_json
 from recvae.models.base import mask_rows, top_k
@@ -139,7 +140,7 @@ def match_ids(values, vocabulary: pd.Index) -> tuple[np.ndarray, np.ndarray, np.
     codes = np.full(len(converted), -1, dtype=np.int64)
     good = ~bad
     if good.any():
-        codes[good] = vocabulary.get_indexer(pd.Index(converted[good]))
+        codes[good] = index_of(vocabulary, converted[good])
     return codes, converted, bad
 
 
@@ -339,7 +340,7 @@ class RunRecommender:
                             "the threshold are not known and may be recommended", run_dir, SEEN_FILE)
             return self.known
         seen = Interactions.load(path)
-        rows = pd.Index(seen.user_ids).get_indexer(self.users)
+        rows = seen.user_index(self.users)
         if (rows < 0).any() or not np.array_equal(np.asarray(seen.item_ids), self.item_ids):
             raise ValueError(f"{path}: its users or items do not match the run's")
         return ((seen.matrix[rows] + self.known) > 0).astype(np.float32).tocsr()

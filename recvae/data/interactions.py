@@ -89,11 +89,11 @@ class Interactions:
         ``ids`` is a scalar or a sequence; a scalar gives a 0-d result converted to ``int``.
         Lookups are exact: ``"1"`` and ``1`` are different ids.
         """
-        return _lookup(self._user_lookup, ids)
+        return index_of(self._user_lookup, ids)
 
     def item_index(self, ids) -> np.ndarray:
         """Column indices (int64) of the original item ``ids``; ``-1`` where an id is unknown."""
-        return _lookup(self._item_lookup, ids)
+        return index_of(self._item_lookup, ids)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -264,7 +264,10 @@ class Interactions:
             raise ValueError(f"{path}: not a valid interactions cache ({e})") from e
 
 
-def _lookup(index: pd.Index, ids):
+def index_of(index: pd.Index, ids):
+    """Positions of ``ids`` in ``index`` (int64, ``-1`` where absent; a scalar gives an ``int``).
+    Exact: ``"1"`` and ``1`` are different ids. The one id lookup of the library: callers that
+    accept ids of another type (``recvae.recommend.match_ids``) convert them first."""
     scalar = np.ndim(ids) == 0
     if scalar:
         target = pd.Index([ids], dtype=object)
