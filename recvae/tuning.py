@@ -35,6 +35,7 @@ from recvae.data.splits import strong_generalization_split
 from recvae.fileio import write_bytes
 from recvae.models.base import as_csr
 from recvae.models.ease import EASE, _check_l2, ease_weights, gram_matrix
+from recvae.models.vae import NonFiniteLossError
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ class Trial:
     best_epoch: int | None = None
     beta: float | None = None  # Mult-VAE's KL weight at the best epoch
     estimator: object = field(default=None, repr=False, compare=False)
+    note: str | None = None  # e.g. the loss diverged (validation -inf when nothing was learnt)
 
     def row(self, columns=()) -> dict:
         """A line of the trial table; ``columns``: hyperparameters shown (their effective values)."""
@@ -128,7 +130,7 @@ class Trial:
         values = {c: _display(getattr(model, "hidden_dims" if c == "hidden_dim" else c, None)) for c in columns}
         return {"trial": self.name, **values, f"validation_{SELECTION_METRIC}": round(self.validation, 6),
                 "best_epoch": self.best_epoch, "beta_at_best_epoch": None if self.beta is None else round(self.beta, 6),
-                "seconds": round(self.seconds, 2)}
+                "seconds": round(self.seconds, 2), "note": self.note}
 
 
 def _display(value):
@@ -160,12 +162,21 @@ class Trials:
         self.check_stop(name)
         estimator = make_model(model, **params)
         start = time.perf_counter()
-        estimator.fit(self.train, validation=self.validation)
+        note = None
+        try:
+            estimator.fit(self.train, validation=self.validation)
+        except NonFiniteLossError as e:  # one diverging trial (a large lr of the grid) must not end the search
+            note = (f"non-finite loss at epoch {e.epoch}" +
+                    ("" if e.kept_epoch is None else f"; epoch {e.kept_epoch} kept"))
+            logger.warning("trial %s: %s", name, note)
+            if e.kept_epoch is None:  # nothing learnt: a trial that cannot be chosen
+                return self.add(Trial(name, model, dict(params), float("-inf"), time.perf_counter() - start,
+                                      note=note))
         seconds = time.perf_counter() - start
         if model in NEURAL_MODELS:
             score = estimator.best_score_
             beta = estimator.best_beta_ if model in BETA_MODELS else None  # RecVAE's "beta" is its gamma
-            trial = Trial(name, model, dict(params), score, seconds, estimator.best_epoch_, beta, estimator)
+            trial = Trial(name, model, dict(params), score, seconds, estimator.best_epoch_, beta, estimator, note)
         else:
             score = validation_score(estimator, self.validation)
             trial = Trial(name, model, dict(params), score, seconds, estimator=estimator)
@@ -261,7 +272,7 @@ def updates_per_epoch(model: str, params: dict, n_train_users: int) -> int:
     return math.ceil(n_train_users / make_model(model, **params).batch_size)
 
 
-def beta_heuristic(trials: Trials, model: str, params: dict, suffix: str = "") -> tuple[Trial, Trial]:
+def beta_heuristic(trials: Trials, model: str, params: dict, suffix: str = "") -> tuple[Trial, Trial | None]:
     """The paper's heuristic for beta (Liang et al. 2018, section 2.2.2) in two runs.
 
     Run 1 (``anneal-1``) anneals beta linearly to 1.0 over the whole run (``total_anneal_steps``
@@ -269,10 +280,13 @@ def beta_heuristic(trials: Trials, model: str, params: dict, suffix: str = "") -
     in updates); its beta at the best validation epoch becomes the cap of run 2
     (``heuristic``), which starts afresh with model seed ``random_state +
     HEURISTIC_SEED_OFFSET`` and the same slope, so beta reaches the cap where run 1 peaked
-    and stays there.
+    and stays there. Run 1 diverging before an epoch finished leaves no cap: no run 2 (None).
     """
     slope = make_model(model, **params).epochs * updates_per_epoch(model, params, trials.train.n_users)
     run1 = trials.run("anneal-1" + suffix, model, {**params, "anneal_cap": 1.0, "total_anneal_steps": slope})
+    if run1.beta is None:  # it diverged before an epoch finished: no beta to cap run 2 at
+        logger.warning("trial %s: no best epoch, so no heuristic run 2", run1.name)
+        return run1, None
     seed = params.get("random_state") or 0
     run2 = trials.run("heuristic" + suffix, model, {**params, "anneal_cap": run1.beta, "total_anneal_steps": slope,
                                                     "random_state": seed + HEURISTIC_SEED_OFFSET})
@@ -421,6 +435,9 @@ def tune(data: DataSpec, model: str, grid: dict | None = None, params: dict | No
                          f"the largest cutoff of the metrics (K = {max(config.ks)}, ks={list(config.ks)})")
     trials = search(model, split.train, split.validation, grid, params)
     best = trials.best
+    if best.validation == float("-inf"):
+        raise ValueError(f"model {model}: every trial's training loss became non-finite before an epoch finished "
+                         f"({len(trials.trials)} trials); lower lr, or try precision='fp32'")
     estimator = best.estimator
     if estimator is None:  # EASE's trials share one Gram matrix and keep no model: fit the chosen one
         start = time.perf_counter()

@@ -229,3 +229,24 @@ def test_tune_help_lists_the_grid():
 
     proc = subprocess.run([sys.executable, "-m", "recvae.cli", "tune", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "NAME=V1,V2" in proc.stdout and "kl_weighting" in proc.stdout
+
+
+def test_a_diverging_trial_is_recorded_and_the_search_goes_on(log_csv, tmp_path, capsys):
+    split = _split(log_csv)
+    trials = tuning.Trials(split.train, split.validation)
+    small = dict(epochs=2, batch_size=60, hidden_dims=(16,), latent_dim=4, device="cpu", precision="fp32")
+    bad = trials.run("huge lr", "multvae", {**small, "lr": 1e30})
+    good = trials.run("paper lr", "multvae", small)
+    assert bad.validation == float("-inf") and bad.note.startswith("non-finite loss at epoch 1")
+    assert trials.best is good and good.note is None and good.validation > 0
+    # every trial diverging: one line, exit 2, nothing written
+    out = tmp_path / "run"
+    assert main(tune_argv(log_csv, out, *SMALL, "--model", "recvae", "--grid", "lr=1e30,1e31")) == 2
+    err = capsys.readouterr().err
+    assert "every trial's training loss became non-finite before an epoch finished (2 trials)" in err
+    assert err.count("\n") == 1 and not out.exists()
+    # Mult-VAE: run 1 of the heuristic diverging leaves no cap, so no run 2; the paper's trial wins
+    assert main(tune_argv(log_csv, out, *SMALL, "--grid", "lr=1e30")) == 0
+    table = pd.read_csv(out / "tuning.csv")
+    assert list(table["trial"]) == ["paper", "anneal-1 lr=1e+30"] and list(table["selected"]) == [True, False]
+    assert table["note"][1].startswith("non-finite loss at epoch 1")
