@@ -12,6 +12,7 @@ A run directory holds everything needed later::
     metrics.json        validation and test metrics (mean, stderr, n_users)
     learning_curve.png  loss, KL, beta and validation NDCG@100 per epoch (needs matplotlib)
     checkpoint.pt       while a neural model trains (removed when it finishes unless kept)
+    tuning.csv          the trials that chose the model (runs written by ``recvae tune``)
 
 ``run.json`` and the three ``.npz`` files are written before training starts, so an interrupted
 run directory says what it was; ``metrics.json`` is written last, once the model is there.
