@@ -150,6 +150,20 @@ def test_two_processes_give_the_one_process_model(log_csv, reference, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
 
 
+def test_binary_latent_two_processes_give_the_one_process_model(log_csv, tmp_path):
+    """The bits' noise follows the batch split as the Gaussian noise does (relaxed bits: the
+    straight-through sample's forward pass is a step, so any shift would show at once)."""
+    extra = ["--latent", "bernoulli", "--temperature", "1.0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*_train_args(["--data", str(log_csv)], one), *extra]) == 0
+    with _Procs() as procs:
+        procs.start([*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "recvae",
+                     *_train_args(["--data", str(log_csv)], two), *extra], env=_env())
+        [(rc, text)] = procs.wait()
+    assert rc == 0, text
+    _assert_same_run(two, one)
+
+
 def test_two_torchrun_agents_as_two_nodes(log_csv, reference, tmp_path):
     out = tmp_path / "nodes"
     with _Procs() as procs:

@@ -293,7 +293,11 @@ class MultBernoulliNetwork(MultNetwork):
         p = torch.sigmoid(logits)
         if not self.training:
             return (p > 0.5).float() if self.binary_inference == "bits" else p, (logits,)
-        u = torch.rand(logits.shape, generator=generator, device=logits.device)
+        part = batch.part  # data parallel: noise drawn for the global batch, this process's rows kept
+        shape = logits.shape if part is None else (part.n_rows, logits.shape[1])
+        u = torch.rand(shape, generator=generator, device=logits.device)
+        if part is not None:
+            u = u[part.start:part.stop]
         if self.temperature is None:
             bits = (u < p).float()
             z = bits + (p - p.detach())  # forward: the bit; backward: d bit / d p := 1
