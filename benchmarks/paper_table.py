@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import platform
 import resource
@@ -64,7 +63,6 @@ from recvae.evaluation import evaluate, paired_difference
 from recvae.experiment import NEURAL_MODELS, REPORT_METRICS
 from recvae.fileio import atomic_path, write_bytes, write_json
 from recvae.optional import MissingDependencyError, available
-from recvae.models import EASE, BinaryMultVAE
 
 logger = logging.getLogger("paper_table")
 
@@ -240,8 +238,8 @@ def run_seed(seed: int, data: Interactions, args, models, budget: TimeBudget, re
             search = tuning.Trials(split.train, split.validation, before_trial=stop)
             t0 = time.perf_counter()
             tuning.ease_trials(search, args.ease_grid)
+            ease = tuning.best_estimator(search)
             best = search.best
-            ease = EASE(l2=best.params["l2"]).fit(split.train)
             results["ease"] = {"train_seconds": time.perf_counter() - t0, "params": {"l2": best.params["l2"]},
                                "validation_grid": [{"l2": t.params["l2"], "ndcg@100": t.validation}
                                                    for t in search.trials],
@@ -268,8 +266,7 @@ def run_seed(seed: int, data: Interactions, args, models, budget: TimeBudget, re
             trials("").run("recvae", "recvae", {**common, **RECVAE_PARAMS})
         if "binary-multvae" in models:
             # beta annealed to 1.0 over the run, as heuristic run 1 (the best epoch kept)
-            slope = BinaryMultVAE(**common).epochs * tuning.updates_per_epoch("binary-multvae", common,
-                                                                               split.train.n_users)
+            slope = tuning.full_run_updates("binary-multvae", common, split.train.n_users)
             trials("").run("binary-multvae", "binary-multvae",
                            {**common, **BINARY_PARAMS, "anneal_cap": 1.0, "total_anneal_steps": slope})
     except tuning.TuningStopped:
@@ -583,7 +580,6 @@ def _main(args, argv) -> int:
     if not per_seed:
         raise CLIError(f"--max-minutes {args.max_minutes:g}: no run finished; nothing to report")
 
-    n_batches = math.ceil(per_seed[0]["split"]["train"]["n_users"] / 500)
     report = {
         "benchmark": "paper_table",
         "name": name,
@@ -599,7 +595,8 @@ def _main(args, argv) -> int:
         "heuristic_network": heuristic_network(args) or "paper",
         "epochs": args.epochs or 200,
         "patience": args.patience,
-        "anneal_steps": (args.epochs or 200) * n_batches,
+        "anneal_steps": tuning.full_run_updates("multvae", {"epochs": args.epochs} if args.epochs else {},
+                                                per_seed[0]["split"]["train"]["n_users"]),
         "ease_grid": list(args.ease_grid),
         "complete": stopped is None,
         "stopped_reason": stopped,

@@ -352,13 +352,12 @@ def cmd_train(args) -> int:
     config = RunConfig(
         data=spec, model=name, params=params, split_seed=args.split_seed, n_heldout_users=args.n_heldout_users
     )
-    previous = _on_sigterm(_raise_terminated)
     try:
-        with distributed_training(model, params) as main:
+        with sigterm_raises(), distributed_training(model, params) as main:
             result = run(config, out=args.out, show_progress=not args.quiet and main, resume=args.resume,
                          overwrite=args.overwrite, keep_checkpoint=args.keep_checkpoint)
     except (KeyboardInterrupt, Terminated) as e:
-        name, code = ("SIGINT", EXIT_SIGINT) if isinstance(e, KeyboardInterrupt) else ("SIGTERM", EXIT_SIGTERM)
+        name, code = stopped_by(e)
         epoch = checkpoint_epoch(args.out) if args.out and Path(args.out).is_dir() else None
         if not args.out:
             line = "during training; no --out was given, so nothing was kept"
@@ -383,8 +382,6 @@ def cmd_train(args) -> int:
                        "use the options of the interrupted run") from None
     except MissingDependencyError as e:
         raise CLIError(str(e)) from None
-    finally:
-        _on_sigterm(previous)
     if not main:
         return 0
     print(f"\n{config.model} on {spec.name}: trained in {result.train_seconds:.1f} s")
@@ -416,18 +413,16 @@ def cmd_tune(args) -> int:
         raise CLIError(f"--{e}" if str(e).startswith("grid ") else str(e)) from None
     n_trials = len(points) * (2 if name == "multvae" else 1) + (name == "multvae")
     logger.info("tune %s on %s: %d trial(s) of %s", name, spec.name, n_trials, tuning.describe_grid(grid))
-    previous = _on_sigterm(_raise_terminated)
     try:
-        tuned = tuning.tune(spec, name, grid, params, out=args.out, split_seed=args.split_seed,
-                            n_heldout_users=args.n_heldout_users, overwrite=args.overwrite,
-                            show_progress=not args.quiet)
+        with sigterm_raises():
+            tuned = tuning.tune(spec, name, grid, params, out=args.out, split_seed=args.split_seed,
+                                n_heldout_users=args.n_heldout_users, overwrite=args.overwrite,
+                                show_progress=not args.quiet)
     except (KeyboardInterrupt, Terminated) as e:
-        signame, code = ("SIGINT", EXIT_SIGINT) if isinstance(e, KeyboardInterrupt) else ("SIGTERM", EXIT_SIGTERM)
+        signame, code = stopped_by(e)
         print(f"recvae: stopped by {signame} during the trials; nothing was written to --out {args.out}",
               file=sys.stderr)
         return code
-    finally:
-        _on_sigterm(previous)
     rows = tuned.table()
     print(f"\n{name} on {spec.name}: {len(rows)} trial(s) on {tuned.run.validation.n_users} validation users "
           f"(* = chosen, by validation NDCG@100)")
@@ -454,13 +449,25 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
-def _on_sigterm(handler):
-    """Install ``handler`` for SIGTERM; returns the previous one (None outside the main thread,
-    where Python cannot handle signals)."""
+@contextmanager
+def sigterm_raises():
+    """Within the block SIGTERM raises :class:`Terminated`, as SIGINT raises KeyboardInterrupt;
+    the previous handler comes back after it. Outside the main thread, where Python cannot
+    handle signals, nothing changes."""
     try:
-        return signal.signal(signal.SIGTERM, handler if handler is not None else signal.SIG_DFL)
-    except ValueError:
-        return None
+        previous, installed = signal.signal(signal.SIGTERM, _raise_terminated), True
+    except ValueError:  # not the main thread
+        previous, installed = None, False
+    try:
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def stopped_by(error: BaseException) -> tuple[str, int]:
+    """The signal that stopped a command and its exit status: (name, 128 + number)."""
+    return ("SIGINT", EXIT_SIGINT) if isinstance(error, KeyboardInterrupt) else ("SIGTERM", EXIT_SIGTERM)
 
 
 def resume_command(args, lr: float | None = None) -> str:

@@ -195,11 +195,7 @@ def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: 
     plot = available("matplotlib")
     if out is not None and not plot:
         logger.warning("matplotlib is not installed: no learning_curve.png (pip install 'recvae[plot]')")
-    interactions = config.data.load(show_progress=show_progress)
-    split = strong_generalization_split(interactions, n_heldout_users=config.n_heldout_users, seed=config.split_seed)
-    if max(config.ks) > split.train.n_items:  # else the run would train, then fail to evaluate
-        raise ValueError(f"data {config.data.name}: {split.train.n_items} items after preprocessing, fewer than "
-                         f"the largest cutoff of the metrics (K = {max(config.ks)}, ks={list(config.ks)})")
+    split = load_split(config, show_progress)
     main = distributed.current().is_main  # with several processes, rank 0 alone writes the run
     created = False
     if out is not None and main:  # only once the data is known good: a bad input leaves no folder behind
@@ -224,6 +220,18 @@ def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: 
     if result.error is not None:
         raise result.error
     return result
+
+
+def load_split(config: RunConfig, show_progress: bool = False):
+    """``config``'s data, read and split as the paper (its ``split_seed``, ``n_heldout_users``);
+    refused when the catalogue is smaller than the largest cutoff, as the run would train, then
+    fail to evaluate."""
+    interactions = config.data.load(show_progress=show_progress)
+    split = strong_generalization_split(interactions, n_heldout_users=config.n_heldout_users, seed=config.split_seed)
+    if max(config.ks) > split.train.n_items:
+        raise ValueError(f"data {config.data.name}: {split.train.n_items} items after preprocessing, fewer than "
+                         f"the largest cutoff of the metrics (K = {max(config.ks)}, ks={list(config.ks)})")
+    return split
 
 
 def fit_and_evaluate(split, model: str, params: dict, ks=(20, 50, 100), resume: bool = False) -> RunResult:

@@ -29,9 +29,9 @@ import numpy as np
 
 from recvae.evaluation import evaluate
 from recvae.experiment import (
-    NEURAL_MODELS, TUNING_FILE, DataSpec, RunConfig, RunResult, check_out_dir, make_model, write_run_dir,
+    NEURAL_MODELS, TUNING_FILE, DataSpec, RunConfig, RunResult, check_out_dir, load_split, make_model,
+    write_run_dir,
 )
-from recvae.data.splits import strong_generalization_split
 from recvae.fileio import write_bytes
 from recvae.models.base import as_csr
 from recvae.models.ease import EASE, _check_l2, ease_weights, gram_matrix
@@ -206,6 +206,17 @@ class Trials:
         return select(self.trials)
 
 
+def best_estimator(trials: Trials):
+    """The best trial's fitted model; EASE's trials share one Gram matrix and keep no model, so
+    the chosen one is fitted here (its fit time then becomes the trial's ``seconds``)."""
+    best = trials.best
+    if best.estimator is None:
+        start = time.perf_counter()
+        best.estimator = make_model(best.model, **best.params).fit(trials.train)
+        best.seconds = time.perf_counter() - start
+    return best.estimator
+
+
 def select(trials: list[Trial]) -> Trial:
     """The trial with the highest validation NDCG@100; ties go to the earliest."""
     return max(trials, key=lambda t: t.validation)  # max() keeps the first of equal values
@@ -268,8 +279,11 @@ def ease_trials(trials: Trials, grid=EASE_GRID, params: dict | None = None) -> N
                          row["seconds"]))
 
 
-def updates_per_epoch(model: str, params: dict, n_train_users: int) -> int:
-    return math.ceil(n_train_users / make_model(model, **params).batch_size)
+def full_run_updates(model: str, params: dict, n_train_users: int) -> int:
+    """Updates in a whole run (epochs x updates per epoch): the slope over which beta is
+    annealed to 1.0, so the schedule scales with the data instead of being fixed in updates."""
+    estimator = make_model(model, **params)
+    return estimator.epochs * math.ceil(n_train_users / estimator.batch_size)
 
 
 def beta_heuristic(trials: Trials, model: str, params: dict, suffix: str = "") -> tuple[Trial, Trial | None]:
@@ -282,7 +296,7 @@ def beta_heuristic(trials: Trials, model: str, params: dict, suffix: str = "") -
     HEURISTIC_SEED_OFFSET`` and the same slope, so beta reaches the cap where run 1 peaked
     and stays there. Run 1 diverging before an epoch finished leaves no cap: no run 2 (None).
     """
-    slope = make_model(model, **params).epochs * updates_per_epoch(model, params, trials.train.n_users)
+    slope = full_run_updates(model, params, trials.train.n_users)
     run1 = trials.run("anneal-1" + suffix, model, {**params, "anneal_cap": 1.0, "total_anneal_steps": slope})
     if run1.beta is None:  # it diverged before an epoch finished: no beta to cap run 2 at
         logger.warning("trial %s: no best epoch, so no heuristic run 2", run1.name)
@@ -419,30 +433,22 @@ def tune(data: DataSpec, model: str, grid: dict | None = None, params: dict | No
     Everything is checked before the data are read; nothing is written until the trials end.
     """
     params = {k: v for k, v in (params or {}).items() if k not in ("run_dir", "keep_checkpoint")}
-    grid = parse_grid(None, model) if grid is None else grid
     if model not in TUNABLE:
         raise ValueError(f"model: tune takes {', '.join(TUNABLE)}, got {model!r}")
+    grid = parse_grid(None, model) if grid is None else grid
     check_grid(model, grid, params)
     data.check_optional()
     out = Path(out) if out is not None else None
     config = RunConfig(data=data, model=model, params=params, split_seed=split_seed, n_heldout_users=n_heldout_users)
     if out is not None:
         check_out_dir(out, config, overwrite=overwrite, resumable=False)
-    interactions = data.load(show_progress=show_progress)
-    split = strong_generalization_split(interactions, n_heldout_users=n_heldout_users, seed=split_seed)
-    if max(config.ks) > split.train.n_items:
-        raise ValueError(f"data {data.name}: {split.train.n_items} items after preprocessing, fewer than "
-                         f"the largest cutoff of the metrics (K = {max(config.ks)}, ks={list(config.ks)})")
+    split = load_split(config, show_progress)
     trials = search(model, split.train, split.validation, grid, params)
     best = trials.best
     if best.validation == float("-inf"):
         raise ValueError(f"model {model}: every trial's training loss became non-finite before an epoch finished "
                          f"({len(trials.trials)} trials); lower lr, or try precision='fp32'")
-    estimator = best.estimator
-    if estimator is None:  # EASE's trials share one Gram matrix and keep no model: fit the chosen one
-        start = time.perf_counter()
-        estimator = make_model(model, **best.params).fit(split.train)
-        best.seconds = time.perf_counter() - start
+    estimator = best_estimator(trials)
     result = RunResult(estimator, evaluate(estimator, split.validation, ks=config.ks),
                        evaluate(estimator, split.test, ks=config.ks), best.seconds, split)
     columns = tuple(grid) + (("anneal_cap",) if model == "multvae" else ())
