@@ -34,7 +34,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from recvae.data import Interactions  # noqa: E402
 from recvae.data.splits import strong_generalization_split  # noqa: E402
 from recvae.fileio import write_bytes, write_json  # noqa: E402
-from recvae.models.vae import CHECKPOINT_FILE, MultVAE, resolve_precision  # noqa: E402
+from recvae.models.device import resolve_precision  # noqa: E402
+from recvae.models.vae import MultVAE  # noqa: E402
+from recvae.rundir import CHECKPOINT_FILE, RunDir  # noqa: E402
 from train_speed import N_INTERACTIONS, N_ITEMS, N_USERS, peak_rss_gb, synthetic_ml20m  # noqa: E402
 
 TARGET_SHARE = 0.05
@@ -59,7 +61,7 @@ def main(argv=None) -> dict:
           f"{split.train.n_users:,} training users")
 
     writes, marks = [], []  # seconds per checkpoint write; perf_counter at each epoch's end
-    original = MultVAE._write_checkpoint
+    original = RunDir.write_epoch
 
     def timed(self, *a, **k):
         t = time.perf_counter()
@@ -69,14 +71,13 @@ def main(argv=None) -> dict:
         marks.append(end)
 
     with tempfile.TemporaryDirectory(dir=REPO) as run_dir:  # the disk runs are written to, not a tmpfs
-        model = MultVAE(epochs=args.epochs, random_state=0, precision=args.precision, run_dir=run_dir,
-                        keep_checkpoint=True)
-        MultVAE._write_checkpoint = timed
+        model = MultVAE(epochs=args.epochs, random_state=0, precision=args.precision)
+        RunDir.write_epoch = timed  # the checkpoint and the history it lists, as `recvae train` writes them
         try:
             start = time.perf_counter()
-            model.fit(split.train, validation=split.validation)
+            model.fit(split.train, validation=split.validation, callbacks=[RunDir(run_dir).checkpoints()])
         finally:
-            MultVAE._write_checkpoint = original
+            RunDir.write_epoch = original
         path = Path(run_dir) / CHECKPOINT_FILE
         size_mb = path.stat().st_size / 1e6
         payload = torch.load(path, weights_only=True)

@@ -60,7 +60,8 @@ def worker(args) -> None:
     from recvae import distributed
     from recvae.data.prepared import load_prepared
     from recvae.models.networks import MultVAENetwork, NetworkConfig
-    from recvae.models.vae import batch_of, make_optimizer, resolve_precision, training_step
+    from recvae.models.device import resolve_precision
+    from recvae.models.training_loop import batch_of, make_optimizer, training_step
 
     group = distributed.init_from_env()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

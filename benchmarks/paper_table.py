@@ -60,7 +60,8 @@ from recvae.cli import CLIError, add_data_options, data_spec_from_args
 from recvae.data import Interactions
 from recvae.data.splits import default_n_heldout_users, strong_generalization_split
 from recvae.evaluation import evaluate, paired_difference
-from recvae.experiment import NEURAL_MODELS, REPORT_METRICS
+from recvae.experiment import REPORT_METRICS
+from recvae.models.registry import is_neural
 from recvae.fileio import atomic_path, write_bytes, write_json
 from recvae.optional import MissingDependencyError, available
 
@@ -180,8 +181,8 @@ def trial_info(trial, test_users) -> dict:
     """What the results keep of a finished trial (``recvae.tuning.Trial``): its validation
     choice, timing and curve, and its fitted model's test metrics."""
     model = trial.estimator
-    params = {k: v for k, v in trial.params.items() if k not in ("show_progress", "run_dir")}
-    if trial.model not in NEURAL_MODELS:
+    params = {k: v for k, v in trial.params.items() if k != "show_progress"}
+    if not is_neural(trial.model):
         return {"train_seconds": trial.seconds, "params": params,
                 "test": metrics_of(evaluate(model, test_users, ks=(20, 50, 100)))}
     hist = model.history_

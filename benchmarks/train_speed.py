@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 
 from recvae.models.networks import MultVAENetwork, NetworkConfig  # noqa: E402
 from recvae.models.sparse_layers import SparseBatch  # noqa: E402
-from recvae.models.vae import make_optimizer, training_step  # noqa: E402
+from recvae.models.training_loop import make_optimizer, training_step  # noqa: E402
 
 N_ITEMS = 20_108  # ML-20M after the paper's preprocessing
 N_USERS = 136_677

@@ -8,7 +8,6 @@ import logging
 import os
 import re
 import shlex
-import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +16,9 @@ import numpy as np
 import pandas as pd
 
 from recvae import __version__
+from recvae.errors import ParameterError
 from recvae.optional import MissingDependencyError
+from recvae.signals import EXIT_SIGINT, EXIT_SIGTERM, Terminated, sigterm_raises, stopped_by  # noqa: F401
 
 logger = logging.getLogger("recvae")
 
@@ -32,14 +33,6 @@ USER_ERRORS = (CLIError, ValueError, OSError, KeyError, MissingDependencyError)
 #: library parameter names whose flag is not the option of the same dest; None: never rewritten
 #: (``data: ...`` is a word of the library's messages, not the --data flag)
 PARAM_FLAGS = {"random_state": "--seed", "data": None}
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread like KeyboardInterrupt for SIGINT."""
-
-
-#: exit statuses of a run stopped by a signal: 128 + the signal's number, as a shell reports it
-EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,11 +53,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def user_message(error: BaseException, parser: argparse.ArgumentParser, command: str) -> str:
-    """The one line a user error prints: the library's parameter names (``item_col: ...``)
-    become the flags the user typed (``--item-col: ...``), the only place where this is done."""
+    """The one line a user error prints. A :class:`~recvae.errors.ParameterError` names its
+    parameter as data: it becomes the flag the user typed (``latent_dim`` -> ``--latent-dim``),
+    found through the parser. Older messages that start with a parameter name
+    (``item_col: ...``) are mapped the same way."""
+    flags = command_flags(parser, command)
+    if isinstance(error, ParameterError):
+        flag = flags.get(error.param)
+        return " ".join(f"{flag or error.param}: {error.message}".split())
     msg = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
     msg = " ".join(str(msg).split())  # one line, whatever the parser (pandas, torch) put in it
-    flags = command_flags(parser, command)
     pattern = r"(?<![\w./-])(" + "|".join(map(re.escape, sorted(flags, key=len, reverse=True))) + r")(?=:)"
     return re.sub(pattern, lambda m: flags[m.group(1)], msg) if flags else msg
 
@@ -175,9 +173,11 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prepared", metavar="DIR", help="a directory written by `recvae prepare` (memory-mapped)")
 
 
-def add_model_options(p: argparse.ArgumentParser, models: str = "multvae (default), multdae, recvae, ease or popularity") -> None:
+def add_model_options(p: argparse.ArgumentParser, models: str | None = None) -> None:
     """The model and its hyperparameters, split and device: the options `train` and `tune` share."""
-    p.add_argument("--model", default="multvae", help=models)
+    from recvae.models import model_names
+
+    p.add_argument("--model", default="multvae", help=models or f"one of {', '.join(model_names())} (default multvae)")
     p.add_argument("--latent", choices=("gaussian", "bernoulli"),
                    help="multvae's latent: gaussian (paper) or bernoulli (binary codes; the binary-multvae model)")
     p.add_argument("--temperature", type=float,
@@ -266,25 +266,15 @@ def model_params_from_args(args) -> dict:
         "mixture_weights": parse_floats(args.mixture_weights, "--mixture-weights"),
         "l2": args.l2,
     }
-    recvae_only = {"gamma", "encoder_epochs", "decoder_epochs", "mixture_weights"}
-    annealing = {"anneal_cap", "total_anneal_steps", "beta", "kl_weighting"}
-    binary_only = {"temperature"}
-    accepted = {
-        "multvae": set(given) - {"l2"} - recvae_only - binary_only,
-        "binary-multvae": set(given) - {"l2"} - recvae_only,
-        "multdae": set(given) - {"l2"} - recvae_only - annealing - binary_only,
-        "recvae": set(given) - {"l2"} - annealing - binary_only,
-        "ease": {"l2"},
-        "popularity": set(),
-    }.get(model_name(args), set(given))
+    from recvae.models import model_class
+
+    accepted = set(model_class(model_name(args))._param_names())  # the registry says what a model takes
     unused = [k for k, v in given.items() if v is not None and k not in accepted]
     if unused:
         raise CLIError(f"--model {args.model}{latent_note(args)}: does not take {', '.join('--' + u.replace('_', '-') for u in unused)}")
     params = {k: v for k, v in given.items() if v is not None}
-    from recvae.experiment import NEURAL_MODELS
-
-    if model_name(args) in NEURAL_MODELS:
-        params.update(random_state=args.seed, device=args.device, show_progress=not args.quiet)
+    extra = {"random_state": args.seed, "device": args.device, "show_progress": not args.quiet}
+    params.update({k: v for k, v in extra.items() if k in accepted})
     return params
 
 
@@ -338,9 +328,8 @@ def cmd_datasets(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from recvae.experiment import ResumeMismatch, RunConfig, RunFinished, make_model, run
-    from recvae.models.vae import NonFiniteLossError, checkpoint_epoch
-    from recvae.optional import MissingDependencyError
+    from recvae.experiment import ResumeMismatch, RunConfig, RunFinished, run
+    from recvae.models.training_loop import NonFiniteLossError
 
     if (args.resume or args.overwrite or args.keep_checkpoint) and not args.out:
         flag = "--resume" if args.resume else "--overwrite" if args.overwrite else "--keep-checkpoint"
@@ -348,29 +337,19 @@ def cmd_train(args) -> int:
     spec = data_spec_from_args(args)
     params = model_params_from_args(args)
     name = model_name(args)
-    model = make_model(name, **params)  # a bad parameter fails before the data is read (main() names its flag)
     config = RunConfig(
         data=spec, model=name, params=params, split_seed=args.split_seed, n_heldout_users=args.n_heldout_users
     )
     try:
-        with sigterm_raises(), distributed_training(model, params) as main:
+        with sigterm_raises(), distributed_training(name, params) as main:
             result = run(config, out=args.out, show_progress=not args.quiet and main, resume=args.resume,
                          overwrite=args.overwrite, keep_checkpoint=args.keep_checkpoint)
     except (KeyboardInterrupt, Terminated) as e:
-        name, code = stopped_by(e)
-        epoch = checkpoint_epoch(args.out) if args.out and Path(args.out).is_dir() else None
-        if not args.out:
-            line = "during training; no --out was given, so nothing was kept"
-        elif epoch is None and (Path(args.out) / "model" / "model.json").is_file():
-            line = f"after training, before the metrics were written; finish with: {resume_command(args)}"
-        elif epoch is None:
-            line = f"before a checkpoint was written; start again with: {resume_command(args)}"
-        else:
-            line = f"after epoch {epoch} (checkpoint in {args.out}); resume with: {resume_command(args)}"
-        print(f"recvae: stopped by {name} {line}", file=sys.stderr)
+        signame, code = stopped_by(e)
+        print(f"recvae: stopped by {signame} {train_stop_line(args)}", file=sys.stderr)
         return code
     except NonFiniteLossError as e:
-        print(f"recvae: error: {non_finite_message(e, args, model.lr)}", file=sys.stderr)
+        print(f"recvae: error: {non_finite_message(e, args, params.get('lr', model_lr(name)))}", file=sys.stderr)
         return 2
     except RunFinished as e:
         print(f"recvae: {e}", file=sys.stderr)
@@ -393,6 +372,40 @@ def cmd_train(args) -> int:
     return 0
 
 
+def model_lr(name: str) -> float:
+    import inspect
+
+    from recvae.models import model_class
+
+    return inspect.signature(model_class(name).__init__).parameters["lr"].default
+
+
+def train_stop_line(args) -> str:
+    """What a stopped ``train`` left on disk, read from the run directory itself, and a command
+    that works from there."""
+    from recvae.rundir import CURVE_FILE, RunDir
+
+    if not args.out:
+        return "during training; no --out was given, so nothing was kept"
+    run = RunDir(args.out)
+    state = run.state()
+    if state in ("absent", "empty"):
+        return f"before anything was written to {args.out}; start again with: {restart_command(args)}"
+    if state == "partial":
+        return (f"while {args.out} was being set up (no run.json yet, nothing trained); start again with: "
+                f"{restart_command(args, overwrite=True)}")
+    if state == "described":
+        return f"before the first epoch finished (nothing trained yet); resume with: {resume_command(args)}"
+    if state == "training":
+        return f"after epoch {run.checkpoint_epoch()} (checkpoint in {args.out}); resume with: {resume_command(args)}"
+    if state == "trained":
+        return f"after training, before the metrics were written; finish with: {resume_command(args)}"
+    if not run.file(CURVE_FILE).is_file():
+        return (f"after the metrics were written ({args.out} holds the finished run), before the learning curve "
+                f"was drawn; draw it with: {resume_command(args)}")
+    return f"after the run finished ({args.out} holds it whole)"
+
+
 def cmd_tune(args) -> int:
     from recvae import tuning
 
@@ -411,6 +424,9 @@ def cmd_tune(args) -> int:
         points = tuning.check_grid(name, grid, params)
     except ValueError as e:
         raise CLIError(f"--{e}" if str(e).startswith("grid ") else str(e)) from None
+    from recvae.rundir import RunDir
+
+    had_run = RunDir(args.out).state() not in ("absent", "empty")
     n_trials = len(points) * (2 if name == "multvae" else 1) + (name == "multvae")
     logger.info("tune %s on %s: %d trial(s) of %s", name, spec.name, n_trials, tuning.describe_grid(grid))
     try:
@@ -420,8 +436,14 @@ def cmd_tune(args) -> int:
                                 show_progress=not args.quiet)
     except (KeyboardInterrupt, Terminated) as e:
         signame, code = stopped_by(e)
-        print(f"recvae: stopped by {signame} during the trials; nothing was written to --out {args.out}",
-              file=sys.stderr)
+        state = RunDir(args.out).state()
+        if state in ("absent", "empty") and not had_run:
+            where = f"nothing was written to --out {args.out}"
+        elif state in ("absent", "empty"):
+            where = f"--out {args.out} is empty: its previous run was removed before the stop"
+        else:
+            where = f"--out {args.out} holds its previous run, unchanged"
+        print(f"recvae: stopped by {signame} during the trials; {where}", file=sys.stderr)
         return code
     rows = tuned.table()
     print(f"\n{name} on {spec.name}: {len(rows)} trial(s) on {tuned.run.validation.n_users} validation users "
@@ -429,7 +451,9 @@ def cmd_tune(args) -> int:
     print(format_trials(rows))
     print(f"\nchosen: {tuned.best.name}; its model on the held-out users:")
     print(format_table({"validation": tuned.run.validation, "test": tuned.run.test}))
-    print(f"\nrun directory: {args.out} (trial table: {Path(args.out) / tuning.TUNING_FILE})")
+    from recvae.rundir import TUNING_FILE
+
+    print(f"\nrun directory: {args.out} (trial table: {Path(args.out) / TUNING_FILE})")
     return 0
 
 
@@ -443,31 +467,6 @@ def format_trials(rows: list[dict]) -> str:
                  for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
-
-
-@contextmanager
-def sigterm_raises():
-    """Within the block SIGTERM raises :class:`Terminated`, as SIGINT raises KeyboardInterrupt;
-    the previous handler comes back after it. Outside the main thread, where Python cannot
-    handle signals, nothing changes."""
-    try:
-        previous, installed = signal.signal(signal.SIGTERM, _raise_terminated), True
-    except ValueError:  # not the main thread
-        previous, installed = None, False
-    try:
-        yield
-    finally:
-        if installed:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-
-def stopped_by(error: BaseException) -> tuple[str, int]:
-    """The signal that stopped a command and its exit status: (name, 128 + number)."""
-    return ("SIGINT", EXIT_SIGINT) if isinstance(error, KeyboardInterrupt) else ("SIGTERM", EXIT_SIGTERM)
 
 
 def resume_command(args, lr: float | None = None) -> str:
@@ -490,6 +489,12 @@ def resume_command(args, lr: float | None = None) -> str:
     return shlex.join([args.prog, *argv])
 
 
+def restart_command(args, overwrite: bool = False) -> str:
+    """The user's command without --resume (with --overwrite when ``overwrite``)."""
+    argv = [a for a in args.argv if a != "--resume" and (not overwrite or a != "--overwrite")]
+    return shlex.join([args.prog, *argv, *(["--overwrite"] if overwrite else [])])
+
+
 def non_finite_message(e, args, lr: float) -> str:
     """One line: where the loss diverged, what was kept, how to go on."""
     head = f"non-finite training loss at epoch {e.epoch}, update {e.update} with --lr {lr:g}"
@@ -499,10 +504,10 @@ def non_finite_message(e, args, lr: float) -> str:
                 "or try --precision fp32")
     if not args.out:
         return f"{head}; training ended with the weights of epoch {e.kept_epoch}; lower --lr or try --precision fp32"
-    from recvae.models.vae import checkpoint_epoch
+    from recvae.rundir import RunDir
 
     return (f"{head}; {args.out} holds the model of epoch {e.kept_epoch} (evaluate and recommend work on it); "
-            f"to go on from the checkpoint of epoch {checkpoint_epoch(args.out)} with half the learning rate: "
+            f"to go on from the checkpoint of epoch {RunDir(args.out).checkpoint_epoch()} with half the learning rate: "
             f"{resume_command(args, lr=lr / 2)}")
 
 
@@ -515,14 +520,18 @@ def flag_of(setting: str, flags: dict[str, str]) -> str:
 
 
 @contextlib.contextmanager
-def distributed_training(model, params: dict):
+def distributed_training(name: str, params: dict):
     """Under torchrun: join the process group for the block (yields whether this is rank 0,
     which alone prints and writes); otherwise a single process, rank 0."""
-    from recvae import distributed
+    import inspect
 
+    from recvae import distributed
+    from recvae.models import model_class
+
+    defaults = inspect.signature(model_class(name).__init__).parameters
     with distributed.process_group_from_env() as group:
-        if hasattr(model, "batch_size"):  # before any data is read or folder made
-            distributed.check_batch_split(model.batch_size, group)
+        if "batch_size" in defaults:  # before any data is read or folder made
+            distributed.check_batch_split(params.get("batch_size", defaults["batch_size"].default), group)
         if not group.is_main:
             params["show_progress"] = False
         yield group.is_main
@@ -567,10 +576,11 @@ def cmd_prepare(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from recvae.evaluation import evaluate
-    from recvae.experiment import load_run, load_run_users
+    from recvae.rundir import RunDir
 
-    model, description = load_run(args.run_dir, device=args.device)
-    users = load_run_users(args.run_dir, args.split, model)
+    run = RunDir(args.run_dir)
+    model, description = run.load_finished(device=args.device)
+    users = run.load_users(args.split, model)
     result = evaluate(model, users.fold_in, users.heldout, ks=tuple(description.get("ks", (20, 50, 100))))
     print(f"{description['model']} on {description['data'].get('dataset') or description['data'].get('path')}")
     print(format_table({args.split: result}))
@@ -588,6 +598,10 @@ def cmd_recommend(args) -> int:
         if given is not None and args.output != "-" and _same_file(given, args.output):
             raise CLIError(f"--output {args.output}: is the {flag} file; choose another")
     check_output(args.output)
+    if args.output != "-":
+        from recvae.rundir import check_not_in_run
+
+        check_not_in_run(args.output, "--output")
     run = RunRecommender(args.run_dir, device=args.device)
     note_large_k(args.k, run.n_items)
     if args.all_users:

@@ -188,3 +188,29 @@ def atomic_dir(path: str | os.PathLike):
     finally:
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
+
+
+def read_torch(path: str | os.PathLike, what: str = "file", map_location="cpu", mmap: bool = False):
+    """The tensors (dicts, lists, numbers) of a file written by ``torch.save``, read with
+    ``weights_only=True`` (no pickled code runs); ``ValueError`` naming the file and ``what`` it
+    should be when it is empty, truncated, another format or a crafted pickle."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (expected the {what})")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: not a readable {what} (an empty file)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+            pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        # torch's own text for a crafted pickle suggests weights_only=False: never the advice here
+        if "weights_only" in str(e) or isinstance(e, pickle.UnpicklingError):
+            detail = "it holds objects other than tensors"
+        else:
+            detail = " ".join(str(e).split()).split(". ")[0][:120]
+        raise ValueError(f"{path}: not a readable {what}, damaged or another format ({type(e).__name__}"
+                         f"{': ' + detail if detail else ''})") from None

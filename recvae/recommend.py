@@ -20,17 +20,15 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from recvae.data import Interactions
 from recvae.data.interactions import index_of
-from recvae.experiment import SEEN_FILE, load_run, load_run_train, load_run_users
 from recvae.fileio import read_json
+from recvae.rundir import METRICS_FILE, SEEN_FILE, RunDir
 from recvae.models.base import mask_rows, top_k
 
 logger = logging.getLogger(__name__)
@@ -306,11 +304,11 @@ class RunRecommender:
     """
 
     def __init__(self, run_dir: str | os.PathLike, device=None):
-        run_dir = Path(run_dir)
-        self.run_dir = run_dir
-        self.model, self.description = load_run(run_dir, device=device)
-        train = load_run_train(run_dir, self.model)  # item ids checked against the model's
-        held = [load_run_users(run_dir, name, self.model) for name in ("validation", "test")]
+        run = RunDir(run_dir)
+        self.run_dir = run.path
+        self.model, self.description = run.load_finished(device=device)
+        train = run.load_train(self.model)  # item ids checked against the model's
+        held = [run.load_users(name, self.model) for name in ("validation", "test")]
         self.item_ids = np.asarray(train.item_ids)
         self.items = pd.Index(self.item_ids)
         self.user_ids = np.concatenate([np.asarray(train.user_ids)] + [np.asarray(h.user_ids) for h in held])
@@ -318,9 +316,9 @@ class RunRecommender:
         known = sp.vstack([train.matrix] + [(h.fold_in + h.heldout) for h in held], format="csr")
         known.data[:] = 1.0
         self.known = known.astype(np.float32)
-        self.seen = self._load_seen(run_dir)
+        self.seen = self._load_seen(run)
         self.popularity = np.asarray(train.matrix.sum(axis=0), dtype=np.float32).ravel() / max(train.n_users, 1)
-        metrics = run_dir / "metrics.json"
+        metrics = run.file(METRICS_FILE)
         self.metrics = read_json(metrics) if metrics.is_file() else None
 
     @property
@@ -332,14 +330,14 @@ class RunRecommender:
         """The run's data description (``run.json`` "data"): columns, separator, threshold."""
         return self.description.get("data", {})
 
-    def _load_seen(self, run_dir: Path) -> sp.csr_matrix:
-        path = run_dir / SEEN_FILE
-        if not path.is_file():
+    def _load_seen(self, run) -> sp.csr_matrix:
+        seen = run.load_seen()
+        path = run.file(SEEN_FILE)
+        if seen is None:
             if self.data.get("rating_threshold") is not None:
                 logger.info("%s has no %s (a run from an older recvae): items the run's users rated at or below "
-                            "the threshold are not known and may be recommended", run_dir, SEEN_FILE)
+                            "the threshold are not known and may be recommended", run.path, SEEN_FILE)
             return self.known
-        seen = Interactions.load(path)
         rows = seen.user_index(self.users)
         if (rows < 0).any() or not np.array_equal(np.asarray(seen.item_ids), self.item_ids):
             raise ValueError(f"{path}: its users or items do not match the run's")

@@ -21,6 +21,7 @@ import itertools
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,14 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from recvae.evaluation import evaluate
-from recvae.experiment import (
-    NEURAL_MODELS, TUNING_FILE, DataSpec, RunConfig, RunResult, check_out_dir, load_split, make_model,
-    write_run_dir,
-)
-from recvae.fileio import write_bytes
+from recvae.experiment import DataSpec, RunConfig, RunResult, load_split, write_run_dir
+from recvae.models import make_model
 from recvae.models.base import as_csr
 from recvae.models.ease import EASE, _check_l2, ease_weights, gram_matrix
-from recvae.models.vae import NonFiniteLossError
+from recvae.models.registry import is_neural
+from recvae.models.training_loop import NonFiniteLossError
+from recvae.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class Trials:
                 return self.add(Trial(name, model, dict(params), float("-inf"), time.perf_counter() - start,
                                       note=note))
         seconds = time.perf_counter() - start
-        if model in NEURAL_MODELS:
+        if is_neural(model):
             score = estimator.best_score_
             beta = estimator.best_beta_ if model in BETA_MODELS else None  # RecVAE's "beta" is its gamma
             trial = Trial(name, model, dict(params), score, seconds, estimator.best_epoch_, beta, estimator, note)
@@ -432,7 +432,7 @@ def tune(data: DataSpec, model: str, grid: dict | None = None, params: dict | No
     ``recvae train`` with them gives the same model) with ``tuning.csv``, the trial table.
     Everything is checked before the data are read; nothing is written until the trials end.
     """
-    params = {k: v for k, v in (params or {}).items() if k not in ("run_dir", "keep_checkpoint")}
+    params = dict(params or {})
     if model not in TUNABLE:
         raise ValueError(f"model: tune takes {', '.join(TUNABLE)}, got {model!r}")
     grid = parse_grid(None, model) if grid is None else grid
@@ -440,8 +440,22 @@ def tune(data: DataSpec, model: str, grid: dict | None = None, params: dict | No
     data.check_optional()
     out = Path(out) if out is not None else None
     config = RunConfig(data=data, model=model, params=params, split_seed=split_seed, n_heldout_users=n_heldout_users)
-    if out is not None:
-        check_out_dir(out, config, overwrite=overwrite, resumable=False)
+    if out is None:
+        return _tune(config, grid, None, overwrite, show_progress)
+    run_dir = RunDir(out)
+    run_dir.check_writable_for(overwrite=overwrite, resumable=False)
+    created = not run_dir.path.exists()
+    with run_dir.lock():  # one writer: held while the trials run, so none can take --out meanwhile
+        try:
+            return _tune(config, grid, run_dir, overwrite, show_progress)
+        except BaseException:
+            if created and not run_dir.entries():
+                shutil.rmtree(run_dir.path, ignore_errors=True)
+            raise
+
+
+def _tune(config: RunConfig, grid: dict, run_dir: RunDir | None, overwrite: bool, show_progress: bool) -> TuneResult:
+    model, params = config.model, config.params
     split = load_split(config, show_progress)
     trials = search(model, split.train, split.validation, grid, params)
     best = trials.best
@@ -453,15 +467,14 @@ def tune(data: DataSpec, model: str, grid: dict | None = None, params: dict | No
                        evaluate(estimator, split.test, ks=config.ks), best.seconds, split)
     columns = tuple(grid) + (("anneal_cap",) if model == "multvae" else ())
     tuned = TuneResult(trials.trials, best, result, columns)
-    if out is not None:
-        chosen = RunConfig(data=data, model=model, params={k: v for k, v in best.params.items() if k != "show_progress"},
-                           split_seed=split_seed, n_heldout_users=n_heldout_users)
-        write_run_dir(out, chosen, split, result, overwrite=overwrite)
-        write_table(out / TUNING_FILE, tuned.table())
+    if run_dir is not None:
+        chosen = RunConfig(data=config.data, model=model,
+                           params={k: v for k, v in best.params.items() if k != "show_progress"},
+                           split_seed=config.split_seed, n_heldout_users=config.n_heldout_users)
+        try:
+            write_run_dir(run_dir.path, chosen, split, result, overwrite=overwrite, locked=True,
+                          extra=lambda rd: rd.write_tuning(tuned.table()))
+        except BaseException:  # stopped or failed while writing: no half-written run stays
+            run_dir.empty()
+            raise
     return tuned
-
-
-def write_table(path: Path, rows: list[dict]) -> None:
-    import pandas as pd
-
-    write_bytes(path, pd.DataFrame(rows).to_csv(index=False).encode())

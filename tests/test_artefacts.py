@@ -19,7 +19,8 @@ import torch
 
 import recvae
 from recvae.cli import main
-from recvae.experiment import load_run, load_run_train
+from recvae.experiment import load_run
+from recvae.rundir import RunDir
 from recvae.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +89,7 @@ def edit_meta(run: Path, change, redigest: str | None = None) -> None:
 def test_run_saved_on_cuda_loads_on_cpu(copy_run, capsys, caplog):
     run = copy_run("multvae")
     edit_meta(run, lambda m: m["params"].update(device="cuda"))
-    with caplog.at_level(logging.INFO, logger="recvae.models.vae"):
+    with caplog.at_level(logging.INFO, logger="recvae.models.device"):
         model, _ = load_run(run)
     assert model.device_.type == "cpu" and model.device == "cuda"  # kept as the saved preference
     assert "trained on cuda; this machine has no CUDA, loading on the CPU" in caplog.text
@@ -199,11 +200,11 @@ def test_item_vocabulary_checked_against_the_weights(copy_run, capsys):
 def test_train_npz_of_another_vocabulary_is_refused(copy_run):
     run = copy_run("multvae")
     model, _ = load_run(run)
-    assert load_run_train(run, model).n_items == model.n_items_
+    assert RunDir(run).load_train(model).n_items == model.n_items_
     edit_meta(run, lambda m: m["item_ids"].reverse())  # same ids, another order: every id would shift
     model, _ = load_run(run)
     with pytest.raises(ValueError, match=r"train.npz: its item ids differ from the model's"):
-        load_run_train(run, model)
+        RunDir(run).load_train(model)
 
 
 @pytest.mark.parametrize("change, expected", [

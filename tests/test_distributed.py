@@ -25,6 +25,7 @@ import scipy.sparse as sp
 import torch
 import torch.multiprocessing as mp
 
+from checkpoints import ckpt, resume
 from recvae import distributed
 from recvae.cli import main
 from recvae.data.prepared import load_prepared, write_prepared
@@ -32,7 +33,8 @@ from recvae.data import Interactions, read_interactions
 from recvae.fileio import atomic_dir
 from recvae.models.networks import NetworkConfig, build_network
 from recvae.models.sparse_layers import BatchPart
-from recvae.models.vae import MultVAE, batch_of, make_optimizer
+from recvae.models.training_loop import batch_of
+from recvae.models.vae import MultVAE
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 180  # per launch; generous because CI machines are shared
@@ -291,8 +293,8 @@ def _gradients_worker(rank, world, port):
         train, run_dir = _random_csr(60, 40, seed=2), Path(os.environ["DIST_TEST_TMP"]) / "resume"
         small = dict(hidden_dims=(8,), latent_dim=4, batch_size=8, random_state=0, device="cpu", precision="fp32")
         val = (train[:10], _random_csr(10, 40, seed=3) - train[:10].multiply(_random_csr(10, 40, seed=3)))
-        MultVAE(**small, epochs=2, run_dir=run_dir, keep_checkpoint=True).fit(train, val)  # kept: resumed below
-        resumed = MultVAE(**small, epochs=3, run_dir=run_dir).fit(train, val, resume=True)
+        MultVAE(**small, epochs=2).fit(train, val, callbacks=[ckpt(run_dir)])  # kept: resumed below
+        resumed = MultVAE(**small, epochs=3).fit(train, val, callbacks=[ckpt(run_dir)], resume_from=resume(run_dir))
         # epochs 1-2 come from rank 0's checkpoint on every rank (rank 0's timings included)
         assert resumed.history_[:2] == json.loads((run_dir / "history.json").read_text())[:2]
         straight = MultVAE(**small, epochs=3).fit(train, val)

@@ -18,7 +18,8 @@ import scipy.sparse as sp
 
 from recvae.cli import main
 from recvae.data import Interactions
-from recvae.experiment import load_heldout, load_run
+from recvae.experiment import load_run
+from recvae.rundir import load_heldout
 
 
 def make_log(int_ids: bool) -> pd.DataFrame:

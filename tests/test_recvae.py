@@ -9,16 +9,18 @@ import numpy as np
 import pytest
 import torch
 
+from checkpoints import ckpt, resume
 from recvae.cli import main
 from recvae.evaluation import evaluate
 from recvae.models import RecVAE, load_model
+from recvae.models.training_loop import TrainingLoop
 from recvae.models.recvae_network import (
     RecVAENetwork,
     composite_prior_log_density,
     log_normal,
     one_sample_kl,
 )
-from recvae.models.vae import load
+from recvae.models import load_model as load
 
 from test_cli import log_csv, train_args  # noqa: F401 (fixture)
 from test_vae import assert_same_weights, fold_in_split, planted, weights
@@ -98,15 +100,15 @@ def test_encoder_loss_weights_each_users_kl_by_its_interactions(data):
 def test_each_phase_changes_only_its_half_and_q_old_is_refreshed_between_phases(data, monkeypatch):
     train = data[0]
     snapshots = []  # (desc, state before the pass, state after)
-    original = RecVAE._pass_over_users
+    original = TrainingLoop.pass_over_users
 
-    def spy(self, X, order, update, epoch, loop, desc):
-        before = {k: v.clone() for k, v in self.module_.state_dict().items()}
-        out = original(self, X, order, update, epoch, loop, desc)
-        snapshots.append((desc, before, {k: v.clone() for k, v in self.module_.state_dict().items()}))
+    def spy(self, order, update, epoch, desc):
+        before = {k: v.clone() for k, v in self.network.state_dict().items()}
+        out = original(self, order, update, epoch, desc)
+        snapshots.append((desc, before, {k: v.clone() for k, v in self.network.state_dict().items()}))
         return out
 
-    monkeypatch.setattr(RecVAE, "_pass_over_users", spy)
+    monkeypatch.setattr(TrainingLoop, "pass_over_users", spy)
     m = RecVAE(**SMALL, epochs=2).fit(train)
     assert [d for d, _, _ in snapshots] == [f"epoch {e} {p}" for e in (1, 2) for p in
                                             ("encoder 1", "encoder 2", "encoder 3", "decoder 4")]
@@ -147,10 +149,8 @@ def test_planted_clusters_are_recovered(data):
 def test_validation_picks_the_best_outer_epoch_and_early_stops(data, monkeypatch):
     train, val = data
     scores = iter([0.3, 0.5, 0.4, 0.2])
-    monkeypatch.setattr(RecVAE, "_validate", lambda self, v: (next(scores), 0.0))
-    m = RecVAE(**SMALL, epochs=5, patience=2).fit(train, val)
+    m = RecVAE(**SMALL, epochs=5, patience=2).fit(train, validation=lambda model: next(scores))
     assert len(m.history_) == 4 and m.stopped_early_ and m.best_epoch_ == 2 and m.best_score_ == 0.5
-    monkeypatch.undo()
     assert_same_weights(m, RecVAE(**SMALL, epochs=2).fit(train))
 
 
@@ -186,13 +186,13 @@ def test_save_load_round_trip_gives_identical_scores(data, tmp_path):
 def test_resume_continues_to_identical_weights(data, tmp_path):
     train, val = data
     # a finished run removes its checkpoint unless asked to keep it
-    RecVAE(**SMALL, epochs=1, run_dir=tmp_path, keep_checkpoint=True).fit(train, val)
-    resumed = RecVAE(**SMALL, epochs=2, run_dir=tmp_path, keep_checkpoint=True).fit(train, val, resume=True)
+    RecVAE(**SMALL, epochs=1).fit(train, val, callbacks=[ckpt(tmp_path)])
+    resumed = RecVAE(**SMALL, epochs=2).fit(train, val, callbacks=[ckpt(tmp_path)], resume_from=resume(tmp_path))
     straight = RecVAE(**SMALL, epochs=2).fit(train, val)
     assert_same_weights(resumed, straight)
     assert [h["val_ndcg@100"] for h in resumed.history_] == [h["val_ndcg@100"] for h in straight.history_]
     with pytest.raises(ValueError, match="gamma: checkpoint 0.005 vs now 0.01"):
-        RecVAE(**SMALL, epochs=3, gamma=0.01, run_dir=tmp_path).fit(train, val, resume=True)
+        RecVAE(**SMALL, epochs=3, gamma=0.01).fit(train, val, callbacks=[ckpt(tmp_path)], resume_from=resume(tmp_path))
     assert weights(resumed).keys() == weights(straight).keys()
 
 

@@ -20,7 +20,11 @@ import torch
 
 from recvae.cli import main
 from recvae.models.networks import MultNetwork
-from recvae.models.vae import checkpoint_epoch
+from recvae.rundir import RunDir
+
+
+def checkpoint_epoch(out):
+    return RunDir(out).checkpoint_epoch()
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 10

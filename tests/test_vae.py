@@ -9,11 +9,15 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from checkpoints import ckpt, resume
 from recvae.data import Interactions
 from recvae.evaluation import evaluate
 from recvae.models.annealing import ConstantBeta, LinearAnnealing, cap_from_history, make_schedule
 from recvae.models.networks import MultNetwork
-from recvae.models.vae import MultDAE, MultVAE, NonFiniteLossError, checkpoint_epoch, load
+from recvae.models import load_model as load
+from recvae.models.training_loop import CheckpointMismatch
+from recvae.models.vae import MultDAE, MultVAE, NonFiniteLossError
+from recvae.rundir import RunDir
 
 SMALL = dict(hidden_dims=(16,), latent_dim=4, batch_size=50, random_state=0, device="cpu")
 
@@ -64,8 +68,7 @@ def test_vae_defaults_are_the_notebooks():
     assert MultVAE().get_params() == dict(
         hidden_dims=(600,), latent_dim=200, dropout=0.5, activation="tanh", lam=0.0, anneal_cap=0.2,
         total_anneal_steps=200_000, beta=None, kl_weighting="uniform", epochs=200, batch_size=500, lr=1e-3, patience=None,
-        random_state=None, device="auto", precision="auto", eval_batch_size=2000, show_progress=False,
-        run_dir=None, keep_checkpoint=False)
+        random_state=None, device="auto", precision="auto", eval_batch_size=2000, show_progress=False)
 
 
 def test_dae_defaults_are_the_notebooks():
@@ -109,8 +112,8 @@ def test_bad_inputs_raise_naming_them(data):
     neg.data[0] = -1
     with pytest.raises(ValueError, match="non-negative"):
         MultVAE(**SMALL, epochs=1).fit(neg)
-    with pytest.raises(ValueError, match="run_dir"):
-        MultVAE(**SMALL, epochs=1).fit(train, resume=True)
+    with pytest.raises(CheckpointMismatch, match="is not a recvae checkpoint"):
+        MultVAE(**SMALL, epochs=1).fit(train, resume_from={"epoch": 1})
     with pytest.raises(RuntimeError, match="not fitted"):
         MultVAE().score(train)
 
@@ -198,10 +201,9 @@ def test_bf16_training_runs_and_learns(data):
 def test_early_stopping_restores_the_best_epochs_weights(data, monkeypatch):
     train, val = data
     scores = iter([0.5, 0.4, 0.3, 0.2, 0.1])
-    monkeypatch.setattr(MultVAE, "_validate", lambda self, v: (next(scores), 0.0))
-    m = MultVAE(**SMALL, epochs=5, patience=2).fit(train, val)
+    m = MultVAE(**SMALL, epochs=5, patience=2).fit(train, validation=lambda model: next(scores))  # a function
     assert len(m.history_) == 3 and m.stopped_early_ and m.best_epoch_ == 1
-    monkeypatch.undo()
+    assert [h["val_ndcg@100"] for h in m.history_] == [0.5, 0.4, 0.3]
     one = MultVAE(**SMALL, epochs=1).fit(train)
     assert_same_weights(m, one)
 
@@ -246,7 +248,7 @@ def test_lam_adds_the_l2_penalty_gradient(data):
 # -- non-finite loss ----------------------------------------------------------------------------
 def test_non_finite_loss_names_epoch_and_update_and_keeps_the_checkpoint(data, tmp_path, monkeypatch):
     train, val = data
-    MultVAE(**SMALL, epochs=1, run_dir=tmp_path, keep_checkpoint=True).fit(train, val)
+    MultVAE(**SMALL, epochs=1).fit(train, val, callbacks=[ckpt(tmp_path)])
     before = (tmp_path / "checkpoint.pt").read_bytes()
     original = MultNetwork.loss
     calls = {"n": 0}
@@ -260,10 +262,10 @@ def test_non_finite_loss_names_epoch_and_update_and_keeps_the_checkpoint(data, t
 
     monkeypatch.setattr(MultNetwork, "loss", poisoned)
     with pytest.raises(NonFiniteLossError, match=r"epoch 2, update 9 \(batch 3/6\)"):
-        MultVAE(**SMALL, epochs=3, run_dir=tmp_path).fit(train, val, resume=True)
+        MultVAE(**SMALL, epochs=3).fit(train, val, callbacks=[ckpt(tmp_path)], resume_from=resume(tmp_path))
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert ckpt["epoch"] == 1 and ckpt["step"] == 6
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["step"] == 6
 
 
 def test_huge_learning_rate_is_caught_as_non_finite(data):
@@ -274,8 +276,8 @@ def test_huge_learning_rate_is_caught_as_non_finite(data):
 # -- checkpoints and resume -----------------------------------------------------------------------
 def test_resume_continues_to_identical_weights(data, tmp_path):
     train, val = data
-    MultVAE(**SMALL, epochs=2, run_dir=tmp_path, keep_checkpoint=True).fit(train, val)
-    resumed = MultVAE(**SMALL, epochs=4, run_dir=tmp_path).fit(train, val, resume=True)
+    MultVAE(**SMALL, epochs=2).fit(train, val, callbacks=[ckpt(tmp_path)])
+    resumed = MultVAE(**SMALL, epochs=4).fit(train, val, callbacks=[ckpt(tmp_path)], resume_from=resume(tmp_path))
     straight = MultVAE(**SMALL, epochs=4).fit(train, val)
     assert_same_weights(resumed, straight)
     assert [h["val_ndcg@100"] for h in resumed.history_] == [h["val_ndcg@100"] for h in straight.history_]
@@ -298,48 +300,55 @@ def test_resume_after_a_crash_mid_epoch(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(MultNetwork, "loss", crashing)
     with pytest.raises(KeyboardInterrupt):
-        MultDAE(**SMALL, epochs=4, run_dir=tmp_path).fit(train, val)
+        MultDAE(**SMALL, epochs=4).fit(train, val, callbacks=[ckpt(tmp_path)])
     monkeypatch.undo()
-    resumed = MultDAE(**SMALL, epochs=4, run_dir=tmp_path).fit(train, val, resume=True)
+    resumed = MultDAE(**SMALL, epochs=4).fit(train, val, callbacks=[ckpt(tmp_path)], resume_from=resume(tmp_path))
     assert_same_weights(resumed, MultDAE(**SMALL, epochs=4).fit(train, val))
 
 
 def test_resume_refuses_other_hyperparameters_or_data(data, tmp_path):
     train, val = data
-    MultVAE(**SMALL, epochs=1, run_dir=tmp_path, keep_checkpoint=True).fit(train)
+    MultVAE(**SMALL, epochs=1).fit(train, callbacks=[ckpt(tmp_path)])
     with pytest.raises(ValueError, match="dropout: checkpoint 0.5 vs now 0.3"):
-        MultVAE(**{**SMALL, "dropout": 0.3}, epochs=2, run_dir=tmp_path).fit(train, resume=True)
+        MultVAE(**{**SMALL, "dropout": 0.3}, epochs=2).fit(train, callbacks=[ckpt(tmp_path)], resume_from=resume(tmp_path))
     with pytest.raises(ValueError, match="other data"):
-        MultVAE(**SMALL, epochs=2, run_dir=tmp_path).fit(train[:-1], resume=True)
+        MultVAE(**SMALL, epochs=2).fit(train[:-1], callbacks=[ckpt(tmp_path)], resume_from=resume(tmp_path))
     with pytest.raises(ValueError, match="MultVAE checkpoint"):
-        MultDAE(**SMALL, epochs=2, run_dir=tmp_path).fit(train, resume=True)
+        MultDAE(**SMALL, epochs=2).fit(train, callbacks=[ckpt(tmp_path)], resume_from=resume(tmp_path))
     with pytest.raises(ValueError, match="kl_weighting: checkpoint 'uniform' vs now 'activity'"):
-        MultVAE(**SMALL, epochs=2, kl_weighting="activity", run_dir=tmp_path).fit(train, resume=True)
+        MultVAE(**SMALL, epochs=2, kl_weighting="activity").fit(train, callbacks=[ckpt(tmp_path)], resume_from=resume(tmp_path))
 
 
-def test_fit_with_run_dir_saves_the_model_and_removes_the_checkpoint(data, tmp_path):
+def test_fit_writes_no_file_and_checkpoint_callbacks_write_after_each_epoch(data, tmp_path, monkeypatch):
     train, val = data
-    m = MultVAE(**SMALL, epochs=2, run_dir=tmp_path).fit(train, val)
-    assert not (tmp_path / "checkpoint.pt").exists(), "a finished run has nothing to resume"
-    assert len(json.loads((tmp_path / "history.json").read_text())) == 2
-    loaded = load(tmp_path / "model")
-    assert_same_weights(loaded, m)
-    kept = MultVAE(**SMALL, epochs=2, run_dir=tmp_path / "k", keep_checkpoint=True).fit(train, val)
-    assert checkpoint_epoch(tmp_path / "k") == 2 and checkpoint_epoch(tmp_path) is None
+    monkeypatch.chdir(tmp_path)
+    m = MultVAE(**SMALL, epochs=2).fit(train, val)
+    assert list(tmp_path.iterdir()) == [], "an estimator writes nothing"
+    seen = []
+
+    class Spy:
+        def on_epoch_end(self, epoch):
+            seen.append((epoch.row["epoch"], len(epoch.history), epoch.checkpoint()["epoch"]))
+
+    kept = MultVAE(**SMALL, epochs=2).fit(train, val, callbacks=[Spy(), ckpt(tmp_path / "k")])
+    assert seen == [(1, 1, 1), (2, 2, 2)]
+    assert_same_weights(kept, m)
+    assert RunDir(tmp_path / "k").checkpoint_epoch() == 2
+    assert len(json.loads((tmp_path / "k" / "history.json").read_text())) == 2
     # the best epoch was the last: its weights are not stored twice
-    ckpt = torch.load(tmp_path / "k" / "checkpoint.pt", weights_only=True)
-    assert kept.best_epoch_ == 2 and ckpt["best_epoch"] == 2 and ckpt["best_state"] is None
+    state = torch.load(tmp_path / "k" / "checkpoint.pt", weights_only=True)
+    assert kept.best_epoch_ == 2 and state["best_epoch"] == 2 and state["best_state"] is None
 
 
 def test_resume_may_lower_the_learning_rate(data, tmp_path):
     train, _ = data
-    MultVAE(**SMALL, epochs=1, run_dir=tmp_path, keep_checkpoint=True).fit(train)
-    slow = MultVAE(**SMALL, epochs=2, lr=1e-4, run_dir=tmp_path, keep_checkpoint=True).fit(train, resume=True)
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == [1e-4, 1e-4]
+    MultVAE(**SMALL, epochs=1).fit(train, callbacks=[ckpt(tmp_path)])
+    slow = MultVAE(**SMALL, epochs=2, lr=1e-4).fit(train, callbacks=[ckpt(tmp_path)], resume_from=resume(tmp_path))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [1e-4, 1e-4]
     # epoch 2 at lr 1e-3 and at 1e-4 start from the same weights; the step sizes differ tenfold
-    MultVAE(**SMALL, epochs=1, run_dir=tmp_path / "b", keep_checkpoint=True).fit(train)
-    fast = MultVAE(**SMALL, epochs=2, run_dir=tmp_path / "b").fit(train, resume=True)
+    MultVAE(**SMALL, epochs=1).fit(train, callbacks=[ckpt(tmp_path / "b")])
+    fast = MultVAE(**SMALL, epochs=2).fit(train, callbacks=[ckpt(tmp_path / "b")], resume_from=resume(tmp_path / "b"))
     first = MultVAE(**SMALL, epochs=1).fit(train)
     w0, ws, wf = weights(first), weights(slow), weights(fast)
     moved_slow = sum(float((ws[k] - w0[k]).abs().sum()) for k in w0)
@@ -363,39 +372,38 @@ def test_non_finite_loss_keeps_the_best_or_last_epoch_as_the_model(data, tmp_pat
         return terms
 
     monkeypatch.setattr(MultNetwork, "loss", poisoned)
-    m = MultVAE(**SMALL, epochs=5, run_dir=tmp_path)
+    m = MultVAE(**SMALL, epochs=5)
     with pytest.raises(NonFiniteLossError, match=r"epoch 3, update 14 .*kept the weights of epoch (\d)") as info:
-        m.fit(train, val)
+        m.fit(train, val, callbacks=[ckpt(tmp_path)])
     assert (info.value.epoch, info.value.update) == (3, 14)
     # the reference ran the same two epochs and kept the same epoch
     assert info.value.kept_epoch == reference.best_epoch_ == m.best_epoch_
     assert (info.value.kept_epoch == 2) if val is None else info.value.kept_epoch in (1, 2)
     assert_same_weights(m, reference)
-    assert_same_weights(load(tmp_path / "model"), reference)
     assert len(m.history_) == 2 and m.stopped_early_
-    assert checkpoint_epoch(tmp_path) == 2, "the checkpoint stays for a resume with a lower lr"
+    assert RunDir(tmp_path).checkpoint_epoch() == 2, "the checkpoint stays for a resume with a lower lr"
 
 
 def test_non_finite_loss_at_epoch_1_fits_nothing(data, tmp_path):
-    m = MultDAE(**SMALL, epochs=2, lr=1e30, run_dir=tmp_path)
+    m = MultDAE(**SMALL, epochs=2, lr=1e30)
     with pytest.raises(NonFiniteLossError, match=r"at epoch 1, update 3 \(batch 3/6\) with lr 1e\+30: no epoch finished") as info:
-        m.fit(data[0])
+        m.fit(data[0], callbacks=[ckpt(tmp_path)])
     assert info.value.kept_epoch is None and not hasattr(m, "history_")
-    assert not (tmp_path / "model").exists() and checkpoint_epoch(tmp_path) is None
+    assert RunDir(tmp_path).checkpoint_epoch() is None
 
 
 def test_resume_reads_a_checkpoint_from_before_kl_weighting_as_uniform(data, tmp_path):
     train, _ = data
-    MultVAE(**SMALL, epochs=1, run_dir=tmp_path, keep_checkpoint=True).fit(train)
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    params = json.loads(ckpt["params"])
+    MultVAE(**SMALL, epochs=1).fit(train, callbacks=[ckpt(tmp_path)])
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    params = json.loads(state["params"])
     del params["kl_weighting"]
-    ckpt["params"] = json.dumps(params)
-    torch.save(ckpt, tmp_path / "checkpoint.pt")
-    resumed = MultVAE(**SMALL, epochs=2, run_dir=tmp_path, keep_checkpoint=True).fit(train, resume=True)
+    state["params"] = json.dumps(params)
+    torch.save(state, tmp_path / "checkpoint.pt")
+    resumed = MultVAE(**SMALL, epochs=2).fit(train, callbacks=[ckpt(tmp_path)], resume_from=resume(tmp_path))
     assert len(resumed.history_) == 2
     with pytest.raises(ValueError, match="kl_weighting: checkpoint 'uniform' vs now 'activity'"):
-        MultVAE(**SMALL, epochs=3, kl_weighting="activity", run_dir=tmp_path).fit(train, resume=True)
+        MultVAE(**SMALL, epochs=3, kl_weighting="activity").fit(train, callbacks=[ckpt(tmp_path)], resume_from=resume(tmp_path))
 
 
 # -- save / load --------------------------------------------------------------------------------
@@ -446,7 +454,7 @@ def test_vae_and_dae_beat_popularity_on_ml100k_validation(real_data_dir):
 
 
 def test_precision_auto_resolves_by_hardware(monkeypatch):
-    from recvae.models import vae as vae_mod
+    from recvae.models import device as vae_mod
 
     cpu = torch.device("cpu")
     assert vae_mod.resolve_precision("fp32", cpu) == "fp32"

@@ -3,37 +3,49 @@
 - ``networks.py``: the torch modules of Mult-VAE / Mult-DAE (no training logic)
 - ``sparse_layers.py``: sparse input layer and the fused softmax + multinomial NLL output layer
 - ``annealing.py``: the KL weight (beta) schedules
+- ``training_loop.py``: epochs, validation, early stopping, checkpoint state and resume
+- ``device.py``: device choice and the bf16 policy
+- ``checks.py``: the one check of each kind of hyperparameter value
 - ``vae.py``: the estimators ``MultVAE`` / ``MultDAE`` that train the networks
 - ``recvae_network.py``, ``recvae.py``: RecVAE's network (composite prior) and estimator
 - ``binary_vae.py``: ``BinaryMultVAE``, Mult-VAE with a Bernoulli (binary code) latent
 - ``ease.py``, ``popularity.py``: baselines with the same fit / recommend interface
+- ``registry.py``: the name a user types -> the class; the registrations are below
 """
 
 from __future__ import annotations
 
 from recvae.models.base import Recommender, read_model_meta
 from recvae.models.binary_vae import BinaryMultVAE
+from recvae.models.device import resolve_device
 from recvae.models.ease import EASE
 from recvae.models.popularity import Popularity
 from recvae.models.recvae import RecVAE
-from recvae.models.vae import MultDAE, MultVAE, NonFiniteLossError, resolve_device
+from recvae.models.registry import make_model, model_class, model_names, name_of, register
+from recvae.models.training_loop import NonFiniteLossError
+from recvae.models.vae import MultDAE, MultVAE
 
 __all__ = [
-    "BinaryMultVAE", "EASE", "MultDAE", "MultVAE", "NonFiniteLossError", "Popularity", "RecVAE", "Recommender", "load_model",
+    "BinaryMultVAE", "EASE", "MultDAE", "MultVAE", "NonFiniteLossError", "Popularity", "RecVAE", "Recommender",
+    "load_model", "make_model", "model_class", "model_names", "register",
 ]
 
-_CLASSES = {cls.__name__: cls for cls in (MultVAE, MultDAE, BinaryMultVAE, RecVAE, EASE, Popularity)}
+register("multvae", MultVAE)
+register("multdae", MultDAE)
+register("binary-multvae", BinaryMultVAE)
+register("recvae", RecVAE)
+register("ease", EASE)
+register("popularity", Popularity)
 
 
 def load_model(path, device=None) -> Recommender:
-    """Load any saved model of the library; the class is read from ``path/model.json``.
-    ``device`` is for the neural models (baselines compute with numpy on the CPU)."""
+    """Load any saved model of a registered class; the class is read from ``path/model.json``.
+    ``device`` is for the torch models (baselines compute with numpy on the CPU)."""
     meta_file, meta = read_model_meta(path)
-    name = meta.get("class")
-    if name not in _CLASSES:
-        raise ValueError(f"{meta_file}: unknown model class {name!r}; expected one of {sorted(_CLASSES)}")
-    cls = _CLASSES[name]
-    if device is None:
-        return cls.load(path)
-    resolve_device(device)  # an explicit CUDA without CUDA is an error even for the numpy baselines
-    return cls.load(path, device=device) if cls in (MultVAE, MultDAE, BinaryMultVAE, RecVAE) else cls.load(path)
+    name = name_of(str(meta.get("class")))
+    if name is None:
+        raise ValueError(f"{meta_file}: unknown model class {meta.get('class')!r}; expected one of "
+                         f"{sorted(model_class(n).__name__ for n in model_names())}")
+    if device is not None:
+        resolve_device(device)  # an explicit CUDA without CUDA is an error even for the numpy baselines
+    return model_class(name).load(path, device=device)

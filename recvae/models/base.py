@@ -24,6 +24,8 @@ FORMAT_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
 #: keys of every model.json; a model class adds its own in ``_meta_keys``
 _META_KEYS = ("format_version", "class", "params", "n_items", "item_ids", "files")
+#: settings that earlier versions saved as hyperparameters (where the run was written): dropped on load
+_RETIRED_PARAMS = ("run_dir", "keep_checkpoint")
 
 
 def sha256_file(path: Path) -> str:
@@ -78,6 +80,7 @@ def read_model_meta(path, cls: type | None = None) -> tuple[Path, dict]:
             raise ValueError(f"{meta_file}: unknown key(s) {', '.join(map(repr, unknown))}")
         if not isinstance(meta["params"], dict):
             raise ValueError(f"{meta_file}: params: expected an object, got {type(meta['params']).__name__}")
+        meta["params"] = {k: v for k, v in meta["params"].items() if k not in _RETIRED_PARAMS}
         unknown = sorted(set(meta["params"]) - set(cls._param_names()))
         if unknown:
             raise ValueError(f"{meta_file}: params: unknown key(s) {', '.join(map(repr, unknown))} for {cls.__name__}")
@@ -179,11 +182,38 @@ class Recommender:
     @classmethod
     def _param_names(cls) -> list[str]:
         """The hyperparameters: the keyword arguments of ``__init__``."""
+        if cls.__init__ is object.__init__:
+            return []
         sig = inspect.signature(cls.__init__)
         kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
         return [n for n, p in sig.parameters.items() if n != "self" and p.kind in kinds]
 
+    # -- scikit-learn style parameters: __init__ stores them, these read and set them ----------
+    def get_params(self, deep: bool = True) -> dict:
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params):
+        valid = set(self._param_names())
+        for k, v in params.items():
+            if k not in valid:
+                raise ValueError(f"{k}: not a parameter of {type(self).__name__}; expected one of {sorted(valid)}")
+            setattr(self, k, v)
+        return self
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
     def fit(self, train, validation=None):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def save(self, path) -> Path:  # pragma: no cover - abstract
+        """Write the fitted model into the folder ``path`` (``model.json`` and its files)."""
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, path, device=None):  # pragma: no cover - abstract
+        """A fitted model from a folder written by :meth:`save`; ``device`` matters to torch models."""
         raise NotImplementedError
 
     def _check_params(self) -> None:

@@ -22,7 +22,8 @@ from recvae.models.annealing import ANNEAL_CAP, TOTAL_ANNEAL_STEPS
 from recvae.models.base import as_csr
 from recvae.models.networks import NetworkConfig
 from recvae.models.sparse_layers import SparseBatch
-from recvae.models.vae import _REGISTRY, RESUME_KEYS, MultVAE
+from recvae.models import checks
+from recvae.models.vae import RESUME_KEYS, MultVAE
 
 BINARY_INFERENCE = ("probabilities", "bits")
 
@@ -43,13 +44,12 @@ class BinaryMultVAE(MultVAE):
                  anneal_cap=ANNEAL_CAP, total_anneal_steps=TOTAL_ANNEAL_STEPS, beta=None, kl_weighting="uniform",
                  temperature=None, min_temperature=0.5, temperature_decay=0.0, binary_inference="probabilities",
                  epochs=200, batch_size=500, lr=1e-3, patience=None, random_state=None, device="auto",
-                 precision="auto", eval_batch_size=2000, show_progress=False, run_dir=None, keep_checkpoint=False):
+                 precision="auto", eval_batch_size=2000, show_progress=False):
         super().__init__(hidden_dims=hidden_dims, latent_dim=latent_dim, dropout=dropout, activation=activation,
                          lam=lam, anneal_cap=anneal_cap, total_anneal_steps=total_anneal_steps, beta=beta,
                          kl_weighting=kl_weighting, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
                          random_state=random_state, device=device, precision=precision,
-                         eval_batch_size=eval_batch_size, show_progress=show_progress, run_dir=run_dir,
-                         keep_checkpoint=keep_checkpoint)
+                         eval_batch_size=eval_batch_size, show_progress=show_progress)
         self.temperature = temperature
         self.min_temperature = min_temperature
         self.temperature_decay = temperature_decay
@@ -58,17 +58,11 @@ class BinaryMultVAE(MultVAE):
     def _check_objective_params(self) -> None:
         super()._check_objective_params()
 
-        def number(name, ok, expected):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
-                raise ValueError(f"{name}: expected {expected}, got {v!r}")
-
         if self.temperature is not None:
-            number("temperature", lambda v: v > 0, "None (straight-through) or a number > 0")
-        number("min_temperature", lambda v: v > 0, "a number > 0")
-        number("temperature_decay", lambda v: v >= 0, "a number >= 0")
-        if self.binary_inference not in BINARY_INFERENCE:
-            raise ValueError(f"binary_inference: expected one of {list(BINARY_INFERENCE)}, got {self.binary_inference!r}")
+            checks.number("temperature", self.temperature, lambda v: v > 0, "None (straight-through) or a number > 0")
+        checks.positive_number("min_temperature", self.min_temperature)
+        checks.non_negative_number("temperature_decay", self.temperature_decay)
+        checks.one_of("binary_inference", self.binary_inference, BINARY_INFERENCE)
 
     def _config(self, n_items: int) -> NetworkConfig:
         c = super()._config(n_items)
@@ -114,6 +108,3 @@ class BinaryMultVAE(MultVAE):
         if not out:
             return np.zeros((0, (int(self.latent_dim) + 7) // 8), dtype=np.uint8)
         return np.concatenate(out)
-
-
-_REGISTRY[BinaryMultVAE.__name__] = BinaryMultVAE

@@ -147,8 +147,8 @@ class EASE(Recommender):
         return save_baseline(self, path, params, {"B": self.B_})
 
     @classmethod
-    def load(cls, path) -> "EASE":
-        """A fitted model from a folder written by :meth:`save`."""
+    def load(cls, path, device=None) -> "EASE":
+        """A fitted model from a folder written by :meth:`save` (numpy on the CPU: ``device`` is unused)."""
         meta, arrays = load_baseline(cls, path, lambda n: {"B": (n, n)})
         model = cls(**meta["params"])
         model.B_ = arrays["B"]

@@ -67,8 +67,8 @@ class Popularity(Recommender):
         return save_baseline(self, path, {}, {"item_counts": self.item_counts_})
 
     @classmethod
-    def load(cls, path) -> "Popularity":
-        """A fitted model from a folder written by :meth:`save`."""
+    def load(cls, path, device=None) -> "Popularity":
+        """A fitted model from a folder written by :meth:`save` (numpy on the CPU: ``device`` is unused)."""
         meta, arrays = load_baseline(cls, path, lambda n: {"item_counts": (n,)})
         model = cls()
         model.item_counts_ = arrays["item_counts"].astype(np.float32)

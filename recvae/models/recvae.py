@@ -17,7 +17,6 @@ Validation NDCG@100 after each outer epoch; the best outer epoch's weights are k
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import scipy.sparse as sp
@@ -25,7 +24,9 @@ import torch
 
 from recvae.models.sparse_layers import SparseBatch
 from recvae.models.recvae_network import MIXTURE_WEIGHTS, WIDE_LOGVAR, RecVAEConfig, RecVAENetwork
-from recvae.models.vae import _REGISTRY, _AutoencoderRecommender, make_optimizer, update_step
+from recvae.models import checks
+from recvae.models.training_loop import make_optimizer, update_step
+from recvae.models.vae import _AutoencoderRecommender
 
 
 class _PhaseOptimizers:
@@ -76,8 +77,7 @@ class RecVAE(_AutoencoderRecommender):
     def __init__(self, hidden_dims=(600,) * 5, latent_dim=200, dropout=0.5, activation="swish", lam=0.0,
                  gamma=0.005, mixture_weights=MIXTURE_WEIGHTS, wide_logvar=WIDE_LOGVAR, layer_norm_eps=0.1,
                  encoder_epochs=3, decoder_epochs=1, epochs=50, batch_size=500, lr=5e-4, patience=None,
-                 random_state=None, device="auto", precision="auto", eval_batch_size=2000, show_progress=False,
-                 run_dir=None, keep_checkpoint=False):
+                 random_state=None, device="auto", precision="auto", eval_batch_size=2000, show_progress=False):
         self.hidden_dims = hidden_dims
         self.latent_dim = latent_dim
         self.dropout = dropout
@@ -98,23 +98,13 @@ class RecVAE(_AutoencoderRecommender):
         self.precision = precision
         self.eval_batch_size = eval_batch_size
         self.show_progress = show_progress
-        self.run_dir = run_dir
-        self.keep_checkpoint = keep_checkpoint
 
     def _check_objective_params(self) -> None:
-        def number(name, ok, expected):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
-                    or not math.isfinite(v) or not ok(v):
-                raise ValueError(f"{name}: expected {expected}, got {v!r}")
-
-        number("gamma", lambda v: v >= 0, "a finite number >= 0")
-        number("wide_logvar", lambda v: True, "a finite number")
-        number("layer_norm_eps", lambda v: v > 0, "a finite number > 0")
+        checks.non_negative_number("gamma", self.gamma)
+        checks.number("wide_logvar", self.wide_logvar)
+        checks.positive_number("layer_norm_eps", self.layer_norm_eps)
         for name in ("encoder_epochs", "decoder_epochs"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+            checks.positive_int(name, getattr(self, name))
         w = self.mixture_weights
         try:
             ok = len(w) == 3 and all(float(x) > 0 for x in w) and abs(sum(float(x) for x in w) - 1.0) < 1e-6
@@ -168,7 +158,7 @@ class RecVAE(_AutoencoderRecommender):
                 return update_step(opt, loss, batch.device.type, loop.bf16), gamma
 
             order = np.random.default_rng([loop.seed, epoch, p]).permutation(X.shape[0])
-            means, _ = self._pass_over_users(X, order, update, epoch, loop, f"epoch {epoch + 1} {phase} {p + 1}")
+            means, _ = loop.pass_over_users(order, update, epoch, f"epoch {epoch + 1} {phase} {p + 1}")
             return means
 
         try:
@@ -196,6 +186,3 @@ class RecVAE(_AutoencoderRecommender):
             logvars.append(logvar)
         network.workspace.clear()
         return torch.cat(mus), torch.cat(logvars)
-
-
-_REGISTRY[RecVAE.__name__] = RecVAE  # vae.load / load_model read it from model.json's "class"

@@ -1,0 +1,59 @@
+"""The one model registry: the name a user types (``--model multvae``) -> the estimator class.
+
+The command line's ``--model`` choices, ``tune``, loading a saved model (by the class name in
+its ``model.json``) and the service all read it. Adding a model is one class and one
+:func:`register` call (the library's own are registered in :mod:`recvae.models`)."""
+
+from __future__ import annotations
+
+from recvae.errors import ParameterError
+
+_BY_NAME: dict[str, type] = {}
+
+
+def register(name: str, cls: type) -> type:
+    """Make ``cls`` (a :class:`~recvae.models.base.Recommender` with ``fit``, ``_score_batch``,
+    ``save`` and ``load``) known as ``name``. Its class name must be unique: a saved model is
+    found again by it."""
+    other = next((n for n, c in _BY_NAME.items() if c.__name__ == cls.__name__ and c is not cls), None)
+    if other is not None:
+        raise ValueError(f"register: a model class named {cls.__name__} is already registered as {other!r}")
+    _BY_NAME[name] = cls
+    return cls
+
+
+def unregister(name: str) -> None:
+    _BY_NAME.pop(name, None)
+
+
+def model_names() -> list[str]:
+    """The registered names, in registration order."""
+    return list(_BY_NAME)
+
+
+def model_class(name: str) -> type:
+    if name not in _BY_NAME:
+        raise ParameterError("model", f"unknown model {name!r}; expected one of {', '.join(_BY_NAME)}")
+    return _BY_NAME[name]
+
+
+def name_of(cls_name: str) -> str | None:
+    """The registered name of the class called ``cls_name`` (as ``model.json`` stores it)."""
+    return next((n for n, c in _BY_NAME.items() if c.__name__ == cls_name), None)
+
+
+def is_neural(name: str) -> bool:
+    """Whether the model trains by epochs (takes a seed, a device, progress, checkpoints)."""
+    return "epochs" in model_class(name)._param_names()
+
+
+def make_model(name: str, **params):
+    """A model by name, its hyperparameters checked (so a bad value fails before any data is
+    read or written)."""
+    cls = model_class(name)
+    unknown = sorted(set(params) - set(cls._param_names()))
+    if unknown:
+        raise ParameterError(unknown[0], f"not a parameter of {name}; it takes {', '.join(cls._param_names())}")
+    model = cls(**params)
+    model._check_params()
+    return model

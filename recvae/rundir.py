@@ -1,0 +1,413 @@
+"""The run directory: its layout, and the only code that writes, reads, cleans and locks it.
+
+A run directory holds everything needed later::
+
+    run.json            data source, preprocessing, split description, model name and parameters
+    model/              the fitted model (model.json, weights.pt or arrays.npz; no pickle)
+    train.npz           training interactions (histories of known users, popularity fallback)
+    validation.npz      held-out validation users (fold-in and held-out items)
+    test.npz            held-out test users
+    seen.npz            every interaction of the run's users at any rating (items `recommend` excludes)
+    history.csv/.json   per-epoch history (neural models)
+    metrics.json        validation and test metrics (mean, stderr, n_users)
+    learning_curve.png  loss, KL, beta and validation NDCG@100 per epoch (needs matplotlib)
+    checkpoint.pt       while a neural model trains (removed when it finishes unless kept)
+    tuning.csv          the trials that chose the model (runs written by ``recvae tune``)
+    .recvae.lock        while a command writes the directory: one writer at a time
+
+The split files come first and ``run.json`` last, so a ``run.json`` means the run is described;
+the checkpoint is written after each epoch and the history after it, so the history never
+lists an epoch a resume could not continue from; ``metrics.json`` is written once the model is
+there, and the picture last. Every file is written atomically (:mod:`recvae.fileio`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from recvae import signals
+from recvae.data import Interactions
+from recvae.data.splits import HeldOutUsers
+from recvae.fileio import (
+    atomic_write, ensure_writable_dir, is_temporary, read_json, read_npz, read_torch, write_bytes, write_json,
+)
+from recvae.models import load_model
+from recvae.models.base import MODEL_FILE
+from recvae.models.training_loop import HISTORY_FIELDS
+
+logger = logging.getLogger(__name__)
+
+RUN_JSON = "run.json"
+MODEL_DIR = "model"
+TRAIN_FILE = "train.npz"
+VALIDATION_FILE = "validation.npz"
+TEST_FILE = "test.npz"
+SEEN_FILE = "seen.npz"
+HISTORY_CSV = "history.csv"
+HISTORY_JSON = "history.json"
+METRICS_FILE = "metrics.json"
+CURVE_FILE = "learning_curve.png"
+CHECKPOINT_FILE = "checkpoint.pt"
+TUNING_FILE = "tuning.csv"
+LOCK_FILE = ".recvae.lock"
+#: what a run directory may hold at its top level
+RUN_FILES = {RUN_JSON, MODEL_DIR, TRAIN_FILE, SEEN_FILE, VALIDATION_FILE, TEST_FILE, HISTORY_CSV, HISTORY_JSON,
+             METRICS_FILE, CURVE_FILE, CHECKPOINT_FILE, TUNING_FILE}
+#: what the model folder may hold (the files of every model class's save())
+MODEL_FILES = {MODEL_FILE, "weights.pt", "arrays.npz"}
+SPLIT_FILES = {"validation": VALIDATION_FILE, "test": TEST_FILE}
+
+
+class RunLocked(ValueError):
+    """Another process is writing the run directory."""
+
+
+class RunFinished(Exception):
+    """``--resume`` of a run that finished: there is nothing to continue."""
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / RUN_JSON).is_file()
+
+
+def check_not_in_run(path: str | os.PathLike, flag: str) -> None:
+    """``ValueError`` when ``path`` is (or lies inside) a file of a run directory, e.g.
+    ``--output RUN/model/weights.pt``: an output must never replace what a run holds."""
+    p = Path(path).absolute()
+    for parent in p.parents:
+        if is_run_dir(parent):
+            top = p.relative_to(parent).parts[0]
+            if top in RUN_FILES or top == LOCK_FILE or is_temporary(top):
+                raise ValueError(f"{flag} {path}: is {p.relative_to(parent)} of the run directory {parent}; "
+                                 "choose a path outside the run's files")
+            return
+
+
+class RunDir:
+    """One run directory (it need not exist yet)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    # -- what is on disk ---------------------------------------------------------------------
+    def entries(self) -> list[str]:
+        return sorted(p.name for p in self.path.iterdir() if p.name != LOCK_FILE) if self.path.is_dir() else []
+
+    def foreign_files(self) -> list[str]:
+        """Paths (relative) of what is not part of a run, at any depth: the user's own files."""
+        if not self.path.is_dir():
+            return []
+        foreign = []
+        for p in sorted(self.path.iterdir()):
+            if p.name == LOCK_FILE or is_temporary(p.name):
+                continue
+            if p.name not in RUN_FILES or (p.name == MODEL_DIR) != (p.is_dir() and not p.is_symlink()):
+                foreign.append(p.name)
+            elif p.name == MODEL_DIR:
+                foreign += [f"{MODEL_DIR}/{q.name}" for q in sorted(p.iterdir())
+                            if not (q.name in MODEL_FILES and q.is_file()) and not is_temporary(q.name)]
+        return foreign
+
+    def checkpoint_epoch(self) -> int | None:
+        """The last finished epoch stored in the checkpoint; None without one. Memory-maps the
+        file: reads the counters, not the tensors."""
+        path = self.file(CHECKPOINT_FILE)
+        if not path.is_file():
+            return None
+        payload = read_torch(path, "checkpoint", mmap=True)
+        if not isinstance(payload, dict) or not isinstance(payload.get("epoch"), int):
+            raise ValueError(f"{path}: not a recvae checkpoint (no epoch counter)")
+        return int(payload["epoch"])
+
+    def state(self) -> str:
+        """``absent``, ``empty``, ``partial`` (files, no run.json: stopped while describing the
+        run), ``described`` (run.json, nothing trained), ``training`` (a checkpoint to resume from),
+        ``trained`` (the model, no metrics) or ``finished`` (metrics.json, no checkpoint)."""
+        if not self.path.is_dir():
+            return "absent"
+        if not self.entries():
+            return "empty"
+        if not self.file(RUN_JSON).is_file():
+            return "partial"
+        if self.file(CHECKPOINT_FILE).is_file():  # also a finished run kept to train on (or diverged)
+            return "training"
+        if self.file(METRICS_FILE).is_file():
+            return "finished"
+        if self.file(MODEL_DIR).joinpath(MODEL_FILE).is_file():
+            return "trained"
+        return "described"
+
+    # -- what a command may do with it -------------------------------------------------------
+    def check_writable_for(self, resume: bool = False, overwrite: bool = False, resumable: bool = True) -> None:
+        """Whether the directory may take a run: new or empty; a run directory (and nothing of
+        the user's, at any depth) with ``overwrite``; a described run with ``resume`` (the
+        caller compares its settings). Raises naming the directory otherwise."""
+        out = self.path
+        check_not_in_run(out, "--out")
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out}: exists and is not a directory")
+        entries = self.entries()
+        if not entries:
+            return
+        listing = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        if not resume and not overwrite:
+            raise ValueError(f"--out {out}: the directory already holds files ({listing}); pass --overwrite to "
+                             "replace them" + (", or --resume to continue the run there" if resumable else ""))
+        foreign = self.foreign_files()
+        if overwrite:
+            if foreign:
+                raise ValueError(f"--out {out}: --overwrite empties only run directories, and this one holds other "
+                                 f"files ({', '.join(foreign[:5])}); choose a new or empty directory")
+            return
+        if not self.file(RUN_JSON).is_file():
+            raise ValueError(f"--out {out}: not a run directory (no {RUN_JSON}): nothing to resume"
+                             + ("; it holds only run files, so --overwrite starts it again" if not foreign else ""))
+        if foreign:
+            raise ValueError(f"--out {out}: holds files that are not the run's ({', '.join(foreign[:5])}); "
+                             "move them away to resume there")
+
+    # -- one writer at a time ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the directory (created if needed) for this process: a second writer gets
+        :class:`RunLocked` naming the holder; a lock left by a dead process is taken over with
+        a note. Temporary files of writes killed midway are removed once it is held."""
+        ensure_dir(self.path)
+        path = self.file(LOCK_FILE)
+        fd = _take_lock(path)
+        try:
+            previous = os.read(fd, 4096).decode(errors="replace").strip()
+            if previous:
+                logger.warning("%s: took over the lock of a command that is no longer running (%s)",
+                               self.path, _describe_holder(previous))
+            me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                  "command": " ".join(["recvae", *sys.argv[1:]]) if sys.argv else "recvae"}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+            self.remove_temporaries()
+            yield self
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            os.close(fd)  # closing releases the flock
+
+    def remove_temporaries(self) -> None:
+        """Remove the temporary files that writes killed midway (SIGKILL) left, at every depth."""
+        for folder in (self.path, self.file(MODEL_DIR)):
+            if folder.is_dir():
+                for p in folder.iterdir():
+                    if is_temporary(p.name) and p.is_file():
+                        p.unlink()
+
+    def empty(self) -> None:
+        """Remove the run's files (only; the caller checked there is nothing else)."""
+        if not self.path.is_dir():
+            return
+        for p in self.path.iterdir():
+            if p.name == LOCK_FILE:
+                continue
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+    # -- writes ------------------------------------------------------------------------------
+    def write_description(self, description: dict, split, seen: Interactions) -> None:
+        """What the run is, before it trains: the split's interactions, then ``run.json``."""
+        split.train.save(self.file(TRAIN_FILE))
+        save_heldout(self.file(VALIDATION_FILE), split.validation)
+        save_heldout(self.file(TEST_FILE), split.test)
+        seen.save(self.file(SEEN_FILE))
+        write_json(self.file(RUN_JSON), description)
+
+    def checkpoints(self):
+        """The callback a neural estimator's ``fit`` takes to checkpoint into this directory."""
+        return _CheckpointWriter(self)
+
+    def write_epoch(self, payload: dict, history: list[dict]) -> None:
+        """The checkpoint of the epoch just finished, then the history that lists it; signals
+        wait until both are written."""
+        import torch
+
+        with signals.deferred():
+            atomic_write(self.file(CHECKPOINT_FILE), lambda f: torch.save(payload, f))
+            self.write_history(history)
+
+    def write_history(self, history: list[dict]) -> None:
+        write_json(self.file(HISTORY_JSON), history, indent=1)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+        w.writeheader()
+        for r in history:
+            w.writerow({k: ("" if r.get(k) is None else r[k]) for k in HISTORY_FIELDS})
+        write_bytes(self.file(HISTORY_CSV), buf.getvalue().encode())
+
+    def save_model(self, model) -> Path:
+        with signals.deferred():  # weights and model.json belong together
+            return model.save(self.file(MODEL_DIR))
+
+    def remove_checkpoint(self) -> None:
+        self.file(CHECKPOINT_FILE).unlink(missing_ok=True)
+
+    def write_metrics(self, metrics: dict) -> None:
+        write_json(self.file(METRICS_FILE), metrics)
+
+    def draw_learning_curve(self, history: list[dict]) -> None:
+        from recvae.plots import plot_learning_curve
+
+        plot_learning_curve(history, self.file(CURVE_FILE))
+
+    def write_tuning(self, rows: list[dict]) -> None:
+        import pandas as pd
+
+        write_bytes(self.file(TUNING_FILE), pd.DataFrame(rows).to_csv(index=False).encode())
+
+    # -- reads -------------------------------------------------------------------------------
+    def read_description(self) -> dict:
+        path = self.file(RUN_JSON)
+        if not path.is_file():
+            raise FileNotFoundError(f"RUN_DIR {self.path}: not a run directory (no {RUN_JSON})")
+        description = read_json(path)
+        for key, kind in (("model", str), ("data", dict)):
+            if not isinstance(description.get(key), kind):
+                raise ValueError(f"{path}: {key}: expected a {'string' if kind is str else 'JSON object'}, "
+                                 f"got {description.get(key)!r}")
+        return description
+
+    def read_checkpoint(self, map_location="cpu") -> dict:
+        path = self.file(CHECKPOINT_FILE)
+        payload = read_torch(path, "checkpoint", map_location=map_location)
+        if not isinstance(payload, dict) or "epoch" not in payload:
+            raise ValueError(f"{path}: not a recvae checkpoint; remove it to train the run from its start")
+        return payload
+
+    def has_model(self) -> bool:
+        return self.file(MODEL_DIR).joinpath(MODEL_FILE).is_file()
+
+    def load_model(self, device=None):
+        return load_model(self.file(MODEL_DIR), device=device)
+
+    def load_finished(self, device=None) -> tuple[object, dict]:
+        """The fitted model and ``run.json`` of a run that has its model; errors name the file at fault."""
+        description = self.read_description()
+        if not self.has_model():
+            raise FileNotFoundError(f"RUN_DIR {self.path}: the run has not finished (no model yet); continue it "
+                                    "with the `recvae train` command that started it plus --resume")
+        return self.load_model(device), description
+
+    def load_train(self, model) -> Interactions:
+        """``train.npz``, checked against ``model``: its item ids must be the model's, in the same
+        order (else every recommended id would be another item's)."""
+        path = self.file(TRAIN_FILE)
+        train = Interactions.load(path)
+        _check_items(path, train.n_items, model, train.item_ids)
+        return train
+
+    def load_users(self, split: str, model) -> HeldOutUsers:
+        """The held-out users of ``split`` (validation or test), checked against ``model``'s items."""
+        path = self.file(SPLIT_FILES[split])
+        users = load_heldout(path)
+        _check_items(path, users.fold_in.shape[1], model)
+        return users
+
+    def load_seen(self) -> Interactions | None:
+        path = self.file(SEEN_FILE)
+        return Interactions.load(path) if path.is_file() else None
+
+
+class _CheckpointWriter:
+    def __init__(self, run: RunDir):
+        self.run = run
+
+    def on_epoch_end(self, epoch) -> None:
+        if epoch.is_main:
+            self.run.write_epoch(epoch.checkpoint(), epoch.history)
+
+
+def ensure_dir(path: Path) -> None:
+    try:
+        ensure_writable_dir(path)
+    except PermissionError as e:
+        raise PermissionError(f"--out {path}: {e}") from e
+
+
+def _take_lock(path: Path) -> int:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no locking
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    for _ in range(5):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip()
+            os.close(fd)
+            raise RunLocked(f"--out {path.parent}: another recvae is writing this run directory "
+                            f"({_describe_holder(holder)}); wait until it ends, or choose another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # the holder removed the file as we opened it: take the new one
+    raise RunLocked(f"--out {path.parent}: the lock of this run directory keeps changing hands; try again")
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        info = json.loads(text)
+        return f"pid {info['pid']} on {info['host']} since {info['started']}: {info['command']}"
+    except (ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
+def _check_items(path: Path, n_items: int, model, item_ids=None) -> None:
+    if n_items != model.n_items_:
+        raise ValueError(f"{path}: {n_items} items, but the model has {model.n_items_}: not the model's data")
+    model_ids = getattr(model, "item_ids_", None)
+    if item_ids is not None and model_ids is not None:
+        same = len(model_ids) == len(item_ids) and all(
+            type(a) is type(b) and a == b for a, b in zip(np.asarray(item_ids).tolist(), np.asarray(model_ids).tolist())
+        )
+        if not same:
+            raise ValueError(f"{path}: its item ids differ from the model's (model/model.json): not the model's data")
+
+
+def save_heldout(path: Path, users: HeldOutUsers) -> None:
+    arrays = {"user_ids": np.asarray(users.user_ids)}
+    for name in ("fold_in", "heldout"):
+        m = getattr(users, name).tocsr()
+        arrays.update({f"{name}_indptr": m.indptr, f"{name}_indices": m.indices, f"{name}_shape": np.array(m.shape)})
+    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+
+
+def load_heldout(path: Path) -> HeldOutUsers:
+    z = read_npz(path, "held-out users")
+    try:
+        mats = {}
+        for name in ("fold_in", "heldout"):
+            indptr, indices = z[f"{name}_indptr"], z[f"{name}_indices"]
+            mats[name] = sp.csr_matrix(
+                (np.ones(len(indices), dtype=np.float32), indices, indptr), shape=tuple(z[f"{name}_shape"])
+            )
+        return HeldOutUsers(fold_in=mats["fold_in"], heldout=mats["heldout"], user_ids=z["user_ids"])
+    except (KeyError, ValueError, TypeError, IndexError) as e:
+        raise ValueError(f"{path}: not a valid held-out users file ({e})") from e

@@ -1,0 +1,70 @@
+"""SIGINT and SIGTERM: raised as exceptions in the main thread, and held back while a file
+set that belongs together (a checkpoint and the history it records) is being written."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt for SIGINT."""
+
+
+#: exit statuses of a command stopped by a signal: 128 + the signal's number, as a shell reports it
+EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """Within the block SIGTERM raises :class:`Terminated`, as SIGINT raises KeyboardInterrupt;
+    the previous handler comes back after it. Outside the main thread, where Python cannot
+    handle signals, nothing changes."""
+    if not _main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def stopped_by(error: BaseException) -> tuple[str, int]:
+    """The signal that stopped a command and its exit status: (name, 128 + number)."""
+    return ("SIGINT", EXIT_SIGINT) if isinstance(error, KeyboardInterrupt) else ("SIGTERM", EXIT_SIGTERM)
+
+
+@contextlib.contextmanager
+def deferred():
+    """SIGINT and SIGTERM that arrive within the block take effect when it ends, as they would
+    have at its start: a write of several files is never cut in the middle (a signal inside
+    ``torch.save`` once surfaced as a ``RuntimeError`` instead of the interrupt)."""
+    if not _main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        if received:
+            s = received[0]
+            handler = previous[s]
+            if callable(handler):
+                handler(s, None)  # KeyboardInterrupt / Terminated, as if the signal came now
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), s)
