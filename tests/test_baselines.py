@@ -200,6 +200,7 @@ def test_ease_init_only_stores_hyperparameters():
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_ease_beats_popularity_on_ml100k_validation(real_data_dir):
     from recvae.data import load_movielens, strong_generalization_split
 

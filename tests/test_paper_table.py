@@ -45,6 +45,7 @@ def args_for(path, out, *extra):
             "--out-dir", str(out), "--n-heldout-users", "20", "--epochs", "3", "--seeds", "2", *extra]
 
 
+@pytest.mark.slow
 def test_smoke_writes_json_md_png_with_expected_keys(paper_table, log_csv, tmp_path, capsys):
     rc = paper_table.main(args_for(log_csv, tmp_path, "--max-minutes", "5", "--precision", "fp32",
                                    "--models", "multvae,multdae,ease,popularity"))  # the others: below
@@ -213,6 +214,7 @@ def test_paired_difference_by_hand():
         paired_difference([[0.1, 0.2]], [[0.1]])
 
 
+@pytest.mark.slow
 def test_recvae_and_binary_rows_with_the_paired_column(paper_table, log_csv, tmp_path):
     rc = paper_table.main(args_for(log_csv, tmp_path, "--models", "recvae,binary-multvae,ease", "--epochs", "1",
                                    "--precision", "fp32"))
