@@ -59,7 +59,11 @@ def test_smoke_writes_json_md_png_with_expected_keys(paper_table, log_csv, tmp_p
         assert s["n_seeds"] == 2
         for m in ("recall@20", "recall@50", "ndcg@100"):
             assert 0.0 <= s[m]["mean"] <= 1.0
-            assert s[m]["std_over_seeds"] >= 0.0 and s[m]["mean_stderr_within_seed"] >= 0.0
+            v = [r[key]["test"][m]["mean"] for r in report["per_seed"]]  # the two seeds' test values
+            se = [r[key]["test"][m]["stderr"] for r in report["per_seed"]]
+            assert s[m]["per_seed"] == v and s[m]["mean"] == pytest.approx((v[0] + v[1]) / 2)
+            assert s[m]["std_over_seeds"] == pytest.approx(abs(v[0] - v[1]) / np.sqrt(2))  # np.std(v, ddof=1)
+            assert s[m]["mean_stderr_within_seed"] == pytest.approx((se[0] + se[1]) / 2)
             assert len(s[m]["per_seed"]) == 2
     # the Mult-VAE row is the schedule with the best validation score, and copies its test figures
     for r in report["per_seed"]:
