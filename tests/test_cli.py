@@ -48,6 +48,7 @@ def vae_run(log_csv, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_train_writes_a_complete_run_directory(vae_run):
     names = {p.name for p in vae_run.iterdir()}
     for expected in ["run.json", "metrics.json", "model", "train.npz", "validation.npz", "test.npz",
@@ -73,6 +74,7 @@ def test_train_prints_table_and_top10(log_csv, tmp_path, capsys):
     assert " 10." in out
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_saved_test_metrics(vae_run, capsys):
     assert main(["evaluate", str(vae_run)]) == 0
     out = capsys.readouterr().out
@@ -80,6 +82,7 @@ def test_evaluate_reproduces_saved_test_metrics(vae_run, capsys):
     assert f"{saved:.4f}" in out
 
 
+@pytest.mark.slow
 def test_recommend_known_and_new_user(vae_run, tmp_path, log_csv):
     log = pd.read_csv(log_csv)
     known = "u0"  # cluster 0, in training or held out: either way a history row works
@@ -102,6 +105,7 @@ def test_recommend_known_and_new_user(vae_run, tmp_path, log_csv):
     assert (np.diff(new.score) <= 0).all()
 
 
+@pytest.mark.slow
 def test_recommend_to_stdout_and_parquet(vae_run, tmp_path, capsys):
     inp = tmp_path / "h.csv"
     pd.DataFrame({"uid": ["x"], "iid": ["m5"]}).to_csv(inp, index=False)
@@ -113,6 +117,7 @@ def test_recommend_to_stdout_and_parquet(vae_run, tmp_path, capsys):
     assert len(pd.read_parquet(pq)) == 3
 
 
+@pytest.mark.slow
 def test_unknown_items_dropped_or_strict(vae_run, tmp_path, capsys, caplog):
     inp = tmp_path / "h.csv"
     pd.DataFrame({"uid": ["x", "x", "y"], "iid": ["m5", "nope", "gone"]}).to_csv(inp, index=False)
@@ -157,6 +162,7 @@ def test_bad_column_and_model(log_csv, tmp_path, capsys):
     assert "unknown model 'svd'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_unwritable_output(vae_run, tmp_path, capsys):
     inp = tmp_path / "h.csv"
     pd.DataFrame({"uid": ["x"], "iid": ["m5"]}).to_csv(inp, index=False)
@@ -164,6 +170,7 @@ def test_unwritable_output(vae_run, tmp_path, capsys):
     assert "--output" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_help_of_each_command():
     for argv in (["--help"], ["train", "--help"], ["evaluate", "--help"], ["recommend", "--help"], ["serve", "--help"], ["datasets", "--help"]):
         proc = subprocess.run([sys.executable, "-m", "recvae.cli", *argv], capture_output=True, text=True)

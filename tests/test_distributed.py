@@ -139,6 +139,7 @@ def _assert_same_run(run: Path, reference: Path) -> float:
 
 
 # -- torchrun ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_processes_give_the_one_process_model(log_csv, reference, tmp_path):
     out = tmp_path / "two"
     with _Procs() as procs:
@@ -152,6 +153,7 @@ def test_two_processes_give_the_one_process_model(log_csv, reference, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
 
 
+@pytest.mark.slow
 def test_binary_latent_two_processes_give_the_one_process_model(log_csv, tmp_path):
     """The bits' noise follows the batch split as the Gaussian noise does (relaxed bits: the
     straight-through sample's forward pass is a step, so any shift would show at once)."""
@@ -166,6 +168,7 @@ def test_binary_latent_two_processes_give_the_one_process_model(log_csv, tmp_pat
     _assert_same_run(two, one)
 
 
+@pytest.mark.slow
 def test_two_torchrun_agents_as_two_nodes(log_csv, reference, tmp_path):
     out = tmp_path / "nodes"
     with _Procs() as procs:
@@ -192,6 +195,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_a_failing_rank_stops_the_others_with_a_clear_message(log_csv, tmp_path):
     script = tmp_path / "failing.py"
     script.write_text(FAILING_RANK)
@@ -212,6 +216,7 @@ def test_a_failing_rank_stops_the_others_with_a_clear_message(log_csv, tmp_path)
     assert {p.name for p in out.glob("*")} <= {"run.json", "train.npz", "validation.npz", "test.npz", "seen.npz"}
 
 
+@pytest.mark.slow
 def test_a_rank_that_cannot_reach_the_rendezvous(log_csv, tmp_path):
     out = tmp_path / "lonely"
     port = _free_port()  # nobody listens there
@@ -315,6 +320,7 @@ def _gradients_worker(rank, world, port):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_in_a_process_group_gradients_are_summed_resume_works_and_errors_are_one_line(log_csv, tmp_path, monkeypatch):
     monkeypatch.setenv("DIST_TEST_CSV", str(log_csv))
     monkeypatch.setenv("DIST_TEST_TMP", str(tmp_path))
@@ -339,6 +345,7 @@ def _memory_mapped(a) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_a_run_on_a_prepared_directory_equals_the_run_on_the_file(log_csv, reference, tmp_path, capsys):
     prepared = tmp_path / "prepared"
     assert main(["-q", "prepare", "--data", str(log_csv), "--out", str(prepared)]) == 0

@@ -90,7 +90,7 @@ def test_coverage_is_catalogue_level():
     scores = np.array([[5, 4, 3, 2, 1, 0], [0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0.0]])
     assert M.coverage_at_k(scores, 2) == pytest.approx(4 / 6)  # items {0,1} and {5,4}
     assert M.coverage_at_k(scores, 6) == 1.0
-    assert isinstance(M.coverage_at_k(scores, 1), float)
+    assert M.coverage_at_k(scores, 1) == pytest.approx(2 / 6)  # items {0} and {5}
 
 
 def test_coverage_ignores_minus_inf_fillers():

@@ -45,6 +45,7 @@ def args_for(path, out, *extra):
             "--out-dir", str(out), "--n-heldout-users", "20", "--epochs", "3", "--seeds", "2", *extra]
 
 
+@pytest.mark.slow
 def test_smoke_writes_json_md_png_with_expected_keys(paper_table, log_csv, tmp_path, capsys):
     rc = paper_table.main(args_for(log_csv, tmp_path, "--max-minutes", "5", "--precision", "fp32",
                                    "--models", "multvae,multdae,ease,popularity"))  # the others: below
@@ -58,7 +59,11 @@ def test_smoke_writes_json_md_png_with_expected_keys(paper_table, log_csv, tmp_p
         assert s["n_seeds"] == 2
         for m in ("recall@20", "recall@50", "ndcg@100"):
             assert 0.0 <= s[m]["mean"] <= 1.0
-            assert s[m]["std_over_seeds"] >= 0.0 and s[m]["mean_stderr_within_seed"] >= 0.0
+            v = [r[key]["test"][m]["mean"] for r in report["per_seed"]]  # the two seeds' test values
+            se = [r[key]["test"][m]["stderr"] for r in report["per_seed"]]
+            assert s[m]["per_seed"] == v and s[m]["mean"] == pytest.approx((v[0] + v[1]) / 2)
+            assert s[m]["std_over_seeds"] == pytest.approx(abs(v[0] - v[1]) / np.sqrt(2))  # np.std(v, ddof=1)
+            assert s[m]["mean_stderr_within_seed"] == pytest.approx((se[0] + se[1]) / 2)
             assert len(s[m]["per_seed"]) == 2
     # the Mult-VAE row is the schedule with the best validation score, and copies its test figures
     for r in report["per_seed"]:
@@ -213,6 +218,7 @@ def test_paired_difference_by_hand():
         paired_difference([[0.1, 0.2]], [[0.1]])
 
 
+@pytest.mark.slow
 def test_recvae_and_binary_rows_with_the_paired_column(paper_table, log_csv, tmp_path):
     rc = paper_table.main(args_for(log_csv, tmp_path, "--models", "recvae,binary-multvae,ease", "--epochs", "1",
                                    "--precision", "fp32"))

@@ -171,6 +171,7 @@ def test_low_ratings_of_the_file_count_as_seen_not_as_history(int_run, tmp_path,
     assert set(recs.source) == {"popularity"} and 20 not in set(recs.item)
 
 
+@pytest.mark.slow
 def test_k_beyond_the_catalogue_returns_it_all_fast(int_run, tmp_path, caplog):
     run, log = int_run
     out = tmp_path / "r.csv"

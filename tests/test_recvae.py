@@ -97,6 +97,7 @@ def test_encoder_loss_weights_each_users_kl_by_its_interactions(data):
 
 
 # -- alternating schedule -----------------------------------------------------------------------
+@pytest.mark.slow
 def test_each_phase_changes_only_its_half_and_q_old_is_refreshed_between_phases(data, monkeypatch):
     train = data[0]
     snapshots = []  # (desc, state before the pass, state after)
@@ -138,6 +139,7 @@ def test_each_phase_changes_only_its_half_and_q_old_is_refreshed_between_phases(
 
 
 # -- learning -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_planted_clusters_are_recovered(data):
     train, (fi, ho) = data
     m = RecVAE(**{**SMALL, "batch_size": 100, "lr": 1e-2}, epochs=10).fit(train)
@@ -146,6 +148,7 @@ def test_planted_clusters_are_recovered(data):
     assert recall > 0.9, recall
 
 
+@pytest.mark.slow
 def test_validation_picks_the_best_outer_epoch_and_early_stops(data, monkeypatch):
     train, val = data
     scores = iter([0.3, 0.5, 0.4, 0.2])
@@ -183,6 +186,7 @@ def test_save_load_round_trip_gives_identical_scores(data, tmp_path):
     assert ids.shape == (fi.shape[0], 5) and (ids >= 0).all()
 
 
+@pytest.mark.slow
 def test_resume_continues_to_identical_weights(data, tmp_path):
     train, val = data
     # a finished run removes its checkpoint unless asked to keep it

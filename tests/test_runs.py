@@ -109,6 +109,7 @@ def assert_same_run(run: Path, reference: Path) -> None:
 
 
 # -- kill, resume -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(log_csv, tmp_path, straight, running):
     out = tmp_path / "run"
     proc = start(train_argv(log_csv, out), tmp_path)
@@ -125,6 +126,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(log_csv, tmp_path, stra
     assert_same_run(out, straight)
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_says_so(straight, log_csv, capsys):
     before = (straight / "metrics.json").read_bytes()
     assert main(train_argv(log_csv, straight, "--resume")) == 0
@@ -133,6 +135,7 @@ def test_resume_of_a_finished_run_says_so(straight, log_csv, capsys):
     assert (straight / "metrics.json").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_data_or_model_settings_by_flag(straight, log_csv, tmp_path, capsys):
     cases = [("--split-seed", "1", "--split-seed: 0 in the run, now 1"),
              ("--dropout", "0.3", "--dropout: 0.5 in the run, now 0.3"),
@@ -149,6 +152,7 @@ def test_resume_refuses_other_data_or_model_settings_by_flag(straight, log_csv, 
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.slow
 def test_signal_stops_with_one_line_and_the_resume_command(log_csv, tmp_path, straight, running, sig, code):
     out = tmp_path / "run"
     out.mkdir()
@@ -234,6 +238,7 @@ def test_non_finite_loss_at_epoch_1_leaves_no_directory(log_csv, tmp_path, capsy
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_non_finite_loss_later_keeps_the_best_epoch_as_a_usable_run(log_csv, tmp_path, straight, monkeypatch,
                                                                     capsys):
     original = MultNetwork.loss
@@ -272,6 +277,7 @@ def test_non_finite_loss_later_keeps_the_best_epoch_as_a_usable_run(log_csv, tmp
 
 
 # -- optional plotting library --------------------------------------------------------------------
+@pytest.mark.slow
 def test_train_without_matplotlib_warns_once_and_keeps_the_run(log_csv, tmp_path):
     out = tmp_path / "run"
     code = ("import sys; sys.modules['matplotlib'] = None; from recvae.cli import main; "
@@ -284,6 +290,7 @@ def test_train_without_matplotlib_warns_once_and_keeps_the_run(log_csv, tmp_path
     assert "metrics.json" in names and "model" in names and "learning_curve.png" not in names
 
 
+@pytest.mark.slow
 def test_keep_checkpoint_then_resume_with_more_epochs(log_csv, tmp_path, straight):
     out = tmp_path / "run"
     assert main(train_argv(log_csv, out, "--keep-checkpoint", epochs=EPOCHS - 4)) == 0
@@ -303,6 +310,7 @@ def test_train_on_parquet_without_pyarrow_is_one_line_before_any_work(tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_during_evaluation_evaluates_the_saved_model(straight, log_csv, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(straight, out)
@@ -326,6 +334,7 @@ def test_fewer_items_than_the_largest_cutoff_fails_before_training(tmp_path, cap
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_resume_removes_the_temporary_file_a_kill_left_mid_write(log_csv, tmp_path):
     out = tmp_path / "run"
     assert main(train_argv(log_csv, out, "--keep-checkpoint", epochs=2)) == 0

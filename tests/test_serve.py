@@ -101,6 +101,7 @@ def expected(run, items, k, exclude=()):
     return run.item_ids[ids[0]].tolist(), scores[0]
 
 
+@pytest.mark.slow
 def test_health_and_model(server, run):
     assert httpx.get(f"{server}/health").json() == {"status": "ok"}
     info = httpx.get(f"{server}/model").json()
@@ -109,6 +110,7 @@ def test_health_and_model(server, run):
     assert info["metrics"]["test"]["metrics"]["ndcg@100"]["mean"] == run.metrics["test"]["metrics"]["ndcg@100"]["mean"]
 
 
+@pytest.mark.slow
 def test_new_user_equals_model_recommend(server, run):
     r = post(server, {"items": ["m1", "m2", "m5", "nope"], "k": 7, "exclude": ["m3"]})
     assert r.status_code == 200
@@ -118,6 +120,7 @@ def test_new_user_equals_model_recommend(server, run):
     np.testing.assert_allclose(body["scores"], scores, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_known_user_gets_full_history_with_seen_items_excluded(server, run):
     user = run.user_ids[-1]  # a held-out test user: fold-in + held-out items
     row = len(run.user_ids) - 1
@@ -128,6 +131,7 @@ def test_known_user_gets_full_history_with_seen_items_excluded(server, run):
     assert not set(body["items"]) & set(run.item_ids[run.seen[row].indices])
 
 
+@pytest.mark.slow
 def test_unknown_items_only_get_the_popularity_fallback(server, run):
     body = post(server, {"items": ["nope"], "k": 3}).json()
     assert body["source"] == "popularity"
@@ -136,6 +140,7 @@ def test_unknown_items_only_get_the_popularity_fallback(server, run):
     np.testing.assert_allclose(body["scores"], run.popularity[order], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_concurrent_requests_are_answered_each_as_alone(server, run):
     histories = [[f"m{i}", f"m{i + 1}"] for i in range(0, 60, 3)]
 
@@ -167,6 +172,7 @@ def test_concurrent_requests_are_answered_each_as_alone(server, run):
         ({}, 422, ["body"], "exactly one of 'user'"),
     ],
 )
+@pytest.mark.slow
 def test_bad_requests_name_the_field(server, body, status, loc, message):
     r = post(server, body)
     assert r.status_code == status
@@ -174,6 +180,7 @@ def test_bad_requests_name_the_field(server, body, status, loc, message):
     assert detail["loc"] == loc and message in detail["msg"]
 
 
+@pytest.mark.slow
 def test_oversized_and_malformed_bodies(server):
     big = {"items": ["m1"] * 2000}
     r = post(server, big)
@@ -197,6 +204,7 @@ def test_serve_bad_arguments_are_one_line(argv, message, capsys):
     assert capsys.readouterr().err.strip() == f"recvae: error: {message}"
 
 
+@pytest.mark.slow
 def test_two_workers_each_load_the_model_and_answer_alike(run_dir, run):
     items, scores = expected(run, ["m1", "m2", "m5"], 5)
     with start_server(run_dir, "--workers", "2", "--threads", "1") as (base, proc):

@@ -88,6 +88,7 @@ def _split(log_csv):
     return strong_generalization_split(data, n_heldout_users=30, seed=0)
 
 
+@pytest.mark.slow
 def test_beta_heuristic_caps_run_2_at_run_1s_best_beta_with_another_seed(log_csv):
     split = _split(log_csv)
     seen = []
@@ -118,6 +119,7 @@ def test_before_trial_stops_between_trials(log_csv):
     assert [t.name for t in trials.trials] == ["popularity"]
 
 
+@pytest.mark.slow
 def test_ease_trials_equal_plain_fits(log_csv):
     from recvae.evaluation import evaluate
     from recvae.models import EASE
@@ -133,6 +135,7 @@ def test_ease_trials_equal_plain_fits(log_csv):
 
 # -- recvae tune ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_tune_multvae_writes_the_chosen_run_and_its_trial_table(log_csv, tmp_path, capsys):
     out = tmp_path / "tuned"
     assert main(tune_argv(log_csv, out, *SMALL, "--grid", "latent_dim=4,8")) == 0
@@ -162,6 +165,7 @@ def test_tune_multvae_writes_the_chosen_run_and_its_trial_table(log_csv, tmp_pat
     assert main(["-q", "evaluate", str(out)]) == 0
 
 
+@pytest.mark.slow
 def test_tune_ease_and_recvae_defaults_through_the_library(log_csv, tmp_path):
     tuned = tuning.tune(DataSpec(path=str(log_csv)), "ease", out=tmp_path / "ease", n_heldout_users=30)
     assert [t.params["l2"] for t in tuned.trials] == list(tuning.EASE_GRID)
@@ -223,6 +227,7 @@ def test_paper_table_chooses_through_recvae_tuning():
     assert "anneal_cap\": cap" not in source  # no copy of the heuristic's second run
 
 
+@pytest.mark.slow
 def test_tune_help_lists_the_grid():
     import subprocess
     import sys
@@ -231,6 +236,7 @@ def test_tune_help_lists_the_grid():
     assert proc.returncode == 0 and "NAME=V1,V2" in proc.stdout and "kl_weighting" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_diverging_trial_is_recorded_and_the_search_goes_on(log_csv, tmp_path, capsys):
     split = _split(log_csv)
     trials = tuning.Trials(split.train, split.validation)

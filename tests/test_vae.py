@@ -274,6 +274,7 @@ def test_huge_learning_rate_is_caught_as_non_finite(data):
 
 
 # -- checkpoints and resume -----------------------------------------------------------------------
+@pytest.mark.slow
 def test_resume_continues_to_identical_weights(data, tmp_path):
     train, val = data
     MultVAE(**SMALL, epochs=2).fit(train, val, callbacks=[ckpt(tmp_path)])
@@ -438,6 +439,7 @@ def test_weights_file_is_a_plain_state_dict(data, tmp_path):
 
 # -- real data ----------------------------------------------------------------------------------
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_vae_and_dae_beat_popularity_on_ml100k_validation(real_data_dir):
     from recvae.data import load_movielens, strong_generalization_split
     from recvae.models import Popularity
