@@ -25,6 +25,7 @@ from recvae.rundir import LOCK_FILE, RunDir, RunLocked
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 6
+pytestmark = pytest.mark.slow  # every test trains through the command line (2-20 s each)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,6 @@ def snapshot(folder: Path) -> dict:
 
 
 # -- one writer at a time ------------------------------------------------------------------------
-@pytest.mark.slow
 def test_two_trains_on_one_out_one_writes_the_other_is_refused(log_csv, tmp_path):
     out = tmp_path / "run"
     argv = [a for a in train_argv(log_csv, out, epochs=40) if a != "-q"]
