@@ -59,8 +59,8 @@ def user_message(error: BaseException, parser: argparse.ArgumentParser, command:
     (``item_col: ...``) are mapped the same way."""
     flags = command_flags(parser, command)
     if isinstance(error, ParameterError):
-        flag = flags.get(error.param)
-        return " ".join(f"{flag or error.param}: {error.message}".split())
+        flag = flags.get(error.param, error.param)
+        return " ".join(f"{error.where + ': ' if error.where else ''}{flag}: {error.message}".split())
     msg = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
     msg = " ".join(str(msg).split())  # one line, whatever the parser (pandas, torch) put in it
     pattern = r"(?<![\w./-])(" + "|".join(map(re.escape, sorted(flags, key=len, reverse=True))) + r")(?=:)"

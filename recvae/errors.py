@@ -6,8 +6,24 @@ from __future__ import annotations
 
 class ParameterError(ValueError):
     """A bad value of one parameter. ``param``: its name in the library (``latent_dim``,
-    ``item_col``, ``name``); ``message``: what was wrong, without the name."""
+    ``item_col``, ``dataset``); ``message``: what was wrong, without the name; ``where``: the
+    file (and line) it concerns, when there is one."""
 
-    def __init__(self, param: str, message: str):
-        super().__init__(f"{param}: {message}")
-        self.param, self.message = param, message
+    def __init__(self, param: str, message: str, where: str | None = None):
+        super().__init__(f"{where + ': ' if where else ''}{param}: {message}")
+        self.param, self.message, self.where = param, message, where
+
+    def renamed(self, param: str) -> "ParameterError":
+        """The same error under the name a higher layer gives the parameter."""
+        return ParameterError(param, self.message, self.where)
+
+
+def shown(value) -> str:
+    """A value as a message shows it: numpy scalars as plain numbers (``nan``, not ``np.float64(nan)``)."""
+    item = getattr(value, "item", None)
+    if callable(item) and type(value).__module__ == "numpy":
+        try:
+            value = item()
+        except (TypeError, ValueError):
+            pass
+    return repr(value)

@@ -21,7 +21,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from recvae import __version__, distributed
-from recvae.data import Interactions, load_movielens, read_interactions
+from recvae.errors import ParameterError
+from recvae.data import Interactions, load_movielens, read_table
 from recvae.data.prepared import load_prepared, read_prepared_description
 from recvae.data.splits import strong_generalization_split
 from recvae.evaluation import EvaluationResult, evaluate
@@ -94,27 +95,33 @@ class DataSpec:
             require("pyarrow", f"{self.path}: reading Parquet")
 
     def load(self, show_progress: bool = False) -> Interactions:
+        return self.load_with_seen(show_progress, seen=False)[0]
+
+    def load_with_seen(self, show_progress: bool = False, seen: bool = True) -> tuple[Interactions, Interactions | None]:
+        """The preprocessed interactions and, with ``seen`` and a rating threshold, every
+        interaction of the source at any rating (what ``recommend`` must not offer again), from
+        one read of the source. The second is None without a threshold (the positives are all
+        the source holds) or for a prepared directory."""
         if self.prepared is not None:
-            return load_prepared(self.prepared)
+            return load_prepared(self.prepared), None
+        threshold = self.rating_threshold if (self.dataset is not None or self.rating_col) else None
+        filters = dict(rating_threshold=threshold, min_user_interactions=self.min_user_interactions,
+                       min_item_interactions=self.min_item_interactions)
+        everything = dict(rating_threshold=None, min_user_interactions=0, min_item_interactions=0)
+        want_raw = seen and threshold is not None
         if self.dataset is not None:
-            return load_movielens(
-                self.dataset,
-                data_dir=self.data_dir,
-                rating_threshold=self.rating_threshold,
-                min_user_interactions=self.min_user_interactions,
-                min_item_interactions=self.min_item_interactions,
-                show_progress=show_progress,
-            )
-        return read_interactions(
-            self.path,
-            user_col=self.user_col,
-            item_col=self.item_col,
-            rating_col=self.rating_col,
-            sep=self.sep,
-            rating_threshold=self.rating_threshold if self.rating_col else None,
-            min_user_interactions=self.min_user_interactions,
-            min_item_interactions=self.min_item_interactions,
-        )
+            options = dict(data_dir=self.data_dir, show_progress=show_progress)
+            try:
+                data = load_movielens(self.dataset, **filters, **options)
+                # the unfiltered release comes from the cache MovieLens keeps (parsed once, ever)
+                return data, load_movielens(self.dataset, **everything, **options) if want_raw else None
+            except ParameterError as e:  # load_movielens's ``name`` is this spec's ``dataset``
+                raise (e.renamed("dataset") if e.param == "name" else e) from None
+        frame = read_table(self.path, sep=self.sep)  # parsed once for both
+        columns = dict(user_col=self.user_col, item_col=self.item_col, rating_col=self.rating_col,
+                       source=str(self.path))
+        data = Interactions.from_dataframe(frame, **columns, **filters)
+        return data, Interactions.from_dataframe(frame, **columns, **everything) if want_raw else None
 
 
 @dataclass
@@ -163,9 +170,9 @@ def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: 
     plot = available("matplotlib")
     if run_dir is not None and not plot:
         logger.warning("matplotlib is not installed: no learning_curve.png (pip install 'recvae[plot]')")
-    split = load_split(config, show_progress)
     if run_dir is None:
-        return fit_and_evaluate(split, estimator, ks=config.ks, raise_error=True)
+        return fit_and_evaluate(load_split(config, show_progress), estimator, ks=config.ks, raise_error=True)
+    split, seen = load_split(config, show_progress, with_seen=True)
     created = not run_dir.path.exists()
     with run_dir.lock() if main else contextlib.nullcontext():
         state = run_dir.state()
@@ -175,7 +182,7 @@ def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: 
                 run_dir.empty()
                 state = "empty"
             if state in ("absent", "empty"):
-                run_dir.write_description(_description(config, split), split, seen_interactions(config.data, split))
+                run_dir.write_description(_description(config, split), split, seen)
         resume_from = None
         if resume and (run_dir.path / CHECKPOINT_FILE).is_file():
             resume_from = run_dir.read_checkpoint(map_location=resolve_device(estimator.device))
@@ -224,16 +231,17 @@ def _check_run_dir(run_dir: RunDir, config: RunConfig, resume: bool, overwrite: 
                           f"nothing to resume{note}")
 
 
-def load_split(config: RunConfig, show_progress: bool = False):
+def load_split(config: RunConfig, show_progress: bool = False, with_seen: bool = False):
     """``config``'s data, read and split as the paper (its ``split_seed``, ``n_heldout_users``);
     refused when the catalogue is smaller than the largest cutoff, as the run would train, then
-    fail to evaluate."""
-    interactions = config.data.load(show_progress=show_progress)
+    fail to evaluate. ``with_seen``: ``(split, seen)``, the run's seen items from the same read
+    (:func:`seen_interactions`)."""
+    interactions, raw = config.data.load_with_seen(show_progress, seen=with_seen)
     split = strong_generalization_split(interactions, n_heldout_users=config.n_heldout_users, seed=config.split_seed)
     if max(config.ks) > split.train.n_items:
         raise ValueError(f"data {config.data.name}: {split.train.n_items} items after preprocessing, fewer than "
                          f"the largest cutoff of the metrics (K = {max(config.ks)}, ks={list(config.ks)})")
-    return split
+    return (split, seen_interactions(split, raw)) if with_seen else split
 
 
 def fit_and_evaluate(split, estimator, ks=(20, 50, 100), callbacks=(), resume_from: dict | None = None,
@@ -323,22 +331,19 @@ def write_results(run_dir: RunDir, result: RunResult, plot: bool = True, keep_ch
         run_dir.draw_learning_curve(curve)
 
 
-def seen_interactions(data: DataSpec, split) -> Interactions:
-    """Every interaction of the source data, at any rating, of the run's users (training,
-    validation, test; in that order) over the run's catalogue, as an :class:`Interactions`.
-
-    The training data keeps only ratings above the threshold; ``recommend`` must also exclude
-    what a user rated lower. Without a threshold this is the known history, so nothing is read.
-    """
+def seen_interactions(split, raw: Interactions | None) -> Interactions:
+    """Every interaction of the run's users (training, validation, test; in that order) over the
+    run's catalogue at any rating, from ``raw`` (the source without threshold or minimums), as
+    an :class:`Interactions`. The training data keeps only ratings above the threshold;
+    ``recommend`` must also exclude what a user rated lower. Without ``raw`` (no threshold)
+    this is the known history."""
     users = np.concatenate([np.asarray(split.train.user_ids), np.asarray(split.validation.user_ids),
                             np.asarray(split.test.user_ids)])
     items = np.asarray(split.train.item_ids)
-    if data.rating_threshold is None:
+    if raw is None:
         known = [split.train.matrix] + [h.fold_in + h.heldout for h in (split.validation, split.test)]
         matrix = sp.vstack(known, format="csr")
     else:
-        raw = DataSpec(**{**asdict(data), "rating_threshold": None, "min_user_interactions": 0,
-                          "min_item_interactions": 0}).load()
         rows = raw.user_index(users)
         cols = raw.item_index(items)  # raw column of each catalogue item
         sub = raw.matrix[np.where(rows >= 0, rows, 0)][:, cols]
@@ -350,17 +355,21 @@ def seen_interactions(data: DataSpec, split) -> Interactions:
 
 
 def write_run_dir(out: str | os.PathLike, config: RunConfig, split, result: RunResult, plot: bool = True,
-                  overwrite: bool = False, extra=None, locked: bool = False) -> Path:
+                  overwrite: bool = False, extra=None, locked: bool = False, seen: Interactions | None = None) -> Path:
     """A complete run directory for a model trained elsewhere (benchmarks, notebooks, ``tune``):
     what :func:`run` writes, in the same order, under the directory's lock (``locked``: the
     caller holds it). ``overwrite`` empties a run directory first. ``extra(run_dir)`` writes
-    more files (``tune``'s table) before the metrics, which mark the run complete."""
+    more files (``tune``'s table) before the metrics, which mark the run complete. ``seen``: the
+    run's seen items when the caller read them with the data (``load_split(with_seen=True)``);
+    else the source is read again for them."""
     run_dir = RunDir(out)
     run_dir.check_writable_for(overwrite=overwrite)
     with contextlib.nullcontext() if locked else run_dir.lock():
         run_dir.check_writable_for(overwrite=overwrite)
         run_dir.empty()
-        run_dir.write_description(_description(config, split), split, seen_interactions(config.data, split))
+        if seen is None:
+            seen = seen_interactions(split, config.data.load_with_seen(seen=True)[1])
+        run_dir.write_description(_description(config, split), split, seen)
         if extra is not None:
             extra(run_dir)
         write_results(run_dir, result, plot and available("matplotlib"), history=True)

@@ -30,11 +30,12 @@ import numpy as np
 
 from recvae.evaluation import evaluate
 from recvae.experiment import DataSpec, RunConfig, RunResult, load_split, write_run_dir
-from recvae.models import make_model
+from recvae.models import checks, make_model
 from recvae.models.base import as_csr
 from recvae.models.ease import EASE, _check_l2, ease_weights, gram_matrix
 from recvae.models.registry import is_neural
 from recvae.models.training_loop import NonFiniteLossError
+from recvae.models.vae import KL_WEIGHTINGS
 from recvae.rundir import RunDir
 
 logger = logging.getLogger(__name__)
@@ -59,31 +60,18 @@ RUN_SETTINGS = ("epochs", "patience", "batch_size", "device", "precision", "rand
                 "eval_batch_size")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError
-    return value
+def _parsed(convert, check):
+    """A grid value's parser: ``convert`` the text, then the model's own check of the value
+    (:mod:`recvae.models.checks`), so a grid judges a value as the estimator does."""
+    def parse(name: str, text: str):
+        return check(name, convert(text))
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError
-    return value
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < 1:
-        raise ValueError
-    return value
-
-
-def _kl_weighting(text: str) -> str:
-    if text not in ("uniform", "activity"):
-        raise ValueError
-    return text
+_positive_int = _parsed(int, checks.positive_int)
+_positive_float = _parsed(float, checks.positive_number)
+_probability = _parsed(float, checks.probability)
+_kl_weighting = _parsed(str, lambda name, v: checks.one_of(name, v, KL_WEIGHTINGS))
 
 
 #: per model, what a grid may vary: name -> (parser of one value, what it expects)
@@ -363,7 +351,7 @@ def parse_grid(specs, model: str) -> dict:
         parsed = []
         for text in texts:
             try:
-                parsed.append(parse(text))
+                parsed.append(parse(name, text))
             except ValueError:
                 raise ValueError(f"grid {name}={text}: expected {expected}") from None
         grid[name] = tuple(dict.fromkeys(parsed))  # a value repeated is one trial
@@ -456,7 +444,7 @@ def tune(data: DataSpec, model: str, grid: dict | None = None, params: dict | No
 
 def _tune(config: RunConfig, grid: dict, run_dir: RunDir | None, overwrite: bool, show_progress: bool) -> TuneResult:
     model, params = config.model, config.params
-    split = load_split(config, show_progress)
+    split, seen = load_split(config, show_progress, with_seen=True)
     trials = search(model, split.train, split.validation, grid, params)
     best = trials.best
     if best.validation == float("-inf"):
@@ -472,7 +460,7 @@ def _tune(config: RunConfig, grid: dict, run_dir: RunDir | None, overwrite: bool
                            params={k: v for k, v in best.params.items() if k != "show_progress"},
                            split_seed=config.split_seed, n_heldout_users=config.n_heldout_users)
         try:
-            write_run_dir(run_dir.path, chosen, split, result, overwrite=overwrite, locked=True,
+            write_run_dir(run_dir.path, chosen, split, result, overwrite=overwrite, locked=True, seen=seen,
                           extra=lambda rd: rd.write_tuning(tuned.table()))
         except BaseException:  # stopped or failed while writing: no half-written run stays
             run_dir.empty()

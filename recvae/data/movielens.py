@@ -27,6 +27,7 @@ import pandas as pd
 from recvae.data.download import download as _download
 from recvae.data.interactions import NPZ_FORMAT_VERSION, Interactions, read_table
 from recvae.data.paths import resolve_data_dir
+from recvae.errors import ParameterError
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def get_spec(name: str) -> MovieLensSpec:
     try:
         return DATASETS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"name: unknown MovieLens dataset {name!r}; known: {', '.join(DATASETS)}") from None
+        raise ParameterError("name", f"unknown MovieLens dataset {name!r}; known: {', '.join(DATASETS)}") from None
 
 
 def movielens_url(name: str) -> str:

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from recvae.errors import ParameterError
+from recvae.errors import ParameterError, shown
 
 
 def _is_number(v) -> bool:
@@ -17,14 +17,14 @@ def _is_number(v) -> bool:
 
 def positive_int(name: str, v) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise ParameterError(name, f"expected a positive integer, got {v!r}")
+        raise ParameterError(name, f"expected a positive integer, got {shown(v)}")
     return int(v)
 
 
 def number(name: str, v, ok=lambda v: True, expected: str = "a finite number") -> float:
     """A finite number for which ``ok(v)`` holds."""
     if not _is_number(v) or not math.isfinite(v) or not ok(v):
-        raise ParameterError(name, f"expected {expected}, got {v!r}")
+        raise ParameterError(name, f"expected {expected}, got {shown(v)}")
     return float(v)
 
 
@@ -43,7 +43,7 @@ def probability(name: str, v) -> float:
 
 def one_of(name: str, v, options) -> object:
     if v not in options:
-        raise ParameterError(name, f"expected one of {list(options)}, got {v!r}")
+        raise ParameterError(name, f"expected one of {list(options)}, got {shown(v)}")
     return v
 
 
@@ -52,13 +52,13 @@ def widths(name: str, v) -> tuple[int, ...]:
     try:
         dims = tuple(v)
     except TypeError:
-        raise ParameterError(name, f"expected a tuple of positive integers, got {v!r}") from None
+        raise ParameterError(name, f"expected a tuple of positive integers, got {shown(v)}") from None
     if not all(not isinstance(d, bool) and isinstance(d, (int, np.integer)) and d >= 1 for d in dims):
-        raise ParameterError(name, f"expected positive integer widths, got {v!r}")
+        raise ParameterError(name, f"expected positive integer widths, got {shown(v)}")
     return tuple(int(d) for d in dims)
 
 
 def seed(name: str, v) -> int | None:
     if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0):
-        raise ParameterError(name, f"expected None or a non-negative integer, got {v!r}")
+        raise ParameterError(name, f"expected None or a non-negative integer, got {shown(v)}")
     return v

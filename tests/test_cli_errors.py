@@ -1,0 +1,49 @@
+"""Library errors carry the parameter as data; the command line names the flag the user typed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from recvae import experiment
+from recvae.cli import main
+from recvae.errors import ParameterError, shown
+from recvae.models import MultVAE
+
+
+def test_unknown_dataset_names_the_flag_not_the_library_parameter(capsys):
+    assert main(["train", "--dataset", "nope", "--out", "unused"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("recvae: error: --dataset: unknown MovieLens dataset 'nope'; known: ml-100k")
+
+
+def test_a_bad_hyperparameter_is_an_error_object_naming_it():
+    with pytest.raises(ParameterError) as info:
+        MultVAE(latent_dim=0, epochs=1).fit(np.eye(3))  # checked before the data
+    assert (info.value.param, info.value.message) == ("latent_dim", "expected a positive integer, got 0")
+
+
+def test_numpy_values_are_shown_as_plain_numbers(capsys):
+    assert shown(np.float64("nan")) == "nan" and shown(np.int64(3)) == "3" and shown("x") == "'x'"
+    with pytest.raises(ParameterError, match=r"got nan$"):
+        MultVAE(dropout=np.float64("nan"))._check_params()
+
+
+def test_the_source_is_read_once_with_a_rating_threshold(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(3)
+    rows = [(u, i, r) for u in range(150) for i, r in zip(rng.choice(120, 15, replace=False), rng.integers(1, 6, 15))]
+    path = tmp_path / "log.csv"
+    pd.DataFrame(rows, columns=["user", "item", "rating"]).to_csv(path, index=False)
+    calls = []
+    original = experiment.read_table
+    monkeypatch.setattr(experiment, "read_table", lambda *a, **k: calls.append(a) or original(*a, **k))
+    out = tmp_path / "run"
+    assert main(["-q", "train", "--data", str(path), "--model", "popularity", "--n-heldout-users", "20",
+                 "--show", "0", "--out", str(out)]) == 0
+    assert len(calls) == 1
+    # what recommend excludes still holds the low ratings of the run's users
+    from recvae.rundir import RunDir
+
+    seen, train = RunDir(out).load_seen(), RunDir(out).load_train(RunDir(out).load_model())
+    assert seen.nnz > train.nnz
