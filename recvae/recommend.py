@@ -31,7 +31,7 @@ from recvae.data import Interactions
 from recvae.data.interactions import index_of
 from recvae.experiment import SEEN_FILE, load_run, load_run_train, load_run_users
 from recvae.fileio import read_json
-from recvae.models.base import mask_rows, top_k
+from recvae.metrics import mask_rows, top_k_with_scores
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def recommend_rows(
         pop = np.tile(np.asarray(popularity, dtype=np.float32), (empty.size, 1))
         if exclude is not None:
             mask_rows(pop, exclude[empty])
-        ids[empty], scores[empty] = top_k(pop, width)
+        ids[empty], scores[empty] = top_k_with_scores(pop, width)
     return ids, scores, fallback
 
 
@@ -404,5 +404,5 @@ class RunRecommender:
         fallback = np.diff(positives.indptr) == 0
         ids, scores = self.model.recommend(positives, N=k, filter_already_liked_items=False)
         if fallback.any():
-            ids[fallback], scores[fallback] = top_k(np.tile(self.popularity, (int(fallback.sum()), 1)), ids.shape[1])
+            ids[fallback], scores[fallback] = top_k_with_scores(np.tile(self.popularity, (int(fallback.sum()), 1)), ids.shape[1])
         return ids, scores, fallback

@@ -264,6 +264,24 @@ class Interactions:
             raise ValueError(f"{path}: not a valid interactions cache ({e})") from e
 
 
+def as_csr(X, name: str = "X", n_items: int | None = None) -> sp.csr_matrix:
+    """Accept an :class:`Interactions` or a sparse matrix; return float32 CSR.
+
+    Raises a ``TypeError``/``ValueError`` naming ``name`` when the input is not usable.
+    """
+    matrix = getattr(X, "matrix", X)
+    if not sp.issparse(matrix):
+        raise TypeError(
+            f"{name}: expected a scipy.sparse matrix or recvae.data.Interactions, got {type(X).__name__}"
+        )
+    matrix = sp.csr_matrix(matrix, dtype=np.float32)
+    if n_items is not None and matrix.shape[1] != n_items:
+        raise ValueError(f"{name}: expected {n_items} item columns (as in training), got {matrix.shape[1]}")
+    if matrix.nnz and not np.isfinite(matrix.data).all():
+        raise ValueError(f"{name}: contains non-finite values")
+    return matrix
+
+
 def index_of(index: pd.Index, ids):
     """Positions of ``ids`` in ``index`` (int64, ``-1`` where absent; a scalar gives an ``int``).
     Exact: ``"1"`` and ``1`` are different ids. The one id lookup of the library: callers that
