@@ -624,6 +624,7 @@ def cmd_recommend(args) -> int:
 def histories_from_file(run, args):
     """The users of ``--input``/``--users`` with their histories: the file's rows (rating above the
     threshold: history; at or below: seen only) joined with what the run knows of each user."""
+    from recvae.data import read_table
     from recvae.recommend import IdError, log_unknown
 
     flag = "--input" if args.input is not None else "--users"
@@ -634,7 +635,11 @@ def histories_from_file(run, args):
     rating_col = args.rating_col if args.rating_col is not None else data.get("rating_col")
     rating_col = None if rating_col is None or str(rating_col).lower() == "none" else rating_col
     threshold = args.rating_threshold if args.rating_threshold is not None else data.get("rating_threshold")
-    frame, locate = read_table(path, flag, sep=args.sep or data.get("sep"), id_cols=(user_col, item_col))
+    try:  # ids as text: converted to the run's types later, one by one; no known extension: CSV
+        frame, locate = read_table(path, sep=args.sep or data.get("sep"), id_cols=(user_col, item_col),
+                                   default_sep=",", locate=True)
+    except (ValueError, FileNotFoundError, IsADirectoryError, MissingDependencyError) as e:
+        raise CLIError(f"{flag} {e}") from e  # the reader's errors start with the file's name
     columns = list(map(str, frame.columns))
     if user_col not in frame.columns:
         raise CLIError(f"{flag} {path}: no user column {user_col!r} (--user-col); found {columns}")
@@ -706,28 +711,6 @@ def cmd_serve(args) -> int:
     except MissingDependencyError as e:
         raise CLIError(str(e)) from e
     return 0
-
-
-def read_table(path: str, flag: str = "--input", sep: str | None = None, id_cols=()) -> tuple[pd.DataFrame, callable]:
-    """``(frame, locate)``: a CSV/TSV/Parquet file with the columns ``id_cols`` read as text (ids
-    are converted to the run's types later, one by one), and ``locate(j)`` naming row ``j`` as the
-    user sees it: ``line N`` of a text file (header = line 1), ``row N`` of a Parquet file."""
-    p = Path(path)
-    if not p.is_file():
-        raise CLIError(f"{flag} {path}: no such file")
-    suffix = p.suffix.lower()
-    try:
-        if suffix in (".parquet", ".pq"):
-            from recvae.optional import require
-
-            require("pyarrow", f"{flag} as Parquet")
-            return pd.read_parquet(p), lambda j: f"row {j + 1}"
-        if sep is None:
-            sep = "\t" if suffix in (".tsv", ".tab", ".data") else ("::" if suffix == ".dat" else ",")
-        frame = pd.read_csv(p, sep=sep, dtype={c: str for c in id_cols}, engine="python" if len(sep) > 1 else "c")
-        return frame, lambda j: f"line {j + 2}"
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
-        raise CLIError(f"{flag} {path}: cannot parse: {str(e).strip().splitlines()[0]}") from e
 
 
 def check_output(output: str) -> None:

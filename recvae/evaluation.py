@@ -18,8 +18,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from recvae import metrics as M
+from recvae.data.interactions import as_csr
 from recvae.metrics import MetricSummary  # re-exported: callers import it from here
-from recvae.models.base import as_csr
 
 logger = logging.getLogger(__name__)
 
@@ -193,8 +193,7 @@ def evaluate(
             )
         if not scores.flags.writeable or not np.issubdtype(scores.dtype, np.floating):
             scores = scores.astype(np.float32)
-        rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
-        scores[rows, x.indices] = -np.inf
+        M.mask_rows(scores, x)
         idx = M.top_k(scores, k_max)
         h = heldout[lo : lo + batch_size]
         if user_names:

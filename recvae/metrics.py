@@ -98,19 +98,46 @@ def _relevance(heldout, shape: tuple[int, int]) -> sp.csr_matrix:
 def top_k(scores, k: int) -> np.ndarray:
     """Indices (users x k, int64) of the ``k`` highest scores per row, best first.
 
-    Equal scores are ordered by the lower item index first (see the module notes).
+    Equal scores are ordered by the lower item index first, also across the K-th place, and
+    ``-inf`` ranks last (see the module notes). This is the one ranking of the library: the
+    metrics, :func:`recvae.evaluation.evaluate` and the models' ``recommend`` (through
+    :func:`top_k_with_scores`) all use it.
+    """
+    scores = _check_scores(scores)
+    return _top_k(scores, check_k(k, scores.shape[1]))
+
+
+def top_k_with_scores(scores, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, values)`` of :func:`top_k`, each (users x k): the ranked item indices and their
+    scores. A ``-inf`` score (an excluded item that only fills a row with fewer than k other
+    items) comes back as id -1; its value stays ``-inf``."""
+    scores = _check_scores(scores)
+    ids = _top_k(scores, check_k(k, scores.shape[1]))
+    values = np.take_along_axis(scores, ids, axis=1)
+    ids[np.isneginf(values)] = -1
+    return ids, values
+
+
+def mask_rows(scores: np.ndarray, rows: sp.csr_matrix) -> None:
+    """Set ``scores[u, i] = -inf`` for every stored entry (u, i) of the CSR ``rows``, in place:
+    how a user's fold-in (or already seen, or excluded) items leave the ranking."""
+    r = np.repeat(np.arange(rows.shape[0]), np.diff(rows.indptr))
+    scores[r, rows.indices] = -np.inf
+
+
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """:func:`top_k` of checked scores and cut-off.
 
     Speed: instead of an ``argpartition`` over all items, a cheap lower bound of each
     row's K-th largest score comes first: the first ``4k * g`` items form 4k strided
     groups, and the K-th largest of the 4k group maxima is reached by k distinct items,
     so it cannot exceed the row's K-th largest score. Only items at or above it (about
-    1.2 k for continuous scores) are then ranked exactly. If the bound is too loose for
-    some row (more than a quarter of the items pass: e.g. many ``-inf``), the whole batch
-    falls back to the plain ``argpartition``; the result is the same either way.
+    1.2 k for continuous scores) are then ranked exactly. Where the bound lets more than a
+    quarter of a row's items through (one value shared by most items: e.g. mostly ``-inf``),
+    that row keeps the items above the bound and only the lowest-index items equal to it
+    that can still be needed (a full ``argpartition`` is very slow on such rows).
     """
-    scores = _check_scores(scores)
     n_users, n_items = scores.shape
-    k = check_k(k, n_items)
     m = 4 * k  # number of groups
     if n_users == 0 or 2 * m > n_items:
         return _top_k_exact(scores, k)
@@ -118,20 +145,54 @@ def top_k(scores, k: int) -> np.ndarray:
     row, col = scores.strides
     groups = np.lib.stride_tricks.as_strided(scores, (n_users, g, m), (row, m * col, col), writeable=False)
     bound = np.partition(groups.max(axis=1), m - k, axis=1)[:, m - k, None]
-    flat = np.flatnonzero(scores >= bound)  # much faster than a 2-d np.nonzero
-    r, c = np.divmod(flat, n_items)
-    counts = np.bincount(r, minlength=n_users)
+    candidate = scores >= bound
+    if np.count_nonzero(candidate) > candidate.size // 8:  # some rows are loose: trim before listing
+        _trim_loose(candidate, scores, bound, k, _row_counts(candidate))
+    r, c, counts = _listed(candidate)
+    if _trim_loose(candidate, scores, bound, k, counts):  # a few loose rows, listed for nothing
+        r, c, counts = _listed(candidate)
     width = int(counts.max())
-    if width > n_items // 4:
-        return _top_k_exact(scores, k)
-    # candidates packed left in increasing item order, padded with -inf (never selected:
-    # every row has >= k real candidates, all >= bound > -inf)
+    # candidates packed left in increasing item order, padded with -inf after them: every
+    # row has >= k real candidates, and an exact tie with the padding goes to the lower
+    # (real) position
     pos = np.arange(r.size) - np.repeat(np.cumsum(counts) - counts, counts)
     packed = np.full((n_users, width), -np.inf, dtype=scores.dtype)
     packed[r, pos] = scores[r, c]
     items = np.zeros((n_users, width), dtype=np.int64)
     items[r, pos] = c
     return np.take_along_axis(items, _top_k_exact(packed, k), axis=1)
+
+
+def _listed(candidate: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row and column of each True of a 2-d mask (row-major order), and the count per row."""
+    flat = np.flatnonzero(candidate)  # much faster than a 2-d np.nonzero
+    r, c = np.divmod(flat, candidate.shape[1])
+    return r, c, np.bincount(r, minlength=candidate.shape[0])
+
+
+def _row_counts(mask: np.ndarray) -> np.ndarray:
+    """Number of True per row of a 2-d boolean mask; summing its bytes is several times
+    faster than ``np.count_nonzero(mask, axis=1)``."""
+    return mask.view(np.uint8).sum(axis=1, dtype=np.int32)
+
+
+def _trim_loose(candidate: np.ndarray, scores: np.ndarray, bound: np.ndarray, k: int, counts) -> bool:
+    """In the rows of ``candidate`` (scores >= bound) holding more than a quarter of the items,
+    keep only the items the top k can need (:func:`_above_or_first_at`); whether any row was."""
+    loose = np.flatnonzero(counts > candidate.shape[1] // 4)
+    if loose.size:
+        candidate[loose] = _above_or_first_at(scores[loose], bound[loose], k)
+    return bool(loose.size)
+
+
+def _above_or_first_at(scores: np.ndarray, bound: np.ndarray, k: int) -> np.ndarray:
+    """Boolean mask per row: every item above ``bound`` (a lower bound of the row's K-th
+    largest score), then the lowest-index items equal to it until k are chosen. The row's top
+    k lie in it, and it holds max(k, #above) items."""
+    above = scores > bound
+    at = scores == bound
+    need = k - _row_counts(above)
+    return above | (at & (np.cumsum(at, axis=1, dtype=np.int32) <= need[:, None]))
 
 
 def _top_k_exact(scores: np.ndarray, k: int) -> np.ndarray:

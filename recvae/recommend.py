@@ -28,8 +28,8 @@ import scipy.sparse as sp
 
 from recvae.data.interactions import index_of
 from recvae.fileio import read_json
+from recvae.metrics import mask_rows, top_k_with_scores
 from recvae.rundir import METRICS_FILE, SEEN_FILE, RunDir
-from recvae.models.base import mask_rows, top_k
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def recommend_rows(
         pop = np.tile(np.asarray(popularity, dtype=np.float32), (empty.size, 1))
         if exclude is not None:
             mask_rows(pop, exclude[empty])
-        ids[empty], scores[empty] = top_k(pop, width)
+        ids[empty], scores[empty] = top_k_with_scores(pop, width)
     return ids, scores, fallback
 
 
@@ -402,5 +402,5 @@ class RunRecommender:
         fallback = np.diff(positives.indptr) == 0
         ids, scores = self.model.recommend(positives, N=k, filter_already_liked_items=False)
         if fallback.any():
-            ids[fallback], scores[fallback] = top_k(np.tile(self.popularity, (int(fallback.sum()), 1)), ids.shape[1])
+            ids[fallback], scores[fallback] = top_k_with_scores(np.tile(self.popularity, (int(fallback.sum()), 1)), ids.shape[1])
         return ids, scores, fallback

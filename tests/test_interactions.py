@@ -304,3 +304,29 @@ def test_atomic_write_never_creates_folders_under_a_read_only_one(tmp_path):
     atomic_write(tmp_path / "ok.bin", lambda f: f.write(b"abc"))
     assert (tmp_path / "ok.bin").read_bytes() == b"abc"
     assert (tmp_path / "ok.bin").stat().st_mode & 0o044  # readable by others, unlike mkstemp's 0600
+
+
+def test_read_table_id_columns_as_text_and_locate(tmp_path):
+    (tmp_path / "h.csv").write_text("user,item,rating\n007,10,4\n8,011,\n")
+    df, locate = read_table(tmp_path / "h.csv", id_cols=("user", "item", "absent"), locate=True)
+    assert df["user"].tolist() == ["007", "8"] and df["item"].tolist() == ["10", "011"]
+    assert df["rating"].dtype.kind == "f" and locate(0) == "line 2"  # the header is line 1
+    (tmp_path / "h.dat").write_text("007::10\n8::11\n")
+    df, locate = read_table(tmp_path / "h.dat", names=["user", "item"], id_cols=("user",), locate=True)
+    assert df["user"].tolist() == ["007", "8"] and df["item"].tolist() == [10, 11] and locate(1) == "line 2"
+    (tmp_path / "h.txt").write_text("user;item\n1;2\n")
+    with pytest.raises(ValueError, match="cannot tell the format"):
+        read_table(tmp_path / "h.txt")
+    assert read_table(tmp_path / "h.txt", default_sep=";")["item"].tolist() == [2]
+    assert read_table(tmp_path / "h.txt", sep=";", default_sep=",")["item"].tolist() == [2]
+
+
+def test_read_table_compressed_text_and_parquet_whatever_sep(tmp_path):
+    df = pd.DataFrame({"user": [1, 2], "item": [3, 4]})
+    df.to_csv(tmp_path / "h.tsv.gz", sep="\t", index=False)
+    pd.testing.assert_frame_equal(read_table(tmp_path / "h.tsv.gz"), df)
+    pytest.importorskip("pyarrow")
+    df.to_parquet(tmp_path / "h.parquet")
+    got, locate = read_table(tmp_path / "h.parquet", sep="::", id_cols=("user",), locate=True)
+    pd.testing.assert_frame_equal(got, df)  # Parquet columns keep their stored types
+    assert locate(0) == "row 1"

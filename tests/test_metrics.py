@@ -142,7 +142,7 @@ def test_top_k_bounded_path_matches_lexsort(kind, k):
     np.testing.assert_array_equal(M.top_k(scores, k), lexsort_top_k(scores, k))
 
 
-def test_top_k_falls_back_to_full_argpartition(monkeypatch):
+def test_top_k_ranks_only_packed_candidates_even_for_loose_rows(monkeypatch):
     calls = []
     exact = M._top_k_exact
     monkeypatch.setattr(M, "_top_k_exact", lambda s, k: calls.append(s.shape) or exact(s, k))
@@ -151,9 +151,43 @@ def test_top_k_falls_back_to_full_argpartition(monkeypatch):
     M.top_k(scores, 10)
     assert len(calls) == 1 and calls[0][0] == 4 and 10 <= calls[0][1] < 100  # only packed candidates
     calls.clear()
-    scores[2, :] = -np.inf  # bound is -inf: every item would be a candidate
+    scores[2, :] = -np.inf  # bound is -inf: every item reaches it; only the first 10 can be needed
+    scores[3, 50:] = 0.5  # one value shared by most items, above the rest
     np.testing.assert_array_equal(M.top_k(scores, 10), lexsort_top_k(scores, 10))
-    assert calls == [(4, 400)]
+    assert len(calls) == 1 and calls[0][0] == 4 and 10 <= calls[0][1] < 100  # no full argpartition
+
+
+@st.composite
+def score_matrices(draw):
+    """Small float32 score matrices with ties and -inf (often most of a row), and a cut-off."""
+    n_users = draw(st.integers(1, 6))
+    n_items = draw(st.integers(1, 90))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    levels = draw(st.integers(1, 8))
+    scores = rng.integers(0, levels, (n_users, n_items)).astype(np.float32)
+    if draw(st.booleans()):
+        scores += rng.standard_normal((n_users, n_items)).astype(np.float32) * (rng.random((n_users, n_items)) < 0.5)
+    scores[rng.random((n_users, n_items)) < draw(st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]))] = -np.inf
+    k = draw(st.integers(1, max(1, min(n_items, draw(st.sampled_from([3, 11, n_items]))))))
+    return scores, k
+
+
+@settings(max_examples=300, deadline=None)
+@given(score_matrices())
+def test_top_k_equals_stable_argsort_reference(problem):
+    scores, k = problem
+    want = lexsort_top_k(scores, k)  # by (-score, index)
+    np.testing.assert_array_equal(M.top_k(scores, k), want)
+    ids, values = M.top_k_with_scores(scores, k)
+    np.testing.assert_array_equal(values, np.take_along_axis(scores, want, axis=1))
+    np.testing.assert_array_equal(ids, np.where(np.isneginf(values), -1, want))
+
+
+def test_mask_rows_sets_the_stored_entries_to_minus_inf():
+    scores = np.arange(12, dtype=np.float32).reshape(3, 4)
+    M.mask_rows(scores, sp.csr_matrix(np.array([[0, 1, 0, 1], [0, 0, 0, 0], [1, 0, 0, 0]], dtype=np.float32)))
+    assert np.isneginf(scores).tolist() == [[False, True, False, True], [False] * 4, [True, False, False, False]]
+    assert scores[1].tolist() == [4, 5, 6, 7]
 
 
 def test_minus_inf_rows_still_work():

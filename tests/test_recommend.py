@@ -10,8 +10,8 @@ import pytest
 import scipy.sparse as sp
 
 from recvae.data import Interactions
+from recvae.metrics import top_k_with_scores as top_k
 from recvae.models import EASE, MultDAE, Popularity
-from recvae.models.base import top_k
 from recvae.recommend import IdError, convert_ids, recommend_ids
 
 

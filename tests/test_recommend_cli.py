@@ -210,3 +210,29 @@ def test_run_without_seen_file_still_works(int_run, tmp_path, capsys, caplog):
         recs = recommend(old, "--all-users", "--k", "3", capsys=capsys)
     assert any("has no seen.npz" in r.getMessage() for r in caplog.records)
     assert recs.user.nunique() == log.uid.nunique()
+
+
+def test_input_file_errors_name_flag_file_and_line(int_run, tmp_path, capsys):
+    run, _ = int_run
+
+    def error(path, flag="--input"):
+        assert main(["recommend", str(run), flag, str(path)]) == 2
+        return capsys.readouterr().err.strip()
+
+    assert error(tmp_path / "nope.csv") == f"recvae: error: --input {tmp_path / 'nope.csv'}: no such file"
+    assert error(tmp_path, "--users") == f"recvae: error: --users {tmp_path}: is a directory, expected a file"
+    (tmp_path / "empty.csv").write_text("")
+    assert error(tmp_path / "empty.csv") == f"recvae: error: --input {tmp_path / 'empty.csv'}: file is empty"
+    (tmp_path / "bad.csv").write_text("uid,iid\n1,3\n1,3,4\n")
+    assert error(tmp_path / "bad.csv") == (f"recvae: error: --input {tmp_path / 'bad.csv'}: malformed comma-separated "
+                                           "file: Error tokenizing data. C error: Expected 2 fields in line 3, saw 3")
+
+
+def test_input_without_known_extension_is_csv_and_compressed_files_read(int_run, tmp_path, capsys):
+    run, _ = int_run
+    (tmp_path / "h.txt").write_text("uid,iid\n1,3\n")
+    want = recommend(run, "--input", str(tmp_path / "h.txt"), "--k", "5", capsys=capsys)
+    pd.DataFrame({"uid": [1], "iid": [3]}).to_csv(tmp_path / "h.csv.gz", index=False)
+    got = recommend(run, "--input", str(tmp_path / "h.csv.gz"), "--k", "5", capsys=capsys)
+    pd.testing.assert_frame_equal(got, want)
+    assert len(got) == 5

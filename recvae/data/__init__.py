@@ -1,7 +1,7 @@
 """Interaction data, readers, MovieLens files and download, and splits."""
 
 from recvae.data.download import ChecksumError, DownloadError, download
-from recvae.data.interactions import Interactions, read_interactions, read_table
+from recvae.data.interactions import Interactions, as_csr, read_interactions, read_table
 from recvae.data.movielens import (
     DATASETS as MOVIELENS_DATASETS,
     download_movielens,
@@ -26,6 +26,7 @@ __all__ = [
     "MOVIELENS_DATASETS",
     "StrongSplit",
     "WeakSplit",
+    "as_csr",
     "download",
     "download_movielens",
     "load_movielens",

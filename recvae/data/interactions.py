@@ -5,6 +5,7 @@ Also the generic readers (CSV, TSV, GroupLens ``::`` files, Parquet) and the ``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -264,6 +265,24 @@ class Interactions:
             raise ValueError(f"{path}: not a valid interactions cache ({e})") from e
 
 
+def as_csr(X, name: str = "X", n_items: int | None = None) -> sp.csr_matrix:
+    """Accept an :class:`Interactions` or a sparse matrix; return float32 CSR.
+
+    Raises a ``TypeError``/``ValueError`` naming ``name`` when the input is not usable.
+    """
+    matrix = getattr(X, "matrix", X)
+    if not sp.issparse(matrix):
+        raise TypeError(
+            f"{name}: expected a scipy.sparse matrix or recvae.data.Interactions, got {type(X).__name__}"
+        )
+    matrix = sp.csr_matrix(matrix, dtype=np.float32)
+    if n_items is not None and matrix.shape[1] != n_items:
+        raise ValueError(f"{name}: expected {n_items} item columns (as in training), got {matrix.shape[1]}")
+    if matrix.nnz and not np.isfinite(matrix.data).all():
+        raise ValueError(f"{name}: contains non-finite values")
+    return matrix
+
+
 def index_of(index: pd.Index, ids):
     """Positions of ``ids`` in ``index`` (int64, ``-1`` where absent; a scalar gives an ``int``).
     Exact: ``"1"`` and ``1`` are different ids. The one id lookup of the library: callers that
@@ -318,28 +337,39 @@ def read_table(
     names: Sequence[str] | None = None,
     header: int | None | str = "infer",
     encoding: str = "utf-8",
+    id_cols: Sequence[Hashable] = (),
+    default_sep: str | None = None,
+    locate: bool = False,
     opener: Callable | None = None,
-) -> pd.DataFrame:
+):
     """Read a delimited text file or a Parquet file into a DataFrame.
 
-    The format comes from ``format`` (``"csv"`` or ``"parquet"``) or ``sep`` if given, else
-    from the extension: ``.csv`` (``,``), ``.tsv``/``.tab``/``.data`` (tab), ``.dat``
-    (GroupLens ``::``), ``.parquet``/``.pq``. ``names`` gives column names for a file without
-    a header line (``header="infer"`` then means no header); ``header=None`` forces "no header".
+    The format comes from ``format`` (``"csv"`` or ``"parquet"``), else from the extension:
+    ``.parquet``/``.pq`` are Parquet whatever ``sep`` says; any other file is text, split on
+    ``sep`` if given, else as its extension says: ``.csv`` (``,``), ``.tsv``/``.tab``/``.data``
+    (tab), ``.dat`` (GroupLens ``::``), also compressed (``.csv.gz``, ...); an extension that
+    names no format is split on ``default_sep``, or is an error without it. ``names`` gives
+    column names for a file without a header line (``header="infer"`` then means no header);
+    ``header=None`` forces "no header". The columns ``id_cols`` of a text file are read as
+    text (e.g. ids with leading zeros); Parquet columns keep their stored types.
+
+    With ``locate=True`` returns ``(frame, locate)`` where ``locate(j)`` names row ``j`` of the
+    frame as the user finds it in the file: ``line N`` of a text file (a header is line 1),
+    ``row N`` of a Parquet file.
 
     ``opener`` (internal) opens a binary stream for ``path`` instead of the file system, e.g.
     a member of a zip archive; ``path`` is then only used for the format and for messages.
-    Errors name the file, and the line when the parser reports it.
+    Errors start with the file's name, and name the line when the parser reports it.
     """
     path_str = str(path)
     if opener is None:
         p = Path(path)
         if not p.exists():
-            raise FileNotFoundError(f"interactions file not found: {p}")
+            raise FileNotFoundError(f"{path_str}: no such file")
         if p.is_dir():
-            raise IsADirectoryError(f"expected a file, got a directory: {p}")
-        opener = lambda: open(p, "rb")  # noqa: E731
-    fmt, sep = _resolve_format(path_str, sep, format)
+            raise IsADirectoryError(f"{path_str}: is a directory, expected a file")
+        opener = lambda: contextlib.nullcontext(p)  # noqa: E731  (a path: pandas infers compression)
+    fmt, sep = _resolve_format(path_str, sep, format, default_sep)
     if fmt == "parquet":
         require("pyarrow", f"{path_str}: reading Parquet")
         try:
@@ -351,32 +381,38 @@ def read_table(
             if len(names) != df.shape[1]:
                 raise ValueError(f"names: {len(names)} names given but {path_str} has {df.shape[1]} columns")
             df.columns = list(names)
-        return df
+        return (df, lambda j: f"row {j + 1}") if locate else df
     if header == "infer":
         header = None if names is not None else 0
-    kwargs = dict(header=header, names=names, encoding=encoding)
+    kwargs = dict(header=header, names=names, encoding=encoding, dtype={c: str for c in id_cols} or None)
     try:
         if sep == "::":
-            return _read_double_colon(opener, path_str, kwargs)
-        with opener() as f:
-            return pd.read_csv(f, sep=sep, **kwargs)
+            df = _read_double_colon(opener, path_str, kwargs)
+        else:
+            with opener() as f:
+                df = pd.read_csv(f, sep=sep, engine="python" if len(sep) > 1 else "c", **kwargs)
     except pd.errors.ParserError as e:
         raise ValueError(f"{path_str}: malformed {_sep_name(sep)} file: {e}") from e
     except pd.errors.EmptyDataError as e:
         raise ValueError(f"{path_str}: file is empty") from e
     except UnicodeDecodeError as e:
         raise ValueError(f"{path_str}: not valid {encoding} text ({e}); pass encoding=") from e
+    except ValueError as e:
+        raise ValueError(f"{path_str}: cannot parse as a {_sep_name(sep)} file: {e}") from e
+    first = 1 if header is None else header + 2  # the file line of the frame's row 0
+    return (df, lambda j: f"line {j + first}") if locate else df
 
 
 def _read_double_colon(opener, path_str: str, kwargs: dict) -> pd.DataFrame:
     """Read a GroupLens ``::`` file fast: split on ``:`` with the C parser, keep even columns.
 
     Falls back to pandas' (slow) python engine when a field itself holds a ``:`` (titles
-    in ``movies.dat``), which the fast path detects as non-empty odd columns or ragged rows.
+    in ``movies.dat``), which the fast path detects as non-empty odd columns or ragged rows,
+    and for a header line or columns read as text.
     """
     names = kwargs["names"]
     header = kwargs["header"]
-    if header is None:
+    if header is None and kwargs["dtype"] is None:
         try:
             with opener() as f:
                 raw = pd.read_csv(f, sep=":", header=None, encoding=kwargs["encoding"])
@@ -393,19 +429,28 @@ def _read_double_colon(opener, path_str: str, kwargs: dict) -> pd.DataFrame:
         return pd.read_csv(f, sep=re.escape("::"), engine="python", **kwargs)
 
 
-def _resolve_format(path: str, sep: str | None, format: str | None) -> tuple[str, str | None]:
+#: compression suffixes pandas reads (after the format's extension: ``ratings.csv.gz``)
+_COMPRESSIONS = (".gz", ".bz2", ".xz", ".zip", ".zst")
+
+
+def _resolve_format(path: str, sep: str | None, format: str | None, default_sep: str | None = None,
+                    ) -> tuple[str, str | None]:
     if format is not None:
         if format not in ("csv", "parquet"):
             raise ValueError(f"format: expected 'csv' or 'parquet', got {format!r}")
         if format == "csv" and sep is None:
             sep = _EXTENSION_FORMATS.get(Path(path).suffix.lower(), ("csv", ","))[1] or ","
         return format, sep
+    suffix = Path(path).suffix.lower()
+    if suffix in _COMPRESSIONS:
+        suffix = Path(path[: -len(suffix)]).suffix.lower()
+    if _EXTENSION_FORMATS.get(suffix, ("csv",))[0] == "parquet":
+        return "parquet", None
     if sep is not None:
         return "csv", sep
-    suffix = Path(path).suffix.lower()
-    if suffix == ".gz":
-        suffix = Path(path[:-3]).suffix.lower()
     if suffix not in _EXTENSION_FORMATS:
+        if default_sep is not None:
+            return "csv", default_sep
         raise ValueError(
             f"{path}: cannot tell the format from the extension {suffix!r}; pass sep= "
             f"(e.g. ',', '\\t', '::') or format='parquet'. Known extensions: {sorted(_EXTENSION_FORMATS)}"

@@ -10,9 +10,10 @@ from typing import Sequence
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 
+from recvae.data.interactions import as_csr
 from recvae.fileio import read_json, write_json
+from recvae.metrics import mask_rows, top_k_with_scores
 
 logger = logging.getLogger(__name__)
 
@@ -150,24 +151,6 @@ def check_shapes(path: Path, arrays: dict, expected: dict) -> None:
             raise ValueError(f"{path}: {name!r} has shape {got}, expected {tuple(shape)} from model.json (n_items, params)")
 
 
-def as_csr(X, name: str = "X", n_items: int | None = None) -> sp.csr_matrix:
-    """Accept an :class:`~recvae.data.Interactions` or a sparse matrix; return float32 CSR.
-
-    Raises a ``TypeError``/``ValueError`` naming ``name`` when the input is not usable.
-    """
-    matrix = getattr(X, "matrix", X)
-    if not sp.issparse(matrix):
-        raise TypeError(
-            f"{name}: expected a scipy.sparse matrix or recvae.data.Interactions, got {type(X).__name__}"
-        )
-    matrix = sp.csr_matrix(matrix, dtype=np.float32)
-    if n_items is not None and matrix.shape[1] != n_items:
-        raise ValueError(f"{name}: expected {n_items} item columns (as in training), got {matrix.shape[1]}")
-    if matrix.nnz and not np.isfinite(matrix.data).all():
-        raise ValueError(f"{name}: contains non-finite values")
-    return matrix
-
-
 class Recommender:
     """Base class: subclasses implement ``fit`` and ``_score_batch``.
 
@@ -284,36 +267,5 @@ class Recommender:
                 mask_rows(scores, exclude[start : start + bs])
             if blocked is not None and blocked.size:
                 scores[:, blocked] = -np.inf
-            ids[start : start + bs], out[start : start + bs] = top_k(scores, k)
+            ids[start : start + bs], out[start : start + bs] = top_k_with_scores(scores, k)
         return ids, out
-
-
-def mask_rows(scores: np.ndarray, rows: sp.csr_matrix) -> None:
-    """Set ``scores[u, i] = -inf`` for every stored entry (u, i) of the CSR ``rows``, in place."""
-    r = np.repeat(np.arange(rows.shape[0]), np.diff(rows.indptr))
-    scores[r, rows.indices] = -np.inf
-
-
-def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` best columns of each row of ``scores`` (B, I): ``(ids, values)``, each (B, k).
-
-    Best first; equal scores by lower column index (also across the k-th place); a -inf score
-    (an excluded item) comes back as id -1. ``torch.topk`` does the selection (faster than
-    ``np.argpartition`` on wide rows); rows where a tie straddles the k-th place are redone
-    with a stable sort.
-    """
-    k = min(int(k), scores.shape[1])
-    scores = np.ascontiguousarray(scores, dtype=np.float32)
-    values, idx = torch.topk(torch.from_numpy(scores), k, dim=1)
-    values, idx = values.numpy(), idx.numpy().astype(np.int64)
-    order = np.lexsort((idx, -values), axis=1)  # by score descending, then index ascending
-    idx = np.take_along_axis(idx, order, axis=1)
-    values = np.take_along_axis(values, order, axis=1)
-    if k < scores.shape[1]:
-        last = values[:, -1:]
-        straddle = (scores == last).sum(axis=1) > (values == last).sum(axis=1)
-        for r in np.flatnonzero(straddle & np.isfinite(last[:, 0])):
-            idx[r] = np.argsort(-scores[r], kind="stable")[:k]
-            values[r] = scores[r, idx[r]]
-    idx[~np.isfinite(values)] = -1
-    return idx, values

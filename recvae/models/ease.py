@@ -19,7 +19,8 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 
-from recvae.models.base import Recommender, as_csr
+from recvae.data.interactions import as_csr
+from recvae.models.base import Recommender
 from recvae.models.popularity import load_baseline, save_baseline
 
 logger = logging.getLogger(__name__)

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from recvae.data.interactions import as_csr
 from recvae.fileio import atomic_write, read_npz
 from recvae.models.base import (
-    Recommender, as_csr, check_finite, check_shapes, read_model_meta, verified_file, write_model_meta,
+    Recommender, check_finite, check_shapes, read_model_meta, verified_file, write_model_meta,
 )
 
 ARRAYS_FILE = "arrays.npz"

@@ -193,7 +193,7 @@ def holdout_ndcg(model, fold_in: sp.csr_matrix, heldout: sp.csr_matrix, k: int, 
         rows = users[lo:lo + batch_size]
         x, h = fold_in[rows], heldout[rows]
         scores = model.score(x)
-        scores[np.repeat(np.arange(x.shape[0]), np.diff(x.indptr)), x.indices] = -np.inf
+        M.mask_rows(scores, x)
         hits = M.ranked_hits(M.top_k(scores, k), h)
         parts.append(M.metrics_from_hits(hits, np.diff(h.indptr), (k,), ("ndcg",))[f"ndcg@{k}"])
     values = np.concatenate(parts) if parts else np.zeros(0)
