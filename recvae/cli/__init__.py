@@ -1,0 +1,96 @@
+"""The ``recvae`` command line: one module per command, each a thin layer over the library.
+
+``main`` parses, runs the command and turns a user error into one line (exit 2); the library's
+errors carry their parameter (:class:`recvae.errors.ParameterError`), which becomes the flag the
+user typed through the parser (:func:`command_flags`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+
+from recvae import __version__
+from recvae.cli import datasets, evaluate, prepare, recommend, serve, train, tune
+from recvae.cli.common import CLIError, add_data_options, data_spec_from_args
+from recvae.errors import ParameterError
+from recvae.optional import MissingDependencyError
+
+__all__ = ["main", "build_parser", "CLIError", "add_data_options", "data_spec_from_args"]
+
+logger = logging.getLogger("recvae")
+COMMANDS = (datasets, train, tune, prepare, evaluate, recommend, serve)
+
+#: what a user gets wrong: bad input files, arguments, missing optional packages. Printed as one
+#: line (the traceback only with --debug); any other exception is a bug and shows its traceback.
+USER_ERRORS = (CLIError, ValueError, OSError, KeyError, MissingDependencyError)
+
+
+#: library parameter names whose flag is not the option of the same dest; None: never rewritten
+#: (``data: ...`` is a word of the library's messages, not the --data flag)
+PARAM_FLAGS = {"random_state": "--seed", "data": None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the resume command it prints
+    args.prog = sys.argv[0] if argv is None and Path(sys.argv[0]).name == "recvae" else "recvae"
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
+    try:
+        return args.func(args) or 0
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"recvae: error: {user_message(e, parser, args.command)}", file=sys.stderr)
+        return 2
+
+
+def user_message(error: BaseException, parser: argparse.ArgumentParser, command: str) -> str:
+    """The one line a user error prints. A :class:`~recvae.errors.ParameterError` names its
+    parameter as data: it becomes the flag the user typed (``latent_dim`` -> ``--latent-dim``),
+    found through the parser. Older messages that start with a parameter name
+    (``item_col: ...``) are mapped the same way."""
+    flags = command_flags(parser, command)
+    if isinstance(error, ParameterError):
+        flag = flags.get(error.param, error.param)
+        return " ".join(f"{error.where + ': ' if error.where else ''}{flag}: {error.message}".split())
+    msg = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    msg = " ".join(str(msg).split())  # one line, whatever the parser (pandas, torch) put in it
+    pattern = r"(?<![\w./-])(" + "|".join(map(re.escape, sorted(flags, key=len, reverse=True))) + r")(?=:)"
+    return re.sub(pattern, lambda m: flags[m.group(1)], msg) if flags else msg
+
+
+def command_flags(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
+    """Parameter name -> flag of ``command``'s options, e.g. ``item_col`` -> ``--item-col``."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    flags = {}
+    for action in sub._actions:
+        long = [o for o in action.option_strings if o.startswith("--")]
+        if long and action.dest not in PARAM_FLAGS:
+            flags[action.dest] = long[0]
+    flags.update({k: v for k, v in PARAM_FLAGS.items() if v is not None and v in flags.values()})
+    return flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="recvae",
+        description="Mult-VAE / Mult-DAE collaborative filtering (Liang et al., WWW 2018) with the paper's protocol.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the results")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    # also accepted after the command; SUPPRESS keeps the global value when it is not given there
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(sub, common)
+    return p

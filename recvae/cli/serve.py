@@ -1,0 +1,42 @@
+"""``recvae serve``: the HTTP service of a run (needs recvae[serve])."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from recvae.cli.common import CLIError
+
+
+def add_parser(sub, common) -> None:
+    v = sub.add_parser("serve", parents=[common], help="an HTTP service answering top-K requests from a run (needs recvae[serve])")
+    v.add_argument("run_dir", metavar="RUN_DIR")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    v.add_argument("--workers", type=int, default=1, help="worker processes, each loading the model once (default 1)")
+    v.add_argument("--device", help="cpu, cuda or auto (default: the device saved with the model)")
+    v.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES", help="largest request body accepted (default 1 MiB; 413 beyond)")
+    v.add_argument("--max-batch", type=int, default=64, help="concurrent requests scored in one forward pass (default 64; 1 = no batching)")
+    v.add_argument("--threads", type=int, help="torch threads per worker (default: CPU cores / --workers); "
+                   "1 where the server shares its cores with other work")
+    v.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from recvae.optional import MissingDependencyError
+    from recvae.serve import run_server
+
+    if not 0 < args.port < 65536:
+        raise CLIError(f"--port: expected 1..65535, got {args.port}")
+    for flag, value in (("--workers", args.workers), ("--max-body", args.max_body), ("--max-batch", args.max_batch),
+                        ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise CLIError(f"{flag}: expected a positive integer, got {value}")
+    if not (Path(args.run_dir) / "run.json").is_file():
+        raise CLIError(f"RUN_DIR {args.run_dir}: not a run directory (no run.json)")
+    try:
+        run_server(args.run_dir, host=args.host, port=args.port, workers=args.workers, device=args.device,
+                   max_body=args.max_body, max_batch=args.max_batch, threads=args.threads,
+                   log_level="warning" if args.quiet else "info")
+    except MissingDependencyError as e:
+        raise CLIError(str(e)) from e
+    return 0

@@ -1,0 +1,173 @@
+"""``recvae train``: one run with the paper's protocol; its stop messages say what is on disk."""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import sys
+from pathlib import Path
+
+from recvae.cli.common import (
+    CLIError, add_data_options, add_model_options, add_source_options, data_spec_from_args, flag_of, format_table,
+    model_name, model_params_from_args, print_examples,
+)
+from recvae.optional import MissingDependencyError
+from recvae.signals import Terminated, sigterm_raises, stopped_by
+
+
+def add_parser(sub, common) -> None:
+    t = sub.add_parser("train", parents=[common], help="train a model with the paper's protocol and print its test metrics")
+    add_source_options(t)
+    add_data_options(t)
+    add_model_options(t)
+    t.add_argument("--out", metavar="RUN_DIR", help="write the run directory here (a new or empty directory)")
+    mode = t.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true", help="empty the run directory --out first")
+    mode.add_argument("--resume", action="store_true",
+                      help="continue the run in --out from its checkpoint (same options; --epochs, --patience, "
+                           "--lr, --device, --precision may change)")
+    t.add_argument("--keep-checkpoint", action="store_true",
+                   help="keep checkpoint.pt when training finishes (to --resume with more --epochs later)")
+    t.add_argument("--show", type=int, default=3, metavar="N", help="print top-10 lists for N test users (default 3)")
+    t.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from recvae.experiment import ResumeMismatch, RunConfig, RunFinished, run
+    from recvae.models.training_loop import NonFiniteLossError
+
+    if (args.resume or args.overwrite or args.keep_checkpoint) and not args.out:
+        flag = "--resume" if args.resume else "--overwrite" if args.overwrite else "--keep-checkpoint"
+        raise CLIError(f"{flag}: needs --out, the run directory")
+    spec = data_spec_from_args(args)
+    params = model_params_from_args(args)
+    name = model_name(args)
+    config = RunConfig(
+        data=spec, model=name, params=params, split_seed=args.split_seed, n_heldout_users=args.n_heldout_users
+    )
+    try:
+        with sigterm_raises(), distributed_training(name, params) as main:
+            result = run(config, out=args.out, show_progress=not args.quiet and main, resume=args.resume,
+                         overwrite=args.overwrite, keep_checkpoint=args.keep_checkpoint)
+    except (KeyboardInterrupt, Terminated) as e:
+        signame, code = stopped_by(e)
+        print(f"recvae: stopped by {signame} {train_stop_line(args)}", file=sys.stderr)
+        return code
+    except NonFiniteLossError as e:
+        print(f"recvae: error: {non_finite_message(e, args, params.get('lr', model_lr(name)))}", file=sys.stderr)
+        return 2
+    except RunFinished as e:
+        print(f"recvae: {e}", file=sys.stderr)
+        return 0
+    except ResumeMismatch as e:
+        from recvae.cli import build_parser, command_flags
+
+        flags = command_flags(build_parser(), "train")
+        detail = "; ".join(f"{flag_of(k, flags)}: {a!r} in the run, now {b!r}" for k, a, b in e.differences)
+        raise CLIError(f"--resume: {Path(args.out) / 'run.json'} was made with other settings ({detail}); "
+                       "use the options of the interrupted run") from None
+    except MissingDependencyError as e:
+        raise CLIError(str(e)) from None
+    if not main:
+        return 0
+    print(f"\n{config.model} on {spec.name}: trained in {result.train_seconds:.1f} s")
+    print(format_table({"validation": result.validation, "test": result.test}))
+    if args.out:
+        print(f"\nrun directory: {args.out}")
+    if args.show > 0:
+        print_examples(result, spec, args.show)
+    return 0
+
+
+def model_lr(name: str) -> float:
+    import inspect
+
+    from recvae.models import model_class
+
+    return inspect.signature(model_class(name).__init__).parameters["lr"].default
+
+
+def train_stop_line(args) -> str:
+    """What a stopped ``train`` left on disk, read from the run directory itself, and a command
+    that works from there."""
+    from recvae.rundir import CURVE_FILE, RunDir
+
+    if not args.out:
+        return "during training; no --out was given, so nothing was kept"
+    run = RunDir(args.out)
+    state = run.state()
+    if state in ("absent", "empty"):
+        return f"before anything was written to {args.out}; start again with: {restart_command(args)}"
+    if state == "partial":
+        return (f"while {args.out} was being set up (no run.json yet, nothing trained); start again with: "
+                f"{restart_command(args, overwrite=True)}")
+    if state == "described":
+        return f"before the first epoch finished (nothing trained yet); resume with: {resume_command(args)}"
+    if state == "training":
+        return f"after epoch {run.checkpoint_epoch()} (checkpoint in {args.out}); resume with: {resume_command(args)}"
+    if state == "trained":
+        return f"after training, before the metrics were written; finish with: {resume_command(args)}"
+    if not run.file(CURVE_FILE).is_file():
+        return (f"after the metrics were written ({args.out} holds the finished run), before the learning curve "
+                f"was drawn; draw it with: {resume_command(args)}")
+    return f"after the run finished ({args.out} holds it whole)"
+
+
+def resume_command(args, lr: float | None = None) -> str:
+    """The user's command with --resume added and --overwrite removed (and --lr set to ``lr``)."""
+    argv, skip = [], False
+    for a in args.argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--overwrite" or (lr is not None and a.startswith("--lr=")):
+            continue
+        if lr is not None and a == "--lr":
+            skip = True
+            continue
+        argv.append(a)
+    if "--resume" not in argv:
+        argv.append("--resume")
+    if lr is not None:
+        argv += ["--lr", f"{lr:g}"]
+    return shlex.join([args.prog, *argv])
+
+
+def restart_command(args, overwrite: bool = False) -> str:
+    """The user's command without --resume (with --overwrite when ``overwrite``)."""
+    argv = [a for a in args.argv if a != "--resume" and (not overwrite or a != "--overwrite")]
+    return shlex.join([args.prog, *argv, *(["--overwrite"] if overwrite else [])])
+
+
+def non_finite_message(e, args, lr: float) -> str:
+    """One line: where the loss diverged, what was kept, how to go on."""
+    head = f"non-finite training loss at epoch {e.epoch}, update {e.update} with --lr {lr:g}"
+    if e.kept_epoch is None:
+        left = f", nothing written to --out {args.out}" if args.out else ""
+        return (f"{head}: no epoch had finished, nothing was learnt{left}; lower --lr (e.g. --lr {lr / 10:g}) "
+                "or try --precision fp32")
+    if not args.out:
+        return f"{head}; training ended with the weights of epoch {e.kept_epoch}; lower --lr or try --precision fp32"
+    from recvae.rundir import RunDir
+
+    return (f"{head}; {args.out} holds the model of epoch {e.kept_epoch} (evaluate and recommend work on it); "
+            f"to go on from the checkpoint of epoch {RunDir(args.out).checkpoint_epoch()} with half the learning rate: "
+            f"{resume_command(args, lr=lr / 2)}")
+
+
+@contextlib.contextmanager
+def distributed_training(name: str, params: dict):
+    """Under torchrun: join the process group for the block (yields whether this is rank 0,
+    which alone prints and writes); otherwise a single process, rank 0."""
+    import inspect
+
+    from recvae import distributed
+    from recvae.models import model_class
+
+    defaults = inspect.signature(model_class(name).__init__).parameters
+    with distributed.process_group_from_env() as group:
+        if "batch_size" in defaults:  # before any data is read or folder made
+            distributed.check_batch_split(params.get("batch_size", defaults["batch_size"].default), group)
+        if not group.is_main:
+            params["show_progress"] = False
+        yield group.is_main

@@ -1,0 +1,165 @@
+"""The files of batch recommendation: history files and user lists in (joined with what a run
+knows of each user), recommendation tables out (CSV, TSV or Parquet, written batch by batch and
+renamed into place at the end). ``recvae recommend`` is a thin command over these."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from recvae.data import read_table
+from recvae.fileio import atomic_path
+from recvae.optional import MissingDependencyError, require
+from recvae.recommend import COLUMNS, Histories, RunRecommender, log_unknown
+from recvae.rundir import check_not_in_run
+
+logger = logging.getLogger(__name__)
+
+
+def read_histories(run: RunRecommender, path, kind: str = "input", user_col=None, item_col=None, rating_col=None,
+                   rating_threshold=None, sep=None, strict: bool = False) -> Histories:
+    """The users of a history file (``kind="input"``: user, item and optional rating columns) or
+    of a user list (``kind="users"``) with their histories: the file's rows (rating above the
+    threshold: history; at or below: seen only) joined with what the run knows of each user.
+    Columns, separator and threshold default to the run's (``None``); ``rating_col="none"``:
+    no rating column. Errors name the file, the line and the column."""
+    flag = f"--{kind}"
+    given = {"user_col": user_col, "item_col": item_col, "rating_col": rating_col}
+    data = run.data
+    user_col = user_col or data.get("user_col") or "user"
+    item_col = item_col or data.get("item_col") or "item"
+    rating_col = rating_col if rating_col is not None else data.get("rating_col")
+    rating_col = None if rating_col is None or str(rating_col).lower() == "none" else rating_col
+    threshold = rating_threshold if rating_threshold is not None else data.get("rating_threshold")
+    try:  # ids as text: converted to the run's types later, one by one; no known extension: CSV
+        frame, locate = read_table(path, sep=sep or data.get("sep"), id_cols=(user_col, item_col),
+                                   default_sep=",", locate=True)
+    except (ValueError, FileNotFoundError, IsADirectoryError, MissingDependencyError) as e:
+        raise (ValueError if isinstance(e, ValueError) else OSError)(f"{flag} {e}") from e  # starts with the file
+    columns = list(map(str, frame.columns))
+    if user_col not in frame.columns:
+        raise ValueError(f"{flag} {path}: no user column {user_col!r} (--user-col); found {columns}")
+    users_only = kind == "users" or item_col not in frame.columns
+    if kind == "input" and users_only and given["item_col"] is not None:
+        raise ValueError(f"{flag} {path}: no item column {item_col!r} (--item-col); found {columns}")
+    if kind == "input" and given["rating_col"] is not None and rating_col and rating_col not in frame.columns:
+        raise ValueError(f"{flag} {path}: no rating column {rating_col!r} (--rating-col); found {columns}")
+    missing = frame[user_col].isna().to_numpy()
+    if missing.any():
+        raise ValueError(f"{flag} {path}: {locate(int(np.argmax(missing)))}, column {user_col!r} (--user-col): user id missing")
+    rows, ids = run.user_rows(frame[user_col])
+    position, users = pd.factorize(pd.Series(ids, dtype=object), sort=False)
+    user_rows = np.full(len(users), -1, dtype=np.int64)
+    user_rows[position] = rows
+    empty = np.zeros((0, 2), dtype=np.int64)
+    if users_only:
+        log_unknown("user ids", np.asarray(users)[user_rows < 0], len(users))
+        return run.histories(np.asarray(users), user_rows, empty, empty)
+    codes = run.item_codes(frame[item_col], lambda j: f"{flag} {path}: {locate(j)}, column {item_col!r} (--item-col)")
+    unknown = codes < 0
+    if unknown.any() and strict:
+        examples = pd.unique(frame[item_col][unknown])[:5].tolist()
+        raise ValueError(f"{flag} {path}: {int(unknown.sum())} row(s) name item ids unknown to the model (e.g. {examples}); "
+                       "drop --strict to skip them")
+    log_unknown("item ids", frame[item_col].to_numpy()[unknown], frame[item_col].nunique())
+    positive = ~unknown
+    if rating_col is not None and rating_col in frame.columns and threshold is not None:
+        ratings = pd.to_numeric(frame[rating_col], errors="coerce").to_numpy(np.float64)
+        bad = np.isnan(ratings) & frame[rating_col].notna().to_numpy()
+        if bad.any():
+            j = int(np.argmax(bad))
+            raise ValueError(f"{flag} {path}: {locate(j)}, column {rating_col!r} (--rating-col): "
+                           f"expected a number, got {frame[rating_col].iloc[j]!r}")
+        positive &= ratings > float(threshold)  # a missing rating is not a positive
+    pairs = np.column_stack([position, codes])
+    new = int((user_rows < 0).sum())
+    if new:
+        logger.info("%d user(s) not in the run: recommended from the file's rows alone", new)
+    return run.histories(np.asarray(users), user_rows, pairs[positive], pairs[~unknown & ~positive])
+
+
+def check_output(output: str, inputs=()) -> None:
+    """Whether ``output`` ('-' for stdout) can take a table: its folder exists, it is none of
+    ``inputs`` (``(flag, path)`` pairs) and no file of a run directory."""
+    if output == "-":
+        return
+    for flag, given in inputs:
+        if given is not None and _same_file(given, output):
+            raise ValueError(f"--output {output}: is the {flag} file; choose another")
+    parent = Path(output).parent
+    if not parent.is_dir():
+        raise ValueError(f"--output {output}: folder {parent} does not exist")
+    check_not_in_run(output, "--output")
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+@contextmanager
+def table_writer(output: str):
+    """Yield ``write(frame)`` appending DataFrames to ``output``: CSV (or TSV by extension) appended
+    batch by batch, Parquet as one row group per batch, ``-`` CSV on stdout. A file is written
+    under a temporary name and renamed at the end (recvae.fileio.atomic_path): a failure leaves
+    nothing half-written, and only one batch is ever in memory."""
+    state = {"header": True}
+    if output == "-":
+        def write(frame):
+            frame.to_csv(sys.stdout, index=False, header=state["header"])
+            state["header"] = False
+
+        yield write
+        if state["header"]:
+            pd.DataFrame(columns=COLUMNS).to_csv(sys.stdout, index=False)
+        return
+    out = Path(output)
+    try:
+        with atomic_path(out) as tmp:
+            if out.suffix.lower() in (".parquet", ".pq"):
+                with _parquet_writer(tmp) as write:
+                    yield write
+            else:
+                sep = "\t" if out.suffix.lower() in (".tsv", ".tab") else ","
+                with open(tmp, "w", newline="") as f:
+                    def write(frame):
+                        frame.to_csv(f, index=False, header=state["header"], sep=sep)
+                        state["header"] = False
+
+                    yield write
+                    if state["header"]:
+                        pd.DataFrame(columns=COLUMNS).to_csv(f, index=False, sep=sep)
+    except PermissionError as e:
+        raise PermissionError(f"--output {output}: {e}") from e
+
+
+@contextmanager
+def _parquet_writer(path: Path):
+    pa = require("pyarrow", "--output as Parquet")
+    import pyarrow.parquet as pq
+
+    writer = None
+
+    def write(frame):
+        nonlocal writer
+        if len(frame) == 0:
+            return
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        if writer is None:
+            writer = pq.ParquetWriter(path, table.schema)
+        writer.write_table(table.cast(writer.schema))
+
+    try:
+        yield write
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        pd.DataFrame(columns=COLUMNS).to_parquet(path, index=False)
