@@ -154,8 +154,8 @@ class DamagedArchiveError(ValueError):
         super().__init__(f"{archive}: not a valid zip archive ({reason}); delete it to download again")
 
 
-#: what zipfile and zlib raise on a cut or corrupted archive
-_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError)
+#: what zipfile and zlib raise on a cut or corrupted archive (NotImplementedError: a garbled header)
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError)
 
 
 def _read_from_zip(archive: Path, spec: MovieLensSpec, filename: str, **kwargs) -> pd.DataFrame:
@@ -173,7 +173,23 @@ def _read_from_zip(archive: Path, spec: MovieLensSpec, filename: str, **kwargs) 
         try:
             return read_table(f"{archive}/{member}", opener=lambda: zf.open(member), **kwargs)
         except _ZIP_ERRORS as e:
-            raise DamagedArchiveError(archive, f"{member}: {e or type(e).__name__}") from e
+            raise DamagedArchiveError(archive, f"{member}: {str(e) or type(e).__name__}") from e
+        except ValueError as e:  # garbage decompressed before the CRC failed, or a real parse error
+            damage = _member_damage(zf, member)
+            if damage is None:
+                raise
+            raise DamagedArchiveError(archive, f"{member}: {damage}") from e
+
+
+def _member_damage(zf: zipfile.ZipFile, member: str) -> str | None:
+    """Why ``member`` does not decompress to its recorded CRC, or None."""
+    try:
+        with zf.open(member) as f:
+            while f.read(1 << 20):
+                pass
+    except _ZIP_ERRORS as e:
+        return str(e) or type(e).__name__
+    return None
 
 
 def load_movielens_ratings(
