@@ -14,6 +14,10 @@ of processes does not change them.
 
 Backend: NCCL when CUDA is available (one GPU per ``LOCAL_RANK``), gloo on CPU. Outside an
 initialised process group everything here is the single-process case (rank 0 of 1).
+
+A process started by torchrun's agent watches the agent, its parent (:func:`watch_parent`):
+when the agent is gone (killed with SIGKILL, which it cannot forward), the process stops as
+if the agent had forwarded SIGTERM, instead of training on and writing the run as an orphan.
 """
 
 from __future__ import annotations
@@ -22,11 +26,16 @@ import contextlib
 import datetime
 import logging
 import os
+import signal
+import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from recvae.signals import Terminated
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +71,93 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+def started_by_torchrun_agent() -> bool:
+    """Whether torchrun's agent started this process (as its child): it sets TORCHELASTIC_RUN_ID.
+    A process given RANK and WORLD_SIZE by hand (a scheduler, a shell) has some other parent."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+#: how often a process started by torchrun checks that the agent, its parent, is still there (s)
+PARENT_POLL_S = 1.0
+#: how long it then has to stop on SIGTERM (a checkpoint being written finishes first) before it
+#: exits at once, e.g. when a collective waits for a peer that is gone (s)
+PARENT_GRACE_S = 5.0
+#: the exit status when it had to exit at once: as a shell reports SIGTERM
+EXIT_PARENT_GONE = 128 + signal.SIGTERM
+
+
+class AgentGone(Terminated):
+    """torchrun's agent, this process's parent, is gone: stop as if it had forwarded SIGTERM."""
+
+
+class _ParentWatch:
+    """The parent pid noted by :func:`watch_parent`, and who acts first when it is gone."""
+
+    def __init__(self, parent: int):
+        self.parent = parent
+        self.lock = threading.Lock()
+        self.noted = False  # the one line is logged
+        self.stopping = False  # SIGTERM sent, or AgentGone raised in the main thread
+
+    def gone(self) -> bool:
+        return os.getppid() != self.parent
+
+    def note(self) -> None:
+        with self.lock:
+            if not self.noted:
+                self.noted = True
+                logger.error("torchrun's agent (pid %d), which started rank %s, is gone: stopping this process "
+                             "(pid %d)", self.parent, os.environ.get("RANK", "?"), os.getpid())
+
+    def claim_stop(self) -> bool:
+        """True for the first caller only: it stops the process, the other leaves it alone."""
+        with self.lock:
+            first, self.stopping = not self.stopping, True
+            return first
+
+
+_parent_watch: _ParentWatch | None = None
+
+
+def watch_parent(poll_s: float = PARENT_POLL_S, grace_s: float = PARENT_GRACE_S) -> None:
+    """Stop this process when its parent process is gone (started once per process).
+
+    A daemon thread notes the parent's pid now and polls :func:`os.getppid` every ``poll_s``
+    seconds; when it changes (the parent died and the process was handed to init or a
+    subreaper) it logs one line and sends this process SIGTERM, which the command line turns
+    into the stop torchrun's forwarded SIGTERM gives (exit status 143). Should the process
+    still run ``grace_s`` seconds later, it exits with :data:`EXIT_PARENT_GONE` at once.
+    A collective that fails because a peer stopped this way, before this process's own poll
+    saw the agent gone, raises :class:`AgentGone` (a :class:`~recvae.signals.Terminated`)
+    rather than :class:`PeerError`, so every process stops the same way.
+    """
+    global _parent_watch
+    if _parent_watch is not None:
+        return
+    watch = _parent_watch = _ParentWatch(os.getppid())
+
+    def run() -> None:
+        while not watch.gone():
+            time.sleep(poll_s)
+        watch.note()
+        if watch.claim_stop():
+            os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(EXIT_PARENT_GONE)
+
+    threading.Thread(target=run, name="recvae-parent-watch", daemon=True).start()
+
+
 def init_from_env() -> Group:
     """Initialise the default process group from torchrun's environment (``RANK``,
     ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``, ``LOCAL_RANK``) when launched by torchrun
     and not yet initialised; the current group otherwise. NCCL with one GPU per local rank when
-    CUDA is available, else gloo."""
+    CUDA is available, else gloo. A process started by torchrun's agent first starts
+    :func:`watch_parent`, so it stops when the agent is killed, even while joining."""
     if not launched_by_torchrun() or (dist.is_available() and dist.is_initialized()):
         return current()
+    if started_by_torchrun_agent():
+        watch_parent()
     timeout = datetime.timedelta(seconds=float(os.environ.get("RECVAE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -115,6 +204,12 @@ def _collective(what: str):
     try:
         yield
     except RuntimeError as e:
+        watch = _parent_watch
+        if watch is not None and watch.gone():  # the peer stopped because the agent is gone: so do we
+            watch.note()
+            if watch.claim_stop():
+                raise AgentGone() from e
+            time.sleep(PARENT_GRACE_S)  # the watch's SIGTERM is on its way: its Terminated ends the sleep
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PeerError(f"torch.distributed: {what} failed on rank {dist.get_rank()} of {dist.get_world_size()}; "
                         f"another process probably failed or stopped (see its output): {first}") from e

@@ -87,13 +87,16 @@ class LocalServer:
 
     ``files[path] = bytes`` are served at ``/path`` (a list of bytes: one per request, the
     last one repeated); ``cut[path] = bytes`` announce
-    ``len + 1000`` bytes in Content-Length, send the bytes, then close the connection.
+    ``len + 1000`` bytes in Content-Length, send the bytes, then close the connection;
+    ``unsized[path] = bytes`` are sent without a Content-Length (the end of the body is the
+    close of the connection, as some mirrors do), so a cut body looks like a whole one.
     Anything else is a 404. ``requests`` counts GETs per path.
     """
 
     def __init__(self):
         self.files: dict[str, bytes | list[bytes]] = {}
         self.cut: dict[str, bytes] = {}
+        self.unsized: dict[str, bytes | list[bytes]] = {}
         self.requests: Counter = Counter()
         server = self
 
@@ -113,6 +116,15 @@ class LocalServer:
                     body = server.cut[path]
                     self.send_response(200)
                     self.send_header("Content-Length", str(len(body) + 1000))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    self.wfile.flush()
+                    self.close_connection = True
+                elif path in server.unsized:
+                    body = server.unsized[path]
+                    if isinstance(body, list):
+                        body = body.pop(0) if len(body) > 1 else body[0]
+                    self.send_response(200)
                     self.end_headers()
                     self.wfile.write(body)
                     self.wfile.flush()

@@ -179,6 +179,116 @@ def test_two_torchrun_agents_as_two_nodes(log_csv, reference, tmp_path):
     _assert_same_run(out, reference)
 
 
+def _children(pid: int, word: bytes) -> list[int]:
+    """The live processes whose parent is ``pid`` and whose command line holds ``word`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid and word in (stat.parent / "cmdline").read_bytes() and _alive(int(stat.parent.name)):
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie that nobody reaps (an orphan's new parent may not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through /proc (Linux)")
+def test_workers_stop_when_the_torchrun_agent_is_killed(log_csv, tmp_path):
+    """SIGKILL cannot be forwarded: the workers notice their parent is gone and stop within seconds."""
+    out = tmp_path / "orphans"
+    workers: list[int] = []
+    with _Procs() as procs:
+        try:  # the workers run in sessions of their own (torchrun's choice): killed by pid below in any case
+            agent = procs.start([*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "recvae",
+                                 *_train_args(["--data", str(log_csv)], out), "--epochs", "100000"], env=_env())
+            deadline = time.monotonic() + TIMEOUT_S
+            while len(workers) != 2 or not (out / "run.json").exists():  # both joined, training begun
+                assert agent.poll() is None and time.monotonic() < deadline, agent.poll()
+                time.sleep(0.2)
+                workers = _children(agent.pid, b"recvae")
+            os.kill(agent.pid, signal.SIGKILL)
+            killed = time.monotonic()
+            while any(_alive(w) for w in workers) and time.monotonic() - killed < 20:
+                time.sleep(0.1)
+            stopped_in = time.monotonic() - killed
+            left = [w for w in workers if _alive(w)]
+        finally:
+            for w in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w, signal.SIGKILL)
+        text, _ = agent.communicate(timeout=30)  # EOF: the workers, which share the agent's pipe, are gone
+    print(f"both workers gone {stopped_in:.1f} s after the agent was killed")
+    assert not left and stopped_in < 10, (stopped_in, text[-3000:])
+    assert text.count("is gone: stopping this process") == 2, text[-3000:]  # one line each
+    # each stops as on the SIGTERM torchrun would have forwarded (status 143), rather than on the
+    # error of a collective whose peer stopped first
+    assert text.count("recvae: stopped by SIGTERM") == 2 and "recvae: error:" not in text, text[-3000:]
+    assert not (out / "model").exists()  # stopped mid-training: no final model written
+
+
+REAPER = r"""
+import ctypes, json, os, signal, subprocess, sys, time
+# PR_SET_CHILD_SUBREAPER: the orphan is handed to this process, which can then wait for it
+assert ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0
+child = '''
+import os, signal, sys, time
+from recvae import distributed
+if sys.argv[1] == "ignores-sigterm":  # a process that cannot stop on SIGTERM: the watch exits it
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+distributed.watch_parent(poll_s=0.1, grace_s=1.0)
+print(os.getpid(), flush=True)
+time.sleep(60)
+'''
+parent = '''
+import os, subprocess, sys
+c = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], stdout=subprocess.PIPE, text=True)
+print(c.stdout.readline().strip(), flush=True)  # the child watches: die as SIGKILL leaves it
+os.kill(os.getpid(), 9)
+'''
+p = subprocess.Popen([sys.executable, "-c", parent, child, sys.argv[1]], stdout=subprocess.PIPE, text=True)
+orphan = int(p.stdout.readline())
+p.wait()
+died = time.monotonic()
+try:
+    pid, status = os.waitpid(orphan, 0)
+finally:  # whatever happens, the orphan does not outlive this process
+    try:
+        os.kill(orphan, 9)
+    except ProcessLookupError:
+        pass
+print(json.dumps({"parent": p.returncode, "after": time.monotonic() - died,
+                  "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+                  "code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a subreaper (prctl) is Linux's")
+@pytest.mark.parametrize("case", ["stops-on-sigterm", "ignores-sigterm"])
+def test_watch_parent_stops_an_orphan(case):
+    """The watch alone: its parent killed, a process gets SIGTERM; one that ignores it exits 143 anyway."""
+    with _Procs() as procs:
+        procs.start([sys.executable, "-c", REAPER, case], env=_env())
+        [(rc, text)] = procs.wait(timeout=60)
+    assert rc == 0, text
+    result = json.loads(text.strip().splitlines()[-1])
+    assert result["parent"] == -signal.SIGKILL
+    if case == "stops-on-sigterm":
+        assert result["signal"] == signal.SIGTERM and result["after"] < 3, result
+    else:
+        assert result["code"] == distributed.EXIT_PARENT_GONE == 143 and 1 <= result["after"] < 4, result
+    assert text.count("is gone: stopping this process") == 1, text
+
+
 FAILING_RANK = """
 import os, sys
 import recvae.models.vae as vae

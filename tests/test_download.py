@@ -1,4 +1,5 @@
-"""The downloader against a local HTTP server: success, checksum mismatch, 404, cut connection."""
+"""The downloader against a local HTTP server: success, checksum mismatch, 404, cut connection,
+a body of unknown length."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import re
 
 import pytest
 
-from archives import LocalServer, sha256
+from archives import LocalServer, grouplens_zip, sha256
 from recvae.data import ChecksumError, DownloadError, download
 
 BODY = os.urandom(3 * (1 << 20) + 123)  # more than one read chunk
@@ -132,3 +133,59 @@ def test_next_download_removes_parts_left_by_a_killed_one(server, tmp_path):
     other.write_bytes(b"x")
     download(f"{server.url}/a.zip", tmp_path / "a.zip", sha256(BODY), show_progress=False)
     assert sorted(os.listdir(tmp_path)) == [".b.zip.abcdef.part", "a.zip"]
+
+
+# -- no Content-Length and no checksum: only a zip archive that tests whole is kept -------------
+ZIP = grouplens_zip("ml-latest-small")
+
+
+def test_truncated_zip_without_length_or_checksum_is_not_kept(server, tmp_path):
+    server.unsized["a.zip"] = ZIP[: len(ZIP) // 2]  # the mirror closed early; nothing says so
+    dest = tmp_path / "a.zip"
+    with pytest.raises(DownloadError, match=rf"download of {re.escape(server.url)}/a\.zip is not a whole zip "
+                                            r"archive \(.*\); nothing written to .*a\.zip"):
+        download(f"{server.url}/a.zip", dest, None, show_progress=False)
+    assert server.requests["a.zip"] == 2  # retried like a cut connection
+    assert os.listdir(tmp_path) == []  # neither the final name nor a temporary file
+
+
+def test_zip_without_length_or_checksum_is_kept_when_it_tests_whole(server, tmp_path):
+    server.unsized["a.zip"] = [ZIP[:-100], ZIP]  # cut once, then whole: the retry recovers
+    dest = tmp_path / "a.zip"
+    download(f"{server.url}/a.zip", dest, None, show_progress=False)
+    assert dest.read_bytes() == ZIP and os.listdir(tmp_path) == ["a.zip"]
+    assert server.requests["a.zip"] == 2
+
+
+def test_corrupted_member_without_length_or_checksum_is_not_kept(server, tmp_path):
+    bad = bytearray(ZIP)
+    bad[60] ^= 0xFF  # inside the first member's compressed bytes: the directory is intact
+    server.unsized["a.zip"] = bytes(bad)
+    with pytest.raises(DownloadError, match=r"is not a whole zip archive"):
+        download(f"{server.url}/a.zip", tmp_path / "a.zip", None, show_progress=False, retries=0)
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_check_keeps_the_file_already_there(server, tmp_path):
+    dest = tmp_path / "a.zip"
+    dest.write_bytes(b"previous")
+    server.unsized["a.zip"] = ZIP[:-1]
+    with pytest.raises(DownloadError):
+        download(f"{server.url}/a.zip", dest, None, show_progress=False, retries=0)
+    assert dest.read_bytes() == b"previous" and os.listdir(tmp_path) == ["a.zip"]
+
+
+def test_other_file_without_length_or_checksum_cannot_be_verified(server, tmp_path):
+    server.unsized["a.csv"] = b"user,item\n1,2\n"
+    with pytest.raises(DownloadError, match=r"a\.csv: the server sent no length and no checksum is known"):
+        download(f"{server.url}/a.csv", tmp_path / "a.csv", None, show_progress=False, retries=0)
+    assert os.listdir(tmp_path) == []
+
+
+def test_length_or_checksum_suffices_without_the_zip_test(server, tmp_path):
+    server.unsized["a.bin"] = BODY  # no length, but the checksum is known
+    download(f"{server.url}/a.bin", tmp_path / "a.bin", sha256(BODY), show_progress=False)
+    assert (tmp_path / "a.bin").read_bytes() == BODY
+    server.files["b.zip"] = b"not a zip"  # a length, no checksum: the length is the check
+    download(f"{server.url}/b.zip", tmp_path / "b.zip", None, show_progress=False)
+    assert (tmp_path / "b.zip").read_bytes() == b"not a zip"

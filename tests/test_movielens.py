@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from pathlib import Path
@@ -200,6 +201,57 @@ def test_connection_cut_fails_cleanly(server, monkeypatch, tmp_path):
     with pytest.raises(DownloadError, match=r"ml-20m\.zip"):
         load_movielens("ml-20m", tmp_path, show_progress=False)
     assert os.listdir(tmp_path) == []
+
+
+def test_cut_download_without_length_from_a_mirror_is_not_kept(server, tmp_path):
+    # ml-latest-small has no published digest; this mirror sends no Content-Length and closes early
+    archive = grouplens_zip("ml-latest-small")
+    server.unsized["ml-latest-small.zip"] = archive[: len(archive) // 2]
+    with pytest.raises(DownloadError, match=r"ml-latest-small\.zip is not a whole zip archive"):
+        load_movielens("ml-latest-small", tmp_path, show_progress=False)
+    assert os.listdir(tmp_path) == []  # no ml-latest-small.zip for the next run to trip over
+    server.unsized["ml-latest-small.zip"] = archive  # the next run gets it whole
+    assert_paper_preprocessed(load_movielens("ml-latest-small", tmp_path, show_progress=False))
+    assert (tmp_path / "ml-latest-small.zip").read_bytes() == archive
+
+
+def _cut(archive: bytes) -> bytes:
+    return archive[: len(archive) // 2]
+
+
+def _corrupted_member(archive: bytes) -> bytes:
+    bad = bytearray(archive)
+    bad[60] ^= 0xFF  # inside the first member's (ratings.csv's) compressed bytes
+    return bytes(bad)
+
+
+@pytest.mark.parametrize("damage", [_cut, _corrupted_member])
+def test_damaged_archive_in_the_data_dir_is_downloaded_again_with_one_note(damage, server, tmp_path, caplog):
+    archive = grouplens_zip("ml-latest-small")
+    (tmp_path / "ml-latest-small.zip").write_bytes(damage(archive))  # what an earlier version kept
+    server.unsized["ml-latest-small.zip"] = archive
+    with caplog.at_level(logging.INFO, logger="recvae.data"):
+        assert_paper_preprocessed(load_movielens("ml-latest-small", tmp_path, show_progress=False))
+    notes = [r for r in caplog.records if r.name == "recvae.data.movielens"]  # the downloader logs its own
+    assert len(notes) == 1 and notes[0].levelno == logging.WARNING, caplog.text
+    assert notes[0].getMessage().startswith(f"{tmp_path / 'ml-latest-small.zip'} is damaged (")
+    assert "downloading it again" in notes[0].getMessage()
+    assert (tmp_path / "ml-latest-small.zip").read_bytes() == archive
+    assert server.requests["ml-latest-small.zip"] == 1
+    # the cache is keyed by the new archive: a second load reads it, no request, no note
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="recvae.data"):
+        assert_paper_preprocessed(load_movielens("ml-latest-small", tmp_path, show_progress=False))
+    assert "is damaged" not in caplog.text and server.requests["ml-latest-small.zip"] == 1
+    assert len(list((tmp_path / ml.CACHE_FOLDER).iterdir())) == 1
+
+
+@pytest.mark.parametrize("damage", [_cut, _corrupted_member])
+def test_damaged_archive_without_download_names_the_file(damage, tmp_path):
+    (tmp_path / "ml-latest-small.zip").write_bytes(damage(grouplens_zip("ml-latest-small")))
+    with pytest.raises(ValueError, match=r"ml-latest-small\.zip: not a valid zip archive \(.+\); delete it to "
+                                         r"download again"):
+        load_movielens("ml-latest-small", tmp_path, download=False)
 
 
 def test_md5_from_the_registry_is_checked(server, monkeypatch, tmp_path):

@@ -9,6 +9,8 @@ import logging
 import os
 import urllib.error
 import urllib.request
+import zipfile
+import zlib
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -54,10 +56,16 @@ def download(
 
     Verification: SHA-256 when ``sha256`` is given, else MD5 when ``md5`` is given (GroupLens
     publishes MD5s), else none, with a logged warning (the computed SHA-256 is logged so it
-    can be recorded). A checksum mismatch, a truncated body (fewer bytes than the
-    ``Content-Length``) or a network error are retried ``retries`` more times; then
-    :class:`ChecksumError` (naming the file, the expected and the actual digest) or
-    :class:`DownloadError` is raised. HTTP errors such as 404 are not retried.
+    can be recorded). Whatever the checksum, a body shorter than the ``Content-Length`` is
+    refused. A server that sends no ``Content-Length`` ends the body by closing the
+    connection, so a cut body looks whole: with no checksum either, a ``.zip`` is kept only
+    when it opens as a zip archive and every member's CRC tests good, and any other file is
+    refused (nothing can tell whether it is whole).
+
+    A checksum mismatch, a truncated or damaged body or a network error are retried
+    ``retries`` more times; then :class:`ChecksumError` (naming the file, the expected and
+    the actual digest) or :class:`DownloadError` is raised. HTTP errors such as 404 are not
+    retried.
     """
     dest = Path(dest)
     if not isinstance(retries, int) or retries < 0:
@@ -135,6 +143,9 @@ def _fetch_once(url: str, dest: Path, expected: tuple[str, str] | None, show_pro
                 f"download of {url} was cut: received {received} of {total} bytes (nothing written to {dest})"
             )
         actual_sha = sha.hexdigest()
+        if expected is None and total is None:  # nothing says how long the file is: test it
+            out.flush()
+            _check_whole(Path(out.name), url, dest)
         if expected is None:
             logger.warning("no known checksum for %s: not verified (its SHA-256 is %s)", url, actual_sha)
         else:
@@ -143,3 +154,24 @@ def _fetch_once(url: str, dest: Path, expected: tuple[str, str] | None, show_pro
             if actual != digest:
                 raise ChecksumError(dest, algorithm, digest, actual, url)
     logger.info("downloaded %s to %s (%d bytes, sha256 %s)", url, dest, received, actual_sha)
+
+
+def zip_damage(path: str | os.PathLike) -> str | None:
+    """Why the zip archive at ``path`` is not whole (cannot be opened, or a member fails its
+    CRC), or None when it tests good. Reads and decompresses every member."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
+        return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    return None if bad is None else f"member {bad} fails its CRC check"
+
+
+def _check_whole(part: Path, url: str, dest: Path) -> None:
+    """A download of unknown length and without checksum: DownloadError unless it is a whole zip."""
+    if dest.suffix.lower() != ".zip":
+        raise DownloadError(f"download of {url}: the server sent no length and no checksum is known, so nothing "
+                            f"tells whether it is whole (nothing written to {dest})")
+    damage = zip_damage(part)
+    if damage is not None:
+        raise DownloadError(f"download of {url} is not a whole zip archive ({damage}); nothing written to {dest}")

@@ -8,6 +8,8 @@ this order:
 2. the original archive ``<data_dir>/<name>.zip``, read in place without extracting;
 3. a download of ``<name>.zip`` from GroupLens into the data directory (when ``download``).
 
+A zip in the data directory that turns out damaged (cut short, a member failing its CRC) is
+downloaded again in its place when ``download`` (one warning says so); else the error names it.
 Only step 3 writes, so a read-only data directory holding the files works.
 The server is ``$RECVAE_MOVIELENS_URL`` if set, else :data:`BASE_URL` (tests point it at a
 local server). The MovieLens terms forbid redistributing the files: never commit them.
@@ -19,6 +21,7 @@ import hashlib
 import logging
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,14 +136,34 @@ def _read_member(spec: MovieLensSpec, data_dir, filename: str, download: bool, s
             )
         logger.info("%s not found in %s: downloading %s", spec.name, root, movielens_url(spec.name))
         download_movielens(spec.name, root, show_progress=show_progress)
+    try:
+        return _read_from_zip(archive, spec, filename, **kwargs)
+    except DamagedArchiveError as e:
+        if not download:
+            raise
+        # e.g. a cut download an earlier version kept: fetch it again in its place (atomic, verified)
+        logger.warning("%s is damaged (%s): downloading it again from %s", archive, e.reason, movielens_url(spec.name))
+        download_movielens(spec.name, root, show_progress=show_progress)
     return _read_from_zip(archive, spec, filename, **kwargs)
+
+
+class DamagedArchiveError(ValueError):
+    """A zip in the data directory cannot be opened, or a member fails to decompress or its CRC."""
+
+    def __init__(self, archive: Path, reason: str):
+        self.archive, self.reason = archive, reason
+        super().__init__(f"{archive}: not a valid zip archive ({reason}); delete it to download again")
+
+
+#: what zipfile and zlib raise on a cut or corrupted archive (NotImplementedError: a garbled header)
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError)
 
 
 def _read_from_zip(archive: Path, spec: MovieLensSpec, filename: str, **kwargs) -> pd.DataFrame:
     try:
         zf = zipfile.ZipFile(archive)
-    except zipfile.BadZipFile as e:
-        raise ValueError(f"{archive}: not a valid zip archive ({e}); delete it to download again") from e
+    except _ZIP_ERRORS as e:
+        raise DamagedArchiveError(archive, str(e) or type(e).__name__) from e
     with zf:
         names = zf.namelist()
         wanted = f"{spec.folder}/{filename}"
@@ -148,7 +171,26 @@ def _read_from_zip(archive: Path, spec: MovieLensSpec, filename: str, **kwargs) 
         if member is None:
             raise FileNotFoundError(f"{archive}: no {wanted} inside the archive (it holds {len(names)} entries)")
         logger.debug("reading %s from %s", member, archive)
-        return read_table(f"{archive}/{member}", opener=lambda: zf.open(member), **kwargs)
+        try:
+            return read_table(f"{archive}/{member}", opener=lambda: zf.open(member), **kwargs)
+        except _ZIP_ERRORS as e:
+            raise DamagedArchiveError(archive, f"{member}: {str(e) or type(e).__name__}") from e
+        except ValueError as e:  # garbage decompressed before the CRC failed, or a real parse error
+            damage = _member_damage(zf, member)
+            if damage is None:
+                raise
+            raise DamagedArchiveError(archive, f"{member}: {damage}") from e
+
+
+def _member_damage(zf: zipfile.ZipFile, member: str) -> str | None:
+    """Why ``member`` does not decompress to its recorded CRC, or None."""
+    try:
+        with zf.open(member) as f:
+            while f.read(1 << 20):
+                pass
+    except _ZIP_ERRORS as e:
+        return str(e) or type(e).__name__
+    return None
 
 
 def load_movielens_ratings(
@@ -213,7 +255,7 @@ def load_movielens(
         source=f"{spec.name}/{spec.ratings_file}",
     )
     if cache:
-        cache_file = cache_file or _cache_path(spec, data_dir, params)  # the source may be new
+        cache_file = _cache_path(spec, data_dir, params)  # the source may be new, or downloaded again
         try:
             data.save(cache_file)
         except OSError as e:  # a read-only data directory: parse again next time

@@ -59,30 +59,123 @@ def write_prepared(interactions: Interactions, path: str | os.PathLike, preproce
     return path
 
 
+def _rewrite_hint(path: Path, description: dict | None = None) -> str:
+    """What to do about a damaged prepared directory: the `recvae prepare` command that writes it
+    again, from the source its prepared.json records when that can be read."""
+    recorded = (description or {}).get("preprocessing")
+    recorded = recorded if isinstance(recorded, dict) else {}
+    if isinstance(recorded.get("dataset"), str):
+        source = f"--dataset {recorded['dataset']}"
+    elif isinstance(recorded.get("path"), str):
+        source = f"--data {recorded['path']}"
+    else:
+        source = "--data FILE"
+    return f"write it again with `recvae prepare {source} --out {path}`"
+
+
+class PreparedDataError(ValueError):
+    """A prepared directory's file is damaged: one line naming it and how to write it again."""
+
+
+def _damaged(path: Path, file: str, problem: str, description: dict | None = None) -> PreparedDataError:
+    return PreparedDataError(f"{path / file}: {problem}; {_rewrite_hint(path, description)}")
+
+
+#: prepared.json's keys that are counts
+_COUNTS = ("n_users", "n_items", "nnz")
+
+
 def read_prepared_description(path: str | os.PathLike) -> dict:
-    """The ``prepared.json`` of a prepared directory; FileNotFoundError naming it when absent."""
+    """The ``prepared.json`` of a prepared directory, checked: FileNotFoundError naming it when
+    absent; ValueError naming it when it is not JSON, not this format, or lacks a key."""
     path = Path(path)
     if not is_prepared(path):
         raise FileNotFoundError(f"{path}: not a prepared dataset (no {PREPARED_FILE}); "
                                 f"write one with `recvae prepare --data FILE --out {path}`")
-    description = json.loads((path / PREPARED_FILE).read_text())
+    try:
+        description = json.loads((path / PREPARED_FILE).read_bytes())
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _damaged(path, PREPARED_FILE, f"not valid JSON ({' '.join(str(e).split())})") from None
+    if not isinstance(description, dict):
+        raise _damaged(path, PREPARED_FILE, f"expected a JSON object, got a {type(description).__name__}")
     if description.get("format_version") != PREPARED_FORMAT_VERSION:
-        raise ValueError(f"{path / PREPARED_FILE}: format version {description.get('format_version')}, expected "
-                         f"{PREPARED_FORMAT_VERSION}; prepare it again")
+        raise _damaged(path, PREPARED_FILE, f"format version {description.get('format_version')!r}, expected "
+                       f"{PREPARED_FORMAT_VERSION}", description)
+    for key in (*_COUNTS, "preprocessing"):
+        if key not in description:
+            raise _damaged(path, PREPARED_FILE, f"no {key!r} key", description)
+    for key in _COUNTS:
+        value = description[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise _damaged(path, PREPARED_FILE, f"{key!r} is {value!r}, expected a whole number >= 0", description)
+    if not isinstance(description["preprocessing"], dict):
+        raise _damaged(path, PREPARED_FILE, f"'preprocessing' is {description['preprocessing']!r}, expected a "
+                       "JSON object", description)
     return description
 
 
+#: elements per step when scanning a memory-mapped array (bounds the temporaries to a few MiB)
+_CHUNK = 1 << 22
+
+
 def load_prepared(path: str | os.PathLike) -> Interactions:
-    """The interactions of a prepared directory; the CSR arrays are memory-mapped (read-only)."""
+    """The interactions of a prepared directory; the CSR arrays are memory-mapped (read-only).
+
+    What is read is checked first, so a damaged directory is a ValueError naming the file and
+    how to write it again rather than an IndexError deep in training: prepared.json (see
+    :func:`read_prepared_description`), every array readable and of the shape and kind
+    prepared.json implies, the row pointers starting at 0, never decreasing and ending at nnz,
+    every item index in ``[0, n_items)``. The scans are vectorised over the memory-mapped
+    arrays, a chunk at a time: one pass over ``indptr`` and ``indices``, nothing densified.
+    """
     path = Path(path)
     d = read_prepared_description(path)
-    try:
-        a = {name: np.load(path / f"{name}.npy", mmap_mode="r" if name in ("indptr", "indices", "data") else None,
-                           allow_pickle=False) for name in _ARRAYS}
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: damaged prepared dataset ({e}); prepare it again") from e
-    shape = (int(d["n_users"]), int(d["n_items"]))
-    if a["indptr"].shape != (shape[0] + 1,) or a["indices"].shape != (int(d["nnz"]),):
-        raise ValueError(f"{path}: arrays do not match {PREPARED_FILE} (shape {shape}, nnz {d['nnz']}); prepare it again")
-    matrix = sp.csr_matrix((a["data"], a["indices"], a["indptr"]), shape=shape, copy=False)
+    n_users, n_items, nnz = (d[k] for k in _COUNTS)
+    expected = {"indptr": (n_users + 1,), "indices": (nnz,), "data": (nnz,), "user_ids": (n_users,),
+                "item_ids": (n_items,)}
+    a = {}
+    for name in _ARRAYS:
+        file = f"{name}.npy"
+        try:
+            a[name] = np.load(path / file, mmap_mode="r" if name in ("indptr", "indices", "data") else None,
+                              allow_pickle=False)
+        except FileNotFoundError:
+            raise _damaged(path, file, "missing", d) from None
+        except (OSError, ValueError, EOFError) as e:
+            reason = " ".join(str(e).split()) or type(e).__name__
+            raise _damaged(path, file, f"cannot be read ({reason})", d) from None
+        if a[name].shape != expected[name]:
+            raise _damaged(path, file, f"shape {a[name].shape}, expected {expected[name]} as {PREPARED_FILE} says", d)
+        kinds = "iu" if name in ("indptr", "indices") else "f" if name == "data" else "iuUb"
+        if a[name].dtype.kind not in kinds:
+            what = {"iu": "integers", "f": "floats", "iuUb": "integer or text ids"}[kinds]
+            raise _damaged(path, f"{name}.npy", f"{a[name].dtype} values, expected {what}", d)
+    _check_indptr(path, a["indptr"], nnz, d)
+    _check_indices(path, a["indices"], n_items, d)
+    matrix = sp.csr_matrix((a["data"], a["indices"], a["indptr"]), shape=(n_users, n_items), copy=False)
     return Interactions(matrix, a["user_ids"], a["item_ids"])
+
+
+def _check_indptr(path: Path, indptr: np.ndarray, nnz: int, d: dict) -> None:
+    if indptr[0] != 0:
+        raise _damaged(path, "indptr.npy", f"the row pointers start at {indptr[0]}, not 0", d)
+    if indptr[-1] != nnz:
+        raise _damaged(path, "indptr.npy", f"the row pointers end at {indptr[-1]}, not at nnz = {nnz}", d)
+    for start in range(0, len(indptr) - 1, _CHUNK):
+        chunk = indptr[start:start + _CHUNK + 1]  # overlapping by one: every neighbour pair is seen
+        drops = np.flatnonzero(chunk[1:] < chunk[:-1])
+        if drops.size:
+            row = start + int(drops[0])
+            raise _damaged(path, "indptr.npy", f"the row pointers decrease at row {row} "
+                           f"({chunk[drops[0]]} then {chunk[drops[0] + 1]})", d)
+
+
+def _check_indices(path: Path, indices: np.ndarray, n_items: int, d: dict) -> None:
+    for start in range(0, len(indices), _CHUNK):
+        chunk = indices[start:start + _CHUNK]
+        lo, hi = chunk.min(), chunk.max()
+        if lo < 0 or hi >= n_items:
+            bad = int(lo) if lo < 0 else int(hi)
+            at = start + int(np.flatnonzero(chunk == bad)[0])
+            raise _damaged(path, "indices.npy", f"item index {bad} out of range [0, {n_items}) "
+                           f"at interaction {at}", d)
