@@ -27,3 +27,9 @@ def shown(value) -> str:
         except (TypeError, ValueError):
             pass
     return repr(value)
+
+
+class ColumnError(ParameterError, KeyError):
+    """A column parameter (``user_col``, ...) names a column the table does not have."""
+
+    __str__ = ValueError.__str__  # the message as it is, not quoted as a KeyError's key

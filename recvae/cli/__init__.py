@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 from pathlib import Path
 
@@ -54,16 +53,13 @@ def main(argv: list[str] | None = None) -> int:
 def user_message(error: BaseException, parser: argparse.ArgumentParser, command: str) -> str:
     """The one line a user error prints. A :class:`~recvae.errors.ParameterError` names its
     parameter as data: it becomes the flag the user typed (``latent_dim`` -> ``--latent-dim``),
-    found through the parser. Older messages that start with a parameter name
-    (``item_col: ...``) are mapped the same way."""
-    flags = command_flags(parser, command)
+    found through the parser. Other messages are printed as they are, on one line."""
     if isinstance(error, ParameterError):
-        flag = flags.get(error.param, error.param)
-        return " ".join(f"{error.where + ': ' if error.where else ''}{flag}: {error.message}".split())
-    msg = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-    msg = " ".join(str(msg).split())  # one line, whatever the parser (pandas, torch) put in it
-    pattern = r"(?<![\w./-])(" + "|".join(map(re.escape, sorted(flags, key=len, reverse=True))) + r")(?=:)"
-    return re.sub(pattern, lambda m: flags[m.group(1)], msg) if flags else msg
+        flag = command_flags(parser, command).get(error.param, error.param)
+        msg = f"{error.where + ': ' if error.where else ''}{flag}: {error.message}"
+    else:
+        msg = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(str(msg).split())  # one line, whatever the parser (pandas, torch) put in it
 
 
 def command_flags(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from recvae.errors import ColumnError, ParameterError, shown
 from recvae.fileio import atomic_write, read_npz
 from recvae.optional import require
 
@@ -137,14 +138,12 @@ class Interactions:
             raise TypeError(f"{where}df: expected a pandas DataFrame, got {type(df).__name__}")
         for arg, col in (("user_col", user_col), ("item_col", item_col), ("rating_col", rating_col)):
             if col is not None and col not in df.columns:
-                raise KeyError(
-                    f"{where}{arg}: column {col!r} not found; available columns: {list(df.columns)}"
-                )
+                raise ColumnError(arg, f"column {col!r} not found; available columns: {list(df.columns)}", source)
         if rating_threshold is not None and rating_col is None:
-            raise ValueError(f"{where}rating_threshold: given ({rating_threshold}) but rating_col is None")
+            raise ParameterError("rating_threshold", f"given ({rating_threshold}) but rating_col is None", source)
         for arg, v in (("min_user_interactions", min_user_interactions), ("min_item_interactions", min_item_interactions)):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"{where}{arg}: expected a non-negative integer, got {v!r}")
+                raise ParameterError(arg, f"expected a non-negative integer, got {shown(v)}", source)
         if len(df) == 0:
             raise ValueError(f"{where}no rows: the table is empty")
 
@@ -154,9 +153,11 @@ class Interactions:
             missing = values.isna().to_numpy()
             if missing.any():
                 first = int(np.argmax(missing))
-                raise ValueError(
-                    f"{where}{arg}: column {col!r} has {int(missing.sum())} missing id(s); "
-                    f"first at row {first} (index {df.index[first]!r})"
+                raise ParameterError(
+                    arg,
+                    f"column {col!r} has {int(missing.sum())} missing id(s); "
+                    f"first at row {first} (index {df.index[first]!r})",
+                    where=source,
                 )
         keep = np.ones(len(df), dtype=bool)
         if rating_col is not None:
@@ -165,16 +166,20 @@ class Interactions:
             bad = ratings.isna().to_numpy()
             if bad.any():
                 first = int(np.argmax(bad))
-                raise ValueError(
-                    f"{where}rating_col: column {rating_col!r} must be numeric; "
-                    f"row {first} (index {df.index[first]!r}) holds {raw.iloc[first]!r}"
+                raise ParameterError(
+                    "rating_col",
+                    f"column {rating_col!r} must be numeric; "
+                    f"row {first} (index {df.index[first]!r}) holds {raw.iloc[first]!r}",
+                    where=source,
                 )
             if rating_threshold is not None:
                 keep = ratings.to_numpy(dtype=np.float64) > float(rating_threshold)
                 if not keep.any():
-                    raise ValueError(
-                        f"{where}rating_threshold: no rating is > {rating_threshold} "
-                        f"(max rating {ratings.max()}); nothing left"
+                    raise ParameterError(
+                        "rating_threshold",
+                        f"no rating is > {rating_threshold} "
+                        f"(max rating {ratings.max()}); nothing left",
+                        where=source,
                     )
 
         u_codes, u_uniques = _factorize(users[keep], "user_col", user_col, where)
@@ -188,18 +193,22 @@ class Interactions:
             counts = np.bincount(rows, minlength=n_u)
             ok_rows = counts[rows] >= min_user_interactions
             if not ok_rows.any():
-                raise ValueError(
-                    f"{where}min_user_interactions: no user has >= {min_user_interactions} "
-                    f"interactions (most active user: {counts.max()}); nothing left"
+                raise ParameterError(
+                    "min_user_interactions",
+                    f"no user has >= {min_user_interactions} "
+                    f"interactions (most active user: {counts.max()}); nothing left",
+                    where=source,
                 )
             rows, cols = rows[ok_rows], cols[ok_rows]
         if min_item_interactions > 0:
             counts = np.bincount(cols, minlength=n_i)
             ok_cols = counts[cols] >= min_item_interactions
             if not ok_cols.any():
-                raise ValueError(
-                    f"{where}min_item_interactions: no item has >= {min_item_interactions} "
-                    f"interactions after the user filter (most popular item: {counts.max()}); nothing left"
+                raise ParameterError(
+                    "min_item_interactions",
+                    f"no item has >= {min_item_interactions} "
+                    f"interactions after the user filter (most popular item: {counts.max()}); nothing left",
+                    where=source,
                 )
             rows, cols = rows[ok_cols], cols[ok_cols]
 
@@ -220,7 +229,7 @@ class Interactions:
             try:
                 ids.append(_as_id_array(uniques[used], arg))
             except TypeError as e:
-                raise ValueError(f"{where}{arg}: column {col!r} mixes id types; {e}") from e
+                raise ParameterError(arg, f"column {col!r} mixes id types; {e}", source) from e
         return cls(matrix, *ids)
 
     # ------------------------------------------------------------------ .npz cache
@@ -303,8 +312,10 @@ def _factorize(values: pd.Series, arg: str, col, where: str) -> tuple[np.ndarray
     try:
         codes, uniques = pd.factorize(values, sort=True)
     except TypeError as e:
-        raise ValueError(
-            f"{where}{arg}: column {col!r} mixes id types that cannot be sorted (e.g. ints and strings): {e}"
+        raise ParameterError(
+            arg,
+            f"column {col!r} mixes id types that cannot be sorted (e.g. ints and strings): {e}",
+            where=where[:-2] if where else None,
         ) from e
     return codes.astype(np.int64), np.asarray(uniques)
 

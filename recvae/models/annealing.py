@@ -15,6 +15,8 @@ NDCG@100 per epoch, and take the beta reached at the best epoch (``MultVAE.best_
 
 from __future__ import annotations
 
+from recvae.errors import ParameterError
+
 from dataclasses import dataclass
 
 #: notebook values
@@ -31,9 +33,9 @@ class LinearAnnealing:
 
     def __post_init__(self) -> None:
         if not self.cap >= 0:
-            raise ValueError(f"anneal_cap: expected a number >= 0, got {self.cap!r}")
+            raise ParameterError("anneal_cap", f"expected a number >= 0, got {self.cap!r}")
         if not isinstance(self.total_steps, int) or self.total_steps < 0:
-            raise ValueError(f"total_anneal_steps: expected an integer >= 0, got {self.total_steps!r}")
+            raise ParameterError("total_anneal_steps", f"expected an integer >= 0, got {self.total_steps!r}")
 
     def __call__(self, step: int) -> float:
         if self.total_steps == 0:
@@ -49,7 +51,7 @@ class ConstantBeta:
 
     def __post_init__(self) -> None:
         if not self.beta >= 0:
-            raise ValueError(f"beta: expected a number >= 0, got {self.beta!r}")
+            raise ParameterError("beta", f"expected a number >= 0, got {self.beta!r}")
 
     def __call__(self, step: int) -> float:
         return float(self.beta)

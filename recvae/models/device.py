@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from recvae.errors import ParameterError
+
 import logging
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-class CUDAUnavailableError(ValueError):
+class CUDAUnavailableError(ParameterError):
     """CUDA was asked for explicitly, but this torch has no CUDA device."""
 
 
@@ -22,11 +24,11 @@ def resolve_device(device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or a torch.device, got {device!r}") from e
+        raise ParameterError("device", f"expected 'auto', 'cpu', 'cuda' or a torch.device, got {device!r}") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         build = "a CPU-only build" if torch.version.cuda is None else "no usable CUDA device"
         raise CUDAUnavailableError(
-            f"device: {str(device)!r} asks for CUDA, but this torch ({torch.__version__}) has {build}; use 'cpu' or 'auto'"
+            "device", f"{str(device)!r} asks for CUDA, but this torch ({torch.__version__}) has {build}; use 'cpu' or 'auto'"
         )
     return dev
 

@@ -11,6 +11,8 @@ and a user's scores are ``x_u^T B`` (a row of ``X_batch @ B``).
 
 from __future__ import annotations
 
+from recvae.errors import ParameterError, shown
+
 import logging
 import time
 from pathlib import Path
@@ -31,7 +33,7 @@ _GRAM_BLOCK_ENTRIES = 1 << 25  # dense entries per block of the Gram matrix (256
 def _check_dtype(dtype) -> np.dtype:
     dt = np.dtype(dtype)
     if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise ValueError(f"dtype: expected float32 or float64, got {dt}")
+        raise ParameterError("dtype", f"expected float32 or float64, got {dt}")
     return dt
 
 
@@ -39,7 +41,7 @@ def _check_l2(l2, name: str = "l2") -> float:
     if isinstance(l2, bool) or not isinstance(l2, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name}: expected a positive number, got {l2!r}")
     if not np.isfinite(l2) or l2 <= 0:
-        raise ValueError(f"{name}: expected a finite number > 0 (it makes X^T X + l2 I invertible), got {l2!r}")
+        raise ParameterError(name, f"expected a finite number > 0 (it makes X^T X + l2 I invertible), got {shown(l2)}")
     return float(l2)
 
 

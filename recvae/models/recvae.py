@@ -17,6 +17,8 @@ Validation NDCG@100 after each outer epoch; the best outer epoch's weights are k
 
 from __future__ import annotations
 
+from recvae.errors import ParameterError
+
 
 import numpy as np
 import scipy.sparse as sp
@@ -111,13 +113,13 @@ class RecVAE(_AutoencoderRecommender):
         except (TypeError, ValueError):
             ok = False
         if not ok:
-            raise ValueError(f"mixture_weights: expected 3 positive weights summing to 1 (standard normal, "
+            raise ParameterError("mixture_weights", f"expected 3 positive weights summing to 1 (standard normal, "
                              f"q_old, wide normal), got {w!r}")
         if self.activation != "swish":
-            raise ValueError(f"activation: expected 'swish' (RecVAE's), got {self.activation!r}")
+            raise ParameterError("activation", f"expected 'swish' (RecVAE's), got {self.activation!r}")
         dims = tuple(int(d) for d in self.hidden_dims)
         if not dims or len(set(dims)) != 1:
-            raise ValueError(f"hidden_dims: expected one or more equal widths (each layer adds the earlier "
+            raise ParameterError("hidden_dims", f"expected one or more equal widths (each layer adds the earlier "
                              f"layers' outputs), got {self.hidden_dims!r}")
 
     def _config(self, n_items: int) -> RecVAEConfig:
