@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from recvae.evaluation import evaluate
+from recvae.errors import ParameterError
 from recvae.experiment import DataSpec, RunConfig, RunResult, load_split, write_run_dir
 from recvae.models import checks, make_model
 from recvae.models.base import as_csr
@@ -367,8 +368,8 @@ def check_grid(model: str, grid: dict, params: dict) -> list[dict]:
     if model == "multvae":
         chosen = [k for k in ("anneal_cap", "total_anneal_steps", "beta") if k in params]
         if chosen:
-            raise ValueError(f"{chosen[0]}: tune chooses Mult-VAE's beta schedule by the paper's heuristic; "
-                             "leave it out (train takes it)")
+            raise ParameterError(chosen[0], "tune chooses Mult-VAE's beta schedule by the paper's heuristic; "
+                                            "leave it out (train takes it)")
     points = grid_points(grid)
     for point in points:
         try:

@@ -266,7 +266,7 @@ def test_a_bug_is_not_disguised_as_a_user_error(monkeypatch):
     def broken(args):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(recvae.cli, "cmd_datasets", broken)
+    monkeypatch.setattr(recvae.cli.datasets, "run", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["datasets"])
 

@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from recvae.errors import ParameterError
 from recvae.cli.common import (
     CLIError, add_data_options, add_model_options, add_source_options, data_spec_from_args, format_table,
     latent_note, logger, model_name, model_params_from_args,
@@ -45,6 +46,8 @@ def run(args) -> int:
     params = model_params_from_args(args)
     try:
         points = tuning.check_grid(name, grid, params)
+    except ParameterError:
+        raise  # main() names its flag
     except ValueError as e:
         raise CLIError(f"--{e}" if str(e).startswith("grid ") else str(e)) from None
     from recvae.rundir import RunDir

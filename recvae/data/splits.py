@@ -14,6 +14,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from recvae.data.interactions import Interactions
+from recvae.errors import ParameterError, shown
 
 #: the paper holds out 10,000 validation and 10,000 test users on ML-20M (136,677 users)
 PAPER_N_HELDOUT_USERS = 10_000
@@ -163,13 +164,13 @@ def strong_generalization_split(
         rule = "10% of users, rounded to hundreds from 1,000 users, at most 10,000"
     else:
         if not isinstance(n_heldout_users, (int, np.integer)) or isinstance(n_heldout_users, bool) or n_heldout_users < 1:
-            raise ValueError(f"n_heldout_users: expected a positive integer or None, got {n_heldout_users!r}")
+            raise ParameterError("n_heldout_users", f"expected a positive integer or None, got {shown(n_heldout_users)}")
         n = int(n_heldout_users)
         rule = "given"
     if 2 * n >= n_users:
-        raise ValueError(
-            f"n_heldout_users: {n} validation + {n} test users leave no training user out of {n_users}; "
-            f"expected fewer than {n_users / 2:g}"
+        raise ParameterError(
+            "n_heldout_users",
+            f"{n} validation + {n} test users leave no training user out of {n_users}; expected fewer than {n_users / 2:g}",
         )
     users_rng, vad_rng, test_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
     perm = users_rng.permutation(n_users)
