@@ -18,12 +18,18 @@ def add_parser(sub, common) -> None:
     v.add_argument("--max-batch", type=int, default=64, help="concurrent requests scored in one forward pass (default 64; 1 = no batching)")
     v.add_argument("--threads", type=int, help="torch threads per worker (default: CPU cores / --workers); "
                    "1 where the server shares its cores with other work")
+    v.add_argument("--body-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="time for a request body to arrive after its headers (default 5; 408 and the connection closed beyond)")
+    v.add_argument("--keep-alive", type=float, default=5.0, metavar="SECONDS",
+                   help="an idle keep-alive connection is closed after this (default 5)")
+    v.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
+                   help="on SIGTERM, time running requests get to finish before they are answered 503 and the server exits (default 10)")
     v.set_defaults(func=run)
 
 
 def run(args) -> int:
     from recvae.optional import MissingDependencyError
-    from recvae.serve import run_server
+    from recvae.serve import WorkerStartupError, run_server
 
     if not 0 < args.port < 65536:
         raise CLIError(f"--port: expected 1..65535, got {args.port}")
@@ -31,12 +37,16 @@ def run(args) -> int:
                         ("--threads", args.threads)):
         if value is not None and value < 1:
             raise CLIError(f"{flag}: expected a positive integer, got {value}")
+    for flag, value in (("--body-timeout", args.body_timeout), ("--keep-alive", args.keep_alive), ("--grace", args.grace)):
+        if not 0 < value < float("inf"):
+            raise CLIError(f"{flag}: expected a positive number of seconds, got {value:g}")
     if not (Path(args.run_dir) / "run.json").is_file():
         raise CLIError(f"RUN_DIR {args.run_dir}: not a run directory (no run.json)")
     try:
         run_server(args.run_dir, host=args.host, port=args.port, workers=args.workers, device=args.device,
                    max_body=args.max_body, max_batch=args.max_batch, threads=args.threads,
-                   log_level="warning" if args.quiet else "info")
-    except MissingDependencyError as e:
+                   log_level="warning" if args.quiet else "info", body_timeout=args.body_timeout,
+                   keep_alive=args.keep_alive, grace=args.grace)
+    except (MissingDependencyError, WorkerStartupError) as e:
         raise CLIError(str(e)) from e
     return 0
