@@ -166,24 +166,29 @@ def recommend_rows(
     exclude: sp.csr_matrix | None,
     k: int,
     popularity: np.ndarray,
+    filter_seen: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-k of each row: the model's for rows with a positive item, the popularity fallback
-    (``popularity`` = fraction of training users per item) for empty rows.
+    (``popularity`` = fraction of training users per item) for empty rows. The one place that
+    decides what a user is not offered again.
 
-    Items of a row of ``positives`` are excluded; so are those of ``exclude`` (the same shape,
-    None for none). Returns ``(ids, scores, fallback)``: (n, min(k, n_items)) arrays (id -1 /
-    score -inf where nothing is left) and a boolean (n,) marking the fallback rows.
+    With ``filter_seen`` the items of a row of ``positives`` are excluded, and so are those of
+    ``exclude`` (the same shape, None for none); without it nothing is. Returns ``(ids, scores,
+    fallback)``: (n, min(k, n_items)) arrays (id -1 / score -inf where nothing is left) and a
+    boolean (n,) marking the fallback rows.
     """
     n, n_items = positives.shape
     width = min(int(k), n_items)
     ids = np.full((n, width), -1, dtype=np.int64)
     scores = np.full((n, width), -np.inf, dtype=np.float32)
+    exclude = exclude if filter_seen else None
     fallback = np.diff(positives.indptr) == 0
     has = np.flatnonzero(~fallback)
     if has.size:
         sub = positives if has.size == n else positives[has]
         sub_exclude = None if exclude is None else (exclude if has.size == n else exclude[has])
-        ids[has], scores[has] = model.recommend(sub, N=width, exclude=sub_exclude)
+        ids[has], scores[has] = model.recommend(sub, N=width, exclude=sub_exclude,
+                                                filter_already_liked_items=filter_seen)
     empty = np.flatnonzero(fallback)
     if empty.size:
         pop = np.tile(np.asarray(popularity, dtype=np.float32), (empty.size, 1))
@@ -265,11 +270,8 @@ def recommend_ids(
             "give them at least one item from the catalogue"
         )
     note_large_k(N, len(catalogue))
-    if filter_already_liked_items:
-        ids, scores, fallback = recommend_rows(model, matrix, None, N, popularity if popularity is not None else 0)
-    else:  # keep history items: score with nothing masked
-        ids, scores = model.recommend(matrix, N=N, filter_already_liked_items=False)
-        fallback = np.zeros(len(users), dtype=bool)
+    ids, scores, fallback = recommend_rows(model, matrix, None, N, popularity if popularity is not None else 0,
+                                           filter_seen=filter_already_liked_items)
     return to_frame(np.asarray(users), ids, scores, fallback, catalogue.to_numpy())
 
 
@@ -389,18 +391,9 @@ class RunRecommender:
 
     def recommend(self, batch: Histories, k: int, include_seen: bool = False) -> pd.DataFrame:
         """Top-k table for a batch (see :func:`recommend_rows`); ``include_seen`` keeps seen items."""
-        if include_seen:
-            ids, scores, fallback = self.recommend_arrays(batch.positives, None, k, filter_positives=False)
-        else:
-            ids, scores, fallback = self.recommend_arrays(batch.positives, batch.seen, k)
+        ids, scores, fallback = self.recommend_arrays(batch.positives, batch.seen, k, filter_seen=not include_seen)
         return to_frame(batch.users, ids, scores, fallback, self.item_ids)
 
-    def recommend_arrays(self, positives, exclude, k: int, filter_positives: bool = True):
+    def recommend_arrays(self, positives, exclude, k: int, filter_seen: bool = True):
         """``(ids, scores, fallback)`` in catalogue positions; see :func:`recommend_rows`."""
-        if filter_positives:
-            return recommend_rows(self.model, positives, exclude, k, self.popularity)
-        fallback = np.diff(positives.indptr) == 0
-        ids, scores = self.model.recommend(positives, N=k, filter_already_liked_items=False)
-        if fallback.any():
-            ids[fallback], scores[fallback] = top_k_with_scores(np.tile(self.popularity, (int(fallback.sum()), 1)), ids.shape[1])
-        return ids, scores, fallback
+        return recommend_rows(self.model, positives, exclude, k, self.popularity, filter_seen=filter_seen)

@@ -140,7 +140,7 @@ def test_a_worker_that_cannot_load_the_run_stops_the_server(run_dir, tmp_path): 
     bad = tmp_path / "run"
     shutil.copytree(run_dir, bad)
     (bad / "model" / "weights.pt").write_bytes(os.urandom(300))
-    skip_check = ("import sys, recvae.serve; recvae.serve.check_run = lambda *a, **k: None; "
+    skip_check = ("import sys, recvae.serve.server; recvae.serve.server.check_run = lambda *a, **k: None; "
                   "from recvae.cli import main; sys.exit(main(sys.argv[1:]))")
     rc, out, _ = finish([sys.executable, "-c", skip_check, "serve", str(bad), "--port", str(free_port()),
                          "--workers", "2", "--threads", "1"], timeout=120)

@@ -1,0 +1,75 @@
+"""Starting the service: the run checked once in the parent, uvicorn's workers, their timeouts and shutdown."""
+
+import logging
+import os
+import tempfile
+
+from recvae.optional import require
+from recvae.recommend import RunRecommender
+
+from recvae.serve.app import create_app
+from recvae.serve.settings import BODY_TIMEOUT, ENV, GRACE, KEEP_ALIVE
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerStartupError(RuntimeError):
+    """A worker process could not load the run (after the parent could)."""
+
+
+def run_server(run_dir, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, device=None,
+               max_body: int = 1 << 20, max_batch: int = 64, threads: int | None = None,
+               log_level: str = "info", body_timeout: float = BODY_TIMEOUT, keep_alive: float = KEEP_ALIVE,
+               grace: float = GRACE) -> None:
+    """Serve ``run_dir`` with uvicorn; each of ``workers`` processes loads the model once and
+    gets ``threads`` torch threads (default ``cpu cores / workers``, at least 1).
+
+    The run is loaded here first, before any worker starts: a damaged run raises the loader's
+    error (naming the file) and nothing is served. With one worker that load is the one
+    served; with more, the parent checks the run on the CPU and each worker loads its own.
+    Timeouts: ``body_timeout`` for a request body to arrive, ``keep_alive`` for an idle
+    connection, ``grace`` for running requests to finish after SIGTERM."""
+    require("fastapi", "the HTTP service (recvae serve)")
+    uvicorn = require("uvicorn", "the HTTP service (recvae serve)")
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    options = {"host": host, "port": port, "log_level": log_level, "timeout_keep_alive": keep_alive,
+               "timeout_graceful_shutdown": grace}
+    if workers == 1:
+        app = create_app(run_dir, device=device, max_body=max_body, max_batch=max_batch, threads=threads,
+                         body_timeout=body_timeout)
+        uvicorn.run(app, **options)
+        return
+    check_run(run_dir, device)
+    fd, failure_file = tempfile.mkstemp(prefix="recvae-serve-", suffix=".err")
+    os.close(fd)
+    os.environ.update({
+        ENV["run_dir"]: str(run_dir),
+        ENV["device"]: device or "",
+        ENV["max_body"]: str(max_body),
+        ENV["max_batch"]: str(max_batch),
+        ENV["threads"]: str(threads),
+        ENV["body_timeout"]: repr(float(body_timeout)),
+        ENV["parent"]: str(os.getpid()),
+        ENV["failure_file"]: failure_file,
+    })
+    try:
+        uvicorn.run("recvae.serve:app_from_env", factory=True, workers=workers, **options)
+        with open(failure_file) as f:
+            failures = f.read().splitlines()
+    finally:
+        os.unlink(failure_file)
+    if failures:
+        raise WorkerStartupError(f"a worker could not load the run, server stopped: {failures[0]}")
+
+
+def check_run(run_dir, device=None) -> None:
+    """Load the run once (on the CPU: the parent of the workers keeps no GPU memory) and check
+    ``device``: raises what a worker would, before any worker starts."""
+    import gc
+
+    from recvae.models.device import resolve_device
+
+    if device:
+        resolve_device(device)
+    RunRecommender(run_dir, device="cpu")
+    gc.collect()
