@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from recvae.errors import ParameterError
 from recvae.signals import Terminated
 
 logger = logging.getLogger(__name__)
@@ -218,8 +219,8 @@ def _collective(what: str):
 def check_batch_split(batch_size: int, group: Group) -> None:
     """Each process needs at least one user of every full batch."""
     if group.world_size > int(batch_size):
-        raise ValueError(f"batch_size: {batch_size} users per update cannot be split over {group.world_size} "
-                         f"processes; use at most {batch_size} processes or a larger --batch-size")
+        raise ParameterError("batch_size", f"{batch_size} users per update cannot be split over {group.world_size} "
+                                           f"processes; use at most {batch_size} processes or larger batches")
 
 
 def _comm_device() -> torch.device:

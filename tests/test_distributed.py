@@ -424,7 +424,7 @@ def _gradients_worker(rank, world, port):
             rc = main(["-q", "train", "--data", os.environ["DIST_TEST_CSV"], "--batch-size", "1", "--out", str(out)])
         assert rc == 2
         assert err.getvalue().strip() == ("recvae: error: --batch-size: 1 users per update cannot be split over 2 "
-                                          "processes; use at most 1 processes or a larger --batch-size")
+                                          "processes; use at most 1 processes or larger batches")
         assert not out.exists()
     finally:
         torch.distributed.destroy_process_group()

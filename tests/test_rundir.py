@@ -14,10 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
+
+from test_runs import log_csv, train_argv  # noqa: F401  (log_csv: the fixture, shared)
 
 from recvae import rundir as rundir_module
 from recvae.cli import main
@@ -28,24 +28,6 @@ EPOCHS = 6
 pytestmark = pytest.mark.slow  # every test trains through the command line (2-20 s each)
 
 
-@pytest.fixture(scope="module")
-def log_csv(tmp_path_factory):
-    """300 users in 5 taste clusters over 100 string-id items."""
-    rng = np.random.default_rng(11)
-    rows = [(f"u{u}", f"m{i}", 5.0) for u in range(300)
-            for i in rng.choice(np.arange(u % 5 * 20, u % 5 * 20 + 20), size=12, replace=False)]
-    path = tmp_path_factory.mktemp("log") / "log.csv"
-    pd.DataFrame(rows, columns=["uid", "iid", "stars"]).to_csv(path, index=False)
-    return path
-
-
-def train_argv(log_csv, out, *extra, epochs=EPOCHS):
-    return ["-q", "train", "--data", str(log_csv), "--user-col", "uid", "--item-col", "iid", "--rating-col", "stars",
-            "--n-heldout-users", "30", "--show", "0", "--hidden-dims", "16", "--latent-dim", "4",
-            "--batch-size", "50", "--epochs", str(epochs), "--device", "cpu", "--precision", "fp32",
-            "--out", str(out), *extra]
-
-
 def run_cli(argv, cwd, timeout=180):
     return subprocess.run([sys.executable, "-m", "recvae.cli", *argv], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -54,7 +36,7 @@ def run_cli(argv, cwd, timeout=180):
 @pytest.fixture(scope="module")
 def finished(log_csv, tmp_path_factory):
     out = tmp_path_factory.mktemp("finished") / "run"
-    assert main(train_argv(log_csv, out)) == 0
+    assert main(train_argv(log_csv, out, epochs=EPOCHS)) == 0
     return out
 
 
