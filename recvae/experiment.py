@@ -265,13 +265,19 @@ def fit_and_evaluate(split, estimator, ks=(20, 50, 100), callbacks=(), resume_fr
             if e.kept_epoch is None:
                 raise
             error = e
-    train_seconds = time.perf_counter() - start
+    # a resumed run reports the time of all its segments: the earlier epochs' own timings
+    earlier = (resume_from or {}).get("history", []) if fit else getattr(estimator, "history_", None) or []
+    train_seconds = time.perf_counter() - start + sum(_epoch_seconds(h) for h in earlier)
     val = evaluate(estimator, split.validation, ks=ks)
     test = evaluate(estimator, split.test, ks=ks)
     result = RunResult(estimator, val, test, train_seconds, split, error)
     if raise_error and error is not None:
         raise error
     return result
+
+
+def _epoch_seconds(row: dict) -> float:
+    return float(row.get("seconds") or 0.0) + float(row.get("val_seconds") or 0.0)
 
 
 def resume_differences(config: RunConfig, saved: dict) -> list[tuple[str, object, object]]:

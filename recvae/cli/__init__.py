@@ -17,6 +17,7 @@ from recvae.cli import datasets, evaluate, prepare, recommend, serve, train, tun
 from recvae.cli.common import CLIError, add_data_options, data_spec_from_args
 from recvae.errors import ParameterError
 from recvae.optional import MissingDependencyError
+from recvae.signals import Terminated, sigterm_raises, stopped_by
 
 __all__ = ["main", "build_parser", "CLIError", "add_data_options", "data_spec_from_args"]
 
@@ -34,6 +35,18 @@ PARAM_FLAGS = {"random_state": "--seed", "data": None}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a user error is one line and exit 2, SIGINT / SIGTERM one line and
+    exit 130 / 143 in every command (``train`` and ``tune`` say more: what is on disk)."""
+    try:
+        with sigterm_raises():
+            return _run(argv)
+    except (KeyboardInterrupt, Terminated) as e:
+        name, code = stopped_by(e)
+        print(f"recvae: stopped by {name}; no output was left half-written", file=sys.stderr)
+        return code
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for the resume command it prints

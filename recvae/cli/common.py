@@ -7,8 +7,6 @@ import argparse
 import logging
 from pathlib import Path
 
-import numpy as np
-
 logger = logging.getLogger("recvae")
 
 
@@ -210,6 +208,8 @@ def print_examples(result, spec, n_users: int) -> None:
             titles = load_movielens_titles(spec.dataset, data_dir=spec.data_dir)
         except (OSError, ValueError, KeyError):
             titles = {}
+    import numpy as np
+
     model = result.model
     test = result.split.test
     item_ids = np.asarray(result.split.train.item_ids)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
-
 from recvae.cli.common import CLIError
 
 
@@ -31,6 +29,7 @@ def add_parser(sub, common) -> None:
 
 
 def run(args) -> int:
+    import numpy as np
     from tqdm.auto import tqdm
 
     from recvae.recommend import RunRecommender, note_large_k

@@ -1,7 +1,8 @@
 """Interaction data, readers, MovieLens files and download, and splits."""
 
 from recvae.data.download import ChecksumError, DownloadError, download
-from recvae.data.interactions import Interactions, as_csr, read_interactions, read_table
+from recvae.data.interactions import Interactions, as_csr
+from recvae.data.readers import read_interactions, read_table
 from recvae.data.movielens import (
     DATASETS as MOVIELENS_DATASETS,
     download_movielens,

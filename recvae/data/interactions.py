@@ -5,14 +5,12 @@ Also the generic readers (CSV, TSV, GroupLens ``::`` files, Parquet) and the ``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Hashable, Sequence
+from typing import Hashable
 
 import numpy as np
 import pandas as pd
@@ -20,22 +18,11 @@ import scipy.sparse as sp
 
 from recvae.errors import ColumnError, ParameterError, shown
 from recvae.fileio import atomic_write, read_npz
-from recvae.optional import require
 
 logger = logging.getLogger(__name__)
 
 #: bumped when the layout of the ``.npz`` cache changes
 NPZ_FORMAT_VERSION = 1
-
-_EXTENSION_FORMATS = {
-    ".csv": ("csv", ","),
-    ".tsv": ("csv", "\t"),
-    ".tab": ("csv", "\t"),
-    ".dat": ("csv", "::"),  # GroupLens ML-1M / ML-10M
-    ".data": ("csv", "\t"),  # GroupLens ML-100K ``u.data``
-    ".parquet": ("parquet", None),
-    ".pq": ("parquet", None),
-}
 
 
 @dataclass(frozen=True, eq=False)
@@ -340,170 +327,3 @@ def _as_id_array(ids, name: str = "ids") -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- readers
-def read_table(
-    path: str | os.PathLike,
-    *,
-    sep: str | None = None,
-    format: str | None = None,
-    names: Sequence[str] | None = None,
-    header: int | None | str = "infer",
-    encoding: str = "utf-8",
-    id_cols: Sequence[Hashable] = (),
-    default_sep: str | None = None,
-    locate: bool = False,
-    opener: Callable | None = None,
-):
-    """Read a delimited text file or a Parquet file into a DataFrame.
-
-    The format comes from ``format`` (``"csv"`` or ``"parquet"``), else from the extension:
-    ``.parquet``/``.pq`` are Parquet whatever ``sep`` says; any other file is text, split on
-    ``sep`` if given, else as its extension says: ``.csv`` (``,``), ``.tsv``/``.tab``/``.data``
-    (tab), ``.dat`` (GroupLens ``::``), also compressed (``.csv.gz``, ...); an extension that
-    names no format is split on ``default_sep``, or is an error without it. ``names`` gives
-    column names for a file without a header line (``header="infer"`` then means no header);
-    ``header=None`` forces "no header". The columns ``id_cols`` of a text file are read as
-    text (e.g. ids with leading zeros); Parquet columns keep their stored types.
-
-    With ``locate=True`` returns ``(frame, locate)`` where ``locate(j)`` names row ``j`` of the
-    frame as the user finds it in the file: ``line N`` of a text file (a header is line 1),
-    ``row N`` of a Parquet file.
-
-    ``opener`` (internal) opens a binary stream for ``path`` instead of the file system, e.g.
-    a member of a zip archive; ``path`` is then only used for the format and for messages.
-    Errors start with the file's name, and name the line when the parser reports it.
-    """
-    path_str = str(path)
-    if opener is None:
-        p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"{path_str}: no such file")
-        if p.is_dir():
-            raise IsADirectoryError(f"{path_str}: is a directory, expected a file")
-        opener = lambda: contextlib.nullcontext(p)  # noqa: E731  (a path: pandas infers compression)
-    fmt, sep = _resolve_format(path_str, sep, format, default_sep)
-    if fmt == "parquet":
-        require("pyarrow", f"{path_str}: reading Parquet")
-        try:
-            with opener() as f:
-                df = pd.read_parquet(f)
-        except Exception as e:
-            raise ValueError(f"{path_str}: could not read as Parquet: {e}") from e
-        if names is not None:
-            if len(names) != df.shape[1]:
-                raise ValueError(f"names: {len(names)} names given but {path_str} has {df.shape[1]} columns")
-            df.columns = list(names)
-        return (df, lambda j: f"row {j + 1}") if locate else df
-    if header == "infer":
-        header = None if names is not None else 0
-    kwargs = dict(header=header, names=names, encoding=encoding, dtype={c: str for c in id_cols} or None)
-    try:
-        if sep == "::":
-            df = _read_double_colon(opener, path_str, kwargs)
-        else:
-            with opener() as f:
-                df = pd.read_csv(f, sep=sep, engine="python" if len(sep) > 1 else "c", **kwargs)
-    except pd.errors.ParserError as e:
-        raise ValueError(f"{path_str}: malformed {_sep_name(sep)} file: {e}") from e
-    except pd.errors.EmptyDataError as e:
-        raise ValueError(f"{path_str}: file is empty") from e
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path_str}: not valid {encoding} text ({e}); pass encoding=") from e
-    except ValueError as e:
-        raise ValueError(f"{path_str}: cannot parse as a {_sep_name(sep)} file: {e}") from e
-    first = 1 if header is None else header + 2  # the file line of the frame's row 0
-    return (df, lambda j: f"line {j + first}") if locate else df
-
-
-def _read_double_colon(opener, path_str: str, kwargs: dict) -> pd.DataFrame:
-    """Read a GroupLens ``::`` file fast: split on ``:`` with the C parser, keep even columns.
-
-    Falls back to pandas' (slow) python engine when a field itself holds a ``:`` (titles
-    in ``movies.dat``), which the fast path detects as non-empty odd columns or ragged rows,
-    and for a header line or columns read as text.
-    """
-    names = kwargs["names"]
-    header = kwargs["header"]
-    if header is None and kwargs["dtype"] is None:
-        try:
-            with opener() as f:
-                raw = pd.read_csv(f, sep=":", header=None, encoding=kwargs["encoding"])
-            odd = raw.columns[1::2]
-            if raw.shape[1] % 2 == 1 and all(raw[c].isna().all() for c in odd):
-                cols = raw.columns[0::2]
-                if names is None or len(names) == len(cols):
-                    df = raw[cols].copy()
-                    df.columns = list(names) if names is not None else range(len(cols))
-                    return df
-        except pd.errors.ParserError:
-            pass  # ragged after splitting on ':' -> let the exact parser decide and report
-    with opener() as f:
-        return pd.read_csv(f, sep=re.escape("::"), engine="python", **kwargs)
-
-
-#: compression suffixes pandas reads (after the format's extension: ``ratings.csv.gz``)
-_COMPRESSIONS = (".gz", ".bz2", ".xz", ".zip", ".zst")
-
-
-def _resolve_format(path: str, sep: str | None, format: str | None, default_sep: str | None = None,
-                    ) -> tuple[str, str | None]:
-    if format is not None:
-        if format not in ("csv", "parquet"):
-            raise ValueError(f"format: expected 'csv' or 'parquet', got {format!r}")
-        if format == "csv" and sep is None:
-            sep = _EXTENSION_FORMATS.get(Path(path).suffix.lower(), ("csv", ","))[1] or ","
-        return format, sep
-    suffix = Path(path).suffix.lower()
-    if suffix in _COMPRESSIONS:
-        suffix = Path(path[: -len(suffix)]).suffix.lower()
-    if _EXTENSION_FORMATS.get(suffix, ("csv",))[0] == "parquet":
-        return "parquet", None
-    if sep is not None:
-        return "csv", sep
-    if suffix not in _EXTENSION_FORMATS:
-        if default_sep is not None:
-            return "csv", default_sep
-        raise ValueError(
-            f"{path}: cannot tell the format from the extension {suffix!r}; pass sep= "
-            f"(e.g. ',', '\\t', '::') or format='parquet'. Known extensions: {sorted(_EXTENSION_FORMATS)}"
-        )
-    return _EXTENSION_FORMATS[suffix]
-
-
-def _sep_name(sep: str | None) -> str:
-    return {",": "comma-separated", "\t": "tab-separated", "::": "'::'-separated"}.get(sep, f"{sep!r}-separated")
-
-
-def read_interactions(
-    path: str | os.PathLike,
-    user_col: Hashable = "user",
-    item_col: Hashable = "item",
-    rating_col: Hashable | None = None,
-    sep: str | None = None,
-    *,
-    format: str | None = None,
-    names: Sequence[str] | None = None,
-    header: int | None | str = "infer",
-    encoding: str = "utf-8",
-    rating_threshold: float | None = None,
-    min_user_interactions: int = 0,
-    min_item_interactions: int = 0,
-) -> Interactions:
-    """Read a ratings/interactions file into :class:`Interactions`.
-
-    File handling as in :func:`read_table` (CSV, TSV, ``::``, Parquet; header or ``names=``);
-    preprocessing as in :meth:`Interactions.from_dataframe`. Example for ML-1M::
-
-        read_interactions("ml-1m/ratings.dat", names=["user", "item", "rating", "ts"],
-                          rating_col="rating", rating_threshold=3.5, min_user_interactions=5)
-    """
-    df = read_table(path, sep=sep, format=format, names=names, header=header, encoding=encoding)
-    return Interactions.from_dataframe(
-        df,
-        user_col=user_col,
-        item_col=item_col,
-        rating_col=rating_col,
-        rating_threshold=rating_threshold,
-        min_user_interactions=min_user_interactions,
-        min_item_interactions=min_item_interactions,
-        source=str(path),
-    )

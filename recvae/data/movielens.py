@@ -28,7 +28,8 @@ from pathlib import Path
 import pandas as pd
 
 from recvae.data.download import download as _download
-from recvae.data.interactions import NPZ_FORMAT_VERSION, Interactions, read_table
+from recvae.data.interactions import NPZ_FORMAT_VERSION, Interactions
+from recvae.data.readers import read_table
 from recvae.data.paths import resolve_data_dir
 from recvae.errors import ParameterError
 

@@ -1,0 +1,90 @@
+"""SIGINT and SIGTERM in every command, not only `train`: one line, exit 130 / 143, no
+temporary file left; a resumed run reports the training time of all its segments."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_runs import log_csv, train_argv  # noqa: F401  (log_csv: the shared fixture)
+
+from recvae.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(log_csv, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("sig") / "run"
+    assert main(train_argv(log_csv, out, epochs=2)) == 0
+    return out
+
+
+def test_ctrl_c_in_evaluate_is_one_line_and_130(run, capsys, monkeypatch):
+    import recvae.evaluation
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recvae.evaluation, "evaluate", interrupted)
+    assert main(["evaluate", str(run)]) == 130
+    assert capsys.readouterr().err.strip() == "recvae: stopped by SIGINT; no output was left half-written"
+
+
+SLOW_RECOMMEND = """
+import sys, time
+import recvae.recommend as r
+original = r.RunRecommender.recommend
+def slow(self, *a, **k):
+    time.sleep(0.2)
+    return original(self, *a, **k)
+r.RunRecommender.recommend = slow
+from recvae.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code, name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")])
+def test_a_signal_during_recommend_all_users_leaves_no_file(run, tmp_path, sig, code, name):
+    target = tmp_path / "all.csv"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_RECOMMEND, "recommend", str(run), "--all-users",
+                             "--batch-size", "5", "--output", str(target)], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()):  # writing has begun
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == code, err
+    assert err.strip().splitlines()[-1] == f"recvae: stopped by {name}; no output was left half-written"
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "neither the table nor its temporary file"
+
+
+@pytest.mark.slow
+def test_a_resumed_run_reports_the_time_of_all_its_segments(log_csv, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    assert main(train_argv(log_csv, out, "--keep-checkpoint", epochs=3)) == 0
+    first = json.loads((out / "metrics.json").read_text())["train_seconds"]
+    capsys.readouterr()
+    assert main(train_argv(log_csv, out, "--resume", epochs=5)) == 0
+    history = json.loads((out / "history.json").read_text())
+    total = json.loads((out / "metrics.json").read_text())["train_seconds"]
+    epochs = sum(h["seconds"] + (h["val_seconds"] or 0) for h in history)
+    assert len(history) == 5 and total >= epochs and total > first
+    assert f"trained in {total:.1f} s" in capsys.readouterr().out
