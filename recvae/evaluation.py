@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from recvae import metrics as M
+from recvae.progress import bar
 from recvae.data.interactions import as_csr
 from recvae.metrics import MetricSummary  # re-exported: callers import it from here
 
@@ -181,7 +181,7 @@ def evaluate(
     values: dict[str, list[np.ndarray]] = {}
     seen = {k: np.zeros(n_items, dtype=bool) for k in ks} if "coverage" in names else None
     score_seconds = 0.0
-    for lo in tqdm(range(0, users.size, batch_size), disable=not show_progress, desc="evaluate", unit="batch"):
+    for lo in bar(range(0, users.size, batch_size), show=show_progress, desc="evaluate", unit="batch"):
         x = fold_in[lo : lo + batch_size]
         t0 = time.perf_counter()
         scores = np.asarray(model.score(x))

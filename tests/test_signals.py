@@ -88,3 +88,22 @@ def test_a_resumed_run_reports_the_time_of_all_its_segments(log_csv, tmp_path, c
     epochs = sum(h["seconds"] + (h["val_seconds"] or 0) for h in history)
     assert len(history) == 5 and total >= epochs and total > first
     assert f"trained in {total:.1f} s" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_redirected_train_log_is_plain_lines_one_per_epoch(log_csv, tmp_path):  # noqa: F811
+    argv = [a for a in train_argv(log_csv, tmp_path / "run", epochs=30) if a != "-q"]
+    proc = subprocess.run([sys.executable, "-m", "recvae.cli", *argv], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    log = proc.stdout + proc.stderr
+    assert "\r" not in log and "\x1b" not in log, "no progress-bar control characters in a log file"
+    epoch_lines = [line for line in proc.stderr.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 30 and epoch_lines[0].startswith("epoch 1/30, loss ")
+    assert "validation NDCG@100" in epoch_lines[-1] and "beta" in epoch_lines[-1]
+    assert len(log.splitlines()) <= 30 + 25
+    # -q after the command: only the results
+    quiet = subprocess.run([sys.executable, "-m", "recvae.cli", *argv[:-2], "--out", str(tmp_path / "q"), "-q"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert quiet.returncode == 0 and not [line for line in quiet.stderr.splitlines() if line.startswith("epoch ")]

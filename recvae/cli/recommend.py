@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import sys
 
-from recvae.cli.common import CLIError
+from recvae.cli.common import CLIError, logger
 
 
 def add_parser(sub, common) -> None:
@@ -30,7 +29,8 @@ def add_parser(sub, common) -> None:
 
 def run(args) -> int:
     import numpy as np
-    from tqdm.auto import tqdm
+
+    from recvae.progress import bar, interactive
 
     from recvae.recommend import RunRecommender, note_large_k
     from recvae.recommend_files import check_output, read_histories, table_writer
@@ -53,8 +53,13 @@ def run(args) -> int:
                               strict=args.strict)
         batches = (hist.slice(s, s + args.batch_size) for s in range(0, len(hist), args.batch_size))
         n_users = len(hist)
-    with table_writer(args.output) as write, tqdm(total=n_users, unit="user", disable=args.quiet, file=sys.stderr) as bar:
+    plain = not args.quiet and not interactive()  # a log file: a few plain lines, no bar
+    done, every = 0, max(1, n_users // 10)
+    with table_writer(args.output) as write, bar(total=n_users, show=not args.quiet, unit="user") as progress:
         for batch in batches:
             write(run.recommend(batch, args.k, include_seen=args.include_seen))
-            bar.update(len(batch))
+            progress.update(len(batch))
+            if plain and (done + len(batch)) // every > done // every:
+                logger.info("recommended for %d of %d users", done + len(batch), n_users)
+            done += len(batch)
     return 0

@@ -13,9 +13,9 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from tqdm.auto import tqdm
 
 from recvae.fileio import atomic_open, ensure_writable_dir
+from recvae.progress import bar as progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +124,8 @@ def _fetch_once(url: str, dest: Path, expected: tuple[str, str] | None, show_pro
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
             received = 0
-            with tqdm(
-                total=total, unit="B", unit_scale=True, desc=dest.name, disable=not show_progress, leave=False
-            ) as bar:
+            with progress_bar(total=total, show=show_progress, unit="B", unit_scale=True, desc=dest.name,
+                              leave=False) as bar:
                 while True:
                     chunk = response.read(_CHUNK)
                     if not chunk:

@@ -20,13 +20,13 @@ from typing import Callable, Protocol
 import numpy as np
 import scipy.sparse as sp
 import torch
-from tqdm.auto import tqdm
 
 from recvae import distributed
 from recvae import metrics as M
 from recvae.models.base import as_csr
 from recvae.models.device import resolve_device, resolve_precision
 from recvae.models.sparse_layers import BatchPart, SparseBatch
+from recvae.progress import bar, interactive
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +140,17 @@ def batch_of(X: sp.csr_matrix, rows: np.ndarray, device, group: distributed.Grou
     batch = SparseBatch.from_csr(X[rows[start:stop]], device)
     batch.part = BatchPart.of(X.indptr[rows + 1] - X.indptr[rows], start, stop)
     return batch
+
+
+def epoch_line(row: dict, epochs: int, variational: bool = True) -> str:
+    """One plain line for a finished epoch (logs): epoch, loss, validation metric, beta, seconds."""
+    parts = [f"epoch {row['epoch']}/{epochs}", f"loss {row['loss']:.4f}"]
+    if row.get(VALIDATION_METRIC) is not None:
+        parts.append(f"validation NDCG@100 {row[VALIDATION_METRIC]:.4f}")
+    if variational:
+        parts.append(f"beta {row['beta']:.4f}")
+    seconds = row["seconds"] + (row.get("val_seconds") or 0.0)
+    return ", ".join(parts) + f" ({seconds:.1f} s)"
 
 
 def _clone(network) -> dict:
@@ -305,8 +316,9 @@ class TrainingLoop:
         est.device_ = self.device
         est.seed_ = self.seed
         est.precision_ = self.precision
-        epochs = tqdm(range(state["epoch"], int(est.epochs)), desc=type(est).__name__,
-                      disable=not est.show_progress, initial=state["epoch"], total=int(est.epochs))
+        epochs = bar(range(state["epoch"], int(est.epochs)), show=est.show_progress, desc=type(est).__name__,
+                     initial=state["epoch"], total=int(est.epochs))
+        plain = est.show_progress and not interactive()  # a log file: one line per epoch, no bar
         for epoch in epochs:
             if state["stopped"]:
                 break
@@ -337,6 +349,8 @@ class TrainingLoop:
                          row["nll"], row["kl"], row["beta"], VALIDATION_METRIC, row[VALIDATION_METRIC], row["seconds"])
             if est.show_progress:
                 epochs.set_postfix(loss=f"{row['loss']:.2f}", ndcg=row[VALIDATION_METRIC], refresh=False)
+            if plain:
+                logger.info("%s", epoch_line(row, int(est.epochs), est._variational))
             info = EpochEnd(est, row, state["history"], self.checkpoint, self.group.is_main)
             for callback in self.callbacks:
                 callback.on_epoch_end(info)
@@ -351,7 +365,7 @@ class TrainingLoop:
         n_batches = math.ceil(len(order) / batch_size)
         sums = np.zeros(3)
         beta = 0.0
-        batches = tqdm(range(n_batches), desc=desc, leave=False, disable=not self.est.show_progress)
+        batches = bar(range(n_batches), show=self.est.show_progress, desc=desc, leave=False)
         for b in batches:
             rows = order[b * batch_size:(b + 1) * batch_size]
             batch = batch_of(self.X, rows, self.device, self.group)
