@@ -213,6 +213,9 @@ def _check_run_dir(run_dir: RunDir, config: RunConfig, resume: bool, overwrite: 
     """Whether ``run_dir`` may take this run (see :meth:`RunDir.check_writable_for`); with
     ``resume``, its settings must be the run's own and the run unfinished."""
     run_dir.check_writable_for(resume=resume, overwrite=overwrite)
+    if resume and not run_dir.path.exists():
+        raise ParameterError("resume", f"{run_dir} does not exist, so there is no run to continue; "
+                                       "start it without --resume")
     if not resume or not run_dir.entries():
         if resume:
             logger.info("resume: %s is empty or absent; starting the run from scratch", run_dir)

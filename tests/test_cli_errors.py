@@ -47,3 +47,14 @@ def test_the_source_is_read_once_with_a_rating_threshold(tmp_path, monkeypatch, 
 
     seen, train = RunDir(out).load_seen(), RunDir(out).load_train(RunDir(out).load_model())
     assert seen.nnz > train.nnz
+
+
+def test_resume_of_a_folder_that_does_not_exist_is_one_line(tmp_path, capsys):
+    log = tmp_path / "log.csv"
+    log.write_text("user,item\n" + "\n".join(f"{u},{i}" for u in range(60) for i in range(u % 7, u % 7 + 110, 2)))
+    out = tmp_path / "nope"
+    assert main(["train", "--data", str(log), "--rating-col", "none", "--model", "popularity",
+                 "--n-heldout-users", "10", "--out", str(out), "--resume"]) == 2
+    assert capsys.readouterr().err.strip() == (f"recvae: error: --resume: {out} does not exist, so there is no run "
+                                               "to continue; start it without --resume")
+    assert not out.exists()

@@ -125,7 +125,8 @@ class Interactions:
             raise TypeError(f"{where}df: expected a pandas DataFrame, got {type(df).__name__}")
         for arg, col in (("user_col", user_col), ("item_col", item_col), ("rating_col", rating_col)):
             if col is not None and col not in df.columns:
-                raise ColumnError(arg, f"column {col!r} not found; available columns: {list(df.columns)}", source)
+                hint = "; if the data has no ratings, give none" if arg == "rating_col" else ""
+                raise ColumnError(arg, f"column {col!r} not found; available columns: {list(df.columns)}{hint}", source)
         if rating_threshold is not None and rating_col is None:
             raise ParameterError("rating_threshold", f"given ({rating_threshold}) but rating_col is None", source)
         for arg, v in (("min_user_interactions", min_user_interactions), ("min_item_interactions", min_item_interactions)):
