@@ -12,6 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from recvae.data.interactions import as_csr
+from recvae.errors import ParameterError
 from recvae.fileio import read_json, write_json
 from recvae.metrics import mask_rows, top_k_with_scores
 
@@ -223,7 +224,8 @@ class Recommender:
 
     def recommend(
         self,
-        user_items,
+        userid,
+        user_items=None,
         N: int = 10,
         filter_already_liked_items: bool = True,
         filter_items=None,
@@ -231,6 +233,11 @@ class Recommender:
         exclude=None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-N items for each row of ``user_items`` (users x items CSR of histories).
+
+        Two call forms: ``recommend(user_items, N=10)`` (every row a user), and implicit's
+        ``recommend(userid, user_items[userid], N=10)``: ``userid`` one id (then the answer is
+        1-d) or an array of ids, ``user_items`` their rows (the ids only label the rows: an
+        autoencoder folds each history in, so any user, seen in training or not, works).
 
         Returns ``(ids, scores)``, each of shape (users, min(N, n_items)), best first: an N
         beyond the catalogue returns the whole catalogue, and memory never grows with N past
@@ -241,6 +248,16 @@ class Recommender:
         and score -inf.
         """
         self._check_fitted()
+        single = False
+        if user_items is None:  # recommend(user_items, ...)
+            user_items = userid
+        else:  # implicit's recommend(userid, user_items, ...)
+            single = np.ndim(userid) == 0
+            expected = 1 if single else len(np.atleast_1d(userid))
+            rows = getattr(getattr(user_items, "matrix", user_items), "shape", (None,))[0]
+            if rows != expected:
+                raise ParameterError("user_items", f"expected the {expected} row(s) of userid (implicit's call: "
+                                                   f"recommend(userid, user_items[userid])), got {rows} rows")
         user_items = as_csr(user_items, "user_items", self.n_items_)
         if not isinstance(N, (int, np.integer)) or isinstance(N, bool) or N < 1:
             raise ValueError(f"N: expected a positive integer, got {N!r}")
@@ -268,4 +285,27 @@ class Recommender:
             if blocked is not None and blocked.size:
                 scores[:, blocked] = -np.inf
             ids[start : start + bs], out[start : start + bs] = top_k_with_scores(scores, k)
-        return ids, out
+        return (ids[0], out[0]) if single else (ids, out)
+
+    def similar_items(self, itemid, N: int = 10, filter_items=None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``N`` items most similar to ``itemid`` (an item index, or an array of them: then
+        2-d answers), best first, the item itself left out: ``(ids, scores)`` as implicit's.
+        Similarity is the model's own (:meth:`_item_similarities`); a model without item
+        vectors (popularity) raises ``ParameterError`` saying so."""
+        self._check_fitted()
+        single = np.ndim(itemid) == 0
+        items = np.atleast_1d(np.asarray(itemid))
+        if items.dtype.kind not in "iu" or (items.size and (items.min() < 0 or items.max() >= self.n_items_)):
+            raise ParameterError("itemid", f"expected item indices in [0, {self.n_items_}), got {itemid!r}")
+        if not isinstance(N, (int, np.integer)) or isinstance(N, bool) or N < 1:
+            raise ParameterError("N", f"expected a positive integer, got {N!r}")
+        scores = np.array(self._item_similarities(items.astype(np.int64)), dtype=np.float32)
+        scores[np.arange(len(items)), items] = -np.inf  # not similar to itself: it is itself
+        if filter_items is not None:
+            scores[:, np.asarray(filter_items, dtype=np.int64)] = -np.inf
+        ids, values = top_k_with_scores(scores, min(int(N), self.n_items_))
+        return (ids[0], values[0]) if single else (ids, values)
+
+    def _item_similarities(self, items: np.ndarray) -> np.ndarray:
+        """Dense (len(items), n_items) similarities of ``items`` to every item."""
+        raise ParameterError("model", f"{type(self).__name__} has no item vectors, so no similar items")

@@ -142,6 +142,10 @@ class EASE(Recommender):
     def _score_batch(self, user_items: sp.csr_matrix) -> np.ndarray:
         return np.asarray(user_items @ self.B_, dtype=np.float32)
 
+    def _item_similarities(self, items: np.ndarray) -> np.ndarray:
+        """Row ``i`` of B: how much having item ``i`` raises each item's score."""
+        return np.asarray(self.B_[items], dtype=np.float32)
+
     def save(self, path) -> Path:
         """Write ``B_`` and the hyperparameters to the folder ``path`` (``model.json`` +
         ``arrays.npz``, n_items^2 floats)."""

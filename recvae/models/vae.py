@@ -185,6 +185,14 @@ class _AutoencoderRecommender(Recommender):
             net.train(was_training)
         return logits.cpu().numpy()
 
+    def _item_similarities(self, items: np.ndarray) -> np.ndarray:
+        """Cosine similarity of the decoder's item vectors (the rows of the output layer: the
+        item side of the multinomial's logits)."""
+        state = self.module_.state_dict()
+        vectors = next(v for k, v in state.items() if k.endswith("output_weight")).detach().float().cpu().numpy()
+        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return vectors[items] @ vectors.T
+
     # -- save / load --------------------------------------------------------------------------
     _meta_keys = ("seed", "best_epoch", "best_score", "best_beta", "stopped_early", "history")
 
