@@ -292,9 +292,13 @@ class RunDir:
 
     def read_checkpoint(self, map_location="cpu") -> dict:
         path = self.file(CHECKPOINT_FILE)
-        payload = read_torch(path, "checkpoint", map_location=map_location)
+        advice = "; remove it and --resume trains the run from its start"
+        try:
+            payload = read_torch(path, "checkpoint", map_location=map_location)
+        except ValueError as e:
+            raise ValueError(f"{e}{advice}") from None
         if not isinstance(payload, dict) or "epoch" not in payload:
-            raise ValueError(f"{path}: not a recvae checkpoint; remove it to train the run from its start")
+            raise ValueError(f"{path}: not a recvae checkpoint{advice}")
         return payload
 
     def has_model(self) -> bool:
