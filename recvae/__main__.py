@@ -1,7 +1,5 @@
 """``python -m recvae`` (and ``torchrun -m recvae``): the command line."""
 
-import sys
+from recvae.launch import main
 
-from recvae.cli import main
-
-sys.exit(main())
+main()

@@ -17,8 +17,24 @@ class Terminated(BaseException):
 EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
 
 
+_received: list[int] = []  # the signals that sigterm_raises() turned into exceptions
+
+
 def _raise_terminated(signum, frame):
+    _received.append(signum)
     raise Terminated()
+
+
+def _raise_interrupt(signum, frame):
+    _received.append(signum)
+    raise KeyboardInterrupt
+
+
+def received() -> int | None:
+    """The last signal raised as an exception within :func:`sigterm_raises` (None: none). An
+    interrupt that lands inside an import can surface as an ``ImportError`` (numpy and torch
+    wrap it): this says it was the signal."""
+    return _received[-1] if _received else None
 
 
 def _main_thread() -> bool:
@@ -27,22 +43,30 @@ def _main_thread() -> bool:
 
 @contextlib.contextmanager
 def sigterm_raises():
-    """Within the block SIGTERM raises :class:`Terminated`, as SIGINT raises KeyboardInterrupt;
-    the previous handler comes back after it. Outside the main thread, where Python cannot
+    """Within the block SIGTERM raises :class:`Terminated`, as SIGINT raises KeyboardInterrupt
+    (unless SIGINT is ignored, as in a background job); both are recorded (:func:`received`).
+    The previous handlers come back after it. Outside the main thread, where Python cannot
     handle signals, nothing changes."""
     if not _main_thread():
         yield
         return
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _raise_interrupt)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        if previous_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous_int)
 
 
 def stopped_by(error: BaseException) -> tuple[str, int]:
     """The signal that stopped a command and its exit status: (name, 128 + number)."""
-    return ("SIGINT", EXIT_SIGINT) if isinstance(error, KeyboardInterrupt) else ("SIGTERM", EXIT_SIGTERM)
+    if isinstance(error, KeyboardInterrupt) or (not isinstance(error, Terminated) and received() == signal.SIGINT):
+        return "SIGINT", EXIT_SIGINT
+    return "SIGTERM", EXIT_SIGTERM
 
 
 @contextlib.contextmanager

@@ -107,3 +107,21 @@ def test_a_redirected_train_log_is_plain_lines_one_per_epoch(log_csv, tmp_path):
                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert quiet.returncode == 0 and not [line for line in quiet.stderr.splitlines() if line.startswith("epoch ")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.3, 0.6, 1.2])
+def test_ctrl_c_while_the_command_is_starting_is_one_line(log_csv, tmp_path, delay):  # noqa: F811
+    """Imports (numpy, torch) take the first second or two; an interrupt there is one line, not an
+    ImportError's traceback or torch's exit-time statistics."""
+    proc = subprocess.Popen([sys.executable, "-m", "recvae", *train_argv(log_csv, tmp_path / "run", epochs=2)[1:]],
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:  # this machine was fast: the run finished before the signal
+        return
+    assert proc.returncode == 130, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("recvae: stopped by SIGINT"), err
+    assert "Traceback" not in err and "FakeTensor" not in out + err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from recvae.cli import datasets, evaluate, prepare, recommend, serve, train, tun
 from recvae.cli.common import CLIError, add_data_options, data_spec_from_args
 from recvae.errors import ParameterError
 from recvae.optional import MissingDependencyError
-from recvae.signals import Terminated, sigterm_raises, stopped_by
+from recvae.signals import Terminated, received, sigterm_raises, stopped_by
 
 __all__ = ["main", "build_parser", "CLIError", "add_data_options", "data_spec_from_args"]
 
@@ -40,9 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with sigterm_raises():
             return _run(argv)
-    except (KeyboardInterrupt, Terminated) as e:
+    except (KeyboardInterrupt, Terminated, ImportError) as e:
+        if isinstance(e, ImportError) and received() is None:
+            raise  # a real import failure (a bug or a broken install): its traceback
         name, code = stopped_by(e)
         print(f"recvae: stopped by {name}; no output was left half-written", file=sys.stderr)
+        if argv is None:  # the program itself: leave now, before any library's exit hooks talk
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
         return code
 
 
