@@ -27,6 +27,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from recvae.data.interactions import index_of
+from recvae.errors import ParameterError
 from recvae.fileio import read_json
 from recvae.metrics import mask_rows, top_k_with_scores
 from recvae.rundir import METRICS_FILE, SEEN_FILE, RunDir
@@ -366,6 +367,24 @@ class RunRecommender:
             raise IdError(f"{locate(j)} holds {value!r}, which cannot be an item id of the run "
                           f"(its item ids are {_kind(self.items)})", j, value)
         return codes
+
+    def similar(self, values, k: int = 10, locate: Callable[[int], str] = lambda j: f"item {j + 1}") -> pd.DataFrame:
+        """``(item, rank, similar_item, score)`` for item ids of the run (the model's
+        :meth:`~recvae.models.base.Recommender.similar_items`); an id unknown to the run is a
+        ``ParameterError`` naming it, as is a model without item vectors."""
+        codes = self.item_codes(list(values), locate)
+        if (codes < 0).any():
+            j = int(np.flatnonzero(codes < 0)[0])
+            raise ParameterError("items", f"{list(values)[j]!r} is not an item of the run ({locate(j)})")
+        ids, scores = self.model.similar_items(codes, N=min(int(k), self.n_items - 1))
+        n, width = ids.shape
+        keep = ids.ravel() >= 0
+        return pd.DataFrame({
+            "item": np.repeat(self.item_ids[codes], width)[keep],
+            "rank": np.tile(np.arange(1, width + 1), n)[keep],
+            "similar_item": self.item_ids[ids.ravel()[keep]],
+            "score": scores.ravel()[keep],
+        })
 
     # -- batches ------------------------------------------------------------------------------
     def known_histories(self, rows: np.ndarray, ids=None) -> Histories:

@@ -218,3 +218,33 @@ def test_two_workers_each_load_the_model_and_answer_alike(run_dir, run):
             body = httpx.post(f"{base}/recommend", json={"items": ["m1", "m2", "m5"], "k": 5}, timeout=30).json()
             assert body["items"] == items
             np.testing.assert_allclose(body["scores"], scores, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_similar_items_through_the_service_equal_the_library(server, run):
+    item = run.item_ids[3].item() if hasattr(run.item_ids[3], "item") else run.item_ids[3]
+    answer = httpx.post(f"{server}/similar", json={"item": item, "k": 5}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    ids, scores = run.model.similar_items(3, N=5)
+    assert answer.json()["items"] == run.item_ids[ids].tolist()
+    np.testing.assert_allclose(answer.json()["scores"], scores, rtol=1e-6)
+    unknown = httpx.post(f"{server}/similar", json={"item": "no-such-item", "k": 5}, timeout=30)
+    assert unknown.status_code == 404 and unknown.json()["detail"][0]["loc"] == ["body", "item"]
+    too_many = httpx.post(f"{server}/similar", json={"item": item, "k": 0}, timeout=30)
+    assert too_many.status_code == 422 and too_many.json()["detail"][0]["loc"] == ["body", "k"]
+
+
+@pytest.mark.slow
+def test_recvae_similar_writes_the_models_similar_items(run_dir, run, tmp_path, capsys):
+    items = [str(run.item_ids[3]), str(run.item_ids[7])]
+    out = tmp_path / "similar.csv"
+    assert main(["-q", "similar", str(run_dir), "--items", *items, "--k", "4", "--output", str(out)]) == 0
+    import pandas as pd
+
+    table = pd.read_csv(out, dtype={"item": str, "similar_item": str})
+    assert list(table.columns) == ["item", "rank", "similar_item", "score"] and len(table) == 8
+    ids, _ = run.model.similar_items(np.array([3, 7]), N=4)
+    assert table["similar_item"].tolist() == [str(i) for i in run.item_ids[ids.ravel()]]
+    assert main(["similar", str(run_dir), "--items", "no-such-item"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "recvae: error: --items: 'no-such-item' is not an item of the run (--items value 1)")

@@ -10,6 +10,7 @@ from typing import Union
 import numpy as np
 import scipy.sparse as sp
 
+from recvae.errors import ParameterError
 from recvae.optional import require
 from recvae.recommend import IdError, RunRecommender
 
@@ -46,6 +47,11 @@ def create_app(run_dir, device=None, max_body: int = 1 << 20, max_batch: int = 6
         user: Id | None = None
         items: list[Id] | None = None
         exclude: list[Id] = Field(default_factory=list)
+        k: StrictInt = 10
+
+    class SimilarRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        item: Id
         k: StrictInt = 10
 
     inflight: set = set()  # tasks of the requests being answered (BodyLimit)
@@ -117,6 +123,20 @@ def create_app(run_dir, device=None, max_body: int = 1 << 20, max_batch: int = 6
             "source": "popularity" if fallback else "model",
             "unknown_items": unknown,
         }
+
+    @app.post("/similar")
+    async def similar(request: SimilarRequest):
+        if not 1 <= request.k <= min(MAX_K, run.n_items - 1):
+            return error(422, ["body", "k"], f"k must lie in 1..{min(MAX_K, run.n_items - 1)}, got {request.k}", "value_error")
+        try:
+            table = run.similar([request.item], request.k, locate=lambda j: "item")
+        except IdError as e:
+            return error(422, ["body", "item"], str(e), "value_error")
+        except ParameterError as e:
+            if e.param == "items":
+                return error(404, ["body", "item"], f"unknown item {request.item!r}: not an item of the run", "not_found")
+            return error(422, ["body"], e.message, "value_error")  # a model without item vectors
+        return {"items": table["similar_item"].tolist(), "scores": table["score"].astype(float).tolist()}
 
     return app
 
