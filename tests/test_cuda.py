@@ -42,7 +42,7 @@ DEVICE = "cuda"  # the device under test; the CPU is the reference
 BACKEND = "nccl" if DEVICE == "cuda" else "gloo"  # what torchrun's processes must join with
 
 # float32 on two devices: summation order only
-F32 = dict(rtol=1e-4, atol=1e-5)
+F32 = {"rtol": 1e-4, "atol": 1e-5}
 
 
 def random_csr(n_users: int, n_items: int, density: float, seed: int, counts: bool = True) -> sp.csr_matrix:
