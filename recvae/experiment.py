@@ -23,6 +23,7 @@ import scipy.sparse as sp
 from recvae import __version__, distributed
 from recvae.errors import ParameterError
 from recvae.data import Interactions, load_movielens, read_table
+from recvae.data.interactions import describe_kept
 from recvae.data.prepared import load_prepared, read_prepared_description
 from recvae.data.splits import strong_generalization_split
 from recvae.evaluation import EvaluationResult, evaluate
@@ -120,7 +121,9 @@ class DataSpec:
         frame = read_table(self.path, sep=self.sep)  # parsed once for both
         columns = dict(user_col=self.user_col, item_col=self.item_col, rating_col=self.rating_col,
                        source=str(self.path))
-        data = Interactions.from_dataframe(frame, **columns, **filters)
+        kept: dict = {}
+        data = Interactions.from_dataframe(frame, **columns, **filters, report=kept)
+        logger.info("%s: %s", self.path, describe_kept(kept))
         return data, Interactions.from_dataframe(frame, **columns, **everything) if want_raw else None
 
 

@@ -58,3 +58,29 @@ def test_resume_of_a_folder_that_does_not_exist_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (f"recvae: error: --resume: {out} does not exist, so there is no run "
                                                "to continue; start it without --resume")
     assert not out.exists()
+
+
+def test_grouplens_columns_are_recognised_and_what_was_kept_is_said(tmp_path, capsys, caplog):
+    import logging
+
+    rng = np.random.default_rng(5)
+    rows = [(u, int(i), float(r), 1_000_000 + k) for u in range(1, 121)
+            for k, (i, r) in enumerate(zip(rng.choice(150, 12, replace=False), rng.choice([1.0, 2.5, 4.0, 5.0], 12)))]
+    rows += [(999, 1, 5.0, 0), (999, 2, 5.0, 0)]  # a user with 2 positives: dropped by the minimum of 5
+    path = tmp_path / "ratings.csv"
+    pd.DataFrame(rows, columns=["userId", "movieId", "rating", "timestamp"]).to_csv(path, index=False)
+    with caplog.at_level(logging.INFO, logger="recvae"):
+        assert main(["train", "--data", str(path), "--model", "popularity", "--n-heldout-users", "15", "--show", "0",
+                     "--out", str(tmp_path / "run")]) == 0
+    assert "no 'user'/'item' columns; reading userId, movieId, rating as user, item and rating" in caplog.text
+    n_rows = len(rows)
+    below = sum(r <= 3.5 for _, _, r, _ in rows)
+    assert f"kept " in caplog.text and f"interactions of {n_rows:,} rows; dropped {below:,} rows rated <= 3.5" in caplog.text
+    assert "users with fewer than 5 interactions" in caplog.text
+    import json
+
+    data = json.loads((tmp_path / "run" / "run.json").read_text())["data"]
+    assert (data["user_col"], data["item_col"], data["rating_col"]) == ("userId", "movieId", "rating")
+    # an explicit flag wins, and a wrong one is still an error naming it
+    assert main(["train", "--data", str(path), "--user-col", "uid", "--out", str(tmp_path / "r2")]) == 2
+    assert "--user-col: column 'uid' not found" in capsys.readouterr().err

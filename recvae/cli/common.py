@@ -76,18 +76,43 @@ def data_spec_from_args(args):
     if prepared is not None:
         check_prepared_args(args)
         return DataSpec.of_prepared(prepared)
+    user_col, item_col = args.user_col, args.item_col
+    if args.data is not None:
+        user_col, item_col, rating_col = recognised_columns(args, rating_col)
     return DataSpec(
         dataset=args.dataset,
         path=args.data,
         data_dir=args.data_dir,
-        user_col=args.user_col,
-        item_col=args.item_col,
+        user_col=user_col,
+        item_col=item_col,
         rating_col=rating_col,
         sep=args.sep,
         rating_threshold=args.rating_threshold if rating_col else None,
         min_user_interactions=args.min_user_interactions,
         min_item_interactions=args.min_item_interactions,
     )
+
+
+def recognised_columns(args, rating_col):
+    """``--data``'s columns: the flags' when given or present in the file; else a common schema
+    the header holds (GroupLens's ``userId,movieId,rating``, ``user_id,item_id``, ...), with
+    one note saying which."""
+    from recvae.data.readers import known_schema, read_columns
+
+    defaults = {"user_col": "user", "item_col": "item", "rating_col": "rating"}
+    chosen = {"user_col": args.user_col, "item_col": args.item_col, "rating_col": rating_col}
+    if any(chosen[k] != v for k, v in defaults.items()):
+        return chosen["user_col"], chosen["item_col"], chosen["rating_col"]  # the user chose
+    columns = read_columns(args.data, args.sep)
+    if not columns or {"user", "item"} <= set(columns):
+        return chosen["user_col"], chosen["item_col"], chosen["rating_col"]
+    schema = known_schema(columns)
+    if schema is None:
+        return chosen["user_col"], chosen["item_col"], chosen["rating_col"]
+    logger.info("%s: no 'user'/'item' columns; reading %s as user, item%s (--user-col, --item-col, "
+                "--rating-col choose others)", args.data, ", ".join(c for c in schema if c),
+                " and rating" if schema[2] else "")
+    return schema
 
 
 def check_prepared_args(args) -> None:

@@ -97,6 +97,7 @@ class Interactions:
         min_item_interactions: int = 0,
         *,
         source: str | None = None,
+        report: dict | None = None,
     ) -> "Interactions":
         """Build binary implicit feedback from a table of (user, item[, rating]) rows.
 
@@ -118,7 +119,8 @@ class Interactions:
         Raises ``KeyError`` for a missing column (listing the available ones) and
         ``ValueError`` for missing ids, non-numeric ratings (naming the first bad row) or when
         a filter leaves nothing (naming the filter). ``source`` (e.g. a file name) prefixes
-        error messages.
+        error messages. ``report`` (a dict) receives what each step kept and dropped
+        (:func:`describe_kept` words it).
         """
         where = f"{source}: " if source else ""
         if not isinstance(df, pd.DataFrame):
@@ -170,12 +172,14 @@ class Interactions:
                         where=source,
                     )
 
+        counts_report = {"rows": len(df), "below_threshold": int(len(df) - keep.sum()), "threshold": rating_threshold}
         u_codes, u_uniques = _factorize(users[keep], "user_col", user_col, where)
         i_codes, i_uniques = _factorize(items[keep], "item_col", item_col, where)
         n_u, n_i = len(u_uniques), len(i_uniques)
         # one key per (user, item) pair: np.unique merges duplicates and sorts by (user, item)
         pairs = np.unique(u_codes * n_i + i_codes)
         rows, cols = np.divmod(pairs, n_i)
+        counts_report["duplicates"] = int(keep.sum() - len(pairs))
 
         if min_user_interactions > 0:
             counts = np.bincount(rows, minlength=n_u)
@@ -187,6 +191,8 @@ class Interactions:
                     f"interactions (most active user: {counts.max()}); nothing left",
                     where=source,
                 )
+            counts_report["users_below_min"] = int(((counts > 0) & (counts < min_user_interactions)).sum())
+            counts_report["interactions_of_those_users"] = int((~ok_rows).sum())
             rows, cols = rows[ok_rows], cols[ok_rows]
         if min_item_interactions > 0:
             counts = np.bincount(cols, minlength=n_i)
@@ -198,6 +204,8 @@ class Interactions:
                     f"interactions after the user filter (most popular item: {counts.max()}); nothing left",
                     where=source,
                 )
+            counts_report["items_below_min"] = int(((counts > 0) & (counts < min_item_interactions)).sum())
+            counts_report["interactions_of_those_items"] = int((~ok_cols).sum())
             rows, cols = rows[ok_cols], cols[ok_cols]
 
         # re-index the survivors densely; rows/cols are sorted by (row, col) already
@@ -218,6 +226,10 @@ class Interactions:
                 ids.append(_as_id_array(uniques[used], arg))
             except TypeError as e:
                 raise ParameterError(arg, f"column {col!r} mixes id types; {e}", source) from e
+        if report is not None:
+            report.update(counts_report, min_user_interactions=min_user_interactions,
+                          min_item_interactions=min_item_interactions, users=matrix.shape[0], items=matrix.shape[1],
+                          interactions=int(matrix.nnz))
         return cls(matrix, *ids)
 
     # ------------------------------------------------------------------ .npz cache
@@ -260,6 +272,25 @@ class Interactions:
             return cls(matrix, z["user_ids"], z["item_ids"])
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path}: not a valid interactions cache ({e})") from e
+
+
+def describe_kept(report: dict) -> str:
+    """One line: what preprocessing kept and what each rule dropped (a report of
+    :meth:`Interactions.from_dataframe`)."""
+    dropped = []
+    if report.get("below_threshold"):
+        dropped.append(f"{report['below_threshold']:,} rows rated <= {report['threshold']:g}")
+    if report.get("duplicates"):
+        dropped.append(f"{report['duplicates']:,} repeated (user, item) pairs")
+    if report.get("users_below_min"):
+        dropped.append(f"{report['users_below_min']:,} users with fewer than {report['min_user_interactions']} "
+                       f"interactions ({report['interactions_of_those_users']:,} interactions)")
+    if report.get("items_below_min"):
+        dropped.append(f"{report['items_below_min']:,} items with fewer than {report['min_item_interactions']} "
+                       f"interactions ({report['interactions_of_those_items']:,} interactions)")
+    kept = (f"kept {report['users']:,} users, {report['items']:,} items, {report['interactions']:,} interactions "
+            f"of {report['rows']:,} rows")
+    return kept + ("; dropped " + ", ".join(dropped) if dropped else "")
 
 
 def as_csr(X, name: str = "X", n_items: int | None = None) -> sp.csr_matrix:

@@ -154,6 +154,36 @@ def _resolve_format(path: str, sep: str | None, format: str | None, default_sep:
     return _EXTENSION_FORMATS[suffix]
 
 
+#: column names of common interaction logs: (user, item, rating or None), tried in this order
+KNOWN_SCHEMAS = (("userId", "movieId", "rating"), ("user_id", "item_id", "rating"), ("user_id", "movie_id", "rating"),
+                 ("user_id", "item_id", None), ("userID", "itemID", "rating"))
+
+
+def read_columns(path: str | os.PathLike, sep: str | None = None) -> list[str]:
+    """The column names of a table file, from its header alone (Parquet: its schema); empty when
+    they cannot be read cheaply (a ``::`` file has no header)."""
+    path_str = str(path)
+    try:
+        fmt, sep = _resolve_format(path_str, sep, None, default_sep=",")
+    except ValueError:
+        return []
+    try:
+        if fmt == "parquet":
+            pq = require("pyarrow.parquet", f"{path_str}: reading Parquet")
+            return list(pq.read_schema(path_str).names)
+        if sep is None or len(sep) > 1 or Path(path_str).suffix.lower() in _COMPRESSIONS:
+            return []
+        return [str(c) for c in pd.read_csv(path_str, sep=sep, nrows=0).columns]
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        return []
+
+
+def known_schema(columns) -> tuple[str, str, str | None] | None:
+    """The first of :data:`KNOWN_SCHEMAS` whose columns ``columns`` holds."""
+    present = set(columns)
+    return next((s for s in KNOWN_SCHEMAS if {c for c in s if c} <= present), None)
+
+
 def _sep_name(sep: str | None) -> str:
     return {",": "comma-separated", "\t": "tab-separated", "::": "'::'-separated"}.get(sep, f"{sep!r}-separated")
 
