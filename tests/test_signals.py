@@ -114,7 +114,7 @@ def test_a_redirected_train_log_is_plain_lines_one_per_epoch(log_csv, tmp_path):
 def test_ctrl_c_while_the_command_is_starting_is_one_line(log_csv, tmp_path, delay):  # noqa: F811
     """Imports (numpy, torch) take the first second or two; an interrupt there is one line, not an
     ImportError's traceback or torch's exit-time statistics."""
-    proc = subprocess.Popen([sys.executable, "-m", "recvae", *train_argv(log_csv, tmp_path / "run", epochs=2)[1:]],
+    proc = subprocess.Popen([sys.executable, "-m", "recvae", *train_argv(log_csv, tmp_path / "run", epochs=2)],  # -q
                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     time.sleep(delay)
