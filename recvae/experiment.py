@@ -98,13 +98,15 @@ class DataSpec:
     def load(self, show_progress: bool = False) -> Interactions:
         return self.load_with_seen(show_progress, seen=False)[0]
 
-    def load_with_seen(self, show_progress: bool = False, seen: bool = True) -> tuple[Interactions, Interactions | None]:
-        """The preprocessed interactions and, with ``seen`` and a rating threshold, every
-        interaction of the source at any rating (what ``recommend`` must not offer again), from
-        one read of the source. The second is None without a threshold (the positives are all
-        the source holds) or for a prepared directory."""
+    def load_with_seen(self, show_progress: bool = False, seen: bool = True) -> tuple[Interactions, Interactions | None,
+                                                                                       dict | None]:
+        """The preprocessed interactions; with ``seen`` and a rating threshold, every interaction
+        of the source at any rating (what ``recommend`` must not offer again), from one read of
+        the source (None without a threshold: the positives are all the source holds; or for a
+        prepared directory); and what preprocessing kept and dropped (a file's report, see
+        :func:`~recvae.data.interactions.describe_kept`; None for MovieLens and prepared data)."""
         if self.prepared is not None:
-            return load_prepared(self.prepared), None
+            return load_prepared(self.prepared), None, None
         threshold = self.rating_threshold if (self.dataset is not None or self.rating_col) else None
         filters = dict(rating_threshold=threshold, min_user_interactions=self.min_user_interactions,
                        min_item_interactions=self.min_item_interactions)
@@ -115,7 +117,7 @@ class DataSpec:
             try:
                 data = load_movielens(self.dataset, **filters, **options)
                 # the unfiltered release comes from the cache MovieLens keeps (parsed once, ever)
-                return data, load_movielens(self.dataset, **everything, **options) if want_raw else None
+                return data, load_movielens(self.dataset, **everything, **options) if want_raw else None, None
             except ParameterError as e:  # load_movielens's ``name`` is this spec's ``dataset``
                 raise (e.renamed("dataset") if e.param == "name" else e) from None
         frame = read_table(self.path, sep=self.sep)  # parsed once for both
@@ -124,7 +126,7 @@ class DataSpec:
         kept: dict = {}
         data = Interactions.from_dataframe(frame, **columns, **filters, report=kept)
         logger.info("%s: %s", self.path, describe_kept(kept))
-        return data, Interactions.from_dataframe(frame, **columns, **everything) if want_raw else None
+        return data, Interactions.from_dataframe(frame, **columns, **everything) if want_raw else None, kept
 
 
 @dataclass
@@ -175,7 +177,7 @@ def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: 
         logger.warning("matplotlib is not installed: no learning_curve.png (pip install 'recvae[plot]')")
     if run_dir is None:
         return fit_and_evaluate(load_split(config, show_progress), estimator, ks=config.ks, raise_error=True)
-    split, seen = load_split(config, show_progress, with_seen=True)
+    split, seen, kept = load_split(config, show_progress, with_seen=True)
     created = not run_dir.path.exists()
     with run_dir.lock() if main else contextlib.nullcontext():
         state = run_dir.state()
@@ -185,7 +187,7 @@ def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: 
                 run_dir.empty()
                 state = "empty"
             if state in ("absent", "empty"):
-                run_dir.write_description(_description(config, split), split, seen)
+                run_dir.write_description(_description(config, split, kept), split, seen)
         resume_from = None
         if resume and (run_dir.path / CHECKPOINT_FILE).is_file():
             resume_from = run_dir.read_checkpoint(map_location=resolve_device(estimator.device))
@@ -240,14 +242,14 @@ def _check_run_dir(run_dir: RunDir, config: RunConfig, resume: bool, overwrite: 
 def load_split(config: RunConfig, show_progress: bool = False, with_seen: bool = False):
     """``config``'s data, read and split as the paper (its ``split_seed``, ``n_heldout_users``);
     refused when the catalogue is smaller than the largest cutoff, as the run would train, then
-    fail to evaluate. ``with_seen``: ``(split, seen)``, the run's seen items from the same read
-    (:func:`seen_interactions`)."""
-    interactions, raw = config.data.load_with_seen(show_progress, seen=with_seen)
+    fail to evaluate. ``with_seen``: ``(split, seen, kept)``, the run's seen items from the same
+    read (:func:`seen_interactions`) and what preprocessing kept."""
+    interactions, raw, kept = config.data.load_with_seen(show_progress, seen=with_seen)
     split = strong_generalization_split(interactions, n_heldout_users=config.n_heldout_users, seed=config.split_seed)
     if max(config.ks) > split.train.n_items:
         raise ValueError(f"data {config.data.name}: {split.train.n_items} items after preprocessing, fewer than "
                          f"the largest cutoff of the metrics (K = {max(config.ks)}, ks={list(config.ks)})")
-    return (split, seen_interactions(split, raw)) if with_seen else split
+    return (split, seen_interactions(split, raw), kept) if with_seen else split
 
 
 def fit_and_evaluate(split, estimator, ks=(20, 50, 100), callbacks=(), resume_from: dict | None = None,
@@ -308,7 +310,7 @@ def _all_params(model: str, params: dict) -> dict:
     return json.loads(json.dumps({**defaults, **params}, default=str))
 
 
-def _description(config: RunConfig, split=None) -> dict:
+def _description(config: RunConfig, split=None, kept: dict | None = None) -> dict:
     description = {
         "recvae_version": __version__,
         "data": asdict(config.data),
@@ -317,6 +319,8 @@ def _description(config: RunConfig, split=None) -> dict:
         "params": config.params,
         "ks": list(config.ks),
     }
+    if kept is not None:
+        description["kept"] = kept  # what preprocessing kept and each rule dropped
     if split is not None:
         description["split"] = split.describe()
     return json.loads(json.dumps(description, default=str))
@@ -367,7 +371,8 @@ def seen_interactions(split, raw: Interactions | None) -> Interactions:
 
 
 def write_run_dir(out: str | os.PathLike, config: RunConfig, split, result: RunResult, plot: bool = True,
-                  overwrite: bool = False, extra=None, locked: bool = False, seen: Interactions | None = None) -> Path:
+                  overwrite: bool = False, extra=None, locked: bool = False, seen: Interactions | None = None,
+                  kept: dict | None = None) -> Path:
     """A complete run directory for a model trained elsewhere (benchmarks, notebooks, ``tune``):
     what :func:`run` writes, in the same order, under the directory's lock (``locked``: the
     caller holds it). ``overwrite`` empties a run directory first. ``extra(run_dir)`` writes
@@ -380,8 +385,9 @@ def write_run_dir(out: str | os.PathLike, config: RunConfig, split, result: RunR
         run_dir.check_writable_for(overwrite=overwrite)
         run_dir.empty()
         if seen is None:
-            seen = seen_interactions(split, config.data.load_with_seen(seen=True)[1])
-        run_dir.write_description(_description(config, split), split, seen)
+            _, raw, kept = config.data.load_with_seen(seen=True)
+            seen = seen_interactions(split, raw)
+        run_dir.write_description(_description(config, split, kept), split, seen)
         if extra is not None:
             extra(run_dir)
         write_results(run_dir, result, plot and available("matplotlib"), history=True)

@@ -445,7 +445,7 @@ def tune(data: DataSpec, model: str, grid: dict | None = None, params: dict | No
 
 def _tune(config: RunConfig, grid: dict, run_dir: RunDir | None, overwrite: bool, show_progress: bool) -> TuneResult:
     model, params = config.model, config.params
-    split, seen = load_split(config, show_progress, with_seen=True)
+    split, seen, kept = load_split(config, show_progress, with_seen=True)
     trials = search(model, split.train, split.validation, grid, params)
     best = trials.best
     if best.validation == float("-inf"):
@@ -461,7 +461,7 @@ def _tune(config: RunConfig, grid: dict, run_dir: RunDir | None, overwrite: bool
                            params={k: v for k, v in best.params.items() if k != "show_progress"},
                            split_seed=config.split_seed, n_heldout_users=config.n_heldout_users)
         try:
-            write_run_dir(run_dir.path, chosen, split, result, overwrite=overwrite, locked=True, seen=seen,
+            write_run_dir(run_dir.path, chosen, split, result, overwrite=overwrite, locked=True, seen=seen, kept=kept,
                           extra=lambda rd: rd.write_tuning(tuned.table()))
         except BaseException:  # stopped or failed while writing: no half-written run stays
             run_dir.empty()

@@ -75,12 +75,19 @@ def test_grouplens_columns_are_recognised_and_what_was_kept_is_said(tmp_path, ca
     assert "no 'user'/'item' columns; reading userId, movieId, rating as user, item and rating" in caplog.text
     n_rows = len(rows)
     below = sum(r <= 3.5 for _, _, r, _ in rows)
-    assert f"kept " in caplog.text and f"interactions of {n_rows:,} rows; dropped {below:,} rows rated <= 3.5" in caplog.text
+    assert "kept " in caplog.text and f"interactions of {n_rows:,} rows; dropped {below:,} rows rated <= 3.5" in caplog.text
     assert "users with fewer than 5 interactions" in caplog.text
     import json
 
-    data = json.loads((tmp_path / "run" / "run.json").read_text())["data"]
+    description = json.loads((tmp_path / "run" / "run.json").read_text())
+    data = description["data"]
     assert (data["user_col"], data["item_col"], data["rating_col"]) == ("userId", "movieId", "rating")
+    kept = description["kept"]  # recorded in the run directory too
+    positives = pd.Series([u for u, _, r, _ in rows if r > 3.5]).value_counts()
+    few = positives[positives < 5]
+    assert (kept["rows"], kept["below_threshold"], kept["duplicates"]) == (n_rows, below, 0)
+    assert (kept["users_below_min"], kept["interactions_of_those_users"]) == (len(few), int(few.sum()))
+    assert (kept["users"], kept["interactions"]) == (len(positives) - len(few), int(positives.sum() - few.sum()))
     # an explicit flag wins, and a wrong one is still an error naming it
     assert main(["train", "--data", str(path), "--user-col", "uid", "--out", str(tmp_path / "r2")]) == 2
     assert "--user-col: column 'uid' not found" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from typing import Callable, Hashable, Sequence
 import pandas as pd
 
 from recvae.data.interactions import Interactions
-from recvae.optional import require
+from recvae.optional import MissingDependencyError, require
 
 _EXTENSION_FORMATS = {
     ".csv": ("csv", ","),
@@ -169,12 +169,16 @@ def read_columns(path: str | os.PathLike, sep: str | None = None) -> list[str]:
         return []
     try:
         if fmt == "parquet":
-            pq = require("pyarrow.parquet", f"{path_str}: reading Parquet")
+            require("pyarrow", f"{path_str}: reading Parquet")
+            import pyarrow.parquet as pq
+
             return list(pq.read_schema(path_str).names)
         if sep is None or len(sep) > 1 or Path(path_str).suffix.lower() in _COMPRESSIONS:
             return []
         return [str(c) for c in pd.read_csv(path_str, sep=sep, nrows=0).columns]
-    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+    except MissingDependencyError:
+        raise
+    except Exception:  # a peek only: the full read reports a damaged file properly
         return []
 
 
