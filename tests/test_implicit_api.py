@@ -74,3 +74,9 @@ def test_similar_items_refuses_what_it_cannot_answer(models):
         fitted["popularity"].similar_items(3)
     with pytest.raises(ParameterError, match=r"itemid: expected item indices in \[0, 40\)"):
         fitted["ease"].similar_items(40)
+
+
+def test_the_librarys_own_keyword_form_still_works(models):
+    X, fitted = models
+    model = fitted["ease"]
+    np.testing.assert_array_equal(model.recommend(user_items=X[:3], N=4)[0], model.recommend(X[:3], N=4)[0])

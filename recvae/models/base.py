@@ -224,7 +224,7 @@ class Recommender:
 
     def recommend(
         self,
-        userid,
+        userid=None,
         user_items=None,
         N: int = 10,
         filter_already_liked_items: bool = True,
@@ -251,7 +251,7 @@ class Recommender:
         single = False
         if user_items is None:  # recommend(user_items, ...)
             user_items = userid
-        else:  # implicit's recommend(userid, user_items, ...)
+        elif userid is not None:  # implicit's recommend(userid, user_items, ...)
             single = np.ndim(userid) == 0
             expected = 1 if single else len(np.atleast_1d(userid))
             rows = getattr(getattr(user_items, "matrix", user_items), "shape", (None,))[0]
