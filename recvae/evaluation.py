@@ -157,10 +157,7 @@ def evaluate(
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
 
-    heldout = heldout.copy()
-    heldout.data = (heldout.data > 0).astype(np.float32)
-    heldout.eliminate_zeros()
-    heldout.sum_duplicates()
+    heldout = M.binary_relevance(heldout)
     overlap = fold_in.multiply(heldout).count_nonzero()
     if overlap:
         raise ValueError(
@@ -181,20 +178,9 @@ def evaluate(
     values: dict[str, list[np.ndarray]] = {}
     seen = {k: np.zeros(n_items, dtype=bool) for k in ks} if "coverage" in names else None
     score_seconds = 0.0
-    for lo in bar(range(0, users.size, batch_size), show=show_progress, desc="evaluate", unit="batch"):
-        x = fold_in[lo : lo + batch_size]
-        t0 = time.perf_counter()
-        scores = np.asarray(model.score(x))
-        score_seconds += time.perf_counter() - t0
-        if scores.shape != x.shape:
-            raise ValueError(
-                f"model.score: returned shape {scores.shape} for a batch of shape {x.shape}; "
-                "expected dense (batch, n_items)"
-            )
-        if not scores.flags.writeable or not np.issubdtype(scores.dtype, np.floating):
-            scores = scores.astype(np.float32)
-        M.mask_rows(scores, x)
-        idx = M.top_k(scores, k_max)
+    progress = lambda starts: bar(starts, show=show_progress, desc="evaluate", unit="batch")  # noqa: E731
+    for lo, scores, idx, seconds in M.rank_users(model.score, fold_in, k_max, batch_size, progress):
+        score_seconds += seconds
         h = heldout[lo : lo + batch_size]
         if user_names:
             hits = M.ranked_hits(idx, h)

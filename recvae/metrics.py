@@ -30,6 +30,7 @@ notebook prints them (``np.std(n100_list) / np.sqrt(len(n100_list))``); see
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,6 +124,39 @@ def mask_rows(scores: np.ndarray, rows: sp.csr_matrix) -> None:
     how a user's fold-in (or already seen, or excluded) items leave the ranking."""
     r = np.repeat(np.arange(rows.shape[0]), np.diff(rows.indptr))
     scores[r, rows.indices] = -np.inf
+
+
+def binary_relevance(heldout: sp.csr_matrix) -> sp.csr_matrix:
+    """Held-out items as relevance: a copy with every positive entry 1, zeros dropped,
+    duplicates merged (the form :func:`ranked_hits` reads)."""
+    heldout = heldout.copy()
+    heldout.data = (heldout.data > 0).astype(np.float32)
+    heldout.eliminate_zeros()
+    heldout.sum_duplicates()
+    return heldout
+
+
+def rank_users(score, fold_in: sp.csr_matrix, k: int, batch_size: int, batches=iter):
+    """Rank ``k`` items for every user (row) of ``fold_in``, ``batch_size`` users at a time: the
+    one loop behind evaluation and validation. ``score(csr_batch)`` gives dense (batch, items)
+    scores; each user's fold-in items leave the ranking (:func:`mask_rows`). Yields ``(start,
+    scores, idx, seconds)`` per batch: its first row, the masked scores, :func:`top_k`'s ids and
+    the seconds ``score`` took. ``batches`` wraps the batch starts (e.g. a progress bar)."""
+    for lo in batches(range(0, fold_in.shape[0], batch_size)):
+        x = fold_in[lo : lo + batch_size]
+        t0 = time.perf_counter()
+        scores = np.asarray(score(x))
+        seconds = time.perf_counter() - t0
+        if scores.shape != x.shape:
+            raise ValueError(
+                f"model.score: returned shape {scores.shape} for a batch of shape {x.shape}; "
+                "expected dense (batch, n_items)"
+            )
+        if not scores.flags.writeable or not np.issubdtype(scores.dtype, np.floating):
+            scores = scores.astype(np.float32)
+        mask_rows(scores, x)
+        yield lo, scores, top_k(scores, k), seconds
+        del scores  # one dense block at a time: freed before the next batch is scored
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:

@@ -194,19 +194,13 @@ def holdout_ndcg(model, fold_in: sp.csr_matrix, heldout: sp.csr_matrix, k: int, 
     if group.parallel:
         start, stop = distributed.shard_bounds(fold_in.shape[0], group.rank, group.world_size)
         fold_in, heldout = fold_in[start:stop], heldout[start:stop]
-    heldout = heldout.copy()
-    heldout.data = (heldout.data > 0).astype(np.float32)
-    heldout.eliminate_zeros()
-    heldout.sum_duplicates()
+    heldout = M.binary_relevance(heldout)
     users = np.flatnonzero(np.diff(heldout.indptr) > 0)
+    fold_in, heldout = fold_in[users], heldout[users]
     parts = []
-    for lo in range(0, users.size, batch_size):
-        rows = users[lo:lo + batch_size]
-        x, h = fold_in[rows], heldout[rows]
-        scores = model.score(x)
-        M.mask_rows(scores, x)
-        hits = M.ranked_hits(M.top_k(scores, k), h)
-        parts.append(M.metrics_from_hits(hits, np.diff(h.indptr), (k,), ("ndcg",))[f"ndcg@{k}"])
+    for lo, _, idx, _ in M.rank_users(model.score, fold_in, k, batch_size):
+        h = heldout[lo:lo + batch_size]
+        parts.append(M.metrics_from_hits(M.ranked_hits(idx, h), np.diff(h.indptr), (k,), ("ndcg",))[f"ndcg@{k}"])
     values = np.concatenate(parts) if parts else np.zeros(0)
     if not group.parallel:
         return M.mean_stderr(values)[0]
