@@ -8,7 +8,6 @@ estimator learns and writes nothing; the run directory's callbacks keep its chec
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import logging
 import os
@@ -27,9 +26,9 @@ from recvae.data.interactions import describe_kept
 from recvae.data.prepared import load_prepared, read_prepared_description
 from recvae.data.splits import strong_generalization_split
 from recvae.evaluation import EvaluationResult, evaluate
-from recvae.models import make_model, model_class
+from recvae.models import make_model
 from recvae.models.device import resolve_device
-from recvae.models.registry import is_neural
+from recvae.models.registry import default_params, is_neural
 from recvae.models.training_loop import CheckpointMismatch, NonFiniteLossError
 from recvae.optional import available, require
 from recvae.rundir import CHECKPOINT_FILE, RUN_JSON, RunDir, RunFinished
@@ -253,16 +252,14 @@ def load_split(config: RunConfig, show_progress: bool = False, with_seen: bool =
 
 
 def fit_and_evaluate(split, estimator, ks=(20, 50, 100), callbacks=(), resume_from: dict | None = None,
-                     fit: bool = True, raise_error: bool = False, params: dict | None = None) -> RunResult:
-    """Fit ``estimator`` (or a model name, built with ``params``) on ``split.train`` (early
-    stopping on validation), evaluate validation and test users.
+                     fit: bool = True, raise_error: bool = False) -> RunResult:
+    """Fit ``estimator`` (an unfitted model, e.g. from :func:`make_model`) on ``split.train``
+    (early stopping on validation), evaluate validation and test users.
 
     ``callbacks`` and ``resume_from`` go to a neural model's ``fit``; ``fit=False`` evaluates a
     model already fitted. A non-finite loss after a good epoch evaluates the epoch kept and
     returns the error in ``RunResult.error`` (raised after the evaluation with ``raise_error``).
     """
-    if isinstance(estimator, str):
-        estimator = make_model(estimator, **(params or {}))
     error = None
     start = time.perf_counter()
     if fit:
@@ -306,8 +303,7 @@ def resume_differences(config: RunConfig, saved: dict) -> list[tuple[str, object
 
 def _all_params(model: str, params: dict) -> dict:
     """``params`` completed with the model's defaults, as JSON would store them (tuples as lists)."""
-    defaults = {k: p.default for k, p in inspect.signature(model_class(model).__init__).parameters.items() if k != "self"}
-    return json.loads(json.dumps({**defaults, **params}, default=str))
+    return json.loads(json.dumps({**default_params(model), **params}, default=str))
 
 
 def _description(config: RunConfig, split=None, kept: dict | None = None) -> dict:

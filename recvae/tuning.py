@@ -445,7 +445,10 @@ def tune(data: DataSpec, model: str, grid: dict | None = None, params: dict | No
 
 def _tune(config: RunConfig, grid: dict, run_dir: RunDir | None, overwrite: bool, show_progress: bool) -> TuneResult:
     model, params = config.model, config.params
-    split, seen, kept = load_split(config, show_progress, with_seen=True)
+    if run_dir is not None:  # the run directory records the seen items and what was kept
+        split, seen, kept = load_split(config, show_progress, with_seen=True)
+    else:
+        split, seen, kept = load_split(config, show_progress), None, None
     trials = search(model, split.train, split.validation, grid, params)
     best = trials.best
     if best.validation == float("-inf"):

@@ -30,9 +30,8 @@ COMMANDS = (datasets, train, tune, prepare, evaluate, recommend, similar, serve)
 USER_ERRORS = (CLIError, ValueError, OSError, KeyError, MissingDependencyError)
 
 
-#: library parameter names whose flag is not the option of the same dest; None: never rewritten
-#: (``data: ...`` is a word of the library's messages, not the --data flag)
-PARAM_FLAGS = {"random_state": "--seed", "data": None}
+#: library parameter names whose flag is not the option of the same dest
+PARAM_FLAGS = {"random_state": "--seed"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +89,7 @@ def command_flags(parser: argparse.ArgumentParser, command: str) -> dict[str, st
         long = [o for o in action.option_strings if o.startswith("--")]
         if long and action.dest not in PARAM_FLAGS:
             flags[action.dest] = long[0]
-    flags.update({k: v for k, v in PARAM_FLAGS.items() if v is not None and v in flags.values()})
+    flags.update({k: v for k, v in PARAM_FLAGS.items() if v in flags.values()})
     return flags
 
 

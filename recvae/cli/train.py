@@ -54,7 +54,7 @@ def run(args) -> int:
         print(f"recvae: stopped by {signame} {train_stop_line(args)}", file=sys.stderr)
         return code
     except NonFiniteLossError as e:
-        print(f"recvae: error: {non_finite_message(e, args, params.get('lr', model_lr(name)))}", file=sys.stderr)
+        print(f"recvae: error: {non_finite_message(e, args, params.get('lr') or model_lr(name))}", file=sys.stderr)
         return 2
     except RunFinished as e:
         print(f"recvae: {e}", file=sys.stderr)
@@ -80,11 +80,9 @@ def run(args) -> int:
 
 
 def model_lr(name: str) -> float:
-    import inspect
+    from recvae.models.registry import default_params
 
-    from recvae.models import model_class
-
-    return inspect.signature(model_class(name).__init__).parameters["lr"].default
+    return default_params(name)["lr"]
 
 
 def train_stop_line(args) -> str:
@@ -159,15 +157,13 @@ def non_finite_message(e, args, lr: float) -> str:
 def distributed_training(name: str, params: dict):
     """Under torchrun: join the process group for the block (yields whether this is rank 0,
     which alone prints and writes); otherwise a single process, rank 0."""
-    import inspect
-
     from recvae import distributed
-    from recvae.models import model_class
+    from recvae.models.registry import default_params
 
-    defaults = inspect.signature(model_class(name).__init__).parameters
+    defaults = default_params(name)
     with distributed.process_group_from_env() as group:
         if "batch_size" in defaults:  # before any data is read or folder made
-            distributed.check_batch_split(params.get("batch_size", defaults["batch_size"].default), group)
+            distributed.check_batch_split(params.get("batch_size", defaults["batch_size"]), group)
         if not group.is_main:
             params["show_progress"] = False
         yield group.is_main

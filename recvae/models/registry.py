@@ -42,6 +42,12 @@ def name_of(cls_name: str) -> str | None:
     return next((n for n, c in _BY_NAME.items() if c.__name__ == cls_name), None)
 
 
+def default_params(name: str) -> dict:
+    """The model's hyperparameters at their defaults (``__init__`` only stores them, so a fresh
+    instance's ``get_params`` is its signature's defaults)."""
+    return model_class(name)().get_params()
+
+
 def is_neural(name: str) -> bool:
     """Whether the model trains by epochs (takes a seed, a device, progress, checkpoints)."""
     return "epochs" in model_class(name)._param_names()
