@@ -14,10 +14,8 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -289,16 +287,11 @@ def test_torchrun_one_gpu_with_nccl_trains_a_run(log_csv, tmp_path):
     assert len(history) == 3 and all(np.isfinite(h["loss"]) for h in history)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @needs_cuda
 @pytest.mark.slow
 def test_serve_on_cuda_answers_as_the_cpu_model(log_csv, tmp_path):
     httpx = pytest.importorskip("httpx")
+    from test_serve import free_port, wait_until_serving
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     from recvae.recommend import RunRecommender, user_items_csr
@@ -309,19 +302,11 @@ def test_serve_on_cuda_answers_as_the_cpu_model(log_csv, tmp_path):
     assert run.model.device_.type == "cpu"
     history = [str(i) for i in run.item_ids[[0, 1, 4, 40]]]
     excluded = [str(run.item_ids[2])]
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "recvae.cli", "-q", "serve", str(out), "--port", str(port), "--device", DEVICE]
     with started(cmd, env=_env()) as proc:
-        deadline = time.monotonic() + TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited with {proc.returncode}: {proc.stdout.read()}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "server did not answer /health in time"
-            time.sleep(0.2)
+        wait_until_serving(proc, base, proc.stdout.read, timeout=TIMEOUT_S)
         body = {"items": history, "k": 10, "exclude": excluded}
         answers = [httpx.post(f"{base}/recommend", json=body, timeout=60) for _ in range(2)]
     for r in answers:

@@ -45,6 +45,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_serving(proc: subprocess.Popen, base: str, output, timeout: float = 90.0) -> None:
+    """Poll ``base``/health until the server answers; ``RuntimeError`` with its ``output()`` if it
+    exits first, ``TimeoutError`` after ``timeout`` seconds (the caller stops the process)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {output()}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"server did not answer /health within {timeout:g} s")
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def start_server(run_dir, *extra):
     """The real `recvae serve` in a subprocess on a free port; yields (base URL, process); always stopped."""
@@ -55,18 +70,7 @@ def start_server(run_dir, *extra):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read().decode()}")
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("server did not answer /health within 90 s")
-            time.sleep(0.2)
+        wait_until_serving(proc, base, lambda: proc.stdout.read().decode())
         yield base, proc
     finally:
         proc.terminate()

@@ -21,7 +21,7 @@ pytest.importorskip("uvicorn")
 
 from recvae.cli import main  # noqa: E402
 
-from test_serve import free_port, run_dir  # noqa: E402,F401  (run_dir: the module's trained run)
+from test_serve import free_port, run_dir, wait_until_serving  # noqa: E402,F401  (run_dir: the module's trained run)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,16 +62,7 @@ def serve(folder, log: Path, *extra):
         proc = subprocess.Popen([sys.executable, "-m", "recvae.cli", "serve", str(folder), "--port", str(port), *extra],
                                 stdout=out, stderr=subprocess.STDOUT, env=env(), start_new_session=True)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text()}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError("server did not answer /health within 90 s")
-            time.sleep(0.2)
+        wait_until_serving(proc, f"http://127.0.0.1:{port}", log.read_text)
         yield port, proc
     finally:
         if proc.poll() is None:
