@@ -31,7 +31,7 @@ from recvae.models.device import resolve_device
 from recvae.models.registry import default_params, is_neural
 from recvae.models.training_loop import CheckpointMismatch, NonFiniteLossError
 from recvae.optional import available, require
-from recvae.rundir import CHECKPOINT_FILE, RUN_JSON, RunDir, RunFinished
+from recvae.rundir import CHECKPOINT_FILE, CURVE_FILE, RUN_JSON, RunDir, RunFinished
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: 
     with run_dir.lock() if main else contextlib.nullcontext():
         state = run_dir.state()
         if main:
-            _check_run_dir(run_dir, config, resume, overwrite)  # another writer may have come and gone
+            _check_run_dir(run_dir, config, resume, overwrite, locked=True)  # another writer may have come and gone
             if overwrite:
                 run_dir.empty()
                 state = "empty"
@@ -213,9 +213,10 @@ def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: 
     return result
 
 
-def _check_run_dir(run_dir: RunDir, config: RunConfig, resume: bool, overwrite: bool) -> None:
+def _check_run_dir(run_dir: RunDir, config: RunConfig, resume: bool, overwrite: bool, locked: bool = False) -> None:
     """Whether ``run_dir`` may take this run (see :meth:`RunDir.check_writable_for`); with
-    ``resume``, its settings must be the run's own and the run unfinished."""
+    ``resume``, its settings must be the run's own and the run unfinished. A finished run that
+    lacks its learning curve gets it drawn, once ``locked`` (this process holds the directory)."""
     run_dir.check_writable_for(resume=resume, overwrite=overwrite)
     if resume and not run_dir.path.exists():
         raise ParameterError("resume", f"{run_dir} does not exist, so there is no run to continue; "
@@ -231,7 +232,9 @@ def _check_run_dir(run_dir: RunDir, config: RunConfig, resume: bool, overwrite: 
         raise ResumeMismatch(f"resume: the settings differ from {run_dir.file(RUN_JSON)} ({detail})", differences)
     if run_dir.state() == "finished":
         note = ""
-        if is_neural(config.model) and not run_dir.file("learning_curve.png").is_file() and available("matplotlib"):
+        if is_neural(config.model) and not run_dir.file(CURVE_FILE).is_file() and available("matplotlib"):
+            if not locked:
+                return  # drawn below, under the directory's lock
             run_dir.draw_learning_curve(run_dir.load_model().history_)
             note = "; drew the learning curve it lacked"
         raise RunFinished(f"--out {run_dir}: the run has finished (metrics.json, no {CHECKPOINT_FILE}): "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from recvae.cli.common import CLIError
 
@@ -29,6 +28,7 @@ def add_parser(sub, common) -> None:
 
 def run(args) -> int:
     from recvae.optional import MissingDependencyError
+    from recvae.rundir import RUN_JSON, is_run_dir
     from recvae.serve import WorkerStartupError, run_server
 
     if not 0 < args.port < 65536:
@@ -40,8 +40,8 @@ def run(args) -> int:
     for flag, value in (("--body-timeout", args.body_timeout), ("--keep-alive", args.keep_alive), ("--grace", args.grace)):
         if not 0 < value < float("inf"):
             raise CLIError(f"{flag}: expected a positive number of seconds, got {value:g}")
-    if not (Path(args.run_dir) / "run.json").is_file():
-        raise CLIError(f"RUN_DIR {args.run_dir}: not a run directory (no run.json)")
+    if not is_run_dir(args.run_dir):
+        raise CLIError(f"RUN_DIR {args.run_dir}: not a run directory (no {RUN_JSON})")
     try:
         run_server(args.run_dir, host=args.host, port=args.port, workers=args.workers, device=args.device,
                    max_body=args.max_body, max_batch=args.max_batch, threads=args.threads,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import shlex
 import sys
-from pathlib import Path
 
 from recvae.cli.common import (
     CLIError, add_data_options, add_model_options, add_source_options, data_spec_from_args, flag_of, format_table,
@@ -61,10 +60,11 @@ def run(args) -> int:
         return 0
     except ResumeMismatch as e:
         from recvae.cli import build_parser, command_flags
+        from recvae.rundir import RUN_JSON, RunDir
 
         flags = command_flags(build_parser(), "train")
         detail = "; ".join(f"{flag_of(k, flags)}: {a!r} in the run, now {b!r}" for k, a, b in e.differences)
-        raise CLIError(f"--resume: {Path(args.out) / 'run.json'} was made with other settings ({detail}); "
+        raise CLIError(f"--resume: {RunDir(args.out).file(RUN_JSON)} was made with other settings ({detail}); "
                        "use the options of the interrupted run") from None
     except MissingDependencyError as e:
         raise CLIError(str(e)) from None
