@@ -21,11 +21,26 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prepared", metavar="DIR", help="a directory written by `recvae prepare` (memory-mapped)")
 
 
+class _ModelOption(argparse._StoreAction):
+    """``--model``: its help lists the registry, read only when help is shown (the registry
+    imports torch, which no other command's start-up needs)."""
+
+    @property
+    def help(self):
+        if self._help is not None:
+            return self._help
+        from recvae.models import model_names
+
+        return f"one of {', '.join(model_names())} (default multvae)"
+
+    @help.setter
+    def help(self, value):
+        self._help = value
+
+
 def add_model_options(p: argparse.ArgumentParser, models: str | None = None) -> None:
     """The model and its hyperparameters, split and device: the options `train` and `tune` share."""
-    from recvae.models import model_names
-
-    p.add_argument("--model", default="multvae", help=models or f"one of {', '.join(model_names())} (default multvae)")
+    p.add_argument("--model", default="multvae", action=_ModelOption, help=models)
     p.add_argument("--latent", choices=("gaussian", "bernoulli"),
                    help="multvae's latent: gaussian (paper) or bernoulli (binary codes; the binary-multvae model)")
     p.add_argument("--temperature", type=float,
