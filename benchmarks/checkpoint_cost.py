@@ -9,7 +9,7 @@ library did before (``torch.save`` into a ``BytesIO``, then an atomic write of t
 the best epoch's weights stored a second time), so the two are compared on the same disk and
 load. Target: the checkpoint under 5% of the epoch.
 
-    flock /work/bench.lock python benchmarks/checkpoint_cost.py              # full size, 2 epochs
+    flock /tmp/recvae-bench.lock python benchmarks/checkpoint_cost.py              # full size, 2 epochs
     python benchmarks/checkpoint_cost.py --users 20000 --epochs 1 --out ""  # quick look, prints only
 """
 

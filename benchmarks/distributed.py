@@ -16,7 +16,7 @@ process runs over all parameters, against the rest, which shrinks with the proce
 the batch), it projects the epoch time on 1, 8 and 64 GPUs with NCCL bandwidths that the
 text cites. Results: ``benchmarks/results/distributed.{json,md}``.
 
-    flock /work/bench.lock python benchmarks/distributed.py
+    flock /tmp/recvae-bench.lock python benchmarks/distributed.py
     python benchmarks/distributed.py --quick     # small data, prints only
 """
 

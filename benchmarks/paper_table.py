@@ -34,7 +34,7 @@ Writes ``<out-dir>/<name>.json``, ``.md`` and then ``.png`` (validation NDCG@100
 without matplotlib (the ``plot`` extra) it says so once at the start and skips only the picture.
 Examples::
 
-    RECVAE_DATA=/work/shared/data python benchmarks/paper_table.py --dataset ml-100k
+    RECVAE_DATA=../shared/data python benchmarks/paper_table.py --dataset ml-100k
     python benchmarks/paper_table.py --data ratings.csv --name ml-1m
     python benchmarks/paper_table.py --synthetic-ml20m --models popularity,multvae,multdae --epochs 1
 """
@@ -68,6 +68,13 @@ from recvae.optional import MissingDependencyError, available
 logger = logging.getLogger("paper_table")
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = RESULTS.parents[1]
+
+
+def repo_relative(arg: str) -> str:
+    """An absolute path argument as seen from the repository (``../shared/...``), so a recorded
+    command runs on any machine; other arguments as they are."""
+    return os.path.relpath(arg, REPO) if os.path.isabs(arg) else arg
 ALL_MODELS = ("multvae", "multdae", "recvae", "binary-multvae", "ease", "popularity")
 EASE_GRID = tuning.EASE_GRID
 LABELS = {
@@ -610,7 +617,8 @@ def _main(args, argv) -> int:
         "load_average_start": [round(v, 2) for v in load_start],
         "load_average_end": [round(v, 2) for v in os.getloadavg()],
         "environment": environment(),
-        "command": shlex.join([sys.executable, *sys.argv] if argv is None else ["paper_table.py", *argv]),
+        "command": shlex.join(["python", "benchmarks/paper_table.py",
+                               *map(repo_relative, sys.argv[1:] if argv is None else argv)]),
     }
     out = args.out_dir
     md = markdown(report)

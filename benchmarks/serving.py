@@ -15,7 +15,7 @@ the weights' values), written as a run directory:
    micro-batching (``--max-batch 64``, the default) and once without (``--max-batch 1``).
 
 Writes benchmarks/results/serving.json and .md (through recvae.fileio). Run it alone, e.g.
-``flock /work/bench.lock python benchmarks/serving.py``; about 6-10 minutes on 2 cores.
+``flock /tmp/recvae-bench.lock python benchmarks/serving.py``; about 6-10 minutes on 2 cores.
 """
 
 from __future__ import annotations
