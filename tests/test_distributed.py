@@ -88,10 +88,28 @@ class _Procs:
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
-def _two_agents(port: int, program: list[str]) -> list[list[str]]:
-    """Two torchrun agents as two nodes of one process each, meeting at a c10d rendezvous on localhost."""
-    return [[*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"test{port}", *program] for _ in range(2)]
+def _two_agents(port: int, program: list[str], launcher=TORCHRUN) -> list[list[str]]:
+    """Two torchrun agents as two nodes of one process each, meeting on localhost as the README's
+    two-machine command does (static rendezvous: node 0's agent holds the store)."""
+    return [[*(TORCHRUN if node == 0 else launcher), "--nnodes", "2", "--nproc-per-node", "1",
+             "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port), *program]
+            for node in range(2)]
+
+
+#: torchrun whose rendezvous shutdown starts 2 s late: the other node's agent, which holds the
+#: store, has exited by then. With a c10d rendezvous the late agent then writes to the gone store
+#: and prints a C++ TCPStore trace at a normal exit; the static rendezvous has nothing to close.
+LATE_AGENT = """
+import sys, time
+from torch.distributed.elastic.rendezvous import dynamic_rendezvous, static_tcp_rendezvous
+for cls in (dynamic_rendezvous.DynamicRendezvousHandler, static_tcp_rendezvous.StaticTCPRendezvous):
+    def late(self, _shutdown=cls.shutdown):
+        time.sleep(2)
+        return _shutdown(self)
+    cls.shutdown = late
+from torch.distributed.run import main
+sys.exit(main())
+"""
 
 
 # -- data and the 1-process reference ---------------------------------------------------------
@@ -177,6 +195,23 @@ def test_two_torchrun_agents_as_two_nodes(log_csv, reference, tmp_path):
         results = procs.wait()
     assert [rc for rc, _ in results] == [0, 0], results
     _assert_same_run(out, reference)
+
+
+@pytest.mark.slow
+def test_a_normal_two_node_exit_prints_no_trace_when_one_agent_is_late(log_csv, tmp_path):
+    late = tmp_path / "late_agent.py"
+    late.write_text(LATE_AGENT)
+    out = tmp_path / "nodes"
+    with _Procs() as procs:
+        cmds = _two_agents(_free_port(), ["-m", "recvae", "-q", *_train_args(["--data", str(log_csv)], out)],
+                           launcher=[sys.executable, str(late)])
+        for cmd in cmds:
+            procs.start(cmd, env=_env())
+        results = procs.wait()
+    assert [rc for rc, _ in results] == [0, 0], results
+    second = results[1][1]
+    assert "TCPStore" not in second and "frame #" not in second and "Traceback" not in second, second
+    assert "test" in results[0][1]  # node 0 printed the metrics table
 
 
 def _children(pid: int, word: bytes) -> list[int]:
