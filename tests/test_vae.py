@@ -68,7 +68,7 @@ def test_vae_defaults_are_the_notebooks():
     assert MultVAE().get_params() == dict(
         hidden_dims=(600,), latent_dim=200, dropout=0.5, activation="tanh", lam=0.0, anneal_cap=0.2,
         total_anneal_steps=200_000, beta=None, kl_weighting="uniform", epochs=200, batch_size=500, lr=1e-3, patience=None,
-        random_state=None, device="auto", precision="auto", eval_batch_size=2000, show_progress=False)
+        random_state=None, device="auto", precision="auto", eval_batch_size=2000, show_progress=True)
 
 
 def test_dae_defaults_are_the_notebooks():
@@ -469,3 +469,18 @@ def test_precision_auto_resolves_by_hardware(monkeypatch):
     x.data[:] = 1
     model = MultDAE(epochs=1, batch_size=20, random_state=0, precision="auto").fit(x)
     assert model.precision_ == "fp32"
+
+
+def test_the_library_reports_each_epoch_through_logging_by_default(data, caplog):
+    """show_progress is on by default (as in implicit): away from a terminal, one plain INFO line
+    per epoch through logging, no control characters; off, nothing."""
+    train, _ = data
+    with caplog.at_level("INFO", logger="recvae.models.training_loop"):
+        MultVAE(**SMALL, epochs=3).fit(train)
+    lines = [r.getMessage() for r in caplog.records if r.name == "recvae.models.training_loop"]
+    assert [line.split(",")[0] for line in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"], lines
+    assert all("\r" not in line and "\x1b" not in line for line in lines)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="recvae.models.training_loop"):
+        MultVAE(**SMALL, epochs=3, show_progress=False).fit(train)
+    assert not [r for r in caplog.records if r.name == "recvae.models.training_loop"]

@@ -44,7 +44,7 @@ class BinaryMultVAE(MultVAE):
                  anneal_cap=ANNEAL_CAP, total_anneal_steps=TOTAL_ANNEAL_STEPS, beta=None, kl_weighting="uniform",
                  temperature=None, min_temperature=0.5, temperature_decay=0.0, binary_inference="probabilities",
                  epochs=200, batch_size=500, lr=1e-3, patience=None, random_state=None, device="auto",
-                 precision="auto", eval_batch_size=2000, show_progress=False):
+                 precision="auto", eval_batch_size=2000, show_progress=True):
         super().__init__(hidden_dims=hidden_dims, latent_dim=latent_dim, dropout=dropout, activation=activation,
                          lam=lam, anneal_cap=anneal_cap, total_anneal_steps=total_anneal_steps, beta=beta,
                          kl_weighting=kl_weighting, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,

@@ -79,7 +79,7 @@ class RecVAE(_AutoencoderRecommender):
     def __init__(self, hidden_dims=(600,) * 5, latent_dim=200, dropout=0.5, activation="swish", lam=0.0,
                  gamma=0.005, mixture_weights=MIXTURE_WEIGHTS, wide_logvar=WIDE_LOGVAR, layer_norm_eps=0.1,
                  encoder_epochs=3, decoder_epochs=1, epochs=50, batch_size=500, lr=5e-4, patience=None,
-                 random_state=None, device="auto", precision="auto", eval_batch_size=2000, show_progress=False):
+                 random_state=None, device="auto", precision="auto", eval_batch_size=2000, show_progress=True):
         self.hidden_dims = hidden_dims
         self.latent_dim = latent_dim
         self.dropout = dropout

@@ -280,6 +280,10 @@ class MultVAE(_AutoencoderRecommender):
     ``"auto"`` takes bf16 where bf16 products are native (see :func:`resolve_precision`): a
     departure from the notebook's float32, made because bf16 matched fp32 within the seed spread
     on ML-100K at 1.4-1.9x the speed (benchmarks/results/ml-100k.md, train_speed.md).
+
+    ``show_progress`` (on by default, as in implicit): a bar over the epochs where stderr is a
+    terminal; elsewhere one plain INFO line per epoch through :mod:`logging` (logger
+    ``recvae.models.training_loop``), seen once the application configures logging.
     """
 
     _variational = True
@@ -287,7 +291,7 @@ class MultVAE(_AutoencoderRecommender):
     def __init__(self, hidden_dims=(600,), latent_dim=200, dropout=0.5, activation="tanh", lam=0.0,
                  anneal_cap=ANNEAL_CAP, total_anneal_steps=TOTAL_ANNEAL_STEPS, beta=None, kl_weighting="uniform",
                  epochs=200, batch_size=500, lr=1e-3, patience=None, random_state=None, device="auto",
-                 precision="auto", eval_batch_size=2000, show_progress=False):
+                 precision="auto", eval_batch_size=2000, show_progress=True):
         self.hidden_dims = hidden_dims
         self.latent_dim = latent_dim
         self.dropout = dropout
@@ -321,7 +325,7 @@ class MultDAE(_AutoencoderRecommender):
 
     def __init__(self, hidden_dims=(), latent_dim=200, dropout=0.5, activation="tanh", lam=0.01 / 500,
                  epochs=200, batch_size=500, lr=1e-3, patience=None, random_state=None, device="auto",
-                 precision="auto", eval_batch_size=2000, show_progress=False):
+                 precision="auto", eval_batch_size=2000, show_progress=True):
         self.hidden_dims = hidden_dims
         self.latent_dim = latent_dim
         self.dropout = dropout
