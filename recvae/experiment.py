@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -103,13 +103,16 @@ class DataSpec:
     def load(self, show_progress: bool = False) -> Interactions:
         return self.load_with_seen(show_progress, seen=False)[0]
 
-    def load_with_seen(self, show_progress: bool = False, seen: bool = True) -> tuple[Interactions, Interactions | None,
-                                                                                       dict | None]:
+    def load_with_seen(self, show_progress: bool = False, seen: bool = True, positives: dict | None = None,
+                       ) -> tuple[Interactions, Interactions | None, dict | None]:
         """The preprocessed interactions; with ``seen`` and a rating threshold, every interaction
         of the source at any rating (what ``recommend`` must not offer again), from one read of
         the source (None without a threshold: the positives are all the source holds; or for a
         prepared directory); and what preprocessing kept and dropped (a file's report, see
-        :func:`~recvae.data.interactions.describe_kept`; None for MovieLens and prepared data)."""
+        :func:`~recvae.data.interactions.describe_kept`; None for MovieLens and prepared data).
+        ``positives`` (a dict) receives, under ``"positives"``, the source's positive interactions
+        of every user, the preprocessing without its minimums (what :func:`dropped_users` counts),
+        from the same read (not for prepared data)."""
         if self.prepared is not None:
             return load_prepared(self.prepared), None, None
         threshold = self.rating_threshold if (self.dataset is not None or self.rating_col) else None
@@ -121,6 +124,10 @@ class DataSpec:
             options = dict(data_dir=self.data_dir, show_progress=show_progress)
             try:
                 data = load_movielens(self.dataset, **filters, **options)
+                if positives is not None:
+                    positives["positives"] = (load_movielens(self.dataset, rating_threshold=threshold,
+                                                             min_user_interactions=0, **options)
+                                              if self.min_user_interactions or self.min_item_interactions else data)
                 # the unfiltered release comes from the cache MovieLens keeps (parsed once, ever)
                 return data, load_movielens(self.dataset, **everything, **options) if want_raw else None, None
             except ParameterError as e:  # load_movielens's ``name`` is this spec's ``dataset``
@@ -131,18 +138,10 @@ class DataSpec:
         kept: dict = {}
         data = Interactions.from_dataframe(frame, **columns, **filters, report=kept)
         logger.info("%s: %s", self.path, describe_kept(kept))
+        if positives is not None:
+            positives["positives"] = (Interactions.from_dataframe(frame, **columns, rating_threshold=threshold)
+                                      if self.min_user_interactions or self.min_item_interactions else data)
         return data, Interactions.from_dataframe(frame, **columns, **everything) if want_raw else None, kept
-
-    def load_positives(self, show_progress: bool = False) -> Interactions:
-        """The source's positive interactions (above the rating threshold) of every user: the
-        preprocessing without its minimums (what :func:`dropped_users` counts); reads the source again."""
-        spec = replace(self, min_user_interactions=0, min_item_interactions=0)
-        if spec.dataset is not None or spec.prepared is not None:
-            return spec.load(show_progress)  # MovieLens: parsed once, then from its cache
-        threshold = spec.rating_threshold if spec.rating_col else None
-        return Interactions.from_dataframe(read_table(spec.path, sep=spec.sep), user_col=spec.user_col,
-                                           item_col=spec.item_col, rating_col=spec.rating_col,
-                                           rating_threshold=threshold, source=str(spec.path))
 
 
 @dataclass
@@ -301,9 +300,10 @@ def _split(config: RunConfig, interactions: Interactions):
 def _load(config: RunConfig, show_progress: bool = False):
     """What a run directory is made of: ``(split, seen, kept, dropped)`` (see :func:`load_split`
     and :func:`dropped_users`)."""
-    interactions, raw, kept = config.data.load_with_seen(show_progress, seen=True)
+    positives: dict = {}
+    interactions, raw, kept = config.data.load_with_seen(show_progress, seen=True, positives=positives)
     split = _split(config, interactions)
-    dropped = dropped_users(config.data, interactions, split, raw, show_progress)
+    dropped = dropped_users(config.data, positives.get("positives"), interactions, split, raw)
     return split, seen_interactions(split, raw), kept, dropped
 
 
@@ -311,19 +311,18 @@ def _load(config: RunConfig, show_progress: bool = False):
 DROP_REASONS = ("rating_threshold", "min_user_interactions", "min_item_interactions", "split")
 
 
-def dropped_users(data: DataSpec, interactions: Interactions, split, raw: Interactions | None,
-                  show_progress: bool = False) -> pd.DataFrame | None:
+def dropped_users(data: DataSpec, positives: Interactions | None, interactions: Interactions, split,
+                  raw: Interactions | None) -> pd.DataFrame | None:
     """The users of ``data``'s source that the run does not know, as ``(user, interactions,
     reason)`` rows: no rating above the threshold (``rating_threshold``, 0 interactions), fewer
     positive interactions than the user minimum (``min_user_interactions``, their count), every
     item dropped by the item minimum (``min_item_interactions``), or a held-out user with too few
     items on the training catalogue to hold any out (``split``, their count there).
+    ``positives``: the source's positives of every user (see :meth:`DataSpec.load_with_seen`);
     ``interactions``: the preprocessed data ``split`` was made of; ``raw``: the source at any
     rating (None without a threshold). None for prepared data (its source is not at hand)."""
-    if data.prepared is not None:
+    if data.prepared is not None or positives is None:
         return None
-    minimums = data.min_user_interactions > 0 or data.min_item_interactions > 0
-    positives = data.load_positives(show_progress) if minimums else interactions
     parts = []
     if raw is not None:
         none = ~pd.Index(raw.user_ids).isin(positives.user_ids)
@@ -479,9 +478,10 @@ def write_run_dir(out: str | os.PathLike, config: RunConfig, split, result: RunR
         run_dir.empty()
         dropped = None
         if seen is None:
-            interactions, raw, kept = config.data.load_with_seen(seen=True)
+            positives: dict = {}
+            interactions, raw, kept = config.data.load_with_seen(seen=True, positives=positives)
             seen = seen_interactions(split, raw)
-            dropped = dropped_users(config.data, interactions, split, raw)
+            dropped = dropped_users(config.data, positives.get("positives"), interactions, split, raw)
         run_dir.write_description(_description(config, split, kept), split, seen, dropped)
         if extra is not None:
             extra(run_dir)

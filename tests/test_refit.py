@@ -116,6 +116,7 @@ def test_refit_takes_the_best_epoch_and_parameters_of_the_run(base, final, log, 
     scores = base_history["val_ndcg@100"].to_numpy()
     best = int(base_history["epoch"][int(np.argmax(scores))])  # the first epoch of the highest score
     assert best == RunDir(base).load_model().best_epoch_
+    assert best < read(base / "run.json")["params"]["epochs"]  # kept by validation, before the run's last epoch
     description = read(final / "run.json")
     assert description["refit_of"] == {"run": str(base), "best_epoch": best}
     assert description["split_settings"]["holdout"] == "none"
@@ -327,8 +328,8 @@ def test_dropped_users_names_those_the_split_left_out():
                                                                  for j in range(3)]
     data = Interactions.from_dataframe(pd.DataFrame(rows, columns=["user", "item"]), min_user_interactions=5)
     split = strong_generalization_split(data, n_heldout_users=12, seed=0)
-    spec = DataSpec(path="unused.csv", rating_col=None, rating_threshold=None, min_user_interactions=0)
-    table = dropped_users(spec, data, split, raw=None)
+    spec = DataSpec(path="unused.csv", rating_col=None, rating_threshold=None)
+    table = dropped_users(spec, data, data, split, raw=None)
     known = set(split.train.user_ids) | set(split.validation.user_ids) | set(split.test.user_ids)
     left_out = sorted(set(data.user_ids) - known)
     assert left_out and all(u >= 100 for u in left_out)

@@ -78,7 +78,7 @@ def run(args) -> int:
     except MissingDependencyError as e:
         raise CLIError(str(e)) from None
     finally:
-        if made is not None:
+        if made:
             made[0].remove_if_empty(parent=made[1])
     if not main:
         return 0
@@ -101,10 +101,14 @@ def default_out(args, config):
     time), made now and printed first; ``args`` then carry it, so stop messages and resume
     commands name it. Returns the :class:`~recvae.rundir.RunDir` and whether runs/ was made too
     (the options are checked first: a bad one makes no directory)."""
+    from recvae.cli.common import logger
     from recvae.experiment import check_config
+    from recvae.models.base import Recommender
     from recvae.rundir import RunDir, new_run_dir
 
-    check_config(config)
+    if type(check_config(config)).save is Recommender.save:  # a registered model without save(): nothing to keep
+        logger.info("%s has no save(): no run directory is written (the model is not kept)", config.model)
+        return None
     new_parent = not os.path.isdir("runs")
     path = new_run_dir("runs", "-".join("_".join(part.split()) for part in (config.data.name, config.model)))
     args.out = str(path)
