@@ -1,4 +1,5 @@
-"""One training run end to end: load data, split as the paper, fit, evaluate, keep the run.
+"""One training run end to end: load data, split as the paper, fit, evaluate, keep the run;
+or train on every user (``holdout="none"``), and :func:`refit` a finished run that way.
 
 What a run directory holds and how it is written, read and locked: :mod:`recvae.rundir`. This
 module decides what a run does (the paper's protocol, resume, the order of the steps); the
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from recvae import __version__, distributed
@@ -24,14 +26,15 @@ from recvae.errors import ParameterError
 from recvae.data import Interactions, load_movielens, read_table
 from recvae.data.interactions import describe_kept
 from recvae.data.prepared import load_prepared, read_prepared_description
-from recvae.data.splits import strong_generalization_split
+from recvae.data.splits import NoHoldout, no_holdout, strong_generalization_split
 from recvae.evaluation import EvaluationResult, evaluate
 from recvae.models import make_model
 from recvae.models.device import resolve_device
 from recvae.models.registry import default_params, is_neural
 from recvae.models.training_loop import CheckpointMismatch, NonFiniteLossError
 from recvae.optional import available, require
-from recvae.rundir import CHECKPOINT_FILE, CURVE_FILE, RUN_JSON, RunDir, RunFinished
+from recvae.fileio import read_json
+from recvae.rundir import CHECKPOINT_FILE, CURVE_FILE, METRICS_FILE, RUN_JSON, RunDir, RunFinished
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +42,12 @@ REPORT_METRICS = ("recall@20", "recall@50", "ndcg@100")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 #: model parameters a resumed run may change (see MultVAE.fit); the rest must equal run.json's
 RESUMABLE_PARAMS = ("epochs", "patience", "lr", "device", "precision", "show_progress", "eval_batch_size")
+#: ``RunConfig.holdout``: the paper's held-out validation and test users, or none (every user trains)
+HOLDOUTS = ("users", "none")
 
-__all__ = ["DataSpec", "RunConfig", "RunResult", "RunFinished", "ResumeMismatch", "run", "load_split",
-           "fit_and_evaluate", "write_run_dir", "load_run", "make_model", "REPORT_METRICS"]
+__all__ = ["DataSpec", "RunConfig", "RunResult", "RunFinished", "ResumeMismatch", "run", "refit", "refit_config",
+           "check_config", "load_split", "fit_and_evaluate", "write_run_dir", "load_run", "make_model",
+           "dropped_users", "REPORT_METRICS"]
 
 
 class ResumeMismatch(ValueError):
@@ -97,13 +103,16 @@ class DataSpec:
     def load(self, show_progress: bool = False) -> Interactions:
         return self.load_with_seen(show_progress, seen=False)[0]
 
-    def load_with_seen(self, show_progress: bool = False, seen: bool = True) -> tuple[Interactions, Interactions | None,
-                                                                                       dict | None]:
+    def load_with_seen(self, show_progress: bool = False, seen: bool = True, positives: dict | None = None,
+                       ) -> tuple[Interactions, Interactions | None, dict | None]:
         """The preprocessed interactions; with ``seen`` and a rating threshold, every interaction
         of the source at any rating (what ``recommend`` must not offer again), from one read of
         the source (None without a threshold: the positives are all the source holds; or for a
         prepared directory); and what preprocessing kept and dropped (a file's report, see
-        :func:`~recvae.data.interactions.describe_kept`; None for MovieLens and prepared data)."""
+        :func:`~recvae.data.interactions.describe_kept`; None for MovieLens and prepared data).
+        ``positives`` (a dict) receives, under ``"positives"``, the source's positive interactions
+        of every user, the preprocessing without its minimums (what :func:`dropped_users` counts),
+        from the same read (not for prepared data)."""
         if self.prepared is not None:
             return load_prepared(self.prepared), None, None
         threshold = self.rating_threshold if (self.dataset is not None or self.rating_col) else None
@@ -115,6 +124,10 @@ class DataSpec:
             options = dict(data_dir=self.data_dir, show_progress=show_progress)
             try:
                 data = load_movielens(self.dataset, **filters, **options)
+                if positives is not None:
+                    positives["positives"] = (load_movielens(self.dataset, rating_threshold=threshold,
+                                                             min_user_interactions=0, **options)
+                                              if self.min_user_interactions or self.min_item_interactions else data)
                 # the unfiltered release comes from the cache MovieLens keeps (parsed once, ever)
                 return data, load_movielens(self.dataset, **everything, **options) if want_raw else None, None
             except ParameterError as e:  # load_movielens's ``name`` is this spec's ``dataset``
@@ -125,6 +138,9 @@ class DataSpec:
         kept: dict = {}
         data = Interactions.from_dataframe(frame, **columns, **filters, report=kept)
         logger.info("%s: %s", self.path, describe_kept(kept))
+        if positives is not None:
+            positives["positives"] = (Interactions.from_dataframe(frame, **columns, rating_threshold=threshold)
+                                      if self.min_user_interactions or self.min_item_interactions else data)
         return data, Interactions.from_dataframe(frame, **columns, **everything) if want_raw else None, kept
 
 
@@ -136,13 +152,17 @@ class RunConfig:
     split_seed: int = 0
     n_heldout_users: int | None = None
     ks: tuple = (20, 50, 100)
+    # "users": the paper's held-out validation and test users; "none": every user trains for the
+    # model's fixed number of epochs (no validation, no early stopping, no test)
+    holdout: str = "users"
+    refit_of: dict | None = None  # a refit (see refit): the run its settings came from, its best epoch
 
 
 @dataclass
 class RunResult:
     model: object
     validation: EvaluationResult | None
-    test: EvaluationResult
+    test: EvaluationResult | None  # None without held-out users (holdout "none")
     train_seconds: float
     split: object  # the StrongSplit the model was trained and evaluated on
     error: NonFiniteLossError | None = None  # training diverged; the model is its best epoch before
@@ -161,8 +181,7 @@ def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: 
     epoch writes the whole run directory with that epoch's model, then raises the
     :class:`NonFiniteLossError`; at epoch 1 it removes what this run wrote.
     """
-    estimator = make_model(config.model, **config.params)
-    config.data.check_optional()
+    estimator = check_config(config)
     if out is None and (resume or overwrite or keep_checkpoint):
         raise ValueError("resume, overwrite and keep_checkpoint need a run directory (out)")
     if resume and overwrite:
@@ -176,7 +195,7 @@ def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: 
         logger.warning("matplotlib is not installed: no learning_curve.png (pip install 'recvae[plot]')")
     if run_dir is None:
         return fit_and_evaluate(load_split(config, show_progress), estimator, ks=config.ks, raise_error=True)
-    split, seen, kept = load_split(config, show_progress, with_seen=True)
+    split, seen, kept, dropped = _load(config, show_progress)
     created = not run_dir.path.exists()
     with run_dir.lock() if main else contextlib.nullcontext():
         state = run_dir.state()
@@ -186,7 +205,7 @@ def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: 
                 run_dir.empty()
                 state = "empty"
             if state in ("absent", "empty"):
-                run_dir.write_description(_description(config, split, kept), split, seen)
+                run_dir.write_description(_description(config, split, kept), split, seen, dropped)
         resume_from = None
         if resume and (run_dir.path / CHECKPOINT_FILE).is_file():
             resume_from = run_dir.read_checkpoint(map_location=resolve_device(estimator.device))
@@ -211,6 +230,22 @@ def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: 
     if result.error is not None:
         raise result.error
     return result
+
+
+def check_config(config: RunConfig):
+    """``config``'s model (unfitted), once its hyperparameters, holdout and optional packages
+    are checked: what :func:`run` checks before it reads or writes anything."""
+    estimator = make_model(config.model, **config.params)
+    config.data.check_optional()
+    if config.holdout not in HOLDOUTS:
+        raise ParameterError("holdout", f"expected one of {', '.join(HOLDOUTS)}, got {config.holdout!r}")
+    if config.holdout == "none":
+        if config.n_heldout_users is not None:
+            raise ParameterError("n_heldout_users", "holdout 'none' holds out no user; give one or the other")
+        if config.params.get("patience") is not None:
+            raise ParameterError("patience", "early stopping needs validation users, and holdout 'none' holds out "
+                                             "none: every user trains for the fixed number of epochs")
+    return estimator
 
 
 def _check_run_dir(run_dir: RunDir, config: RunConfig, resume: bool, overwrite: bool, locked: bool = False) -> None:
@@ -242,16 +277,70 @@ def _check_run_dir(run_dir: RunDir, config: RunConfig, resume: bool, overwrite: 
 
 
 def load_split(config: RunConfig, show_progress: bool = False, with_seen: bool = False):
-    """``config``'s data, read and split as the paper (its ``split_seed``, ``n_heldout_users``);
+    """``config``'s data, read and split as the paper (its ``split_seed``, ``n_heldout_users``),
+    or every user in training with ``holdout="none"`` (a :class:`~recvae.data.splits.NoHoldout`);
     refused when the catalogue is smaller than the largest cutoff, as the run would train, then
     fail to evaluate. ``with_seen``: ``(split, seen, kept)``, the run's seen items from the same
     read (:func:`seen_interactions`) and what preprocessing kept."""
     interactions, raw, kept = config.data.load_with_seen(show_progress, seen=with_seen)
+    split = _split(config, interactions)
+    return (split, seen_interactions(split, raw), kept) if with_seen else split
+
+
+def _split(config: RunConfig, interactions: Interactions):
+    if config.holdout == "none":
+        return no_holdout(interactions)
     split = strong_generalization_split(interactions, n_heldout_users=config.n_heldout_users, seed=config.split_seed)
     if max(config.ks) > split.train.n_items:
         raise ValueError(f"data {config.data.name}: {split.train.n_items} items after preprocessing, fewer than "
                          f"the largest cutoff of the metrics (K = {max(config.ks)}, ks={list(config.ks)})")
-    return (split, seen_interactions(split, raw), kept) if with_seen else split
+    return split
+
+
+def _load(config: RunConfig, show_progress: bool = False):
+    """What a run directory is made of: ``(split, seen, kept, dropped)`` (see :func:`load_split`
+    and :func:`dropped_users`)."""
+    positives: dict = {}
+    interactions, raw, kept = config.data.load_with_seen(show_progress, seen=True, positives=positives)
+    split = _split(config, interactions)
+    dropped = dropped_users(config.data, positives.get("positives"), interactions, split, raw)
+    return split, seen_interactions(split, raw), kept, dropped
+
+
+#: why a user of the source is not a user of the run (``dropped_users.csv``'s ``reason``)
+DROP_REASONS = ("rating_threshold", "min_user_interactions", "min_item_interactions", "split")
+
+
+def dropped_users(data: DataSpec, positives: Interactions | None, interactions: Interactions, split,
+                  raw: Interactions | None) -> pd.DataFrame | None:
+    """The users of ``data``'s source that the run does not know, as ``(user, interactions,
+    reason)`` rows: no rating above the threshold (``rating_threshold``, 0 interactions), fewer
+    positive interactions than the user minimum (``min_user_interactions``, their count), every
+    item dropped by the item minimum (``min_item_interactions``), or a held-out user with too few
+    items on the training catalogue to hold any out (``split``, their count there).
+    ``positives``: the source's positives of every user (see :meth:`DataSpec.load_with_seen`);
+    ``interactions``: the preprocessed data ``split`` was made of; ``raw``: the source at any
+    rating (None without a threshold). None for prepared data (its source is not at hand)."""
+    if data.prepared is not None or positives is None:
+        return None
+    parts = []
+    if raw is not None:
+        none = ~pd.Index(raw.user_ids).isin(positives.user_ids)
+        parts.append((raw.user_ids[none], np.zeros(int(none.sum()), dtype=np.int64), "rating_threshold"))
+    out = ~pd.Index(positives.user_ids).isin(interactions.user_ids)
+    counts = np.diff(positives.matrix.indptr)[out]
+    for reason, pick in (("min_user_interactions", counts < data.min_user_interactions),
+                         ("min_item_interactions", counts >= data.min_user_interactions)):
+        parts.append((positives.user_ids[out][pick], counts[pick], reason))
+    known = np.concatenate([np.asarray(h.user_ids) for h in (split.train, split.validation, split.test)])
+    rows = np.flatnonzero(~pd.Index(interactions.user_ids).isin(known))
+    if rows.size:
+        cols = interactions.item_index(np.asarray(split.item_ids))
+        on_catalogue = np.diff(interactions.matrix[rows][:, cols].tocsr().indptr)
+        parts.append((interactions.user_ids[rows], on_catalogue, "split"))
+    users = np.concatenate([np.asarray(u, dtype=object) for u, _, _ in parts])
+    return pd.DataFrame({"user": users, "interactions": np.concatenate([c for _, c, _ in parts]).astype(np.int64),
+                         "reason": np.concatenate([[r] * len(u) for u, _, r in parts]).astype(object)})
 
 
 def fit_and_evaluate(split, estimator, ks=(20, 50, 100), callbacks=(), resume_from: dict | None = None,
@@ -264,11 +353,12 @@ def fit_and_evaluate(split, estimator, ks=(20, 50, 100), callbacks=(), resume_fr
     returns the error in ``RunResult.error`` (raised after the evaluation with ``raise_error``).
     """
     error = None
+    heldout = not isinstance(split, NoHoldout)  # holdout "none": nothing to validate or test
     start = time.perf_counter()
     if fit:
         extra = {"callbacks": callbacks, "resume_from": resume_from} if callbacks or resume_from else {}
         try:
-            estimator.fit(split.train, validation=split.validation, **extra)
+            estimator.fit(split.train, validation=split.validation if heldout else None, **extra)
         except NonFiniteLossError as e:
             if e.kept_epoch is None:
                 raise
@@ -276,8 +366,8 @@ def fit_and_evaluate(split, estimator, ks=(20, 50, 100), callbacks=(), resume_fr
     # a resumed run reports the time of all its segments: the earlier epochs' own timings
     earlier = (resume_from or {}).get("history", []) if fit else getattr(estimator, "history_", None) or []
     train_seconds = time.perf_counter() - start + sum(_epoch_seconds(h) for h in earlier)
-    val = evaluate(estimator, split.validation, ks=ks)
-    test = evaluate(estimator, split.test, ks=ks)
+    val = evaluate(estimator, split.validation, ks=ks) if heldout else None
+    test = evaluate(estimator, split.test, ks=ks) if heldout else None
     result = RunResult(estimator, val, test, train_seconds, split, error)
     if raise_error and error is not None:
         raise error
@@ -292,8 +382,8 @@ def resume_differences(config: RunConfig, saved: dict) -> list[tuple[str, object
     """``(setting, saved, now)`` for each setting of ``config`` a resume may not change."""
     now = _description(config)
     diff = [(f"data.{k}", v, now["data"].get(k)) for k, v in saved.get("data", {}).items() if v != now["data"].get(k)]
-    split_now = {"split_seed": config.split_seed, "n_heldout_users": config.n_heldout_users}
-    split_saved = saved.get("split_settings", {})
+    split_now = {"split_seed": config.split_seed, "n_heldout_users": config.n_heldout_users, "holdout": config.holdout}
+    split_saved = {"holdout": "users", **saved.get("split_settings", {})}  # runs from before holdout: users
     diff += [(k, split_saved.get(k), v) for k, v in split_now.items() if split_saved.get(k) != v]
     if saved.get("model") != config.model:
         return diff + [("model", saved.get("model"), config.model)]
@@ -313,11 +403,14 @@ def _description(config: RunConfig, split=None, kept: dict | None = None) -> dic
     description = {
         "recvae_version": __version__,
         "data": asdict(config.data),
-        "split_settings": {"split_seed": config.split_seed, "n_heldout_users": config.n_heldout_users},
+        "split_settings": {"split_seed": config.split_seed, "n_heldout_users": config.n_heldout_users,
+                           "holdout": config.holdout},
         "model": config.model,
         "params": config.params,
         "ks": list(config.ks),
     }
+    if config.refit_of is not None:
+        description["refit_of"] = config.refit_of
     if kept is not None:
         description["kept"] = kept  # what preprocessing kept and each rule dropped
     if split is not None:
@@ -339,7 +432,7 @@ def write_results(run_dir: RunDir, result: RunResult, plot: bool = True, keep_ch
     run_dir.write_metrics({
         "train_seconds": result.train_seconds,
         "validation": result.validation.to_dict() if result.validation else None,
-        "test": result.test.to_dict(),
+        "test": result.test.to_dict() if result.test else None,
         "ended": "completed" if result.error is None else str(result.error),
     })
     if curve and plot:
@@ -383,10 +476,13 @@ def write_run_dir(out: str | os.PathLike, config: RunConfig, split, result: RunR
     with contextlib.nullcontext() if locked else run_dir.lock():
         run_dir.check_writable_for(overwrite=overwrite)
         run_dir.empty()
+        dropped = None
         if seen is None:
-            _, raw, kept = config.data.load_with_seen(seen=True)
+            positives: dict = {}
+            interactions, raw, kept = config.data.load_with_seen(seen=True, positives=positives)
             seen = seen_interactions(split, raw)
-        run_dir.write_description(_description(config, split, kept), split, seen)
+            dropped = dropped_users(config.data, positives.get("positives"), interactions, split, raw)
+        run_dir.write_description(_description(config, split, kept), split, seen, dropped)
         if extra is not None:
             extra(run_dir)
         write_results(run_dir, result, plot and available("matplotlib"), history=True)
@@ -397,3 +493,72 @@ def load_run(run_dir: str | os.PathLike, device=None) -> tuple[object, dict]:
     """The fitted model of a run directory and its ``run.json`` description; ``device`` (neural
     models) overrides the device stored with the model. Errors name the file at fault."""
     return RunDir(run_dir).load_finished(device=device)
+
+
+# -- refit: the chosen settings on every user ------------------------------------------------
+
+def holdout_of(description: dict) -> str:
+    """A run's holdout (``run.json``): ``users`` or ``none``; runs from before the setting held users out."""
+    return description.get("split_settings", {}).get("holdout", "users")
+
+
+def refit_config(run_dir: str | os.PathLike, show_progress: bool = False, device: str | None = None) -> RunConfig:
+    """The settings that retrain the finished run ``run_dir`` on every user of the same data:
+    its data source and preprocessing, model and hyperparameters, with ``holdout="none"`` and, for
+    a neural model, ``epochs`` = the epoch its model was kept from (by validation; no early
+    stopping). Refused, naming the directory: not a run directory, a run that has not finished
+    (or stopped on a non-finite loss), a damaged one (its files are read and checked), or a run
+    that has no held-out users already."""
+    source = RunDir(run_dir)
+    description = source.read_description()  # not a run directory / a damaged run.json: one line naming it
+    if holdout_of(description) == "none":
+        origin = description.get("refit_of") or {}
+        note = f" (a refit of {origin['run']})" if origin.get("run") else ""
+        raise ValueError(f"RUN_DIR {run_dir}: the run has no held-out users already{note}: it trained on every "
+                         "user, so there is nothing to refit")
+    if not source.completed():
+        raise ValueError(f"RUN_DIR {run_dir}: the run has not finished (no model or no {METRICS_FILE}); finish it "
+                         "with the `recvae train` command that started it plus --resume, then refit")
+    ended = read_json(source.file(METRICS_FILE)).get("ended", "completed")
+    if ended != "completed":
+        raise ValueError(f"RUN_DIR {run_dir}: its training did not complete ({ended}), so it has no best epoch "
+                         "to refit with; resume it with a lower --lr first")
+    model = source.load_model(device="cpu")  # a damaged or replaced model is refused by name
+    name = description["model"]
+    params = dict(description.get("params") or {})
+    best_epoch = None
+    if is_neural(name):
+        best_epoch = int(model.best_epoch_)
+        params["epochs"] = best_epoch
+        params.pop("patience", None)
+    accepted = default_params(name)
+    params.update({k: v for k, v in (("show_progress", show_progress), ("device", device))
+                   if k in accepted and (v is not None)})
+    try:
+        data = DataSpec(**description["data"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source.file(RUN_JSON)}: data: not a data description this recvae reads ({e})") from None
+    return RunConfig(data=data, model=name, params=params, split_seed=int(description.get("split_settings", {})
+                     .get("split_seed", 0)), ks=tuple(description.get("ks", (20, 50, 100))), holdout="none",
+                     refit_of={"run": str(run_dir), "best_epoch": best_epoch})
+
+
+def refit(run_dir: str | os.PathLike, out: str | os.PathLike, show_progress: bool = False, overwrite: bool = False,
+          resume: bool = False, keep_checkpoint: bool = False, device: str | None = None) -> RunResult:
+    """Retrain the finished run ``run_dir``'s model on every user of its data into the new run
+    directory ``out`` (settings: :func:`refit_config`; EASE and popularity simply fit on all
+    users) and return the result (no metrics: nothing is held out). ``out``'s ``run.json``
+    records ``holdout: "none"`` and ``refit_of`` (the run, its best epoch). ``overwrite``,
+    ``resume`` and ``keep_checkpoint`` are :func:`run`'s, for ``out``."""
+    config = refit_config(run_dir, show_progress=show_progress, device=device)
+    if Path(out).absolute().resolve() == Path(run_dir).absolute().resolve():
+        raise ParameterError("out", f"{out} is the run being refit; write the refit to another directory")
+    result = run(config, out, show_progress=show_progress, resume=resume, overwrite=overwrite,
+                 keep_checkpoint=keep_checkpoint)
+    before = read_json(RunDir(run_dir).file(RUN_JSON)).get("split", {})
+    then = sum(int(before.get(k, {}).get(n, 0)) for k, n in (("train", "n_users"), ("validation", "n_users_drawn"),
+                                                                ("test", "n_users_drawn")))
+    if then and then != result.split.train.n_users:
+        logger.warning("%s: the data now hold %d users after preprocessing, the run %s had %d: its source changed",
+                       out, result.split.train.n_users, run_dir, then)
+    return result

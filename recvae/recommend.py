@@ -323,6 +323,7 @@ class RunRecommender:
         self.popularity = np.asarray(train.matrix.sum(axis=0), dtype=np.float32).ravel() / max(train.n_users, 1)
         metrics = run.file(METRICS_FILE)
         self.metrics = read_json(metrics) if metrics.is_file() else None
+        self.dropped = run.load_dropped()  # users of the source the run left out, and why (None: not known)
 
     @property
     def n_items(self) -> int:
@@ -345,6 +346,35 @@ class RunRecommender:
         if (rows < 0).any() or not np.array_equal(np.asarray(seen.item_ids), self.item_ids):
             raise ValueError(f"{path}: its users or items do not match the run's")
         return ((seen.matrix[rows] + self.known) > 0).astype(np.float32).tocsr()
+
+    def why_dropped(self, users) -> list[str | None]:
+        """For each of ``users`` (ids not of the run), why the run does not know it when it is a
+        user of the source that preprocessing or the split left out (``dropped_users.csv``), e.g.
+        ``dropped by preprocessing (3 interactions, fewer than --min-user-interactions 5)``; None
+        for a user the source never had (or a run that does not know its dropped users)."""
+        if self.dropped is None or not len(users):
+            return [None] * len(users)
+        converted, bad = convert_ids(self.dropped["user"], self.user_ids)
+        known = pd.Index(converted[~bad])
+        rows, _, _ = match_ids(list(users), known)
+        table = self.dropped[~bad].reset_index(drop=True)
+        return [None if r < 0 else self._drop_reason(table["reason"][r], int(table["interactions"][r]))
+                for r in rows]
+
+    def _drop_reason(self, reason: str, n: int) -> str:
+        data = self.data
+        if reason == "rating_threshold":
+            return f"dropped by preprocessing (no rating above --rating-threshold {data.get('rating_threshold'):g})"
+        if reason == "min_user_interactions":
+            return (f"dropped by preprocessing ({n} interactions, fewer than --min-user-interactions "
+                    f"{data.get('min_user_interactions')})")
+        if reason == "min_item_interactions":
+            return (f"dropped by preprocessing (its {n} interactions were all on items with fewer than "
+                    f"--min-item-interactions {data.get('min_item_interactions')})")
+        if reason == "split":
+            return (f"dropped by the split (a held-out user with {n} interactions on the training users' items, "
+                    "too few to hold any out)")
+        return f"dropped ({reason})"
 
     # -- id lookups ---------------------------------------------------------------------------
     def user_rows(self, values) -> tuple[np.ndarray, np.ndarray]:

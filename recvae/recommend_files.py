@@ -16,7 +16,7 @@ from recvae.data import read_table
 from recvae.fileio import atomic_path
 from recvae.optional import MissingDependencyError, require
 from recvae.recommend import COLUMNS, Histories, RunRecommender, log_unknown
-from recvae.rundir import check_not_in_run
+from recvae.rundir import DROPPED_FILE, check_not_in_run
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,9 @@ def read_histories(run: RunRecommender, path, kind: str = "input", user_col=None
     user_rows[position] = rows
     empty = np.zeros((0, 2), dtype=np.int64)
     if users_only:
-        log_unknown("user ids", np.asarray(users)[user_rows < 0], len(users))
+        new = np.flatnonzero(user_rows < 0)
+        dropped = log_dropped(run, np.asarray(users)[new], np.zeros(len(new), dtype=bool))
+        log_unknown("user ids", np.asarray(users)[new[~dropped]], len(users))
         return run.histories(np.asarray(users), user_rows, empty, empty)
     codes = run.item_codes(frame[item_col], lambda j: f"{flag} {path}: {locate(j)}, column {item_col!r} (--item-col)")
     unknown = codes < 0
@@ -77,10 +79,31 @@ def read_histories(run: RunRecommender, path, kind: str = "input", user_col=None
                            f"expected a number, got {frame[rating_col].iloc[j]!r}")
         positive &= ratings > float(threshold)  # a missing rating is not a positive
     pairs = np.column_stack([position, codes])
-    new = int((user_rows < 0).sum())
-    if new:
-        logger.info("%d user(s) not in the run: recommended from the file's rows alone", new)
+    new = np.flatnonzero(user_rows < 0)
+    if new.size:
+        with_rows = np.isin(new, position[positive])
+        log_dropped(run, np.asarray(users)[new], with_rows)
+        logger.info("%d user(s) not in the run: recommended from the file's rows alone", new.size)
     return run.histories(np.asarray(users), user_rows, pairs[positive], pairs[~unknown & ~positive])
+
+
+#: dropped users named one by one in the log; the rest are counted
+DROPPED_SHOWN = 5
+
+
+def log_dropped(run: RunRecommender, users: np.ndarray, with_rows: np.ndarray) -> np.ndarray:
+    """One warning per user of the source that the run left out (why, and what they get: the
+    file's rows when ``with_rows``, else popular items), the first few by name and the rest
+    counted; returns which of ``users`` were dropped ones."""
+    reasons = run.why_dropped(users)
+    dropped = np.array([r is not None for r in reasons], dtype=bool)
+    for j in np.flatnonzero(dropped)[:DROPPED_SHOWN]:
+        what = "recommending from the file's rows" if with_rows[j] else "recommending popular items"
+        logger.warning("user %s: %s; %s", users[j], reasons[j], what)
+    if dropped.sum() > DROPPED_SHOWN:
+        logger.warning("%d more users dropped by preprocessing or the split (each with its reason in %s)",
+                       dropped.sum() - DROPPED_SHOWN, run.run_dir / DROPPED_FILE)
+    return dropped
 
 
 def check_output(output: str, inputs=()) -> None:

@@ -8,6 +8,7 @@ A run directory holds everything needed later::
     validation.npz      held-out validation users (fold-in and held-out items)
     test.npz            held-out test users
     seen.npz            every interaction of the run's users at any rating (items `recommend` excludes)
+    dropped_users.csv   users of the source that preprocessing or the split left out, and why
     history.csv/.json   per-epoch history (neural models)
     metrics.json        validation and test metrics (mean, stderr, n_users)
     learning_curve.png  loss, KL, beta and validation NDCG@100 per epoch (needs matplotlib)
@@ -39,7 +40,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from recvae import signals
-from recvae.data import Interactions
+from recvae.data import Interactions, read_table
 from recvae.data.splits import HeldOutUsers
 from recvae.fileio import (
     atomic_write, ensure_writable_dir, is_temporary, read_json, read_npz, read_torch, write_bytes, write_json,
@@ -56,6 +57,7 @@ TRAIN_FILE = "train.npz"
 VALIDATION_FILE = "validation.npz"
 TEST_FILE = "test.npz"
 SEEN_FILE = "seen.npz"
+DROPPED_FILE = "dropped_users.csv"
 HISTORY_CSV = "history.csv"
 HISTORY_JSON = "history.json"
 METRICS_FILE = "metrics.json"
@@ -64,7 +66,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 TUNING_FILE = "tuning.csv"
 LOCK_FILE = ".recvae.lock"
 #: what a run directory may hold at its top level
-RUN_FILES = {RUN_JSON, MODEL_DIR, TRAIN_FILE, SEEN_FILE, VALIDATION_FILE, TEST_FILE, HISTORY_CSV, HISTORY_JSON,
+RUN_FILES = {RUN_JSON, MODEL_DIR, TRAIN_FILE, SEEN_FILE, DROPPED_FILE, VALIDATION_FILE, TEST_FILE, HISTORY_CSV, HISTORY_JSON,
              METRICS_FILE, CURVE_FILE, CHECKPOINT_FILE, TUNING_FILE}
 #: what the model folder may hold (the files of every model class's save())
 MODEL_FILES = {MODEL_FILE, "weights.pt", "arrays.npz"}
@@ -94,6 +96,22 @@ def check_not_in_run(path: str | os.PathLike, flag: str) -> None:
                 raise ValueError(f"{flag} {path}: is {p.relative_to(parent)} of the run directory {parent}; "
                                  "choose a path outside the run's files")
             return
+
+
+def new_run_dir(parent: str | os.PathLike, stem: str) -> Path:
+    """A new, empty run directory ``parent/<stem>-<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``, ... added
+    when taken), created here: two commands started in the same second get two directories."""
+    parent = Path(parent)
+    name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    ensure_dir(parent)
+    for n in range(1, 1000):
+        path = parent / (name if n == 1 else f"{name}-{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise ValueError(f"--out: {parent} already holds 999 runs named {name}; give --out")
 
 
 class RunDir:
@@ -155,6 +173,11 @@ class RunDir:
         if self.file(MODEL_DIR).joinpath(MODEL_FILE).is_file():
             return "trained"
         return "described"
+
+    def completed(self) -> bool:
+        """Whether the run trained and was evaluated: its model and ``metrics.json`` are there
+        (a checkpoint kept with ``--keep-checkpoint`` may be too)."""
+        return self.has_model() and self.file(METRICS_FILE).is_file()
 
     # -- what a command may do with it -------------------------------------------------------
     def check_writable_for(self, resume: bool = False, overwrite: bool = False, resumable: bool = True) -> None:
@@ -218,6 +241,15 @@ class RunDir:
                     if is_temporary(p.name) and p.is_file():
                         p.unlink()
 
+    def remove_if_empty(self, parent: bool = False) -> None:
+        """Remove the directory when it holds nothing (what a failed start left of a new one);
+        with ``parent``, its parent folder too when that is left empty."""
+        with contextlib.suppress(OSError):
+            if not self.entries():
+                self.path.rmdir()
+                if parent:
+                    self.path.parent.rmdir()
+
     def empty(self) -> None:
         """Remove the run's files (only; the caller checked there is nothing else)."""
         if not self.path.is_dir():
@@ -228,12 +260,15 @@ class RunDir:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
     # -- writes ------------------------------------------------------------------------------
-    def write_description(self, description: dict, split, seen: Interactions) -> None:
-        """What the run is, before it trains: the split's interactions, then ``run.json``."""
+    def write_description(self, description: dict, split, seen: Interactions, dropped=None) -> None:
+        """What the run is, before it trains: the split's interactions, the users left out
+        (``dropped``: a DataFrame ``user, interactions, reason``, None when not known), then ``run.json``."""
         split.train.save(self.file(TRAIN_FILE))
         save_heldout(self.file(VALIDATION_FILE), split.validation)
         save_heldout(self.file(TEST_FILE), split.test)
         seen.save(self.file(SEEN_FILE))
+        if dropped is not None:
+            write_bytes(self.file(DROPPED_FILE), dropped.to_csv(index=False).encode())
         write_json(self.file(RUN_JSON), description)
 
     def checkpoints(self):
@@ -333,6 +368,17 @@ class RunDir:
     def load_seen(self) -> Interactions | None:
         path = self.file(SEEN_FILE)
         return Interactions.load(path) if path.is_file() else None
+
+    def load_dropped(self):
+        """``dropped_users.csv`` as a DataFrame (``user`` as text, ``interactions``, ``reason``);
+        None for a run without one (older runs, prepared data)."""
+        path = self.file(DROPPED_FILE)
+        if not path.is_file():
+            return None
+        frame = read_table(path, id_cols=("user",))
+        if list(frame.columns) != ["user", "interactions", "reason"]:
+            raise ValueError(f"{path}: expected the columns user, interactions, reason; found {list(frame.columns)}")
+        return frame
 
 
 class _CheckpointWriter:

@@ -75,7 +75,8 @@ def toy():
     unregister("item-mean")
 
 
-def test_a_registered_model_is_one_class_and_one_line_and_the_cli_offers_it(toy, capsys, tmp_path):
+def test_a_registered_model_is_one_class_and_one_line_and_the_cli_offers_it(toy, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # train without --out writes its run under ./runs
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from recvae import __version__
-from recvae.cli import datasets, evaluate, prepare, recommend, serve, similar, train, tune
+from recvae.cli import datasets, evaluate, prepare, recommend, refit, serve, similar, train, tune
 from recvae.cli.common import CLIError, add_data_options, data_spec_from_args
 from recvae.errors import ParameterError
 from recvae.optional import MissingDependencyError
@@ -23,7 +23,7 @@ from recvae.signals import Terminated, received, sigterm_raises, stopped_by
 __all__ = ["main", "build_parser", "CLIError", "add_data_options", "data_spec_from_args"]
 
 logger = logging.getLogger("recvae")
-COMMANDS = (datasets, train, tune, prepare, evaluate, recommend, similar, serve)
+COMMANDS = (datasets, train, tune, refit, prepare, evaluate, recommend, similar, serve)
 
 #: what a user gets wrong: bad input files, arguments, missing optional packages. Printed as one
 #: line (the traceback only with --debug); any other exception is a bug and shows its traceback.

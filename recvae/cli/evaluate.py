@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from recvae.cli.common import format_table
+import shlex
+
+from recvae.cli.common import CLIError, format_table
 
 
 def add_parser(sub, common) -> None:
@@ -16,9 +18,17 @@ def add_parser(sub, common) -> None:
 
 def run(args) -> int:
     from recvae.evaluation import evaluate
+    from recvae.experiment import holdout_of
     from recvae.rundir import RunDir
 
     run = RunDir(args.run_dir)
+    description = run.read_description()
+    if holdout_of(description) == "none":
+        origin = (description.get("refit_of") or {}).get("run")
+        where = (f"; its settings were chosen on the held-out users of {origin}: "
+                 f"{shlex.join(['recvae', 'evaluate', origin])}" if origin else "")
+        raise CLIError(f"RUN_DIR {args.run_dir}: the run has no held-out users (it trained on every user), so there "
+                       f"is nothing to evaluate{where}")
     model, description = run.load_finished(device=args.device)
     users = run.load_users(args.split, model)
     result = evaluate(model, users.fold_in, users.heldout, ks=tuple(description.get("ks", (20, 50, 100))))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import sys
 
@@ -19,7 +20,11 @@ def add_parser(sub, common) -> None:
     add_source_options(t)
     add_data_options(t)
     add_model_options(t)
-    t.add_argument("--out", metavar="RUN_DIR", help="write the run directory here (a new or empty directory)")
+    t.add_argument("--holdout", choices=("users", "none"), default="users",
+                   help="users (default): the paper's held-out validation and test users; none: every user trains "
+                        "for --epochs (no validation, early stopping or test), e.g. the model to deploy")
+    t.add_argument("--out", metavar="RUN_DIR",
+                   help="write the run directory here (a new or empty directory; default: a new runs/<data>-<model>-<time>)")
     mode = t.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="empty the run directory --out first")
     mode.add_argument("--resume", action="store_true",
@@ -42,10 +47,14 @@ def run(args) -> int:
     params = model_params_from_args(args)
     name = model_name(args)
     config = RunConfig(
-        data=spec, model=name, params=params, split_seed=args.split_seed, n_heldout_users=args.n_heldout_users
+        data=spec, model=name, params=params, split_seed=args.split_seed, n_heldout_users=args.n_heldout_users,
+        holdout=args.holdout,
     )
+    made = None  # the default --out this command made (removed again when a failure leaves it empty)
     try:
         with sigterm_raises(), distributed_training(name, params) as main:
+            if args.out is None and main:
+                made = default_out(args, config)
             result = run(config, out=args.out, show_progress=not args.quiet and main, resume=args.resume,
                          overwrite=args.overwrite, keep_checkpoint=args.keep_checkpoint)
     except (KeyboardInterrupt, Terminated) as e:
@@ -68,15 +77,44 @@ def run(args) -> int:
                        "use the options of the interrupted run") from None
     except MissingDependencyError as e:
         raise CLIError(str(e)) from None
+    finally:
+        if made:
+            made[0].remove_if_empty(parent=made[1])
     if not main:
         return 0
-    print(f"\n{config.model} on {spec.name}: trained in {result.train_seconds:.1f} s")
-    print(format_table({"validation": result.validation, "test": result.test}))
+    if config.holdout == "none":
+        train = result.split.train
+        print(f"\n{config.model} on {spec.name}: trained on all {train.n_users:,} users ({train.nnz:,} interactions) "
+              f"in {result.train_seconds:.1f} s; no held-out users, so no metrics")
+    else:
+        print(f"\n{config.model} on {spec.name}: trained in {result.train_seconds:.1f} s")
+        print(format_table({"validation": result.validation, "test": result.test}))
     if args.out:
         print(f"\nrun directory: {args.out}")
-    if args.show > 0:
+    if args.show > 0 and config.holdout != "none":
         print_examples(result, spec, args.show)
     return 0
+
+
+def default_out(args, config):
+    """Without --out: a new run directory under runs/ (named after the data, the model and the
+    time), made now and printed first; ``args`` then carry it, so stop messages and resume
+    commands name it. Returns the :class:`~recvae.rundir.RunDir` and whether runs/ was made too
+    (the options are checked first: a bad one makes no directory)."""
+    from recvae.cli.common import logger
+    from recvae.experiment import check_config
+    from recvae.models.base import Recommender
+    from recvae.rundir import RunDir, new_run_dir
+
+    if type(check_config(config)).save is Recommender.save:  # a registered model without save(): nothing to keep
+        logger.info("%s has no save(): no run directory is written (the model is not kept)", config.model)
+        return None
+    new_parent = not os.path.isdir("runs")
+    path = new_run_dir("runs", "-".join("_".join(part.split()) for part in (config.data.name, config.model)))
+    args.out = str(path)
+    args.argv = [*args.argv, "--out", args.out]
+    print(f"run directory: {args.out}", flush=True)
+    return RunDir(path), new_parent
 
 
 def model_lr(name: str) -> float:

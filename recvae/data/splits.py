@@ -113,6 +113,35 @@ class WeakSplit:
         }
 
 
+@dataclass(frozen=True, eq=False)
+class NoHoldout:
+    """Every user trains, none is held out (a run with ``holdout="none"``, e.g. a refit on all
+    the data): ``validation`` and ``test`` are empty (0 users over the training items), so
+    nothing is evaluated. The result of :func:`no_holdout`."""
+
+    train: Interactions
+    validation: HeldOutUsers
+    test: HeldOutUsers
+    item_ids: np.ndarray
+
+    def describe(self) -> dict:
+        return {
+            "protocol": "none",
+            "n_items": int(len(self.item_ids)),
+            "train": {"n_users": int(self.train.n_users), "n_interactions": int(self.train.nnz)},
+            "validation": self.validation._describe(),
+            "test": self.test._describe(),
+        }
+
+
+def no_holdout(interactions: Interactions) -> NoHoldout:
+    """Every user of ``interactions`` in training, no validation or test user."""
+    _check_interactions(interactions)
+    empty = sp.csr_matrix((0, interactions.n_items), dtype=np.float32)
+    none = HeldOutUsers(empty, empty.copy(), interactions.user_ids[:0])
+    return NoHoldout(interactions, none, none, interactions.item_ids)
+
+
 def default_n_heldout_users(n_users: int) -> int:
     """Validation users (and as many test users) for a dataset of ``n_users`` users.
 
