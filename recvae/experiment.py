@@ -23,6 +23,7 @@ from recvae import __version__, distributed
 from recvae.errors import ParameterError
 from recvae.data import Interactions, load_movielens, read_table
 from recvae.data.interactions import describe_kept
+from recvae.data.preprocessing import PAPER, Preprocessing
 from recvae.data.prepared import load_prepared, read_prepared_description
 from recvae.data.splits import strong_generalization_split
 from recvae.evaluation import EvaluationResult, evaluate
@@ -56,7 +57,8 @@ class ResumeMismatch(ValueError):
 
 @dataclass
 class DataSpec:
-    """Where interactions come from and how they are preprocessed (defaults: the paper's)."""
+    """Where interactions come from and how they are preprocessed (defaults: the paper's,
+    :class:`~recvae.data.Preprocessing`'s; ``run.json`` records the three rules as flat fields)."""
 
     dataset: str | None = None  # a MovieLens name, or None when `path` is given
     path: str | None = None  # an interaction file (CSV, TSV, ::, Parquet)
@@ -68,9 +70,9 @@ class DataSpec:
     item_col: str = "item"
     rating_col: str | None = "rating"
     sep: str | None = None
-    rating_threshold: float | None = 3.5
-    min_user_interactions: int = 5
-    min_item_interactions: int = 0
+    rating_threshold: float | None = PAPER.rating_threshold
+    min_user_interactions: int = PAPER.min_user_interactions
+    min_item_interactions: int = PAPER.min_item_interactions
 
     def __post_init__(self) -> None:
         if self.prepared is None and (self.dataset is None) == (self.path is None):
@@ -82,6 +84,11 @@ class DataSpec:
         recorded = read_prepared_description(prepared)["preprocessing"]
         known = {f.name for f in fields(cls)} - {"prepared"}
         return cls(**{k: v for k, v in recorded.items() if k in known}, prepared=str(prepared))
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The preprocessing rules of this spec."""
+        return Preprocessing(self.rating_threshold, self.min_user_interactions, self.min_item_interactions)
 
     @property
     def name(self) -> str:

@@ -76,9 +76,29 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--item-col", default="item", help="item column of --data (default 'item')")
     p.add_argument("--rating-col", default="rating", help="rating column of --data; 'none' for none")
     p.add_argument("--sep", help="separator of --data (default: from the extension)")
-    p.add_argument("--rating-threshold", type=float, default=3.5, help="keep ratings > this (paper: 3.5)")
-    p.add_argument("--min-user-interactions", type=int, default=5, help="drop users with fewer (paper: 5)")
-    p.add_argument("--min-item-interactions", type=int, default=0, help="drop items with fewer (paper: none)")
+    # no default here: an option not given leaves the library's (recvae.data.Preprocessing)
+    p.add_argument("--rating-threshold", type=float, action=_PaperDefault, help="keep ratings > this")
+    p.add_argument("--min-user-interactions", type=int, action=_PaperDefault, help="drop users with fewer")
+    p.add_argument("--min-item-interactions", type=int, action=_PaperDefault, help="drop items with fewer")
+
+
+#: the preprocessing options, by their library names (recvae.data.Preprocessing's fields)
+PREPROCESSING_OPTIONS = ("rating_threshold", "min_user_interactions", "min_item_interactions")
+
+
+class _PaperDefault(argparse._StoreAction):
+    """A preprocessing option: its default is the library's, shown in the help, read only when
+    help is shown (recvae.data imports pandas, which building the parser must not)."""
+
+    @property
+    def help(self):
+        from recvae.data.preprocessing import PAPER
+
+        return f"{self._help} (default, the paper's: {getattr(PAPER, self.dest)})"
+
+    @help.setter
+    def help(self, value):
+        self._help = value
 
 
 def data_spec_from_args(args):
@@ -94,6 +114,9 @@ def data_spec_from_args(args):
     user_col, item_col = args.user_col, args.item_col
     if args.data is not None:
         user_col, item_col, rating_col = recognised_columns(args, rating_col)
+    rules = {k: getattr(args, k) for k in PREPROCESSING_OPTIONS if getattr(args, k) is not None}
+    if not rating_col:
+        rules["rating_threshold"] = None  # no ratings: every row is a positive
     return DataSpec(
         dataset=args.dataset,
         path=args.data,
@@ -102,9 +125,7 @@ def data_spec_from_args(args):
         item_col=item_col,
         rating_col=rating_col,
         sep=args.sep,
-        rating_threshold=args.rating_threshold if rating_col else None,
-        min_user_interactions=args.min_user_interactions,
-        min_item_interactions=args.min_item_interactions,
+        **rules,
     )
 
 

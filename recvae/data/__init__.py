@@ -2,6 +2,7 @@
 
 from recvae.data.download import ChecksumError, DownloadError, download
 from recvae.data.interactions import Interactions, as_csr
+from recvae.data.preprocessing import Preprocessing
 from recvae.data.readers import read_interactions, read_table
 from recvae.data.movielens import (
     DATASETS as MOVIELENS_DATASETS,
@@ -25,6 +26,7 @@ __all__ = [
     "HeldOutUsers",
     "Interactions",
     "MOVIELENS_DATASETS",
+    "Preprocessing",
     "StrongSplit",
     "WeakSplit",
     "as_csr",

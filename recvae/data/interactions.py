@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from recvae.data.preprocessing import PAPER, Preprocessing
 from recvae.errors import ColumnError, ParameterError, shown
 from recvae.fileio import atomic_write, read_npz
 
@@ -92,19 +93,21 @@ class Interactions:
         user_col: Hashable = "user",
         item_col: Hashable = "item",
         rating_col: Hashable | None = None,
-        rating_threshold: float | None = None,
-        min_user_interactions: int = 0,
-        min_item_interactions: int = 0,
+        rating_threshold: float | None = PAPER.rating_threshold,
+        min_user_interactions: int = PAPER.min_user_interactions,
+        min_item_interactions: int = PAPER.min_item_interactions,
         *,
         source: str | None = None,
         report: dict | None = None,
     ) -> "Interactions":
         """Build binary implicit feedback from a table of (user, item[, rating]) rows.
 
-        Steps, in this order (each a single pass, as in the Mult-VAE paper's preprocessing):
+        Steps, in this order (each a single pass, as in the Mult-VAE paper's preprocessing; the
+        defaults are the paper's, :class:`~recvae.data.Preprocessing`'s):
 
         1. keep rows with ``rating > rating_threshold`` (strictly greater; the paper keeps
-           ratings > 3.5, i.e. 4 and above on MovieLens). Needs ``rating_col``.
+           ratings > 3.5, i.e. 4 and above on MovieLens). Only with ``rating_col``: without a
+           rating column every row is a positive; ``rating_threshold=None`` keeps every rating.
         2. merge duplicate (user, item) pairs into one binary interaction.
         3. keep users with ``>= min_user_interactions`` interactions (the paper: 5), counted
            after step 1-2.
@@ -129,11 +132,12 @@ class Interactions:
             if col is not None and col not in df.columns:
                 hint = "; if the data has no ratings, give none" if arg == "rating_col" else ""
                 raise ColumnError(arg, f"column {col!r} not found; available columns: {list(df.columns)}{hint}", source)
-        if rating_threshold is not None and rating_col is None:
-            raise ParameterError("rating_threshold", f"given ({rating_threshold}) but rating_col is None", source)
-        for arg, v in (("min_user_interactions", min_user_interactions), ("min_item_interactions", min_item_interactions)):
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
-                raise ParameterError(arg, f"expected a non-negative integer, got {shown(v)}", source)
+        try:
+            Preprocessing(rating_threshold, min_user_interactions, min_item_interactions)
+        except ParameterError as e:
+            raise ParameterError(e.param, e.message, source) from None
+        if rating_col is None:
+            rating_threshold = None  # no ratings: every row is a positive
         if len(df) == 0:
             raise ValueError(f"{where}no rows: the table is empty")
 
