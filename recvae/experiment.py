@@ -25,7 +25,7 @@ from recvae.data import Interactions, load_movielens, read_table
 from recvae.data.interactions import describe_kept
 from recvae.data.preprocessing import PAPER, Preprocessing
 from recvae.data.prepared import load_prepared, read_prepared_description
-from recvae.data.splits import strong_generalization_split
+from recvae.data.splits import check_time_split, make_split
 from recvae.evaluation import EvaluationResult, evaluate
 from recvae.models import make_model
 from recvae.models.device import resolve_device
@@ -73,6 +73,9 @@ class DataSpec:
     rating_threshold: float | None = PAPER.rating_threshold
     min_user_interactions: int = PAPER.min_user_interactions
     min_item_interactions: int = PAPER.min_item_interactions
+    # the time column of `path`, read for a split in time (RunConfig.cutoff / leave_last) and only
+    # then; a MovieLens dataset has GroupLens's ("timestamp"); a prepared directory keeps none
+    timestamp_col: str | None = None
 
     def __post_init__(self) -> None:
         if self.prepared is None and (self.dataset is None) == (self.path is None):
@@ -101,16 +104,19 @@ class DataSpec:
         if self.path is not None and Path(self.path).suffix.lower() in PARQUET_SUFFIXES:
             require("pyarrow", f"{self.path}: reading Parquet")
 
-    def load(self, show_progress: bool = False) -> Interactions:
-        return self.load_with_seen(show_progress, seen=False)[0]
+    def load(self, show_progress: bool = False, timestamps: bool = False) -> Interactions:
+        return self.load_with_seen(show_progress, seen=False, timestamps=timestamps)[0]
 
-    def load_with_seen(self, show_progress: bool = False, seen: bool = True) -> tuple[Interactions, Interactions | None,
-                                                                                       dict | None]:
-        """The preprocessed interactions; with ``seen`` and a rating threshold, every interaction
+    def load_with_seen(self, show_progress: bool = False, seen: bool = True, timestamps: bool = False,
+                       ) -> tuple[Interactions, Interactions | None, dict | None]:
+        """The preprocessed interactions (with ``timestamps``, each interaction's time, for a
+        split in time: from ``timestamp_col``); with ``seen`` and a rating threshold, every interaction
         of the source at any rating (what ``recommend`` must not offer again), from one read of
         the source (None without a threshold: the positives are all the source holds; or for a
         prepared directory); and what preprocessing kept and dropped (a file's report, see
         :func:`~recvae.data.interactions.describe_kept`; None for MovieLens and prepared data)."""
+        if timestamps:
+            self.check_timestamps()
         if self.prepared is not None:
             return load_prepared(self.prepared), None, None
         threshold = self.rating_threshold if (self.dataset is not None or self.rating_col) else None
@@ -121,18 +127,32 @@ class DataSpec:
         if self.dataset is not None:
             options = dict(data_dir=self.data_dir, show_progress=show_progress)
             try:
-                data = load_movielens(self.dataset, **filters, **options)
+                data = load_movielens(self.dataset, **filters, timestamps=timestamps, **options)
                 # the unfiltered release comes from the cache MovieLens keeps (parsed once, ever)
                 return data, load_movielens(self.dataset, **everything, **options) if want_raw else None, None
             except ParameterError as e:  # load_movielens's ``name`` is this spec's ``dataset``
                 raise (e.renamed("dataset") if e.param == "name" else e) from None
-        frame = read_table(self.path, sep=self.sep)  # parsed once for both
+        frame, locate = read_table(self.path, sep=self.sep, locate=True)  # parsed once for both
         columns = dict(user_col=self.user_col, item_col=self.item_col, rating_col=self.rating_col,
                        source=str(self.path))
+        if timestamps and self.timestamp_col is None:
+            raise ParameterError("timestamp_col", "a split in time needs the time of each interaction: name the "
+                                                  f"column that holds it (columns: {list(frame.columns)})", str(self.path))
         kept: dict = {}
-        data = Interactions.from_dataframe(frame, **columns, **filters, report=kept)
+        data = Interactions.from_dataframe(frame, **columns, **filters, report=kept, locate=locate,
+                                           timestamp_col=self.timestamp_col if timestamps else None)
         logger.info("%s: %s", self.path, describe_kept(kept))
         return data, Interactions.from_dataframe(frame, **columns, **everything) if want_raw else None, kept
+
+
+    def check_timestamps(self) -> None:
+        """Whether this source can give timestamps (before it is read)."""
+        if self.prepared is not None:
+            raise ParameterError("prepared", f"{self.prepared} holds no timestamps (recvae prepare keeps none): "
+                                             "split in time from the interaction file or the dataset")
+        if self.dataset is not None and self.timestamp_col not in (None, "timestamp"):
+            raise ParameterError("timestamp_col", f"{self.dataset}'s time column is GroupLens's 'timestamp', "
+                                                  f"not {self.timestamp_col!r}")
 
 
 @dataclass
@@ -143,6 +163,13 @@ class RunConfig:
     split_seed: int = 0
     n_heldout_users: int | None = None
     ks: tuple = (20, 50, 100)
+    # a split in time instead of the paper's random fold-in (recvae.data.splits; one at most):
+    cutoff: str | float | None = None  # one global time: ISO date/datetime (UTC without a zone) or Unix seconds
+    leave_last: int | None = None  # each held-out user's last N interactions by time are the targets
+
+    @property
+    def time_split(self) -> bool:
+        return self.cutoff is not None or self.leave_last is not None
 
 
 @dataclass
@@ -249,12 +276,18 @@ def _check_run_dir(run_dir: RunDir, config: RunConfig, resume: bool, overwrite: 
 
 
 def load_split(config: RunConfig, show_progress: bool = False, with_seen: bool = False):
-    """``config``'s data, read and split as the paper (its ``split_seed``, ``n_heldout_users``);
-    refused when the catalogue is smaller than the largest cutoff, as the run would train, then
+    """``config``'s data, read and split (its ``split_seed``, ``n_heldout_users``): as the paper,
+    or in time with ``cutoff`` or ``leave_last`` (:func:`recvae.data.make_split`); refused when
+    the catalogue is smaller than the largest cutoff of the metrics, as the run would train, then
     fail to evaluate. ``with_seen``: ``(split, seen, kept)``, the run's seen items from the same
     read (:func:`seen_interactions`) and what preprocessing kept."""
-    interactions, raw, kept = config.data.load_with_seen(show_progress, seen=with_seen)
-    split = strong_generalization_split(interactions, n_heldout_users=config.n_heldout_users, seed=config.split_seed)
+    check_time_split(config.cutoff, config.leave_last)
+    if config.data.timestamp_col is not None and not config.time_split:
+        raise ParameterError("timestamp_col", f"{config.data.timestamp_col!r} given without a split in time "
+                                              "(cutoff or leave_last), the one use of timestamps")
+    interactions, raw, kept = config.data.load_with_seen(show_progress, seen=with_seen, timestamps=config.time_split)
+    split = make_split(interactions, seed=config.split_seed, n_heldout_users=config.n_heldout_users,
+                       cutoff=config.cutoff, leave_last=config.leave_last)
     if max(config.ks) > split.train.n_items:
         raise ValueError(f"data {config.data.name}: {split.train.n_items} items after preprocessing, fewer than "
                          f"the largest cutoff of the metrics (K = {max(config.ks)}, ks={list(config.ks)})")
@@ -299,8 +332,9 @@ def resume_differences(config: RunConfig, saved: dict) -> list[tuple[str, object
     """``(setting, saved, now)`` for each setting of ``config`` a resume may not change."""
     now = _description(config)
     diff = [(f"data.{k}", v, now["data"].get(k)) for k, v in saved.get("data", {}).items() if v != now["data"].get(k)]
-    split_now = {"split_seed": config.split_seed, "n_heldout_users": config.n_heldout_users}
+    split_now = _split_settings(config)
     split_saved = saved.get("split_settings", {})
+    split_now.update({k: None for k in split_saved if k not in split_now})  # a time split now absent
     diff += [(k, split_saved.get(k), v) for k, v in split_now.items() if split_saved.get(k) != v]
     if saved.get("model") != config.model:
         return diff + [("model", saved.get("model"), config.model)]
@@ -316,11 +350,18 @@ def _all_params(model: str, params: dict) -> dict:
     return json.loads(json.dumps({**default_params(model), **params}, default=str))
 
 
+def _split_settings(config: RunConfig) -> dict:
+    """The split's settings as run.json records them (a split in time's only when it is one)."""
+    settings = {"split_seed": config.split_seed, "n_heldout_users": config.n_heldout_users}
+    settings.update({k: v for k, v in (("cutoff", config.cutoff), ("leave_last", config.leave_last)) if v is not None})
+    return settings
+
+
 def _description(config: RunConfig, split=None, kept: dict | None = None) -> dict:
     description = {
         "recvae_version": __version__,
         "data": asdict(config.data),
-        "split_settings": {"split_seed": config.split_seed, "n_heldout_users": config.n_heldout_users},
+        "split_settings": _split_settings(config),
         "model": config.model,
         "params": config.params,
         "ks": list(config.ks),

@@ -42,7 +42,8 @@ def run(args) -> int:
     params = model_params_from_args(args)
     name = model_name(args)
     config = RunConfig(
-        data=spec, model=name, params=params, split_seed=args.split_seed, n_heldout_users=args.n_heldout_users
+        data=spec, model=name, params=params, split_seed=args.split_seed, n_heldout_users=args.n_heldout_users,
+        cutoff=args.cutoff, leave_last=args.leave_last,
     )
     try:
         with sigterm_raises(), distributed_training(name, params) as main:

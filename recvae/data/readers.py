@@ -207,17 +207,20 @@ def read_interactions(
     rating_threshold: float | None = PAPER.rating_threshold,
     min_user_interactions: int = PAPER.min_user_interactions,
     min_item_interactions: int = PAPER.min_item_interactions,
+    timestamp_col: Hashable | None = None,
 ) -> Interactions:
     """Read a ratings/interactions file into :class:`Interactions`.
 
     File handling as in :func:`read_table` (CSV, TSV, ``::``, Parquet; header or ``names=``);
     preprocessing as in :meth:`Interactions.from_dataframe`, with the paper's defaults
     (:class:`~recvae.data.Preprocessing`: ratings > 3.5 of ``rating_col``, users with >= 5 of
-    them; ``**Preprocessing.keep_all().kwargs()`` keeps every row). Example for ML-1M::
+    them; ``**Preprocessing.keep_all().kwargs()`` keeps every row). ``timestamp_col`` keeps each
+    interaction's time, for a split in time (:mod:`recvae.data.splits`). Errors name the file and
+    line. Example for ML-1M::
 
         read_interactions("ml-1m/ratings.dat", names=["user", "item", "rating", "ts"], rating_col="rating")
     """
-    df = read_table(path, sep=sep, format=format, names=names, header=header, encoding=encoding)
+    df, locate = read_table(path, sep=sep, format=format, names=names, header=header, encoding=encoding, locate=True)
     return Interactions.from_dataframe(
         df,
         user_col=user_col,
@@ -226,5 +229,7 @@ def read_interactions(
         rating_threshold=rating_threshold,
         min_user_interactions=min_user_interactions,
         min_item_interactions=min_item_interactions,
+        timestamp_col=timestamp_col,
         source=str(path),
+        locate=locate,
     )
