@@ -332,10 +332,9 @@ def resume_differences(config: RunConfig, saved: dict) -> list[tuple[str, object
     """``(setting, saved, now)`` for each setting of ``config`` a resume may not change."""
     now = _description(config)
     diff = [(f"data.{k}", v, now["data"].get(k)) for k, v in saved.get("data", {}).items() if v != now["data"].get(k)]
-    split_now = _split_settings(config)
-    split_saved = saved.get("split_settings", {})
-    split_now.update({k: None for k in split_saved if k not in split_now})  # a time split now absent
-    diff += [(k, split_saved.get(k), v) for k, v in split_now.items() if split_saved.get(k) != v]
+    split_now, split_saved = _split_settings(config), saved.get("split_settings", {})
+    keys = dict.fromkeys(["split_seed", "n_heldout_users", "cutoff", "leave_last", *split_saved, *split_now])
+    diff += [(k, split_saved.get(k), split_now.get(k)) for k in keys if split_saved.get(k) != split_now.get(k)]
     if saved.get("model") != config.model:
         return diff + [("model", saved.get("model"), config.model)]
     a, b = _all_params(config.model, saved.get("params", {})), _all_params(config.model, now["params"])
