@@ -288,6 +288,13 @@ def load_split(config: RunConfig, show_progress: bool = False, with_seen: bool =
     interactions, raw, kept = config.data.load_with_seen(show_progress, seen=with_seen, timestamps=config.time_split)
     split = make_split(interactions, seed=config.split_seed, n_heldout_users=config.n_heldout_users,
                        cutoff=config.cutoff, leave_last=config.leave_last)
+    if config.time_split:
+        d = split.describe()
+        at = f"at {d['cutoff_utc']} UTC" if config.cutoff is not None else f"leaving the last {config.leave_last} out"
+        logger.info("split in time %s: %d + %d held-out users kept of %d + %d drawn; training: %s users, %s "
+                    "interactions (%s of their interactions not trained on)", at, d["validation"]["n_users"],
+                    d["test"]["n_users"], split.n_heldout_users, split.n_heldout_users, f"{split.train.n_users:,}",
+                    f"{split.train.nnz:,}", f"{d['train']['n_interactions_not_trained_on']:,}")
     if max(config.ks) > split.train.n_items:
         raise ValueError(f"data {config.data.name}: {split.train.n_items} items after preprocessing, fewer than "
                          f"the largest cutoff of the metrics (K = {max(config.ks)}, ks={list(config.ks)})")
