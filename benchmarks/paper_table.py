@@ -57,8 +57,9 @@ import scipy.sparse as sp
 from recvae import __version__ as recvae_version
 from recvae import tuning
 from recvae.cli import CLIError, add_data_options, data_spec_from_args
+from recvae.cli.common import add_time_split_options, time_split_flag
 from recvae.data import Interactions
-from recvae.data.splits import default_n_heldout_users, strong_generalization_split
+from recvae.data.splits import default_n_heldout_users, make_split
 from recvae.evaluation import evaluate, paired_difference
 from recvae.experiment import REPORT_METRICS
 from recvae.models.registry import is_neural
@@ -162,7 +163,7 @@ def load_data(args) -> tuple[Interactions, dict]:
         return data, {"source": "synthetic ML-20M-shaped data (seed 0): log-normal user lengths, Zipf-like items"}
     spec = data_spec_from_args(args)
     spec.check_optional()
-    data = spec.load(show_progress=False)
+    data = spec.load(show_progress=False, timestamps=time_split_flag(args) is not None)
     from dataclasses import asdict
 
     return data, {"source": asdict(spec)}
@@ -218,7 +219,8 @@ def run_seed(seed: int, data: Interactions, args, models, budget: TimeBudget, re
     """Fit and evaluate every model on one split; fills ``results[key]`` as runs finish.
     Every choice goes through recvae.tuning, as `recvae tune` makes it. Returns False when the
     time budget ran out before every run of this seed was done."""
-    split = strong_generalization_split(data, n_heldout_users=args.n_heldout_users, seed=seed)
+    split = make_split(data, seed=seed, n_heldout_users=args.n_heldout_users, cutoff=args.cutoff,
+                       leave_last=args.leave_last)
     results["split"] = split.describe()
     common = dict(device=args.device, precision=args.precision, random_state=seed, show_progress=False)
     if args.epochs is not None:
@@ -376,7 +378,7 @@ def markdown(report: dict) -> str:
         f"# {report['name']}: the Mult-VAE paper's protocol (test users)",
         "",
         f"{d['n_users']:,} users, {d['n_items']:,} items, {d['n_interactions']:,} interactions after "
-        f"preprocessing (ratings > 3.5, users with >= 5); strong generalization split, "
+        f"preprocessing (ratings > 3.5, users with >= 5); {report.get('split', 'strong generalization split')}, "
         f"{report['n_heldout_users']} validation + {report['n_heldout_users']} test users per seed; "
         f"split seeds {report['seeds_done']} of {report['seeds']}. Choices made on validation NDCG@100 only.",
         "",
@@ -503,9 +505,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ease-grid", default=",".join(f"{v:g}" for v in EASE_GRID), help="EASE l2 values")
     p.add_argument("--n-heldout-users", type=int,
                    help="validation and test users each (default: recvae.data.splits.default_n_heldout_users)")
+    add_time_split_options(p)  # a split in time instead of the paper's random fold-in
     p.add_argument("--max-minutes", type=float, help="stop cleanly between runs after this much time")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     return p
+
+
+def split_words(args) -> str:
+    """The split, as the report's protocol line names it."""
+    if args.cutoff is not None:
+        return f"split in time at {args.cutoff} per seed (fold-in before it, targets at or after it)"
+    if args.leave_last is not None:
+        return f"split in time per seed (each held-out user's last {args.leave_last} interaction(s) are the targets)"
+    return "strong generalization split per seed (80/20 fold-in)"
 
 
 def parse_seeds(text: str | None, n_users: int) -> list[int]:
@@ -561,7 +573,7 @@ def _main(args, argv) -> int:
         raise CLIError(f"{data.n_users} user(s) left after preprocessing; need training, validation and test users")
     if data.n_items < 100:
         raise CLIError(f"{data.n_items} item(s) left after preprocessing; NDCG@100 needs at least 100")
-    if args.n_heldout_users is None:
+    if args.n_heldout_users is None and time_split_flag(args) is None:  # a split in time: its own rule
         args.n_heldout_users = default_n_heldout_users(data.n_users)
     seeds = parse_seeds(args.seeds, data.n_users)
     name = default_name(args)
@@ -593,9 +605,10 @@ def _main(args, argv) -> int:
         "name": name,
         "data": {**source, "n_users": int(data.n_users), "n_items": int(data.n_items),
                  "n_interactions": int(data.nnz)},
-        "protocol": "paper preprocessing; strong generalization split per seed (80/20 fold-in); model "
+        "protocol": f"paper preprocessing; {split_words(args)}; model "
                     "selection on validation NDCG@100; test on held-out users",
-        "n_heldout_users": int(args.n_heldout_users),
+        **({"split": split_words(args).replace(" per seed", "")} if time_split_flag(args) else {}),
+        "n_heldout_users": int(per_seed[0]["split"]["n_heldout_users"]),
         "seeds": seeds,
         "seeds_done": [r["seed"] for r in per_seed],
         "models": models,

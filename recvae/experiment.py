@@ -25,8 +25,9 @@ from recvae import __version__, distributed
 from recvae.errors import ParameterError
 from recvae.data import Interactions, load_movielens, read_table
 from recvae.data.interactions import describe_kept
+from recvae.data.preprocessing import PAPER, Preprocessing
 from recvae.data.prepared import load_prepared, read_prepared_description
-from recvae.data.splits import NoHoldout, no_holdout, strong_generalization_split
+from recvae.data.splits import NoHoldout, check_time_split, make_split, no_holdout
 from recvae.evaluation import EvaluationResult, evaluate
 from recvae.models import make_model
 from recvae.models.device import resolve_device
@@ -62,7 +63,8 @@ class ResumeMismatch(ValueError):
 
 @dataclass
 class DataSpec:
-    """Where interactions come from and how they are preprocessed (defaults: the paper's)."""
+    """Where interactions come from and how they are preprocessed (defaults: the paper's,
+    :class:`~recvae.data.Preprocessing`'s; ``run.json`` records the three rules as flat fields)."""
 
     dataset: str | None = None  # a MovieLens name, or None when `path` is given
     path: str | None = None  # an interaction file (CSV, TSV, ::, Parquet)
@@ -74,9 +76,12 @@ class DataSpec:
     item_col: str = "item"
     rating_col: str | None = "rating"
     sep: str | None = None
-    rating_threshold: float | None = 3.5
-    min_user_interactions: int = 5
-    min_item_interactions: int = 0
+    rating_threshold: float | None = PAPER.rating_threshold
+    min_user_interactions: int = PAPER.min_user_interactions
+    min_item_interactions: int = PAPER.min_item_interactions
+    # the time column of `path`, read for a split in time (RunConfig.cutoff / leave_last) and only
+    # then; a MovieLens dataset has GroupLens's ("timestamp"); a prepared directory keeps none
+    timestamp_col: str | None = None
 
     def __post_init__(self) -> None:
         if self.prepared is None and (self.dataset is None) == (self.path is None):
@@ -90,6 +95,11 @@ class DataSpec:
         return cls(**{k: v for k, v in recorded.items() if k in known}, prepared=str(prepared))
 
     @property
+    def preprocessing(self) -> Preprocessing:
+        """The preprocessing rules of this spec."""
+        return Preprocessing(self.rating_threshold, self.min_user_interactions, self.min_item_interactions)
+
+    @property
     def name(self) -> str:
         if self.dataset or self.path:
             return self.dataset if self.dataset else Path(self.path).stem
@@ -100,12 +110,13 @@ class DataSpec:
         if self.path is not None and Path(self.path).suffix.lower() in PARQUET_SUFFIXES:
             require("pyarrow", f"{self.path}: reading Parquet")
 
-    def load(self, show_progress: bool = False) -> Interactions:
-        return self.load_with_seen(show_progress, seen=False)[0]
+    def load(self, show_progress: bool = False, timestamps: bool = False) -> Interactions:
+        return self.load_with_seen(show_progress, seen=False, timestamps=timestamps)[0]
 
-    def load_with_seen(self, show_progress: bool = False, seen: bool = True, positives: dict | None = None,
-                       ) -> tuple[Interactions, Interactions | None, dict | None]:
-        """The preprocessed interactions; with ``seen`` and a rating threshold, every interaction
+    def load_with_seen(self, show_progress: bool = False, seen: bool = True, timestamps: bool = False,
+                       positives: dict | None = None) -> tuple[Interactions, Interactions | None, dict | None]:
+        """The preprocessed interactions (with ``timestamps``, each interaction's time, for a
+        split in time: from ``timestamp_col``); with ``seen`` and a rating threshold, every interaction
         of the source at any rating (what ``recommend`` must not offer again), from one read of
         the source (None without a threshold: the positives are all the source holds; or for a
         prepared directory); and what preprocessing kept and dropped (a file's report, see
@@ -113,6 +124,8 @@ class DataSpec:
         ``positives`` (a dict) receives, under ``"positives"``, the source's positive interactions
         of every user, the preprocessing without its minimums (what :func:`dropped_users` counts),
         from the same read (not for prepared data)."""
+        if timestamps:
+            self.check_timestamps()
         if self.prepared is not None:
             return load_prepared(self.prepared), None, None
         threshold = self.rating_threshold if (self.dataset is not None or self.rating_col) else None
@@ -123,7 +136,7 @@ class DataSpec:
         if self.dataset is not None:
             options = dict(data_dir=self.data_dir, show_progress=show_progress)
             try:
-                data = load_movielens(self.dataset, **filters, **options)
+                data = load_movielens(self.dataset, **filters, timestamps=timestamps, **options)
                 if positives is not None:
                     positives["positives"] = (load_movielens(self.dataset, rating_threshold=threshold,
                                                              min_user_interactions=0, **options)
@@ -132,16 +145,30 @@ class DataSpec:
                 return data, load_movielens(self.dataset, **everything, **options) if want_raw else None, None
             except ParameterError as e:  # load_movielens's ``name`` is this spec's ``dataset``
                 raise (e.renamed("dataset") if e.param == "name" else e) from None
-        frame = read_table(self.path, sep=self.sep)  # parsed once for both
+        frame, locate = read_table(self.path, sep=self.sep, locate=True)  # parsed once for both
         columns = dict(user_col=self.user_col, item_col=self.item_col, rating_col=self.rating_col,
                        source=str(self.path))
+        if timestamps and self.timestamp_col is None:
+            raise ParameterError("timestamp_col", "a split in time needs the time of each interaction: name the "
+                                                  f"column that holds it (columns: {list(frame.columns)})", str(self.path))
         kept: dict = {}
-        data = Interactions.from_dataframe(frame, **columns, **filters, report=kept)
+        data = Interactions.from_dataframe(frame, **columns, **filters, report=kept, locate=locate,
+                                           timestamp_col=self.timestamp_col if timestamps else None)
         logger.info("%s: %s", self.path, describe_kept(kept))
         if positives is not None:
-            positives["positives"] = (Interactions.from_dataframe(frame, **columns, rating_threshold=threshold)
+            positives["positives"] = (Interactions.from_dataframe(frame, **columns, rating_threshold=threshold,
+                                                                  min_user_interactions=0, min_item_interactions=0)
                                       if self.min_user_interactions or self.min_item_interactions else data)
         return data, Interactions.from_dataframe(frame, **columns, **everything) if want_raw else None, kept
+
+    def check_timestamps(self) -> None:
+        """Whether this source can give timestamps (before it is read)."""
+        if self.prepared is not None:
+            raise ParameterError("prepared", f"{self.prepared} holds no timestamps (recvae prepare keeps none): "
+                                             "split in time from the interaction file or the dataset")
+        if self.dataset is not None and self.timestamp_col not in (None, "timestamp"):
+            raise ParameterError("timestamp_col", f"{self.dataset}'s time column is GroupLens's 'timestamp', "
+                                                  f"not {self.timestamp_col!r}")
 
 
 @dataclass
@@ -156,6 +183,13 @@ class RunConfig:
     # model's fixed number of epochs (no validation, no early stopping, no test)
     holdout: str = "users"
     refit_of: dict | None = None  # a refit (see refit): the run its settings came from, its best epoch
+    # a split in time instead of the paper's random fold-in (recvae.data.splits; one at most):
+    cutoff: str | float | None = None  # one global time: ISO date/datetime (UTC without a zone) or Unix seconds
+    leave_last: int | None = None  # each held-out user's last N interactions by time are the targets
+
+    @property
+    def time_split(self) -> bool:
+        return self.cutoff is not None or self.leave_last is not None
 
 
 @dataclass
@@ -245,6 +279,10 @@ def check_config(config: RunConfig):
         if config.params.get("patience") is not None:
             raise ParameterError("patience", "early stopping needs validation users, and holdout 'none' holds out "
                                              "none: every user trains for the fixed number of epochs")
+        if config.time_split:
+            raise ParameterError("cutoff" if config.cutoff is not None else "leave_last",
+                                 "a split in time chooses held-out users, and holdout 'none' holds out none; "
+                                 "give one or the other")
     return estimator
 
 
@@ -277,20 +315,37 @@ def _check_run_dir(run_dir: RunDir, config: RunConfig, resume: bool, overwrite: 
 
 
 def load_split(config: RunConfig, show_progress: bool = False, with_seen: bool = False):
-    """``config``'s data, read and split as the paper (its ``split_seed``, ``n_heldout_users``),
-    or every user in training with ``holdout="none"`` (a :class:`~recvae.data.splits.NoHoldout`);
-    refused when the catalogue is smaller than the largest cutoff, as the run would train, then
+    """``config``'s data, read and split (its ``split_seed``, ``n_heldout_users``): as the paper,
+    in time with ``cutoff`` or ``leave_last`` (:func:`recvae.data.make_split`), or every user in
+    training with ``holdout="none"`` (a :class:`~recvae.data.splits.NoHoldout`); refused when
+    the catalogue is smaller than the largest cutoff of the metrics, as the run would train, then
     fail to evaluate. ``with_seen``: ``(split, seen, kept)``, the run's seen items from the same
     read (:func:`seen_interactions`) and what preprocessing kept."""
-    interactions, raw, kept = config.data.load_with_seen(show_progress, seen=with_seen)
+    _check_split_settings(config)
+    interactions, raw, kept = config.data.load_with_seen(show_progress, seen=with_seen, timestamps=config.time_split)
     split = _split(config, interactions)
     return (split, seen_interactions(split, raw), kept) if with_seen else split
+
+
+def _check_split_settings(config: RunConfig) -> None:
+    check_time_split(config.cutoff, config.leave_last)
+    if config.data.timestamp_col is not None and not config.time_split:
+        raise ParameterError("timestamp_col", f"{config.data.timestamp_col!r} given without a split in time "
+                                              "(cutoff or leave_last), the one use of timestamps")
 
 
 def _split(config: RunConfig, interactions: Interactions):
     if config.holdout == "none":
         return no_holdout(interactions)
-    split = strong_generalization_split(interactions, n_heldout_users=config.n_heldout_users, seed=config.split_seed)
+    split = make_split(interactions, seed=config.split_seed, n_heldout_users=config.n_heldout_users,
+                       cutoff=config.cutoff, leave_last=config.leave_last)
+    if config.time_split:
+        d = split.describe()
+        at = f"at {d['cutoff_utc']} UTC" if config.cutoff is not None else f"leaving the last {config.leave_last} out"
+        logger.info("split in time %s: %d + %d held-out users kept of %d + %d drawn; training: %s users, %s "
+                    "interactions (%s of their interactions not trained on)", at, d["validation"]["n_users"],
+                    d["test"]["n_users"], split.n_heldout_users, split.n_heldout_users, f"{split.train.n_users:,}",
+                    f"{split.train.nnz:,}", f"{d['train']['n_interactions_not_trained_on']:,}")
     if max(config.ks) > split.train.n_items:
         raise ValueError(f"data {config.data.name}: {split.train.n_items} items after preprocessing, fewer than "
                          f"the largest cutoff of the metrics (K = {max(config.ks)}, ks={list(config.ks)})")
@@ -300,8 +355,10 @@ def _split(config: RunConfig, interactions: Interactions):
 def _load(config: RunConfig, show_progress: bool = False):
     """What a run directory is made of: ``(split, seen, kept, dropped)`` (see :func:`load_split`
     and :func:`dropped_users`)."""
+    _check_split_settings(config)
     positives: dict = {}
-    interactions, raw, kept = config.data.load_with_seen(show_progress, seen=True, positives=positives)
+    interactions, raw, kept = config.data.load_with_seen(show_progress, seen=True, timestamps=config.time_split,
+                                                         positives=positives)
     split = _split(config, interactions)
     dropped = dropped_users(config.data, positives.get("positives"), interactions, split, raw)
     return split, seen_interactions(split, raw), kept, dropped
@@ -382,9 +439,10 @@ def resume_differences(config: RunConfig, saved: dict) -> list[tuple[str, object
     """``(setting, saved, now)`` for each setting of ``config`` a resume may not change."""
     now = _description(config)
     diff = [(f"data.{k}", v, now["data"].get(k)) for k, v in saved.get("data", {}).items() if v != now["data"].get(k)]
-    split_now = {"split_seed": config.split_seed, "n_heldout_users": config.n_heldout_users, "holdout": config.holdout}
+    split_now = _split_settings(config)
     split_saved = {"holdout": "users", **saved.get("split_settings", {})}  # runs from before holdout: users
-    diff += [(k, split_saved.get(k), v) for k, v in split_now.items() if split_saved.get(k) != v]
+    keys = dict.fromkeys(["split_seed", "n_heldout_users", "holdout", "cutoff", "leave_last", *split_saved, *split_now])
+    diff += [(k, split_saved.get(k), split_now.get(k)) for k in keys if split_saved.get(k) != split_now.get(k)]
     if saved.get("model") != config.model:
         return diff + [("model", saved.get("model"), config.model)]
     a, b = _all_params(config.model, saved.get("params", {})), _all_params(config.model, now["params"])
@@ -399,12 +457,18 @@ def _all_params(model: str, params: dict) -> dict:
     return json.loads(json.dumps({**default_params(model), **params}, default=str))
 
 
+def _split_settings(config: RunConfig) -> dict:
+    """The split's settings as run.json records them (a split in time's only when it is one)."""
+    settings = {"split_seed": config.split_seed, "n_heldout_users": config.n_heldout_users, "holdout": config.holdout}
+    settings.update({k: v for k, v in (("cutoff", config.cutoff), ("leave_last", config.leave_last)) if v is not None})
+    return settings
+
+
 def _description(config: RunConfig, split=None, kept: dict | None = None) -> dict:
     description = {
         "recvae_version": __version__,
         "data": asdict(config.data),
-        "split_settings": {"split_seed": config.split_seed, "n_heldout_users": config.n_heldout_users,
-                           "holdout": config.holdout},
+        "split_settings": _split_settings(config),
         "model": config.model,
         "params": config.params,
         "ks": list(config.ks),
@@ -535,7 +599,9 @@ def refit_config(run_dir: str | os.PathLike, show_progress: bool = False, device
     params.update({k: v for k, v in (("show_progress", show_progress), ("device", device))
                    if k in accepted and (v is not None)})
     try:
-        data = DataSpec(**description["data"])
+        # every interaction, whatever its time: a split in time chose the settings, the deployed
+        # model learns from all that is known
+        data = DataSpec(**{**description["data"], "timestamp_col": None})
     except (TypeError, ValueError) as e:
         raise ValueError(f"{source.file(RUN_JSON)}: data: not a data description this recvae reads ({e})") from None
     return RunConfig(data=data, model=name, params=params, split_seed=int(description.get("split_settings", {})

@@ -17,6 +17,7 @@ What is tried, per model (``DEFAULT_GRIDS``; ``recvae tune --grid NAME=V1,V2`` d
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -410,11 +411,11 @@ class TuneResult:
 
 def tune(data: DataSpec, model: str, grid: dict | None = None, params: dict | None = None,
          out: str | os.PathLike | None = None, split_seed: int = 0, n_heldout_users: int | None = None,
-         overwrite: bool = False, show_progress: bool = False) -> TuneResult:
+         overwrite: bool = False, show_progress: bool = False, cutoff=None, leave_last: int | None = None) -> TuneResult:
     """Choose ``model``'s hyperparameters on validation users and keep the chosen model.
 
     The data are split as :func:`recvae.experiment.run` splits them (``split_seed``,
-    ``n_heldout_users``); every trial of :func:`search` is fit on the training users and
+    ``n_heldout_users``; in time with ``cutoff`` or ``leave_last``); every trial of :func:`search` is fit on the training users and
     scored on the validation users; the best trial's fitted model is then evaluated on the
     validation and test users (test users: once, for that model only) and, when ``out`` is
     given, written as a normal run directory (``run.json`` holds the chosen parameters, so
@@ -428,7 +429,8 @@ def tune(data: DataSpec, model: str, grid: dict | None = None, params: dict | No
     check_grid(model, grid, params)
     data.check_optional()
     out = Path(out) if out is not None else None
-    config = RunConfig(data=data, model=model, params=params, split_seed=split_seed, n_heldout_users=n_heldout_users)
+    config = RunConfig(data=data, model=model, params=params, split_seed=split_seed, n_heldout_users=n_heldout_users,
+                       cutoff=cutoff, leave_last=leave_last)
     if out is None:
         return _tune(config, grid, None, overwrite, show_progress)
     run_dir = RunDir(out)
@@ -460,9 +462,7 @@ def _tune(config: RunConfig, grid: dict, run_dir: RunDir | None, overwrite: bool
     columns = tuple(grid) + (("anneal_cap",) if model == "multvae" else ())
     tuned = TuneResult(trials.trials, best, result, columns)
     if run_dir is not None:
-        chosen = RunConfig(data=config.data, model=model,
-                           params={k: v for k, v in best.params.items() if k != "show_progress"},
-                           split_seed=config.split_seed, n_heldout_users=config.n_heldout_users)
+        chosen = dataclasses.replace(config, params={k: v for k, v in best.params.items() if k != "show_progress"})
         try:
             write_run_dir(run_dir.path, chosen, split, result, overwrite=overwrite, locked=True, seen=seen, kept=kept,
                           extra=lambda rd: rd.write_tuning(tuned.table()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -26,7 +27,7 @@ def dense(it: Interactions) -> np.ndarray:
 # ---------------------------------------------------------------- from_dataframe
 def test_threshold_is_strict_and_duplicates_merge():
     df = frame([(1, "a", 4), (1, "b", 3.5), (2, "a", 5), (2, "a", 4.5), (2, "c", 3.6), (3, "b", 1)])
-    it = Interactions.from_dataframe(df, rating_col="rating", rating_threshold=3.5)
+    it = Interactions.from_dataframe(df, rating_col="rating", rating_threshold=3.5, min_user_interactions=0)
     # 3.5 is not > 3.5; user 3 has nothing left; the duplicate (2, a) counts once
     assert it.user_ids.tolist() == [1, 2]
     assert it.item_ids.tolist() == ["a", "c"]
@@ -37,7 +38,7 @@ def test_threshold_is_strict_and_duplicates_merge():
 
 def test_without_ratings_every_row_counts():
     df = frame([(5, 7), (5, 7), (3, 9)], cols=("u", "i"))
-    it = Interactions.from_dataframe(df, "u", "i")
+    it = Interactions.from_dataframe(df, "u", "i", min_user_interactions=0)
     assert it.user_ids.tolist() == [3, 5] and it.item_ids.tolist() == [7, 9]
     np.testing.assert_array_equal(dense(it), [[0, 1], [1, 0]])
     assert it.user_ids.dtype == np.int64
@@ -67,7 +68,7 @@ def test_item_filter_counts_after_user_filter_and_is_not_iterated():
 
 def test_string_ids_are_sorted_and_stored_as_unicode():
     df = frame([("zoe", "m2"), ("al", "m10"), ("al", "m2")], ("user", "item"))
-    it = Interactions.from_dataframe(df)
+    it = Interactions.from_dataframe(df, min_user_interactions=0)
     assert it.user_ids.tolist() == ["al", "zoe"] and it.item_ids.tolist() == ["m10", "m2"]
     assert it.user_ids.dtype.kind == "U"
 
@@ -78,7 +79,7 @@ def test_string_ids_are_sorted_and_stored_as_unicode():
         (dict(user_col="uid"), KeyError, r"user_col: column 'uid' not found; available columns: \['user', 'item', 'rating'\]"),
         (dict(item_col="movieId"), KeyError, r"item_col: column 'movieId' not found; available columns"),
         (dict(rating_col="score"), KeyError, r"rating_col: column 'score' not found"),
-        (dict(rating_threshold=3.5), ValueError, r"rating_threshold: given \(3.5\) but rating_col is None"),
+        (dict(rating_threshold=-math.inf), ValueError, r"rating_threshold: expected a finite number or None, got -inf"),
         (dict(rating_col="rating", rating_threshold=5), ValueError, r"rating_threshold: no rating is > 5 .*nothing left"),
         (dict(min_user_interactions=3), ValueError, r"min_user_interactions: no user has >= 3 interactions \(most active user: 2\)"),
         (dict(min_item_interactions=3), ValueError, r"min_item_interactions: no item has >= 3 interactions after the user filter"),
@@ -88,33 +89,33 @@ def test_string_ids_are_sorted_and_stored_as_unicode():
 def test_errors_name_the_argument(kwargs, exc, pattern):
     df = frame([(1, "a", 4), (1, "b", 5), (2, "a", 2)])
     with pytest.raises(exc, match=pattern):
-        Interactions.from_dataframe(df, **kwargs)
+        Interactions.from_dataframe(df, **{"min_user_interactions": 0, **kwargs})
 
 
 def test_non_numeric_rating_names_column_and_first_bad_row():
     df = pd.DataFrame({"user": [1, 2, 3, 4], "item": [1, 1, 1, 1], "rating": ["4", "5", "five", "x"]})
     with pytest.raises(ValueError, match=r"rating_col: column 'rating' must be numeric; row 2 \(index 2\) holds 'five'"):
-        Interactions.from_dataframe(df, rating_col="rating")
+        Interactions.from_dataframe(df, rating_col="rating", min_user_interactions=0)
 
 
 def test_missing_ids_are_an_error():
     df = pd.DataFrame({"user": [1.0, np.nan, 3.0], "item": [1, 2, 3]})
     with pytest.raises(ValueError, match=r"user_col: column 'user' has 1 missing id\(s\); first at row 1"):
-        Interactions.from_dataframe(df)
+        Interactions.from_dataframe(df, min_user_interactions=0)
     df = pd.DataFrame({"user": [1, 2], "item": ["a", None]})
     with pytest.raises(ValueError, match=r"item_col: column 'item' has 1 missing id"):
-        Interactions.from_dataframe(df)
+        Interactions.from_dataframe(df, min_user_interactions=0)
 
 
 def test_mixed_id_types_are_an_error():
     df = pd.DataFrame({"user": pd.Series([1, "b"], dtype=object), "item": [1, 2]})
     with pytest.raises(ValueError, match=r"user_col: column 'user' mixes id types"):
-        Interactions.from_dataframe(df)
+        Interactions.from_dataframe(df, min_user_interactions=0)
 
 
 def test_empty_table_is_an_error():
     with pytest.raises(ValueError, match="the table is empty"):
-        Interactions.from_dataframe(frame([], ("user", "item")))
+        Interactions.from_dataframe(frame([], ("user", "item")), min_user_interactions=0)
 
 
 def test_source_prefixes_messages():
@@ -148,7 +149,7 @@ def test_matches_a_set_based_reference(rows, min_user):
 
 # ---------------------------------------------------------------- id lookups
 def test_index_lookups_return_minus_one_for_unknown():
-    it = Interactions.from_dataframe(frame([("u1", 10), ("u2", 30), ("u3", 20)], ("user", "item")))
+    it = Interactions.from_dataframe(frame([("u1", 10), ("u2", 30), ("u3", 20)], ("user", "item")), min_user_interactions=0)
     assert it.user_index(["u3", "nobody", "u1"]).tolist() == [2, -1, 0]
     assert it.user_index("u2") == 1 and it.user_index("x") == -1
     assert it.item_index([30, 10, 99]).tolist() == [2, 0, -1]
@@ -164,7 +165,7 @@ def test_index_lookups_return_minus_one_for_unknown():
 def test_npz_round_trip(tmp_path, ids):
     _, users = ids
     df = pd.DataFrame({"user": users + users[:1], "item": ["x", "y", "z", "z"]})
-    it = Interactions.from_dataframe(df)
+    it = Interactions.from_dataframe(df, min_user_interactions=0)
     path = it.save(tmp_path / "cache.npz")
     assert os.listdir(tmp_path) == ["cache.npz"]  # no temporary file left behind
     with np.load(path, allow_pickle=False) as z:  # readable without pickle
@@ -177,7 +178,7 @@ def test_npz_round_trip(tmp_path, ids):
 
 
 def test_npz_save_overwrites_atomically_and_load_errors(tmp_path):
-    it = Interactions.from_dataframe(frame([(1, 2), (2, 3)], ("user", "item")))
+    it = Interactions.from_dataframe(frame([(1, 2), (2, 3)], ("user", "item")), min_user_interactions=0)
     target = tmp_path / "c.npz"
     target.write_bytes(b"old")
     it.save(target)
@@ -194,7 +195,7 @@ def test_npz_save_to_read_only_dir_names_it(tmp_path):
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        it = Interactions.from_dataframe(frame([(1, 2)], ("user", "item")))
+        it = Interactions.from_dataframe(frame([(1, 2)], ("user", "item")), min_user_interactions=0)
         with pytest.raises(PermissionError, match=re.escape(str(ro))):
             it.save(ro / "c.npz")
         assert os.listdir(ro) == []
@@ -226,7 +227,7 @@ def test_text_readers_round_trip(tmp_path, filename, text, kwargs):
     path.write_text(text)
     df = read_table(path, **kwargs)
     assert df.shape == (4, 4) and df["user"].tolist() == [1, 1, 2, 2] and df["item"].tolist() == [10, 20, 10, 30]
-    _expected(read_interactions(path, rating_col="rating", rating_threshold=3.5, **kwargs))
+    _expected(read_interactions(path, rating_col="rating", min_user_interactions=0, **kwargs))  # threshold: 3.5
 
 
 def test_parquet_round_trip(tmp_path):
@@ -235,7 +236,8 @@ def test_parquet_round_trip(tmp_path):
     for name in ("r.parquet", "r.bin"):
         df.to_parquet(tmp_path / name)
         fmt = None if name.endswith(".parquet") else "parquet"
-        _expected(read_interactions(tmp_path / name, rating_col="rating", rating_threshold=3.5, format=fmt))
+        _expected(read_interactions(tmp_path / name, rating_col="rating", rating_threshold=3.5, format=fmt,
+                                       min_user_interactions=0))
 
 
 def test_double_colon_fields_holding_colons(tmp_path):
@@ -283,7 +285,8 @@ def test_reader_errors(tmp_path):
 
 def test_csv_without_header_uses_names(tmp_path):
     (tmp_path / "r.csv").write_text("1,10,4\n2,10,5\n")
-    it = read_interactions(tmp_path / "r.csv", names=["user", "item", "rating"], rating_col="rating", rating_threshold=4)
+    it = read_interactions(tmp_path / "r.csv", names=["user", "item", "rating"], rating_col="rating", rating_threshold=4,
+                          min_user_interactions=0)
     assert it.user_ids.tolist() == [2] and it.item_ids.tolist() == [10]
     assert sp.isspmatrix_csr(it.matrix)
 

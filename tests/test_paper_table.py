@@ -237,3 +237,24 @@ def test_recvae_and_binary_rows_with_the_paired_column(paper_table, log_csv, tmp
     md = (tmp_path / "tiny.md").read_text()
     assert "NDCG@100 − EASE [95% CI] (wins)" in md and "| RecVAE |" in md
     assert ("Larger than noise" in md) or ("No model's NDCG@100 differs from EASE's" in md)
+
+
+@pytest.mark.slow
+def test_a_split_in_time(paper_table, tmp_path):
+    """--leave-last splits each seed in time: every test user's target is their last interaction."""
+    rng = np.random.default_rng(5)
+    rows = [(u, int(i), 5, 1000 * u + k) for u in range(150)
+            for k, i in enumerate(rng.choice(np.arange((u % 3) * 40, (u % 3) * 40 + 60) % 120, 8, replace=False))]
+    path = tmp_path / "timed.csv"
+    pd.DataFrame(rows, columns=["user", "item", "rating", "timestamp"]).to_csv(path, index=False)
+    assert paper_table.main(["--data", str(path), "--out-dir", str(tmp_path), "--leave-last", "1",
+                             "--models", "popularity,ease", "--seeds", "2", "--ease-grid", "10"]) == 0
+    report = json.loads((tmp_path / "timed.json").read_text())
+    assert report["split"] == "split in time (each held-out user's last 1 interaction(s) are the targets)"
+    assert report["n_heldout_users"] == 15  # the library's rule: 10% of 150 users
+    for r in report["per_seed"]:
+        assert (r["split"]["protocol"], r["split"]["leave_last"]) == ("leave_last", 1)
+        assert r["split"]["test"]["n_heldout_interactions"] == r["split"]["test"]["n_users"]
+    assert "split in time (each held-out user's last 1 interaction(s) are the targets), 15 validation" in \
+        (tmp_path / "timed.md").read_text()
+    assert paper_table.main(["--data", str(path), "--out-dir", str(tmp_path), "--cutoff", "5", "--leave-last", "1"]) == 2

@@ -17,7 +17,7 @@ from recvae.recommend import IdError, convert_ids, recommend_ids
 
 def interactions(rows) -> Interactions:
     df = pd.DataFrame(rows, columns=["user", "item"])
-    return Interactions.from_dataframe(df, "user", "item")
+    return Interactions.from_dataframe(df, "user", "item", min_user_interactions=0)
 
 
 @pytest.fixture(scope="module")

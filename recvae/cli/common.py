@@ -66,8 +66,32 @@ def add_model_options(p: argparse.ArgumentParser, models: str | None = None) -> 
     p.add_argument("--seed", type=int, default=0, help="model seed (default 0)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the user split (default 0)")
     p.add_argument("--n-heldout-users", type=int, help="validation and test users each (default: the library's rule)")
+    add_time_split_options(p)
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="training matmul precision of neural models; auto: bf16 where it is fast")
+
+
+def add_time_split_options(p: argparse.ArgumentParser) -> None:
+    """A split in time instead of the paper's random fold-in (README: Splits)."""
+    p.add_argument("--cutoff", metavar="T",
+                   help="split in time at T (an ISO date or datetime, UTC without a zone, or Unix seconds): "
+                        "training users' interactions before T train; held-out users fold in those before T "
+                        "and are scored on those at or after T")
+    p.add_argument("--leave-last", type=int, metavar="N",
+                   help="split in time: each held-out user's last N interactions are the targets, the earlier "
+                        "ones the fold-in")
+    p.add_argument("--timestamp-col", metavar="COL",
+                   help="time column of --data for --cutoff / --leave-last (default: 'timestamp' when the file "
+                        "has one): Unix seconds or ISO dates")
+
+
+def time_split_flag(args) -> str | None:
+    """The option of the split in time asked for (``--cutoff``, ``--leave-last``), if any; two
+    are refused."""
+    cutoff, leave_last = getattr(args, "cutoff", None), getattr(args, "leave_last", None)
+    if cutoff is not None and leave_last is not None:
+        raise CLIError("--leave-last: cannot be combined with --cutoff; choose one split in time")
+    return "--cutoff" if cutoff is not None else "--leave-last" if leave_last is not None else None
 
 
 def add_data_options(p: argparse.ArgumentParser) -> None:
@@ -76,9 +100,29 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--item-col", default="item", help="item column of --data (default 'item')")
     p.add_argument("--rating-col", default="rating", help="rating column of --data; 'none' for none")
     p.add_argument("--sep", help="separator of --data (default: from the extension)")
-    p.add_argument("--rating-threshold", type=float, default=3.5, help="keep ratings > this (paper: 3.5)")
-    p.add_argument("--min-user-interactions", type=int, default=5, help="drop users with fewer (paper: 5)")
-    p.add_argument("--min-item-interactions", type=int, default=0, help="drop items with fewer (paper: none)")
+    # no default here: an option not given leaves the library's (recvae.data.Preprocessing)
+    p.add_argument("--rating-threshold", type=float, action=_PaperDefault, help="keep ratings > this")
+    p.add_argument("--min-user-interactions", type=int, action=_PaperDefault, help="drop users with fewer")
+    p.add_argument("--min-item-interactions", type=int, action=_PaperDefault, help="drop items with fewer")
+
+
+#: the preprocessing options, by their library names (recvae.data.Preprocessing's fields)
+PREPROCESSING_OPTIONS = ("rating_threshold", "min_user_interactions", "min_item_interactions")
+
+
+class _PaperDefault(argparse._StoreAction):
+    """A preprocessing option: its default is the library's, shown in the help, read only when
+    help is shown (recvae.data imports pandas, which building the parser must not)."""
+
+    @property
+    def help(self):
+        from recvae.data.preprocessing import PAPER
+
+        return f"{self._help} (default, the paper's: {getattr(PAPER, self.dest)})"
+
+    @help.setter
+    def help(self, value):
+        self._help = value
 
 
 def data_spec_from_args(args):
@@ -88,12 +132,23 @@ def data_spec_from_args(args):
     if args.data is not None and not Path(args.data).is_file():
         raise CLIError(f"--data {args.data}: no such file")
     prepared = getattr(args, "prepared", None)
+    time_split, timestamp_col = time_split_flag(args), getattr(args, "timestamp_col", None)
+    if timestamp_col is not None and time_split is None:
+        raise CLIError("--timestamp-col: given without --cutoff or --leave-last, the splits that read it")
     if prepared is not None:
+        if time_split is not None:
+            raise CLIError(f"{time_split}: --prepared {prepared} holds no timestamps (recvae prepare keeps none); "
+                           "split in time from --data or --dataset")
         check_prepared_args(args)
         return DataSpec.of_prepared(prepared)
     user_col, item_col = args.user_col, args.item_col
     if args.data is not None:
         user_col, item_col, rating_col = recognised_columns(args, rating_col)
+        if time_split is not None and timestamp_col is None:
+            timestamp_col = recognised_timestamp(args)
+    rules = {k: getattr(args, k) for k in PREPROCESSING_OPTIONS if getattr(args, k) is not None}
+    if not rating_col:
+        rules["rating_threshold"] = None  # no ratings: every row is a positive
     return DataSpec(
         dataset=args.dataset,
         path=args.data,
@@ -102,9 +157,8 @@ def data_spec_from_args(args):
         item_col=item_col,
         rating_col=rating_col,
         sep=args.sep,
-        rating_threshold=args.rating_threshold if rating_col else None,
-        min_user_interactions=args.min_user_interactions,
-        min_item_interactions=args.min_item_interactions,
+        **rules,
+        timestamp_col=timestamp_col,
     )
 
 
@@ -128,6 +182,19 @@ def recognised_columns(args, rating_col):
                 "--rating-col choose others)", args.data, ", ".join(c for c in schema if c),
                 " and rating" if schema[2] else "")
     return schema
+
+
+def recognised_timestamp(args) -> str | None:
+    """The time column of ``--data`` when ``--timestamp-col`` is not given: ``timestamp`` (as
+    GroupLens's files name it) when the header has it, with one note; else None (reading the
+    file then names its columns)."""
+    from recvae.data.readers import read_columns
+
+    if "timestamp" not in read_columns(args.data, args.sep):
+        return None
+    logger.info("%s: reading its 'timestamp' column as the time of each interaction (--timestamp-col chooses "
+                "another)", args.data)
+    return "timestamp"
 
 
 def check_prepared_args(args) -> None:

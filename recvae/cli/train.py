@@ -48,7 +48,7 @@ def run(args) -> int:
     name = model_name(args)
     config = RunConfig(
         data=spec, model=name, params=params, split_seed=args.split_seed, n_heldout_users=args.n_heldout_users,
-        holdout=args.holdout,
+        holdout=args.holdout, cutoff=args.cutoff, leave_last=args.leave_last,
     )
     made = None  # the default --out this command made (removed again when a failure leaves it empty)
     try:

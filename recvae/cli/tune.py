@@ -59,7 +59,7 @@ def run(args) -> int:
         with sigterm_raises():
             tuned = tuning.tune(spec, name, grid, params, out=args.out, split_seed=args.split_seed,
                                 n_heldout_users=args.n_heldout_users, overwrite=args.overwrite,
-                                show_progress=not args.quiet)
+                                show_progress=not args.quiet, cutoff=args.cutoff, leave_last=args.leave_last)
     except (KeyboardInterrupt, Terminated) as e:
         signame, code = stopped_by(e)
         state = RunDir(args.out).state()

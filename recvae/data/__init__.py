@@ -2,6 +2,7 @@
 
 from recvae.data.download import ChecksumError, DownloadError, download
 from recvae.data.interactions import Interactions, as_csr
+from recvae.data.preprocessing import Preprocessing
 from recvae.data.readers import read_interactions, read_table
 from recvae.data.movielens import (
     DATASETS as MOVIELENS_DATASETS,
@@ -15,6 +16,9 @@ from recvae.data.splits import (
     HeldOutUsers,
     StrongSplit,
     WeakSplit,
+    cutoff_split,
+    leave_last_split,
+    make_split,
     strong_generalization_split,
     weak_generalization_split,
 )
@@ -25,14 +29,18 @@ __all__ = [
     "HeldOutUsers",
     "Interactions",
     "MOVIELENS_DATASETS",
+    "Preprocessing",
     "StrongSplit",
     "WeakSplit",
     "as_csr",
+    "cutoff_split",
     "download",
     "download_movielens",
     "load_movielens",
     "load_movielens_ratings",
+    "leave_last_split",
     "load_movielens_titles",
+    "make_split",
     "read_interactions",
     "read_table",
     "resolve_data_dir",

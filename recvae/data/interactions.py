@@ -10,12 +10,13 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Hashable
+from typing import Callable, Hashable
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from recvae.data.preprocessing import PAPER, Preprocessing
 from recvae.errors import ColumnError, ParameterError, shown
 from recvae.fileio import atomic_write, read_npz
 
@@ -38,8 +39,19 @@ class Interactions:
     matrix: sp.csr_matrix  # (n_users, n_items), float32 ones, sorted indices, no duplicates
     user_ids: np.ndarray  # (n_users,) original user ids
     item_ids: np.ndarray  # (n_items,) original item ids
+    # when read with a timestamp column (for a time split), aligned with the stored entries
+    # (``matrix.indices``): each interaction's time in Unix seconds (float64), and ``sequence``,
+    # the position in the source table of the row it came from (int64), which orders equal times
+    timestamps: np.ndarray | None = None
+    sequence: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        if (self.timestamps is None) != (self.sequence is None):
+            raise ValueError("timestamps and sequence: give both or neither")
+        for name in ("timestamps", "sequence"):
+            values = getattr(self, name)
+            if values is not None and len(values) != self.matrix.nnz:
+                raise ValueError(f"{name}: {len(values)} values for {self.matrix.nnz} stored interactions")
         if not sp.isspmatrix_csr(self.matrix):
             raise TypeError(f"matrix: expected a scipy.sparse.csr_matrix, got {type(self.matrix).__name__}")
         if self.matrix.shape != (len(self.user_ids), len(self.item_ids)):
@@ -92,19 +104,23 @@ class Interactions:
         user_col: Hashable = "user",
         item_col: Hashable = "item",
         rating_col: Hashable | None = None,
-        rating_threshold: float | None = None,
-        min_user_interactions: int = 0,
-        min_item_interactions: int = 0,
+        rating_threshold: float | None = PAPER.rating_threshold,
+        min_user_interactions: int = PAPER.min_user_interactions,
+        min_item_interactions: int = PAPER.min_item_interactions,
         *,
+        timestamp_col: Hashable | None = None,
         source: str | None = None,
+        locate: Callable[[int], str] | None = None,
         report: dict | None = None,
     ) -> "Interactions":
         """Build binary implicit feedback from a table of (user, item[, rating]) rows.
 
-        Steps, in this order (each a single pass, as in the Mult-VAE paper's preprocessing):
+        Steps, in this order (each a single pass, as in the Mult-VAE paper's preprocessing; the
+        defaults are the paper's, :class:`~recvae.data.Preprocessing`'s):
 
         1. keep rows with ``rating > rating_threshold`` (strictly greater; the paper keeps
-           ratings > 3.5, i.e. 4 and above on MovieLens). Needs ``rating_col``.
+           ratings > 3.5, i.e. 4 and above on MovieLens). Only with ``rating_col``: without a
+           rating column every row is a positive; ``rating_threshold=None`` keeps every rating.
         2. merge duplicate (user, item) pairs into one binary interaction.
         3. keep users with ``>= min_user_interactions`` interactions (the paper: 5), counted
            after step 1-2.
@@ -116,27 +132,39 @@ class Interactions:
         ``user_ids`` / ``item_ids`` are the sorted unique original ids (ints or strings);
         mixing ints and strings in one column is an error.
 
+        ``timestamp_col`` (for a time split, :mod:`recvae.data.splits`): the column of each
+        row's time, Unix seconds (numbers) or ISO dates/datetimes (``2016-01-31``,
+        ``2016-01-31 12:00:00``; without a zone they are UTC), kept as ``timestamps`` (seconds)
+        with ``sequence`` (the row's position in ``df``). A pair merged in step 2 keeps its
+        earliest time (the first such row on a tie): an item enters a user's history once, when
+        it was first seen. An empty or unparseable time is an error naming its row.
+
         Raises ``KeyError`` for a missing column (listing the available ones) and
         ``ValueError`` for missing ids, non-numeric ratings (naming the first bad row) or when
         a filter leaves nothing (naming the filter). ``source`` (e.g. a file name) prefixes
-        error messages. ``report`` (a dict) receives what each step kept and dropped
+        error messages; ``locate(j)`` names row ``j`` as the user finds it (``line 7``, see
+        :func:`~recvae.data.read_table`), else it is ``row j (index ...)``. ``report`` (a dict) receives what each step kept and dropped
         (:func:`describe_kept` words it).
         """
         where = f"{source}: " if source else ""
         if not isinstance(df, pd.DataFrame):
             raise TypeError(f"{where}df: expected a pandas DataFrame, got {type(df).__name__}")
-        for arg, col in (("user_col", user_col), ("item_col", item_col), ("rating_col", rating_col)):
+        for arg, col in (("user_col", user_col), ("item_col", item_col), ("rating_col", rating_col),
+                         ("timestamp_col", timestamp_col)):
             if col is not None and col not in df.columns:
                 hint = "; if the data has no ratings, give none" if arg == "rating_col" else ""
                 raise ColumnError(arg, f"column {col!r} not found; available columns: {list(df.columns)}{hint}", source)
-        if rating_threshold is not None and rating_col is None:
-            raise ParameterError("rating_threshold", f"given ({rating_threshold}) but rating_col is None", source)
-        for arg, v in (("min_user_interactions", min_user_interactions), ("min_item_interactions", min_item_interactions)):
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
-                raise ParameterError(arg, f"expected a non-negative integer, got {shown(v)}", source)
+        try:
+            Preprocessing(rating_threshold, min_user_interactions, min_item_interactions)
+        except ParameterError as e:
+            raise ParameterError(e.param, e.message, source) from None
+        if rating_col is None:
+            rating_threshold = None  # no ratings: every row is a positive
         if len(df) == 0:
             raise ValueError(f"{where}no rows: the table is empty")
 
+        if locate is None:
+            locate = lambda j: f"row {j} (index {df.index[j]!r})"  # noqa: E731
         users = df[user_col]
         items = df[item_col]
         for arg, col, values in (("user_col", user_col, users), ("item_col", item_col, items)):
@@ -145,10 +173,10 @@ class Interactions:
                 first = int(np.argmax(missing))
                 raise ParameterError(
                     arg,
-                    f"column {col!r} has {int(missing.sum())} missing id(s); "
-                    f"first at row {first} (index {df.index[first]!r})",
+                    f"column {col!r} has {int(missing.sum())} missing id(s); first at {locate(first)}",
                     where=source,
                 )
+        times = None if timestamp_col is None else parse_timestamps(df[timestamp_col], timestamp_col, source, locate)
         keep = np.ones(len(df), dtype=bool)
         if rating_col is not None:
             raw = df[rating_col]
@@ -158,8 +186,7 @@ class Interactions:
                 first = int(np.argmax(bad))
                 raise ParameterError(
                     "rating_col",
-                    f"column {rating_col!r} must be numeric; "
-                    f"row {first} (index {df.index[first]!r}) holds {raw.iloc[first]!r}",
+                    f"column {rating_col!r} must be numeric; {locate(first)} holds {raw.iloc[first]!r}",
                     where=source,
                 )
             if rating_threshold is not None:
@@ -177,7 +204,16 @@ class Interactions:
         i_codes, i_uniques = _factorize(items[keep], "item_col", item_col, where)
         n_u, n_i = len(u_uniques), len(i_uniques)
         # one key per (user, item) pair: np.unique merges duplicates and sorts by (user, item)
-        pairs = np.unique(u_codes * n_i + i_codes)
+        keys = u_codes * n_i + i_codes
+        if times is None:
+            pairs = np.unique(keys)
+        else:  # sorted by pair, then time, then row: each pair's first entry is its earliest row
+            positions = np.flatnonzero(keep)
+            order = np.lexsort((positions, times[keep], keys))
+            first = np.ones(len(order), dtype=bool)
+            first[1:] = keys[order][1:] != keys[order][:-1]
+            pairs = keys[order][first]
+            pair_times, pair_rows = times[keep][order][first], positions[order][first]
         rows, cols = np.divmod(pairs, n_i)
         counts_report["duplicates"] = int(keep.sum() - len(pairs))
 
@@ -194,6 +230,8 @@ class Interactions:
             counts_report["users_below_min"] = int(((counts > 0) & (counts < min_user_interactions)).sum())
             counts_report["interactions_of_those_users"] = int((~ok_rows).sum())
             rows, cols = rows[ok_rows], cols[ok_rows]
+            if times is not None:
+                pair_times, pair_rows = pair_times[ok_rows], pair_rows[ok_rows]
         if min_item_interactions > 0:
             counts = np.bincount(cols, minlength=n_i)
             ok_cols = counts[cols] >= min_item_interactions
@@ -207,6 +245,8 @@ class Interactions:
             counts_report["items_below_min"] = int(((counts > 0) & (counts < min_item_interactions)).sum())
             counts_report["interactions_of_those_items"] = int((~ok_cols).sum())
             rows, cols = rows[ok_cols], cols[ok_cols]
+            if times is not None:
+                pair_times, pair_rows = pair_times[ok_cols], pair_rows[ok_cols]
 
         # re-index the survivors densely; rows/cols are sorted by (row, col) already
         used_u = np.unique(rows)
@@ -230,7 +270,9 @@ class Interactions:
             report.update(counts_report, min_user_interactions=min_user_interactions,
                           min_item_interactions=min_item_interactions, users=matrix.shape[0], items=matrix.shape[1],
                           interactions=int(matrix.nnz))
-        return cls(matrix, *ids)
+        if times is None:
+            return cls(matrix, *ids)
+        return cls(matrix, *ids, timestamps=pair_times.astype(np.float64), sequence=pair_rows.astype(np.int64))
 
     # ------------------------------------------------------------------ .npz cache
     def save(self, path: str | os.PathLike) -> Path:
@@ -249,6 +291,8 @@ class Interactions:
             "user_ids": _as_id_array(self.user_ids, "user_ids"),
             "item_ids": _as_id_array(self.item_ids, "item_ids"),
         }
+        if self.timestamps is not None:  # optional: caches without them read as before
+            arrays.update(timestamps=self.timestamps, sequence=self.sequence)
         atomic_write(path, lambda f: np.savez(f, **arrays))
         logger.debug("saved %r to %s", self, path)
         return path
@@ -269,9 +313,56 @@ class Interactions:
         shape = tuple(int(s) for s in z["shape"])
         try:
             matrix = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=shape)
-            return cls(matrix, z["user_ids"], z["item_ids"])
+            times = {k: z[k] for k in ("timestamps", "sequence") if k in z}
+            return cls(matrix, z["user_ids"], z["item_ids"], **times)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path}: not a valid interactions cache ({e})") from e
+
+
+#: what a timestamp column may hold, as the error messages say it
+TIMESTAMP_FORMS = "Unix seconds or an ISO date or datetime (2016-01-31, 2016-01-31 12:00:00)"
+
+
+def parse_timestamps(values: pd.Series, col, source: str | None = None,
+                     locate: Callable[[int], str] | None = None) -> np.ndarray:
+    """A timestamp column as float64 Unix seconds: numbers are seconds already; text is numbers
+    (when its first value is one) or ISO dates/datetimes (UTC without a zone). The first empty
+    or unparseable value is a :class:`~recvae.errors.ParameterError` of ``timestamp_col``
+    naming its row (``locate(j)``)."""
+    locate = locate or (lambda j: f"row {j}")
+
+    def bad(j: int, problem: str) -> ParameterError:
+        return ParameterError("timestamp_col", f"column {col!r}: {locate(j)} {problem}; expected {TIMESTAMP_FORMS}",
+                              where=source)
+
+    text = values.dtype.kind not in "iufb"
+    empty = values.isna().to_numpy()
+    if text:
+        empty = empty | values.astype(str).str.strip().eq("").to_numpy()
+    if empty.any():
+        j = int(np.argmax(empty))
+        raise bad(j, f"has no time ({int(empty.sum())} empty value(s) in the column)")
+    if values.dtype.kind == "b":
+        raise bad(0, f"holds {shown(values.iloc[0])}")
+    if not text:
+        seconds = values.to_numpy(dtype=np.float64)
+    else:
+        numbers = pd.to_numeric(values, errors="coerce")
+        if not np.isnan(numbers.iloc[0]):
+            failed = numbers.isna().to_numpy()
+            seconds = numbers.to_numpy(dtype=np.float64)
+        else:
+            dates = pd.to_datetime(values, errors="coerce", utc=True, format="ISO8601")
+            failed = dates.isna().to_numpy()
+            seconds = ((dates - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(dtype=np.float64)
+        if failed.any():
+            j = int(np.argmax(failed))
+            raise bad(j, f"holds {shown(values.iloc[j])}")
+    finite = np.isfinite(seconds)
+    if not finite.all():
+        j = int(np.argmin(finite))
+        raise bad(j, f"holds {shown(values.iloc[j])}")
+    return seconds
 
 
 def describe_kept(report: dict) -> str:

@@ -29,6 +29,7 @@ import pandas as pd
 
 from recvae.data.download import download as _download
 from recvae.data.interactions import NPZ_FORMAT_VERSION, Interactions
+from recvae.data.preprocessing import PAPER
 from recvae.data.readers import read_table
 from recvae.data.paths import resolve_data_dir
 from recvae.errors import ParameterError
@@ -221,25 +222,27 @@ def load_movielens(
     name: str,
     data_dir=None,
     *,
-    rating_threshold: float | None = 3.5,
-    min_user_interactions: int = 5,
-    min_item_interactions: int = 0,
+    rating_threshold: float | None = PAPER.rating_threshold,
+    min_user_interactions: int = PAPER.min_user_interactions,
+    min_item_interactions: int = PAPER.min_item_interactions,
+    timestamps: bool = False,
     download: bool = True,
     show_progress: bool = True,
     cache: bool = True,
 ) -> Interactions:
     """A MovieLens release as binary implicit feedback, preprocessed as in the Mult-VAE paper.
 
-    Defaults are the paper's: keep ratings > 3.5, then users with >= 5 such ratings, no item
-    filter (see :meth:`Interactions.from_dataframe` for the order of the steps). ML-100K gives
+    Defaults are the paper's (:class:`~recvae.data.Preprocessing`): keep ratings > 3.5, then
+    users with >= 5 such ratings, no item filter (see :meth:`Interactions.from_dataframe` for the order of the steps). ML-100K gives
     938 users, 1,447 items, 55,361 interactions; ML-20M 136,677 users, 20,108 items.
-    ``rating_threshold=None`` keeps every rating.
+    ``rating_threshold=None`` keeps every rating. ``timestamps``: keep each interaction's
+    GroupLens timestamp (``Interactions.timestamps``, for a time split, :mod:`recvae.data.splits`).
 
     With ``cache`` the result is kept as ``.npz`` under ``<data_dir>/.recvae-cache/`` (when the
     data directory is writable), so a second load of a large release skips parsing.
     """
     spec = get_spec(name)
-    params = (rating_threshold, min_user_interactions, min_item_interactions)
+    params = (rating_threshold, min_user_interactions, min_item_interactions) + (("timestamps",) if timestamps else ())
     cache_file = _cache_path(spec, data_dir, params) if cache else None
     if cache_file is not None and cache_file.is_file():
         logger.debug("reading the cached %s", cache_file)
@@ -253,6 +256,7 @@ def load_movielens(
         rating_threshold=rating_threshold,
         min_user_interactions=min_user_interactions,
         min_item_interactions=min_item_interactions,
+        timestamp_col="timestamp" if timestamps else None,
         source=f"{spec.name}/{spec.ratings_file}",
     )
     if cache:

@@ -12,6 +12,7 @@ from typing import Callable, Hashable, Sequence
 import pandas as pd
 
 from recvae.data.interactions import Interactions
+from recvae.data.preprocessing import PAPER
 from recvae.optional import MissingDependencyError, require
 
 _EXTENSION_FORMATS = {
@@ -203,19 +204,23 @@ def read_interactions(
     names: Sequence[str] | None = None,
     header: int | None | str = "infer",
     encoding: str = "utf-8",
-    rating_threshold: float | None = None,
-    min_user_interactions: int = 0,
-    min_item_interactions: int = 0,
+    rating_threshold: float | None = PAPER.rating_threshold,
+    min_user_interactions: int = PAPER.min_user_interactions,
+    min_item_interactions: int = PAPER.min_item_interactions,
+    timestamp_col: Hashable | None = None,
 ) -> Interactions:
     """Read a ratings/interactions file into :class:`Interactions`.
 
     File handling as in :func:`read_table` (CSV, TSV, ``::``, Parquet; header or ``names=``);
-    preprocessing as in :meth:`Interactions.from_dataframe`. Example for ML-1M::
+    preprocessing as in :meth:`Interactions.from_dataframe`, with the paper's defaults
+    (:class:`~recvae.data.Preprocessing`: ratings > 3.5 of ``rating_col``, users with >= 5 of
+    them; ``**Preprocessing.keep_all().kwargs()`` keeps every row). ``timestamp_col`` keeps each
+    interaction's time, for a split in time (:mod:`recvae.data.splits`). Errors name the file and
+    line. Example for ML-1M::
 
-        read_interactions("ml-1m/ratings.dat", names=["user", "item", "rating", "ts"],
-                          rating_col="rating", rating_threshold=3.5, min_user_interactions=5)
+        read_interactions("ml-1m/ratings.dat", names=["user", "item", "rating", "ts"], rating_col="rating")
     """
-    df = read_table(path, sep=sep, format=format, names=names, header=header, encoding=encoding)
+    df, locate = read_table(path, sep=sep, format=format, names=names, header=header, encoding=encoding, locate=True)
     return Interactions.from_dataframe(
         df,
         user_col=user_col,
@@ -224,5 +229,7 @@ def read_interactions(
         rating_threshold=rating_threshold,
         min_user_interactions=min_user_interactions,
         min_item_interactions=min_item_interactions,
+        timestamp_col=timestamp_col,
         source=str(path),
+        locate=locate,
     )

@@ -30,6 +30,20 @@ _META_KEYS = ("format_version", "class", "params", "n_items", "item_ids", "files
 _RETIRED_PARAMS = ("run_dir", "keep_checkpoint")
 
 
+def warn_if_not_binary(X: sp.csr_matrix, model: str, use: str) -> None:
+    """One warning (per call: ``fit`` calls it once) when the training matrix holds values other
+    than 1, e.g. raw 0.5-5 star ratings: ``model`` uses them as ``use`` says, which is rarely
+    what implicit feedback means. Binary data (the library's preprocessing) passes silently."""
+    other = X.data != 1
+    if not X.nnz or not other.any():
+        return
+    logger.warning(
+        "train: %s of %s values are not 1 (from %g to %g): %s uses them as %s; for implicit feedback "
+        "binarize them first, e.g. keep ratings > 3.5 with recvae.data.Preprocessing (the default of "
+        "read_interactions and Interactions.from_dataframe with rating_col) or pass X.sign()",
+        f"{int(other.sum()):,}", f"{X.nnz:,}", float(X.data.min()), float(X.data.max()), model, use)
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

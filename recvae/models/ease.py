@@ -22,7 +22,7 @@ import scipy.linalg
 import scipy.sparse as sp
 
 from recvae.data.interactions import as_csr
-from recvae.models.base import Recommender
+from recvae.models.base import Recommender, warn_if_not_binary
 from recvae.models.popularity import load_baseline, save_baseline
 
 logger = logging.getLogger(__name__)
@@ -130,6 +130,7 @@ class EASE(Recommender):
         X = as_csr(train, "train")
         if X.shape[1] == 0:
             raise ValueError("train: expected at least one item column, got 0")
+        warn_if_not_binary(X, "EASE", "weights (in the item-item Gram matrix X^T X)")
         t0 = time.perf_counter()
         self.B_ = ease_weights(gram_matrix(X, dt), l2, overwrite=True)
         self.n_items_ = X.shape[1]

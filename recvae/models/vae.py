@@ -25,7 +25,8 @@ from recvae.fileio import atomic_write, read_torch
 from recvae.models import checks
 from recvae.models.annealing import ANNEAL_CAP, TOTAL_ANNEAL_STEPS, make_schedule
 from recvae.models.base import (
-    Recommender, as_csr, check_finite, check_shapes, read_model_meta, verified_file, write_model_meta,
+    Recommender, as_csr, check_finite, check_shapes, read_model_meta, verified_file, warn_if_not_binary,
+    write_model_meta,
 )
 from recvae.models.device import resolve_device, stored_device
 from recvae.models.networks import ACTIVATIONS, MultNetwork, NetworkConfig, build_network
@@ -153,6 +154,8 @@ class _AutoencoderRecommender(Recommender):
         if not X.has_canonical_format:
             X = X.copy()
             X.sum_duplicates()
+        warn_if_not_binary(X, type(self).__name__, "counts (each item's weight in the multinomial likelihood "
+                           "and in the L2-normalised input)")
         validate = as_validation(validation, X.shape[1], int(self.eval_batch_size))
         self._check_group()
         item_ids = getattr(train, "item_ids", None)
