@@ -113,11 +113,12 @@ class Trial:
     estimator: object = field(default=None, repr=False, compare=False)
     note: str | None = None  # e.g. the loss diverged (validation -inf when nothing was learnt)
 
-    def row(self, columns=()) -> dict:
-        """A line of the trial table; ``columns``: hyperparameters shown (their effective values)."""
+    def row(self, columns=(), with_model: bool = False) -> dict:
+        """A line of the trial table; ``columns``: hyperparameters shown (their effective values;
+        empty where the model has no such parameter); ``with_model``: a column naming the model."""
         model = make_model(self.model, **self.params)
         values = {c: _display(getattr(model, "hidden_dims" if c == "hidden_dim" else c, None)) for c in columns}
-        return {"trial": self.name, **values, f"validation_{SELECTION_METRIC}": round(self.validation, 6),
+        return {"trial": self.name, **({"model": self.model} if with_model else {}), **values, f"validation_{SELECTION_METRIC}": round(self.validation, 6),
                 "best_epoch": self.best_epoch, "beta_at_best_epoch": None if self.beta is None else round(self.beta, 6),
                 "seconds": round(self.seconds, 2), "note": self.note}
 
@@ -138,12 +139,14 @@ class Trials:
     ``on_trial(trial)`` sees each finished trial with its fitted ``estimator`` (paper_table
     evaluates it on test there); afterwards only the best trial keeps its estimator, so memory
     holds at most two fitted models. ``before_trial()`` returning True stops with
-    :class:`TuningStopped` before the next trial starts.
+    :class:`TuningStopped` before the next trial starts. ``log``: one info line per trial (a
+    study logs its own line per study trial instead).
     """
 
-    def __init__(self, train, validation, on_trial=None, before_trial=None):
+    def __init__(self, train, validation, on_trial=None, before_trial=None, log: bool = True):
         self.train, self.validation = train, validation
         self.on_trial, self.before_trial = on_trial, before_trial
+        self.log = log
         self.trials: list[Trial] = []
 
     def run(self, name: str, model: str, params: dict) -> Trial:
@@ -176,8 +179,9 @@ class Trials:
             raise TuningStopped(name)
 
     def add(self, trial: Trial) -> Trial:
-        logger.info("trial %s: validation %s %.4f (%.1f s)", trial.name, SELECTION_METRIC, trial.validation,
-                    trial.seconds)
+        if self.log:
+                logger.info("trial %s: validation %s %.4f (%.1f s)", trial.name, SELECTION_METRIC, trial.validation,
+                        trial.seconds)
         self.trials.append(trial)
         if self.on_trial is not None:
             self.on_trial(trial)
@@ -403,9 +407,13 @@ class TuneResult:
     best: Trial
     run: RunResult  # the chosen configuration's model, evaluated on validation and test users
     columns: tuple  # the hyperparameters the table shows
+    #: the chosen trial as a run's settings (what ``run.json`` records): a later ``tune --refit``
+    #: hands it to ``recvae refit`` to retrain the chosen model on every user
+    config: RunConfig | None = None
+    study: bool = False  # the trials came from an Optuna study (the table names each trial's model)
 
     def table(self) -> list[dict]:
-        return [{**t.row(self.columns), "selected": t is self.best} for t in self.trials]
+        return [{**t.row(self.columns, with_model=self.study), "selected": t is self.best} for t in self.trials]
 
 
 def tune(data: DataSpec, model: str, grid: dict | None = None, params: dict | None = None,
@@ -450,23 +458,31 @@ def _tune(config: RunConfig, grid: dict, run_dir: RunDir | None, overwrite: bool
     else:
         split, seen, kept = load_split(config, show_progress), None, None
     trials = search(model, split.train, split.validation, grid, params)
-    best = trials.best
+    columns = tuple(grid) + (("anneal_cap",) if model == "multvae" else ())
+    return _conclude(config, trials.trials, trials.best, lambda: best_estimator(trials), split, seen, kept, run_dir,
+                     overwrite, columns)
+
+
+def _conclude(config: RunConfig, trials: list[Trial], best: Trial, fitted, split, seen, kept, run_dir: RunDir | None,
+              overwrite: bool, columns: tuple, study: bool = False, keep=()) -> TuneResult:
+    """The chosen trial's model (``fitted()``) evaluated once on validation and test users and,
+    with ``run_dir``, written there as a normal run with ``tuning.csv``; ``keep``: files of the
+    directory that stay (the study)."""
     if best.validation == float("-inf"):
-        raise ValueError(f"model {model}: every trial's training loss became non-finite before an epoch finished "
-                         f"({len(trials.trials)} trials); lower lr, or try precision='fp32'")
-    estimator = best_estimator(trials)
+        raise ValueError(f"model {config.model}: every trial's training loss became non-finite before an epoch "
+                         f"finished ({len(trials)} trials); lower lr, or try precision='fp32'")
+    estimator = fitted()
     result = RunResult(estimator, evaluate(estimator, split.validation, ks=config.ks),
                        evaluate(estimator, split.test, ks=config.ks), best.seconds, split)
-    columns = tuple(grid) + (("anneal_cap",) if model == "multvae" else ())
-    tuned = TuneResult(trials.trials, best, result, columns)
+    chosen = RunConfig(data=config.data, model=best.model,
+                       params={k: v for k, v in best.params.items() if k != "show_progress"},
+                       split_seed=config.split_seed, n_heldout_users=config.n_heldout_users)
+    tuned = TuneResult(trials, best, result, columns, chosen, study)
     if run_dir is not None:
-        chosen = RunConfig(data=config.data, model=model,
-                           params={k: v for k, v in best.params.items() if k != "show_progress"},
-                           split_seed=config.split_seed, n_heldout_users=config.n_heldout_users)
         try:
             write_run_dir(run_dir.path, chosen, split, result, overwrite=overwrite, locked=True, seen=seen, kept=kept,
-                          extra=lambda rd: rd.write_tuning(tuned.table()))
+                          extra=lambda rd: rd.write_tuning(tuned.table()), keep=keep)
         except BaseException:  # stopped or failed while writing: no half-written run stays
-            run_dir.empty()
+            run_dir.empty(keep)
             raise
     return tuned
