@@ -851,13 +851,20 @@ def _open_storage(optuna, url: str, shared: bool):
         names = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
         callback = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in names else "failed_trial_callback"
         kwargs = {"heartbeat_interval": HEARTBEAT_SECONDS, "grace_period": GRACE_SECONDS, callback: _retry}
-    try:
-        return _quietly(optuna, optuna.storages.RDBStorage, url, **kwargs)
-    except Exception as e:  # a bad URL, a missing driver, a server that cannot be reached
-        if not shared:
-            raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ParameterError("storage", f"cannot open the study storage {url!r}: {first}") from None
+    for attempt in range(4):
+        try:
+            return _quietly(optuna, optuna.storages.RDBStorage, url, **kwargs)
+        except Exception as e:  # a bad URL, a missing driver, a server that cannot be reached
+            text = str(e)
+            # processes that create a new database together race to make its tables: the loser retries
+            if attempt < 3 and any(s in text for s in ("UNIQUE constraint", "already exists", "database is locked",
+                                                       "Duplicate entry", "duplicate key")):
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            if not shared:
+                raise
+            first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+            raise ParameterError("storage", f"cannot open the study storage {url!r}: {first}") from None
 
 
 def _open_study(optuna, storage, name: str, settings: dict, sampler, create: bool, where: str, n_trials):
