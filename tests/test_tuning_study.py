@@ -394,3 +394,17 @@ def test_train_and_the_parser_do_not_import_optuna():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
+
+
+def test_the_tune_extra_brings_optuna_and_the_setup_installs_it():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert [str(Requirement(r)) for r in extras["tune"]] == ["optuna>=3.1"]
+    assert '-e ".[test,plot,parquet,tune]"' in (ROOT / "scripts" / "setup.sh").read_text()
+    if available("optuna"):
+        import optuna
+
+        assert Requirement(extras["tune"][0]).specifier.contains(optuna.__version__)
