@@ -13,6 +13,11 @@ What is tried, per model (``DEFAULT_GRIDS``; ``recvae tune --grid NAME=V1,V2`` d
   ``HEURISTIC_NETWORK``; the grid varies the network around it (default: latent 50 and 200).
 * ``recvae``: one trial per grid point on the reference defaults (default: gamma 0.0025, 0.005,
   0.01).
+
+Or an Optuna study (:func:`tune_study`; ``recvae tune --trials``, needs ``recvae[tune]``, imported
+only then): ranges (``--space``) sampled by TPE, several model families, a grid's points as
+queued trials; the study lives in a database (the run directory's ``study.db``, or a shared
+``--storage``), so a stopped search keeps its finished trials and several processes share one.
 """
 
 from __future__ import annotations
