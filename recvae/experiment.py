@@ -528,18 +528,19 @@ def seen_interactions(split, raw: Interactions | None) -> Interactions:
 
 def write_run_dir(out: str | os.PathLike, config: RunConfig, split, result: RunResult, plot: bool = True,
                   overwrite: bool = False, extra=None, locked: bool = False, seen: Interactions | None = None,
-                  kept: dict | None = None) -> Path:
+                  kept: dict | None = None, keep=()) -> Path:
     """A complete run directory for a model trained elsewhere (benchmarks, notebooks, ``tune``):
     what :func:`run` writes, in the same order, under the directory's lock (``locked``: the
     caller holds it). ``overwrite`` empties a run directory first. ``extra(run_dir)`` writes
     more files (``tune``'s table) before the metrics, which mark the run complete. ``seen``: the
     run's seen items when the caller read them with the data (``load_split(with_seen=True)``);
-    else the source is read again for them."""
+    else the source is read again for them. ``keep``: files of the directory that stay (``tune``'s
+    study, :data:`recvae.rundir.STUDY_FILES`)."""
     run_dir = RunDir(out)
     run_dir.check_writable_for(overwrite=overwrite)
     with contextlib.nullcontext() if locked else run_dir.lock():
         run_dir.check_writable_for(overwrite=overwrite)
-        run_dir.empty()
+        run_dir.empty(keep)
         dropped = None
         if seen is None:
             positives: dict = {}

@@ -1,4 +1,4 @@
-"""Optional dependencies (plots, Parquet, the HTTP service): checked by name before long work starts,
+"""Optional dependencies (plots, Parquet, the HTTP service, tuning studies): checked by name before long work starts,
 so a job never computes for an hour and then dies on an import."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ EXTRAS = {
     "fastapi": ("serve", "the HTTP service (recvae serve)"),
     "uvicorn": ("serve", "the HTTP service (recvae serve)"),
     "httpx": ("serve", "the serving benchmark's load generator"),
+    "optuna": ("tune", "a tuning study (recvae tune --trials, --space, --storage, --resume)"),
 }
 
 

@@ -14,6 +14,8 @@ A run directory holds everything needed later::
     learning_curve.png  loss, KL, beta and validation NDCG@100 per epoch (needs matplotlib)
     checkpoint.pt       while a neural model trains (removed when it finishes unless kept)
     tuning.csv          the trials that chose the model (runs written by ``recvae tune``)
+    study.db            the Optuna study of ``recvae tune --trials`` (SQLite; -journal/-wal/-shm beside it
+                        while SQLite writes), kept so that ``--resume`` continues it
     .recvae.lock        while a command writes the directory: one writer at a time
 
 The split files come first and ``run.json`` last, so a ``run.json`` means the run is described;
@@ -40,6 +42,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from recvae import signals
+from recvae.errors import ParameterError
 from recvae.data import Interactions, read_table
 from recvae.data.splits import HeldOutUsers
 from recvae.fileio import (
@@ -64,10 +67,13 @@ METRICS_FILE = "metrics.json"
 CURVE_FILE = "learning_curve.png"
 CHECKPOINT_FILE = "checkpoint.pt"
 TUNING_FILE = "tuning.csv"
+STUDY_FILE = "study.db"
+#: the study's database and the files SQLite keeps beside it while it writes (a kill can leave one)
+STUDY_FILES = frozenset({STUDY_FILE, *(STUDY_FILE + s for s in ("-journal", "-wal", "-shm"))})
 LOCK_FILE = ".recvae.lock"
 #: what a run directory may hold at its top level
-RUN_FILES = {RUN_JSON, MODEL_DIR, TRAIN_FILE, SEEN_FILE, DROPPED_FILE, VALIDATION_FILE, TEST_FILE, HISTORY_CSV, HISTORY_JSON,
-             METRICS_FILE, CURVE_FILE, CHECKPOINT_FILE, TUNING_FILE}
+RUN_FILES = {RUN_JSON, MODEL_DIR, TRAIN_FILE, SEEN_FILE, DROPPED_FILE, VALIDATION_FILE, TEST_FILE, HISTORY_CSV,
+             HISTORY_JSON, METRICS_FILE, CURVE_FILE, CHECKPOINT_FILE, TUNING_FILE, *STUDY_FILES}
 #: what the model folder may hold (the files of every model class's save())
 MODEL_FILES = {MODEL_FILE, "weights.pt", "arrays.npz"}
 SPLIT_FILES = {"validation": VALIDATION_FILE, "test": TEST_FILE}
@@ -208,6 +214,24 @@ class RunDir:
             raise ValueError(f"--out {out}: holds files that are not the run's ({', '.join(foreign[:5])}); "
                              "move them away to resume there")
 
+    def study_url(self) -> str:
+        """The SQLAlchemy URL of the run's study (``recvae tune --trials``): SQLite in ``study.db``."""
+        return f"sqlite:///{self.file(STUDY_FILE).absolute()}"
+
+    def has_study(self) -> bool:
+        return self.file(STUDY_FILE).is_file()
+
+    def check_resumable_study(self) -> None:
+        """Whether ``tune --resume`` may continue the study here: ``study.db`` present and nothing
+        of the user's beside the run's files."""
+        if not self.has_study():
+            raise ParameterError("resume", f"{self.path} holds no study ({STUDY_FILE}) to continue; start the "
+                                           "tuning without --resume")
+        foreign = self.foreign_files()
+        if foreign:
+            raise ValueError(f"--out {self.path}: holds files that are not the run's ({', '.join(foreign[:5])}); "
+                             "move them away to resume there")
+
     # -- one writer at a time ----------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self):
@@ -250,12 +274,13 @@ class RunDir:
                 if parent:
                     self.path.parent.rmdir()
 
-    def empty(self) -> None:
-        """Remove the run's files (only; the caller checked there is nothing else)."""
+    def empty(self, keep=()) -> None:
+        """Remove the run's files (only; the caller checked there is nothing else), but those
+        named in ``keep`` (``STUDY_FILES``: a tuned run rewritten beside its study)."""
         if not self.path.is_dir():
             return
         for p in self.path.iterdir():
-            if p.name == LOCK_FILE:
+            if p.name == LOCK_FILE or p.name in keep:
                 continue
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 

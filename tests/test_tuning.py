@@ -256,3 +256,26 @@ def test_a_diverging_trial_is_recorded_and_the_search_goes_on(log_csv, tmp_path,
     table = pd.read_csv(out / "tuning.csv")
     assert list(table["trial"]) == ["paper", "anneal-1 lr=1e+30"] and list(table["selected"]) == [True, False]
     assert table["note"][1].startswith("non-finite loss at epoch 1")
+
+
+def test_tune_refit_retrains_the_chosen_model_on_every_user(log_csv, tmp_path, capsys):
+    out, final = tmp_path / "run", tmp_path / "final"
+    assert main(tune_argv(log_csv, out, "--model", "ease", "--grid", "l2=10,1000", "--refit", str(final))) == 0
+    text = capsys.readouterr().out
+    assert f"refit of the chosen model on every user into {final}:" in text
+    assert "ease refit on all 300 users" in text
+    chosen, refit = (json.loads((d / "run.json").read_text()) for d in (out, final))
+    assert refit["params"] == chosen["params"] and refit["model"] == "ease"
+    assert refit["split_settings"]["holdout"] == "none" and refit["refit_of"]["run"] == str(out)
+
+
+def test_tune_refit_into_a_used_directory_is_refused_before_the_trials(log_csv, tmp_path, capsys):
+    out, final = tmp_path / "run", tmp_path / "final"
+    final.mkdir()
+    (final / "notes.txt").write_text("mine")
+    assert main(tune_argv(log_csv, out, "--model", "ease", "--refit", str(final))) == 2
+    assert capsys.readouterr().err == (f"recvae: error: --refit {final}: exists and is not an empty directory; "
+                                       "choose a new or empty one\n")
+    assert not out.exists()
+    assert main(tune_argv(log_csv, out, "--model", "ease", "--refit", str(out))) == 2
+    assert "is --out itself" in capsys.readouterr().err

@@ -46,13 +46,18 @@ def run(args) -> int:
     except RunFinished as e:
         print(f"recvae: {e}", file=sys.stderr)
         return 0
+    report(args.run_dir, args.out, result)
+    return 0
+
+
+def report(run_dir, out, result) -> None:
+    """What a refit of ``run_dir`` into ``out`` trained (also after ``recvae tune --refit``)."""
     from recvae.rundir import RunDir
 
-    description = RunDir(args.out).read_description()
+    description = RunDir(out).read_description()
     best = description["refit_of"]["best_epoch"]
-    epochs = f" for {best} epochs (the best epoch of {args.run_dir})" if best else ""
+    epochs = f" for {best} epochs (the best epoch of {run_dir})" if best else ""
     train = result.split.train
     print(f"{description['model']} refit on all {train.n_users:,} users ({train.nnz:,} interactions){epochs} in "
           f"{result.train_seconds:.1f} s; no held-out users, so no metrics")
-    print(f"run directory: {args.out}")
-    return 0
+    print(f"run directory: {out}")
