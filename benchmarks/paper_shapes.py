@@ -381,8 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
+        import logging
+
         from recvae.distributed import watch_parent
 
+        logging.getLogger("recvae.distributed").setLevel(logging.CRITICAL)  # its line speaks of torchrun
         watch_parent()  # the driver gone (even killed with SIGKILL): this process stops too
         result = (generate if args.worker == "generate" else measure)(args)
         Path(args.worker_out).write_text(json.dumps(result))
