@@ -142,14 +142,15 @@ def _weights(run: Path) -> dict:
     return torch.load(run / "model" / "weights.pt", weights_only=True)
 
 
-def _assert_same_run(run: Path, reference: Path) -> float:
-    """Weights within WEIGHT_ATOL, same history (steps, losses to 1e-5, validation NDCG); returns the max difference."""
+def _assert_same_run(run: Path, reference: Path, steps=(23, 46)) -> float:
+    """Weights within WEIGHT_ATOL, same history (``steps`` after each epoch, losses to 1e-5,
+    validation NDCG); returns the max difference."""
     a, b = _weights(run), _weights(reference)
     assert a.keys() == b.keys()
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert diff <= WEIGHT_ATOL, diff
     ha, hb = (json.loads((r / "history.json").read_text()) for r in (run, reference))
-    assert [h["step"] for h in ha] == [h["step"] for h in hb] == [23, 46]
+    assert [h["step"] for h in ha] == [h["step"] for h in hb] == list(steps)
     for x, y in zip(ha, hb):
         for key in ("loss", "nll", "kl", "beta", "val_ndcg@100"):
             assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), key
@@ -184,6 +185,25 @@ def test_binary_latent_two_processes_give_the_one_process_model(log_csv, tmp_pat
         [(rc, text)] = procs.wait()
     assert rc == 0, text
     _assert_same_run(two, one)
+
+
+@pytest.mark.slow
+def test_recvae_two_processes_give_the_one_process_model(log_csv, tmp_path):
+    """RecVAE's encoder and decoder passes split as Mult-VAE's updates: dropout and noise drawn
+    for the global batch, each phase's gradients summed. Every pass ends on a batch of one user,
+    so rank 0's share is empty there and it must still draw that batch's random numbers: the
+    next pass goes on with the same generator (an outer epoch reseeds it, a pass does not)."""
+    extra = ["--model", "recvae", "--hidden-dims", "24,24", "--encoder-epochs", "2", "--lr", "1e-3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*_train_args(["--data", str(log_csv)], one), *extra]) == 0
+    with _Procs() as procs:
+        procs.start([*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "recvae",
+                     *_train_args(["--data", str(log_csv)], two), *extra], env=_env())
+        [(rc, text)] = procs.wait()
+    assert rc == 0, text
+    diff = _assert_same_run(two, one, steps=(69, 138))  # (2 encoder + 1 decoder passes) x 23 updates per epoch
+    print(f"RecVAE: max |w_2proc - w_1proc| = {diff:.2e}")
+    assert {k.split(".")[0] for k in _weights(two)} == {"encoder", "old_encoder", "decoder"}  # RecVAE's network
 
 
 @pytest.mark.slow

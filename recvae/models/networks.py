@@ -155,12 +155,7 @@ class MultNetwork(nn.Module):
         v = batch.normalized
         p = float(self.config.dropout)
         if self.training and p > 0:
-            part = batch.part
-            if part is None:
-                keep = torch.empty_like(v).bernoulli_(1.0 - p, generator=generator)
-            else:  # drawn for the global batch's nonzeros on every process; this process's share
-                keep = v.new_empty(part.nnz).bernoulli_(1.0 - p, generator=generator)[part.nnz_start:part.nnz_stop]
-            v = v * keep / (1.0 - p)
+            v = v * batch.keep_mask(1.0 - p, generator) / (1.0 - p)
         return v
 
     def _encode(self, batch: SparseBatch, generator: torch.Generator | None) -> torch.Tensor:
@@ -224,12 +219,7 @@ class MultVAENetwork(MultNetwork):
     def _latent(self, batch, generator):
         mu, logvar = self.encode(batch, generator)
         if self.training:
-            part = batch.part  # data parallel: noise drawn for the global batch, this process's rows kept
-            shape = mu.shape if part is None else (part.n_rows, mu.shape[1])
-            eps = torch.randn(shape, generator=generator, device=mu.device, dtype=mu.dtype)
-            if part is not None:
-                eps = eps[part.start:part.stop]
-            z = mu + eps * torch.exp(0.5 * logvar)
+            z = mu + batch.row_noise(mu.shape[1], generator, dtype=mu.dtype) * torch.exp(0.5 * logvar)
         else:
             z = mu
         return z, (mu, logvar)
@@ -293,11 +283,7 @@ class MultBernoulliNetwork(MultNetwork):
         p = torch.sigmoid(logits)
         if not self.training:
             return (p > 0.5).float() if self.binary_inference == "bits" else p, (logits,)
-        part = batch.part  # data parallel: noise drawn for the global batch, this process's rows kept
-        shape = logits.shape if part is None else (part.n_rows, logits.shape[1])
-        u = torch.rand(shape, generator=generator, device=logits.device)
-        if part is not None:
-            u = u[part.start:part.stop]
+        u = batch.row_noise(logits.shape[1], generator, uniform=True)
         if self.temperature is None:
             bits = (u < p).float()
             z = bits + (p - p.detach())  # forward: the bit; backward: d bit / d p := 1

@@ -13,6 +13,10 @@ the optimisers and what one epoch does. One outer epoch (defaults from the paper
 3. ``decoder_epochs`` (1) passes updating the decoder only (its own Adam), no dropout.
 
 Validation NDCG@100 after each outer epoch; the best outer epoch's weights are kept.
+
+Under torchrun every pass is data parallel as Mult-VAE's epochs are (:mod:`recvae.distributed`):
+each process trains on its share of every global batch, with the dropout and noise drawn for the
+whole global batch (:meth:`RecVAENetwork.draw_noise`), and the trained half's gradients summed.
 """
 
 from __future__ import annotations
@@ -70,7 +74,6 @@ class RecVAE(_AutoencoderRecommender):
     """
 
     _variational = True
-    _data_parallel = False  # its own random numbers are not split by BatchPart yet
     _float_tuple_params = ("mixture_weights",)
     _resume_keys = ("hidden_dims", "latent_dim", "dropout", "activation", "lam", "gamma", "mixture_weights",
                     "wide_logvar", "layer_norm_eps", "encoder_epochs", "decoder_epochs", "batch_size",
@@ -149,15 +152,23 @@ class RecVAE(_AutoencoderRecommender):
             # only the trained half needs gradients: the fused output layer then skips its I x d product
             network.encoder.requires_grad_(encoder_phase)
             network.decoder.requires_grad_(not encoder_phase)
+            trained = network.encoder if encoder_phase else network.decoder
             opt = optimizer.encoder if encoder_phase else optimizer.decoder
 
             def update(batch, rows):
+                part = batch.part  # data parallel: this process's share of the global batch
+                if part is not None and not batch.n_rows:
+                    # an empty share (an epoch's last, short batch) still draws the global batch's
+                    # random numbers: the next pass goes on with the same generator on every process
+                    network.draw_noise(batch, encoder_phase, loop.gen)
                 if encoder_phase:
-                    idx = torch.as_tensor(rows, device=old[0].device)
+                    mine = rows if part is None else rows[part.start:part.stop]
+                    idx = torch.as_tensor(mine, device=old[0].device)
                     loss = lambda: network.encoder_loss(batch, gamma, loop.gen, (old[0][idx], old[1][idx]))  # noqa: E731
                 else:
                     loss = lambda: network.decoder_loss(batch, loop.gen)  # noqa: E731
-                return update_step(opt, loss, batch.device.type, loop.bf16), gamma
+                return update_step(opt, loss, batch.device.type, loop.bf16, part=part, n_rows=batch.n_rows,
+                                   parameters=trained.parameters), gamma
 
             order = np.random.default_rng([loop.seed, epoch, p]).permutation(X.shape[0])
             means, _ = loop.pass_over_users(order, update, epoch, f"epoch {epoch + 1} {phase} {p + 1}")

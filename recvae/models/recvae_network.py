@@ -166,28 +166,38 @@ class RecVAENetwork(nn.Module):
         """The trained weight matrices (biases, layer norms and q_old excluded)."""
         return self.encoder.weight_matrices() + self.decoder.weight_matrices()
 
-    def _input_values(self, batch: SparseBatch, dropout: bool, generator: torch.Generator | None) -> torch.Tensor:
-        v = batch.normalized
+    def draw_noise(self, batch: SparseBatch, dropout: bool, generator: torch.Generator | None
+                   ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The random numbers of one training pass over ``batch``, in the order they are drawn:
+        the input's keep mask (None without ``dropout``) and the reparameterisation noise (B,
+        latent_dim). Data parallel, both are the global batch's, this process's share kept
+        (:class:`~recvae.models.sparse_layers.BatchPart`); a process whose share is empty calls
+        this alone to keep its generator in step with the others."""
         p = float(self.config.dropout)
-        if dropout and p > 0:
-            keep = torch.empty_like(v).bernoulli_(1.0 - p, generator=generator)
-            v = v * keep / (1.0 - p)
-        return v
+        keep = batch.keep_mask(1.0 - p, generator) if dropout and p > 0 else None
+        return keep, batch.row_noise(self.config.latent_dim, generator)
 
-    def encode(self, batch: SparseBatch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mu, logvar), each (B, latent_dim); input dropout in training mode."""
-        return self.encoder(self._input_values(batch, self.training, generator), batch, self.workspace)
+    def _encode(self, batch: SparseBatch, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, logvar) of the input with the dropout ``keep`` mask applied (None: no dropout)."""
+        v = batch.normalized
+        if keep is not None:
+            p = float(self.config.dropout)
+            v = v * keep / (1.0 - p)
+        return self.encoder(v, batch, self.workspace)
 
     def forward(self, batch: SparseBatch, generator: torch.Generator | None = None) -> torch.Tensor:
         """Dense float32 logits (B, I). In eval mode: no dropout and z = mu."""
-        mu, logvar = self.encode(batch, generator)
-        z = self._sample(mu, logvar, generator) if self.training else mu
+        if self.training:
+            keep, eps = self.draw_noise(batch, True, generator)
+            mu, logvar = self._encode(batch, keep)
+            z = self._sample(mu, logvar, eps)
+        else:
+            z, _ = self._encode(batch, None)
         w, b = self.decoder.output_weight, self.decoder.output_bias
         return torch.addmm(b.to(z.dtype), z, w.to(z.dtype).t()).float()
 
     @staticmethod
-    def _sample(mu, logvar, generator):
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    def _sample(mu, logvar, eps):
         return mu + eps * torch.exp(0.5 * logvar)
 
     def _nll(self, z: torch.Tensor, batch: SparseBatch) -> torch.Tensor:
@@ -204,8 +214,9 @@ class RecVAENetwork(nn.Module):
         one-sample KL to the composite prior (q_old without dropout; ``old`` passes its
         :meth:`old_posterior` when already computed). ``kl`` is ``1/B sum_u n_u KL_u``, so
         ``loss = nll + gamma * kl``."""
-        mu, logvar = self.encoder(self._input_values(batch, True, generator), batch, self.workspace)
-        z = self._sample(mu, logvar, generator)  # (B, d)
+        keep, eps = self.draw_noise(batch, True, generator)
+        mu, logvar = self._encode(batch, keep)
+        z = self._sample(mu, logvar, eps)  # (B, d)
         old_mu, old_logvar = old if old is not None else self.old_posterior(batch)
         log_prior = composite_prior_log_density(z, old_mu, old_logvar, self.config.mixture_weights,
                                                 self.config.wide_logvar)
@@ -216,9 +227,10 @@ class RecVAENetwork(nn.Module):
     def decoder_loss(self, batch: SparseBatch, generator: torch.Generator | None = None) -> LossTerms:
         """Decoder phase: the multinomial NLL at a sample of q(z|x) without input dropout. The KL
         term does not depend on the decoder, so it is neither computed nor differentiated."""
+        _, eps = self.draw_noise(batch, False, generator)
         with torch.no_grad():
-            mu, logvar = self.encoder(batch.normalized, batch, self.workspace)
-            z = self._sample(mu, logvar, generator)
+            mu, logvar = self._encode(batch, None)
+            z = self._sample(mu, logvar, eps)
         nll = self._nll(z, batch)
         zero = torch.zeros((), device=nll.device)
         return LossTerms(loss=nll, nll=nll, kl=zero)

@@ -119,6 +119,24 @@ class SparseBatch:
     def device(self) -> torch.device:
         return self.values.device
 
+    # The random numbers of a training step. With ``part`` set they are drawn for the whole
+    # global batch (the same on every process) and this process's share is kept: see BatchPart.
+    def keep_mask(self, keep_prob: float, generator: torch.Generator | None) -> torch.Tensor:
+        """Bernoulli(``keep_prob``) per nonzero (input dropout), shaped like ``values``."""
+        part = self.part
+        if part is None:
+            return torch.empty_like(self.values).bernoulli_(keep_prob, generator=generator)
+        return self.values.new_empty(part.nnz).bernoulli_(keep_prob, generator=generator)[part.nnz_start:part.nnz_stop]
+
+    def row_noise(self, width: int, generator: torch.Generator | None, uniform: bool = False,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(n_rows, width) draws per user: N(0, 1), or U[0, 1) when ``uniform``."""
+        part = self.part
+        draw = torch.rand if uniform else torch.randn
+        noise = draw((self.n_rows if part is None else part.n_rows, width), generator=generator, device=self.device,
+                     dtype=dtype)
+        return noise if part is None else noise[part.start:part.stop]
+
     def to_dense(self) -> torch.Tensor:
         """Dense (B, I) raw x: for tests and reference implementations only."""
         out = torch.zeros(self.n_rows, self.n_items, device=self.device)

@@ -57,8 +57,6 @@ class _AutoencoderRecommender(Recommender):
     #: parameters that are tuples of floats (JSON gives lists back), besides hidden_dims
     _float_tuple_params: tuple[str, ...] = ()
     _resume_keys: tuple[str, ...] = RESUME_KEYS
-    #: whether fit can train data parallel (its random numbers and updates follow BatchPart)
-    _data_parallel: bool = True
 
     def _json_params(self) -> dict:
         p = self.get_params()
@@ -169,9 +167,6 @@ class _AutoencoderRecommender(Recommender):
 
     def _check_group(self) -> distributed.Group:
         group = distributed.current()
-        if group.parallel and not self._data_parallel:
-            raise ValueError(f"{type(self).__name__}: data-parallel training (torchrun with several processes) "
-                             "is not supported for this model yet; run it in one process")
         distributed.check_batch_split(self.batch_size, group)
         return group
 

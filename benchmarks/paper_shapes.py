@@ -1,0 +1,431 @@
+"""The Mult-VAE paper's three data shapes on one machine: ML-20M, Netflix and MSD, synthetic.
+
+Liang et al. (WWW 2018, Table 1) train on ML-20M (136,677 users x 20,108 items, 10.0M
+interactions, 10,000 + 10,000 held-out users), Netflix (463,435 x 17,769, 56.9M; 40,000 +
+40,000) and MSD (571,355 x 41,140, 33.6M; 50,000 + 50,000). For each shape, data of that shape
+(:func:`paper_table.synthetic_ml20m`: log-normal history lengths, Zipf-like item popularity,
+seed 0) goes through two processes of its own:
+
+1. **generation**: builds the data and writes it as a prepared directory (``recvae prepare``'s
+   memory-mapped format); its seconds and peak RSS are reported apart, as the generator's arrays
+   are no part of training;
+2. **measurement**, a fresh process whose peak RSS is the shape's figure, timing in turn
+   * preparation: loading the prepared directory (its files are in the page cache, written just
+     before) and the strong generalization split (N validation + N test users, seed 0);
+   * one Mult-VAE epoch (the paper's network and defaults; precision "auto": bf16 where native)
+     with validation NDCG@100 on the N validation users;
+   * test evaluation (Recall@20/50, NDCG@100 of the N test users);
+   * top-100 for every training user (``model.recommend(train, N=100)``: score, mask the
+     history, top-K) and the forward passes alone (``model.score``) over the same users in the
+     same batches of 1,000. The two alternate, ``--chunk-users`` users at a time, so a change
+     of load on a shared machine reaches both alike.
+   Each step's own peak RSS is read from ``VmHWM`` after resetting it (Linux ``clear_refs``).
+
+The results hold, per step and shape, seconds and the cost per interaction, per user and per
+user x item it handles, and how the cost per unit of work grows from ML-20M to the larger shapes
+(its work: interactions for generation and preparation, users x items for the dense steps).
+Targets checked and printed: each measuring process under 4 GB peak RSS; top-100 within 1.5x of
+its forward passes; no step whose cost per unit of work grows by more than GROWTH_LIMIT.
+
+Writes ``benchmarks/results/paper_shapes.{json,md}`` for a full run (every shape, scale 1); a
+quick check (``--shapes``, ``--scale``) prints only, unless ``--out-dir`` is given. Examples::
+
+    python benchmarks/paper_shapes.py                       # all three shapes: ~15 min on 2 cores
+    python benchmarks/paper_shapes.py --shapes msd --scale 0.05
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+BENCHMARKS = Path(__file__).resolve().parent
+REPO = BENCHMARKS.parent
+RESULTS = BENCHMARKS / "results"
+sys.path.insert(0, str(BENCHMARKS))
+sys.path.insert(0, str(REPO))
+
+from paper_table import ML20M_SHAPE, environment, repo_relative, synthetic_ml20m  # noqa: E402
+
+#: name -> (label, users, items, interactions, held-out users per set): the paper's Table 1
+SHAPES = {
+    "ml-20m": ("ML-20M", *ML20M_SHAPE, 10_000),
+    "netflix": ("Netflix", 463_435, 17_769, 56_900_000, 40_000),
+    "msd": ("MSD", 571_355, 41_140, 33_600_000, 50_000),
+}
+SEED = 0
+K = 100
+BATCH = 1000  # users per scoring batch: Recommender.batch_size_predict, the default of recommend
+RSS_LIMIT_GB = 4.0
+TOP_K_LIMIT = 1.5  # top-100 over all training users / their forward passes
+GROWTH_LIMIT = 1.3  # a step's cost per unit of work at a larger shape / at ML-20M (timings here are noisy)
+TIMEOUT_S = {"generate": 1800, "measure": 3600}
+#: step -> (what it is, its work unit): "interactions" or "user x item"
+STEPS = {
+    "generation": ("generate the synthetic data and write the prepared directory (own process)", "interactions"),
+    "preparation": ("load the prepared directory + strong generalization split", "interactions"),
+    "training": ("one Mult-VAE epoch's updates (training users)", "user x item"),
+    "validation": ("validation NDCG@100 after the epoch (validation users)", "user x item"),
+    "evaluation": ("test evaluation, Recall@20/50 and NDCG@100 (test users)", "user x item"),
+    "forward": ("forward passes alone (training users, batches of 1,000)", "user x item"),
+    "top-100": ("top-100 for every training user (model.recommend)", "user x item"),
+}
+
+
+def scaled(name: str, scale: float) -> dict:
+    label, users, items, interactions, heldout = SHAPES[name]
+    n_users = max(round(users * scale), 50)
+    return {"name": name, "label": label, "n_users": n_users, "n_items": items,
+            "n_interactions": max(round(interactions * scale), 5 * n_users),
+            "n_heldout_users": min(max(round(heldout * scale), 10), (n_users - 1) // 3)}
+
+
+# -- memory of this process ----------------------------------------------------------------------
+def peak_rss_gb() -> float:
+    """This process's peak RSS since it started (``ru_maxrss`` is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def _status_gb(field: str) -> float | None:
+    try:
+        m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) / 1024**2 if m else None
+
+
+def reset_step_peak() -> bool:
+    """Reset VmHWM (the peak RSS) to the current RSS, so the next reading is one step's peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class Steps:
+    """Seconds and peak RSS of each step of a measuring process."""
+
+    def __init__(self):
+        self.rows: dict[str, dict] = {}
+
+    def run(self, name: str, fn):
+        exact = reset_step_peak()
+        t = time.perf_counter()
+        out = fn()
+        self.add(name, time.perf_counter() - t, _status_gb("VmHWM") if exact else None)
+        return out
+
+    def add(self, name: str, seconds: float, peak_gb: float | None, **extra) -> None:
+        row = self.rows.setdefault(name, {"seconds": 0.0, "peak_rss_gb": None})
+        row["seconds"] += seconds
+        if peak_gb is not None:
+            row["peak_rss_gb"] = max(row["peak_rss_gb"] or 0.0, peak_gb)
+        row.update(extra)
+        print(f"  {name}: {row['seconds']:.1f} s" + (f", peak RSS {peak_gb:.2f} GB" if peak_gb else ""), flush=True)
+
+
+# -- the two worker processes ---------------------------------------------------------------------
+def generate(args) -> dict:
+    from recvae.data.prepared import write_prepared
+
+    shape = json.loads(args.shape_json)
+    t0 = time.perf_counter()
+    data = synthetic_ml20m(seed=SEED, shape=(shape["n_users"], shape["n_items"], shape["n_interactions"]))
+    t1 = time.perf_counter()
+    write_prepared(data, args.prepared, preprocessing={"synthetic": f"paper_table.synthetic_ml20m, seed {SEED}",
+                                                       "shape": shape["name"]})
+    t2 = time.perf_counter()
+    return {"seconds": t2 - t0, "generate_seconds": t1 - t0, "write_seconds": t2 - t1,
+            "n_users": int(data.n_users), "n_items": int(data.n_items), "nnz": int(data.nnz),
+            "peak_rss_gb": peak_rss_gb()}
+
+
+def measure(args) -> dict:
+    import torch
+
+    from recvae.data.prepared import load_prepared
+    from recvae.data.splits import strong_generalization_split
+    from recvae.evaluation import evaluate
+    from recvae.models import MultVAE
+
+    shape = json.loads(args.shape_json)
+    steps = Steps()
+    rss_start = _status_gb("VmRSS")
+
+    def prepare():
+        data = load_prepared(args.prepared)
+        return strong_generalization_split(data, n_heldout_users=shape["n_heldout_users"], seed=SEED)
+
+    split = steps.run("preparation", prepare)
+    train = split.train.matrix
+    model = MultVAE(epochs=1, random_state=SEED, device="cpu")
+    steps.run("epoch", lambda: model.fit(split.train, validation=split.validation))
+    epoch = steps.rows.pop("epoch")
+    row = model.history_[0]
+    steps.add("training", row["seconds"], epoch["peak_rss_gb"])
+    steps.add("validation", row["val_seconds"], None, ndcg100=row["val_ndcg@100"])
+    res = steps.run("evaluation", lambda: evaluate(model, split.test, ks=(20, 50, 100)))
+    steps.rows["evaluation"]["ndcg100"] = res["ndcg@100"].mean
+
+    # top-100 and forward passes over the training users, alternating chunk by chunk
+    n = train.shape[0]
+    ids = np.full((n, K), -1, dtype=np.int64)  # the whole answer, as one recommend call returns it
+    scores = np.full((n, K), -np.inf, dtype=np.float32)
+    for lo in range(0, n, args.chunk_users):
+        hi = min(lo + args.chunk_users, n)
+
+        def forward():
+            for b in range(lo, hi, BATCH):
+                model.score(train[b:min(b + BATCH, hi)])
+
+        def top():
+            ids[lo:hi], scores[lo:hi] = model.recommend(train[lo:hi], N=K, batch_size=BATCH)
+
+        steps.run("forward", forward)
+        steps.run("top-100", top)
+    assert (ids >= 0).all()
+    return {"steps": steps.rows, "n_train_users": int(n), "n_train_interactions": int(train.nnz),
+            "n_items": int(train.shape[1]), "n_heldout_users": int(res.n_users),
+            "n_test_fold_in": int(split.test.fold_in.nnz), "n_validation_fold_in": int(split.validation.fold_in.nnz),
+            "n_interactions": int(sum(m.nnz for m in (train, split.validation.fold_in, split.validation.heldout,
+                                                      split.test.fold_in, split.test.heldout))),
+            "precision": model.precision_, "rss_at_start_gb": rss_start, "peak_rss_gb": peak_rss_gb(),
+            "step_peaks_exact": reset_step_peak(), "torch_threads": torch.get_num_threads()}
+
+
+# -- driver ---------------------------------------------------------------------------------------
+def launch(kind: str, shape: dict, prepared: Path, out: Path, chunk_users: int) -> dict:
+    """Run one worker process (its own session), killed with its group in every outcome."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--shape-json", json.dumps(shape),
+           "--prepared", str(prepared), "--worker-out", str(out), "--chunk-users", str(chunk_users)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    p = subprocess.Popen(cmd, env=env, start_new_session=True)
+    rc = None
+    try:
+        rc = p.wait(timeout=TIMEOUT_S[kind])
+    except subprocess.TimeoutExpired:
+        pass
+    finally:  # stopped in every outcome: done, timed out, or this process interrupted
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    if rc is None:
+        raise SystemExit(f"paper_shapes: {shape['name']}: the {kind} process did not finish within "
+                         f"{TIMEOUT_S[kind]} s; stopped it")
+    if rc != 0:
+        raise SystemExit(f"paper_shapes: {shape['name']}: the {kind} process exited with {rc}")
+    return json.loads(out.read_text())
+
+
+def run_shape(shape: dict, chunk_users: int) -> dict:
+    print(f"{shape['label']}: {shape['n_users']:,} users x {shape['n_items']:,} items, "
+          f"~{shape['n_interactions']:,} interactions, {shape['n_heldout_users']:,} + "
+          f"{shape['n_heldout_users']:,} held-out users", flush=True)
+    with tempfile.TemporaryDirectory(prefix="paper-shapes-") as tmp:
+        prepared = Path(tmp) / "prepared"
+        load = [round(v, 2) for v in os.getloadavg()]
+        gen = launch("generate", shape, prepared, Path(tmp) / "generate.json", chunk_users)
+        print(f"  generation: {gen['seconds']:.1f} s, peak RSS {gen['peak_rss_gb']:.2f} GB (own process)", flush=True)
+        meas = launch("measure", shape, prepared, Path(tmp) / "measure.json", chunk_users)
+    meas["steps"] = {"generation": {"seconds": gen["seconds"], "peak_rss_gb": gen["peak_rss_gb"]}, **meas["steps"]}
+    return {**shape, "nnz": gen["nnz"], "generation": gen, "measure": meas, "load_average_before": load,
+            "load_average_after": [round(v, 2) for v in os.getloadavg()]}
+
+
+def work(result: dict, step: str) -> dict:
+    """What ``step`` handles at this shape: users, interactions and its work units."""
+    m = result["measure"]
+    if step in ("generation", "preparation"):
+        users, interactions = result["n_users"], result["nnz"]
+    elif step == "validation":
+        users, interactions = m["n_heldout_users"], m["n_validation_fold_in"]
+    elif step == "evaluation":
+        users, interactions = m["n_heldout_users"], m["n_test_fold_in"]
+    else:
+        users, interactions = m["n_train_users"], m["n_train_interactions"]
+    unit = STEPS[step][1]
+    return {"users": users, "interactions": interactions,
+            "units": interactions if unit == "interactions" else users * m["n_items"]}
+
+
+def analyse(results: list[dict]) -> dict:
+    """Per step and shape: cost per interaction, per user, per user x item, and its growth per
+    unit of work against the first (smallest) shape; the three targets."""
+    base = results[0]
+    table, growth = [], {}
+    for step in STEPS:
+        for r in results:
+            s = r["measure"]["steps"][step]
+            w = work(r, step)
+            per_unit = s["seconds"] / w["units"]
+            b = base["measure"]["steps"][step]["seconds"] / work(base, step)["units"]
+            table.append({"step": step, "shape": r["name"], "seconds": s["seconds"], "peak_rss_gb": s["peak_rss_gb"],
+                          "us_per_interaction": 1e6 * s["seconds"] / w["interactions"],
+                          "ms_per_1k_users": 1e6 * s["seconds"] / w["users"],
+                          "ns_per_user_item": 1e9 * s["seconds"] / (w["users"] * r["measure"]["n_items"]),
+                          "work_ratio": w["units"] / work(base, step)["units"],
+                          "cost_ratio": s["seconds"] / base["measure"]["steps"][step]["seconds"],
+                          "growth_per_unit": per_unit / b})
+        growth[step] = max(row["growth_per_unit"] for row in table if row["step"] == step)
+    targets = {
+        "rss": {r["name"]: {"peak_rss_gb": r["measure"]["peak_rss_gb"],
+                            "ok": r["measure"]["peak_rss_gb"] < RSS_LIMIT_GB} for r in results},
+        "top_k": {r["name"]: {"ratio": r["measure"]["steps"]["top-100"]["seconds"]
+                              / r["measure"]["steps"]["forward"]["seconds"]} for r in results},
+        "growth": {step: {"max_growth_per_unit": g, "ok": g <= GROWTH_LIMIT} for step, g in growth.items()},
+    }
+    for v in targets["top_k"].values():
+        v["ok"] = v["ratio"] <= TOP_K_LIMIT
+    return {"table": table, "targets": targets}
+
+
+def markdown(report: dict) -> str:
+    results, a, env = report["shapes"], report["analysis"], report["environment"]
+    by = {r["name"]: r for r in results}
+    names = [r["name"] for r in results]
+    lines = [
+        "# The paper's data shapes on one machine (synthetic data, one Mult-VAE epoch)", "",
+        "Synthetic data of each shape of Liang et al. (WWW 2018, Table 1) from `paper_table.synthetic_ml20m` "
+        f"(seed {SEED}; log-normal history lengths, Zipf-like items), scale {report['scale']:g}. Generation runs "
+        "in a process of its own; every other step in one fresh measuring process per shape, whose peak RSS is "
+        "the shape's figure. Mult-VAE: the paper's network (I-600-200-600-I), batches of 500, precision "
+        f"{results[0]['measure']['precision']}; scoring batches of {BATCH:,} users.", "",
+        "| shape | users | items | interactions | held-out users | generation s (peak RSS GB) | preparation s | "
+        "epoch s: training + validation | test evaluation s | forward passes s | top-100 s (x forward) | "
+        "peak RSS GB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        s, t = r["measure"]["steps"], a["targets"]
+        lines.append(
+            f"| {r['label']} | {r['n_users']:,} | {r['n_items']:,} | {r['nnz']:,} | {r['n_heldout_users']:,} + "
+            f"{r['n_heldout_users']:,} | {s['generation']['seconds']:.1f} ({s['generation']['peak_rss_gb']:.2f}) | "
+            f"{s['preparation']['seconds']:.1f} | {s['training']['seconds']:.1f} + {s['validation']['seconds']:.1f} | "
+            f"{s['evaluation']['seconds']:.1f} | {s['forward']['seconds']:.1f} | {s['top-100']['seconds']:.1f} "
+            f"({t['top_k'][r['name']]['ratio']:.2f}) | {r['measure']['peak_rss_gb']:.2f} |")
+    lines += [
+        "", "## How each cost grows", "",
+        "Per step and shape: seconds, the step's own peak RSS, its cost per interaction, per user and per "
+        "user x item it handles (generation and preparation: all users and interactions; training, forward and "
+        "top-100: the training users and their interactions; validation and evaluation: the held-out users "
+        "of one set and their fold-in interactions), and the growth of its cost per unit of work "
+        "against ML-20M: (seconds here / seconds on ML-20M) / (work here / work on ML-20M), where the work is "
+        "interactions for generation and preparation and users x items for the others. 1.0: the cost grows as "
+        "its work.", "",
+        "| step | shape | s | step peak RSS GB | µs / interaction | ms / 1k users | ns / user·item | work x | "
+        "cost x | growth per unit |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in a["table"]:
+        peak = f"{row['peak_rss_gb']:.2f}" if row["peak_rss_gb"] is not None else ""
+        lines.append(f"| {row['step']} | {by[row['shape']]['label']} | {row['seconds']:.1f} | {peak} | "
+                     f"{row['us_per_interaction']:.2f} | {row['ms_per_1k_users']:.1f} | {row['ns_per_user_item']:.3f} | "
+                     f"{row['work_ratio']:.2f} | {row['cost_ratio']:.2f} | {row['growth_per_unit']:.2f} |")
+    t = a["targets"]
+    ok = lambda b: "met" if b else "**missed**"  # noqa: E731
+    lines += [
+        "", "## Targets", "",
+        f"* Peak RSS of each measuring process under {RSS_LIMIT_GB:g} GB: "
+        + "; ".join(f"{by[n]['label']} {t['rss'][n]['peak_rss_gb']:.2f} GB ({ok(t['rss'][n]['ok'])})" for n in names),
+        f"* Top-100 for every training user within {TOP_K_LIMIT:g}x its forward passes: "
+        + "; ".join(f"{by[n]['label']} {t['top_k'][n]['ratio']:.2f}x ({ok(t['top_k'][n]['ok'])})" for n in names),
+        f"* No step's cost per unit of work growing by more than {GROWTH_LIMIT:g}x from ML-20M: "
+        + "; ".join(f"{step} {v['max_growth_per_unit']:.2f} ({ok(v['ok'])})" for step, v in t["growth"].items()),
+        "", "Step descriptions: " + "; ".join(f"{k}: {v[0]}" for k, v in STEPS.items()) + ".", "",
+        "Validation NDCG@100 after the epoch / test NDCG@100: "
+        + "; ".join(f"{by[n]['label']} {by[n]['measure']['steps']['validation']['ndcg100']:.4f} / "
+                    f"{by[n]['measure']['steps']['evaluation']['ndcg100']:.4f}" for n in names)
+        + " (synthetic data: items are drawn by popularity alone, so there is little to learn beyond it).", "",
+        f"Machine: {env['cpu']}, {env['cpu_count']} cores, AMX {'yes' if env['amx'] else 'no'}, AVX-512 BF16 "
+        f"{'yes' if env['avx512_bf16'] else 'no'}; torch {env['torch']} ({results[0]['measure']['torch_threads']} "
+        f"threads), numpy {env['numpy']}, scipy {env['scipy']}, recvae {env['recvae']}. Load average (1, 5, 15 min) "
+        "before / after each shape: " + "; ".join(f"{by[n]['label']} {by[n]['load_average_before']} / "
+                                                 f"{by[n]['load_average_after']}" for n in names)
+        + f". Total {report['total_seconds'] / 60:.1f} min.", "",
+        f"Command: `{report['command']}`", "",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list out of {','.join(SHAPES)} (default: all)")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="fraction of each shape's users, interactions and held-out users (items unchanged); "
+                        "e.g. 0.05 for a quick check")
+    p.add_argument("--chunk-users", type=int, default=20_000,
+                   help="training users per alternation of forward passes and top-100 (default 20,000)")
+    p.add_argument("--out-dir", type=Path, help="results folder (default: benchmarks/results for a full run, "
+                                                "none for a quick check)")
+    p.add_argument("--worker", choices=("generate", "measure"), help=argparse.SUPPRESS)
+    p.add_argument("--shape-json", help=argparse.SUPPRESS)
+    p.add_argument("--prepared", help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        import logging
+
+        from recvae.distributed import watch_parent
+
+        logging.getLogger("recvae.distributed").setLevel(logging.CRITICAL)  # its line speaks of torchrun
+        watch_parent()  # the driver gone (even killed with SIGKILL): this process stops too
+        result = (generate if args.worker == "generate" else measure)(args)
+        Path(args.worker_out).write_text(json.dumps(result))
+        return 0
+    names = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    unknown = sorted(set(names) - set(SHAPES))
+    if unknown or not names:
+        print(f"paper_shapes: error: --shapes: unknown {unknown}; expected a comma list out of {','.join(SHAPES)}",
+              file=sys.stderr)
+        return 2
+    if not 0 < args.scale <= 1 or args.chunk_users < BATCH:
+        print(f"paper_shapes: error: expected 0 < --scale <= 1 and --chunk-users >= {BATCH}", file=sys.stderr)
+        return 2
+    names = [n for n in SHAPES if n in names]  # smallest first: the growth is measured against it
+    # SIGTERM raises SystemExit here, so launch() stops the running worker before this process ends
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    full = args.scale == 1 and names == list(SHAPES)
+    out = args.out_dir or (RESULTS if full else None)
+    start = time.perf_counter()
+    results = [run_shape(scaled(n, args.scale), args.chunk_users) for n in names]
+    report = {
+        "benchmark": "paper_shapes", "scale": args.scale, "seed": SEED, "k": K, "scoring_batch": BATCH,
+        "chunk_users": args.chunk_users,
+        "targets": {"peak_rss_gb_below": RSS_LIMIT_GB, "top_k_over_forward_at_most": TOP_K_LIMIT,
+                    "growth_per_unit_at_most": GROWTH_LIMIT},
+        "shapes": results, "analysis": analyse(results), "environment": environment(),
+        "total_seconds": time.perf_counter() - start,
+        "command": shlex.join(["python", "benchmarks/paper_shapes.py",
+                               *map(repo_relative, sys.argv[1:] if argv is None else argv)]),
+    }
+    text = markdown(report)
+    print(text)
+    if out is not None:
+        from recvae.fileio import write_bytes, write_json
+
+        write_json(Path(out) / "paper_shapes.json", report)
+        write_bytes(Path(out) / "paper_shapes.md", text.encode())
+        print(f"wrote {Path(out) / 'paper_shapes.json'} and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
