@@ -161,9 +161,10 @@ def parse(text: str) -> list[Block]:
     lines = text.splitlines()
     fences = _fences(lines)
     opening = {o: c for o, c in fences}
-    blocks = []
+    inside = {k for o, c in fences for k in range(o, c + 1)}  # a marker shown in a code block is none
+    blocks, seen = [], {}
     for i, line in enumerate(lines):
-        m = MARKER.match(line.strip()) if line.startswith("<!--") else None
+        m = MARKER.match(line.strip()) if line.startswith("<!--") and i not in inside else None
         if not m:
             continue
         where = f"README.md:{i + 1}"
@@ -203,7 +204,8 @@ def parse(text: str) -> list[Block]:
         if not commands:
             raise ReadmeError(f"{where}: the command block of this output holds no command")
         key = "\n".join(commands)
-        key += f"\n#{sum(b.key.split(chr(10) + '#')[0] == key for b in blocks) + 1}"
+        seen[key] = seen.get(key, 0) + 1
+        key += f"\n#{seen[key]}"
         blocks.append(Block(i, body_start, close, commands, flags, "\n".join(lines[body_start:close]), key))
     return blocks
 

@@ -106,7 +106,12 @@ $ recvae evaluate runs/a \\
 |---|---|
 | x | 4.2 |
 ```
-tail
+
+A marker shown in a code block is none:
+
+```
+<!-- output of the block above -->
+```
 """
 
 
