@@ -36,8 +36,9 @@ recvae`` with the repository first on the import path (``.venv/bin/`` before it 
 ``python`` this interpreter. A command ending in ``&`` is a server: it starts in the background
 (on a free port substituted for its ``--port``, and in the ``curl`` URLs), the next command waits
 until it answers ``/health``, and it is stopped (SIGTERM, then SIGKILL) when the block ends,
-whatever happens. ``curl`` is done in-process as the HTTP request it describes (``-X``, ``-H``,
-``-d``), its output the answer's body.
+whatever happens (a ``sleep``, ``wait`` or ``kill %1`` after it is skipped). ``curl`` is done
+in-process as the HTTP request it describes (``-X``, ``-H``, ``-d``/``--data`` with ``@file``,
+``--json``), its output the answer's body.
 
 **Normalization.** Written outputs have the scratch directory, the repository path, process ids
 and dates replaced by ``...``. The check ignores timings (a number followed by ``s``, ``ms`` or
@@ -328,7 +329,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def curl(command: str, port_map: dict[str, str], timeout: float) -> str:
+def curl(command: str, port_map: dict[str, str], timeout: float, work: Path = Path(".")) -> str:
     """Do the HTTP request a ``curl`` command line describes; the answer's body."""
     words = shlex.split(command)[1:]
     method, headers, data, url = None, {}, None, None
@@ -339,8 +340,12 @@ def curl(command: str, port_map: dict[str, str], timeout: float) -> str:
         elif w in ("-H", "--header"):
             k, _, v = next(it).partition(":")
             headers[k.strip()] = v.strip()
-        elif w in ("-d", "--data", "--data-raw", "--data-binary"):
-            data = next(it).encode()
+        elif w in ("-d", "--data", "--data-raw", "--data-binary", "--json"):
+            value = next(it)
+            data = (work / value[1:]).read_bytes() if value.startswith("@") and w != "--data-raw" else value.encode()
+            if w == "--json":
+                headers.setdefault("Content-Type", "application/json")
+                headers.setdefault("Accept", "application/json")
         elif w in ("-s", "--silent", "-S", "--show-error", "-f", "--fail", "-i"):
             continue
         elif w.startswith("-"):
@@ -352,7 +357,7 @@ def curl(command: str, port_map: dict[str, str], timeout: float) -> str:
     if "://" not in url:
         url = "http://" + url
     for old, new in port_map.items():
-        url = url.replace(f":{old}/", f":{new}/").replace("localhost:", "127.0.0.1:")
+        url = re.sub(rf":{old}(?=/|$|\?)", f":{new}", url).replace("//localhost:", "//127.0.0.1:")
     request = urllib.request.Request(url, data=data, headers=headers, method=method or ("POST" if data else "GET"))
     try:
         with urllib.request.urlopen(request, timeout=timeout) as r:
@@ -427,7 +432,9 @@ def run_block(block: Block, work: Path, timeout: float = 3600.0) -> str:
                 servers.append(proc)
                 wait_until_serving(proc, str(port), log, timeout=min(timeout, 300))
             elif command.split()[0] == "curl":
-                chunks.append(curl(command, port_map, timeout))
+                chunks.append(curl(command, port_map, timeout, work))
+            elif servers and re.fullmatch(r"(kill( -\w+)? (%\d*|\$!)|wait|sleep [\d.]+)", command):
+                continue  # the servers' lifetime is the block's
             else:
                 r = run_command(command, work, env, timeout, block.label)
                 if "stderr" in block.flags:

@@ -218,8 +218,8 @@ def test_a_server_block_is_started_asked_and_stopped(tmp_path):
     )
     (tmp_path / "server.py").write_text(server)
     text = (
-        "```bash\npython server.py --port 8000 &\ncurl -s localhost:8000/hello.txt\n"
-        "curl -s -X POST localhost:8000/hello.txt -d '{\"a\": 1}'   # not allowed: the error's body\n```\n"
+        "```bash\npython server.py --port 8000 &\nsleep 2\ncurl -s http://localhost:8000/hello.txt\n"
+        "curl -s -X POST localhost:8000/hello.txt -d '{\"a\": 1}'   # not allowed: the error's body\nkill %1\n```\n"
         "<!-- output of the block above -->\n```\nx\n```\n"
     )
     block = ro.parse(text)[0]
@@ -228,7 +228,7 @@ def test_a_server_block_is_started_asked_and_stopped(tmp_path):
     pids = [int(p.read_text()) for p in tmp_path.glob("pid-*")]
     assert len(pids) == 1 and not _alive(pids[0])
 
-    failing = ro.parse(text.replace("curl -s localhost:8000/hello.txt", "exit 3"))[0]
+    failing = ro.parse(text.replace("curl -s http://localhost:8000/hello.txt", "exit 3"))[0]
     with pytest.raises(ro.ReadmeError, match="status 3"):
         ro.run_block(failing, tmp_path, timeout=60)
     pids = [int(p.read_text()) for p in tmp_path.glob("pid-*")]
