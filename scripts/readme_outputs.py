@@ -2,13 +2,13 @@
 
 Run it alone on a quiet machine after changing anything a README command prints:
 
-    python scripts/readme_outputs.py           # run every marked command, rewrite the outputs
+    python scripts/readme_outputs.py           # run every marked command, rewrite the outputs that differ
     python scripts/readme_outputs.py --check   # run them, report the blocks that differ (exit 1)
 
 It takes about as long as the commands themselves: about two minutes on our 2-core CPU
-unloaded for the blocks there are now (ML-100K training ~20 s, the service ~10 s, `recvae tune`
-on ML-100K ~60 s); on a loaded machine many times that, and the timings it writes are then
-meaningless (though the check ignores them).
+unloaded for the blocks there are now (ML-100K training ~20 s, `recvae tune` on ML-100K ~60 s,
+the service ~5 s); on a loaded machine many times that (48 minutes at a load average of 8-13),
+and timings are then meaningless: the check ignores them, and only ``--timings`` writes them.
 
 **Markers.** An output block is a fenced block right after an HTML comment line of the form
 
@@ -44,7 +44,9 @@ in-process as the HTTP request it describes (``-X``, ``-H``, ``-d``/``--data`` w
 and dates replaced by ``...``. The check ignores timings (a number followed by ``s``, ``ms`` or
 ``min``; cells of a table column headed ``seconds``, ``s``, ``time`` ...) and treats ``...`` in
 the README as matching anything on its line (a line holding only ``...``, any number of lines).
-The README is rewritten at once, atomically, and only when some block changed.
+Only the blocks that differ are rewritten (with this run's timings), so a run on a busy machine
+leaves the recorded timings of a quiet one; ``--timings`` rewrites every block run. The README is
+rewritten at once, atomically, and only when some block changed.
 """
 
 from __future__ import annotations
@@ -383,17 +385,25 @@ def wait_until_serving(proc: subprocess.Popen, port: str, log: Path, timeout: fl
         time.sleep(0.3)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group, SIGKILL after 20 s."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """Stop a command's whole process group (the shell and what it started): SIGTERM, SIGKILL
+    after ``grace`` seconds; returns once no process of the group is left."""
+    deadline = time.monotonic() + grace
+    sent = None
+    while True:
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            if sent is None or (sent == signal.SIGTERM and time.monotonic() > deadline):
+                sent = signal.SIGTERM if sent is None else signal.SIGKILL
+                os.killpg(proc.pid, sent)
+            else:
+                os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.05)
+        if sent == signal.SIGKILL and time.monotonic() > deadline + 10:
+            break  # only zombies no one reaps can be left
+    proc.wait()
 
 
 def run_command(command: str, work: Path, env: dict, timeout: float, label: str) -> subprocess.CompletedProcess:
@@ -493,6 +503,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="report the blocks that differ, write nothing (exit 1 if any)")
     p.add_argument("--small", action="store_true", help="only the blocks marked small (and what they need)")
     p.add_argument("--only", metavar="TEXT", help="only the blocks whose command holds TEXT (and what they need)")
+    p.add_argument(
+        "--timings", action="store_true",
+        help="also rewrite the blocks that match but for timings, to record this run's (on a quiet machine)",
+    )
     p.add_argument("--list", action="store_true", help="list the marked blocks and exit")
     p.add_argument("--readme", type=Path, default=README, help=argparse.SUPPRESS)
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed to each command (default 3600)")
@@ -524,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(differ)} of {len(chosen)} output block(s) differ" if differ else f"all {len(chosen)} output block(s) match")
         return 1 if differ else 0
     try:
-        changed = rewrite(args.readme, {b.key: outputs[b.key] for b in chosen})
+        changed = rewrite(args.readme, {b.key: outputs[b.key] for b in (chosen if args.timings else differ)})
     except ReadmeError as e:
         print(f"readme_outputs: error: {e}", file=sys.stderr)
         return 2
