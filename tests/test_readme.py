@@ -4,8 +4,12 @@ so the documentation cannot drift from the command line unnoticed."""
 from __future__ import annotations
 
 import argparse
+import difflib
+import importlib.util
+import os
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +57,223 @@ def test_each_readme_command_and_flag_exists(command):
     flags = options_of(sub[words[0]]) | options_of(parser)
     unknown = [w.split("=")[0] for w in words[1:] if w.startswith("-") and w.split("=")[0] not in flags]
     assert not unknown, f"{command}: unknown flag(s) {unknown}"
+
+
+# ---- the printed outputs (scripts/readme_outputs.py) ----------------------------------------
+#
+# Which README commands the suite runs end to end: the output blocks whose marker says `small`
+# (`<!-- output (small) of ... -->`): ML-100K or quicker, together under ~40 s on our 2-core CPU
+# unloaded, and needing no block that is not small (test_small_blocks_need_only_small_blocks).
+
+
+def _load_script():
+    path = README.parent / "scripts" / "readme_outputs.py"
+    spec = importlib.util.spec_from_file_location("readme_outputs", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+ro = _load_script()
+BLOCKS = ro.parse(README.read_text())
+SMALL = [b for b in BLOCKS if b.small]
+
+FAKE = """# fake
+
+```bash
+recvae train --out runs/a   # trains
+```
+
+<!-- output (small) of the block above -->
+```
+trained in 17.5 s
+done
+```
+
+Some text.
+
+<!-- output of: recvae train --out runs/a -->
+```text
+again 3 s
+```
+
+<!-- output (stderr) of its $ lines -->
+```
+$ recvae evaluate runs/a \\
+    --split test
+| trial | seconds |
+|---|---|
+| x | 4.2 |
+```
+
+A marker shown in a code block is none:
+
+```
+<!-- output of the block above -->
+```
+"""
+
+
+def test_markers_tie_each_output_to_its_commands():
+    blocks = ro.parse(FAKE)
+    assert [b.commands for b in blocks] == [
+        ["recvae train --out runs/a"],
+        ["recvae train --out runs/a"],
+        ["recvae evaluate runs/a --split test"],
+    ]
+    assert [b.flags for b in blocks] == [{"small"}, set(), {"stderr"}]
+    assert [b.recorded for b in blocks] == [
+        "trained in 17.5 s\ndone",
+        "again 3 s",
+        "| trial | seconds |\n|---|---|\n| x | 4.2 |",
+    ]
+    assert len({b.key for b in blocks}) == 3  # the same command twice: two keys
+    assert ro.with_dependencies(blocks, [blocks[2]]) == blocks[1:]  # the last to write runs/a before it
+    assert ro.with_dependencies(blocks, [blocks[0]]) == blocks[:1]
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("<!-- output of the block above -->\ntext\n", "must be followed by a fenced block"),
+        ("text\n\n<!-- output of the block above -->\n```\nx\n```\n", "no command for this output"),
+        ("```\nrecvae a\n```\n<!-- output of: recvae b -->\n```\nx\n```\n", "in no code block above"),
+        ("```\nrecvae a\n```\n<!-- output (fast) of the block above -->\n```\nx\n```\n", "unknown flag"),
+        ("```\n# only a comment\n```\n<!-- output of the block above -->\n```\nx\n```\n", "holds no command"),
+    ],
+)
+def test_a_marker_that_cannot_be_understood_is_refused(bad, message):
+    with pytest.raises(ro.ReadmeError, match=message):
+        ro.parse(bad)
+
+
+def test_display_normalization_hides_paths_pids_and_dates():
+    raw = "run /scratch/x1/runs/a written by pid 4121 at 2024-05-01 12:30:05  \nnext\n\n"
+    assert ro.for_display(raw, ["/scratch/x1"]) == "run .../runs/a written by pid ... at ...\nnext"
+
+
+def test_the_check_ignores_timings_and_dots_but_not_figures():
+    recorded = "trained in 17.5 s\n| trial | seconds |\n|---|---|\n| x | 4.2 |\nrun: ... (pid ...)\n...\nend"
+    fresh = "trained in 301.0 s\n| trial | seconds |\n|---|---|\n| x | 18.44 |\nrun: /a/b (pid ...)\nl1\nl2\nend"
+    assert ro.matches(recorded, fresh)
+    assert ro.matches(recorded, fresh.replace("l1\nl2\n", ""))  # a `...` line: any number of lines
+    assert not ro.matches(recorded, fresh.replace("end", "end2"))
+    assert not ro.matches(recorded.replace("| x |", "| y |"), fresh)  # only the time column is free
+    assert not ro.matches("NDCG 0.4459 in 2 s", "NDCG 0.4460 in 2 s")
+    assert not ro.matches("a\nb", "a\nb\nc")
+
+
+def test_the_rewrite_replaces_only_outputs_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "README.md"
+    path.write_text(FAKE)
+    keys = [b.key for b in ro.parse(FAKE)]
+    inode = path.stat().st_ino
+    assert ro.rewrite(path, {keys[0]: "trained in 9.1 s\ndone", keys[2]: "| trial | seconds |\n|---|---|\n| y |"})
+    text = path.read_text()
+    assert text == FAKE.replace("17.5 s", "9.1 s").replace("| x | 4.2 |", "| y |")
+    assert path.stat().st_ino != inode  # a new file renamed onto the old one
+    assert [p.name for p in tmp_path.iterdir()] == ["README.md"]
+    assert not ro.rewrite(path, {keys[1]: "again 3 s"})  # nothing changed: not written
+
+    # lines added above the markers while the commands ran: each output still lands in its block
+    path.write_text("intro\n\n" + FAKE)
+    assert ro.rewrite(path, {keys[1]: "again 4 s"})
+    assert path.read_text() == "intro\n\n" + FAKE.replace("again 3 s", "again 4 s")
+
+    # a write that fails leaves the README as it was, and no temporary file
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ro.os, "replace", failing_replace)
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        ro.rewrite(path, {keys[1]: "again 5 s"})
+    assert "again 4 s" in path.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["README.md"]
+
+
+def test_the_readme_marks_its_printed_outputs():
+    firsts = [b.commands[0] for b in BLOCKS]
+    assert any(c.startswith("recvae train --dataset ml-100k") for c in firsts), firsts
+    assert any(c.startswith("recvae -q tune") for c in firsts), firsts
+    assert any(c.startswith("recvae serve") for c in firsts), firsts
+    assert SMALL, "no output block is marked small"
+
+
+def test_small_blocks_need_only_small_blocks():
+    """The end-to-end test runs the small blocks and what they need: nothing that is not small."""
+    needed = ro.with_dependencies(BLOCKS, SMALL)
+    assert [b.label for b in needed] == [b.label for b in SMALL]
+
+
+@pytest.mark.slow
+def test_a_server_block_is_started_asked_and_stopped(tmp_path):
+    """`cmd &` starts in the background on a free port, curl is asked of it, and it is stopped,
+    also when a later command fails."""
+    (tmp_path / "hello.txt").write_text("hi there")
+    server = (
+        "import http.server, os, sys; open(f'pid-{os.getpid()}', 'w').write(str(os.getpid())); "
+        "http.server.test(http.server.SimpleHTTPRequestHandler, port=int(sys.argv[2]), bind='127.0.0.1')"
+    )
+    (tmp_path / "server.py").write_text(server)
+    text = (
+        "```bash\npython server.py --port 8000 &\nsleep 2\ncurl -s http://localhost:8000/hello.txt\n"
+        "curl -s -X POST localhost:8000/hello.txt -d '{\"a\": 1}'   # not allowed: the error's body\nkill %1\n```\n"
+        "<!-- output of the block above -->\n```\nx\n```\n"
+    )
+    block = ro.parse(text)[0]
+    out = ro.run_block(block, tmp_path, timeout=60)
+    assert out.startswith("hi there\n") and "501" in out  # http.server answers POST 501
+    pids = [int(p.read_text()) for p in tmp_path.glob("pid-*")]
+    assert len(pids) == 1 and not _alive(pids[0])
+
+    failing = ro.parse(text.replace("curl -s http://localhost:8000/hello.txt", "exit 3"))[0]
+    with pytest.raises(ro.ReadmeError, match="status 3"):
+        ro.run_block(failing, tmp_path, timeout=60)
+    pids = [int(p.read_text()) for p in tmp_path.glob("pid-*")]
+    assert len(pids) == 2 and not any(map(_alive, pids))
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process runs (a zombie waiting to be reaped does not)."""
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+def test_check_and_write_modes_on_a_fake_readme(tmp_path, capsys):
+    path = tmp_path / "README.md"
+    path.write_text(
+        "```\nrecvae --version\necho 'took 12.0 s'\n```\n<!-- output (small) of the block above -->\n```\nold\n```\n"
+    )
+    assert ro.main(["--check", "--readme", str(path)]) == 1
+    assert "README.md:5" in capsys.readouterr().out
+    assert path.read_text().count("old") == 1
+    assert ro.main(["--readme", str(path)]) == 0
+    from recvae import __version__
+
+    assert f"```\nrecvae {__version__}\ntook 12.0 s\n```" in path.read_text()
+    path.write_text(path.read_text().replace("\ntook 12.0 s\n", "\ntook 1.5 s\n"))  # the output's, not the echo's
+    assert ro.main(["--check", "--readme", str(path)]) == 0  # a timing alone is no difference
+    assert ro.main(["--readme", str(path)]) == 0 and "took 1.5 s" in path.read_text()  # nor rewritten
+    assert ro.main(["--timings", "--readme", str(path)]) == 0 and "took 12.0 s" in path.read_text()
+
+
+@pytest.fixture(scope="module")
+def small_outputs(real_data_dir):
+    """The small blocks' fresh outputs (one scratch directory, README order)."""
+    return ro.run_all(ro.with_dependencies(BLOCKS, SMALL), data=real_data_dir, timeout=600, log=lambda m: None)
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+@pytest.mark.parametrize("block", SMALL, ids=[f"line{b.marker_line + 1}" for b in SMALL])
+def test_small_readme_commands_print_what_the_readme_shows(block, small_outputs):
+    fresh = small_outputs[block.key]
+    assert ro.matches(block.recorded, fresh), (
+        f"{block.label}: the README's output differs from the command's (run scripts/readme_outputs.py):\n"
+        + "".join(difflib.unified_diff((block.recorded + "\n").splitlines(True), (fresh + "\n").splitlines(True), "README", "now"))
+    )
