@@ -290,3 +290,23 @@ def test_workspace_slices_one_buffer():
     a = ws.get("x", (5, 3), torch.float32, torch.device("cpu"))
     b = ws.get("x", (2, 3), torch.float32, torch.device("cpu"))
     assert b.data_ptr() == a.data_ptr() and b.is_contiguous()
+
+
+@settings(max_examples=25, deadline=None)
+@given(n_users=st.integers(0, 8), n_items=st.integers(1, 15), density=st.floats(0.0, 1.0), seed=st.integers(0, 10**6))
+def test_batch_transpose_is_the_stable_item_major_order(n_users, n_items, density, seed):
+    """t_perm / t_crow (from a CSR -> CSC conversion) are the stable argsort of the items and the
+    transpose's row pointers, also for an unsorted input with duplicates and for empty batches."""
+    ref = sp.random(n_users, n_items, density=density, format="csr", random_state=seed, dtype=np.float32)
+    rows = [ref.indices[ref.indptr[u]:ref.indptr[u + 1]][::-1] for u in range(n_users)]  # unsorted
+    rows = [np.r_[r, r[:1]] for r in rows]  # and one repeated entry per row: from_csr sums and sorts
+    vals = [np.r_[ref[u, r[:-1]].toarray().ravel(), 0.0][:len(r)] for u, r in enumerate(rows)]
+    X = sp.csr_matrix((np.concatenate(vals or [[]]).astype(np.float32), np.concatenate(rows or [[]]).astype(np.int32),
+                       np.r_[0, np.cumsum([len(r) for r in rows])]), shape=ref.shape)
+    assert X.nnz == 0 or not X.has_canonical_format
+    b = SparseBatch.from_csr(X)
+    cols = b.cols.numpy()
+    np.testing.assert_array_equal(b.t_perm.numpy(), np.argsort(cols, kind="stable"))
+    np.testing.assert_array_equal(b.t_crow.numpy(), np.r_[0, np.cumsum(np.bincount(cols, minlength=n_items))])
+    assert b.t_perm.dtype == b.t_crow.dtype == torch.int64
+    np.testing.assert_array_equal(b.to_dense().numpy(), ref.toarray())
