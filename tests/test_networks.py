@@ -188,13 +188,34 @@ def test_bf16_autocast_stays_close_to_fp32():
     b = SparseBatch.from_csr(random_csr(20, 300, density=0.05, seed=3))
     t32 = net.loss(b, beta=0.2)
     t32.loss.backward()
-    g32 = net.output_weight.grad.clone()
+    g32, b32 = net.output_weight.grad.clone(), net.output_bias.grad.clone()
     net.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         t16 = net.loss(b, beta=0.2)
     t16.loss.backward()
     assert t16.loss.item() == pytest.approx(t32.loss.item(), rel=2e-3)
     assert float((net.output_weight.grad - g32).norm() / g32.norm()) < 0.02
+    assert float((net.output_bias.grad - b32).norm() / b32.norm()) < 0.02  # a column of the weight's product
+
+
+def test_bf16_gradients_accumulate_over_two_backward_calls_and_smaller_batches():
+    net = MultVAENetwork(NetworkConfig(300, hidden_dims=(32,), latent_dim=8), torch.Generator().manual_seed(0)).eval()
+    X = random_csr(20, 300, density=0.05, seed=3)
+    grads = {}
+    for rows in (20, 7, 20):  # the kept buffers are sliced for the smaller batch, then reused
+        b = SparseBatch.from_csr(X[:rows])
+        net.zero_grad(set_to_none=True)
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                t = net.loss(b, beta=0.2)
+            t.loss.backward()
+            if _ == 0:
+                once = {k: p.grad.clone() for k, p in net.named_parameters()}
+        for k, p in net.named_parameters():
+            torch.testing.assert_close(p.grad, 2 * once[k], rtol=0, atol=0, msg=k)
+        grads.setdefault(rows, []).append(once)
+    for k in grads[20][0]:  # the same batch gives the same gradients after the smaller one
+        assert torch.equal(grads[20][0][k], grads[20][1][k]), k
 
 
 # -- the two sparse layers ----------------------------------------------------------------------
