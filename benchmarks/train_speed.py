@@ -532,7 +532,8 @@ def markdown(report: dict, X, args) -> str:
     lines += [
         "",
         "Parameters updated per step (the optimizer pass): "
-        + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in sizes.items()) + f". Peak RSS: {summary['peak_rss_gb']:.2f} GB.",
+        + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in sizes.items()) + f". Peak RSS: {summary['peak_rss_gb']:.2f} GB (the whole process, every variant's model, "
+        "optimizer and floor tensors alive).",
         "",
         "| target | value | met |",
         "|---|---:|:---:|",
