@@ -20,3 +20,40 @@ def test_benchmark_script_imports(script, monkeypatch):
     monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)  # runs the imports and definitions, not main()
     assert callable(getattr(module, "main", None)), f"{script}: no main()"
+
+
+@pytest.mark.slow
+def test_train_speed_reports_each_step_against_its_gemms_plus_optimizer_pass(tmp_path, monkeypatch):
+    """A tiny run of benchmarks/train_speed.py: every library step has both floor parts measured in
+    the same run, its ratio is step / (GEMMs + optimizer pass), and the results name the machine."""
+    import json
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("_bench_train_speed_run", BENCHMARKS / "train_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:  # one thread: a few seconds even on a loaded machine
+        report = module.main(["--tiny", "--batches", "1", "--warmup", "1", "--threads", "1", "--out", str(tmp_path / "ts")])
+    finally:
+        torch.set_num_threads(threads)
+    results = report["results"]
+    steps = ["multvae_fp32", "multvae_bf16", "recvae_encoder_bf16", "recvae_decoder_bf16"]
+    for name in steps:
+        r = results[name]
+        gemm, optim = (results[r["floor_parts"][k]]["median_ms"] for k in ("gemm", "optim"))
+        assert gemm > 0 and optim > 0
+        assert r["ratio_to_floor"] == pytest.approx(r["median_ms"] / (gemm + optim))
+        assert r["ratio_to_gemm"] == pytest.approx(r["median_ms"] / gemm)
+    sizes = report["optimizer_floor_parameters"]
+    assert sizes["multvae"] == sum(p.numel() for p in module.MultVAENetwork(module.NetworkConfig(2000)).parameters())
+    assert sizes["recvae_decoder"] == 2000 * 200 + 2000  # the decoder: I x 200 weight and I bias
+    assert {"cpu", "amx_bf16", "avx512_bf16", "cores", "load_average_before"} <= set(report["machine"])
+    assert report["command"].startswith("python benchmarks/train_speed.py --tiny")
+    assert set(report["profiles"]) == {"multvae_bf16", "recvae_encoder_bf16", "recvae_decoder_bf16"}
+    assert json.loads((tmp_path / "ts.json").read_text())["summary"] == report["summary"]
+    md = (tmp_path / "ts.md").read_text()
+    assert report["machine"]["cpu"] in md and "x floor (GEMMs + optimizer)" in md and "optimizer step" in md

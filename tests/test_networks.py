@@ -188,13 +188,34 @@ def test_bf16_autocast_stays_close_to_fp32():
     b = SparseBatch.from_csr(random_csr(20, 300, density=0.05, seed=3))
     t32 = net.loss(b, beta=0.2)
     t32.loss.backward()
-    g32 = net.output_weight.grad.clone()
+    g32, b32 = net.output_weight.grad.clone(), net.output_bias.grad.clone()
     net.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         t16 = net.loss(b, beta=0.2)
     t16.loss.backward()
     assert t16.loss.item() == pytest.approx(t32.loss.item(), rel=2e-3)
     assert float((net.output_weight.grad - g32).norm() / g32.norm()) < 0.02
+    assert float((net.output_bias.grad - b32).norm() / b32.norm()) < 0.02  # a column of the weight's product
+
+
+def test_bf16_gradients_accumulate_over_two_backward_calls_and_smaller_batches():
+    net = MultVAENetwork(NetworkConfig(300, hidden_dims=(32,), latent_dim=8), torch.Generator().manual_seed(0)).eval()
+    X = random_csr(20, 300, density=0.05, seed=3)
+    grads = {}
+    for rows in (20, 7, 20):  # the kept buffers are sliced for the smaller batch, then reused
+        b = SparseBatch.from_csr(X[:rows])
+        net.zero_grad(set_to_none=True)
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                t = net.loss(b, beta=0.2)
+            t.loss.backward()
+            if _ == 0:
+                once = {k: p.grad.clone() for k, p in net.named_parameters()}
+        for k, p in net.named_parameters():
+            torch.testing.assert_close(p.grad, 2 * once[k], rtol=0, atol=0, msg=k)
+        grads.setdefault(rows, []).append(once)
+    for k in grads[20][0]:  # the same batch gives the same gradients after the smaller one
+        assert torch.equal(grads[20][0][k], grads[20][1][k]), k
 
 
 # -- the two sparse layers ----------------------------------------------------------------------
@@ -290,3 +311,23 @@ def test_workspace_slices_one_buffer():
     a = ws.get("x", (5, 3), torch.float32, torch.device("cpu"))
     b = ws.get("x", (2, 3), torch.float32, torch.device("cpu"))
     assert b.data_ptr() == a.data_ptr() and b.is_contiguous()
+
+
+@settings(max_examples=25, deadline=None)
+@given(n_users=st.integers(0, 8), n_items=st.integers(1, 15), density=st.floats(0.0, 1.0), seed=st.integers(0, 10**6))
+def test_batch_transpose_is_the_stable_item_major_order(n_users, n_items, density, seed):
+    """t_perm / t_crow (from a CSR -> CSC conversion) are the stable argsort of the items and the
+    transpose's row pointers, also for an unsorted input with duplicates and for empty batches."""
+    ref = sp.random(n_users, n_items, density=density, format="csr", random_state=seed, dtype=np.float32)
+    rows = [ref.indices[ref.indptr[u]:ref.indptr[u + 1]][::-1] for u in range(n_users)]  # unsorted
+    rows = [np.r_[r, r[:1]] for r in rows]  # and one repeated entry per row: from_csr sums and sorts
+    vals = [np.r_[ref[u, r[:-1]].toarray().ravel(), 0.0][:len(r)] for u, r in enumerate(rows)]
+    X = sp.csr_matrix((np.concatenate(vals or [[]]).astype(np.float32), np.concatenate(rows or [[]]).astype(np.int32),
+                       np.r_[0, np.cumsum([len(r) for r in rows])]), shape=ref.shape)
+    assert X.nnz == 0 or not X.has_canonical_format
+    b = SparseBatch.from_csr(X)
+    cols = b.cols.numpy()
+    np.testing.assert_array_equal(b.t_perm.numpy(), np.argsort(cols, kind="stable"))
+    np.testing.assert_array_equal(b.t_crow.numpy(), np.r_[0, np.cumsum(np.bincount(cols, minlength=n_items))])
+    assert b.t_perm.dtype == b.t_crow.dtype == torch.int64
+    np.testing.assert_array_equal(b.to_dense().numpy(), ref.toarray())

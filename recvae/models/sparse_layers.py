@@ -105,9 +105,12 @@ class SparseBatch:
         inv_norm = 1.0 / np.sqrt(np.maximum(sq, L2_NORMALIZE_EPS))
         normalized = (vals * inv_norm[rows]).astype(np.float32)
         row_sums = np.bincount(rows, weights=vals, minlength=n_rows).astype(np.float32)
-        t_perm = np.argsort(cols, kind="stable")
-        t_crow = np.zeros(n_items + 1, dtype=np.int64)
-        np.cumsum(np.bincount(cols, minlength=n_items), out=t_crow[1:])
+        # the item-major order of the nonzeros (a stable argsort of cols) from a CSR -> CSC
+        # conversion of their positions: linear time, ~9x faster than the sort at 36k nonzeros
+        csc = sp.csr_matrix((np.arange(len(cols), dtype=np.int64), matrix.indices, matrix.indptr),
+                            shape=matrix.shape).tocsc()
+        t_perm = csc.data
+        t_crow = csc.indptr.astype(np.int64)
 
         def to(a):
             return torch.from_numpy(np.ascontiguousarray(a)).to(device)
@@ -305,17 +308,26 @@ class _OutputLayerNLL(torch.autograd.Function):
             # a frozen output layer (RecVAE's encoder phase): skip the I x H product
             ctx.probs = ctx.w_c = ctx.h_c = None
             return grad_h, None, None, None, None, None
-        hs = (ctx.h_c.float() * cn[:, None]).to(cd)
         fresh = _grad_buffer(weight, ctx.workspace, "output_weight_grad")
         if cd == weight.dtype:
+            hs = ctx.h_c * cn[:, None]
             torch.addmm(weight.grad, g.t(), hs, beta=0 if fresh is not None else 1, out=weight.grad)
+            # (1 x B) @ (B x I): a gemm reads g ~3x faster than mv(g.t(), .) on CPU
+            _accumulate(bias, torch.mm(cn[None], g).squeeze(0))
         else:
+            # the bias gradient g^T cn rides in the weight gradient's product as one more column
+            # of the right factor, padded to a multiple of 16 columns: the same time as the
+            # product alone, where a separate (1 x B) @ (B x I) product is one more pass over g
+            H = ctx.h_c.shape[1]
+            hs = ctx.workspace.get("output_weight_grad_rhs", (B, -(-(H + 1) // 16) * 16), cd, g.device)
+            torch.mul(ctx.h_c.float(), cn[:, None], out=hs[:, :H])
+            hs[:, H] = cn
+            hs[:, H + 1:] = 0
             gw = ctx.workspace.get("output_weight_grad_lowp", (I, hs.shape[1]), cd, g.device)
             torch.mm(g.t(), hs, out=gw)
             # a plain conversion when the buffer is fresh; a mixed-dtype add_ is ~4x slower
-            weight.grad.copy_(gw) if fresh is not None else weight.grad.add_(gw.float())
-        # (1 x B) @ (B x I): a gemm reads g ~3x faster than mv(g.t(), .) on CPU
-        _accumulate(bias, torch.mm(cn.to(cd)[None], g).squeeze(0).float())
+            weight.grad.copy_(gw[:, :H]) if fresh is not None else weight.grad.add_(gw[:, :H].float())
+            _accumulate(bias, gw[:, H])
         ctx.probs = ctx.w_c = ctx.h_c = None
         return grad_h, None, None, None, None, None
 
