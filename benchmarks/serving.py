@@ -40,7 +40,7 @@ from paper_table import synthetic_ml20m  # noqa: E402
 from recvae.data import Interactions  # noqa: E402
 from recvae.data.splits import strong_generalization_split  # noqa: E402
 from recvae.evaluation import evaluate  # noqa: E402
-from recvae.experiment import DataSpec, RunConfig, RunResult, write_run_dir  # noqa: E402
+from recvae.experiment import DataSpec, RunConfig, RunResult, seen_interactions, write_run_dir  # noqa: E402
 from recvae.fileio import write_bytes, write_json  # noqa: E402
 from recvae.models import MultVAE  # noqa: E402
 from recvae.recommend import RunRecommender  # noqa: E402
@@ -58,7 +58,9 @@ def build_run(out: Path, seed: int = 0, shape=None) -> Interactions:
     test = evaluate(model, split.test)
     spec = DataSpec(path="synthetic-ml20m", rating_col=None, rating_threshold=None)
     config = RunConfig(data=spec, model="multvae", params={"epochs": 1, "batch_size": 500})
-    write_run_dir(out, config, split, RunResult(model, None, test, 0.0, split), plot=False)
+    # no rating threshold: the seen items are the known histories (the data has no source file to read)
+    write_run_dir(out, config, split, RunResult(model, None, test, 0.0, split), plot=False,
+                  seen=seen_interactions(split, None))
     return data
 
 

@@ -17,6 +17,7 @@ EXTRAS = {
     "pyarrow": ("parquet", "Parquet files"),
     "fastapi": ("serve", "the HTTP service (recvae serve)"),
     "uvicorn": ("serve", "the HTTP service (recvae serve)"),
+    "orjson": ("serve", "the HTTP service (recvae serve)"),
     "httpx": ("serve", "the serving benchmark's load generator"),
 }
 
