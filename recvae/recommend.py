@@ -79,7 +79,7 @@ def convert_ids(values, like: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         is_int = text.str.fullmatch(_INT_TEXT).fillna(False).to_numpy() & ~missing
         if is_int.any():
             parsed = pd.to_numeric(text[is_int], errors="coerce")  # beyond int64 -> float: refused below
-            exact = parsed.to_numpy().dtype.kind in "iu"
+            exact = parsed.to_numpy().dtype.kind == "i"  # uint64 (a value beyond int64) or float: one by one
             if exact:
                 out[is_int] = parsed.to_numpy(np.int64)
                 ok[is_int] = True

@@ -14,7 +14,7 @@ from recvae.errors import ParameterError
 from recvae.optional import require
 from recvae.recommend import IdError, RunRecommender
 
-from recvae.serve.settings import BODY_KEY, BODY_TIMEOUT, ENV, MAX_K, STARTUP_FAILURE
+from recvae.serve.settings import BATCH_WAIT, BODY_KEY, BODY_TIMEOUT, ENV, MAX_K, STARTUP_FAILURE
 from recvae.serve.batching import MicroBatcher
 from recvae.serve.guards import BodyLimit, error, validation_failed
 
@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 
 def create_app(run_dir, device=None, max_body: int = 1 << 20, max_batch: int = 64, threads: int | None = None,
-               body_timeout: float = BODY_TIMEOUT):
+               body_timeout: float = BODY_TIMEOUT, batch_wait: float = BATCH_WAIT):
     """The ASGI application serving ``run_dir`` (the model is loaded here, once): the FastAPI
     application (``.fastapi``) behind :class:`~recvae.serve.guards.BodyLimit` and
     :class:`PlainRecommend`, which answers well-formed ``POST /recommend`` bodies without
@@ -44,7 +44,7 @@ def create_app(run_dir, device=None, max_body: int = 1 << 20, max_batch: int = 6
     if threads:
         torch.set_num_threads(int(threads))
     run = RunRecommender(run_dir, device=device)
-    batcher = MicroBatcher(run, max_batch)
+    batcher = MicroBatcher(run, max_batch, batch_wait)
     answer = Answers(run, batcher)
     Id = Union[StrictInt, StrictStr]
 
@@ -257,6 +257,7 @@ def app_from_env():
             max_batch=int(get(ENV["max_batch"], 64)),
             threads=int(get(ENV["threads"], 0)) or None,
             body_timeout=float(get(ENV["body_timeout"], BODY_TIMEOUT)),
+            batch_wait=float(get(ENV["batch_wait"], BATCH_WAIT)),
         )
     except Exception as e:
         parent, failure_file = get(ENV["parent"]), get(ENV["failure_file"])
