@@ -18,7 +18,7 @@ EXTRAS = {
     "fastapi": ("serve", "the HTTP service (recvae serve)"),
     "uvicorn": ("serve", "the HTTP service (recvae serve)"),
     "orjson": ("serve", "the HTTP service (recvae serve)"),
-    "httpx": ("serve", "the serving benchmark's load generator"),
+    "httpx": ("serve", "the service's tests"),
 }
 
 

@@ -1,6 +1,7 @@
 """The application of a run: its routes, what each answers, and the fast path of ``POST /recommend``."""
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -126,8 +127,6 @@ class Answers:
 
     async def recommend(self, user, items, exclude, k):
         """``POST /recommend``: the answer's JSON (bytes), or the error response."""
-        import orjson
-
         run = self.run
         if (user is None) == (items is None):
             return error(422, ["body"], "give exactly one of 'user' (a user of the run) or 'items' (a new user's history)", "value_error")
@@ -161,12 +160,23 @@ class Answers:
             exclude_codes = extra
         ids, scores, fallback = await self.batcher.submit(positives, exclude_codes, k)
         keep = ids >= 0
-        return orjson.dumps({
+        return _dumps({
             "items": run.item_ids[ids[keep]].tolist(),
             "scores": scores[keep].astype(float).tolist(),
             "source": "popularity" if fallback else "model",
             "unknown_items": unknown,
         })
+
+
+def _dumps(answer: dict) -> bytes:
+    """The answer's JSON: orjson, or, for what it cannot write (an unknown id beyond 64 bits,
+    echoed in ``unknown_items``), the standard library as FastAPI's JSONResponse writes it."""
+    import orjson
+
+    try:
+        return orjson.dumps(answer)
+    except orjson.JSONEncodeError:
+        return json.dumps(answer, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
 _NONE = np.zeros(0, dtype=np.int64)
