@@ -355,6 +355,9 @@ def markdown(result: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores; Python {m['python']}, torch {m['torch']}. Load average "
         f"before / after: {result['load_before']} / {result['load_after']}. Produced by `{result['command']}`.",
         "",
+        *([f"**Measured under load** (load average {result['load_before'][0]:g} on {m['cores']} cores at the start: "
+           "other work shared the CPU), so the rates and latencies understate the service; the CPU ms per "
+           "request are the figures to compare.", ""] if result["load_before"][0] > m["cores"] / 2 else []),
         "## HTTP service (`recvae serve`, top-10 for a new user's history, wrk with 1 thread on the same cores)",
         "",
         "| configuration | connections | requests | req/s | p50 ms | p99 ms | non-2xx | socket errors "
