@@ -32,6 +32,7 @@ def run_server(run_dir, host: str = "127.0.0.1", port: int = 8000, workers: int 
     Timeouts: ``body_timeout`` for a request body to arrive, ``keep_alive`` for an idle
     connection, ``grace`` for running requests to finish after SIGTERM."""
     require("fastapi", "the HTTP service (recvae serve)")
+    require("orjson", "the HTTP service (recvae serve)")
     uvicorn = require("uvicorn", "the HTTP service (recvae serve)")
     threads = threads or max(1, (os.cpu_count() or 1) // workers - 1)
     options = {"host": host, "port": port, "log_level": log_level, "timeout_keep_alive": keep_alive,
