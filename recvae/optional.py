@@ -17,7 +17,8 @@ EXTRAS = {
     "pyarrow": ("parquet", "Parquet files"),
     "fastapi": ("serve", "the HTTP service (recvae serve)"),
     "uvicorn": ("serve", "the HTTP service (recvae serve)"),
-    "httpx": ("serve", "the serving benchmark's load generator"),
+    "orjson": ("serve", "the HTTP service (recvae serve)"),
+    "httpx": ("serve", "the service's tests"),
     "optuna": ("tune", "a tuning study (recvae tune --trials, --space, --storage, --resume)"),
 }
 

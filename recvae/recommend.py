@@ -60,12 +60,17 @@ def convert_ids(values, like: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     an id of that type (``1.5``, ``"abc"``, a missing value for integer ids); their converted
     entry is meaningless.
     """
-    if not isinstance(values, pd.Series) and len(values) <= 256:  # a request's ids: per value, no pandas
-        return _convert_few(values, np.asarray(like).dtype.kind in "iu")
+    to_int = np.asarray(like).dtype.kind in "iu"
+    if isinstance(values, list):  # a request's ids: mostly of the vocabulary's own type already
+        same = _of_type(values, to_int)
+        if same is not None:
+            return same, np.zeros(len(same), dtype=bool)
+    if not isinstance(values, pd.Series) and len(values) <= 256:  # a few ids: per value, no pandas
+        return _convert_few(values, to_int)
     series = pd.Series(values, dtype=object) if not isinstance(values, pd.Series) else values
     n = len(series)
     missing = series.isna().to_numpy()
-    if np.asarray(like).dtype.kind in "iu":
+    if to_int:
         if series.dtype.kind in "iu":
             return series.to_numpy(np.int64), np.zeros(n, dtype=bool)
         out = np.zeros(n, dtype=np.int64)
@@ -74,7 +79,7 @@ def convert_ids(values, like: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         is_int = text.str.fullmatch(_INT_TEXT).fillna(False).to_numpy() & ~missing
         if is_int.any():
             parsed = pd.to_numeric(text[is_int], errors="coerce")  # beyond int64 -> float: refused below
-            exact = parsed.to_numpy().dtype.kind in "iu"
+            exact = parsed.to_numpy().dtype.kind == "i"  # uint64 (a value beyond int64) or float: one by one
             if exact:
                 out[is_int] = parsed.to_numpy(np.int64)
                 ok[is_int] = True
@@ -96,6 +101,20 @@ def convert_ids(values, like: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         text = [str(int(v)) if np.isfinite(v) and v == int(v) else str(v) for v in series.to_numpy()]
         return np.asarray(text, dtype=object), missing
     return series.astype(str).to_numpy(dtype=object), missing
+
+
+def _of_type(values: list, to_int: bool) -> np.ndarray | None:
+    """``values`` as an id array when every one is already an id of the vocabulary's type (a
+    Python int within int64, or a str), with nothing to convert; else None."""
+    kind = int if to_int else str
+    if not all(type(v) is kind for v in values):
+        return None
+    if not to_int:
+        return np.array(values, dtype=object)
+    try:
+        return np.array(values, dtype=np.int64)
+    except OverflowError:  # beyond int64: convert_ids refuses it value by value
+        return None
 
 
 def _convert_few(values, to_int: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -82,6 +82,19 @@ def test_convert_ids_to_the_vocabulary_type(container):
     assert got.tolist() == ["7"]
 
 
+@pytest.mark.parametrize("container", [pd.Series, list, tuple], ids=["column", "request", "tuple"])
+def test_convert_ids_already_of_the_vocabulary_type(container):
+    # ids of the vocabulary's own type (a request's usual ids) convert as any other, many or few
+    ints = np.array([1, 2])
+    for values in ([5, -3, 2**63 - 1], list(range(300)), []):
+        got, bad = convert_ids(container(values), ints)
+        assert got.dtype == np.int64 and got.tolist() == values and not bad.any()
+    got, bad = convert_ids(container([1, 2**63, True]), ints)  # beyond int64; a bool is not an id
+    assert bad.tolist() == [False, True, True] and got[0] == 1
+    got, bad = convert_ids(container(["a", "é", " b "]), np.array(["x"], dtype=object))
+    assert got.tolist() == ["a", "é", " b "] and not bad.any()
+
+
 @pytest.mark.parametrize("bad, message", [(0, "N: expected a positive integer"), (2.5, "N: expected")])
 def test_recommend_bad_n(popular, bad, message):
     model, _ = popular

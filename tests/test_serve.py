@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from pathlib import Path
 import socket
 import subprocess
@@ -174,6 +175,11 @@ def test_concurrent_requests_are_answered_each_as_alone(server, run):
         ({"items": ["m1"], "user": "u1"}, 422, ["body"], "exactly one of 'user'"),
         ({"items": ["m1"], "colour": "red"}, 422, ["body", "colour"], "Extra inputs"),
         ({}, 422, ["body"], "exactly one of 'user'"),
+        ({"items": ["m1"], "k": True}, 422, ["body", "k"], "valid integer"),
+        ({"items": [True]}, 422, ["body", "items", 0, "int"], "valid integer"),
+        ({"items": ["m1"], "exclude": None}, 422, ["body", "exclude"], "valid list"),
+        ({"items": ["m1"], "k": 12345678901234567890123}, 422, ["body", "k"], "got 12345678901234567890123"),
+        ({"items": ["m1"], "exclude": ["m2", 1.5]}, 422, ["body", "exclude", 1, "int"], "valid integer"),
     ],
 )
 @pytest.mark.slow
@@ -182,6 +188,34 @@ def test_bad_requests_name_the_field(server, body, status, loc, message):
     assert r.status_code == status
     detail = r.json()["detail"][0]
     assert detail["loc"] == loc and message in detail["msg"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"items": ["m1", "m2", "nope"], "k": 4, "exclude": ["m3", "gone"]},
+        {"user": "u1", "k": 3},
+        {"items": ["nope"]},
+        {"items": ["m1", 123456789012345678901234567890]},  # read by FastAPI both times, echoed as is
+        {"items": ["m1"], "k": 0},
+        {"user": "nobody"},
+        {"items": []},
+        {},
+    ],
+)
+def test_fast_path_answers_as_fastapi_does(server, body):
+    """A plain JSON body is answered without FastAPI's validation; the same body under another
+    JSON media type goes through FastAPI: the same status and the same bytes."""
+    raw = json.dumps(body).encode()
+    fast = httpx.post(f"{server}/recommend", content=raw, headers={"content-type": "application/json"}, timeout=30)
+    slow = httpx.post(f"{server}/recommend", content=raw, headers={"content-type": "application/vnd.test+json"},
+                      timeout=30)
+    assert fast.status_code == slow.status_code and fast.content == slow.content
+    if fast.status_code == 200:
+        assert fast.json()["unknown_items"] == [i for i in body.get("exclude", []) + body.get("items", [])
+                                                if i not in ("m1", "m2", "m3")]
+    assert fast.headers["content-type"] == slow.headers["content-type"] == "application/json"
 
 
 @pytest.mark.slow
@@ -201,6 +235,7 @@ def test_oversized_and_malformed_bodies(server):
         (["serve", "nowhere"], "RUN_DIR nowhere: not a run directory (no run.json)"),
         (["serve", "nowhere", "--port", "70000"], "--port: expected 1..65535, got 70000"),
         (["serve", "nowhere", "--workers", "0"], "--workers: expected a positive integer, got 0"),
+        (["serve", "nowhere", "--batch-wait", "-1"], "--batch-wait: expected milliseconds in 0..1000, got -1"),
     ],
 )
 def test_serve_bad_arguments_are_one_line(argv, message, capsys):
@@ -252,3 +287,82 @@ def test_recvae_similar_writes_the_models_similar_items(run_dir, run, tmp_path, 
     assert main(["similar", str(run_dir), "--items", "no-such-item"]) == 2
     assert capsys.readouterr().err.strip() == (
         "recvae: error: --items: 'no-such-item' is not an item of the run (--items value 1)")
+
+
+@pytest.mark.parametrize(
+    "body, fields",
+    [
+        (b'{"items": [1, "a"], "k": 5}', (None, [1, "a"], [], 5)),
+        (b'{"user": "u1"}', ("u1", None, [], 10)),
+        (b'{"user": 7, "items": null, "exclude": ["m2"]}', (7, None, ["m2"], 10)),
+        (b"{}", (None, None, [], 10)),  # accepted as RecommendRequest accepts it; the answer refuses it
+    ],
+)
+def test_plain_fields_take_what_the_request_model_takes(body, fields):
+    from recvae.serve.app import plain_fields
+
+    assert plain_fields(body) == fields
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"{not json", b"[1]", b'"m1"', b'{"items": [NaN]}', b'{"k": Infinity}', b'{"k": 1e999}',
+     b'{"items": [true]}', b'{"k": true}', b'{"k": 3.0}', b'{"k": 123456789012345678901234567890}',
+     b'{"items": "m1"}', b'{"items": [["m1"]]}', b'{"user": 1.5}', b'{"user": ["u1"]}', b'{"exclude": null}',
+     b'{"items": ["m1"], "colour": "red"}', b'\xef\xbb\xbf{"items": ["m1"]}', b'{"items": ["\\ud800"]}'],
+)
+def test_plain_fields_leave_everything_else_to_fastapi(body):
+    """None: FastAPI validates the body and says what is wrong (or answers it, as before)."""
+    from recvae.serve.app import plain_fields
+
+    assert plain_fields(body) is None
+
+
+class _Scorer:
+    """A stand-in for RunRecommender: records the size of each batch scored."""
+
+    n_items = 5
+
+    def __init__(self):
+        self.batches = []
+
+    def recommend_arrays(self, positives, exclude, k):
+        self.batches.append(positives.shape[0])
+        n = positives.shape[0]
+        ids = np.tile(np.arange(k), (n, 1))
+        return ids, np.ones((n, k), dtype=np.float32), np.zeros(n, dtype=bool)
+
+
+def test_micro_batches_wait_for_the_last_batchs_clients():
+    from recvae.serve.batching import MicroBatcher
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        scorer = _Scorer()
+        batcher = MicroBatcher(scorer, max_batch=8, batch_wait=0.5)
+        batcher.start()
+        one, none = np.array([1]), np.array([], dtype=np.int64)
+
+        async def late(delay):
+            await asyncio.sleep(delay)
+            return await batcher.submit(one, none, 2)
+
+        async def timed(*delays):
+            start = loop.time()
+            answers = await asyncio.gather(*[late(d) for d in delays])
+            return answers, loop.time() - start
+
+        try:
+            first, alone = await timed(0)  # a lone request: scored at once
+            await timed(0, 0, 0)  # queued together: one batch
+            answers, gathered = await timed(0, 0.05, 0.1)  # the last batch had 3: the next waits for 3
+            _, waited = await timed(0)  # waits the whole 0.5 s for 3 that do not come, then goes alone
+            _, again = await timed(0)  # the last batch had 1: scored at once
+        finally:
+            await batcher.stop()
+        return scorer.batches, first + answers, (alone, gathered, waited, again)
+
+    batches, answers, (alone, gathered, waited, again) = asyncio.run(scenario())
+    assert batches == [1, 3, 3, 1, 1]
+    assert all(ids.tolist() == [0, 1] and not fallback for ids, _, fallback in answers)
+    assert alone < 0.25 and 0.09 < gathered < 0.4 and 0.45 < waited < 1.5 and again < 0.25

@@ -15,8 +15,11 @@ def add_parser(sub, common) -> None:
     v.add_argument("--device", help="cpu, cuda or auto (default: the device saved with the model)")
     v.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES", help="largest request body accepted (default 1 MiB; 413 beyond)")
     v.add_argument("--max-batch", type=int, default=64, help="concurrent requests scored in one forward pass (default 64; 1 = no batching)")
-    v.add_argument("--threads", type=int, help="torch threads per worker (default: CPU cores / --workers); "
-                   "1 where the server shares its cores with other work")
+    v.add_argument("--batch-wait", type=float, default=2.0, metavar="MS",
+                   help="how long a micro-batch waits for as many requests as the last one had "
+                        "(default 2 ms; 0: never waits)")
+    v.add_argument("--threads", type=int, help="torch threads per worker (default: CPU cores / --workers, "
+                   "less one for the worker's event loop; at least 1)")
     v.add_argument("--body-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="time for a request body to arrive after its headers (default 5; 408 and the connection closed beyond)")
     v.add_argument("--keep-alive", type=float, default=5.0, metavar="SECONDS",
@@ -40,13 +43,15 @@ def run(args) -> int:
     for flag, value in (("--body-timeout", args.body_timeout), ("--keep-alive", args.keep_alive), ("--grace", args.grace)):
         if not 0 < value < float("inf"):
             raise CLIError(f"{flag}: expected a positive number of seconds, got {value:g}")
+    if not 0 <= args.batch_wait <= 1000:
+        raise CLIError(f"--batch-wait: expected milliseconds in 0..1000, got {args.batch_wait:g}")
     if not is_run_dir(args.run_dir):
         raise CLIError(f"RUN_DIR {args.run_dir}: not a run directory (no {RUN_JSON})")
     try:
         run_server(args.run_dir, host=args.host, port=args.port, workers=args.workers, device=args.device,
                    max_body=args.max_body, max_batch=args.max_batch, threads=args.threads,
                    log_level="warning" if args.quiet else "info", body_timeout=args.body_timeout,
-                   keep_alive=args.keep_alive, grace=args.grace)
+                   keep_alive=args.keep_alive, grace=args.grace, batch_wait=args.batch_wait / 1000)
     except (MissingDependencyError, WorkerStartupError) as e:
         raise CLIError(str(e)) from e
     return 0

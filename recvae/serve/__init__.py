@@ -1,5 +1,5 @@
 """An HTTP service answering top-K requests from a run directory (``recvae serve``; needs the
-optional extra ``recvae[serve]``: FastAPI and uvicorn).
+optional extra ``recvae[serve]``: FastAPI, uvicorn with uvloop and httptools, orjson).
 
 Endpoints:
 
@@ -18,7 +18,10 @@ naming the field: 404 unknown user, 422 for an empty ``items`` list, both or nei
 bytes, 408 for a body that has not fully arrived ``body_timeout`` seconds after the headers.
 Concurrent requests are micro-batched: while a forward pass runs (in a worker thread, so the
 event loop keeps accepting), arriving requests queue, and the next pass scores up to
-``max_batch`` of them at once (one matrix product instead of many).
+``max_batch`` of them at once (one matrix product instead of many); a pass waits up to
+``batch_wait`` seconds for as many requests as the last one had. A ``POST /recommend`` with a
+plain JSON body is parsed once (orjson) and checked by hand; FastAPI validates every other body
+and says what is wrong with it.
 
 :func:`run_server` loads the run once in the parent process before any worker starts (a damaged
 run is one error, whatever the number of workers); a worker that cannot load it stops the whole
@@ -29,7 +32,7 @@ seconds; on SIGTERM the server stops accepting, lets running requests finish for
 
 from recvae.serve.app import app_from_env, create_app
 from recvae.serve.server import WorkerStartupError, check_run, run_server
-from recvae.serve.settings import BODY_TIMEOUT, ENV, GRACE, KEEP_ALIVE, MAX_K
+from recvae.serve.settings import BATCH_WAIT, BODY_TIMEOUT, ENV, GRACE, KEEP_ALIVE, MAX_K
 
 __all__ = ["create_app", "app_from_env", "run_server", "check_run", "WorkerStartupError", "ENV", "MAX_K",
-           "BODY_TIMEOUT", "KEEP_ALIVE", "GRACE"]
+           "BODY_TIMEOUT", "KEEP_ALIVE", "GRACE", "BATCH_WAIT"]

@@ -1,6 +1,7 @@
 """Micro-batching: requests that arrive while a forward pass runs are scored together in the next."""
 
 import asyncio
+import collections
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
@@ -8,7 +9,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from recvae.recommend import RunRecommender
-
+from recvae.serve.settings import BATCH_WAIT
 
 logger = logging.getLogger(__name__)
 
@@ -16,14 +17,21 @@ logger = logging.getLogger(__name__)
 class MicroBatcher:
     """Scores queued requests together: one forward pass for up to ``max_batch`` of them.
 
-    Requests arriving while a pass runs wait for the next one, so batches form under load
-    and a lone request is scored at once (no waiting window).
+    Requests arriving while a pass runs wait for the next one, so batches form under load and
+    a lone request is scored at once. A pass costs about as much for a few users as for one (it
+    reads the whole output layer), so when the last batch had more requests than are waiting,
+    the next waits up to ``batch_wait`` seconds for as many (its clients are sending their next
+    request now): under steady concurrency a batch holds every client, instead of the first to
+    arrive being scored alone while the others queue.
     """
 
-    def __init__(self, run: RunRecommender, max_batch: int):
+    def __init__(self, run: RunRecommender, max_batch: int, batch_wait: float = BATCH_WAIT):
         self.run = run
         self.max_batch = max_batch
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.batch_wait = batch_wait
+        self.pending: collections.deque = collections.deque()
+        self.arrived = asyncio.Event()
+        self.expected = 1  # requests in the last batch
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recvae-score")
         self.task = None
 
@@ -39,7 +47,8 @@ class MicroBatcher:
         """``(ids, scores, fallback)`` of one user given the catalogue positions of their
         history (``positives``, sorted, unique) and of the items to exclude besides it."""
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put((positives, exclude, k, future))
+        self.pending.append((positives, exclude, k, future))
+        self.arrived.set()
         return await future
 
     def _matrix(self, rows: list) -> sp.csr_matrix:
@@ -49,12 +58,33 @@ class MicroBatcher:
         data = np.ones(len(indices), dtype=np.float32)
         return sp.csr_matrix((data, indices, indptr), shape=(len(rows), self.run.n_items))
 
+    async def _wait(self, timeout: float | None) -> None:
+        """Until a request arrives (or ``timeout`` seconds pass)."""
+        self.arrived.clear()
+        timer = None if timeout is None else asyncio.get_running_loop().call_later(timeout, self.arrived.set)
+        try:
+            await self.arrived.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    async def _next_batch(self) -> list:
+        while not self.pending:
+            await self._wait(None)
+        want = min(self.expected, self.max_batch)
+        if len(self.pending) < want and self.batch_wait > 0:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.batch_wait
+            while len(self.pending) < want and loop.time() < deadline:
+                await self._wait(deadline - loop.time())
+        batch = [self.pending.popleft() for _ in range(min(len(self.pending), self.max_batch))]
+        self.expected = len(batch)
+        return batch
+
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self.queue.get()]
-            while len(batch) < self.max_batch and not self.queue.empty():
-                batch.append(self.queue.get_nowait())
+            batch = await self._next_batch()
             positives = self._matrix([b[0] for b in batch])
             exclude = self._matrix([b[1] for b in batch])
             k = max(b[2] for b in batch)

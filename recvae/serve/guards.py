@@ -28,9 +28,9 @@ class BodyLimit:
     * 503 (connection closed) for a request the server cancels because the grace period after
       SIGTERM is over: the client gets an answer and the log no traceback.
 
-    The body read is kept in the scope (``BODY_KEY``) for the 422 handler. ``inflight`` (a set)
-    holds the tasks of the requests being answered, for the application's shutdown to let those
-    cancelled at the end of the grace period send their 503.
+    The body read is kept in the scope (``BODY_KEY``) for the fast path of ``/recommend`` and the
+    422 handler. ``inflight`` (a set) holds the tasks of the requests being answered, for the
+    application's shutdown to let those cancelled at the end of the grace period send their 503.
     """
 
     def __init__(self, app, max_body: int, body_timeout: float = BODY_TIMEOUT, inflight: set | None = None):
@@ -70,21 +70,13 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             return await self._too_large(scope, receive, send)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.body_timeout
-        chunks, total, more = [], 0, True
-        while more:
-            try:
-                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
-            except asyncio.TimeoutError:
-                return await self._timed_out(scope, receive, send)
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            total += len(chunks[-1])
-            if total > self.max_body:
-                return await self._too_large(scope, receive, send)
-            more = message.get("more_body", False)
+        chunks, outcome = await self._read_body(receive)
+        if outcome == "disconnected":
+            return
+        if outcome == "too_large":
+            return await self._too_large(scope, receive, send)
+        if outcome == "timeout":
+            return await self._timed_out(scope, receive, send)
         body = b"".join(chunks)
         scope[BODY_KEY] = body
         replayed = False
@@ -97,6 +89,42 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _read_body(self, receive) -> tuple[list, str | None]:
+        """The body's chunks, and None, or why reading stopped: ``"disconnected"``,
+        ``"too_large"`` or ``"timeout"`` (not all of it within ``body_timeout``). The deadline is
+        one timer that cancels this task (no task per message, as ``asyncio.wait_for`` makes);
+        any other cancellation (shutdown) propagates."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        expired = False
+
+        def expire():
+            nonlocal expired
+            expired = True
+            task.cancel()
+
+        timer = loop.call_at(loop.time() + self.body_timeout, expire)
+        chunks, total, more = [], 0, True
+        try:
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return chunks, "disconnected"
+                chunks.append(message.get("body", b""))
+                total += len(chunks[-1])
+                if total > self.max_body:
+                    return chunks, "too_large"
+                more = message.get("more_body", False)
+        except asyncio.CancelledError:
+            if not expired:
+                raise
+            if hasattr(task, "uncancel"):  # Python 3.11+: the cancellation was this timer's, now handled
+                task.uncancel()
+            return chunks, "timeout"
+        finally:
+            timer.cancel()
+        return chunks, None
 
     async def _too_large(self, scope, receive, send):
         response = error(413, ["body"], f"request body larger than {self.max_body} bytes (--max-body)", "too_large")

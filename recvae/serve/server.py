@@ -8,7 +8,7 @@ from recvae.optional import require
 from recvae.recommend import RunRecommender
 
 from recvae.serve.app import create_app
-from recvae.serve.settings import BODY_TIMEOUT, ENV, GRACE, KEEP_ALIVE
+from recvae.serve.settings import BATCH_WAIT, BODY_TIMEOUT, ENV, GRACE, KEEP_ALIVE
 
 logger = logging.getLogger(__name__)
 
@@ -20,9 +20,11 @@ class WorkerStartupError(RuntimeError):
 def run_server(run_dir, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, device=None,
                max_body: int = 1 << 20, max_batch: int = 64, threads: int | None = None,
                log_level: str = "info", body_timeout: float = BODY_TIMEOUT, keep_alive: float = KEEP_ALIVE,
-               grace: float = GRACE) -> None:
+               grace: float = GRACE, batch_wait: float = BATCH_WAIT) -> None:
     """Serve ``run_dir`` with uvicorn; each of ``workers`` processes loads the model once and
-    gets ``threads`` torch threads (default ``cpu cores / workers``, at least 1).
+    gets ``threads`` torch threads (default ``cpu cores / workers`` less one for the worker's
+    event loop, at least 1: torch's threads spin while they wait, and would take the core the
+    event loop needs to read requests and send answers).
 
     The run is loaded here first, before any worker starts: a damaged run raises the loader's
     error (naming the file) and nothing is served. With one worker that load is the one
@@ -30,13 +32,14 @@ def run_server(run_dir, host: str = "127.0.0.1", port: int = 8000, workers: int 
     Timeouts: ``body_timeout`` for a request body to arrive, ``keep_alive`` for an idle
     connection, ``grace`` for running requests to finish after SIGTERM."""
     require("fastapi", "the HTTP service (recvae serve)")
+    require("orjson", "the HTTP service (recvae serve)")
     uvicorn = require("uvicorn", "the HTTP service (recvae serve)")
-    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    threads = threads or max(1, (os.cpu_count() or 1) // workers - 1)
     options = {"host": host, "port": port, "log_level": log_level, "timeout_keep_alive": keep_alive,
                "timeout_graceful_shutdown": grace}
     if workers == 1:
         app = create_app(run_dir, device=device, max_body=max_body, max_batch=max_batch, threads=threads,
-                         body_timeout=body_timeout)
+                         body_timeout=body_timeout, batch_wait=batch_wait)
         uvicorn.run(app, **options)
         return
     check_run(run_dir, device)
@@ -47,6 +50,7 @@ def run_server(run_dir, host: str = "127.0.0.1", port: int = 8000, workers: int 
         ENV["device"]: device or "",
         ENV["max_body"]: str(max_body),
         ENV["max_batch"]: str(max_batch),
+        ENV["batch_wait"]: repr(float(batch_wait)),
         ENV["threads"]: str(threads),
         ENV["body_timeout"]: repr(float(body_timeout)),
         ENV["parent"]: str(os.getpid()),

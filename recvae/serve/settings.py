@@ -6,6 +6,7 @@ ENV = {
     "device": "RECVAE_SERVE_DEVICE",
     "max_body": "RECVAE_SERVE_MAX_BODY",
     "max_batch": "RECVAE_SERVE_MAX_BATCH",
+    "batch_wait": "RECVAE_SERVE_BATCH_WAIT",
     "threads": "RECVAE_SERVE_THREADS",
     "body_timeout": "RECVAE_SERVE_BODY_TIMEOUT",
     # set by run_server for its workers: the supervisor's pid and the file a worker that cannot
@@ -14,6 +15,8 @@ ENV = {
     "failure_file": "RECVAE_SERVE_FAILURE_FILE",
 }
 MAX_K = 1000
+#: seconds a micro-batch waits for as many requests as the last one had (--batch-wait, in ms)
+BATCH_WAIT = 0.002
 BODY_TIMEOUT = 5.0  # seconds for a request body to arrive after its headers (--body-timeout)
 KEEP_ALIVE = 5.0  # seconds an idle keep-alive connection stays open (--keep-alive)
 GRACE = 10.0  # seconds running requests get to finish after SIGTERM (--grace)
