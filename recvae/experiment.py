@@ -120,7 +120,7 @@ class DataSpec:
         of the source at any rating (what ``recommend`` must not offer again), from one read of
         the source (None without a threshold: the positives are all the source holds; or for a
         prepared directory); and what preprocessing kept and dropped (a file's report, see
-        :func:`~recvae.data.interactions.describe_kept`; None for MovieLens and prepared data).
+        :func:`~recvae.data.interactions.describe_kept`; None for prepared data).
         ``positives`` (a dict) receives, under ``"positives"``, the source's positive interactions
         of every user, the preprocessing without its minimums (what :func:`dropped_users` counts),
         from the same read (not for prepared data)."""
@@ -136,13 +136,15 @@ class DataSpec:
         if self.dataset is not None:
             options = dict(data_dir=self.data_dir, show_progress=show_progress)
             try:
-                data = load_movielens(self.dataset, **filters, timestamps=timestamps, **options)
+                kept: dict = {}
+                data = load_movielens(self.dataset, **filters, timestamps=timestamps, report=kept, **options)
+                logger.info("%s: %s", self.dataset, describe_kept(kept))
                 if positives is not None:
                     positives["positives"] = (load_movielens(self.dataset, rating_threshold=threshold,
                                                              min_user_interactions=0, **options)
                                               if self.min_user_interactions or self.min_item_interactions else data)
                 # the unfiltered release comes from the cache MovieLens keeps (parsed once, ever)
-                return data, load_movielens(self.dataset, **everything, **options) if want_raw else None, None
+                return data, load_movielens(self.dataset, **everything, **options) if want_raw else None, kept
             except ParameterError as e:  # load_movielens's ``name`` is this spec's ``dataset``
                 raise (e.renamed("dataset") if e.param == "name" else e) from None
         frame, locate = read_table(self.path, sep=self.sep, locate=True)  # parsed once for both

@@ -243,7 +243,7 @@ def test_damaged_archive_in_the_data_dir_is_downloaded_again_with_one_note(damag
     with caplog.at_level(logging.INFO, logger="recvae.data"):
         assert_paper_preprocessed(load_movielens("ml-latest-small", tmp_path, show_progress=False))
     assert "is damaged" not in caplog.text and server.requests["ml-latest-small.zip"] == 1
-    assert len(list((tmp_path / ml.CACHE_FOLDER).iterdir())) == 1
+    assert len(list((tmp_path / ml.CACHE_FOLDER).glob("*.npz"))) == 1  # one cache (beside it: its kept counts)
 
 
 @pytest.mark.parametrize("damage", [_cut, _corrupted_member])
@@ -336,3 +336,23 @@ def test_load_movielens_caches_preprocessed_data(tmp_path, monkeypatch):
         assert not (readonly / movielens.CACHE_FOLDER).exists()
     finally:
         readonly.chmod(0o755)
+
+
+@pytest.mark.realdata
+def test_movielens_reports_what_it_kept_parsed_or_cached(real_data_dir, tmp_path, monkeypatch):
+    """The kept/dropped counts of a release come with it whether it is parsed or read from the
+    cache (kept beside the cache), so `train --dataset` reports them as `train --data` does."""
+    import shutil
+
+    shutil.copytree(real_data_dir / "ml-100k", tmp_path / "ml-100k")
+    raw = pd.read_csv(tmp_path / "ml-100k" / "u.data", sep="\t", names=["user", "item", "rating", "ts"])
+    counts = raw[raw["rating"] > 3.5].groupby("user").size()
+    for source in ("parsed", "cached"):
+        report: dict = {}
+        data = load_movielens("ml-100k", tmp_path, download=False, report=report)
+        monkeypatch.setattr(ml, "load_movielens_ratings", None)  # the second load must not parse
+        assert report["rows"] == 100_000 and report["below_threshold"] == int((raw["rating"] <= 3.5).sum()), source
+        assert report["users_below_min"] == int((counts < 5).sum()) == 4, source
+        assert report["interactions_of_those_users"] == int(counts[counts < 5].sum()), source
+        assert data.nnz == 55_361
+    assert len(list((tmp_path / ".recvae-cache").glob("*.kept.json"))) == 1

@@ -271,6 +271,12 @@ def test_serve_answers_from_a_refit_run(final):
         new = httpx.post(f"{base_url}/recommend", json={"items": ["m0", "m1"], "k": 3}, timeout=30).json()
         assert new["source"] == "model" and len(new["items"]) == 3
         assert httpx.post(f"{base_url}/similar", json={"item": "m3", "k": 2}, timeout=30).status_code == 200
+        gone = httpx.post(f"{base_url}/recommend", json={"user": "few1", "k": 3}, timeout=30)
+        assert gone.status_code == 404
+        assert gone.json()["detail"][0]["msg"] == ("unknown user 'few1': not a user of the run; dropped by "
+                                                   "preprocessing (3 interactions, fewer than --min-user-interactions 5)")
+        never = httpx.post(f"{base_url}/recommend", json={"user": "nobody", "k": 3}, timeout=30)
+        assert never.json()["detail"][0]["msg"] == "unknown user 'nobody': not a user of the run"
 
 
 # -- the runs/ default -----------------------------------------------------------------------

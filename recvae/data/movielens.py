@@ -33,6 +33,7 @@ from recvae.data.preprocessing import PAPER
 from recvae.data.readers import read_table
 from recvae.data.paths import resolve_data_dir
 from recvae.errors import ParameterError
+from recvae.fileio import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +230,7 @@ def load_movielens(
     download: bool = True,
     show_progress: bool = True,
     cache: bool = True,
+    report: dict | None = None,
 ) -> Interactions:
     """A MovieLens release as binary implicit feedback, preprocessed as in the Mult-VAE paper.
 
@@ -239,14 +241,23 @@ def load_movielens(
     GroupLens timestamp (``Interactions.timestamps``, for a time split, :mod:`recvae.data.splits`).
 
     With ``cache`` the result is kept as ``.npz`` under ``<data_dir>/.recvae-cache/`` (when the
-    data directory is writable), so a second load of a large release skips parsing.
+    data directory is writable), so a second load of a large release skips parsing. ``report``
+    (a dict) receives what preprocessing kept and dropped (see ``Interactions.from_dataframe``),
+    kept beside the cache too.
     """
     spec = get_spec(name)
     params = (rating_threshold, min_user_interactions, min_item_interactions) + (("timestamps",) if timestamps else ())
     cache_file = _cache_path(spec, data_dir, params) if cache else None
-    if cache_file is not None and cache_file.is_file():
+    kept_file = None if cache_file is None else cache_file.with_name(cache_file.stem + ".kept.json")
+    if cache_file is not None and cache_file.is_file() and (report is None or kept_file.is_file()):
         logger.debug("reading the cached %s", cache_file)
+        if report is not None:
+            try:
+                report.update(read_json(kept_file))
+            except ValueError:  # damaged: the counts are not worth a parse
+                logger.debug("%s is not valid JSON; no counts of what was kept", kept_file)
         return Interactions.load(cache_file)
+    kept: dict = {}
     df = load_movielens_ratings(name, data_dir, download=download, show_progress=show_progress)
     data = Interactions.from_dataframe(
         df,
@@ -258,11 +269,15 @@ def load_movielens(
         min_item_interactions=min_item_interactions,
         timestamp_col="timestamp" if timestamps else None,
         source=f"{spec.name}/{spec.ratings_file}",
+        report=kept,
     )
+    if report is not None:
+        report.update(kept)
     if cache:
         cache_file = _cache_path(spec, data_dir, params)  # the source may be new, or downloaded again
         try:
             data.save(cache_file)
+            write_json(cache_file.with_name(cache_file.stem + ".kept.json"), kept)
         except OSError as e:  # a read-only data directory: parse again next time
             logger.debug("not caching %s: %s", spec.name, e)
     return data

@@ -144,7 +144,9 @@ class Answers:
         if user is not None:
             rows, _ = run.user_rows([user])
             if rows[0] < 0:
-                return error(404, ["body", "user"], f"unknown user {user!r}: not a user of the run", "not_found")
+                why = run.why_dropped([user])[0]  # a user of the source that the run left out says why
+                return error(404, ["body", "user"], f"unknown user {user!r}: not a user of the run"
+                             + (f"; {why}" if why else ""), "not_found")
             positives = _row(run.known, int(rows[0]))
             seen = _row(run.seen, int(rows[0]))
             exclude_codes = np.concatenate([seen, extra]) if len(extra) else seen
