@@ -39,7 +39,6 @@ average before and after), printed and written as JSON and markdown. A profile o
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
