@@ -217,36 +217,24 @@ class Interactions:
         rows, cols = np.divmod(pairs, n_i)
         counts_report["duplicates"] = int(keep.sum() - len(pairs))
 
-        if min_user_interactions > 0:
-            counts = np.bincount(rows, minlength=n_u)
-            ok_rows = counts[rows] >= min_user_interactions
-            if not ok_rows.any():
-                raise ParameterError(
-                    "min_user_interactions",
-                    f"no user has >= {min_user_interactions} "
-                    f"interactions (most active user: {counts.max()}); nothing left",
-                    where=source,
-                )
-            counts_report["users_below_min"] = int(((counts > 0) & (counts < min_user_interactions)).sum())
-            counts_report["interactions_of_those_users"] = int((~ok_rows).sum())
-            rows, cols = rows[ok_rows], cols[ok_rows]
+        # the user minimum, then the item minimum on what the user minimum left
+        rules = (("min_user_interactions", min_user_interactions, "user", "interactions (most active user: {})"),
+                 ("min_item_interactions", min_item_interactions, "item",
+                  "interactions after the user filter (most popular item: {})"))
+        for param, minimum, kind, detail in rules:
+            if minimum <= 0:
+                continue
+            index, n = (rows, n_u) if kind == "user" else (cols, n_i)
+            counts = np.bincount(index, minlength=n)
+            ok = counts[index] >= minimum
+            if not ok.any():
+                raise ParameterError(param, f"no {kind} has >= {minimum} {detail.format(counts.max())}; nothing left",
+                                     where=source)
+            counts_report[f"{kind}s_below_min"] = int(((counts > 0) & (counts < minimum)).sum())
+            counts_report[f"interactions_of_those_{kind}s"] = int((~ok).sum())
+            rows, cols = rows[ok], cols[ok]
             if times is not None:
-                pair_times, pair_rows = pair_times[ok_rows], pair_rows[ok_rows]
-        if min_item_interactions > 0:
-            counts = np.bincount(cols, minlength=n_i)
-            ok_cols = counts[cols] >= min_item_interactions
-            if not ok_cols.any():
-                raise ParameterError(
-                    "min_item_interactions",
-                    f"no item has >= {min_item_interactions} "
-                    f"interactions after the user filter (most popular item: {counts.max()}); nothing left",
-                    where=source,
-                )
-            counts_report["items_below_min"] = int(((counts > 0) & (counts < min_item_interactions)).sum())
-            counts_report["interactions_of_those_items"] = int((~ok_cols).sum())
-            rows, cols = rows[ok_cols], cols[ok_cols]
-            if times is not None:
-                pair_times, pair_rows = pair_times[ok_cols], pair_rows[ok_cols]
+                pair_times, pair_rows = pair_times[ok], pair_rows[ok]
 
         # re-index the survivors densely; rows/cols are sorted by (row, col) already
         used_u = np.flatnonzero(np.bincount(rows, minlength=n_u))
