@@ -81,7 +81,7 @@ def build_run(out: Path, seed: int = 0, shape=None) -> Interactions:
     config = RunConfig(data=spec, model="multvae", params={"epochs": 1, "batch_size": 500})
     # no rating threshold: the seen items are the known histories (the data has no source file to read)
     write_run_dir(out, config, split, RunResult(model, None, test, 0.0, split), plot=False,
-                  seen=seen_interactions(split, None))
+                  read=(seen_interactions(split, None), None, None))
     return data
 
 

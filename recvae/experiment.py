@@ -231,7 +231,7 @@ def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: 
         logger.warning("matplotlib is not installed: no learning_curve.png (pip install 'recvae[plot]')")
     if run_dir is None:
         return fit_and_evaluate(load_split(config, show_progress), estimator, ks=config.ks, raise_error=True)
-    split, seen, kept, dropped = _load(config, show_progress)
+    split, (seen, kept, dropped) = load_split(config, show_progress, with_seen=True)
     created = not run_dir.path.exists()
     with run_dir.lock() if main else contextlib.nullcontext():
         state = run_dir.state()
@@ -321,12 +321,23 @@ def load_split(config: RunConfig, show_progress: bool = False, with_seen: bool =
     in time with ``cutoff`` or ``leave_last`` (:func:`recvae.data.make_split`), or every user in
     training with ``holdout="none"`` (a :class:`~recvae.data.splits.NoHoldout`); refused when
     the catalogue is smaller than the largest cutoff of the metrics, as the run would train, then
-    fail to evaluate. ``with_seen``: ``(split, seen, kept)``, the run's seen items from the same
-    read (:func:`seen_interactions`) and what preprocessing kept."""
+    fail to evaluate. ``with_seen``: ``(split, (seen, kept, dropped))``, with what a run directory
+    records of the same read: the run's seen items (:func:`seen_interactions`), what preprocessing
+    kept and the users it dropped (:func:`dropped_users`)."""
     _check_split_settings(config)
-    interactions, raw, kept = config.data.load_with_seen(show_progress, seen=with_seen, timestamps=config.time_split)
+    if not with_seen:
+        return _split(config, config.data.load(show_progress, timestamps=config.time_split))
+    interactions, raw, kept, positives = _read(config.data, show_progress, timestamps=config.time_split)
     split = _split(config, interactions)
-    return (split, seen_interactions(split, raw), kept) if with_seen else split
+    return split, (seen_interactions(split, raw), kept, dropped_users(config.data, positives, interactions, split, raw))
+
+
+def _read(data: DataSpec, show_progress: bool = False, timestamps: bool = False):
+    """One read of ``data``'s source: ``(interactions, raw, kept, positives)`` (see
+    :meth:`DataSpec.load_with_seen`)."""
+    positives: dict = {}
+    interactions, raw, kept = data.load_with_seen(show_progress, seen=True, timestamps=timestamps, positives=positives)
+    return interactions, raw, kept, positives.get("positives")
 
 
 def _check_split_settings(config: RunConfig) -> None:
@@ -352,18 +363,6 @@ def _split(config: RunConfig, interactions: Interactions):
         raise ValueError(f"data {config.data.name}: {split.train.n_items} items after preprocessing, fewer than "
                          f"the largest cutoff of the metrics (K = {max(config.ks)}, ks={list(config.ks)})")
     return split
-
-
-def _load(config: RunConfig, show_progress: bool = False):
-    """What a run directory is made of: ``(split, seen, kept, dropped)`` (see :func:`load_split`
-    and :func:`dropped_users`)."""
-    _check_split_settings(config)
-    positives: dict = {}
-    interactions, raw, kept = config.data.load_with_seen(show_progress, seen=True, timestamps=config.time_split,
-                                                         positives=positives)
-    split = _split(config, interactions)
-    dropped = dropped_users(config.data, positives.get("positives"), interactions, split, raw)
-    return split, seen_interactions(split, raw), kept, dropped
 
 
 #: why a user of the source is not a user of the run (``dropped_users.csv``'s ``reason``)
@@ -529,26 +528,24 @@ def seen_interactions(split, raw: Interactions | None) -> Interactions:
 
 
 def write_run_dir(out: str | os.PathLike, config: RunConfig, split, result: RunResult, plot: bool = True,
-                  overwrite: bool = False, extra=None, locked: bool = False, seen: Interactions | None = None,
-                  kept: dict | None = None, keep=()) -> Path:
+                  overwrite: bool = False, extra=None, locked: bool = False, read: tuple | None = None,
+                  keep=()) -> Path:
     """A complete run directory for a model trained elsewhere (benchmarks, notebooks, ``tune``):
     what :func:`run` writes, in the same order, under the directory's lock (``locked``: the
     caller holds it). ``overwrite`` empties a run directory first. ``extra(run_dir)`` writes
-    more files (``tune``'s table) before the metrics, which mark the run complete. ``seen``: the
-    run's seen items when the caller read them with the data (``load_split(with_seen=True)``);
-    else the source is read again for them. ``keep``: files of the directory that stay (``tune``'s
+    more files (``tune``'s table) before the metrics, which mark the run complete. ``read``: the
+    run's seen items, kept counts and dropped users when the caller read them with the data
+    (``load_split(with_seen=True)``); else the source is read again for them. ``keep``: files of the directory that stay (``tune``'s
     study, :data:`recvae.rundir.STUDY_FILES`)."""
     run_dir = RunDir(out)
     run_dir.check_writable_for(overwrite=overwrite)
     with contextlib.nullcontext() if locked else run_dir.lock():
         run_dir.check_writable_for(overwrite=overwrite)
         run_dir.empty(keep)
-        dropped = None
-        if seen is None:
-            positives: dict = {}
-            interactions, raw, kept = config.data.load_with_seen(seen=True, positives=positives)
-            seen = seen_interactions(split, raw)
-            dropped = dropped_users(config.data, positives.get("positives"), interactions, split, raw)
+        if read is None:
+            interactions, raw, kept, positives = _read(config.data)
+            read = (seen_interactions(split, raw), kept, dropped_users(config.data, positives, interactions, split, raw))
+        seen, kept, dropped = read
         run_dir.write_description(_description(config, split, kept), split, seen, dropped)
         if extra is not None:
             extra(run_dir)

@@ -463,17 +463,22 @@ def tune(data: DataSpec, model: str, grid: dict | None = None, params: dict | No
 
 def _tune(config: RunConfig, grid: dict, run_dir: RunDir | None, overwrite: bool, show_progress: bool) -> TuneResult:
     model, params = config.model, config.params
-    if run_dir is not None:  # the run directory records the seen items and what was kept
-        split, seen, kept = load_split(config, show_progress, with_seen=True)
-    else:
-        split, seen, kept = load_split(config, show_progress), None, None
+    split, read = _load(config, run_dir, show_progress)
     trials = search(model, split.train, split.validation, grid, params)
     columns = tuple(grid) + (("anneal_cap",) if model == "multvae" else ())
-    return _conclude(config, trials.trials, trials.best, lambda: best_estimator(trials), split, seen, kept, run_dir,
+    return _conclude(config, trials.trials, trials.best, lambda: best_estimator(trials), split, read, run_dir,
                      overwrite, columns)
 
 
-def _conclude(config: RunConfig, trials: list[Trial], best: Trial, fitted, split, seen, kept, run_dir: RunDir | None,
+def _load(config: RunConfig, run_dir: RunDir | None, show_progress: bool):
+    """``(split, read)``: ``read``, what the run directory records of the same read of the data
+    (see :func:`recvae.experiment.load_split`), only when there is a run directory to write."""
+    if run_dir is None:
+        return load_split(config, show_progress), None
+    return load_split(config, show_progress, with_seen=True)
+
+
+def _conclude(config: RunConfig, trials: list[Trial], best: Trial, fitted, split, read, run_dir: RunDir | None,
               overwrite: bool, columns: tuple, study: bool = False, keep=()) -> TuneResult:
     """The chosen trial's model (``fitted()``) evaluated once on validation and test users and,
     with ``run_dir``, written there as a normal run with ``tuning.csv``; ``keep``: files of the
@@ -489,7 +494,7 @@ def _conclude(config: RunConfig, trials: list[Trial], best: Trial, fitted, split
     tuned = TuneResult(trials, best, result, columns, chosen, study)
     if run_dir is not None:
         try:
-            write_run_dir(run_dir.path, chosen, split, result, overwrite=overwrite, locked=True, seen=seen, kept=kept,
+            write_run_dir(run_dir.path, chosen, split, result, overwrite=overwrite, locked=True, read=read,
                           extra=lambda rd: rd.write_tuning(tuned.table()), keep=keep)
         except BaseException:  # stopped or failed while writing: no half-written run stays
             run_dir.empty(keep)
@@ -1036,10 +1041,7 @@ def tune_study(data: DataSpec, models, n_trials: int | None = None, space: dict 
     with run_dir.lock() if run_dir is not None else _nothing():
         try:
             # the data first: a data error leaves nothing behind (no study yet)
-            if run_dir is not None:  # the run directory records the seen items and what was kept
-                split, seen, kept = load_split(config, show_progress, with_seen=True)
-            else:
-                split, seen, kept = load_split(config, show_progress), None, None
+            split, read = _load(config, run_dir, show_progress)
             if run_dir is not None and not resume:
                 run_dir.empty()  # --overwrite: a new study, in an emptied directory
             if store is None:
@@ -1070,7 +1072,7 @@ def tune_study(data: DataSpec, models, n_trials: int | None = None, space: dict 
             best = select(trials)
             columns = tuple(dict.fromkeys(grid if grid is not None else (n for m in models for n in space[m])))
             columns += ("anneal_cap",) if "multvae" in models else ()
-            return _conclude(config, trials, best, lambda: work.estimator_of(best), split, seen, kept, run_dir,
+            return _conclude(config, trials, best, lambda: work.estimator_of(best), split, read, run_dir,
                              True, columns, study=True, keep=keep)
         except BaseException:
             if created and run_dir is not None and not run_dir.entries():

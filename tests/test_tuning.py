@@ -267,6 +267,8 @@ def test_tune_refit_retrains_the_chosen_model_on_every_user(log_csv, tmp_path, c
     chosen, refit = (json.loads((d / "run.json").read_text()) for d in (out, final))
     assert refit["params"] == chosen["params"] and refit["model"] == "ease"
     assert refit["split_settings"]["holdout"] == "none" and refit["refit_of"]["run"] == str(out)
+    # the tuned run lists its dropped users, as a trained one does (none here: every user has 12 positives)
+    assert pd.read_csv(out / "dropped_users.csv").empty
 
 
 def test_tune_refit_into_a_used_directory_is_refused_before_the_trials(log_csv, tmp_path, capsys):
