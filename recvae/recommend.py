@@ -17,6 +17,7 @@ column says which unit a row's score is in.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -373,12 +374,17 @@ class RunRecommender:
         for a user the source never had (or a run that does not know its dropped users)."""
         if self.dropped is None or not len(users):
             return [None] * len(users)
-        converted, bad = convert_ids(self.dropped["user"], self.user_ids)
-        known = pd.Index(converted[~bad])
+        known, table = self._dropped_lookup
         rows, _, _ = match_ids(list(users), known)
-        table = self.dropped[~bad].reset_index(drop=True)
         return [None if r < 0 else self._drop_reason(table["reason"][r], int(table["interactions"][r]))
                 for r in rows]
+
+    @functools.cached_property
+    def _dropped_lookup(self) -> tuple[pd.Index, pd.DataFrame]:
+        """The dropped users' ids as the run's id type, and their rows: built once, on first use
+        (the service asks on every unknown user)."""
+        converted, bad = convert_ids(self.dropped["user"], self.user_ids)
+        return pd.Index(converted[~bad]), self.dropped[~bad].reset_index(drop=True)
 
     def _drop_reason(self, reason: str, n: int) -> str:
         data = self.data
