@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recvae.data import Interactions, load_movielens, strong_generalization_split, weak_generalization_split
-from recvae.data.splits import _split_rows, default_n_heldout_users
+from recvae.data import splits
+from recvae.data.splits import _rank_in_row, _split_rows, default_n_heldout_users
 
 
 def random_interactions(n_users=60, n_items=30, density=0.25, seed=0, str_ids=False) -> Interactions:
@@ -170,6 +171,43 @@ def test_heldout_items_are_uniformly_random():
     assert keep.all() and (np.diff(heldout.indptr) == 2).all() and (np.diff(fold_in.indptr) == 8).all()
     freq = np.asarray(heldout.sum(axis=0)).ravel() / n
     assert np.abs(freq - 0.2).max() < 0.03, freq
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(0, 40), min_size=1, max_size=30), block=st.integers(1, 64),
+       n_values=st.integers(1, 8), seed=st.integers(0, 2**16))
+def test_rank_in_row_is_the_whole_lexsort(lengths, block, n_values, seed):
+    """Blocks of whole rows give each entry exactly the rank one lexsort by (row, key) over all
+    entries gives: empty rows, rows longer than a block and tied keys (few distinct values:
+    ties go by position) included."""
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    keys = np.random.default_rng(seed).integers(0, n_values, rows.size) / n_values
+    order = np.lexsort((keys, rows))
+    want = np.empty(rows.size, dtype=np.int64)
+    want[order] = np.arange(rows.size)
+    want -= indptr[rows]
+    old, splits.RANK_BLOCK = splits.RANK_BLOCK, block
+    try:
+        np.testing.assert_array_equal(_rank_in_row(indptr, rows, keys), want)
+    finally:
+        splits.RANK_BLOCK = old
+
+
+def test_the_held_out_draw_is_the_one_of_earlier_versions():
+    """The entries held out for a seed are pinned (they were drawn by one lexsort over all
+    entries before the blocked sort): earlier runs' splits stay the same."""
+    m = sp.random(300, 50, density=0.3, format="csr", random_state=1, dtype=np.float32)
+    fold_in, heldout, keep = _split_rows(m, 0.2, 5, np.random.default_rng(11))
+    counts = np.diff(m.indptr)
+    rows = np.repeat(np.arange(300), counts)
+    keys = np.random.default_rng(11).random(m.nnz)
+    rank = np.empty(m.nnz, dtype=np.int64)
+    rank[np.lexsort((keys, rows))] = np.arange(m.nnz)
+    held = (rank - m.indptr[rows]) < np.where(counts >= 5, np.floor(0.2 * counts), 0)[rows]
+    coo = m.tocoo()
+    assert set(zip(*heldout.nonzero())) == set(zip(coo.row[held].tolist(), coo.col[held].tolist()))
+    assert heldout.nnz + fold_in.nnz == m.nnz and keep.sum() == (counts >= 5).sum()
 
 
 # ---------------------------------------------------------------- weak generalization

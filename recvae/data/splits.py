@@ -561,12 +561,26 @@ def _split_rows(
     n_hold = np.where(counts >= min_items, np.floor(fraction * counts).astype(np.int64), 0)
     rows = np.repeat(np.arange(n_rows), counts)
     keys = rng.random(X.nnz)
-    order = np.lexsort((keys, rows))  # by row, then key
-    rank = np.empty(X.nnz, dtype=np.int64)
-    rank[order] = np.arange(X.nnz)
-    rank -= X.indptr[rows]
-    is_held = rank < n_hold[rows]
+    is_held = _rank_in_row(X.indptr, rows, keys) < n_hold[rows]
     return _masked(X, rows, ~is_held), _masked(X, rows, is_held), n_hold > 0
+
+
+#: entries sorted at a time by :func:`_rank_in_row` (whole rows; a longer row is one block)
+RANK_BLOCK = 4096
+
+
+def _rank_in_row(indptr: np.ndarray, rows: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Each entry's rank among its row's entries by ``keys``, ties by position: exactly what one
+    ``np.lexsort((keys, rows))`` over all entries gives. Sorted in blocks of whole rows of about
+    :data:`RANK_BLOCK` entries, which stay in cache, so the cost grows as the entries do (one
+    sort of 9M entries took 3.5x as long per entry as these blocks)."""
+    n = keys.size
+    rank = np.empty(n, dtype=np.int64)
+    starts = np.unique(np.append(indptr[np.searchsorted(indptr, np.arange(0, n, RANK_BLOCK))], n))
+    for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
+        rank[a + np.lexsort((keys[a:b], rows[a:b]))] = np.arange(a, b)
+    rank -= indptr[rows]
+    return rank
 
 
 def _masked(X: sp.csr_matrix, rows: np.ndarray, mask: np.ndarray) -> sp.csr_matrix:
