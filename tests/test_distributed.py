@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -67,11 +68,33 @@ class _Procs:
         return p
 
     def wait(self, timeout=TIMEOUT_S) -> list[tuple[int, str]]:
+        """Every command's (status, output); their pipes are read at once, so a command that
+        writes much cannot block on a full pipe while another is waited for. Past the deadline,
+        every group left is killed and the failure shows what each command had printed."""
+        texts: dict[int, list[str]] = {}
+
+        def read(i, p):
+            texts[i] = [p.stdout.read()]
+
+        readers = [threading.Thread(target=read, args=(i, p), daemon=True) for i, p in enumerate(self.procs)]
+        for r in readers:
+            r.start()
         deadline = time.monotonic() + timeout
-        out = []
-        for p in self.procs:
-            text, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            out.append((p.returncode, text))
+        late = []
+        for i, p in enumerate(self.procs):
+            try:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                late.append(i)
+        if late:
+            self.__exit__()
+        for r in readers:
+            r.join(timeout=10)
+        out = [(p.returncode, "".join(texts.get(i, ["<unread>"]))) for i, p in enumerate(self.procs)]
+        if late:
+            shown = "\n".join(f"--- command {i} (status {rc}, {'killed at the deadline' if i in late else 'ended'}):"
+                               f"\n{text[-4000:]}" for i, (rc, text) in enumerate(out))
+            pytest.fail(f"command(s) {late} still running after {timeout} s:\n{shown}")
         return out
 
     def __enter__(self):
@@ -211,7 +234,7 @@ def test_two_torchrun_agents_as_two_nodes(log_csv, reference, tmp_path):
     out = tmp_path / "nodes"
     with _Procs() as procs:
         for cmd in _two_agents(_free_port(), ["-m", "recvae", *_train_args(["--data", str(log_csv)], out)]):
-            procs.start(cmd, env=_env())
+            procs.start(cmd, env=_env(LOGLEVEL="INFO"))  # the agents' steps, shown should one hang
         results = procs.wait()
     assert [rc for rc, _ in results] == [0, 0], results
     _assert_same_run(out, reference)
