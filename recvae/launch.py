@@ -19,7 +19,32 @@ def main() -> None:
 
     for s, handler in previous.items():
         signal.signal(s, handler)
-    sys.exit(run_command())
+    code = run_command()
+    distributed = sys.modules.get("recvae.distributed")  # imported by every command that can join a group
+    if distributed is not None and distributed.launched_by_torchrun():
+        _leave_now(code)
+    sys.exit(code)
+
+
+def _leave_now(code: int) -> None:
+    """End a process of torchrun (or of another launcher that sets ``RANK`` and ``WORLD_SIZE``)
+    once its command is done, without the interpreter's teardown.
+
+    At that teardown, C++ threads and objects of torch and gloo are destroyed in no fixed order;
+    now and then one aborts the process ("terminate called without an active exception",
+    SIGABRT) after the command had finished. torchrun then counts the rank as failed, stops the
+    others and, across machines, the other nodes' agents wait 5 minutes for it at their exit
+    barrier. Everything the command wrote is complete by now (files are renamed into place),
+    so only the streams need flushing."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

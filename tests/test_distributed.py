@@ -590,3 +590,27 @@ def test_atomic_dir_leaves_nothing_on_failure_and_replaces_on_success(tmp_path):
     ids = Interactions(sp.csr_matrix(np.eye(2, dtype=np.float32)), np.array(["x", "y"]), np.array([10, 20]))
     back = load_prepared(write_prepared(ids, tmp_path / "p"))
     assert list(back.user_ids) == ["x", "y"] and list(back.item_ids) == [10, 20]
+
+
+EXIT_PROBE = """
+import atexit, sys
+import recvae.distributed  # as every command that can join a process group imports it
+atexit.register(lambda: print("interpreter teardown ran", flush=True))
+sys.argv = ["recvae", "datasets"]
+from recvae.launch import main
+main()
+"""
+
+
+@pytest.mark.slow
+def test_a_torchrun_worker_leaves_without_the_interpreter_teardown():
+    """Where C++ threads of torch and gloo, torn down at exit, can abort a rank that has
+    finished (SIGABRT, which torchrun counts as a failure). What the command printed still
+    arrives whole: the streams are flushed first (a pipe's stdout is block-buffered)."""
+    env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID")}
+    plain, worker = (subprocess.run([sys.executable, "-c", EXIT_PROBE], capture_output=True, text=True, env=e,
+                                    cwd=REPO, timeout=TIMEOUT_S)
+                     for e in (env, dict(env, RANK="0", WORLD_SIZE="1")))
+    assert plain.returncode == worker.returncode == 0, (plain.stderr, worker.stderr)
+    assert plain.stdout.endswith("interpreter teardown ran\n") and "ml-1m" in plain.stdout
+    assert worker.stdout == plain.stdout.replace("interpreter teardown ran\n", "")
