@@ -323,13 +323,15 @@ class RunRecommender:
     (training users: their training positives; held-out users: fold-in + held-out items) and the
     items each has seen at any rating (``seen.npz``, written at train time; runs from before it
     fall back to the positives, with an info line). ``popularity_`` is the fraction of training
-    users having each item (the fallback's score).
+    users having each item (the fallback's score). ``precision``: the model's scoring precision
+    (:meth:`~recvae.models.base.Recommender.set_scoring_precision`).
     """
 
-    def __init__(self, run_dir: str | os.PathLike, device=None):
+    def __init__(self, run_dir: str | os.PathLike, device=None, precision: str = "fp32"):
         run = RunDir(run_dir)
         self.run_dir = run.path
         self.model, self.description = run.load_finished(device=device)
+        self.model.set_scoring_precision(precision)  # refused by name for a model without it
         train = run.load_train(self.model)  # item ids checked against the model's
         held = [run.load_users(name, self.model) for name in ("validation", "test")]
         self.item_ids = np.asarray(train.item_ids)

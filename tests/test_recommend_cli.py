@@ -19,6 +19,7 @@ import scipy.sparse as sp
 from recvae.cli import main
 from recvae.data import Interactions
 from recvae.experiment import load_run
+from recvae.recommend import RunRecommender
 from recvae.rundir import load_heldout
 
 
@@ -236,3 +237,17 @@ def test_input_without_known_extension_is_csv_and_compressed_files_read(int_run,
     got = recommend(run, "--input", str(tmp_path / "h.csv.gz"), "--k", "5", capsys=capsys)
     pd.testing.assert_frame_equal(got, want)
     assert len(got) == 5
+
+
+def test_precision_bf16_scores_as_the_bf16_model_and_a_float32_only_run_refuses_it(str_run, int_run, capsys):
+    run, _ = str_run
+    exact = recommend(run, "--all-users", "--k", "5", capsys=capsys)
+    half = recommend(run, "--all-users", "--k", "5", "--precision", "bf16", capsys=capsys)
+    model = RunRecommender(run, precision="bf16")
+    want = model.recommend(model.known_histories(np.arange(len(model.user_ids))), 5)
+    np.testing.assert_allclose(half["score"], want["score"], rtol=1e-6)
+    assert half["item"].tolist() == want["item"].astype(half["item"].dtype).tolist()
+    assert not np.allclose(half["score"], exact["score"], rtol=1e-6, atol=0)  # the bf16 product ran
+    assert main(["-q", "recommend", str(int_run[0]), "--all-users", "--precision", "bf16"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "recvae: error: --precision: Popularity scores in float32 only (expected one of ['fp32'], got 'bf16')")

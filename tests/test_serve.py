@@ -366,3 +366,18 @@ def test_micro_batches_wait_for_the_last_batchs_clients():
     assert batches == [1, 3, 3, 1, 1]
     assert all(ids.tolist() == [0, 1] and not fallback for ids, _, fallback in answers)
     assert alone < 0.25 and 0.09 < gathered < 0.4 and 0.45 < waited < 1.5 and again < 0.25
+
+
+@pytest.mark.slow
+def test_workers_score_in_bf16_when_asked(run_dir, run):
+    """--precision reaches every worker (through the environment): the answers are the bf16
+    model's, not the float32 one's."""
+    half = RunRecommender(run_dir, precision="bf16")
+    items, scores = expected(half, ["m1", "m2", "m5"], 5)
+    _, exact = expected(run, ["m1", "m2", "m5"], 5)
+    assert not np.allclose(scores, exact, rtol=1e-6, atol=0)
+    with start_server(run_dir, "--workers", "2", "--threads", "1", "--precision", "bf16") as (base, _):
+        for _ in range(6):
+            body = httpx.post(f"{base}/recommend", json={"items": ["m1", "m2", "m5"], "k": 5}, timeout=30).json()
+            assert body["items"] == items
+            np.testing.assert_allclose(body["scores"], scores, rtol=1e-6)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-from recvae.cli.common import CLIError, logger
+from recvae.cli.common import PRECISION_HELP, CLIError, logger
 
 
 def add_parser(sub, common) -> None:
@@ -24,6 +24,7 @@ def add_parser(sub, common) -> None:
     r.add_argument("--strict", action="store_true", help="fail on item ids unknown to the model instead of dropping them")
     r.add_argument("--batch-size", type=int, default=1000, help="users scored at once (default 1000); bounds memory")
     r.add_argument("--device", help="cpu, cuda or auto (default: the device saved with the model)")
+    r.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="scoring precision: " + PRECISION_HELP)
     r.set_defaults(func=run)
 
 
@@ -40,7 +41,7 @@ def run(args) -> int:
     if args.batch_size < 1:
         raise CLIError(f"--batch-size: expected a positive integer, got {args.batch_size}")
     check_output(args.output, (("--input", args.input), ("--users", args.users)))
-    run = RunRecommender(args.run_dir, device=args.device)
+    run = RunRecommender(args.run_dir, device=args.device, precision=args.precision)
     note_large_k(args.k, run.n_items)
     if args.all_users:
         batches = (run.known_histories(np.arange(s, min(s + args.batch_size, len(run.user_ids))))

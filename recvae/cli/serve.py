@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-from recvae.cli.common import CLIError
+from recvae.cli.common import PRECISION_HELP, CLIError
 
 
 def add_parser(sub, common) -> None:
@@ -13,6 +13,8 @@ def add_parser(sub, common) -> None:
     v.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     v.add_argument("--workers", type=int, default=1, help="worker processes, each loading the model once (default 1)")
     v.add_argument("--device", help="cpu, cuda or auto (default: the device saved with the model)")
+    v.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="scoring precision: " + PRECISION_HELP)
     v.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES", help="largest request body accepted (default 1 MiB; 413 beyond)")
     v.add_argument("--max-batch", type=int, default=64, help="concurrent requests scored in one forward pass (default 64; 1 = no batching)")
     v.add_argument("--batch-wait", type=float, default=2.0, metavar="MS",
@@ -51,7 +53,8 @@ def run(args) -> int:
         run_server(args.run_dir, host=args.host, port=args.port, workers=args.workers, device=args.device,
                    max_body=args.max_body, max_batch=args.max_batch, threads=args.threads,
                    log_level="warning" if args.quiet else "info", body_timeout=args.body_timeout,
-                   keep_alive=args.keep_alive, grace=args.grace, batch_wait=args.batch_wait / 1000)
+                   keep_alive=args.keep_alive, grace=args.grace, batch_wait=args.batch_wait / 1000,
+                   precision=args.precision)
     except (MissingDependencyError, WorkerStartupError) as e:
         raise CLIError(str(e)) from e
     return 0

@@ -15,6 +15,7 @@ from recvae.data.interactions import as_csr
 from recvae.errors import ParameterError
 from recvae.fileio import read_json, write_json
 from recvae.metrics import mask_rows, top_k_with_scores
+from recvae.models import checks
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +177,11 @@ class Recommender:
     batch_size_predict: int = 1000
     #: keys of this class's model.json beyond the common ones
     _meta_keys: tuple[str, ...] = ()
+    #: the precision scoring runs in (:meth:`set_scoring_precision`): how to serve, not a
+    #: hyperparameter, so neither saved nor cloned
+    scoring_precision: str = "fp32"
+    #: the scoring precisions this class supports
+    _scoring_precisions: tuple[str, ...] = ("fp32",)
 
     @classmethod
     def _param_names(cls) -> list[str]:
@@ -204,6 +210,23 @@ class Recommender:
 
     def fit(self, train, validation=None):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def set_scoring_precision(self, precision: str):
+        """Score (``score``, ``recommend``, evaluation) in ``precision``; returns ``self``.
+
+        ``"fp32"`` (the default): float32 throughout. ``"bf16"`` (the autoencoders): the output
+        layer's product, which reads the whole I x H weight for every batch and is nearly all of
+        a request's cost, runs in bfloat16 on a bf16 copy of that weight kept beside it: half the
+        bytes read, and native bf16 products where the hardware has them. Scores then differ from
+        float32's in about the third significant digit, so items with nearly equal scores may swap
+        places; ``benchmarks/serving.py`` measures how often a top-10 list changes. Training is
+        not affected (see ``precision``)."""
+        checks.one_of("precision", precision, ("fp32", "bf16"))
+        if precision not in self._scoring_precisions:
+            raise ParameterError("precision", f"{type(self).__name__} scores in float32 only "
+                                              f"(expected one of {list(self._scoring_precisions)}, got {precision!r})")
+        self.scoring_precision = precision
+        return self
 
     def save(self, path) -> Path:  # pragma: no cover - abstract
         """Write the fitted model into the folder ``path`` (``model.json`` and its files)."""

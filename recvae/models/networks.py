@@ -32,6 +32,7 @@ from recvae.models.sparse_layers import (
     SparseBatch,
     Workspace,
     output_layer_nll,
+    output_logits,
     sparse_input_linear,
 )
 
@@ -136,6 +137,7 @@ class MultNetwork(nn.Module):
         self.output_weight = nn.Parameter(torch.empty(config.n_items, dec[-1]))
         self.output_bias = nn.Parameter(torch.empty(config.n_items))
         self.workspace = Workspace()  # reused B x I buffers; not part of the state dict
+        self.score_dtype: torch.dtype | None = None  # the output layer's product in eval mode (None: h's)
         self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -187,7 +189,8 @@ class MultNetwork(nn.Module):
         """Dense float32 logits (B, I). In eval mode: no dropout and z = mu."""
         z, _ = self._latent(batch, generator)
         h = self._hidden(z)
-        return torch.addmm(self.output_bias.to(h.dtype), h, self.output_weight.to(h.dtype).t()).float()
+        return output_logits(h, self.output_weight, self.output_bias, self.workspace,
+                             None if self.training else self.score_dtype)
 
     def loss(self, batch: SparseBatch, beta: float = 1.0, generator: torch.Generator | None = None,
              kl_weights: torch.Tensor | None = None) -> LossTerms:

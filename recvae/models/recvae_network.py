@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recvae.models.networks import LossTerms, _init_linear_
-from recvae.models.sparse_layers import SparseBatch, Workspace, output_layer_nll, sparse_input_linear
+from recvae.models.sparse_layers import SparseBatch, Workspace, output_layer_nll, output_logits, sparse_input_linear
 
 LOG_2PI = math.log(2.0 * math.pi)
 #: the reference's mixture weights: standard normal, q_old(z|x), wide normal
@@ -148,6 +148,7 @@ class RecVAENetwork(nn.Module):
         self.old_encoder.requires_grad_(False)
         self.decoder = RecVAEDecoder(config)
         self.workspace = Workspace()  # reused B x I buffers; not part of the state dict
+        self.score_dtype: torch.dtype | None = None  # the output layer's product in eval mode (None: z's)
         self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -193,8 +194,8 @@ class RecVAENetwork(nn.Module):
             z = self._sample(mu, logvar, eps)
         else:
             z, _ = self._encode(batch, None)
-        w, b = self.decoder.output_weight, self.decoder.output_bias
-        return torch.addmm(b.to(z.dtype), z, w.to(z.dtype).t()).float()
+        return output_logits(z, self.decoder.output_weight, self.decoder.output_bias, self.workspace,
+                             None if self.training else self.score_dtype)
 
     @staticmethod
     def _sample(mu, logvar, eps):

@@ -148,10 +148,12 @@ class SparseBatch:
 
 
 class Workspace:
-    """Reusable large buffers, keyed by name; ``generation`` detects reuse before backward."""
+    """Reusable large buffers, keyed by name; ``generation`` detects reuse before backward.
+    Also keeps copies of weights in another dtype for scoring (:meth:`cast`)."""
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
+        self._casts: dict[str, tuple[tuple, torch.Tensor]] = {}
         self.generation = 0
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -163,8 +165,19 @@ class Workspace:
             self._buffers[name] = buf
         return buf[: shape[0]]
 
+    def cast(self, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``tensor`` in ``dtype``: a copy kept under ``name`` and made again only once ``tensor``
+        has changed (its storage, or its version counter, which every in-place update such as an
+        optimizer step or ``load_state_dict`` advances). Not differentiable: for scoring."""
+        key = (tensor.data_ptr(), tensor._version, dtype, tensor.device)
+        kept = self._casts.get(name)
+        if kept is None or kept[0] != key:
+            kept = self._casts[name] = (key, tensor.detach().to(dtype, copy=True))
+        return kept[1]
+
     def clear(self) -> None:
         self._buffers.clear()
+        self._casts.clear()
 
 
 def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
@@ -343,3 +356,26 @@ def output_layer_nll(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     cd = compute_dtype(h.device.type)
     with torch.autocast(h.device.type, enabled=False):
         return _OutputLayerNLL.apply(h, weight, bias, batch, workspace or Workspace(), cd)
+
+
+#: dtypes the output layer can score in (see :func:`output_logits`)
+SCORE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def output_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, workspace: Workspace,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dense float32 logits ``h @ weight^T + bias`` (B, I) of the last layer, the product in
+    ``dtype`` (default: ``h``'s, as under autocast).
+
+    Without gradients, weights of another dtype come from the workspace's kept copy instead of a
+    cast per call: scoring in bf16 then reads half the bytes of the I x H weight (the whole cost
+    of a small batch) and uses native bf16 products where the CPU or GPU has them. With
+    gradients the cast is part of the graph, as ``Tensor.to`` is."""
+    dtype = dtype or h.dtype
+    if dtype == weight.dtype:
+        return torch.addmm(bias, h.to(dtype), weight.t()).float()
+    if torch.is_grad_enabled() and (weight.requires_grad or h.requires_grad):
+        return torch.addmm(bias.to(dtype), h.to(dtype), weight.to(dtype).t()).float()
+    w = workspace.cast("output_weight", weight, dtype)
+    b = workspace.cast("output_bias", bias, dtype)
+    return torch.addmm(b, h.to(dtype), w.t()).float()

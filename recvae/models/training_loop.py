@@ -20,6 +20,7 @@ from typing import Callable, Protocol
 import numpy as np
 import scipy.sparse as sp
 import torch
+from torch.autograd.graph import increment_version
 
 from recvae import distributed
 from recvae import metrics as M
@@ -128,6 +129,9 @@ def update_step(optimizer: torch.optim.Optimizer, compute_loss, device_type: str
     if part is not None:
         distributed.allreduce_gradients(parameters())
     optimizer.step()
+    # fused Adam writes the weights in place without advancing their version counters: advance
+    # them, so what is kept against a version (Workspace.cast's scoring copies) sees the update
+    increment_version([p for group in optimizer.param_groups for p in group["params"]])
     return values
 
 

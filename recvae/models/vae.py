@@ -30,7 +30,7 @@ from recvae.models.base import (
 )
 from recvae.models.device import resolve_device, stored_device
 from recvae.models.networks import ACTIVATIONS, MultNetwork, NetworkConfig, build_network
-from recvae.models.sparse_layers import SparseBatch
+from recvae.models.sparse_layers import SCORE_DTYPES, SparseBatch
 from recvae.models.training_loop import (  # noqa: F401  (NonFiniteLossError: part of this module's interface)
     NonFiniteLossError, TrainingLoop, as_validation, make_optimizer, training_step,
 )
@@ -172,8 +172,10 @@ class _AutoencoderRecommender(Recommender):
 
     # -- scoring ------------------------------------------------------------------------------
     def _score_batch(self, user_items: sp.csr_matrix) -> np.ndarray:
-        """Logits (B, I), float32, eval mode (no dropout, z = mu), in float32 whatever ``precision``."""
+        """Logits (B, I), float32, eval mode (no dropout, z = mu), in float32 whatever ``precision``;
+        the output layer's product in ``scoring_precision`` (see :meth:`set_scoring_precision`)."""
         net = self.module_
+        net.score_dtype = SCORE_DTYPES[self.scoring_precision]
         was_training = net.training
         net.eval()
         try:
@@ -193,6 +195,7 @@ class _AutoencoderRecommender(Recommender):
 
     # -- save / load --------------------------------------------------------------------------
     _meta_keys = ("seed", "best_epoch", "best_score", "best_beta", "stopped_early", "history")
+    _scoring_precisions = ("fp32", "bf16")
 
     def save(self, path) -> Path:
         """Write ``weights.pt`` (state dict), then ``model.json`` (hyperparameters, item ids,

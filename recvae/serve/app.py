@@ -23,14 +23,15 @@ logger = logging.getLogger(__name__)
 
 
 def create_app(run_dir, device=None, max_body: int = 1 << 20, max_batch: int = 64, threads: int | None = None,
-               body_timeout: float = BODY_TIMEOUT, batch_wait: float = BATCH_WAIT):
+               body_timeout: float = BODY_TIMEOUT, batch_wait: float = BATCH_WAIT, precision: str = "fp32"):
     """The ASGI application serving ``run_dir`` (the model is loaded here, once): the FastAPI
     application (``.fastapi``) behind :class:`~recvae.serve.guards.BodyLimit` and
     :class:`PlainRecommend`, which answers well-formed ``POST /recommend`` bodies without
     FastAPI's request machinery (the same answer, the same bytes).
 
     ``threads``: torch intra-op threads of this process (default: the CPU cores divided among
-    uvicorn's workers as ``RECVAE_SERVE_THREADS`` says, else all of them).
+    uvicorn's workers as ``RECVAE_SERVE_THREADS`` says, else all of them). ``precision``: the
+    model's scoring precision, "fp32" or "bf16" (:class:`~recvae.recommend.RunRecommender`).
     """
     fastapi = require("fastapi", "the HTTP service (recvae serve)")
     require("orjson", "the HTTP service (recvae serve)")
@@ -44,7 +45,7 @@ def create_app(run_dir, device=None, max_body: int = 1 << 20, max_batch: int = 6
 
     if threads:
         torch.set_num_threads(int(threads))
-    run = RunRecommender(run_dir, device=device)
+    run = RunRecommender(run_dir, device=device, precision=precision)
     batcher = MicroBatcher(run, max_batch, batch_wait)
     answer = Answers(run, batcher)
     Id = Union[StrictInt, StrictStr]
@@ -270,6 +271,7 @@ def app_from_env():
             threads=int(get(ENV["threads"], 0)) or None,
             body_timeout=float(get(ENV["body_timeout"], BODY_TIMEOUT)),
             batch_wait=float(get(ENV["batch_wait"], BATCH_WAIT)),
+            precision=get(ENV["precision"]) or "fp32",
         )
     except Exception as e:
         parent, failure_file = get(ENV["parent"]), get(ENV["failure_file"])

@@ -20,7 +20,7 @@ class WorkerStartupError(RuntimeError):
 def run_server(run_dir, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, device=None,
                max_body: int = 1 << 20, max_batch: int = 64, threads: int | None = None,
                log_level: str = "info", body_timeout: float = BODY_TIMEOUT, keep_alive: float = KEEP_ALIVE,
-               grace: float = GRACE, batch_wait: float = BATCH_WAIT) -> None:
+               grace: float = GRACE, batch_wait: float = BATCH_WAIT, precision: str = "fp32") -> None:
     """Serve ``run_dir`` with uvicorn; each of ``workers`` processes loads the model once and
     gets ``threads`` torch threads (default ``cpu cores / workers`` less one for the worker's
     event loop, at least 1: torch's threads spin while they wait, and would take the core the
@@ -29,6 +29,8 @@ def run_server(run_dir, host: str = "127.0.0.1", port: int = 8000, workers: int 
     The run is loaded here first, before any worker starts: a damaged run raises the loader's
     error (naming the file) and nothing is served. With one worker that load is the one
     served; with more, the parent checks the run on the CPU and each worker loads its own.
+    ``precision``: the model's scoring precision ("bf16": about twice the requests per CPU
+    second; see :meth:`~recvae.models.base.Recommender.set_scoring_precision`).
     Timeouts: ``body_timeout`` for a request body to arrive, ``keep_alive`` for an idle
     connection, ``grace`` for running requests to finish after SIGTERM."""
     require("fastapi", "the HTTP service (recvae serve)")
@@ -39,10 +41,10 @@ def run_server(run_dir, host: str = "127.0.0.1", port: int = 8000, workers: int 
                "timeout_graceful_shutdown": grace}
     if workers == 1:
         app = create_app(run_dir, device=device, max_body=max_body, max_batch=max_batch, threads=threads,
-                         body_timeout=body_timeout, batch_wait=batch_wait)
+                         body_timeout=body_timeout, batch_wait=batch_wait, precision=precision)
         uvicorn.run(app, **options)
         return
-    check_run(run_dir, device)
+    check_run(run_dir, device, precision)
     fd, failure_file = tempfile.mkstemp(prefix="recvae-serve-", suffix=".err")
     os.close(fd)
     os.environ.update({
@@ -53,6 +55,7 @@ def run_server(run_dir, host: str = "127.0.0.1", port: int = 8000, workers: int 
         ENV["batch_wait"]: repr(float(batch_wait)),
         ENV["threads"]: str(threads),
         ENV["body_timeout"]: repr(float(body_timeout)),
+        ENV["precision"]: precision,
         ENV["parent"]: str(os.getpid()),
         ENV["failure_file"]: failure_file,
     })
@@ -66,7 +69,7 @@ def run_server(run_dir, host: str = "127.0.0.1", port: int = 8000, workers: int 
         raise WorkerStartupError(f"a worker could not load the run, server stopped: {failures[0]}")
 
 
-def check_run(run_dir, device=None) -> None:
+def check_run(run_dir, device=None, precision: str = "fp32") -> None:
     """Load the run once (on the CPU: the parent of the workers keeps no GPU memory) and check
     ``device``: raises what a worker would, before any worker starts."""
     import gc
@@ -75,5 +78,5 @@ def check_run(run_dir, device=None) -> None:
 
     if device:
         resolve_device(device)
-    RunRecommender(run_dir, device="cpu")
+    RunRecommender(run_dir, device="cpu", precision=precision)
     gc.collect()

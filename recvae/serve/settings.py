@@ -9,6 +9,7 @@ ENV = {
     "batch_wait": "RECVAE_SERVE_BATCH_WAIT",
     "threads": "RECVAE_SERVE_THREADS",
     "body_timeout": "RECVAE_SERVE_BODY_TIMEOUT",
+    "precision": "RECVAE_SERVE_PRECISION",
     # set by run_server for its workers: the supervisor's pid and the file a worker that cannot
     # start writes its error to (the supervisor then stops instead of respawning it)
     "parent": "RECVAE_SERVE_PARENT",

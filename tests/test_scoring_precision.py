@@ -1,0 +1,104 @@
+"""Scoring in bf16: the kept bf16 copy of the output layer, its renewal, agreement with fp32, the options."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from recvae.errors import ParameterError
+from recvae.models import EASE, MultDAE, MultVAE, Popularity, RecVAE
+from recvae.models.sparse_layers import SparseBatch, Workspace, output_logits
+from recvae.models.training_loop import update_step
+
+SMALL = dict(epochs=3, random_state=0, show_progress=False, batch_size=50)
+
+
+@pytest.fixture(scope="module")
+def X():
+    rng = np.random.default_rng(0)
+    dense = rng.random((200, 300)) < np.linspace(0.25, 0.01, 300)  # popular items first
+    return sp.csr_matrix(dense.astype(np.float32))
+
+
+# -- the kept copy ----------------------------------------------------------------------------
+def test_a_kept_copy_is_reused_until_the_weight_changes():
+    ws = Workspace()
+    w = torch.randn(50, 8)
+    first = ws.cast("w", w, torch.bfloat16)
+    assert first.dtype == torch.bfloat16 and torch.equal(first, w.bfloat16())
+    assert ws.cast("w", w, torch.bfloat16) is first  # unchanged weight: no new copy
+    w.mul_(2)  # an in-place update advances the version counter
+    second = ws.cast("w", w, torch.bfloat16)
+    assert second is not first and torch.equal(second, w.bfloat16())
+    m = torch.nn.Linear(8, 50)
+    ws.cast("m", m.weight, torch.bfloat16)
+    m.load_state_dict({"weight": torch.zeros(50, 8), "bias": torch.zeros(50)})
+    assert not ws.cast("m", m.weight, torch.bfloat16).any()
+
+
+def test_output_logits_in_bf16_are_float32_and_close():
+    ws = Workspace()
+    g = torch.Generator().manual_seed(0)
+    h, w, b = torch.randn(4, 32, generator=g), torch.randn(100, 32, generator=g), torch.randn(100, generator=g)
+    exact = output_logits(h, w, b, ws)
+    assert exact.dtype == torch.float32 and torch.allclose(exact, h @ w.T + b, atol=1e-5)
+    with torch.no_grad():
+        half = output_logits(h, w, b, ws, torch.bfloat16)
+    assert half.dtype == torch.float32 and not torch.equal(half, exact)
+    assert (half - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+def test_training_steps_renew_the_copy(X):
+    """Fused Adam leaves the version counters alone; the update step advances them, so bf16
+    scores after more training come from the new weights, not from a stale copy."""
+    model = MultVAE(**SMALL).fit(X)
+    model.set_scoring_precision("bf16")
+    before = model.score(X[:20])
+    net = model.module_
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.1, fused=True)  # the estimators' optimizer
+    net.train()
+    batch = SparseBatch.from_csr(X[:50], torch.device("cpu"))
+    update_step(optimizer, lambda: net.loss(batch), "cpu")
+    after = model.score(X[:20])
+    kept = net.workspace.cast("output_weight", net.output_weight, torch.bfloat16)
+    assert torch.equal(kept, net.output_weight.detach().bfloat16())
+    assert not np.allclose(before, after)
+    model.set_scoring_precision("fp32")
+    np.testing.assert_allclose(after, model.score(X[:20]), atol=0.05 * np.abs(after).max())
+
+
+# -- the estimators ---------------------------------------------------------------------------
+@pytest.mark.parametrize("cls, extra", [(MultVAE, {}), (MultDAE, {}), (RecVAE, {"hidden_dims": (32, 32)})],
+                         ids=["multvae", "multdae", "recvae"])
+def test_bf16_scores_agree_with_fp32(X, cls, extra):
+    model = cls(**SMALL, **extra).fit(X)
+    exact = model.score(X)
+    ids, _ = model.recommend(X, N=10)
+    assert model.set_scoring_precision("bf16") is model and model.scoring_precision == "bf16"
+    half = model.score(X)
+    assert half.dtype == np.float32 and not np.array_equal(half, exact)  # the bf16 product ran
+    assert np.abs(half - exact).max() < 0.02 * np.abs(exact).max()
+    half_ids, _ = model.recommend(X, N=10)
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, half_ids)])
+    assert overlap >= 0.9, overlap
+    assert "scoring_precision" not in model.get_params()  # how to serve, not a hyperparameter
+
+
+def test_a_saved_model_loads_in_fp32(X, tmp_path):
+    model = MultVAE(**SMALL).fit(X).set_scoring_precision("bf16")
+    model.save(tmp_path / "m")
+    assert MultVAE.load(tmp_path / "m").scoring_precision == "fp32"
+
+
+@pytest.mark.parametrize("model", [EASE(), Popularity()], ids=["ease", "popularity"])
+def test_models_without_a_bf16_path_refuse_it_by_name(model):
+    with pytest.raises(ParameterError, match=r"^precision: .* scores in float32 only .*got 'bf16'"):
+        model.set_scoring_precision("bf16")
+    assert model.set_scoring_precision("fp32") is model
+
+
+def test_an_unknown_precision_is_refused_by_name():
+    with pytest.raises(ParameterError, match=r"^precision: expected one of \['fp32', 'bf16'\], got 'fp16'"):
+        MultVAE().set_scoring_precision("fp16")
