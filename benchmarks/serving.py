@@ -384,7 +384,7 @@ def machine() -> dict:
 
 def markdown(result: dict) -> str:
     m = result["machine"]
-    peak = max([result["load_before"][0]] + [r["load_average_before"][0] for r in result["serving"]])
+    peak = result["load_before"][0]  # the levels' own load averages include the benchmark's earlier levels
     lines = [
         "# Serving speed (CPU)",
         "",
@@ -393,9 +393,9 @@ def markdown(result: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores; Python {m['python']}, torch {m['torch']}. Load average "
         f"before / after: {result['load_before']} / {result['load_after']}. Produced by `{result['command']}`.",
         "",
-        *([f"**Measured under load** (1-minute load average up to {peak:.1f} on {m['cores']} cores: other work "
-           "shared the CPU), so the rates and latencies understate the service; the CPU ms per request are "
-           "the figures to compare.", ""] if peak > m["cores"] / 2 else []),
+        *([f"**Measured under load** (1-minute load average {peak:.1f} on {m['cores']} cores before the "
+           "benchmark began: other work shared the CPU), so the rates and latencies understate the service; "
+           "the CPU ms per request are the figures to compare.", ""] if peak > m["cores"] / 2 else []),
         "## HTTP service (`recvae serve`, top-10 for a new user's history, wrk with 1 thread on the same cores)",
         "",
         "| configuration | connections | requests | req/s | p50 ms | p99 ms | non-2xx | socket errors "
@@ -410,7 +410,8 @@ def markdown(result: dict) -> str:
     lines += [
         "",
         "Server CPU ms/req: user + system time of the server's processes (and its workers) over the "
-        "level, divided by the requests answered; it includes the scoring below.",
+        "level, divided by the requests answered; it includes the scoring below. Load before: the 1, 5 and "
+        "15-minute load averages before the level, the benchmark's own earlier levels included.",
         "",
         f"## Scoring alone (in this process, {result['scoring_threads']} torch thread(s): forward pass, "
         "exclusions, top-10 of a micro-batch)",
@@ -532,7 +533,8 @@ def main(argv=None) -> dict:
         "serving": serving,
         "k_all_users": a.k_all_users,
         "all_users": batch,
-        "targets": {label: targets(serving, batch, label) for label, _ in CONFIGS},
+        "targets": {**{label: targets(serving, None, label) for label, _ in CONFIGS},
+                    **({"recommend --all-users": targets([], batch, "")} if batch else {})},
         "load_before": load_before,
         "load_after": [round(v, 2) for v in os.getloadavg()],
     }
