@@ -368,6 +368,43 @@ def test_micro_batches_wait_for_the_last_batchs_clients():
     assert alone < 0.25 and 0.09 < gathered < 0.4 and 0.45 < waited < 1.5 and again < 0.25
 
 
+class _SlowScorer(_Scorer):
+    """A pass takes 20 ms, as a real one takes milliseconds: clients queue while it runs."""
+
+    def recommend_arrays(self, positives, exclude, k):
+        time.sleep(0.02)
+        return super().recommend_arrays(positives, exclude, k)
+
+
+def test_clients_that_start_apart_end_in_one_batch():
+    """8 clients in a loop (answer, then the next request 1 ms later), the second 4 arriving
+    while the first 4 are scored: the batches merge into one of 8 and stay so, instead of two
+    groups of 4 taking turns, each paying a whole pass (what 8 connections once settled into)."""
+    from recvae.serve.batching import MicroBatcher
+
+    async def scenario():
+        scorer = _SlowScorer()
+        batcher = MicroBatcher(scorer, max_batch=64, batch_wait=0.05)
+        batcher.start()
+        one, none = np.array([1]), np.array([], dtype=np.int64)
+
+        async def client(start, rounds=8):
+            await asyncio.sleep(start)
+            for _ in range(rounds):
+                await batcher.submit(one, none, 2)
+                await asyncio.sleep(0.001)
+
+        try:
+            await asyncio.gather(*[client(0.0) for _ in range(4)], *[client(0.005) for _ in range(4)])
+        finally:
+            await batcher.stop()
+        return scorer.batches
+
+    batches = asyncio.run(scenario())
+    # from the second pass on one batch holds every client; the first 4, a round ahead, end alone
+    assert batches == [4] + [8] * 7 + [4], batches
+
+
 @pytest.mark.slow
 def test_workers_score_in_bf16_when_asked(run_dir, run):
     """--precision reaches every worker (through the environment): the answers are the bf16
