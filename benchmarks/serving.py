@@ -61,12 +61,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 REPO = RESULTS.parents[1]
 LEVELS = (1, 8, 64)
 #: (label, extra `recvae serve` arguments): the default, one worker per core, and both with the
-#: output layer scoring in bf16 (the last: the README's throughput settings, batches capped at
-#: half the 64 connections so that each worker's batches stay short); the targets are checked on each
+#: output layer scoring in bf16 (one worker with a torch thread per core: its event loop idles
+#: while a batch of every client is scored; the last: the README's throughput settings, batches
+#: capped at half the 64 connections so that each worker's batches stay short); the targets are
+#: checked on each
 CONFIGS = (
     ("default: 1 worker, 1 torch thread", []),
     ("2 workers x 1 torch thread", ["--workers", "2", "--threads", "1"]),
     ("bf16 scoring, 1 worker", ["--precision", "bf16"]),
+    ("bf16 scoring, 1 worker x 2 torch threads", ["--threads", "2", "--precision", "bf16"]),
     ("bf16 scoring, 2 workers x 1 torch thread, batches of <= 32",
      ["--workers", "2", "--threads", "1", "--max-batch", "32", "--precision", "bf16"]),
 )
