@@ -236,13 +236,14 @@ def strong_generalization_split(
     X = interactions.matrix
     train_X = X[train_rows]
     items = np.flatnonzero(np.bincount(train_X.indices, minlength=X.shape[1]))
-    train = Interactions(_sorted(train_X[:, items]), interactions.user_ids[train_rows], interactions.item_ids[items])
+    train = Interactions(_sorted(_columns(train_X, items)), interactions.user_ids[train_rows],
+                         interactions.item_ids[items])
 
     stats = {}
     held = {}
     for name, rows, rng in (("validation", vad_rows, vad_rng), ("test", test_rows, test_rng)):
         sub_all = X[rows]
-        sub = _sorted(sub_all[:, items])
+        sub = _sorted(_columns(sub_all, items))
         fold_in, heldout, keep = _split_rows(sub, heldout_fraction, min_items_to_split, rng)
         held[name] = HeldOutUsers(fold_in[keep], heldout[keep], interactions.user_ids[rows][keep])
         stats[name] = {
@@ -589,6 +590,12 @@ def _masked(X: sp.csr_matrix, rows: np.ndarray, mask: np.ndarray) -> sp.csr_matr
     out = sp.csr_matrix((X.data[mask], X.indices[mask], indptr), shape=X.shape)
     out.has_sorted_indices = X.has_sorted_indices
     return out
+
+
+def _columns(X: sp.csr_matrix, items: np.ndarray) -> sp.csr_matrix:
+    """``X[:, items]`` for sorted ``items``; ``X`` itself when they are every column (the usual
+    case: a copy of every training entry less)."""
+    return X if len(items) == X.shape[1] else X[:, items]
 
 
 def _sorted(X: sp.csr_matrix) -> sp.csr_matrix:
