@@ -181,14 +181,19 @@ def _assert_same_run(run: Path, reference: Path, steps=(23, 46)) -> float:
 
 
 # -- torchrun ---------------------------------------------------------------------------------
+def _two_processes(args: list[str]) -> str:
+    """``torchrun --standalone --nproc-per-node 2 -m recvae ARGS``: its output, once it exited 0."""
+    with _Procs() as procs:
+        procs.start([*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "recvae", *args], env=_env())
+        [(rc, text)] = procs.wait()
+    assert rc == 0, text
+    return text
+
+
 @pytest.mark.slow
 def test_two_processes_give_the_one_process_model(log_csv, reference, tmp_path):
     out = tmp_path / "two"
-    with _Procs() as procs:
-        procs.start([*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "recvae",
-                     *_train_args(["--data", str(log_csv)], out)], env=_env())
-        [(rc, text)] = procs.wait()
-    assert rc == 0, text
+    text = _two_processes(_train_args(["--data", str(log_csv)], out))
     diff = _assert_same_run(out, reference)
     print(f"max |w_2proc - w_1proc| = {diff:.2e}")  # measured: 7.5e-08
     assert text.count("| test |") == 1  # rank 0 alone prints the results
@@ -202,11 +207,7 @@ def test_binary_latent_two_processes_give_the_one_process_model(log_csv, tmp_pat
     extra = ["--latent", "bernoulli", "--temperature", "1.0"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main([*_train_args(["--data", str(log_csv)], one), *extra]) == 0
-    with _Procs() as procs:
-        procs.start([*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "recvae",
-                     *_train_args(["--data", str(log_csv)], two), *extra], env=_env())
-        [(rc, text)] = procs.wait()
-    assert rc == 0, text
+    _two_processes([*_train_args(["--data", str(log_csv)], two), *extra])
     _assert_same_run(two, one)
 
 
@@ -219,11 +220,7 @@ def test_recvae_two_processes_give_the_one_process_model(log_csv, tmp_path):
     extra = ["--model", "recvae", "--hidden-dims", "24,24", "--encoder-epochs", "2", "--lr", "1e-3"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main([*_train_args(["--data", str(log_csv)], one), *extra]) == 0
-    with _Procs() as procs:
-        procs.start([*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "recvae",
-                     *_train_args(["--data", str(log_csv)], two), *extra], env=_env())
-        [(rc, text)] = procs.wait()
-    assert rc == 0, text
+    _two_processes([*_train_args(["--data", str(log_csv)], two), *extra])
     diff = _assert_same_run(two, one, steps=(69, 138))  # (2 encoder + 1 decoder passes) x 23 updates per epoch
     print(f"RecVAE: max |w_2proc - w_1proc| = {diff:.2e}")
     assert {k.split(".")[0] for k in _weights(two)} == {"encoder", "old_encoder", "decoder"}  # RecVAE's network

@@ -11,6 +11,7 @@ logger = logging.getLogger("recvae")
 
 
 #: --precision of recommend and serve (the estimator's scoring precision)
+PRECISIONS = ("fp32", "bf16")
 PRECISION_HELP = ("fp32 (default) or bf16: the output layer's product in bfloat16 on a kept bf16 copy of its "
                   "weights, about twice as fast; scores differ in the third digit, so near-ties may swap places "
                   "(Mult-VAE, Mult-DAE and RecVAE runs)")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-from recvae.cli.common import PRECISION_HELP, CLIError
+from recvae.cli.common import PRECISION_HELP, PRECISIONS, CLIError
 
 
 def add_parser(sub, common) -> None:
@@ -13,7 +13,7 @@ def add_parser(sub, common) -> None:
     v.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     v.add_argument("--workers", type=int, default=1, help="worker processes, each loading the model once (default 1)")
     v.add_argument("--device", help="cpu, cuda or auto (default: the device saved with the model)")
-    v.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+    v.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="scoring precision: " + PRECISION_HELP)
     v.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES", help="largest request body accepted (default 1 MiB; 413 beyond)")
     v.add_argument("--max-batch", type=int, default=64, help="concurrent requests scored in one forward pass (default 64; 1 = no batching)")
