@@ -165,16 +165,23 @@ class Workspace:
             self._buffers[name] = buf
         return buf[: shape[0]]
 
-    def cast(self, name: str, tensor: torch.Tensor, dtype: torch.dtype, transpose: bool = False) -> torch.Tensor:
+    def cast(self, name: str, tensor: torch.Tensor, dtype: torch.dtype, transpose: bool = False,
+             packed: bool = False) -> torch.Tensor:
         """``tensor`` (transposed if ``transpose``) in ``dtype``, contiguous: a copy kept under
         ``name`` and made again only once ``tensor`` has changed (its storage, or its version
         counter, which every in-place update such as an optimizer step or ``load_state_dict``
-        advances). Not differentiable: for scoring."""
-        key = (tensor.data_ptr(), tensor._version, dtype, tensor.device, transpose)
+        advances). Not differentiable: for scoring.
+
+        ``packed``: an (out, in) weight in oneDNN's blocked layout for
+        :func:`torch.ops.mkldnn._linear_pointwise` instead (CPU only; see :func:`output_logits`)."""
+        key = (tensor.data_ptr(), tensor._version, dtype, tensor.device, transpose, packed)
         kept = self._casts.get(name)
         if kept is None or kept[0] != key:
             source = tensor.detach().t() if transpose else tensor.detach()
-            kept = self._casts[name] = (key, source.to(dtype, memory_format=torch.contiguous_format, copy=True))
+            copy = source.to(dtype, memory_format=torch.contiguous_format, copy=True)
+            if packed:
+                copy = torch.ops.mkldnn._reorder_linear_weight(copy, PACK_BATCH_HINT)
+            kept = self._casts[name] = (key, copy)
         return kept[1]
 
     def clear(self) -> None:
@@ -363,6 +370,28 @@ def output_layer_nll(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
 #: dtypes the output layer can score in (see :func:`output_logits`)
 SCORE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
+#: the batch size oneDNN lays a packed weight out for; measured on AVX-512 BF16 (ML-20M's
+#: 20,108 x 600 layer), packing for 8 serves batches of 1 to 500 as well as packing for each
+PACK_BATCH_HINT = 8
+
+
+def packed_bf16_available() -> bool:
+    """Whether this CPU and build score bf16 through a oneDNN-packed weight: native bf16
+    instructions and the (internal) mkldnn linear ops, which a build may lack."""
+    global _PACKED_BF16
+    if _PACKED_BF16 is None:
+        try:
+            _PACKED_BF16 = bool(torch.backends.mkldnn.is_available()
+                                and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+                                and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+        except (AttributeError, RuntimeError):
+            _PACKED_BF16 = False
+    return _PACKED_BF16
+
+
+_PACKED_BF16: bool | None = None
+
 
 def output_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, workspace: Workspace,
                   dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -371,13 +400,18 @@ def output_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, wor
 
     Without gradients, weights of another dtype come from the workspace's kept copy instead of a
     cast per call: scoring in bf16 then reads half the bytes of the I x H weight (the whole cost
-    of a small batch) and uses native bf16 products where the CPU or GPU has them. With
-    gradients the cast is part of the graph, as ``Tensor.to`` is."""
+    of a small batch) and uses native bf16 products where the CPU or GPU has them. On a CPU
+    with native bf16 the kept copy is packed in oneDNN's blocked layout: 1.6-2x faster than a
+    plain (H, I) copy for batches of 1-17, 1.1x at 64-500 (the same bf16 products, accumulated
+    in float32 as before). With gradients the cast is part of the graph, as ``Tensor.to`` is."""
     dtype = dtype or h.dtype
     if dtype == weight.dtype:
         return torch.addmm(bias, h.to(dtype), weight.t()).float()
     if torch.is_grad_enabled() and (weight.requires_grad or h.requires_grad):
         return torch.addmm(bias.to(dtype), h.to(dtype), weight.to(dtype).t()).float()
-    w_t = workspace.cast("output_weight", weight, dtype, transpose=True)  # (H, I): 7-11% faster for batches of 1-8
     b = workspace.cast("output_bias", bias, dtype)
+    if dtype == torch.bfloat16 and weight.device.type == "cpu" and packed_bf16_available():
+        w_packed = workspace.cast("output_weight", weight, dtype, packed=True)
+        return torch.ops.mkldnn._linear_pointwise(h.to(dtype).contiguous(), w_packed, b, "none", [], "").float()
+    w_t = workspace.cast("output_weight", weight, dtype, transpose=True)  # (H, I): 7-11% faster for batches of 1-8
     return torch.addmm(b, h.to(dtype), w_t).float()
