@@ -10,7 +10,7 @@ import torch
 from recvae.errors import ParameterError
 from recvae.models import EASE, MultDAE, MultVAE, Popularity, RecVAE
 from recvae.models import sparse_layers
-from recvae.models.sparse_layers import SparseBatch, Workspace, output_logits, packed_bf16_available
+from recvae.models.sparse_layers import SparseBatch, Workspace, output_logits, packed_available
 from recvae.models.training_loop import update_step
 
 SMALL = dict(epochs=3, random_state=0, show_progress=False, batch_size=50)
@@ -51,7 +51,7 @@ def test_output_logits_in_bf16_are_float32_and_close():
     assert (half - exact).abs().max() < 0.05 * exact.abs().max()
 
 
-@pytest.mark.skipif(not packed_bf16_available(), reason="this CPU or torch build has no oneDNN bf16 linear")
+@pytest.mark.skipif(not packed_available(torch.bfloat16), reason="this CPU or torch build has no oneDNN bf16 linear")
 def test_the_packed_bf16_weight_scores_exactly_as_the_plain_copy(monkeypatch):
     """The oneDNN-packed weight (the CPU's fast path) gives bit-identical float32 logits to the
     plain (H, I) bf16 copy, for any batch size: one user's scores do not depend on which other
@@ -64,10 +64,34 @@ def test_the_packed_bf16_weight_scores_exactly_as_the_plain_copy(monkeypatch):
         assert ws.cast("output_weight", w, torch.bfloat16, packed=True).is_mkldnn  # the packed path ran
         for rows in (1, 3, 8, 17):
             assert torch.equal(output_logits(h[:rows], w, b, ws, torch.bfloat16), packed[:rows]), rows
-        monkeypatch.setattr(sparse_layers, "_PACKED_BF16", False)
+        monkeypatch.setitem(sparse_layers._PACKED, torch.bfloat16, False)
         plain = output_logits(h, w, b, Workspace(), torch.bfloat16)
     assert torch.equal(packed, plain)
     assert not torch.equal(plain, h @ w.T + b)  # both are bf16 products indeed
+
+
+@pytest.mark.skipif(not packed_available(torch.float32), reason="this torch build has no oneDNN linear")
+def test_float32_scores_without_gradients_come_from_the_packed_weight(monkeypatch):
+    """Scoring (no gradients) in float32 runs on the packed copy: within float32 rounding of
+    ``addmm``, the same for a user whatever the batch around them, and renewed after an
+    update; with gradients the plain product stays (the training step's)."""
+    g = torch.Generator().manual_seed(1)
+    h, w, b = torch.randn(40, 96, generator=g).tanh(), torch.randn(300, 96, generator=g), torch.randn(300, generator=g)
+    ws = Workspace()
+    with torch.no_grad():
+        packed = output_logits(h, w, b, ws)
+        assert ws.cast("output_weight", w, torch.float32, packed=True).is_mkldnn
+        for rows in (1, 3, 8, 17):
+            assert torch.equal(output_logits(h[:rows], w, b, ws), packed[:rows]), rows
+        torch.testing.assert_close(packed, torch.addmm(b, h, w.T), rtol=1e-5, atol=1e-5)
+        w.mul_(-1)
+        torch.testing.assert_close(output_logits(h, w, b, ws), torch.addmm(b, h, w.T), rtol=1e-5, atol=1e-5)
+        monkeypatch.setitem(sparse_layers._PACKED, torch.float32, False)
+        assert torch.equal(output_logits(h, w, b, ws), torch.addmm(b, h, w.T))
+    w.requires_grad_(True)
+    monkeypatch.setitem(sparse_layers._PACKED, torch.float32, True)
+    out = output_logits(h, w, b, ws)
+    assert out.requires_grad and torch.equal(out.detach(), torch.addmm(b, h, w.detach().T))
 
 
 def test_training_steps_renew_the_copy(X):
