@@ -56,6 +56,7 @@ from recvae.fileio import write_bytes, write_json  # noqa: E402
 from recvae.models import MultVAE  # noqa: E402
 from recvae.recommend import RunRecommender  # noqa: E402
 from recvae.rundir import is_run_dir  # noqa: E402
+from recvae.serve.server import wait_until_ready  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = RESULTS.parents[1]
@@ -253,18 +254,7 @@ class Server:
     def __enter__(self):
         try:
             deadline = time.monotonic() + 300
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"the server exited with {self.proc.returncode}: {self.output()}")
-                try:
-                    with urllib.request.urlopen(f"{self.base}/health", timeout=1) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the server did not answer /health within 300 s: {self.output()}")
-                time.sleep(0.3)
+            wait_until_ready(self.base, self.proc, 300, self.output)
             self.wait_idle(deadline)
             return self
         except BaseException:

@@ -369,20 +369,13 @@ def curl(command: str, port_map: dict[str, str], timeout: float, work: Path = Pa
 
 
 def wait_until_serving(proc: subprocess.Popen, port: str, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise ReadmeError(f"the server exited with status {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
-            return
-        except urllib.error.HTTPError:  # it answers, if not to /health
-            return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise ReadmeError(f"the server did not answer /health within {timeout:g} s: {log.read_text()[-2000:]}")
-        time.sleep(0.3)
+    from recvae.serve.server import wait_until_ready
+
+    try:
+        wait_until_ready(f"http://127.0.0.1:{port}", proc, timeout, lambda: log.read_text()[-2000:],
+                         any_status=True)  # a block may start another server
+    except (RuntimeError, TimeoutError) as e:
+        raise ReadmeError(str(e)) from None
 
 
 def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:

@@ -291,7 +291,9 @@ def test_torchrun_one_gpu_with_nccl_trains_a_run(log_csv, tmp_path):
 @pytest.mark.slow
 def test_serve_on_cuda_answers_as_the_cpu_model(log_csv, tmp_path):
     httpx = pytest.importorskip("httpx")
-    from test_serve import free_port, wait_until_serving
+    from test_serve import free_port
+
+    from recvae.serve.server import wait_until_ready
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     from recvae.recommend import RunRecommender, user_items_csr
@@ -306,7 +308,10 @@ def test_serve_on_cuda_answers_as_the_cpu_model(log_csv, tmp_path):
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "recvae.cli", "-q", "serve", str(out), "--port", str(port), "--device", DEVICE]
     with started(cmd, env=_env()) as proc:
-        wait_until_serving(proc, base, proc.stdout.read, timeout=TIMEOUT_S)
+        try:
+            wait_until_ready(base, proc, TIMEOUT_S)
+        except RuntimeError as e:  # it exited: its whole output can be read now
+            raise RuntimeError(f"{e}: {proc.stdout.read().decode(errors='replace')}") from None
         body = {"items": history, "k": 10, "exclude": excluded}
         answers = [httpx.post(f"{base}/recommend", json=body, timeout=60) for _ in range(2)]
     for r in answers:

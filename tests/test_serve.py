@@ -21,6 +21,7 @@ pytest.importorskip("uvicorn")
 
 from recvae.cli import main  # noqa: E402
 from recvae.recommend import RunRecommender, user_items_csr  # noqa: E402
+from recvae.serve.server import wait_until_ready  # noqa: E402
 
 from test_recommend_cli import make_log  # noqa: E402
 
@@ -46,21 +47,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until_serving(proc: subprocess.Popen, base: str, output, timeout: float = 90.0) -> None:
-    """Poll ``base``/health until the server answers; ``RuntimeError`` with its ``output()`` if it
-    exits first, ``TimeoutError`` after ``timeout`` seconds (the caller stops the process)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {output()}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"server did not answer /health within {timeout:g} s")
-        time.sleep(0.2)
-
-
 @contextlib.contextmanager
 def start_server(run_dir, *extra):
     """The real `recvae serve` in a subprocess on a free port; yields (base URL, process); always stopped."""
@@ -71,7 +57,10 @@ def start_server(run_dir, *extra):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_until_serving(proc, base, lambda: proc.stdout.read().decode())
+        try:
+            wait_until_ready(base, proc, 90)
+        except RuntimeError as e:  # it exited: its whole output can be read now
+            raise RuntimeError(f"{e}: {proc.stdout.read().decode()}") from None
         yield base, proc
     finally:
         proc.terminate()
@@ -418,3 +407,19 @@ def test_workers_score_in_bf16_when_asked(run_dir, run):
             body = httpx.post(f"{base}/recommend", json={"items": ["m1", "m2", "m5"], "k": 5}, timeout=30).json()
             assert body["items"] == items
             np.testing.assert_allclose(body["scores"], scores, rtol=1e-6)
+
+
+def test_waiting_for_a_server_that_exits_or_never_answers():
+    """The one wait for `/health` (tests, benchmarks, the README's examples): it says the exit
+    status and the log's tail of a server that died, and gives up after its timeout."""
+    from recvae.serve.server import wait_until_ready
+
+    base = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+    proc.wait()
+    with pytest.raises(RuntimeError, match=r"^the server exited with status 3: address in use$"):
+        wait_until_ready(base, proc, 30, lambda: "address in use")
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"did not answer http://127\.0\.0\.1:\d+/health within 0\.5 s$"):
+        wait_until_ready(base, timeout=0.5)
+    assert time.monotonic() - start < 5

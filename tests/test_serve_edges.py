@@ -20,8 +20,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from recvae.cli import main  # noqa: E402
+from recvae.serve.server import wait_until_ready  # noqa: E402
 
-from test_serve import free_port, run_dir, wait_until_serving  # noqa: E402,F401  (run_dir: the module's trained run)
+from test_serve import free_port, run_dir  # noqa: E402,F401  (run_dir: the module's trained run)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +63,7 @@ def serve(folder, log: Path, *extra):
         proc = subprocess.Popen([sys.executable, "-m", "recvae.cli", "serve", str(folder), "--port", str(port), *extra],
                                 stdout=out, stderr=subprocess.STDOUT, env=env(), start_new_session=True)
     try:
-        wait_until_serving(proc, f"http://127.0.0.1:{port}", log.read_text)
+        wait_until_ready(f"http://127.0.0.1:{port}", proc, 90, log.read_text)
         yield port, proc
     finally:
         if proc.poll() is None:

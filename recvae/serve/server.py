@@ -80,3 +80,35 @@ def check_run(run_dir, device=None, precision: str = "fp32") -> None:
         resolve_device(device)
     RunRecommender(run_dir, device="cpu", precision=precision)
     gc.collect()
+
+
+def wait_until_ready(base: str, process=None, timeout: float = 90.0, output=None, any_status: bool = False) -> None:
+    """Poll ``base + "/health"`` until the service answers 200 (with ``any_status``, any HTTP
+    answer: a server without that path): for whatever starts ``recvae serve`` in another
+    process (tests, benchmarks, the README's examples). ``process`` (a ``subprocess.Popen``),
+    if given, is watched: ``RuntimeError`` with ``output()`` (the tail of its log) as soon as
+    it exits; ``TimeoutError`` with the same after ``timeout`` seconds. The caller stops the
+    process either way."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    def log() -> str:
+        return f": {output()}" if output is not None else ""
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with status {process.returncode}{log()}")
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=1) as answer:
+                if answer.status == 200:
+                    return
+        except urllib.error.HTTPError:
+            if any_status:
+                return
+        except OSError:  # not listening yet
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the server did not answer {base}/health within {timeout:g} s{log()}")
+        time.sleep(0.2)
