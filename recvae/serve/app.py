@@ -1,6 +1,7 @@
 """The application of a run: its routes, what each answers, and the fast path of ``POST /recommend``."""
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -66,6 +67,10 @@ def create_app(run_dir, device=None, max_body: int = 1 << 20, max_batch: int = 6
 
     @asynccontextmanager
     async def lifespan(app):
+        # the run's objects live as long as the process: out of the collector's sight, a full
+        # collection no longer walks them (under load it paused the worker ~80 ms, the p99)
+        gc.collect()
+        gc.freeze()
         batcher.start()
         yield
         # uvicorn has waited --grace for running requests and cancelled those left: give them a
