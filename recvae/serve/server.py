@@ -29,8 +29,8 @@ def run_server(run_dir, host: str = "127.0.0.1", port: int = 8000, workers: int 
     The run is loaded here first, before any worker starts: a damaged run raises the loader's
     error (naming the file) and nothing is served. With one worker that load is the one
     served; with more, the parent checks the run on the CPU and each worker loads its own.
-    ``precision``: the model's scoring precision ("bf16": about twice the requests per CPU
-    second; see :meth:`~recvae.models.base.Recommender.set_scoring_precision`).
+    ``precision``: the model's scoring precision ("bf16": 1.3-1.4x the requests per CPU
+    second on an AVX-512 BF16 CPU; see :meth:`~recvae.models.base.Recommender.set_scoring_precision`).
     Timeouts: ``body_timeout`` for a request body to arrive, ``keep_alive`` for an idle
     connection, ``grace`` for running requests to finish after SIGTERM."""
     require("fastapi", "the HTTP service (recvae serve)")
