@@ -379,13 +379,15 @@ def packed_available(dtype: torch.dtype) -> bool:
     """Whether this build (and, for bf16, this CPU's native bf16 instructions) can score in
     ``dtype`` through a oneDNN-packed weight: the mkldnn linear ops are internal to torch, and
     a build may lack them."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        return False
     if dtype not in _PACKED:
         try:
             ok = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
                   and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
             if dtype == torch.bfloat16:
                 ok = ok and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-            _PACKED[dtype] = bool(ok) and dtype in (torch.float32, torch.bfloat16)
+            _PACKED[dtype] = bool(ok)
         except (AttributeError, RuntimeError):
             _PACKED[dtype] = False
     return _PACKED[dtype]
@@ -407,16 +409,15 @@ def output_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, wor
     depend on the other rows of the batch (``addmm``'s float32 sums do for 1-3 rows). bf16
     reads half the bytes of the weight, the whole cost of a small batch."""
     dtype = dtype or h.dtype
-    if torch.is_grad_enabled() and (weight.requires_grad or h.requires_grad):
-        if dtype == weight.dtype:
-            return torch.addmm(bias, h.to(dtype), weight.t()).float()
-        return torch.addmm(bias.to(dtype), h.to(dtype), weight.to(dtype).t()).float()
-    b = bias if dtype == bias.dtype else workspace.cast("output_bias", bias, dtype)
-    if weight.device.type == "cpu" and packed_available(dtype):
+    grad = torch.is_grad_enabled() and (weight.requires_grad or h.requires_grad)
+    if not grad and weight.device.type == "cpu" and packed_available(dtype):
         w_packed = workspace.cast("output_weight", weight, dtype, packed=True)
+        b = bias if dtype == bias.dtype else workspace.cast("output_bias", bias, dtype)
         return torch.ops.mkldnn._linear_pointwise(h.to(dtype).contiguous(), w_packed, b.detach(), "none", [],
                                                   "").float()
     if dtype == weight.dtype:
         return torch.addmm(bias, h.to(dtype), weight.t()).float()
+    if grad:
+        return torch.addmm(bias.to(dtype), h.to(dtype), weight.to(dtype).t()).float()
     w_t = workspace.cast("output_weight", weight, dtype, transpose=True)  # (H, I): 7-11% faster for batches of 1-8
-    return torch.addmm(b, h.to(dtype), w_t).float()
+    return torch.addmm(workspace.cast("output_bias", bias, dtype), h.to(dtype), w_t).float()
