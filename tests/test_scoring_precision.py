@@ -143,6 +143,13 @@ def test_models_without_a_bf16_path_refuse_it_by_name(model):
     assert model.set_scoring_precision("fp32") is model
 
 
+def test_the_scoring_precisions_are_the_same_everywhere():
+    from recvae.cli.common import PRECISIONS
+    from recvae.models.base import SCORING_PRECISIONS
+
+    assert PRECISIONS == SCORING_PRECISIONS == tuple(sparse_layers.SCORE_DTYPES) == MultVAE._scoring_precisions
+
+
 def test_an_unknown_precision_is_refused_by_name():
     with pytest.raises(ParameterError, match=r"^precision: expected one of \['fp32', 'bf16'\], got 'fp16'"):
         MultVAE().set_scoring_precision("fp16")

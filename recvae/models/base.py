@@ -19,6 +19,10 @@ from recvae.models import checks
 
 logger = logging.getLogger(__name__)
 
+#: the precisions scoring can run in (:meth:`Recommender.set_scoring_precision`); the torch side
+#: maps each to its dtype (``sparse_layers.SCORE_DTYPES``)
+SCORING_PRECISIONS = ("fp32", "bf16")
+
 #: every saved model folder holds this JSON (class name, hyperparameters, item ids, file digests)
 MODEL_FILE = "model.json"
 #: bumped when the layout of a saved model changes. 2: ``files`` records the SHA-256 of every
@@ -221,7 +225,7 @@ class Recommender:
         float32's in about the third significant digit, so items with nearly equal scores may swap
         places; ``benchmarks/serving.py`` measures how often a top-10 list changes. Training is
         not affected (see ``precision``)."""
-        checks.one_of("precision", precision, ("fp32", "bf16"))
+        checks.one_of("precision", precision, SCORING_PRECISIONS)
         if precision not in self._scoring_precisions:
             raise ParameterError("precision", f"{type(self).__name__} scores in float32 only "
                                               f"(expected one of {list(self._scoring_precisions)}, got {precision!r})")

@@ -25,8 +25,8 @@ from recvae.fileio import atomic_write, read_torch
 from recvae.models import checks
 from recvae.models.annealing import ANNEAL_CAP, TOTAL_ANNEAL_STEPS, make_schedule
 from recvae.models.base import (
-    Recommender, as_csr, check_finite, check_shapes, read_model_meta, verified_file, warn_if_not_binary,
-    write_model_meta,
+    SCORING_PRECISIONS, Recommender, as_csr, check_finite, check_shapes, read_model_meta, verified_file,
+    warn_if_not_binary, write_model_meta,
 )
 from recvae.models.device import resolve_device, stored_device
 from recvae.models.networks import ACTIVATIONS, MultNetwork, NetworkConfig, build_network
@@ -195,7 +195,7 @@ class _AutoencoderRecommender(Recommender):
 
     # -- save / load --------------------------------------------------------------------------
     _meta_keys = ("seed", "best_epoch", "best_score", "best_beta", "stopped_early", "history")
-    _scoring_precisions = ("fp32", "bf16")
+    _scoring_precisions = SCORING_PRECISIONS
 
     def save(self, path) -> Path:
         """Write ``weights.pt`` (state dict), then ``model.json`` (hyperparameters, item ids,
