@@ -54,6 +54,7 @@ from recvae.evaluation import evaluate  # noqa: E402
 from recvae.experiment import DataSpec, RunConfig, RunResult, seen_interactions, write_run_dir  # noqa: E402
 from recvae.fileio import write_bytes, write_json  # noqa: E402
 from recvae.models import MultVAE  # noqa: E402
+from recvae.models.base import SCORING_PRECISIONS as PRECISIONS  # noqa: E402
 from recvae.recommend import RunRecommender  # noqa: E402
 from recvae.rundir import is_run_dir  # noqa: E402
 from recvae.serve.server import wait_until_ready  # noqa: E402
@@ -74,7 +75,6 @@ CONFIGS = (
     ("bf16 scoring, 2 workers x 1 torch thread, batches of <= 32",
      ["--workers", "2", "--threads", "1", "--max-batch", "32", "--precision", "bf16"]),
 )
-PRECISIONS = ("fp32", "bf16")
 TARGETS = {"rps_at_64": 2000.0, "p99_ms_at_64": 50.0, "p99_ms_at_8": 10.0, "all_users_x_matmul": 2.0,
            "all_users_rss_gb": 2.0}
 
@@ -100,7 +100,12 @@ def request_histories(data: Interactions, n: int = 2000, seed: int = 0) -> list[
 
 
 # -- 1. scoring alone ---------------------------------------------------------------------------
-def scoring_cost(run: RunRecommender, histories: list[list], threads: int, batches=(1, 8, 64),
+def request_codes(run: RunRecommender, histories: list[list]) -> list[np.ndarray]:
+    """Each request history as the service sees it: sorted, unique catalogue positions."""
+    return [np.unique(run.item_codes(h, str)) for h in histories]
+
+
+def scoring_cost(run: RunRecommender, codes: list[np.ndarray], threads: int, batches=(1, 8, 64),
                  seconds: float = 2.0) -> list[dict]:
     """CPU and wall ms per request of the service's scoring (micro-batch matrices, forward pass,
     exclusions, top-10) at each batch size and scoring precision, in this process with
@@ -111,16 +116,15 @@ def scoring_cost(run: RunRecommender, histories: list[list], threads: int, batch
     out = []
     for precision in PRECISIONS:
         run.model.set_scoring_precision(precision)
-        out += [{"precision": precision, **r} for r in _scoring_cost(run, histories, batches, seconds)]
+        out += [{"precision": precision, **r} for r in _scoring_cost(run, codes, batches, seconds)]
     run.model.set_scoring_precision("fp32")
     return out
 
 
-def _scoring_cost(run: RunRecommender, histories: list[list], batches, seconds: float) -> list[dict]:
+def _scoring_cost(run: RunRecommender, codes: list[np.ndarray], batches, seconds: float) -> list[dict]:
     from recvae.serve.batching import MicroBatcher
 
     batcher = MicroBatcher(run, max(batches))
-    codes = [np.unique(run.item_codes(h, str)) for h in histories]
     out = []
     for size in batches:
         rows = [codes[i % len(codes)] for i in range(size)]
@@ -135,13 +139,12 @@ def _scoring_cost(run: RunRecommender, histories: list[list], batches, seconds: 
     return out
 
 
-def bf16_agreement(run: RunRecommender, histories: list[list], k: int = 10, batch: int = 64) -> dict:
+def bf16_agreement(run: RunRecommender, codes: list[np.ndarray], k: int = 10, batch: int = 64) -> dict:
     """How far bf16 scoring's top-k lists are from fp32's for the request histories: the mean
     share of the k items both have, and the share of lists that are identical (same order)."""
     from recvae.serve.batching import MicroBatcher
 
     batcher = MicroBatcher(run, batch)
-    codes = [np.unique(run.item_codes(h, str)) for h in histories]
     lists = {}
     for precision in PRECISIONS:
         run.model.set_scoring_precision(precision)
@@ -493,11 +496,12 @@ def main(argv=None) -> dict:
 
         run = RunRecommender(run_dir)
         threads = 1  # what a worker of either configuration gets on 2 cores
-        scoring = scoring_cost(run, histories, threads, seconds=1.0 if a.smoke else 3.0)
+        codes = request_codes(run, histories)
+        scoring = scoring_cost(run, codes, threads, seconds=1.0 if a.smoke else 3.0)
         for r in scoring:
             print(f"  scoring ({r['precision']}), batch {r['batch']:>3}: {r['cpu_ms_per_request']:.3f} CPU ms/request",
                   file=sys.stderr)
-        agreement = bf16_agreement(run, histories)
+        agreement = bf16_agreement(run, codes)
         print(f"  bf16 vs fp32 top-10: {agreement}", file=sys.stderr)
 
         batch = None

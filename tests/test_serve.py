@@ -412,8 +412,6 @@ def test_workers_score_in_bf16_when_asked(run_dir, run):
 def test_waiting_for_a_server_that_exits_or_never_answers():
     """The one wait for `/health` (tests, benchmarks, the README's examples): it says the exit
     status and the log's tail of a server that died, and gives up after its timeout."""
-    from recvae.serve.server import wait_until_ready
-
     base = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
     proc.wait()

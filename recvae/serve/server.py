@@ -3,6 +3,9 @@
 import logging
 import os
 import tempfile
+import time
+import urllib.error
+import urllib.request
 
 from recvae.optional import require
 from recvae.recommend import RunRecommender
@@ -89,10 +92,6 @@ def wait_until_ready(base: str, process=None, timeout: float = 90.0, output=None
     if given, is watched: ``RuntimeError`` with ``output()`` (the tail of its log) as soon as
     it exits; ``TimeoutError`` with the same after ``timeout`` seconds. The caller stops the
     process either way."""
-    import time
-    import urllib.error
-    import urllib.request
-
     def log() -> str:
         return f": {output()}" if output is not None else ""
 
