@@ -223,7 +223,7 @@ def run_seed(seed: int, data: Interactions, args, models, budget: TimeBudget, re
     split = make_split(data, seed=seed, n_heldout_users=args.n_heldout_users, cutoff=args.cutoff,
                        leave_last=args.leave_last)
     results["split"] = split.describe()
-    common = dict(device=args.device, precision=args.precision, random_state=seed, show_progress=False)
+    common = dict(device=args.device, precision=args.precision, random_state=seed)
     if args.epochs is not None:
         common["epochs"] = args.epochs
     if args.patience is not None:

@@ -51,7 +51,8 @@ from paper_table import synthetic_ml20m  # noqa: E402
 from recvae.data import Interactions  # noqa: E402
 from recvae.data.splits import strong_generalization_split  # noqa: E402
 from recvae.evaluation import evaluate  # noqa: E402
-from recvae.experiment import DataSpec, RunConfig, RunResult, seen_interactions, write_run_dir  # noqa: E402
+from recvae.data.source import seen_interactions  # noqa: E402
+from recvae.experiment import DataSpec, RunConfig, RunResult, write_run_dir  # noqa: E402
 from recvae.fileio import write_bytes, write_json  # noqa: E402
 from recvae.models import MultVAE  # noqa: E402
 from recvae.models.base import SCORING_PRECISIONS as PRECISIONS  # noqa: E402
@@ -84,7 +85,7 @@ def build_run(out: Path, seed: int = 0, shape=None) -> Interactions:
     data = synthetic_ml20m(seed=seed) if shape is None else synthetic_ml20m(seed=seed, shape=shape)
     split = strong_generalization_split(data, n_heldout_users=min(10_000, data.n_users // 10), seed=seed)
     few = Interactions(split.train.matrix[:500], split.train.user_ids[:500], split.train.item_ids)
-    model = MultVAE(epochs=1, batch_size=500, random_state=seed, show_progress=False, device="cpu").fit(few)
+    model = MultVAE(epochs=1, batch_size=500, random_state=seed, device="cpu").fit(few, show_progress=False)
     test = evaluate(model, split.test)
     spec = DataSpec(path="synthetic-ml20m", rating_col=None, rating_threshold=None)
     config = RunConfig(data=spec, model="multvae", params={"epochs": 1, "batch_size": 500})

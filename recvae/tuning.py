@@ -41,7 +41,7 @@ from recvae.errors import ParameterError
 from recvae.experiment import DataSpec, RunConfig, RunResult, load_split, write_run_dir
 from recvae.models import checks, make_model
 from recvae.models.base import as_csr
-from recvae.models.ease import EASE, _check_l2, ease_weights, gram_matrix
+from recvae.models.ease import EASE, EASE_GRID, _check_l2, ease_weights, gram_matrix
 from recvae.models.registry import is_neural
 from recvae.models.training_loop import NonFiniteLossError
 from recvae.models.vae import KL_WEIGHTINGS
@@ -51,7 +51,6 @@ from recvae.rundir import STUDY_FILES, RunDir, RunFinished
 logger = logging.getLogger(__name__)
 
 SELECTION_METRIC = "ndcg@100"
-EASE_GRID = (50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
 # The heuristic runs' network, chosen on ML-1M validation NDCG@100 (anneal-1 schedule; split
 # seed 0, then seeds 1 and 2). The paper's I-600-200-600-I: 0.409 on seed 0. Latent 100: 0.413,
 # 50: 0.418, 25: 0.414; latent 50 with hidden 1000: 0.421, 1500: 0.424. Each user's KL weighted

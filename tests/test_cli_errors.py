@@ -36,8 +36,10 @@ def test_the_source_is_read_once_with_a_rating_threshold(tmp_path, monkeypatch, 
     path = tmp_path / "log.csv"
     pd.DataFrame(rows, columns=["user", "item", "rating"]).to_csv(path, index=False)
     calls = []
-    original = experiment.read_table
-    monkeypatch.setattr(experiment, "read_table", lambda *a, **k: calls.append(a) or original(*a, **k))
+    from recvae.data import source
+
+    original = source.read_table
+    monkeypatch.setattr(source, "read_table", lambda *a, **k: calls.append(a) or original(*a, **k))
     out = tmp_path / "run"
     assert main(["-q", "train", "--data", str(path), "--model", "popularity", "--n-heldout-users", "20",
                  "--show", "0", "--out", str(out)]) == 0

@@ -13,7 +13,7 @@ from recvae.models import sparse_layers
 from recvae.models.sparse_layers import SparseBatch, Workspace, output_logits, packed_available
 from recvae.models.training_loop import update_step
 
-SMALL = dict(epochs=3, random_state=0, show_progress=False, batch_size=50)
+SMALL = dict(epochs=3, random_state=0, batch_size=50)
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,7 @@ def test_bf16_scoring_of_a_trained_model_keeps_its_metrics_on_movielens(real_dat
     from recvae.evaluation import evaluate
 
     split = strong_generalization_split(load_movielens("ml-100k", real_data_dir, download=False), seed=0)
-    model = MultVAE(epochs=30, random_state=0, show_progress=False, precision="fp32").fit(split.train)
+    model = MultVAE(epochs=30, random_state=0, precision="fp32").fit(split.train, show_progress=False)
     exact = evaluate(model, split.test)["ndcg@100"].mean
     ids, _ = model.recommend(split.test.fold_in, N=10)
     model.set_scoring_precision("bf16")

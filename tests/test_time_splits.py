@@ -14,7 +14,8 @@ from recvae.cli import main
 from recvae.data import Interactions, cutoff_split, leave_last_split, make_split, read_interactions
 from recvae.data.splits import format_time, parse_cutoff
 from recvae.errors import ParameterError
-from recvae.experiment import DataSpec, RunConfig, load_split, resume_differences
+from recvae.experiment import DataSpec, RunConfig, load_split
+from recvae.settings import resume_differences
 
 T = 1451606400  # 2016-01-01 00:00:00 UTC
 
@@ -213,7 +214,7 @@ def test_bad_timestamps_name_file_and_line(tmp_path, value, message):
 def test_run_config_records_the_split_and_resume_compares_it(tmp_path):
     spec = DataSpec(path="log.csv", timestamp_col="ts")
     config = RunConfig(data=spec, model="popularity", cutoff="2016-01-01")
-    from recvae.experiment import _description
+    from recvae.settings import describe as _description
 
     saved = _description(config)
     assert saved["split_settings"] == {"split_seed": 0, "n_heldout_users": None, "holdout": "users", "cutoff": "2016-01-01"}

@@ -68,7 +68,7 @@ def test_vae_defaults_are_the_notebooks():
     assert MultVAE().get_params() == dict(
         hidden_dims=(600,), latent_dim=200, dropout=0.5, activation="tanh", lam=0.0, anneal_cap=0.2,
         total_anneal_steps=200_000, beta=None, kl_weighting="uniform", epochs=200, batch_size=500, lr=1e-3, patience=None,
-        random_state=None, device="auto", precision="auto", eval_batch_size=2000, show_progress=True)
+        random_state=0, device="auto", precision="auto", eval_batch_size=2000)
 
 
 def test_dae_defaults_are_the_notebooks():
@@ -482,5 +482,5 @@ def test_the_library_reports_each_epoch_through_logging_by_default(data, caplog)
     assert all("\r" not in line and "\x1b" not in line for line in lines)
     caplog.clear()
     with caplog.at_level("INFO", logger="recvae.models.training_loop"):
-        MultVAE(**SMALL, epochs=3, show_progress=False).fit(train)
+        MultVAE(**SMALL, epochs=3).fit(train, show_progress=False)
     assert not [r for r in caplog.records if r.name == "recvae.models.training_loop"]

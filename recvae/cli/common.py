@@ -133,7 +133,7 @@ class _PaperDefault(argparse._StoreAction):
 
 
 def data_spec_from_args(args):
-    from recvae.experiment import DataSpec
+    from recvae.data.source import DataSpec
 
     rating_col = None if str(args.rating_col).lower() == "none" else args.rating_col
     if args.data is not None and not Path(args.data).is_file():

@@ -18,7 +18,7 @@ def add_parser(sub, common) -> None:
 
 def run(args) -> int:
     from recvae.evaluation import evaluate
-    from recvae.experiment import holdout_of
+    from recvae.settings import holdout_of
     from recvae.rundir import RunDir
 
     run = RunDir(args.run_dir)

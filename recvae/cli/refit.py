@@ -22,7 +22,8 @@ def add_parser(sub, common) -> None:
 
 
 def run(args) -> int:
-    from recvae.experiment import RunFinished, refit
+    from recvae.refit import refit
+    from recvae.rundir import RunFinished
 
     try:
         with sigterm_raises():

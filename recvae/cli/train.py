@@ -102,7 +102,7 @@ def default_out(args, config):
     commands name it. Returns the :class:`~recvae.rundir.RunDir` and whether runs/ was made too
     (the options are checked first: a bad one makes no directory)."""
     from recvae.cli.common import logger
-    from recvae.experiment import check_config
+    from recvae.settings import check as check_config
     from recvae.models.base import Recommender
     from recvae.rundir import RunDir, new_run_dir
 

@@ -214,7 +214,7 @@ def refit_chosen(args) -> int:
     if args.refit is None:
         return 0
     from recvae.cli import refit as refit_cli
-    from recvae.experiment import refit
+    from recvae.refit import refit
 
     print(f"\nrefit of the chosen model on every user into {args.refit}:")
     try:

@@ -16,6 +16,7 @@ from recvae.errors import ParameterError
 from recvae.fileio import read_json, write_json
 from recvae.metrics import mask_rows, top_k_with_scores
 from recvae.models import checks
+from recvae.models.params import Param, check_table, json_params, make_init, parameters_doc
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ _READABLE_VERSIONS = (1, 2)
 #: keys of every model.json; a model class adds its own in ``_meta_keys``
 _META_KEYS = ("format_version", "class", "params", "n_items", "item_ids", "files")
 #: settings that earlier versions saved as hyperparameters (where the run was written): dropped on load
-_RETIRED_PARAMS = ("run_dir", "keep_checkpoint")
+_RETIRED_PARAMS = ("run_dir", "keep_checkpoint", "show_progress")
 
 
 def warn_if_not_binary(X: sp.csr_matrix, model: str, use: str) -> None:
@@ -187,9 +188,25 @@ class Recommender:
     #: the scoring precisions this class supports
     _scoring_precisions: tuple[str, ...] = ("fp32",)
 
+    #: the hyperparameters, declared once (:mod:`recvae.models.params`): a class that declares
+    #: them and no ``__init__`` gets one that stores them, and a Parameters section in its docstring
+    PARAMETERS: tuple[Param, ...] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "PARAMETERS" not in cls.__dict__:
+            return
+        check_table(cls.PARAMETERS, cls.__name__)
+        if "__init__" not in cls.__dict__:
+            cls.__init__ = make_init(cls.PARAMETERS, cls.__qualname__)
+        if cls.__doc__ and "\nParameters\n" not in cls.__doc__ and cls.PARAMETERS:
+            cls.__doc__ = cls.__doc__.rstrip() + "\n\n" + parameters_doc(cls.PARAMETERS) + "\n"
+
     @classmethod
     def _param_names(cls) -> list[str]:
-        """The hyperparameters: the keyword arguments of ``__init__``."""
+        """The hyperparameters: the table's names (a class without a table: ``__init__``'s keywords)."""
+        if cls.PARAMETERS:
+            return [p.name for p in cls.PARAMETERS]
         if cls.__init__ is object.__init__:
             return []
         sig = inspect.signature(cls.__init__)
@@ -242,8 +259,23 @@ class Recommender:
         raise NotImplementedError
 
     def _check_params(self) -> None:
-        """Raise ``ValueError`` naming a bad hyperparameter; ``fit`` calls it, and so does
-        :func:`recvae.experiment.make_model`, before any data is read or anything written."""
+        """Raise :class:`ParameterError` naming a bad hyperparameter: each value against its row of
+        the table; a class adds its rules across parameters. ``fit`` calls it, and so does
+        :func:`recvae.models.make_model`, before any data is read or anything written."""
+        for p in self.PARAMETERS:
+            p.check(getattr(self, p.name))
+
+    def _json_params(self) -> dict:
+        """Every hyperparameter as ``model.json`` and ``run.json`` store it."""
+        if not self.PARAMETERS:
+            return self.get_params()
+        return json_params(self.PARAMETERS, self.get_params())
+
+    @classmethod
+    def _params_from_json(cls, params: dict) -> dict:
+        """``model.json``'s params as ``__init__`` takes them (lists back to tuples)."""
+        rows = {p.name: p for p in cls.PARAMETERS}
+        return {k: rows[k].from_json(v) if k in rows else v for k, v in params.items()}
 
     def _score_batch(self, user_items: sp.csr_matrix) -> np.ndarray:  # pragma: no cover - abstract
         """Dense float32 scores (batch, n_items) for a CSR batch of user histories."""

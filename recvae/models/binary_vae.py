@@ -18,12 +18,11 @@ import math
 import numpy as np
 import torch
 
-from recvae.models.annealing import ANNEAL_CAP, TOTAL_ANNEAL_STEPS
 from recvae.models.base import as_csr
 from recvae.models.networks import NetworkConfig
 from recvae.models.sparse_layers import SparseBatch
-from recvae.models import checks
-from recvae.models.vae import RESUME_KEYS, MultVAE
+from recvae.models.params import Choice, Float, Param, table
+from recvae.models.vae import MultVAE
 
 BINARY_INFERENCE = ("probabilities", "bits")
 
@@ -38,31 +37,15 @@ class BinaryMultVAE(MultVAE):
     ``"bits"`` (thresholded at 0.5, i.e. exactly the user's code). :meth:`codes` gives the packed codes.
     """
 
-    _resume_keys = RESUME_KEYS + ("temperature", "min_temperature", "temperature_decay")
-
-    def __init__(self, hidden_dims=(600,), latent_dim=200, dropout=0.5, activation="tanh", lam=0.0,
-                 anneal_cap=ANNEAL_CAP, total_anneal_steps=TOTAL_ANNEAL_STEPS, beta=None, kl_weighting="uniform",
-                 temperature=None, min_temperature=0.5, temperature_decay=0.0, binary_inference="probabilities",
-                 epochs=200, batch_size=500, lr=1e-3, patience=None, random_state=None, device="auto",
-                 precision="auto", eval_batch_size=2000, show_progress=True):
-        super().__init__(hidden_dims=hidden_dims, latent_dim=latent_dim, dropout=dropout, activation=activation,
-                         lam=lam, anneal_cap=anneal_cap, total_anneal_steps=total_anneal_steps, beta=beta,
-                         kl_weighting=kl_weighting, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
-                         random_state=random_state, device=device, precision=precision,
-                         eval_batch_size=eval_batch_size, show_progress=show_progress)
-        self.temperature = temperature
-        self.min_temperature = min_temperature
-        self.temperature_decay = temperature_decay
-        self.binary_inference = binary_inference
-
-    def _check_objective_params(self) -> None:
-        super()._check_objective_params()
-
-        if self.temperature is not None:
-            checks.number("temperature", self.temperature, lambda v: v > 0, "None (straight-through) or a number > 0")
-        checks.positive_number("min_temperature", self.min_temperature)
-        checks.non_negative_number("temperature_decay", self.temperature_decay)
-        checks.one_of("binary_inference", self.binary_inference, BINARY_INFERENCE)
+    PARAMETERS = table(MultVAE.PARAMETERS, add=(
+        Param("temperature", Float(0.0, low_open=True), None, "architecture",
+              "relaxed Gumbel-sigmoid sample at this temperature (None: straight-through bits)", optional=True),
+        Param("min_temperature", Float(0.0, low_open=True), 0.5, "architecture",
+              "the relaxed sample's temperature never decays below this"),
+        Param("temperature_decay", Float(0.0), 0.0, "architecture", "the temperature's decay rate per epoch"),
+        Param("binary_inference", Choice(BINARY_INFERENCE), "probabilities", "architecture",
+              "what the decoder reads when scoring: the bits' probabilities or the bits themselves"),
+    ))
 
     def _config(self, n_items: int) -> NetworkConfig:
         c = super()._config(n_items)

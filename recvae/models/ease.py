@@ -23,11 +23,33 @@ import scipy.sparse as sp
 
 from recvae.data.interactions import as_csr
 from recvae.models.base import Recommender, warn_if_not_binary
+from recvae.models.params import Choice, Float, Param, Tune
 from recvae.models.popularity import load_baseline, save_baseline
 
 logger = logging.getLogger(__name__)
 
+#: the l2 values tune tries by default (Steck reports a few hundred working well)
+EASE_GRID = (50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
 _GRAM_BLOCK_ENTRIES = 1 << 25  # dense entries per block of the Gram matrix (256 MB in float64)
+
+
+class DType(Choice):
+    """float32 or float64, as a name or a numpy dtype."""
+
+    def __init__(self):
+        super().__init__(("float64", "float32"))
+
+    def check(self, name: str, value):
+        try:
+            ok = np.dtype(value).name in self.options
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ParameterError(name, f"expected float32 or float64, got {shown(value)}")
+        return value
+
+    def to_json(self, value):
+        return np.dtype(value).name
 
 
 def _check_dtype(dtype) -> np.dtype:
@@ -114,13 +136,12 @@ class EASE(Recommender):
     Attributes after ``fit``: ``B_`` (n_items, n_items), ``n_items_``, ``fit_seconds_``.
     """
 
-    def __init__(self, l2: float = 500.0, dtype="float64"):
-        self.l2 = l2
-        self.dtype = dtype
-
-    def _check_params(self) -> None:
-        _check_l2(self.l2)
-        _check_dtype(self.dtype)
+    PARAMETERS = (
+        Param("l2", Float(0.0, low_open=True), 500.0, "architecture",
+              "L2 weight lambda, which makes X^T X + lambda I invertible (Steck: a few hundred; ML-20M 500)",
+              tune=Tune(space="log:10:10000", grid=EASE_GRID)),
+        Param("dtype", DType(), "float64", "runtime", "float64 (an accurate Cholesky inverse) or float32"),
+    )
 
     def fit(self, train, validation=None):
         """Closed-form fit on ``train`` (csr or Interactions). ``validation`` is accepted for
@@ -151,8 +172,7 @@ class EASE(Recommender):
         """Write ``B_`` and the hyperparameters to the folder ``path`` (``model.json`` +
         ``arrays.npz``, n_items^2 floats)."""
         self._check_fitted()
-        params = {"l2": float(self.l2), "dtype": np.dtype(self.dtype).name}
-        return save_baseline(self, path, params, {"B": self.B_})
+        return save_baseline(self, path, self._json_params(), {"B": self.B_})
 
     @classmethod
     def load(cls, path, device=None) -> "EASE":

@@ -30,9 +30,9 @@ import torch
 
 from recvae.models.sparse_layers import SparseBatch
 from recvae.models.recvae_network import MIXTURE_WEIGHTS, WIDE_LOGVAR, RecVAEConfig, RecVAENetwork
-from recvae.models import checks
+from recvae.models.params import Choice, Float, Floats, Int, Param, Tune, table
 from recvae.models.training_loop import make_optimizer, update_step
-from recvae.models.vae import _AutoencoderRecommender
+from recvae.models.vae import NETWORK, TRAINING, _AutoencoderRecommender
 
 
 class _PhaseOptimizers:
@@ -74,42 +74,26 @@ class RecVAE(_AutoencoderRecommender):
     """
 
     _variational = True
-    _float_tuple_params = ("mixture_weights",)
-    _resume_keys = ("hidden_dims", "latent_dim", "dropout", "activation", "lam", "gamma", "mixture_weights",
-                    "wide_logvar", "layer_norm_eps", "encoder_epochs", "decoder_epochs", "batch_size",
-                    "random_state")
-
-    def __init__(self, hidden_dims=(600,) * 5, latent_dim=200, dropout=0.5, activation="swish", lam=0.0,
-                 gamma=0.005, mixture_weights=MIXTURE_WEIGHTS, wide_logvar=WIDE_LOGVAR, layer_norm_eps=0.1,
-                 encoder_epochs=3, decoder_epochs=1, epochs=50, batch_size=500, lr=5e-4, patience=None,
-                 random_state=None, device="auto", precision="auto", eval_batch_size=2000, show_progress=True):
-        self.hidden_dims = hidden_dims
-        self.latent_dim = latent_dim
-        self.dropout = dropout
-        self.activation = activation
-        self.lam = lam
-        self.gamma = gamma
-        self.mixture_weights = mixture_weights
-        self.wide_logvar = wide_logvar
-        self.layer_norm_eps = layer_norm_eps
-        self.encoder_epochs = encoder_epochs
-        self.decoder_epochs = decoder_epochs
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.patience = patience
-        self.random_state = random_state
-        self.device = device
-        self.precision = precision
-        self.eval_batch_size = eval_batch_size
-        self.show_progress = show_progress
+    PARAMETERS = table(
+        NETWORK, hidden_dims=(600,) * 5, activation="swish",
+        changes={"activation": {"kind": Choice(("swish",)), "help": "activation of the hidden layers (RecVAE's: swish)"},
+                 "hidden_dims": {"help": "the encoder's dense layers, equal widths (each adds the earlier layers' "
+                                         "outputs; paper: 600 x 5)", "tune": None},
+                 "latent_dim": {"tune": Tune()}},
+        add=(
+            Param("gamma", Float(0.0), 0.005, "architecture", "KL weight per interaction: beta_u = gamma * n_u",
+                  tune=Tune(space="log:0.001:0.02", grid=(0.0025, 0.005, 0.01))),
+            Param("mixture_weights", Floats(3), MIXTURE_WEIGHTS, "architecture",
+                  "the composite prior's weights of N(0,1), q_old and N(0,e^10), summing to 1"),
+            Param("wide_logvar", Float(), WIDE_LOGVAR, "architecture", "log-variance of the prior's wide component"),
+            Param("layer_norm_eps", Float(0.0, low_open=True), 0.1, "architecture", "the layer norms' eps"),
+            Param("encoder_epochs", Int(1), 3, "architecture", "encoder passes per epoch"),
+            Param("decoder_epochs", Int(1), 1, "architecture", "decoder passes per epoch"),
+            *table(TRAINING, epochs=50, lr=5e-4, changes={"lr": {"tune": Tune(space="log:2e-4:2e-3")}}),
+        ),
+    )
 
     def _check_objective_params(self) -> None:
-        checks.non_negative_number("gamma", self.gamma)
-        checks.number("wide_logvar", self.wide_logvar)
-        checks.positive_number("layer_norm_eps", self.layer_norm_eps)
-        for name in ("encoder_epochs", "decoder_epochs"):
-            checks.positive_int(name, getattr(self, name))
         w = self.mixture_weights
         try:
             ok = len(w) == 3 and all(float(x) > 0 for x in w) and abs(sum(float(x) for x in w) - 1.0) < 1e-6
@@ -118,8 +102,6 @@ class RecVAE(_AutoencoderRecommender):
         if not ok:
             raise ParameterError("mixture_weights", f"expected 3 positive weights summing to 1 (standard normal, "
                              f"q_old, wide normal), got {w!r}")
-        if self.activation != "swish":
-            raise ParameterError("activation", f"expected 'swish' (RecVAE's), got {self.activation!r}")
         dims = tuple(int(d) for d in self.hidden_dims)
         if not dims or len(set(dims)) != 1:
             raise ParameterError("hidden_dims", f"expected one or more equal widths (each layer adds the earlier "

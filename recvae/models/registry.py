@@ -50,7 +50,12 @@ def default_params(name: str) -> dict:
 
 def is_neural(name: str) -> bool:
     """Whether the model trains by epochs (takes a seed, a device, progress, checkpoints)."""
-    return "epochs" in model_class(name)._param_names()
+    return trains_by_epochs(model_class(name))
+
+
+def trains_by_epochs(cls: type) -> bool:
+    """Whether the class trains by epochs: its ``fit`` takes progress, callbacks and a checkpoint."""
+    return "epochs" in cls._param_names()
 
 
 def make_model(name: str, **params):

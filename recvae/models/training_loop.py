@@ -223,11 +223,13 @@ class TrainingLoop:
 
     The estimator provides ``_build_network``, ``_make_optimizer``, ``_train_epoch`` (the
     updates of one epoch, through :meth:`pass_over_users`), ``_l2_penalty``, ``_json_params``,
-    ``_resume_keys`` and ``_variational``.
+    ``_resume_keys()`` and ``_variational``.
     """
 
-    def __init__(self, estimator, X: sp.csr_matrix, validate, callbacks=(), resume_from: dict | None = None):
+    def __init__(self, estimator, X: sp.csr_matrix, validate, callbacks=(), resume_from: dict | None = None,
+                 show_progress: bool = True):
         self.est, self.X, self.validate = estimator, X, validate
+        self.show_progress = bool(show_progress)
         self.callbacks = list(callbacks or ())
         self.device = resolve_device(estimator.device)
         self.group = distributed.current()
@@ -299,7 +301,7 @@ class TrainingLoop:
         saved, now = json.loads(ckpt["params"]), est._json_params()
         if est._variational:
             saved.setdefault("kl_weighting", "uniform")  # checkpoints from before the option: the paper's
-        diff = [k for k in est._resume_keys if saved.get(k) != now.get(k)]
+        diff = [k for k in est._resume_keys() if saved.get(k) != now.get(k)]
         if diff:
             detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff)
             raise CheckpointMismatch(f"hyperparameters differ ({detail})")
@@ -314,9 +316,9 @@ class TrainingLoop:
         est.device_ = self.device
         est.seed_ = self.seed
         est.precision_ = self.precision
-        epochs = bar(range(state["epoch"], int(est.epochs)), show=est.show_progress, desc=type(est).__name__,
+        epochs = bar(range(state["epoch"], int(est.epochs)), show=self.show_progress, desc=type(est).__name__,
                      initial=state["epoch"], total=int(est.epochs))
-        plain = est.show_progress and not interactive()  # a log file: one line per epoch, no bar
+        plain = self.show_progress and not interactive()  # a log file: one line per epoch, no bar
         for epoch in epochs:
             if state["stopped"]:
                 break
@@ -345,7 +347,7 @@ class TrainingLoop:
                 self.last_state = _clone(network)
             logger.debug("epoch %d: loss %.4f nll %.4f kl %.4f beta %.4f %s %s (%.1fs)", epoch + 1, row["loss"],
                          row["nll"], row["kl"], row["beta"], VALIDATION_METRIC, row[VALIDATION_METRIC], row["seconds"])
-            if est.show_progress:
+            if self.show_progress:
                 epochs.set_postfix(loss=f"{row['loss']:.2f}", ndcg=row[VALIDATION_METRIC], refresh=False)
             if plain:
                 logger.info("%s", epoch_line(row, int(est.epochs), est._variational))
@@ -363,7 +365,7 @@ class TrainingLoop:
         n_batches = math.ceil(len(order) / batch_size)
         sums = np.zeros(3)
         beta = 0.0
-        batches = bar(range(n_batches), show=self.est.show_progress, desc=desc, leave=False)
+        batches = bar(range(n_batches), show=self.show_progress, desc=desc, leave=False)
         for b in batches:
             rows = order[b * batch_size:(b + 1) * batch_size]
             batch = batch_of(self.X, rows, self.device, self.group)
@@ -372,7 +374,7 @@ class TrainingLoop:
                 self._stop_on_non_finite(values, epoch + 1, b, n_batches)
             self.state["step"] += 1
             sums += values * len(rows)
-            if self.est.show_progress:
+            if self.show_progress:
                 batches.set_postfix(loss=f"{values[0]:.2f}", beta=f"{beta:.3f}", refresh=False)
         return sums / len(order), beta
 

@@ -22,7 +22,7 @@ import torch
 
 from recvae import distributed
 from recvae.fileio import atomic_write, read_torch
-from recvae.models import checks
+from recvae.models.params import Choice, Float, Int, Param, Text, Tune, Widths, forced, table
 from recvae.models.annealing import ANNEAL_CAP, TOTAL_ANNEAL_STEPS, make_schedule
 from recvae.models.base import (
     SCORING_PRECISIONS, Recommender, as_csr, check_finite, check_shapes, read_model_meta, verified_file,
@@ -36,47 +36,67 @@ from recvae.models.training_loop import (  # noqa: F401  (NonFiniteLossError: pa
 )
 
 WEIGHTS_FILE = "weights.pt"
-# Hyperparameters a resumed run must share with the checkpoint. epochs, patience, lr (to continue
-# after a non-finite loss with a lower one), device, precision and progress may change between
-# the interrupted run and its continuation.
-RESUME_KEYS = ("hidden_dims", "latent_dim", "dropout", "activation", "lam", "anneal_cap",
-               "total_anneal_steps", "beta", "kl_weighting", "batch_size", "random_state")
 KL_WEIGHTINGS = ("uniform", "activity")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+#: the autoencoders' shared rows: network and regulariser first (each model adds its objective's
+#: rows after them), then how training runs (:data:`TRAINING`)
+NETWORK = (
+    Param("hidden_dims", Widths(), (600,), "architecture",
+          "hidden layer widths of the encoder; the decoder mirrors them (paper: 600)",
+          tune=Tune(name="hidden_dim", kind=Int(1), to_param=lambda width: (width,))),
+    Param("latent_dim", Int(1), 200, "architecture", "latent size (paper: 200)",
+          tune=Tune(space="int:25:300", grid=(50, 200))),
+    Param("dropout", Float(0.0, 1.0, high_open=True), 0.5, "architecture", "input dropout rate (paper: 0.5)",
+          tune=Tune(space="float:0.3:0.7")),
+    Param("activation", Choice(tuple(sorted(ACTIVATIONS))), "tanh", "architecture",
+          "activation of the hidden layers (paper: tanh)"),
+    Param("lam", Float(0.0), 0.0, "architecture",
+          "L2 weight on the weight matrices (paper: 0 for the VAE, 0.01/500 for the DAE)"),
+)
+KL_SCHEDULE = (
+    Param("anneal_cap", Float(0.0), ANNEAL_CAP, "architecture", "largest KL weight beta (paper: 0.2)"),
+    Param("total_anneal_steps", Int(1), TOTAL_ANNEAL_STEPS, "architecture",
+          "updates to reach beta = 1 before capping (paper: 200000)"),
+    Param("beta", Float(0.0), None, "architecture", "a constant KL weight instead of annealing (None: anneal)",
+          optional=True),
+    Param("kl_weighting", Choice(KL_WEIGHTINGS), "uniform", "architecture",
+          "each user's KL weight: uniform (paper) or activity (n_u / mean n)", tune=Tune()),
+)
+TRAINING = (
+    Param("epochs", Int(1), 200, "training", "training epochs (paper: 200)"),
+    Param("batch_size", Int(1), 500, "architecture", "users per gradient update (paper: 500)"),
+    Param("lr", Float(0.0, low_open=True), 1e-3, "training", "Adam's learning rate (paper: 1e-3)",
+          tune=Tune(space="log:3e-4:3e-3")),
+    Param("patience", Int(1), None, "training",
+          "early stopping: epochs without a validation NDCG@100 gain (None: train every epoch)", optional=True),
+    Param("random_state", Int(0), 0, "architecture", "model seed (initialisation, dropout, sampling, order)",
+          optional=True, flag="--seed"),
+    Param("device", Text(), "auto", "runtime", "auto (CUDA when available), cpu or cuda"),
+    Param("precision", Choice(PRECISIONS), "auto", "runtime",
+          "training matmul precision: auto (bf16 where bf16 products are native, else fp32), fp32 or bf16"),
+    Param("eval_batch_size", Int(1), 2000, "runtime", "users scored at once for validation"),
+)
 
 
 class _AutoencoderRecommender(Recommender):
     """Shared estimator code; subclasses set ``_variational`` and their ``__init__`` defaults.
 
     Training hooks a subclass may override: ``_build_network``, ``_make_optimizer`` (anything
-    with ``state_dict``/``load_state_dict``), ``_train_epoch`` (the updates of one epoch),
-    ``_check_objective_params`` and ``_resume_keys``; :class:`TrainingLoop` keeps validation,
-    early stopping, checkpoints and resume for all of them.
+    with ``state_dict``/``load_state_dict``), ``_train_epoch`` (the updates of one epoch) and
+    ``_check_objective_params``; :class:`TrainingLoop` keeps validation, early stopping,
+    checkpoints and resume for all of them. What a resume must keep is the table's
+    ``architecture`` role (:attr:`_resume_keys`).
     """
 
     _variational: bool = True
-    #: parameters that are tuples of floats (JSON gives lists back), besides hidden_dims
-    _float_tuple_params: tuple[str, ...] = ()
-    _resume_keys: tuple[str, ...] = RESUME_KEYS
 
-    def _json_params(self) -> dict:
-        p = self.get_params()
-        p["hidden_dims"] = [int(d) for d in p["hidden_dims"]]
-        for name in self._float_tuple_params:
-            p[name] = [float(v) for v in p[name]]
-        return p
+    @classmethod
+    def _resume_keys(cls) -> tuple[str, ...]:
+        return forced(cls.PARAMETERS)
 
     def _check_params(self, check_device: bool = True) -> None:
-        for name in ("latent_dim", "epochs", "batch_size", "eval_batch_size"):
-            checks.positive_int(name, getattr(self, name))
-        checks.widths("hidden_dims", self.hidden_dims)
-        checks.probability("dropout", self.dropout)
-        checks.one_of("activation", self.activation, sorted(ACTIVATIONS))
-        checks.non_negative_number("lam", self.lam)
-        checks.positive_number("lr", self.lr)
-        if self.patience is not None:
-            checks.positive_int("patience", self.patience)
-        checks.seed("random_state", self.random_state)
-        checks.one_of("precision", self.precision, ("auto", "fp32", "bf16"))
+        super()._check_params()
         self._check_objective_params()
         if check_device:
             resolve_device(self.device)
@@ -85,7 +105,6 @@ class _AutoencoderRecommender(Recommender):
         """The KL weight's parameters (subclasses with another objective override this)."""
         if self._variational:
             make_schedule(self.beta, self.anneal_cap, self.total_anneal_steps)  # raises on bad values
-            checks.one_of("kl_weighting", self.kl_weighting, KL_WEIGHTINGS)
 
     def _config(self, n_items: int) -> NetworkConfig:
         return NetworkConfig(n_items=n_items, hidden_dims=tuple(int(d) for d in self.hidden_dims),
@@ -128,8 +147,12 @@ class _AutoencoderRecommender(Recommender):
             return float(self.lam * sum(float(w.float().pow(2).sum()) for w in network.weight_matrices()))
 
     # -- fit -----------------------------------------------------------------------------------
-    def fit(self, train, validation=None, callbacks=(), resume_from: dict | None = None):
+    def fit(self, train, validation=None, callbacks=(), resume_from: dict | None = None, show_progress: bool = True):
         """Train on ``train`` (CSR users x items, or Interactions); return self.
+
+        ``show_progress`` (on by default, as in implicit): a bar over the epochs where stderr is a
+        terminal; elsewhere one plain INFO line per epoch through :mod:`logging` (logger
+        ``recvae.models.training_loop``), seen once the application configures logging.
 
         ``validation``: a ``HeldOutUsers`` (``.fold_in``/``.heldout``), a ``(fold_in, heldout)``
         tuple (scored by NDCG@100) or a function ``model -> score``; it is computed after every
@@ -161,7 +184,7 @@ class _AutoencoderRecommender(Recommender):
             self.item_ids_ = np.asarray(item_ids)
         elif hasattr(self, "item_ids_"):
             del self.item_ids_
-        TrainingLoop(self, X, validate, callbacks, resume_from).run()
+        TrainingLoop(self, X, validate, callbacks, resume_from, show_progress=show_progress).run()
         distributed.barrier()  # the processes return together (rank 0 may write the run after)
         return self
 
@@ -220,12 +243,9 @@ class _AutoencoderRecommender(Recommender):
         overrides the saved one; the saved one is a preference: a model trained on CUDA loads
         on the CPU where there is no CUDA."""
         meta_file, meta = read_model_meta(path, cls)
-        params = dict(meta["params"])
+        params = cls._params_from_json(meta["params"])
         dev = resolve_device(device) if device is not None else stored_device(params.get("device"), meta_file)
         try:
-            params["hidden_dims"] = tuple(params["hidden_dims"])
-            for name in cls._float_tuple_params:
-                params[name] = tuple(params[name])
             model = cls(**params)
             model._check_params(check_device=False)
             network = model._build_network(int(meta["n_items"]))
@@ -281,36 +301,10 @@ class MultVAE(_AutoencoderRecommender):
     ``"auto"`` takes bf16 where bf16 products are native (see :func:`resolve_precision`): a
     departure from the notebook's float32, made because bf16 matched fp32 within the seed spread
     on ML-100K at 1.4-1.9x the speed (benchmarks/results/ml-100k.md, train_speed.md).
-
-    ``show_progress`` (on by default, as in implicit): a bar over the epochs where stderr is a
-    terminal; elsewhere one plain INFO line per epoch through :mod:`logging` (logger
-    ``recvae.models.training_loop``), seen once the application configures logging.
     """
 
     _variational = True
-
-    def __init__(self, hidden_dims=(600,), latent_dim=200, dropout=0.5, activation="tanh", lam=0.0,
-                 anneal_cap=ANNEAL_CAP, total_anneal_steps=TOTAL_ANNEAL_STEPS, beta=None, kl_weighting="uniform",
-                 epochs=200, batch_size=500, lr=1e-3, patience=None, random_state=None, device="auto",
-                 precision="auto", eval_batch_size=2000, show_progress=True):
-        self.hidden_dims = hidden_dims
-        self.latent_dim = latent_dim
-        self.dropout = dropout
-        self.activation = activation
-        self.lam = lam
-        self.anneal_cap = anneal_cap
-        self.total_anneal_steps = total_anneal_steps
-        self.beta = beta
-        self.kl_weighting = kl_weighting
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.patience = patience
-        self.random_state = random_state
-        self.device = device
-        self.precision = precision
-        self.eval_batch_size = eval_batch_size
-        self.show_progress = show_progress
+    PARAMETERS = (*NETWORK, *KL_SCHEDULE, *TRAINING)
 
 
 class MultDAE(_AutoencoderRecommender):
@@ -323,21 +317,4 @@ class MultDAE(_AutoencoderRecommender):
     """
 
     _variational = False
-
-    def __init__(self, hidden_dims=(), latent_dim=200, dropout=0.5, activation="tanh", lam=0.01 / 500,
-                 epochs=200, batch_size=500, lr=1e-3, patience=None, random_state=None, device="auto",
-                 precision="auto", eval_batch_size=2000, show_progress=True):
-        self.hidden_dims = hidden_dims
-        self.latent_dim = latent_dim
-        self.dropout = dropout
-        self.activation = activation
-        self.lam = lam
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.patience = patience
-        self.random_state = random_state
-        self.device = device
-        self.precision = precision
-        self.eval_batch_size = eval_batch_size
-        self.show_progress = show_progress
+    PARAMETERS = table(MultVAE.PARAMETERS, drop=tuple(p.name for p in KL_SCHEDULE), hidden_dims=(), lam=0.01 / 500)
