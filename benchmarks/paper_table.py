@@ -57,7 +57,7 @@ import scipy.sparse as sp
 from recvae import __version__ as recvae_version
 from recvae import tuning
 from recvae.cli import CLIError, add_data_options, data_spec_from_args
-from recvae.cli.common import add_time_split_options, time_split_flag
+from recvae.cli.common import add_time_split_options
 from recvae.data import Interactions
 from recvae.data.interactions import sorted_unique
 from recvae.data.splits import default_n_heldout_users, make_split
@@ -164,7 +164,7 @@ def load_data(args) -> tuple[Interactions, dict]:
         return data, {"source": "synthetic ML-20M-shaped data (seed 0): log-normal user lengths, Zipf-like items"}
     spec = data_spec_from_args(args)
     spec.check_optional()
-    data = spec.load(show_progress=False, timestamps=time_split_flag(args) is not None)
+    data = spec.load(show_progress=False, timestamps=in_time(args))
     from dataclasses import asdict
 
     return data, {"source": asdict(spec)}
@@ -480,6 +480,11 @@ def plot_curves(per_seed: list[dict], path: Path) -> None:
 
 # -- command line ------------------------------------------------------------------------------
 
+def in_time(args) -> bool:
+    """Whether the split is in time (``--cutoff`` or ``--leave-last``)."""
+    return args.cutoff is not None or args.leave_last is not None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -575,7 +580,7 @@ def _main(args, argv) -> int:
         raise CLIError(f"{data.n_users} user(s) left after preprocessing; need training, validation and test users")
     if data.n_items < 100:
         raise CLIError(f"{data.n_items} item(s) left after preprocessing; NDCG@100 needs at least 100")
-    if args.n_heldout_users is None and time_split_flag(args) is None:  # a split in time: its own rule
+    if args.n_heldout_users is None and not in_time(args):  # a split in time: its own rule
         args.n_heldout_users = default_n_heldout_users(data.n_users)
     seeds = parse_seeds(args.seeds, data.n_users)
     name = default_name(args)
@@ -609,7 +614,7 @@ def _main(args, argv) -> int:
                  "n_interactions": int(data.nnz)},
         "protocol": f"paper preprocessing; {split_words(args)}; model "
                     "selection on validation NDCG@100; test on held-out users",
-        **({"split": split_words(args).replace(" per seed", "")} if time_split_flag(args) else {}),
+        **({"split": split_words(args).replace(" per seed", "")} if in_time(args) else {}),
         "n_heldout_users": int(per_seed[0]["split"]["n_heldout_users"]),
         "seeds": seeds,
         "seeds_done": [r["seed"] for r in per_seed],

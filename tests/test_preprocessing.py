@@ -82,7 +82,7 @@ RATINGS = sp.csr_matrix(np.array([[4.0, 0.5, 0, 5.0], [0, 3.0, 1.0, 0], [1.0, 1.
 
 @pytest.mark.parametrize("model, use", [
     (EASE(l2=1.0), "EASE uses them as weights"),
-    (MultDAE(epochs=1, hidden_dims=(), batch_size=3, random_state=0, show_progress=False, device="cpu"),
+    (MultDAE(epochs=1, hidden_dims=(), batch_size=3, random_state=0, device="cpu"),
      "MultDAE uses them as counts"),
 ])
 def test_fitting_on_non_binary_values_warns_once(caplog, model, use):

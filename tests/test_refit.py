@@ -98,12 +98,12 @@ def test_holdout_none_trains_every_user_for_exactly_the_epochs(log, tmp_path, ca
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--patience", "3"], "--patience: early stopping needs validation users, and holdout 'none' holds out none: "
+    (["--patience", "3"], "--patience: early stopping needs validation users, and --holdout 'none' holds out none: "
                           "every user trains for the fixed number of epochs"),
-    (["--n-heldout-users", "10"], "--n-heldout-users: holdout 'none' holds out no user; give one or the other"),
-    (["--cutoff", "2016-01-01"], "--cutoff: a split in time chooses held-out users, and holdout 'none' holds out "
+    (["--n-heldout-users", "10"], "--n-heldout-users: --holdout 'none' holds out no user; give one or the other"),
+    (["--cutoff", "2016-01-01"], "--cutoff: a split in time chooses held-out users, and --holdout 'none' holds out "
                                  "none; give one or the other"),
-    (["--leave-last", "1"], "--leave-last: a split in time chooses held-out users, and holdout 'none' holds out "
+    (["--leave-last", "1"], "--leave-last: a split in time chooses held-out users, and --holdout 'none' holds out "
                             "none; give one or the other"),
 ])
 def test_holdout_none_refuses_what_needs_held_out_users(log, tmp_path, capsys, extra, message):

@@ -175,7 +175,7 @@ def test_a_split_in_time_needs_timestamps_and_one_kind():
     data = Interactions.from_dataframe(pd.DataFrame({"user": [1, 2], "item": [1, 2]}), min_user_interactions=0)
     with pytest.raises(ParameterError, match=r"^timestamp_col: a split in time needs each interaction's time"):
         cutoff_split(data, 100)
-    with pytest.raises(ParameterError, match=r"^leave_last: cannot be combined with a cutoff"):
+    with pytest.raises(ParameterError, match=r"^leave_last: cannot be combined with cutoff"):
         make_split(interactions(LEAVE_ROWS), cutoff=3, leave_last=1)
     assert make_split(interactions(LEAVE_ROWS), n_heldout_users=1).protocol == "strong_generalization"
 
@@ -318,8 +318,8 @@ def test_leave_last_through_the_command_line(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--cutoff", "2016-01-01", "--leave-last", "2"], "--leave-last: cannot be combined with --cutoff; choose one "
                                                       "split in time"),
-    (["--timestamp-col", "timestamp"], "--timestamp-col: given without --cutoff or --leave-last, the splits that "
-                                       "read it"),
+    (["--timestamp-col", "timestamp"], "--timestamp-col: 'timestamp' given without a split in time (--cutoff or "
+                                       "--leave-last), the one use of timestamps"),
     (["--leave-last", "0"], "--leave-last: expected a positive integer (targets per held-out user), got 0"),
     (["--cutoff", "soon"], "--cutoff: expected an ISO date or datetime (2016-01-01, 2016-01-01T12:00:00) or Unix "
                            "seconds, got 'soon'"),
@@ -356,5 +356,5 @@ def test_time_options_on_files_without_times(tmp_path, capsys):
     assert main(["-q", "prepare", "--data", str(path), "--rating-col", "none", "--out", str(prepared)]) == 0
     assert main(["train", "--prepared", str(prepared), "--cutoff", "2016-01-01"]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"recvae: error: --cutoff: --prepared {prepared} holds no timestamps (recvae prepare keeps none); split in "
-        "time from --data or --dataset")
+        f"recvae: error: --prepared: {prepared} holds no timestamps (recvae prepare keeps none): split in time from "
+        "the interaction file (--data) or the dataset (--dataset)")

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from recvae import __version__
-from recvae.cli import datasets, evaluate, prepare, recommend, refit, serve, similar, train, tune
 from recvae.cli.common import CLIError, add_data_options, data_spec_from_args
+from recvae.cli.parser import build_parser, command_flags
 from recvae.errors import ParameterError
 from recvae.optional import MissingDependencyError
 from recvae.signals import Terminated, received, sigterm_raises, stopped_by
@@ -23,15 +23,10 @@ from recvae.signals import Terminated, received, sigterm_raises, stopped_by
 __all__ = ["main", "build_parser", "CLIError", "add_data_options", "data_spec_from_args"]
 
 logger = logging.getLogger("recvae")
-COMMANDS = (datasets, train, tune, refit, prepare, evaluate, recommend, similar, serve)
 
 #: what a user gets wrong: bad input files, arguments, missing optional packages. Printed as one
 #: line (the traceback only with --debug); any other exception is a bug and shows its traceback.
 USER_ERRORS = (CLIError, ValueError, OSError, KeyError, MissingDependencyError)
-
-
-#: library parameter names whose flag is not the option of the same dest
-PARAM_FLAGS = {"random_state": "--seed"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +55,7 @@ def _run(argv: list[str] | None) -> int:
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr
     )
+    args.flags = command_flags(parser, args.command)  # a library parameter -> the flag the user types
     try:
         return args.func(args) or 0
     except USER_ERRORS as e:
@@ -74,38 +70,10 @@ def user_message(error: BaseException, parser: argparse.ArgumentParser, command:
     parameter as data: it becomes the flag the user typed (``latent_dim`` -> ``--latent-dim``),
     found through the parser. Other messages are printed as they are, on one line."""
     if isinstance(error, ParameterError):
-        flag = command_flags(parser, command).get(error.param, error.param)
-        msg = f"{error.where + ': ' if error.where else ''}{flag}: {error.message}"
+        flags = command_flags(parser, command)
+        msg = error.text(lambda name: flags.get(name, name))
     else:
         msg = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
     return " ".join(str(msg).split())  # one line, whatever the parser (pandas, torch) put in it
 
 
-def command_flags(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
-    """Parameter name -> flag of ``command``'s options, e.g. ``item_col`` -> ``--item-col``."""
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-    flags = {}
-    for action in sub._actions:
-        long = [o for o in action.option_strings if o.startswith("--")]
-        if long and action.dest not in PARAM_FLAGS:
-            flags[action.dest] = long[0]
-    flags.update({k: v for k, v in PARAM_FLAGS.items() if v in flags.values()})
-    return flags
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="recvae",
-        description="Mult-VAE / Mult-DAE collaborative filtering (Liang et al., WWW 2018) with the paper's protocol.",
-    )
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the results")
-    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    # also accepted after the command; SUPPRESS keeps the global value when it is not given there
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in COMMANDS:
-        command.add_parser(sub, common)
-    return p

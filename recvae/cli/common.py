@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -46,36 +47,14 @@ class _ModelOption(argparse._StoreAction):
 
 
 def add_model_options(p: argparse.ArgumentParser, models: str | None = None) -> None:
-    """The model and its hyperparameters, split and device: the options `train` and `tune` share."""
+    """The model and the split: the options `train` and `tune` share besides the hyperparameters
+    (:mod:`recvae.cli.hyperparameters`, added from the models' tables when the command runs)."""
     p.add_argument("--model", default="multvae", action=_ModelOption, help=models)
     p.add_argument("--latent", choices=("gaussian", "bernoulli"),
                    help="multvae's latent: gaussian (paper) or bernoulli (binary codes; the binary-multvae model)")
-    p.add_argument("--temperature", type=float,
-                   help="binary latent: relaxed Gumbel-sigmoid sample at this temperature (default: straight-through bits)")
-    p.add_argument("--epochs", type=int, help="training epochs (paper: 200)")
-    p.add_argument("--batch-size", type=int, help="users per gradient update (paper: 500)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (paper: 1e-3)")
-    p.add_argument("--dropout", type=float, help="input dropout (paper: 0.5)")
-    p.add_argument("--anneal-cap", type=float, help="largest KL weight beta (paper: 0.2)")
-    p.add_argument("--total-anneal-steps", type=int, help="updates to reach beta=1 before capping (paper: 200000)")
-    p.add_argument("--beta", type=float, help="a constant KL weight instead of annealing")
-    p.add_argument("--kl-weighting", choices=("uniform", "activity"),
-                   help="each user's KL weight: uniform (paper) or n_u / mean n (activity)")
-    p.add_argument("--lam", type=float, help="L2 weight on the weight matrices (paper: 0 VAE, 0.01/500 DAE)")
-    p.add_argument("--hidden-dims", help="comma-separated hidden layer sizes (paper: 600 VAE, none DAE)")
-    p.add_argument("--latent-dim", type=int, help="latent size (paper: 200)")
-    p.add_argument("--patience", type=int, help="early stopping: epochs without validation NDCG@100 gain")
-    p.add_argument("--gamma", type=float, help="RecVAE: KL weight per interaction, beta_u = gamma * n_u (default 0.005)")
-    p.add_argument("--encoder-epochs", type=int, help="RecVAE: encoder passes per epoch (default 3)")
-    p.add_argument("--decoder-epochs", type=int, help="RecVAE: decoder passes per epoch (default 1)")
-    p.add_argument("--mixture-weights", help="RecVAE: prior weights of N(0,1), q_old, N(0,e^10) (default 0.15,0.75,0.1)")
-    p.add_argument("--l2", type=float, help="EASE's L2 weight lambda (default 500)")
-    p.add_argument("--seed", type=int, default=0, help="model seed (default 0)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the user split (default 0)")
     p.add_argument("--n-heldout-users", type=int, help="validation and test users each (default: the library's rule)")
     add_time_split_options(p)
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="training matmul precision of neural models; auto: bf16 where it is fast")
 
 
 def add_time_split_options(p: argparse.ArgumentParser) -> None:
@@ -90,15 +69,6 @@ def add_time_split_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timestamp-col", metavar="COL",
                    help="time column of --data for --cutoff / --leave-last (default: 'timestamp' when the file "
                         "has one): Unix seconds or ISO dates")
-
-
-def time_split_flag(args) -> str | None:
-    """The option of the split in time asked for (``--cutoff``, ``--leave-last``), if any; two
-    are refused."""
-    cutoff, leave_last = getattr(args, "cutoff", None), getattr(args, "leave_last", None)
-    if cutoff is not None and leave_last is not None:
-        raise CLIError("--leave-last: cannot be combined with --cutoff; choose one split in time")
-    return "--cutoff" if cutoff is not None else "--leave-last" if leave_last is not None else None
 
 
 def add_data_options(p: argparse.ArgumentParser) -> None:
@@ -139,19 +109,17 @@ def data_spec_from_args(args):
     if args.data is not None and not Path(args.data).is_file():
         raise CLIError(f"--data {args.data}: no such file")
     prepared = getattr(args, "prepared", None)
-    time_split, timestamp_col = time_split_flag(args), getattr(args, "timestamp_col", None)
-    if timestamp_col is not None and time_split is None:
-        raise CLIError("--timestamp-col: given without --cutoff or --leave-last, the splits that read it")
+    timestamp_col = getattr(args, "timestamp_col", None)
+    # the rules across settings (a time column without a split in time, ...) are the library's
+    # (recvae.settings), checked when the run starts
+    time_split = getattr(args, "cutoff", None) is not None or getattr(args, "leave_last", None) is not None
     if prepared is not None:
-        if time_split is not None:
-            raise CLIError(f"{time_split}: --prepared {prepared} holds no timestamps (recvae prepare keeps none); "
-                           "split in time from --data or --dataset")
         check_prepared_args(args)
-        return DataSpec.of_prepared(prepared)
+        return dataclasses.replace(DataSpec.of_prepared(prepared), timestamp_col=timestamp_col)
     user_col, item_col = args.user_col, args.item_col
     if args.data is not None:
         user_col, item_col, rating_col = recognised_columns(args, rating_col)
-        if time_split is not None and timestamp_col is None:
+        if time_split and timestamp_col is None:
             timestamp_col = recognised_timestamp(args)
     rules = {k: getattr(args, k) for k in PREPROCESSING_OPTIONS if getattr(args, k) is not None}
     if not rating_col:
@@ -216,78 +184,6 @@ def check_prepared_args(args) -> None:
     given = [a.option_strings[0] for a in defaults._actions if a.dest != "help" and getattr(args, a.dest) != a.default]
     if given:
         raise CLIError(f"--prepared: the preprocessing was fixed by `recvae prepare`; drop {', '.join(given)}")
-
-
-def model_params_from_args(args) -> dict:
-    """Hyperparameters for ``args.model`` from the options given; an option the model does not
-    take is an error rather than silently ignored."""
-    given = {
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "dropout": args.dropout,
-        "patience": args.patience,
-        "precision": args.precision,
-        "lam": args.lam,
-        "latent_dim": args.latent_dim,
-        "hidden_dims": parse_dims(args.hidden_dims),
-        "anneal_cap": args.anneal_cap,
-        "total_anneal_steps": args.total_anneal_steps,
-        "beta": args.beta,
-        "kl_weighting": args.kl_weighting,
-        "temperature": args.temperature,
-        "gamma": args.gamma,
-        "encoder_epochs": args.encoder_epochs,
-        "decoder_epochs": args.decoder_epochs,
-        "mixture_weights": parse_floats(args.mixture_weights, "--mixture-weights"),
-        "l2": args.l2,
-    }
-    from recvae.models import model_class
-
-    accepted = set(model_class(model_name(args))._param_names())  # the registry says what a model takes
-    unused = [k for k, v in given.items() if v is not None and k not in accepted]
-    if unused:
-        raise CLIError(f"--model {args.model}{latent_note(args)}: does not take {', '.join('--' + u.replace('_', '-') for u in unused)}")
-    params = {k: v for k, v in given.items() if v is not None}
-    extra = {"random_state": args.seed, "device": args.device, "show_progress": not args.quiet}
-    params.update({k: v for k, v in extra.items() if k in accepted})
-    return params
-
-
-def model_name(args) -> str:
-    """The model ``--model`` and ``--latent`` name together: ``--model multvae --latent bernoulli``
-    is ``binary-multvae``; another model with ``--latent`` is an error."""
-    latent = getattr(args, "latent", None)
-    if latent is None or (latent == "gaussian" and args.model == "multvae"):
-        return args.model
-    if args.model == "multvae":
-        return "binary-multvae"
-    raise CLIError(f"--model {args.model}: does not take --latent (only multvae has a choice of latent)")
-
-
-def latent_note(args) -> str:
-    return " --latent bernoulli" if model_name(args) == "binary-multvae" and args.model == "multvae" else ""
-
-
-def parse_floats(text: str | None, flag: str) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(float(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise CLIError(f"{flag}: expected comma-separated numbers such as 0.15,0.75,0.1, got {text!r}") from None
-
-
-def parse_dims(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        dims = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise CLIError(f"--hidden-dims: expected comma-separated integers such as 600 or 600,300, got {text!r}") from None
-    if any(d < 1 for d in dims):
-        raise CLIError(f"--hidden-dims: sizes must be positive, got {text!r}")
-    return dims
 
 
 def flag_of(setting: str, flags: dict[str, str]) -> str:

@@ -9,10 +9,14 @@ import sys
 
 from recvae.cli.common import (
     CLIError, add_data_options, add_model_options, add_source_options, data_spec_from_args, flag_of, format_table,
-    model_name, model_params_from_args, print_examples,
+    print_examples,
 )
+from recvae.cli.hyperparameters import model_name, model_params_from_args
 from recvae.optional import MissingDependencyError
 from recvae.signals import Terminated, sigterm_raises, stopped_by
+
+
+HYPERPARAMETERS = True  # the models' hyperparameter flags (recvae.cli.hyperparameters)
 
 
 def add_parser(sub, common) -> None:
@@ -39,10 +43,9 @@ def add_parser(sub, common) -> None:
 def run(args) -> int:
     from recvae.experiment import ResumeMismatch, RunConfig, RunFinished, run
     from recvae.models.training_loop import NonFiniteLossError
+    from recvae.settings import check_run_options
 
-    if (args.resume or args.overwrite or args.keep_checkpoint) and not args.out:
-        flag = "--resume" if args.resume else "--overwrite" if args.overwrite else "--keep-checkpoint"
-        raise CLIError(f"{flag}: needs --out, the run directory")
+    check_run_options(args.out, args.resume, args.overwrite, args.keep_checkpoint)  # before a default --out is made
     spec = data_spec_from_args(args)
     params = model_params_from_args(args)
     name = model_name(args)
@@ -68,10 +71,9 @@ def run(args) -> int:
         print(f"recvae: {e}", file=sys.stderr)
         return 0
     except ResumeMismatch as e:
-        from recvae.cli import build_parser, command_flags
         from recvae.rundir import RUN_JSON, RunDir
 
-        flags = command_flags(build_parser(), "train")
+        flags = args.flags
         detail = "; ".join(f"{flag_of(k, flags)}: {a!r} in the run, now {b!r}" for k, a, b in e.differences)
         raise CLIError(f"--resume: {RunDir(args.out).file(RUN_JSON)} was made with other settings ({detail}); "
                        "use the options of the interrupted run") from None
@@ -202,6 +204,4 @@ def distributed_training(name: str, params: dict):
     with distributed.process_group_from_env() as group:
         if "batch_size" in defaults:  # before any data is read or folder made
             distributed.check_batch_split(params.get("batch_size", defaults["batch_size"]), group)
-        if not group.is_main:
-            params["show_progress"] = False
         yield group.is_main

@@ -14,10 +14,13 @@ from pathlib import Path
 
 from recvae.errors import ParameterError
 from recvae.cli.common import (
-    CLIError, add_data_options, add_model_options, add_source_options, data_spec_from_args, format_table,
-    latent_note, logger, model_name, model_params_from_args,
+    CLIError, add_data_options, add_model_options, add_source_options, data_spec_from_args, format_table, logger,
 )
+from recvae.cli.hyperparameters import DESTS, latent_note, model_name, model_params_from_args
 from recvae.signals import Terminated, sigterm_raises, stopped_by
+
+
+HYPERPARAMETERS = True  # the models' hyperparameter flags (recvae.cli.hyperparameters)
 
 
 def add_parser(sub, common) -> None:
@@ -130,24 +133,23 @@ def _option_error(e: ValueError) -> Exception:
 def model_params(args, models) -> dict:
     """Each model's fixed settings from the options given. With several models an option goes to
     those that take it; one that none takes is an error."""
-    from recvae.models import model_class, model_names
+    from recvae.models import model_class
 
     if len(models) == 1:
         return {models[0]: model_params_from_args(args)}
     if args.latent is not None:
         raise CLIError(f"--latent: takes one model (multvae), not --model {args.model}")
-    known = set().union(*(model_class(n)._param_names() for n in model_names()))
-    given = [d for d, v in vars(args).items() if d in known and v is not None and d != "device"]
-    untaken = [d for d in given if not any(d in model_class(m)._param_names() for m in models)]
+    given = [name for name, dest in DESTS.items() if hasattr(args, dest) and name != "device"]
+    untaken = [n for n in given if not any(n in model_class(m)._param_names() for m in models)]
     if untaken:
-        raise CLIError(f"--model {args.model}: none of them takes {', '.join('--' + d.replace('_', '-') for d in untaken)}")
+        raise CLIError(f"--model {args.model}: none of them takes {', '.join('--' + DESTS[n].replace('_', '-') for n in untaken)}")
     params = {}
     for m in models:
         ns = argparse.Namespace(**vars(args))
         ns.model = m
-        for d in given:
-            if d not in model_class(m)._param_names():
-                setattr(ns, d, None)
+        for name in given:
+            if name not in model_class(m)._param_names():
+                delattr(ns, DESTS[name])
         params[m] = model_params_from_args(ns)
     return params
 
@@ -168,9 +170,6 @@ def run_study(args, names: list[str]) -> int:
         raise CLIError("--grid, --space: a study searches a grid or ranges, not both")
     spec = data_spec_from_args(args)
     params = model_params(args, models)
-    for m in models:  # a log file gets one line per trial, not one per epoch of every trial
-        if "show_progress" in params[m]:
-            params[m]["show_progress"] = not args.quiet and interactive()
     try:
         grid = tuning.parse_grid(args.grid, models[0]) if args.grid else None
         space = tuning.parse_space(args.space, models, params) if grid is None else None
@@ -183,7 +182,7 @@ def run_study(args, names: list[str]) -> int:
                                       out=args.out, storage=args.storage, study_name=args.study_name or tuning.STUDY_NAME,
                                       resume=args.resume, split_seed=args.split_seed,
                                       n_heldout_users=args.n_heldout_users, overwrite=args.overwrite,
-                                      show_progress=not args.quiet, seed=args.seed, cutoff=args.cutoff,
+                                      show_progress=not args.quiet, seed=getattr(args, "seed", 0), cutoff=args.cutoff,
                                       leave_last=args.leave_last)
     except (KeyboardInterrupt, Terminated) as e:
         signame, code = stopped_by(e)

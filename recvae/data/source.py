@@ -132,7 +132,8 @@ class DataSpec:
         """Whether this source can give timestamps (before it is read)."""
         if self.prepared is not None:
             raise ParameterError("prepared", f"{self.prepared} holds no timestamps (recvae prepare keeps none): "
-                                             "split in time from the interaction file or the dataset")
+                                             "split in time from the interaction file ({path}) or the dataset "
+                                             "({dataset})", names=("path", "dataset"))
         if self.dataset is not None and self.timestamp_col not in (None, "timestamp"):
             raise ParameterError("timestamp_col", f"{self.dataset}'s time column is GroupLens's 'timestamp', "
                                                   f"not {self.timestamp_col!r}")

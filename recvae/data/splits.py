@@ -413,7 +413,8 @@ def make_split(interactions: Interactions, seed: int = 0, n_heldout_users: int |
 def check_time_split(cutoff=None, leave_last=None) -> None:
     """The settings of a split in time, checked before any data is read."""
     if cutoff is not None and leave_last is not None:
-        raise ParameterError("leave_last", "cannot be combined with a cutoff: choose one split in time")
+        raise ParameterError("leave_last", "cannot be combined with {cutoff}; choose one split in time",
+                             names=("cutoff",))
     if cutoff is not None:
         parse_cutoff(cutoff)
     if leave_last is not None and (isinstance(leave_last, bool) or not isinstance(leave_last, (int, np.integer))

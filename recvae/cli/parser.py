@@ -1,0 +1,51 @@
+"""The ``recvae`` command line's parser: one sub-command per module of :mod:`recvae.cli`, and the
+map from a library parameter to the flag a user types (the errors' way back to the command line)."""
+
+from __future__ import annotations
+
+import argparse
+
+from recvae import __version__
+from recvae.cli import datasets, evaluate, prepare, recommend, refit, serve, similar, train, tune
+from recvae.cli.hyperparameters import DESTS, ModelOptionsParser
+
+COMMANDS = (datasets, train, tune, refit, prepare, evaluate, recommend, similar, serve)
+
+#: library parameter names whose flag is not the option of the same dest (settings of a run:
+#: ``DataSpec.path`` is ``--data``)
+PARAM_FLAGS = {"path": "--data"}
+
+
+def command_flags(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
+    """Parameter name -> flag of ``command``'s options, e.g. ``item_col`` -> ``--item-col``."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    if isinstance(sub, ModelOptionsParser):
+        sub.add_hyperparameters()
+    flags = {}
+    for action in sub._actions:
+        long = [o for o in action.option_strings if o.startswith("--")]
+        if long and action.dest not in PARAM_FLAGS:
+            flags[action.dest] = long[0]
+    flags.update({k: v for k, v in PARAM_FLAGS.items() if v in flags.values()})
+    flags.update({name: flags[dest] for name, dest in DESTS.items() if dest in flags})  # random_state -> --seed
+    return flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="recvae",
+        description="Mult-VAE / Mult-DAE collaborative filtering (Liang et al., WWW 2018) with the paper's protocol.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the results")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    # also accepted after the command; SUPPRESS keeps the global value when it is not given there
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        # train and tune take the models' hyperparameters, added from their tables when used
+        sub._parser_class = ModelOptionsParser if getattr(command, "HYPERPARAMETERS", False) else argparse.ArgumentParser
+        command.add_parser(sub, common)
+    return p
