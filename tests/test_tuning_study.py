@@ -281,7 +281,7 @@ def test_study_over_model_families_keeps_a_run_that_retrains_equal(log_csv, tmp_
 @pytest.mark.slow
 def test_an_interrupted_trial_runs_again_with_its_values_on_resume(log_csv, tmp_path, capsys, monkeypatch):
     calls = []
-    fit_ease = tuning._StudyRun.fit_ease
+    fit_ease = tuning.Gram.model
 
     def interrupt_the_third(self, params):
         calls.append(params["l2"])
@@ -289,7 +289,7 @@ def test_an_interrupted_trial_runs_again_with_its_values_on_resume(log_csv, tmp_
             raise KeyboardInterrupt
         return fit_ease(self, params)
 
-    monkeypatch.setattr(tuning._StudyRun, "fit_ease", interrupt_the_third)
+    monkeypatch.setattr(tuning.Gram, "model", interrupt_the_third)
     out = tmp_path / "run"
     argv = tune_argv(log_csv, out, "--model", "ease", "--trials", "4")
     assert main(argv) == 130
