@@ -307,6 +307,45 @@ def test_an_interrupted_trial_runs_again_with_its_values_on_resume(log_csv, tmp_
     assert retry.params == after.trials[2].params and retry.params["l2"] == calls[2] == calls[3]
 
 
+@needs_optuna
+@pytest.mark.slow
+def test_a_study_stopped_twice_and_resumed_ends_with_the_uninterrupted_trial_table(log_csv, tmp_path, caplog):
+    """A cut trial keeps its number and values; later trials draw what they would have drawn
+    (12 trials: past TPE's 10 random startup ones, so the last draw from the history)."""
+    import logging
+
+    data, options = DataSpec(path=str(log_csv)), dict(n_trials=12, n_heldout_users=30, seed=3)
+    whole = tuning.tune(data, "ease", out=tmp_path / "whole", **options)
+    out = tmp_path / "run"
+    caplog.set_level(logging.INFO, logger="recvae.tuning")
+    for cut in (2, 3, 11):
+        def stop(number, candidate, cut=cut):
+            if number == cut:
+                raise KeyboardInterrupt
+        with pytest.raises(KeyboardInterrupt):
+            tuning.tune(data, "ease", out=out, resume=cut != 2, before_trial=stop, **options)
+    resumed = tuning.tune(data, "ease", out=out, resume=True, **options)
+
+    def table(tuned):
+        return [(r["trial"], r["l2"], r["validation_ndcg@100"], r["selected"]) for r in tuned.table()]
+
+    assert table(resumed) == table(whole) and [r[0] for r in table(whole)] == [str(k) for k in range(12)]
+    assert resumed.config.params == whole.config.params
+    # each cut attempt ran again under its number with its values
+    study = load_study(f"sqlite:///{out / 'study.db'}")
+    failed = [t for t in study.trials if t.state.name == "FAIL"]
+    assert [t.user_attrs["trial"] for t in failed] == [2, 3, 11]
+    for t in failed:
+        retry = next(r for r in study.trials if r.user_attrs.get("retry_of") == t.number)
+        assert retry.state.name == "COMPLETE" and retry.params == t.params
+        assert retry.user_attrs["trial"] == t.user_attrs["trial"]
+    # the log counts right: each trial once, "trial k of 12"
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("trial ") and " of " in
+             r.getMessage()]
+    assert sorted(int(line.split()[1]) for line in lines) == list(range(12))
+    assert all(line.split(":")[0].endswith(" of 12") for line in lines)
+
+
 def _tune_process(log_csv, out, *extra, stderr=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1",  # two processes on the machine's cores
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -384,8 +423,10 @@ def test_two_processes_share_one_study_and_do_no_trial_twice(log_csv, tmp_path):
         description = json.loads((tmp_path / name / "run.json").read_text())
         assert {k: description["params"][k] for k in ("gamma", "dropout", "lr")} == trials[best][0]
         assert not (tmp_path / name / "study.db").exists()
-    lines = [line for e in errors for line in e.splitlines() if line.startswith("trial ")]
-    assert sorted(int(line.split()[1]) for line in lines) == sorted(trials)
+    # each trial logged once, under its recvae number (Optuna's count an attempt two workers took at once)
+    lines = [line for e in errors for line in e.splitlines() if line.startswith("trial ") and " of " in line]
+    numbers = [t.user_attrs["trial"] for t in study.trials if t.state.name == "COMPLETE"]
+    assert sorted(int(line.split()[1]) for line in lines) == sorted(numbers) == list(range(n))
 
 
 @needs_optuna

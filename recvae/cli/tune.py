@@ -83,7 +83,8 @@ def run(args) -> int:
             params[m]["show_progress"] = not args.quiet and interactive()
     # a study: numbered trials over ranges (or a grid's first --trials points); else a plain grid.
     # --resume alone continues whichever search --out holds
-    study = args.trials is not None or bool(args.space) or args.storage is not None or len(models) > 1
+    study = (args.trials is not None or bool(args.space) or args.storage is not None or args.study_name is not None
+             or len(models) > 1)
     either = args.resume and not study and not args.grid
     try:
         grid = tuning.parse_grid(args.grid, models[0]) if args.grid or not (study or either) else None
