@@ -47,7 +47,8 @@ def add_parser(sub, common) -> None:
     u.add_argument("--study-name", metavar="NAME", help="the study's name in --storage (default recvae-tune)")
     mode = u.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true",
-                      help="continue the study in --out: finished trials are kept, one cut short runs again")
+                      help="continue the search in --out (a grid's or a study's): finished trials are kept, one cut "
+                           "short runs again with its values")
     mode.add_argument("--overwrite", action="store_true", help="empty the run directory --out first")
     u.add_argument("--out", metavar="RUN_DIR", required=True,
                    help="the chosen model's run directory, with tuning.csv (a new or empty directory)")
