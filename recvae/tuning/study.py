@@ -162,6 +162,8 @@ class OptunaStore:
             if number is None or self._taken(trial, number):
                 self.study.tell(trial, state=self.State.PRUNED)  # another worker holds it: stand down
                 continue
+            if self.shared:  # from the start: a worker killed before its fit leaves a stale trial, not a lost one
+                trial.storage.record_heartbeat(trial._trial_id)
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
             record = trial.user_attrs.get("candidate")
             if record is not None:
@@ -214,7 +216,6 @@ class OptunaStore:
             while not stop.wait(HEARTBEAT_SECONDS):
                 storage.record_heartbeat(trial_id)
 
-        storage.record_heartbeat(trial_id)
         thread = threading.Thread(target=beat, daemon=True)
         thread.start()
         try:
