@@ -205,6 +205,7 @@ def test_existing_out_refused_unless_overwrite(log_csv, tmp_path, capsys):
     assert list(pd.read_csv(out / "tuning.csv")["l2"]) == [10.0]
 
 
+@pytest.mark.slow
 def test_a_grid_stopped_after_some_trials_resumes_without_running_them_again(log_csv, tmp_path, capsys,
                                                                            monkeypatch):
     from recvae.tuning.plans import Plan

@@ -346,6 +346,30 @@ def test_a_study_stopped_twice_and_resumed_ends_with_the_uninterrupted_trial_tab
     assert all(line.split(":")[0].endswith(" of 12") for line in lines)
 
 
+@needs_optuna
+@pytest.mark.slow
+def test_resume_without_search_options_continues_the_search_out_holds(log_csv, tmp_path, capsys, monkeypatch):
+    from recvae.tuning.plans import Plan
+
+    fit, fits = Plan.fit, []
+
+    def stop_the_second(self, candidate):
+        fits.append(candidate)
+        if len(fits) == 2:
+            raise KeyboardInterrupt
+        return fit(self, candidate)
+
+    monkeypatch.setattr(Plan, "fit", stop_the_second)
+    out = tmp_path / "run"
+    assert main(tune_argv(log_csv, out, "--model", "ease", "--trials", "3")) == 130
+    assert "holds the study with 1 finished trial(s)" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(tune_argv(log_csv, out, "--model", "ease", "--resume")) == 0  # a study of 3, as it was made
+    assert capsys.readouterr().err == ""
+    table = pd.read_csv(out / "tuning.csv")
+    assert list(table["trial"]) == [0, 1, 2] and table["l2"][1] == fits[1].values["l2"]
+
+
 def _tune_process(log_csv, out, *extra, stderr=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1",  # two processes on the machine's cores
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}

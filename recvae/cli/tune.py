@@ -83,7 +83,7 @@ def run(args) -> int:
         if "show_progress" in params[m]:
             params[m]["show_progress"] = not args.quiet and interactive()
     # a study: numbered trials over ranges (or a grid's first --trials points); else a plain grid.
-    # --resume alone continues whichever search --out holds
+    # --resume without --grid, --trials or --space: the search --out holds decides which
     study = (args.trials is not None or bool(args.space) or args.storage is not None or args.study_name is not None
              or len(models) > 1)
     either = args.resume and not study and not args.grid

@@ -144,6 +144,8 @@ class OptunaStore:
     # -- taking a trial ------------------------------------------------------------------------
     def claim(self, n: int) -> Claim | None:
         held_states = (self.State.WAITING, self.State.RUNNING, self.State.COMPLETE)
+        if self.shared:  # a trial whose worker fell silent (killed) is failed: its number is free again
+            _quietly(self.optuna, self.optuna.storages.fail_stale_trials, self.study)
         while True:
             trials = self._trials()
             held = {t.user_attrs["trial"] for t in trials if t.state in held_states}
@@ -194,7 +196,7 @@ class OptunaStore:
 
     # -- recording -----------------------------------------------------------------------------
     def start(self, claim: Claim, candidate: Candidate) -> None:
-        """Record trial's values before it is fit: a retry takes them again."""
+        """Record the trial's values before it is fit: a retry takes them again."""
         claim.handle.set_user_attr("candidate", candidate.record())
         self._record_params(claim.handle, candidate)
 
