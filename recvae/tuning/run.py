@@ -158,13 +158,13 @@ def tune(data: DataSpec, models, grid: dict | None = None, params: dict | None =
             trials = Trials(split.train, split.validation, log=not study)
             plan = Plan(trials, params, named=not study)
             if optuna is None or (run_dir is None and not shared):
-                kept = MemoryStore()
+                kept_in = MemoryStore()
             else:
-                kept, n_trials = _open(optuna, store, run_dir, study_name, settings, n_trials, resume, study,
+                kept_in, n_trials = _open(optuna, store, run_dir, study_name, settings, n_trials, resume, study,
                                        (models, space, grid))
             generator = (_grid(models[0], grid, plain=not study, n=n_trials) if grid is not None
                          else studies.TPE(optuna, models, space, n_trials, seed))
-            engine = Search(generator, plan, kept, n_trials, named=not study, before_trial=before_trial)
+            engine = Search(generator, plan, kept_in, n_trials, named=not study, before_trial=before_trial)
             engine.run()
             rows = engine.results()
             if not rows:
@@ -193,8 +193,8 @@ def _open(optuna, storage, run_dir, name, settings, n_trials, resume, study, sha
                                      differences=_differences)
     if n_trials is None:
         n_trials = int(found.user_attrs.get("n_trials"))
-    kept = studies.OptunaStore(optuna, found, shared, *shape)
-    if resume and run_dir.state() == "finished" and len(kept.finished()) >= n_trials:
+    kept_in = studies.OptunaStore(optuna, found, shared, *shape)
+    if resume and run_dir.state() == "finished" and len(kept_in.finished()) >= n_trials:
         raise RunFinished(f"--out {run_dir.path}: the {'study' if study else 'grid'} has its {n_trials} trials and "
                           "the run is written: nothing to resume" + ("; give a larger --trials to run more"
                                                                     if study else ""))
@@ -202,7 +202,7 @@ def _open(optuna, storage, run_dir, name, settings, n_trials, resume, study, sha
         if resume and n_trials != found.user_attrs.get("n_trials"):
             found.set_user_attr("n_trials", n_trials)
         found.set_user_attr("ready", True)
-    return kept, n_trials
+    return kept_in, n_trials
 
 
 def _conclude(config: RunConfig, engine: Search, rows, split, read, run_dir: RunDir | None, columns: tuple,
