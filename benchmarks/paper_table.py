@@ -190,7 +190,7 @@ def trial_info(trial, test_users) -> dict:
     """What the results keep of a finished trial (``recvae.tuning.Trial``): its validation
     choice, timing and curve, and its fitted model's test metrics."""
     model = trial.estimator
-    params = {k: v for k, v in trial.params.items() if k != "show_progress"}
+    params = dict(trial.params)
     if not is_neural(trial.model):
         return {"train_seconds": trial.seconds, "params": params,
                 "test": metrics_of(evaluate(model, test_users, ks=(20, 50, 100)))}

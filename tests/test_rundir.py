@@ -178,24 +178,25 @@ def test_stop_before_run_json_suggests_a_command_that_works(log_csv, tmp_path, c
     assert main(shlex.split(again)[1:]) == 0 and (out / "metrics.json").is_file()
 
 
-def test_tune_stopped_during_its_final_write_leaves_nothing_and_says_so(log_csv, tmp_path, capsys, monkeypatch):
+def test_tune_stopped_during_its_final_write_leaves_only_its_trials_and_says_so(log_csv, tmp_path, capsys,
+                                                                               monkeypatch):
     out = tmp_path / "tuned"
     argv = ["-q", "tune", "--data", str(log_csv), "--user-col", "uid", "--item-col", "iid", "--rating-col", "stars",
             "--model", "ease", "--grid", "l2=10,100", "--n-heldout-users", "30", "--out", str(out)]
     interrupt_when(monkeypatch, RunDir, "write_tuning")
     assert main(argv) == 130
     assert capsys.readouterr().err.strip() == (
-        f"recvae: stopped by SIGINT during the trials; nothing was written to --out {out}")
-    assert not out.exists()
+        f"recvae: stopped by SIGINT during the trials; --out {out} holds the study with 2 finished trial(s); "
+        f"continue with: recvae {' '.join(argv)} --resume")
+    assert [p.name for p in out.iterdir()] == ["study.db"]  # no half-written run, the trials kept
     monkeypatch.undo()
-    assert main(argv) == 0, "a re-run is not refused"
+    assert main([*argv, "--resume"]) == 0
     assert (out / "tuning.csv").is_file() and (out / "metrics.json").is_file()
-    # with --overwrite a stop in the final write empties the folder, and says so
+    # with --overwrite a stop in the final write leaves the new search's trials only
     interrupt_when(monkeypatch, RunDir, "write_tuning")
     assert main([*argv, "--overwrite"]) == 130
-    assert capsys.readouterr().err.strip().endswith(
-        f"--out {out} is empty: its previous run was removed before the stop")
-    assert list(out.iterdir()) == []
+    assert "holds the study with 2 finished trial(s)" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["study.db"]
 
 
 def test_a_signal_inside_the_checkpoint_write_keeps_the_epoch_and_its_history_in_step(log_csv, tmp_path, capsys,

@@ -52,14 +52,15 @@ def test_parse_grid_types_order_and_defaults():
 
 
 @pytest.mark.parametrize("spec, model, message", [
-    ("l2=", "ease", "grid l2=: no values; expected positive numbers"),
+    ("l2=", "ease", "grid l2=: no values; expected a finite number > 0 each, such as 50,100"),
     ("l2= , ", "ease", "no values"),
-    ("l2=abc", "ease", "grid l2=abc: expected positive numbers"),
-    ("l2=0", "ease", "grid l2=0: expected positive numbers"),
-    ("latent_dim=1.5", "multvae", "grid latent_dim=1.5: expected positive integers"),
-    ("kl_weighting=none", "multvae", "grid kl_weighting=none: expected 'uniform' and/or 'activity'"),
-    ("dropout=1", "recvae", "grid dropout=1: expected probabilities in [0, 1)"),
-    ("gamma=0.1", "multvae", "'gamma' is not tunable for multvae; tunable: latent_dim, hidden_dim"),
+    ("l2=abc", "ease", "grid l2=abc: expected a finite number > 0 each, such as 50,100"),
+    ("l2=0", "ease", "grid l2=0: expected a finite number > 0 each"),
+    ("latent_dim=1.5", "multvae", "grid latent_dim=1.5: expected a positive integer each, such as 50,200"),
+    ("kl_weighting=none", "multvae", "grid kl_weighting=none: expected one of 'uniform', 'activity' each"),
+    ("dropout=1", "recvae", "grid dropout=1: expected a probability in [0, 1) each, such as 0.3,0.7"),
+    ("gamma=0.1", "multvae", "'gamma' is not tunable for multvae; tunable: hidden_dim, latent_dim, dropout, "
+                             "kl_weighting, lr"),
     ("l2", "ease", "grid 'l2': expected NAME=V1,V2,... such as l2=50,100"),
 ])
 def test_parse_grid_errors_name_the_entry(spec, model, message):
@@ -179,11 +180,11 @@ def test_tune_ease_and_recvae_defaults_through_the_library(log_csv, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (("--model", "ease", "--grid", "l2="), "--grid l2=: no values; expected positive numbers"),
-    (("--model", "ease", "--grid", "l2=abc"), "--grid l2=abc: expected positive numbers"),
-    (("--grid", "latent_dim=50.5"), "--grid latent_dim=50.5: expected positive integers"),
+    (("--model", "ease", "--grid", "l2="), "--grid l2=: no values; expected a finite number > 0 each, such as 50,100"),
+    (("--model", "ease", "--grid", "l2=abc"), "--grid l2=abc: expected a finite number > 0 each, such as 50,100"),
+    (("--grid", "latent_dim=50.5"), "--grid latent_dim=50.5: expected a positive integer each, such as 50,200"),
     (("--model", "ease", "--n-heldout-users", "200"), "--n-heldout-users: 200 validation + 200 test users"),
-    (("--model", "multdae",), "--model multdae: tune takes ease, multvae, recvae"),
+    (("--model", "popularity",), "--model popularity: tune takes multvae, multdae, binary-multvae, recvae, ease"),
     (("--model", "recvae", "--gamma", "0.1", "--grid", "gamma=0.2"), "--grid gamma=...: gamma is also given"),
     (("--anneal-cap", "0.2",), "--anneal-cap: tune chooses Mult-VAE's beta schedule"),
 ])
@@ -205,15 +206,59 @@ def test_existing_out_refused_unless_overwrite(log_csv, tmp_path, capsys):
     assert list(pd.read_csv(out / "tuning.csv")["l2"]) == [10.0]
 
 
-def test_interrupted_trials_write_nothing(log_csv, tmp_path, capsys, monkeypatch):
-    def interrupt(self, name, model, params):
-        raise KeyboardInterrupt
+@pytest.mark.slow
+def test_a_grid_stopped_after_some_trials_resumes_without_running_them_again(log_csv, tmp_path, capsys,
+                                                                           monkeypatch):
+    from recvae.tuning.plans import Plan
 
-    monkeypatch.setattr(tuning.Trials, "run", interrupt)
+    fit, fits, stop_at = Plan.fit, [], [2]
+
+    def counted(self, candidate):
+        if len(fits) in stop_at:  # SIGINT as the third fit starts
+            stop_at.clear()
+            raise KeyboardInterrupt
+        fits.append(candidate.name)
+        return fit(self, candidate)
+
+    monkeypatch.setattr(Plan, "fit", counted)
+    out, whole = tmp_path / "run", tmp_path / "whole"
+    argv = tune_argv(log_csv, out, "--model", "ease", "--grid", "l2=1,10,100,1000")
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.endswith(f"recvae: stopped by SIGINT during the trials; --out {out} holds the study with 2 finished "
+                        f"trial(s); continue with: recvae {' '.join(argv)} --resume\n"), err
+    assert fits == ["l2=1", "l2=10"] and sorted(p.name for p in out.iterdir()) == ["study.db"]
+    assert main([*argv, "--resume"]) == 0
+    assert fits == ["l2=1", "l2=10", "l2=100", "l2=1000"]  # the finished two were not fit again
+    assert main(tune_argv(log_csv, whole, "--model", "ease", "--grid", "l2=1,10,100,1000")) == 0
+    resumed, uninterrupted = (pd.read_csv(d / "tuning.csv").drop(columns="seconds") for d in (out, whole))
+    pd.testing.assert_frame_equal(resumed, uninterrupted)
+    assert list(resumed["trial"]) == ["l2=1", "l2=10", "l2=100", "l2=1000"]
+    assert json.loads((out / "run.json").read_text())["params"] == json.loads((whole / "run.json").read_text())["params"]
+    # resumed once more: the grid has its trials and the run is written
+    assert main([*argv, "--resume"]) == 0
+    assert "the grid has its 4 trials and the run is written: nothing to resume\n" in capsys.readouterr().err
+    assert len(fits) == 8  # the uninterrupted run's four, none since
+
+
+def test_a_plain_grid_without_optuna_says_which_extra(log_csv, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna raises ImportError
     out = tmp_path / "run"
-    assert main(tune_argv(log_csv, out, *SMALL)) == 130
-    assert "stopped by SIGINT during the trials; nothing was written to --out" in capsys.readouterr().err
+    assert main(tune_argv(log_csv, out, "--model", "ease", "--grid", "l2=10")) == 2
+    assert capsys.readouterr().err == (
+        "recvae: error: a tuning grid kept for --resume (recvae tune --out) need(s) the optional package optuna, "
+        "which is not installed (pip install 'recvae[tune]')\n")
     assert not out.exists()
+    # the Python API without a run directory keeps its trials in memory: no optuna needed
+    trials = tuning.search("ease", *_split_parts(log_csv), {"l2": (10.0, 100.0)})
+    assert [t.name for t in trials.trials] == ["l2=10", "l2=100"]
+
+
+def _split_parts(log_csv):
+    split = _split(log_csv)
+    return split.train, split.validation
 
 
 def test_paper_table_chooses_through_recvae_tuning():
@@ -245,12 +290,13 @@ def test_a_diverging_trial_is_recorded_and_the_search_goes_on(log_csv, tmp_path,
     good = trials.run("paper lr", "multvae", small)
     assert bad.validation == float("-inf") and bad.note.startswith("non-finite loss at epoch 1")
     assert trials.best is good and good.note is None and good.validation > 0
-    # every trial diverging: one line, exit 2, nothing written
-    out = tmp_path / "run"
+    # every trial diverging: one line, exit 2, no run written (the trials stay, as any stop's)
+    out = tmp_path / "diverged"
     assert main(tune_argv(log_csv, out, *SMALL, "--model", "recvae", "--grid", "lr=1e30,1e31")) == 2
     err = capsys.readouterr().err
     assert "every trial's training loss became non-finite before an epoch finished (2 trials)" in err
-    assert err.count("\n") == 1 and not out.exists()
+    assert err.count("\n") == 1 and sorted(p.name for p in out.iterdir()) == ["study.db"]
+    out = tmp_path / "run"
     # Mult-VAE: run 1 of the heuristic diverging leaves no cap, so no run 2; the paper's trial wins
     assert main(tune_argv(log_csv, out, *SMALL, "--grid", "lr=1e30")) == 0
     table = pd.read_csv(out / "tuning.csv")

@@ -96,7 +96,7 @@ def test_parse_space_forms_defaults_and_fixed_values():
     ("latent_dim=50:400", ("multvae",), "space 'latent_dim=50:400': expected NAME=int:LOW:HIGH"),
     ("latent_dim=uniform:1:2", ("multvae",), "space 'latent_dim=uniform:1:2': expected NAME=int:LOW:HIGH"),
     ("latent_dim=int:50", ("multvae",), "space latent_dim=int:50: expected latent_dim=int:LOW:HIGH with LOW and "
-                                        "HIGH positive integers such as 50,200"),
+                                        "HIGH a positive integer each, such as 50,200"),
     ("latent_dim=int:50:x", ("multvae",), "space latent_dim=int:50:x: expected latent_dim=int:LOW:HIGH"),
     ("latent_dim=float:50:400", ("multvae",), "space latent_dim=float:50:400: latent_dim takes integers: "
                                               "int:LOW:HIGH, log:LOW:HIGH or cat:V1,V2,..."),
@@ -104,13 +104,13 @@ def test_parse_space_forms_defaults_and_fixed_values():
     ("lr=log:1e-2:1e-4", ("recvae",), "space lr=log:1e-2:1e-4: LOW must be below HIGH"),
     ("dropout=log:0:0.5", ("recvae",), "space dropout=log:0:0.5: log:LOW:HIGH needs LOW above 0"),
     ("dropout=float:0.1:1", ("recvae",), "space dropout=float:0.1:1: expected dropout=float:LOW:HIGH with LOW "
-                                         "and HIGH probabilities in [0, 1)"),
+                                         "and HIGH a probability in [0, 1) each"),
     ("kl_weighting=float:0:1", ("multvae",), "space kl_weighting=float:0:1: kl_weighting takes a list: "
-                                             "kl_weighting=cat:V1,V2,... with 'uniform' and/or 'activity'"),
+                                             "kl_weighting=cat:V1,V2,... with one of 'uniform', 'activity' each"),
     ("kl_weighting=cat:", ("multvae",), "space kl_weighting=cat:: no values"),
     ("gamma=log:0.001:0.01", ("multvae", "ease"), "space gamma=log:0.001:0.01: 'gamma' is not tunable for "
-                                                  "multvae, ease; tunable: latent_dim, hidden_dim, dropout, lr, "
-                                                  "kl_weighting, l2"),
+                                                  "multvae, ease; tunable: hidden_dim, latent_dim, dropout, "
+                                                  "kl_weighting, lr, l2"),
 ])
 def test_parse_space_errors_name_the_entry_and_the_form(spec, models, message):
     with pytest.raises(ValueError) as info:
@@ -137,7 +137,7 @@ def test_parse_space_refuses_a_name_twice_and_a_fixed_one():
     (("--model", "ease", "--grid", "l2=1,2", "--trials", "3"), "--trials: the grid has 2 point(s), fewer than 3"),
     (("--model", "ease", "--grid", "l2=1,2", "--space", "l2=log:1:10"), "--grid, --space: a study searches a grid"),
     (("--model", "ease,recvae", "--grid", "l2=1,2"), "--grid: a grid tunes one model"),
-    (("--model", "ease,multdae", "--trials", "2"), "--model ease,multdae: tune takes ease, multvae, recvae"),
+    (("--model", "ease,popularity", "--trials", "2"), "--model ease,popularity: tune takes multvae, multdae, binary-multvae, recvae, ease"),
     (("--model", "ease,recvae", "--trials", "2", "--anneal-cap", "0.2"), "--model ease,recvae: none of them "
                                                                          "takes --anneal-cap"),
     (("--model", "multvae,ease", "--trials", "2", "--anneal-cap", "0.2"), "--anneal-cap: tune chooses Mult-VAE's"),
@@ -281,7 +281,7 @@ def test_study_over_model_families_keeps_a_run_that_retrains_equal(log_csv, tmp_
 @pytest.mark.slow
 def test_an_interrupted_trial_runs_again_with_its_values_on_resume(log_csv, tmp_path, capsys, monkeypatch):
     calls = []
-    fit_ease = tuning._StudyRun.fit_ease
+    fit_ease = tuning.Gram.model
 
     def interrupt_the_third(self, params):
         calls.append(params["l2"])
@@ -289,7 +289,7 @@ def test_an_interrupted_trial_runs_again_with_its_values_on_resume(log_csv, tmp_
             raise KeyboardInterrupt
         return fit_ease(self, params)
 
-    monkeypatch.setattr(tuning._StudyRun, "fit_ease", interrupt_the_third)
+    monkeypatch.setattr(tuning.Gram, "model", interrupt_the_third)
     out = tmp_path / "run"
     argv = tune_argv(log_csv, out, "--model", "ease", "--trials", "4")
     assert main(argv) == 130
@@ -305,6 +305,69 @@ def test_an_interrupted_trial_runs_again_with_its_values_on_resume(log_csv, tmp_
     assert states(after) == {"COMPLETE": 4, "FAIL": 1} and {n: trials[n] for n in kept} == kept
     retry = next(t for t in after.trials if t.user_attrs.get("retry_of") == 2)
     assert retry.params == after.trials[2].params and retry.params["l2"] == calls[2] == calls[3]
+
+
+@needs_optuna
+@pytest.mark.slow
+def test_a_study_stopped_twice_and_resumed_ends_with_the_uninterrupted_trial_table(log_csv, tmp_path, caplog):
+    """A cut trial keeps its number and values; later trials draw what they would have drawn
+    (12 trials: past TPE's 10 random startup ones, so the last draw from the history)."""
+    import logging
+
+    data, options = DataSpec(path=str(log_csv)), dict(n_trials=12, n_heldout_users=30, seed=3)
+    whole = tuning.tune(data, "ease", out=tmp_path / "whole", **options)
+    out = tmp_path / "run"
+    caplog.set_level(logging.INFO, logger="recvae.tuning")
+    for cut in (2, 3, 11):
+        def stop(number, candidate, cut=cut):
+            if number == cut:
+                raise KeyboardInterrupt
+        with pytest.raises(KeyboardInterrupt):
+            tuning.tune(data, "ease", out=out, resume=cut != 2, before_trial=stop, **options)
+    resumed = tuning.tune(data, "ease", out=out, resume=True, **options)
+
+    def table(tuned):
+        return [(r["trial"], r["l2"], r["validation_ndcg@100"], r["selected"]) for r in tuned.table()]
+
+    assert table(resumed) == table(whole) and [r[0] for r in table(whole)] == [str(k) for k in range(12)]
+    assert resumed.config.params == whole.config.params
+    # each cut attempt ran again under its number with its values
+    study = load_study(f"sqlite:///{out / 'study.db'}")
+    failed = [t for t in study.trials if t.state.name == "FAIL"]
+    assert [t.user_attrs["trial"] for t in failed] == [2, 3, 11]
+    for t in failed:
+        retry = next(r for r in study.trials if r.user_attrs.get("retry_of") == t.number)
+        assert retry.state.name == "COMPLETE" and retry.params == t.params
+        assert retry.user_attrs["trial"] == t.user_attrs["trial"]
+    # the log counts right: each trial once, "trial k of 12"
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("trial ") and " of " in
+             r.getMessage()]
+    assert sorted(int(line.split()[1]) for line in lines) == list(range(12))
+    assert all(line.split(":")[0].endswith(" of 12") for line in lines)
+
+
+@needs_optuna
+@pytest.mark.slow
+def test_resume_without_search_options_continues_the_search_out_holds(log_csv, tmp_path, capsys, monkeypatch):
+    from recvae.tuning.plans import Plan
+
+    fit, fits = Plan.fit, []
+
+    def stop_the_second(self, candidate):
+        fits.append(candidate)
+        if len(fits) == 2:
+            raise KeyboardInterrupt
+        return fit(self, candidate)
+
+    monkeypatch.setattr(Plan, "fit", stop_the_second)
+    out = tmp_path / "run"
+    assert main(tune_argv(log_csv, out, "--model", "ease", "--trials", "3")) == 130
+    assert "holds the study with 1 finished trial(s)" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(tune_argv(log_csv, out, "--model", "ease", "--resume")) == 0  # a study of 3, as it was made
+    assert capsys.readouterr().err == ""
+    table = pd.read_csv(out / "tuning.csv")
+    assert list(table["trial"]) == [0, 1, 2] and table["l2"][1] == fits[1].values["l2"]
 
 
 def _tune_process(log_csv, out, *extra, stderr=None):
@@ -384,8 +447,10 @@ def test_two_processes_share_one_study_and_do_no_trial_twice(log_csv, tmp_path):
         description = json.loads((tmp_path / name / "run.json").read_text())
         assert {k: description["params"][k] for k in ("gamma", "dropout", "lr")} == trials[best][0]
         assert not (tmp_path / name / "study.db").exists()
-    lines = [line for e in errors for line in e.splitlines() if line.startswith("trial ")]
-    assert sorted(int(line.split()[1]) for line in lines) == sorted(trials)
+    # each trial logged once, under its recvae number (Optuna's count an attempt two workers took at once)
+    lines = [line for e in errors for line in e.splitlines() if line.startswith("trial ") and " of " in line]
+    numbers = [t.user_attrs["trial"] for t in study.trials if t.state.name == "COMPLETE"]
+    assert sorted(int(line.split()[1]) for line in lines) == sorted(numbers) == list(range(n))
 
 
 @needs_optuna

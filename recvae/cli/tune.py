@@ -1,8 +1,9 @@
 """``recvae tune``: choose hyperparameters on validation users and keep the chosen model as a run.
 
-Two ways: a grid run in this process as before (``--grid``, or each model's default grid), or an
-Optuna study (``--trials``, ``--space``, several ``--model``, ``--storage``, ``--resume``) kept
-in a database, so a stopped search keeps its finished trials and several processes can share it.
+One engine (recvae.tuning) for a plain grid (``--grid``, or each model's default grid) and an
+Optuna study (``--trials``, ``--space``, several ``--model``, ``--storage``); either keeps its
+trials in a database (``--out``'s study.db), so ``--resume`` continues a stopped search without
+running a finished trial again, and several processes can share a study (``--storage``).
 """
 
 from __future__ import annotations
@@ -23,17 +24,35 @@ from recvae.signals import Terminated, sigterm_raises, stopped_by
 HYPERPARAMETERS = True  # the models' hyperparameter flags (recvae.cli.hyperparameters)
 
 
+class _GridHelp(argparse._AppendAction):
+    """``--grid``: its help lists what each model tunes and its default grid, from the models'
+    tables (read only when help is shown: they import torch)."""
+
+    @property
+    def help(self):
+        from recvae.tuning import spaces
+
+        def grid(model):
+            return " ".join(f"{n}={','.join(f'{v:g}' if isinstance(v, float) else str(v) for v in vs)}"
+                            for n, vs in spaces.default_grid(model).items())
+
+        models = spaces.tunable_models()
+        return (f"{self._help}. Tunable: " + "; ".join(f"{m} {', '.join(spaces.tunable(m))}" for m in models)
+                + ". Default grid: " + "; ".join(f"{m} {grid(m)}" for m in models if grid(m))).replace("%", "%%")
+
+    @help.setter
+    def help(self, value):
+        self._help = value
+
+
 def add_parser(sub, common) -> None:
     u = sub.add_parser("tune", parents=[common], help="choose a model's hyperparameters on validation users, then keep the best as a run")
     add_source_options(u)
     add_data_options(u)
-    add_model_options(u, models="multvae (default), recvae or ease; several separated by commas (a study, "
-                                 "which chooses the model too), e.g. multvae,recvae,ease")
-    u.add_argument("--grid", action="append", metavar="NAME=V1,V2",
-                   help="values to try for one hyperparameter (repeat for more; every combination is tried); "
-                        "default per model: multvae latent_dim=50,200, recvae gamma=0.0025,0.005,0.01, "
-                        "ease l2=50,...,5000. Tunable: multvae latent_dim, hidden_dim, dropout, lr, kl_weighting; "
-                        "recvae gamma, latent_dim, dropout, lr; ease l2")
+    add_model_options(u, models="multvae (default), or any model with something to tune; several separated by "
+                                 "commas (a study, which chooses the model too), e.g. multvae,recvae,ease")
+    u.add_argument("--grid", action=_GridHelp, metavar="NAME=V1,V2",
+                   help="values to try for one hyperparameter (repeat for more; every combination is tried)")
     u.add_argument("--trials", type=int, metavar="N",
                    help="search with an Optuna study of N trials (TPE seeded by --seed) over --space ranges, "
                         "each model's default ranges without one; with --grid: its first N points. The study "
@@ -49,7 +68,8 @@ def add_parser(sub, common) -> None:
     u.add_argument("--study-name", metavar="NAME", help="the study's name in --storage (default recvae-tune)")
     mode = u.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true",
-                      help="continue the study in --out: finished trials are kept, one cut short runs again")
+                      help="continue the search in --out (a grid's or a study's): finished trials are kept, one cut "
+                           "short runs again with its values")
     mode.add_argument("--overwrite", action="store_true", help="empty the run directory --out first")
     u.add_argument("--out", metavar="RUN_DIR", required=True,
                    help="the chosen model's run directory, with tuning.csv (a new or empty directory)")
@@ -61,52 +81,53 @@ def add_parser(sub, common) -> None:
 
 def run(args) -> int:
     from recvae import tuning
+    from recvae.rundir import RunDir, RunFinished
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CLIError("tune runs in one process; start it without torchrun (train takes several; a study "
                        "takes several processes through --storage)")
     check_refit_out(args)
     names = [n.strip() for n in str(args.model).split(",") if n.strip()]
-    if (args.trials is not None or args.space or args.storage or args.resume or args.study_name is not None
-            or len(names) > 1):
-        return run_study(args, names)
-    name = model_name(args)
-    if name not in tuning.TUNABLE:
-        raise CLIError(f"--model {args.model}{latent_note(args)}: tune takes {', '.join(tuning.TUNABLE)}")
     try:
-        grid = tuning.parse_grid(args.grid, name)
-    except ValueError as e:
-        raise CLIError(f"--{e}") from None  # "grid latent_dim=x: ..." names the option
-    spec = data_spec_from_args(args)
-    params = model_params_from_args(args)
-    try:
-        points = tuning.check_grid(name, grid, params)
+        models = tuning.parse_models(names if len(names) > 1 else [model_name(args)])
     except ParameterError:
-        raise  # main() names its flag
+        raise CLIError(f"--model {args.model}{latent_note(args)}: tune takes {', '.join(tuning.tunable_models())} "
+                       "(one, or several separated by commas)") from None
+    if args.grid and len(models) > 1:
+        raise CLIError(f"--grid: a grid tunes one model; with --model {args.model} give ranges (--space)")
+    if args.grid and args.space:
+        raise CLIError("--grid, --space: a study searches a grid or ranges, not both")
+    spec = data_spec_from_args(args)
+    params = model_params(args, models)
+    # a study: numbered trials over ranges (or a grid's first --trials points); else a plain grid.
+    # --resume without --grid, --trials or --space: the search --out holds decides which
+    study = (args.trials is not None or bool(args.space) or args.storage is not None or args.study_name is not None
+             or len(models) > 1)
+    either = args.resume and not study and not args.grid
+    try:
+        grid = tuning.parse_grid(args.grid, models[0]) if args.grid or not (study or either) else None
+        space = tuning.parse_space(args.space, models, params) if study and grid is None else None
+        if not either:
+            tuning.check_study(models, space, grid, params)
     except ValueError as e:
-        raise CLIError(f"--{e}" if str(e).startswith("grid ") else str(e)) from None
-    from recvae.rundir import RunDir
-
+        raise _option_error(e) from None
     had_run = RunDir(args.out).state() not in ("absent", "empty")
-    n_trials = len(points) * (2 if name == "multvae" else 1) + (name == "multvae")
-    logger.info("tune %s on %s: %d trial(s) of %s", name, spec.name, n_trials, tuning.describe_grid(grid))
     try:
         with sigterm_raises():
-            tuned = tuning.tune(spec, name, grid, params, out=args.out, split_seed=args.split_seed,
+            tuned = tuning.tune(spec, models, grid=grid, params=params, out=args.out, n_trials=args.trials,
+                                space=space, storage=args.storage, study_name=args.study_name or tuning.STUDY_NAME,
+                                resume=args.resume, study=None if either else study, split_seed=args.split_seed,
                                 n_heldout_users=args.n_heldout_users, overwrite=args.overwrite,
-                                show_progress=not args.quiet, cutoff=args.cutoff, leave_last=args.leave_last)
+                                show_progress=not args.quiet, seed=getattr(args, "seed", 0), cutoff=args.cutoff,
+                                leave_last=args.leave_last)
     except (KeyboardInterrupt, Terminated) as e:
         signame, code = stopped_by(e)
-        state = RunDir(args.out).state()
-        if state in ("absent", "empty") and not had_run:
-            where = f"nothing was written to --out {args.out}"
-        elif state in ("absent", "empty"):
-            where = f"--out {args.out} is empty: its previous run was removed before the stop"
-        else:
-            where = f"--out {args.out} holds its previous run, unchanged"
-        print(f"recvae: stopped by {signame} during the trials; {where}", file=sys.stderr)
+        print(f"recvae: stopped by {signame} during the trials; {stop_line(args, had_run)}", file=sys.stderr)
         return code
-    report(args, tuned, name, spec)
+    except RunFinished as e:
+        print(f"recvae: {e}", file=sys.stderr)
+        return 0
+    report(args, tuned, ",".join(models), spec)
     return refit_chosen(args)
 
 
@@ -154,47 +175,6 @@ def model_params(args, models) -> dict:
     return params
 
 
-def run_study(args, names: list[str]) -> int:
-    from recvae import tuning
-    from recvae.progress import interactive
-    from recvae.rundir import RunFinished
-
-    try:
-        models = tuning.parse_models(names if len(names) > 1 else [model_name(args)])
-    except ParameterError:
-        raise CLIError(f"--model {args.model}{latent_note(args)}: tune takes {', '.join(tuning.TUNABLE)} "
-                       "(one, or several separated by commas)") from None
-    if args.grid and len(models) > 1:
-        raise CLIError(f"--grid: a grid tunes one model; with --model {args.model} give ranges (--space)")
-    if args.grid and args.space:
-        raise CLIError("--grid, --space: a study searches a grid or ranges, not both")
-    spec = data_spec_from_args(args)
-    params = model_params(args, models)
-    try:
-        grid = tuning.parse_grid(args.grid, models[0]) if args.grid else None
-        space = tuning.parse_space(args.space, models, params) if grid is None else None
-        tuning.check_study(models, space, grid, params)
-    except ValueError as e:
-        raise _option_error(e) from None
-    try:
-        with sigterm_raises():
-            tuned = tuning.tune_study(spec, models, n_trials=args.trials, space=space, grid=grid, params=params,
-                                      out=args.out, storage=args.storage, study_name=args.study_name or tuning.STUDY_NAME,
-                                      resume=args.resume, split_seed=args.split_seed,
-                                      n_heldout_users=args.n_heldout_users, overwrite=args.overwrite,
-                                      show_progress=not args.quiet, seed=getattr(args, "seed", 0), cutoff=args.cutoff,
-                                      leave_last=args.leave_last)
-    except (KeyboardInterrupt, Terminated) as e:
-        signame, code = stopped_by(e)
-        print(f"recvae: stopped by {signame} during the trials; {study_stop_line(args)}", file=sys.stderr)
-        return code
-    except RunFinished as e:
-        print(f"recvae: {e}", file=sys.stderr)
-        return 0
-    report(args, tuned, ",".join(models), spec)
-    return refit_chosen(args)
-
-
 def check_refit_out(args) -> None:
     """``--refit FINAL`` must be able to take the refit before hours of trials are spent."""
     if args.refit is None:
@@ -228,7 +208,7 @@ def refit_chosen(args) -> int:
     return 0
 
 
-def study_stop_line(args) -> str:
+def stop_line(args, had_run: bool) -> str:
     """Where the finished trials are after a stop, and how to go on."""
     from recvae import tuning
     from recvae.cli.train import resume_command
@@ -240,11 +220,14 @@ def study_stop_line(args) -> str:
         kept = "its finished trials" if n is None else f"its {n} finished trial(s)"
         return f"the study {name!r} at --storage keeps {kept}; run the same command to continue it"
     run_dir = RunDir(args.out)
-    if not run_dir.has_study():
-        return f"nothing was written to --out {args.out}"
-    n = tuning.count_finished(run_dir.study_url(), name)
-    kept = "its finished trials" if n is None else f"{n} finished trial(s)"
-    return f"--out {args.out} holds the study with {kept}; continue with: {resume_command(args)}"
+    if run_dir.has_study():
+        n = tuning.count_finished(run_dir.study_url(), name)
+        kept = "its finished trials" if n is None else f"{n} finished trial(s)"
+        return f"--out {args.out} holds the study with {kept}; continue with: {resume_command(args)}"
+    if run_dir.state() in ("absent", "empty"):
+        return (f"--out {args.out} is empty: its previous run was removed before the stop" if had_run
+                else f"nothing was written to --out {args.out}")
+    return f"--out {args.out} holds its previous run, unchanged"
 
 
 def report(args, tuned, models: str, spec) -> None:
