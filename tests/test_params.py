@@ -185,3 +185,26 @@ def test_ease_takes_its_dtype_as_a_name_or_a_numpy_dtype():
     assert EASE(dtype=np.float32)._json_params() == {"l2": 500.0, "dtype": "float32"}
     with pytest.raises(ParameterError, match="dtype: expected float32 or float64, got 'float16'"):
         EASE(dtype="float16")._check_params()
+
+
+def test_a_new_row_is_tuned_by_its_declared_range(toy, log, tmp_path, capsys):
+    from recvae import tuning
+
+    assert tuning.tunable("toy") == ("weight", "toy_knob")
+    assert tuning.default_grid("toy") == {"weight": (1.0, 2.0), "toy_knob": (2, 4)}
+    assert tuning.default_space("toy") == ("weight=float:0.5:2", "toy_knob=int:1:8")
+    with pytest.raises(ValueError, match="grid toy_knob=0: expected a positive integer each, such as 2,4"):
+        tuning.parse_grid(["toy_knob=0"], "toy")
+    base = ["-q", "tune", "--data", str(log), "--rating-col", "none", "--model", "toy", "--n-heldout-users", "20"]
+    assert main([*base, "--grid", "toy_knob=2,4", "--out", str(tmp_path / "grid")]) == 0
+    table = pd.read_csv(tmp_path / "grid" / "tuning.csv")
+    # the knob shifts every score alike: equal rankings, and ties go to the first trial
+    assert table["toy_knob"].tolist() == [2, 4] and table["selected"].tolist() == [True, False]
+    assert json.loads((tmp_path / "grid" / "run.json").read_text())["params"]["toy_knob"] == 2
+    assert main([*base, "--space", "toy_knob=int:1:8", "--trials", "3", "--out", str(tmp_path / "study")]) == 0
+    knobs = pd.read_csv(tmp_path / "study" / "tuning.csv")["toy_knob"]
+    assert len(knobs) == 3 and knobs.between(1, 8).all()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["tune", "--help"])
+    assert "toy weight, toy_knob" in " ".join(capsys.readouterr().out.split())
