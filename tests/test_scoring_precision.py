@@ -151,7 +151,7 @@ def test_the_scoring_precisions_are_the_same_everywhere():
 
 
 def test_an_unknown_precision_is_refused_by_name():
-    with pytest.raises(ParameterError, match=r"^precision: expected one of \['fp32', 'bf16'\], got 'fp16'"):
+    with pytest.raises(ParameterError, match=r"^precision: expected one of 'fp32', 'bf16', got 'fp16'"):
         MultVAE().set_scoring_precision("fp16")
 
 

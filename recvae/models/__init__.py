@@ -5,7 +5,7 @@
 - ``annealing.py``: the KL weight (beta) schedules
 - ``training_loop.py``: epochs, validation, early stopping, checkpoint state and resume
 - ``device.py``: device choice and the bf16 policy
-- ``checks.py``: the one check of each kind of hyperparameter value
+- ``params.py``: hyperparameters declared once: the kinds of values, a model's table of rows
 - ``vae.py``: the estimators ``MultVAE`` / ``MultDAE`` that train the networks
 - ``recvae_network.py``, ``recvae.py``: RecVAE's network (composite prior) and estimator
 - ``binary_vae.py``: ``BinaryMultVAE``, Mult-VAE with a Bernoulli (binary code) latent

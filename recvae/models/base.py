@@ -15,8 +15,7 @@ from recvae.data.interactions import as_csr
 from recvae.errors import ParameterError
 from recvae.fileio import read_json, write_json
 from recvae.metrics import mask_rows, top_k_with_scores
-from recvae.models import checks
-from recvae.models.params import Param, check_table, json_params, make_init, parameters_doc
+from recvae.models.params import Choice, Param, check_table, json_params, make_init, parameters_doc
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +241,7 @@ class Recommender:
         float32's in about the third significant digit, so items with nearly equal scores may swap
         places; ``benchmarks/serving.py`` measures how often a top-10 list changes. Training is
         not affected (see ``precision``)."""
-        checks.one_of("precision", precision, SCORING_PRECISIONS)
+        Choice(SCORING_PRECISIONS).check("precision", precision)
         if precision not in self._scoring_precisions:
             raise ParameterError("precision", f"{type(self).__name__} scores in float32 only "
                                               f"(expected one of {list(self._scoring_precisions)}, got {precision!r})")
