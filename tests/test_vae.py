@@ -19,38 +19,9 @@ from recvae.models import load_model as load
 from recvae.models.training_loop import CheckpointMismatch
 from recvae.models.vae import MultDAE, MultVAE, NonFiniteLossError
 from recvae.rundir import RunDir
+from synthetic import fold_in_split, planted
 
 SMALL = dict(hidden_dims=(16,), latent_dim=4, batch_size=50, random_state=0, device="cpu")
-
-
-def planted(n_users=400, n_items=60, n_clusters=4, per_user=8, seed=0):
-    """Users in clusters; each user picks items of its cluster only."""
-    rng = np.random.default_rng(seed)
-    width = n_items // n_clusters
-    rows, cols = [], []
-    for u in range(n_users):
-        c = rng.integers(n_clusters)
-        rows += [u] * per_user
-        cols += list(rng.choice(np.arange(c * width, (c + 1) * width), per_user, replace=False))
-    return sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(n_users, n_items))
-
-
-def fold_in_split(X, n_fold_in=4):
-    fi, ho = X.tolil(copy=True), X.tolil(copy=True)
-    for u in range(X.shape[0]):
-        idx = X[u].indices
-        fi[u, idx[n_fold_in:]] = 0
-        ho[u, idx[:n_fold_in]] = 0
-    fi, ho = fi.tocsr(), ho.tocsr()
-    fi.eliminate_zeros()
-    ho.eliminate_zeros()
-    return fi, ho
-
-
-@pytest.fixture(scope="module")
-def data():
-    X = planted()
-    return X[:300], fold_in_split(X[300:])
 
 
 def weights(model):
