@@ -113,6 +113,16 @@ class RecommenderContract:
         assert not hasattr(cloned, "n_items_")
 
 
+class EpochsSeen:
+    """A fit callback noting the epochs it trains."""
+
+    def __init__(self):
+        self.epochs = []
+
+    def on_epoch_end(self, info):
+        self.epochs.append(info.row["epoch"])
+
+
 class NeuralContract(RecommenderContract):
     """Models trained by epochs: a fit stopped after 2 epochs and resumed from its checkpoint to 4
     is the uninterrupted 4-epoch fit, bit for bit (on one machine; across machines the
@@ -121,7 +131,9 @@ class NeuralContract(RecommenderContract):
     def test_resume_is_the_uninterrupted_fit(self, fitted, tiny, tmp_path):
         straight, _ = fitted  # TINY_NET's 4 epochs, uninterrupted
         self.fit(self.make(epochs=2), tiny, callbacks=[ckpt(tmp_path)])
-        resumed = self.fit(self.make(), tiny, callbacks=[ckpt(tmp_path)], resume_from=resume(tmp_path))
+        trained = EpochsSeen()
+        resumed = self.fit(self.make(), tiny, callbacks=[ckpt(tmp_path), trained], resume_from=resume(tmp_path))
+        assert trained.epochs == [3, 4]  # resumed, not trained again from the start
         assert len(resumed.history_) == len(straight.history_) == 4
         assert [h["epoch"] for h in resumed.history_] == [1, 2, 3, 4]
         a, b = resumed.module_.state_dict(), straight.module_.state_dict()
