@@ -19,7 +19,7 @@ from recvae.models import load_model as load
 from recvae.models.training_loop import CheckpointMismatch
 from recvae.models.vae import MultDAE, MultVAE, NonFiniteLossError
 from recvae.rundir import RunDir
-from synthetic import fold_in_split, planted
+from synthetic import planted
 
 SMALL = dict(hidden_dims=(16,), latent_dim=4, batch_size=50, random_state=0, device="cpu")
 
