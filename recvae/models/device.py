@@ -43,8 +43,7 @@ def stored_device(stored, where) -> torch.device:
         return torch.device("cpu")
 
 
-#: Measured on a CPU without native bf16 (AVX2 only): one Mult-VAE epoch on a 6,000 x 3,500
-#: matrix took 16.2 s in bf16 against 0.9 s with "auto" (fp32 there), bf16 being emulated.
+#: What emulated bf16 cost on an AVX2-only CPU (issue 27), quoted by the warning.
 EMULATED_BF16_SLOWDOWN = "a Mult-VAE epoch on a 6,000 x 3,500 matrix took 16.2 s in bf16 against 0.9 s in fp32, ~18x slower"
 
 _warned_emulated_bf16 = False
