@@ -58,6 +58,7 @@ from recvae import __version__ as recvae_version
 from recvae import tuning
 from recvae.cli import CLIError, add_data_options, data_spec_from_args
 from recvae.cli.common import add_time_split_options
+from recvae.models.device import resolve_device, resolve_precision
 from recvae.data import Interactions
 from recvae.data.interactions import sorted_unique
 from recvae.data.splits import default_n_heldout_users, make_split
@@ -499,8 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(default 5 below 2,000 users, else 3)")
     p.add_argument("--models", default=",".join(ALL_MODELS), help="comma list out of " + ",".join(ALL_MODELS))
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",
-                   help="matrix product precision of Mult-VAE/Mult-DAE training (default bf16)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="matrix product precision of Mult-VAE/Mult-DAE training (default auto, as `recvae "
+                        "train`: bf16 where the CPU or GPU has it natively, else fp32)")
     p.add_argument("--compare-precision", choices=("none", "timing", "full"), default="none",
                    help="rerun the selected Mult-VAE in the other precision: fully (a table row) or "
                         "5 epochs for seconds per epoch")
@@ -569,6 +571,8 @@ def _main(args, argv) -> int:
         raise CLIError(f"--max-minutes: expected a positive number, got {args.max_minutes}")
     if not args.out_dir.is_dir():
         raise CLIError(f"--out-dir {args.out_dir}: no such folder")
+    # "auto" resolved once, so the other-precision rerun and the report name the precision used
+    args.precision = resolve_precision(args.precision, resolve_device(args.device))
     budget = TimeBudget(args.max_minutes)
     load_start = os.getloadavg()
     plot = available("matplotlib")  # checked now: a long run must not die drawing its picture

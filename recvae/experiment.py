@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from recvae import distributed
 from recvae.data.interactions import Interactions

@@ -1,12 +1,18 @@
 """Shared fixtures. Real MovieLens checks read the data directory resolved like the library does:
-$RECVAE_DATA (CI points it at ../shared/data), else ../shared/data beside the repository."""
+$RECVAE_DATA (CI points it at ../shared/data), else ../shared/data beside the repository.
+Synthetic data: ``data`` (a planted-cluster matrix and a fold-in split, tests/synthetic.py) and
+``log_csv`` (an interaction file for the command line); a test module may define its own."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
+
+from synthetic import fold_in_split, planted
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,3 +32,29 @@ def real_data_dir() -> Path:
     if d is None:
         pytest.skip("real MovieLens data not found: set RECVAE_DATA or place ../shared/data beside the repo")
     return d
+
+
+@pytest.fixture(scope="module")
+def data():
+    """400 users in 4 planted clusters over 60 items (8 items each): 300 training users, and the
+    last 100 split into fold-in (4 items) and held-out rows."""
+    X = planted()
+    return X[:300], fold_in_split(X[300:])
+
+
+@pytest.fixture(scope="module")
+def log_csv(tmp_path_factory):
+    """240 users in 6 taste clusters over 120 string-id items; ratings 1-5 (kept when > 3.5)."""
+    rng = np.random.default_rng(7)
+    rows = []
+    for u in range(240):
+        cluster = u % 6
+        liked = rng.choice(np.arange(cluster * 20, cluster * 20 + 20), size=12, replace=False)
+        noise = rng.choice(120, size=3, replace=False)
+        for i in liked:
+            rows.append((f"u{u}", f"m{i}", 5.0))
+        for i in noise:
+            rows.append((f"u{u}", f"m{i}", float(rng.choice([1, 2, 4]))))
+    path = tmp_path_factory.mktemp("log") / "log.csv"
+    pd.DataFrame(rows, columns=["uid", "iid", "stars"]).to_csv(path, index=False)
+    return path

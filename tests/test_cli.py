@@ -15,22 +15,6 @@ from recvae.cli import main
 from recvae.data import Interactions
 
 
-@pytest.fixture(scope="module")
-def log_csv(tmp_path_factory):
-    """240 users in 6 taste clusters over 120 string-id items; ratings 1-5 (kept when > 3.5)."""
-    rng = np.random.default_rng(7)
-    rows = []
-    for u in range(240):
-        cluster = u % 6
-        liked = rng.choice(np.arange(cluster * 20, cluster * 20 + 20), size=12, replace=False)
-        noise = rng.choice(120, size=3, replace=False)
-        for i in liked:
-            rows.append((f"u{u}", f"m{i}", 5.0))
-        for i in noise:
-            rows.append((f"u{u}", f"m{i}", float(rng.choice([1, 2, 4]))))
-    path = tmp_path_factory.mktemp("log") / "log.csv"
-    pd.DataFrame(rows, columns=["uid", "iid", "stars"]).to_csv(path, index=False)
-    return path
 
 
 def train_args(log_csv, out, model="multvae", extra=()):

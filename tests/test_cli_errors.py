@@ -6,7 +6,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from recvae import experiment
 from recvae.cli import main
 from recvae.errors import ParameterError, shown
 from recvae.models import MultVAE

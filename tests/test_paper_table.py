@@ -97,10 +97,13 @@ def test_smoke_writes_json_md_png_with_expected_keys(paper_table, log_csv, tmp_p
     assert "Both heuristic runs: hidden (1000,), latent 50, KL weighting activity" in md
 
 
-def test_heuristic_network_paper_keeps_the_papers_network_for_both_runs(paper_table, log_csv, tmp_path):
+def test_heuristic_network_paper_keeps_the_papers_network_for_both_runs(paper_table, log_csv, tmp_path, monkeypatch):
+    monkeypatch.setenv("RECVAE_CPU_BF16", "0")  # a CPU without native bf16: the default "auto" is fp32
+    assert paper_table.build_parser().get_default("precision") == "auto"  # as `recvae train`'s
     assert paper_table.main(args_for(log_csv, tmp_path, "--models", "multvae", "--seeds", "1",
-                                     "--heuristic-network", "paper", "--precision", "fp32")) == 0
+                                     "--heuristic-network", "paper")) == 0
     report = json.loads((tmp_path / "tiny.json").read_text())
+    assert report["precision"] == "fp32"  # the precision used, not "auto"
     assert report["heuristic_network"] == "paper"
     for key in ("multvae:anneal-1", "multvae:heuristic"):
         params = report["per_seed"][0][key]["params"]

@@ -22,16 +22,10 @@ from recvae.models.recvae_network import (
 )
 from recvae.models import load_model as load
 
-from test_cli import log_csv, train_args  # noqa: F401 (fixture)
-from test_vae import assert_same_weights, fold_in_split, planted, weights
+from test_cli import train_args
+from test_vae import assert_same_weights, weights
 
 SMALL = dict(hidden_dims=(16, 16, 16), latent_dim=4, batch_size=50, random_state=0, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def data():
-    X = planted()
-    return X[:300], fold_in_split(X[300:])
 
 
 def normal_pdf(x, mu, var):
@@ -201,7 +195,7 @@ def test_resume_continues_to_identical_weights(data, tmp_path):
 
 
 # -- command line -------------------------------------------------------------------------------
-def test_cli_trains_recvae_with_its_flags(log_csv, tmp_path, capsys):  # noqa: F811
+def test_cli_trains_recvae_with_its_flags(log_csv, tmp_path, capsys):
     out = tmp_path / "rv"
     extra = ["--epochs", "1", "--hidden-dims", "16,16", "--latent-dim", "8", "--gamma", "0.01",
              "--encoder-epochs", "2", "--mixture-weights", "0.2,0.7,0.1"]

@@ -13,7 +13,6 @@ import os
 import sys
 from pathlib import Path
 
-from recvae import __version__
 from recvae.cli.common import CLIError, add_data_options, data_spec_from_args
 from recvae.cli.parser import build_parser, command_flags
 from recvae.errors import ParameterError

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from recvae.errors import ParameterError
 from recvae.cli.common import (
-    CLIError, add_data_options, add_model_options, add_source_options, data_spec_from_args, format_table, logger,
+    CLIError, add_data_options, add_model_options, add_source_options, data_spec_from_args, format_table,
 )
 from recvae.cli.hyperparameters import DESTS, latent_note, model_name, model_params_from_args
 from recvae.signals import Terminated, sigterm_raises, stopped_by
