@@ -1,31 +1,53 @@
-"""Errors that carry the offending parameter as data, so the command line can name the flag
-the user typed (through its parser) without reading the message text."""
+"""The family of errors a user can cause: bad arguments, bad or damaged input files, wrong
+settings. Each carries what it concerns as data (the parameter, the file and line), so the
+command line can name the flag the user typed (through its parser) without reading the
+message text, and tell a user's error (one line) from a bug (a traceback)."""
 
 from __future__ import annotations
 
 
-class ParameterError(ValueError):
-    """A bad value of one parameter. ``param``: its name in the library (``latent_dim``,
-    ``item_col``, ``dataset``); ``message``: what was wrong, without the name; ``where``: the
-    file (and line) it concerns, when there is one. ``names``: other parameters the message
-    speaks of, written ``{cutoff}`` in it: the library shows their names, the command line the
-    flags the user types (:meth:`text`), so no library message spells a flag."""
+class RecvaeError(Exception):
+    """Base of every error a user can cause. ``param``: the parameter it concerns, by its name
+    in the library (``latent_dim``, ``item_col``), when there is one; ``where``: the file (and
+    line) it concerns, when there is one; ``names``: parameters the message speaks of, written
+    ``{cutoff}`` in it: the library shows their names, the command line the flags the user
+    types (:meth:`text`), so no library message spells a flag."""
 
-    def __init__(self, param: str, message: str, where: str | None = None, names: tuple[str, ...] = ()):
-        self.param, self.template, self.where, self.names = param, message, where, tuple(names)
+    def __init__(self, message: str = "", *, param: str | None = None, where: str | None = None,
+                 names: tuple[str, ...] = ()):
+        self.param, self.template, self.where, self.names = param, str(message), where, tuple(names)
         self.message = self._filled(lambda name: name)
-        super().__init__(f"{where + ': ' if where else ''}{param}: {self.message}")
+        super().__init__(self.text(lambda name: name))
 
     def _filled(self, spell) -> str:
         return self.template.format(**{n: spell(n) for n in self.names}) if self.names else self.template
 
     def text(self, spell) -> str:
         """The one line with every parameter spelt by ``spell`` (name -> how the caller writes it)."""
-        return f"{self.where + ': ' if self.where else ''}{spell(self.param)}: {self._filled(spell)}"
+        head = (f"{self.where}: " if self.where else "") + (f"{spell(self.param)}: " if self.param else "")
+        return head + self._filled(spell)
+
+
+class ParameterError(RecvaeError, ValueError):
+    """A bad value of one parameter. ``param``: its name in the library (``latent_dim``,
+    ``item_col``, ``dataset``); ``message``: what was wrong, without the name; ``where``: the
+    file (and line) it concerns, when there is one; ``names``: see :class:`RecvaeError`."""
+
+    def __init__(self, param: str, message: str, where: str | None = None, names: tuple[str, ...] = ()):
+        super().__init__(message, param=param, where=where, names=names)
 
     def renamed(self, param: str) -> "ParameterError":
         """The same error under the name a higher layer gives the parameter."""
         return type(self)(param, self.template, self.where, self.names)
+
+
+class InputError(RecvaeError, ValueError):
+    """Bad content of an input: a file that is damaged, of another format or another run, or
+    data that cannot be used. ``where``: the file (and line) or the argument it concerns;
+    ``message``: what was wrong and what was expected; ``names``: see :class:`RecvaeError`."""
+
+    def __init__(self, where: str | object | None, message: str, names: tuple[str, ...] = ()):
+        super().__init__(message, where=None if where is None else str(where), names=names)
 
 
 def shown(value) -> str:

@@ -19,7 +19,7 @@ from recvae import distributed
 from recvae.data.interactions import Interactions
 from recvae.data.source import DataSpec, dropped_users, read_source, seen_interactions
 from recvae.data.splits import NoHoldout, make_split, no_holdout
-from recvae.errors import ParameterError
+from recvae.errors import ParameterError, RecvaeError
 from recvae.evaluation import EvaluationResult, evaluate
 from recvae.models.device import resolve_device
 from recvae.models.registry import is_neural, trains_by_epochs
@@ -36,7 +36,7 @@ __all__ = ["DataSpec", "RunConfig", "RunResult", "RunFinished", "ResumeMismatch"
            "fit_and_evaluate", "write_run_dir", "load_run", "REPORT_METRICS"]
 
 
-class ResumeMismatch(ValueError):
+class ResumeMismatch(RecvaeError, ValueError):
     """``resume=True`` with settings that differ from the run directory's ``run.json``.
     ``differences``: ``(setting, in run.json, now)`` with settings named as ``RunConfig`` fields
     (``data.path``, ``split_seed``, ``params.dropout``, ...)."""
@@ -104,7 +104,7 @@ def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: 
             result = fit_and_evaluate(split, estimator, ks=config.ks, callbacks=callbacks, resume_from=resume_from,
                                       fit=not (resume and state == "trained"), show_progress=show_progress)
         except CheckpointMismatch as e:
-            raise ValueError(f"resume: {run_dir.file(CHECKPOINT_FILE)} {e}") from None
+            raise ParameterError("resume", f"{run_dir.file(CHECKPOINT_FILE)} {e}") from None
         except NonFiniteLossError:
             if main and not resume:  # nothing learnt: leave nothing of this run behind
                 run_dir.empty()

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from recvae.data.source import DataSpec
-from recvae.errors import ParameterError
+from recvae.errors import InputError, ParameterError
 from recvae.experiment import RunResult, run
 from recvae.fileio import read_json
 from recvae.models.registry import default_params, is_neural
@@ -54,7 +54,7 @@ def refit_config(run_dir: str | os.PathLike, device: str | None = None) -> RunCo
         # model learns from all that is known
         data = DataSpec(**{**description["data"], "timestamp_col": None})
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{source.file(RUN_JSON)}: data: not a data description this recvae reads ({e})") from None
+        raise InputError(source.file(RUN_JSON), f"data: not a data description this recvae reads ({e})") from None
     return RunConfig(data=data, model=name, params=params, split_seed=int(description.get("split_settings", {})
                      .get("split_seed", 0)), ks=tuple(description.get("ks", (20, 50, 100))), holdout="none",
                      refit_of={"run": str(run_dir), "best_epoch": best_epoch})

@@ -42,7 +42,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from recvae import signals
-from recvae.errors import ParameterError
+from recvae.errors import InputError, ParameterError, RecvaeError
 from recvae.data import Interactions, read_table
 from recvae.data.splits import HeldOutUsers
 from recvae.fileio import (
@@ -79,7 +79,7 @@ MODEL_FILES = {MODEL_FILE, "weights.pt", "arrays.npz"}
 SPLIT_FILES = {"validation": VALIDATION_FILE, "test": TEST_FILE}
 
 
-class RunLocked(ValueError):
+class RunLocked(RecvaeError, ValueError):
     """Another process is writing the run directory."""
 
 
@@ -159,7 +159,7 @@ class RunDir:
             return None
         payload = read_torch(path, "checkpoint", mmap=True)
         if not isinstance(payload, dict) or not isinstance(payload.get("epoch"), int):
-            raise ValueError(f"{path}: not a recvae checkpoint (no epoch counter)")
+            raise InputError(path, "not a recvae checkpoint (no epoch counter)")
         return int(payload["epoch"])
 
     def state(self) -> str:
@@ -346,7 +346,7 @@ class RunDir:
         description = read_json(path)
         for key, kind in (("model", str), ("data", dict)):
             if not isinstance(description.get(key), kind):
-                raise ValueError(f"{path}: {key}: expected a {'string' if kind is str else 'JSON object'}, "
+                raise InputError(path, f"{key}: expected a {'string' if kind is str else 'JSON object'}, "
                                  f"got {description.get(key)!r}")
         return description
 
@@ -358,7 +358,7 @@ class RunDir:
         except ValueError as e:
             raise ValueError(f"{e}{advice}") from None
         if not isinstance(payload, dict) or "epoch" not in payload:
-            raise ValueError(f"{path}: not a recvae checkpoint{advice}")
+            raise InputError(path, f"not a recvae checkpoint{advice}")
         return payload
 
     def has_model(self) -> bool:
@@ -402,7 +402,7 @@ class RunDir:
             return None
         frame = read_table(path, id_cols=("user",))
         if list(frame.columns) != ["user", "interactions", "reason"]:
-            raise ValueError(f"{path}: expected the columns user, interactions, reason; found {list(frame.columns)}")
+            raise InputError(path, f"expected the columns user, interactions, reason; found {list(frame.columns)}")
         return frame
 
 
@@ -456,14 +456,14 @@ def _describe_holder(text: str) -> str:
 
 def _check_items(path: Path, n_items: int, model, item_ids=None) -> None:
     if n_items != model.n_items_:
-        raise ValueError(f"{path}: {n_items} items, but the model has {model.n_items_}: not the model's data")
+        raise InputError(path, f"{n_items} items, but the model has {model.n_items_}: not the model's data")
     model_ids = getattr(model, "item_ids_", None)
     if item_ids is not None and model_ids is not None:
         same = len(model_ids) == len(item_ids) and all(
             type(a) is type(b) and a == b for a, b in zip(np.asarray(item_ids).tolist(), np.asarray(model_ids).tolist())
         )
         if not same:
-            raise ValueError(f"{path}: its item ids differ from the model's (model/model.json): not the model's data")
+            raise InputError(path, "its item ids differ from the model's (model/model.json): not the model's data")
 
 
 def save_heldout(path: Path, users: HeldOutUsers) -> None:
@@ -485,4 +485,4 @@ def load_heldout(path: Path) -> HeldOutUsers:
             )
         return HeldOutUsers(fold_in=mats["fold_in"], heldout=mats["heldout"], user_ids=z["user_ids"])
     except (KeyError, ValueError, TypeError, IndexError) as e:
-        raise ValueError(f"{path}: not a valid held-out users file ({e})") from e
+        raise InputError(path, f"not a valid held-out users file ({e})") from e

@@ -32,7 +32,7 @@ from recvae.data.interactions import NPZ_FORMAT_VERSION, Interactions
 from recvae.data.preprocessing import PAPER
 from recvae.data.readers import read_table
 from recvae.data.paths import resolve_data_dir
-from recvae.errors import ParameterError
+from recvae.errors import ParameterError, RecvaeError
 from recvae.fileio import read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def _read_member(spec: MovieLensSpec, data_dir, filename: str, download: bool, s
     return _read_from_zip(archive, spec, filename, **kwargs)
 
 
-class DamagedArchiveError(ValueError):
+class DamagedArchiveError(RecvaeError, ValueError):
     """A zip in the data directory cannot be opened, or a member fails to decompress or its CRC."""
 
     def __init__(self, archive: Path, reason: str):
