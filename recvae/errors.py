@@ -5,49 +5,60 @@ message text, and tell a user's error (one line) from a bug (a traceback)."""
 
 from __future__ import annotations
 
+import re
+
 
 class RecvaeError(Exception):
     """Base of every error a user can cause. ``param``: the parameter it concerns, by its name
-    in the library (``latent_dim``, ``item_col``), when there is one; ``where``: the file (and
-    line) it concerns, when there is one; ``names``: parameters the message speaks of, written
-    ``{cutoff}`` in it: the library shows their names, the command line the flags the user
-    types (:meth:`text`), so no library message spells a flag."""
+    in the library (``latent_dim``, ``item_col``), when there is one; ``given``: the value shown
+    after that name, for a path (``out runs/a: exists and is not a directory``); ``where``: the
+    file (and line) it concerns, when there is one; ``names``: parameters the message (or ``where``)
+    speaks of, written ``{cutoff}`` in it: the library shows their names, the command line the flags the
+    user types (:meth:`text`), so no library message spells a flag."""
 
-    def __init__(self, message: str = "", *, param: str | None = None, where: str | None = None,
-                 names: tuple[str, ...] = ()):
-        self.param, self.template, self.where, self.names = param, str(message), where, tuple(names)
+    def __init__(self, message: str = "", *, param: str | None = None, where=None, names: tuple[str, ...] = (),
+                 given=None):
+        self.param, self.template, self.names = param, str(message), tuple(names)
+        self.where = None if where is None else str(where)
+        self.given = None if given is None else str(given)
         self.message = self._filled(lambda name: name)
         super().__init__(self.text(lambda name: name))
 
-    def _filled(self, spell) -> str:
-        return self.template.format(**{n: spell(n) for n in self.names}) if self.names else self.template
+    def _filled(self, spell, text: str | None = None) -> str:
+        # only the listed names: a value quoted in the message may hold braces of its own
+        text = self.template if text is None else text
+        if not self.names:
+            return text
+        return re.sub(r"\{(\w+)\}", lambda m: spell(m[1]) if m[1] in self.names else m[0], text)
 
     def text(self, spell) -> str:
         """The one line with every parameter spelt by ``spell`` (name -> how the caller writes it)."""
-        head = (f"{self.where}: " if self.where else "") + (f"{spell(self.param)}: " if self.param else "")
+        head = f"{self._filled(spell, self.where)}: " if self.where else ""
+        if self.param:
+            head += spell(self.param) + (f" {self.given}: " if self.given is not None else ": ")
         return head + self._filled(spell)
 
 
 class ParameterError(RecvaeError, ValueError):
     """A bad value of one parameter. ``param``: its name in the library (``latent_dim``,
     ``item_col``, ``dataset``); ``message``: what was wrong, without the name; ``where``: the
-    file (and line) it concerns, when there is one; ``names``: see :class:`RecvaeError`."""
+    file (and line) it concerns, when there is one; ``names`` and ``given``: see :class:`RecvaeError`."""
 
-    def __init__(self, param: str, message: str, where: str | None = None, names: tuple[str, ...] = ()):
-        super().__init__(message, param=param, where=where, names=names)
+    def __init__(self, param: str, message: str, where=None, names: tuple[str, ...] = (), given=None):
+        super().__init__(message, param=param, where=where, names=names, given=given)
 
     def renamed(self, param: str) -> "ParameterError":
         """The same error under the name a higher layer gives the parameter."""
-        return type(self)(param, self.template, self.where, self.names)
+        return type(self)(param, self.template, self.where, self.names, self.given)
 
 
 class InputError(RecvaeError, ValueError):
     """Bad content of an input: a file that is damaged, of another format or another run, or
-    data that cannot be used. ``where``: the file (and line) or the argument it concerns;
-    ``message``: what was wrong and what was expected; ``names``: see :class:`RecvaeError`."""
+    data that cannot be used. ``where``: the file (and line) it concerns; ``message``: what was
+    wrong and what was expected; ``names``: see :class:`RecvaeError`."""
 
-    def __init__(self, where: str | object | None, message: str, names: tuple[str, ...] = ()):
-        super().__init__(message, where=None if where is None else str(where), names=names)
+    def __init__(self, where, message: str, names: tuple[str, ...] = ()):
+        super().__init__(message, where=where, names=names)
 
 
 def shown(value) -> str:
@@ -65,3 +76,18 @@ class ColumnError(ParameterError, KeyError):
     """A column parameter (``user_col``, ...) names a column the table does not have."""
 
     __str__ = ValueError.__str__  # the message as it is, not quoted as a KeyError's key
+
+
+class MissingPathError(RecvaeError, FileNotFoundError):
+    """A path parameter (``run_dir``, ``out``) names nothing usable: not there, or not what it
+    must be (a run directory). Still a ``FileNotFoundError`` for the callers that catch one."""
+
+    def __init__(self, param: str, message: str, given=None, names: tuple[str, ...] = ()):
+        super().__init__(message, param=param, given=given, names=names)
+
+
+class UnwritablePathError(RecvaeError, PermissionError):
+    """A path parameter (``out``, ``output``) names a place this process may not write."""
+
+    def __init__(self, param: str, message: str, given=None, names: tuple[str, ...] = ()):
+        super().__init__(message, param=param, given=given, names=names)

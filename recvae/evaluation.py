@@ -222,14 +222,14 @@ def paired_difference(model: list, baseline: list, n_resamples: int = 2000, seed
     * ``wins``: splits where the model's mean is above the baseline's; ``n_splits``, ``n_users``.
     """
     if len(model) != len(baseline) or not model:
-        raise ValueError(f"model, baseline: expected per-user arrays for the same splits, got {len(model)} "
-                         f"and {len(baseline)}")
+        raise ParameterError("baseline", f"expected per-user arrays for the same (non-empty) splits as model, got "
+                                         f"{len(baseline)} and {len(model)}")
     diffs = []
     for s, (a, b) in enumerate(zip(model, baseline)):
         a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
         if a.shape != b.shape or a.ndim != 1 or a.size == 0:
-            raise ValueError(f"split {s}: expected two equal-length, non-empty per-user arrays, got shapes "
-                             f"{a.shape} and {b.shape}")
+            raise ParameterError("baseline", f"split {s}: expected a non-empty per-user array of model's length, got "
+                                             f"shapes {b.shape} (baseline) and {a.shape} (model)")
         diffs.append(a - b)
     if not 0 < level < 1:
         raise ParameterError("level", f"expected a probability in (0, 1), got {level!r}")

@@ -42,7 +42,7 @@ class ResumeMismatch(RecvaeError, ValueError):
     (``data.path``, ``split_seed``, ``params.dropout``, ...)."""
 
     def __init__(self, message: str, differences: list[tuple[str, object, object]]):
-        super().__init__(message)
+        super().__init__(message, param="resume")
         self.differences = differences
 
 
@@ -125,7 +125,7 @@ def _check_run_dir(run_dir: RunDir, config: RunConfig, resume: bool, overwrite: 
     run_dir.check_writable_for(resume=resume, overwrite=overwrite)
     if resume and not run_dir.path.exists():
         raise ParameterError("resume", f"{run_dir} does not exist, so there is no run to continue; "
-                                       "start it without --resume")
+                                       "start it without {resume}", names=("resume",))
     if not resume or not run_dir.entries():
         if resume:
             logger.info("resume: %s is empty or absent; starting the run from scratch", run_dir)
@@ -134,7 +134,7 @@ def _check_run_dir(run_dir: RunDir, config: RunConfig, resume: bool, overwrite: 
     differences = resume_differences(config, saved)
     if differences:
         detail = "; ".join(f"{k}: {a!r} in run.json, now {b!r}" for k, a, b in differences)
-        raise ResumeMismatch(f"resume: the settings differ from {run_dir.file(RUN_JSON)} ({detail})", differences)
+        raise ResumeMismatch(f"the settings differ from {run_dir.file(RUN_JSON)} ({detail})", differences)
     if run_dir.state() == "finished":
         note = ""
         if is_neural(config.model) and not run_dir.file(CURVE_FILE).is_file() and available("matplotlib"):
@@ -175,8 +175,8 @@ def _split(config: RunConfig, interactions: Interactions):
                     d["test"]["n_users"], split.n_heldout_users, split.n_heldout_users, f"{split.train.n_users:,}",
                     f"{split.train.nnz:,}", f"{d['train']['n_interactions_not_trained_on']:,}")
     if max(config.ks) > split.train.n_items:
-        raise ValueError(f"data {config.data.name}: {split.train.n_items} items after preprocessing, fewer than "
-                         f"the largest cutoff of the metrics (K = {max(config.ks)}, ks={list(config.ks)})")
+        raise ParameterError("ks", f"{split.train.n_items} items of {config.data.name} after preprocessing, fewer "
+                             f"than the largest cutoff of the metrics (K = {max(config.ks)}, ks={list(config.ks)})")
     return split
 
 

@@ -149,10 +149,8 @@ def rank_users(score, fold_in: sp.csr_matrix, k: int, batch_size: int, batches=i
         scores = np.asarray(score(x))
         seconds = time.perf_counter() - t0
         if scores.shape != x.shape:
-            raise ValueError(
-                f"model.score: returned shape {scores.shape} for a batch of shape {x.shape}; "
-                "expected dense (batch, n_items)"
-            )
+            raise ParameterError("model", f"score() returned shape {scores.shape} for a batch of shape {x.shape}; "
+                                          "expected dense (batch, n_items)")
         if not scores.flags.writeable or not np.issubdtype(scores.dtype, np.floating):
             scores = scores.astype(np.float32)
         mask_rows(scores, x)

@@ -43,11 +43,11 @@ class IdError(RecvaeError, ValueError):
     """An id that cannot be an id of the run (e.g. ``1.5`` where ids are integers).
 
     ``position`` is the 0-based position of the value in its column, so callers can name a
-    file line or a JSON field.
+    file line or a JSON field; ``names``: parameters the message speaks of (:class:`RecvaeError`).
     """
 
-    def __init__(self, message: str, position: int, value):
-        super().__init__(message)
+    def __init__(self, message: str, position: int, value, names: tuple[str, ...] = ()):
+        super().__init__(message, names=names)
         self.position = position
         self.value = value
 
@@ -414,15 +414,16 @@ class RunRecommender:
             return rows, given.astype(str).to_numpy(dtype=object)
         return rows, converted
 
-    def item_codes(self, values, locate: Callable[[int], str]) -> np.ndarray:
+    def item_codes(self, values, locate: Callable[[int], str], names: tuple[str, ...] = ()) -> np.ndarray:
         """Catalogue positions of item ``values`` (-1 unknown); :class:`IdError` naming
-        ``locate(position)`` for a value that cannot be an item id of the run."""
+        ``locate(position)`` (which may speak of the parameters ``names``) for a value that cannot
+        be an item id of the run."""
         codes, _, bad = match_ids(values, self.items)
         if bad.any():
             j = int(np.flatnonzero(bad)[0])
             value = list(values)[j] if not isinstance(values, pd.Series) else values.iloc[j]
             raise IdError(f"{locate(j)} holds {value!r}, which cannot be an item id of the run "
-                          f"(its item ids are {_kind(self.items)})", j, value)
+                          f"(its item ids are {_kind(self.items)})", j, value, names)
         return codes
 
     def similar(self, values, k: int = 10, locate: Callable[[int], str] = lambda j: f"item {j + 1}") -> pd.DataFrame:

@@ -29,15 +29,16 @@ def refit_config(run_dir: str | os.PathLike, device: str | None = None) -> RunCo
     if holdout_of(description) == "none":
         origin = description.get("refit_of") or {}
         note = f" (a refit of {origin['run']})" if origin.get("run") else ""
-        raise ValueError(f"RUN_DIR {run_dir}: the run has no held-out users already{note}: it trained on every "
-                         "user, so there is nothing to refit")
+        raise ParameterError("run_dir", f"the run has no held-out users already{note}: it trained on every user, "
+                             "so there is nothing to refit", given=run_dir)
     if not source.completed():
-        raise ValueError(f"RUN_DIR {run_dir}: the run has not finished (no model or no {METRICS_FILE}); finish it "
-                         "with the `recvae train` command that started it plus --resume, then refit")
+        raise ParameterError("run_dir", f"the run has not finished (no model or no {METRICS_FILE}); finish it with "
+                             "the `recvae train` command that started it plus {resume}, then refit", given=run_dir,
+                             names=("resume",))
     ended = read_json(source.file(METRICS_FILE)).get("ended", "completed")
     if ended != "completed":
-        raise ValueError(f"RUN_DIR {run_dir}: its training did not complete ({ended}), so it has no best epoch "
-                         "to refit with; resume it with a lower --lr first")
+        raise ParameterError("run_dir", f"its training did not complete ({ended}), so it has no best epoch to "
+                             "refit with; resume it with a lower {lr} first", given=run_dir, names=("lr",))
     model = source.load_model(device="cpu")  # a damaged or replaced model is refused by name
     name = description["model"]
     params = dict(description.get("params") or {})

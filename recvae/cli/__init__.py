@@ -17,7 +17,7 @@ from pathlib import Path
 
 from recvae import __version__
 from recvae.cli.common import CLIError, add_data_options, data_spec_from_args
-from recvae.cli.parser import build_parser, command_flags
+from recvae.cli.parser import build_parser, command_flags, spelling
 from recvae.errors import RecvaeError
 from recvae.signals import Terminated, received, sigterm_raises, stopped_by
 
@@ -85,8 +85,7 @@ def user_message(error: BaseException, parser: argparse.ArgumentParser, command:
     parameters as data: each becomes the flag the user typed (``latent_dim`` -> ``--latent-dim``),
     found through the parser. Other messages are printed as they are, on one line."""
     if isinstance(error, RecvaeError):
-        flags = command_flags(parser, command)
-        msg = error.text(lambda name: flags.get(name, name))
+        msg = error.text(spelling(parser, command))
     else:
         msg = str(error)
     return " ".join(str(msg).split())  # one line, whatever the parser (pandas, torch) put in it

@@ -47,7 +47,7 @@ class Interactions:
 
     def __post_init__(self) -> None:
         if (self.timestamps is None) != (self.sequence is None):
-            raise ValueError("timestamps and sequence: give both or neither")
+            raise ParameterError("sequence", "give it with timestamps, or neither")
         for name in ("timestamps", "sequence"):
             values = getattr(self, name)
             if values is not None and len(values) != self.matrix.nnz:
@@ -161,7 +161,7 @@ class Interactions:
         if rating_col is None:
             rating_threshold = None  # no ratings: every row is a positive
         if len(df) == 0:
-            raise ValueError(f"{where}no rows: the table is empty")
+            raise InputError(source, "no rows: the table is empty")
 
         if locate is None:
             locate = lambda j: f"row {j} (index {df.index[j]!r})"  # noqa: E731

@@ -32,7 +32,7 @@ from recvae.data.interactions import NPZ_FORMAT_VERSION, Interactions
 from recvae.data.preprocessing import PAPER
 from recvae.data.readers import read_table
 from recvae.data.paths import resolve_data_dir
-from recvae.errors import ParameterError, RecvaeError
+from recvae.errors import InputError, ParameterError, RecvaeError
 from recvae.fileio import read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ def load_movielens_ratings(
         )
     missing = [c for c in RATING_COLUMNS if c not in df.columns]
     if missing:
-        raise ValueError(f"{spec.name}/{spec.ratings_file}: expected columns {RATING_COLUMNS}, missing {missing}")
+        raise InputError(f"{spec.name}/{spec.ratings_file}", f"expected columns {RATING_COLUMNS}, missing {missing}")
     df = df[RATING_COLUMNS]
     return df.astype({"rating": "float64"})
 
