@@ -19,7 +19,7 @@ from recvae import distributed
 from recvae.data.interactions import Interactions
 from recvae.data.source import DataSpec, dropped_users, read_source, seen_interactions
 from recvae.data.splits import NoHoldout, make_split, no_holdout
-from recvae.errors import ParameterError, RecvaeError
+from recvae.errors import InputError, ParameterError, RecvaeError
 from recvae.evaluation import EvaluationResult, evaluate
 from recvae.models.device import resolve_device
 from recvae.models.registry import is_neural, trains_by_epochs
@@ -175,8 +175,8 @@ def _split(config: RunConfig, interactions: Interactions):
                     d["test"]["n_users"], split.n_heldout_users, split.n_heldout_users, f"{split.train.n_users:,}",
                     f"{split.train.nnz:,}", f"{d['train']['n_interactions_not_trained_on']:,}")
     if max(config.ks) > split.train.n_items:
-        raise ParameterError("ks", f"{split.train.n_items} items of {config.data.name} after preprocessing, fewer "
-                             f"than the largest cutoff of the metrics (K = {max(config.ks)}, ks={list(config.ks)})")
+        raise InputError(f"data {config.data.name}", f"{split.train.n_items} items after preprocessing, fewer than "
+                         f"the largest cutoff of the metrics (K = {max(config.ks)}, ks={list(config.ks)})")
     return split
 
 
