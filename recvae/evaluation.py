@@ -161,8 +161,8 @@ def evaluate(
     heldout = M.binary_relevance(heldout)
     overlap = fold_in.multiply(heldout).count_nonzero()
     if overlap:
-        raise ParameterError("heldout", 
-            f"{overlap} (user, item) pair(s) also appear in fold_in; held-out items must be "
+        raise ParameterError(
+            "heldout", f"{overlap} (user, item) pair(s) also appear in fold_in; held-out items must be "
             "disjoint from the fold-in items, which are excluded from the ranking"
         )
     n_heldout = np.diff(heldout.indptr)

@@ -58,8 +58,8 @@ def _check_scores(scores) -> np.ndarray:
         scores = scores.astype(np.float64)
     if np.isnan(scores).any():
         n_bad = int(np.isnan(scores).any(axis=1).sum())
-        raise ParameterError("scores", 
-            f"contains NaN in {n_bad} row(s); expected finite values, or -inf for excluded items"
+        raise ParameterError(
+            "scores", f"contains NaN in {n_bad} row(s); expected finite values, or -inf for excluded items"
         )
     return scores
 
@@ -86,8 +86,8 @@ def _relevance(heldout, shape: tuple[int, int]) -> sp.csr_matrix:
     n = np.diff(rel.indptr)
     if (n == 0).any():
         bad = np.flatnonzero(n == 0)
-        raise ParameterError("heldout", 
-            f"{bad.size} user(s) have no held-out items (rows {bad[:5].tolist()}"
+        raise ParameterError(
+            "heldout", f"{bad.size} user(s) have no held-out items (rows {bad[:5].tolist()}"
             f"{'...' if bad.size > 5 else ''}); their metrics are undefined (0/0): filter them out "
             "first (recvae.evaluation.evaluate does this and logs the count)"
         )

@@ -279,15 +279,16 @@ def recommend_ids(
     unknown = codes < 0
     if unknown.any() and strict:
         examples = histories[item_col][unknown].unique()[:5].tolist()
-        raise ParameterError("histories", f"{int(unknown.sum())} row(s) name item ids unknown to the model (e.g. {examples})")
+        raise ParameterError("histories", f"{int(unknown.sum())} row(s) name item ids unknown to the model "
+                                          f"(e.g. {examples})")
     log_unknown("item ids", histories[item_col].to_numpy()[unknown], histories[item_col].nunique())
     user_codes, users = pd.factorize(histories[user_col], sort=False)
     keep = ~unknown
     matrix = user_items_csr(user_codes[keep], codes[keep], len(users), len(catalogue))
     empty = np.diff(matrix.indptr) == 0
     if empty.any() and popularity is None:
-        raise ParameterError("histories", 
-            f"{int(empty.sum())} user(s) have no known item (e.g. {list(users[empty][:5])}); "
+        raise ParameterError(
+            "histories", f"{int(empty.sum())} user(s) have no known item (e.g. {list(users[empty][:5])}); "
             "give them at least one item from the catalogue"
         )
     note_large_k(N, len(catalogue))

@@ -40,7 +40,8 @@ def read_histories(run: RunRecommender, path, kind: str = "input", user_col=None
         frame, locate = read_table(path, sep=sep or data.get("sep"), id_cols=(user_col, item_col),
                                    default_sep=",", locate=True)
     except (ValueError, FileNotFoundError, IsADirectoryError, MissingDependencyError) as e:
-        cls = MissingPathError if isinstance(e, FileNotFoundError) else ParameterError  # the file's error, under its parameter
+        # the file's error under its parameter (a missing file stays a FileNotFoundError)
+        cls = MissingPathError if isinstance(e, FileNotFoundError) else ParameterError
         raise cls(kind, str(e).removeprefix(f"{path}: "), given=path) from e
     columns = list(map(str, frame.columns))
     if user_col not in frame.columns:
@@ -67,8 +68,8 @@ def read_histories(run: RunRecommender, path, kind: str = "input", user_col=None
         dropped = log_dropped(run, np.asarray(users)[new], np.zeros(len(new), dtype=bool))
         log_unknown("user ids", np.asarray(users)[new[~dropped]], len(users))
         return run.histories(np.asarray(users), user_rows, empty, empty)
-    codes = run.item_codes(frame[item_col], lambda j: f"{{{kind}}} {path}: {locate(j)}, column {item_col!r} ({{item_col}})",
-                           names=(kind, "item_col"))
+    codes = run.item_codes(frame[item_col], names=(kind, "item_col"),
+                           locate=lambda j: f"{{{kind}}} {path}: {locate(j)}, column {item_col!r} ({{item_col}})")
     unknown = codes < 0
     if unknown.any() and strict:
         examples = pd.unique(frame[item_col][unknown])[:5].tolist()

@@ -55,8 +55,8 @@ class Interactions:
         if not sp.isspmatrix_csr(self.matrix):
             raise TypeError(f"matrix: expected a scipy.sparse.csr_matrix, got {type(self.matrix).__name__}")
         if self.matrix.shape != (len(self.user_ids), len(self.item_ids)):
-            raise ParameterError("matrix", 
-                f"shape {self.matrix.shape} does not match "
+            raise ParameterError(
+                "matrix", f"shape {self.matrix.shape} does not match "
                 f"{len(self.user_ids)} user ids x {len(self.item_ids)} item ids"
             )
 
@@ -297,7 +297,8 @@ class Interactions:
             raise InputError(path, f"not a valid interactions cache (missing {', '.join(missing)})")
         version = int(z["format_version"])
         if version != NPZ_FORMAT_VERSION:
-            raise InputError(path, f"cache format version {version}, expected {NPZ_FORMAT_VERSION}; delete it to rebuild")
+            raise InputError(path, f"cache format version {version}, expected {NPZ_FORMAT_VERSION}; delete it to "
+                                   "rebuild")
         shape = tuple(int(s) for s in z["shape"])
         try:
             matrix = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=shape)

@@ -149,8 +149,8 @@ def _resolve_format(path: str, sep: str | None, format: str | None, default_sep:
     if suffix not in _EXTENSION_FORMATS:
         if default_sep is not None:
             return "csv", default_sep
-        raise InputError(path, 
-            f"cannot tell the format from the extension {suffix!r}; pass sep= "
+        raise InputError(
+            path, f"cannot tell the format from the extension {suffix!r}; pass sep= "
             f"(e.g. ',', '\\t', '::') or format='parquet'. Known extensions: {sorted(_EXTENSION_FORMATS)}"
         )
     return _EXTENSION_FORMATS[suffix]

@@ -141,8 +141,8 @@ def verified_file(meta_file: Path, meta: dict, name: str) -> Path:
         raise InputError(meta_file, f"files: no SHA-256 recorded for {name}")
     actual = sha256_file(path)
     if actual != digests[name]:
-        raise InputError(path, 
-            f"damaged or replaced: its SHA-256 {actual[:16]}... differs from the "
+        raise InputError(
+            path, f"damaged or replaced: its SHA-256 {actual[:16]}... differs from the "
             f"{digests[name][:16]}... recorded in {meta_file}"
         )
     return path
@@ -169,7 +169,8 @@ def check_shapes(path: Path, arrays: dict, expected: dict) -> None:
     for name, shape in expected.items():
         got = tuple(np.shape(arrays[name]))
         if got != tuple(shape):
-            raise InputError(path, f"{name!r} has shape {got}, expected {tuple(shape)} from model.json (n_items, params)")
+            raise InputError(path, f"{name!r} has shape {got}, expected {tuple(shape)} from model.json (n_items, "
+                                   "params)")
 
 
 class Recommender:
@@ -346,7 +347,8 @@ class Recommender:
         if filter_items is not None:
             blocked = np.unique(np.asarray(filter_items, dtype=np.int64))
             if blocked.size and (blocked.min() < 0 or blocked.max() >= n_items):
-                raise ParameterError("filter_items", f"item indices must lie in [0, {n_items}), got {blocked.min()}..{blocked.max()}")
+                raise ParameterError("filter_items", f"item indices must lie in [0, {n_items}), got "
+                                                     f"{blocked.min()}..{blocked.max()}")
         bs = batch_size or self.batch_size_predict
         for start in range(0, n_users, bs):
             batch = user_items[start : start + bs]
