@@ -31,12 +31,23 @@ class RecvaeError(Exception):
             return text
         return re.sub(r"\{(\w+)\}", lambda m: spell(m[1]) if m[1] in self.names else m[0], text)
 
+    def __reduce__(self):
+        # rebuilt from its data whatever a subclass's __init__ takes (pickle, multiprocessing)
+        return _rebuilt, (type(self), self.args, self.__dict__)
+
     def text(self, spell) -> str:
         """The one line with every parameter spelt by ``spell`` (name -> how the caller writes it)."""
         head = f"{self._filled(spell, self.where)}: " if self.where else ""
         if self.param:
             head += spell(self.param) + (f" {self.given}: " if self.given is not None else ": ")
         return head + self._filled(spell)
+
+
+def _rebuilt(cls, args, state):
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class ParameterError(RecvaeError, ValueError):

@@ -182,3 +182,19 @@ def test_any_other_exception_is_a_bug_with_its_traceback(error, monkeypatch, cap
 def test_debug_shows_the_traceback_of_a_user_error(tmp_path):
     with pytest.raises(ParameterError, match="^dataset: unknown MovieLens dataset 'nope'"):
         main(["--debug", "train", "--dataset", "nope", "--out", str(tmp_path / "unused")])
+
+
+def test_an_error_crosses_processes_with_its_data():
+    import pickle
+
+    from recvae.data.download import ChecksumError
+    from recvae.errors import InputError, MissingPathError
+
+    for error in (ParameterError("out", "pass {resume}", names=("resume",), given="runs/a"),
+                  InputError("log.csv: line 3", "bad"), MissingPathError("run_dir", "gone", given="x"),
+                  ChecksumError("f.zip", "sha256", "ab", "cd", "https://example.org/f.zip")):
+        back = pickle.loads(pickle.dumps(error))
+        assert (type(back), back.args, back.__dict__) == (type(error), error.args, error.__dict__)
+    assert back.text(str.upper) == str(error)  # no templates: spelt as it is
+    assert pickle.loads(pickle.dumps(ParameterError("out", "pass {resume}", names=("resume",)))).text(
+        lambda n: "--" + n) == "--out: pass --resume"
