@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from recvae.errors import ParameterError
+from recvae.errors import InputError, ParameterError, RecvaeError
 from recvae.signals import Terminated
 
 logger = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return rank * n // world_size, (rank + 1) * n // world_size
 
 
-class PeerError(ConnectionError):
+class PeerError(RecvaeError, ConnectionError):
     """A collective failed: another process died, stopped or cannot be reached."""
 
 
@@ -280,4 +280,4 @@ def check_same(value, what: str) -> None:
     with _collective(f"the comparison of {what}"):
         dist.all_gather_object(values, value)
     if any(v != values[0] for v in values):
-        raise ValueError(f"{what}: the processes differ ({', '.join(f'rank {r}: {v}' for r, v in enumerate(values))})")
+        raise InputError(what, f"the processes differ ({', '.join(f'rank {r}: {v}' for r, v in enumerate(values))})")

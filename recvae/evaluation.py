@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from recvae import metrics as M
+from recvae.errors import ParameterError
 from recvae.progress import bar
 from recvae.data.interactions import as_csr
 from recvae.metrics import MetricSummary  # re-exported: callers import it from here
@@ -145,23 +146,23 @@ def evaluate(
     fold_in = as_csr(fold_in, "fold_in")
     heldout = as_csr(heldout, "heldout")
     if fold_in.shape != heldout.shape:
-        raise ValueError(f"heldout: expected shape {fold_in.shape} (same as fold_in), got {heldout.shape}")
+        raise ParameterError("heldout", f"expected shape {fold_in.shape} (same as fold_in), got {heldout.shape}")
     n_total, n_items = fold_in.shape
     if isinstance(ks, (int, np.integer)):
         ks = (ks,)
     ks = tuple(sorted({M.check_k(k, n_items, "ks") for k in ks}))
     if not ks:
-        raise ValueError("ks: expected at least one cut-off K")
+        raise ParameterError("ks", "expected at least one cut-off K")
     names = M._check_metric_names(metrics, M.USER_METRICS + M.CATALOGUE_METRICS)
     user_names = tuple(m for m in names if m in M.USER_METRICS)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        raise ParameterError("batch_size", f"expected a positive integer, got {batch_size!r}")
 
     heldout = M.binary_relevance(heldout)
     overlap = fold_in.multiply(heldout).count_nonzero()
     if overlap:
-        raise ValueError(
-            f"heldout: {overlap} (user, item) pair(s) also appear in fold_in; held-out items must be "
+        raise ParameterError(
+            "heldout", f"{overlap} (user, item) pair(s) also appear in fold_in; held-out items must be "
             "disjoint from the fold-in items, which are excluded from the ranking"
         )
     n_heldout = np.diff(heldout.indptr)
@@ -170,7 +171,7 @@ def evaluate(
     if n_skipped:
         logger.warning("evaluate: skipping %d of %d user(s) with no held-out items", n_skipped, n_total)
     if users.size == 0:
-        raise ValueError(f"heldout: none of the {n_total} user(s) has a held-out item; nothing to evaluate")
+        raise ParameterError("heldout", f"none of the {n_total} user(s) has a held-out item; nothing to evaluate")
     if n_skipped:
         fold_in, heldout = fold_in[users], heldout[users]
 
@@ -221,17 +222,17 @@ def paired_difference(model: list, baseline: list, n_resamples: int = 2000, seed
     * ``wins``: splits where the model's mean is above the baseline's; ``n_splits``, ``n_users``.
     """
     if len(model) != len(baseline) or not model:
-        raise ValueError(f"model, baseline: expected per-user arrays for the same splits, got {len(model)} "
-                         f"and {len(baseline)}")
+        raise ParameterError("baseline", f"expected per-user arrays for the same (non-empty) splits as model, got "
+                                         f"{len(baseline)} and {len(model)}")
     diffs = []
     for s, (a, b) in enumerate(zip(model, baseline)):
         a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
         if a.shape != b.shape or a.ndim != 1 or a.size == 0:
-            raise ValueError(f"split {s}: expected two equal-length, non-empty per-user arrays, got shapes "
-                             f"{a.shape} and {b.shape}")
+            raise ParameterError("baseline", f"split {s}: expected a non-empty per-user array of model's length, got "
+                                             f"shapes {b.shape} (baseline) and {a.shape} (model)")
         diffs.append(a - b)
     if not 0 < level < 1:
-        raise ValueError(f"level: expected a probability in (0, 1), got {level!r}")
+        raise ParameterError("level", f"expected a probability in (0, 1), got {level!r}")
     n = sum(d.size for d in diffs)
     rng = np.random.default_rng(seed)
     totals = np.zeros(int(n_resamples))

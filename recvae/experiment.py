@@ -20,7 +20,7 @@ from recvae import distributed
 from recvae.data.interactions import Interactions
 from recvae.data.source import DataSpec, dropped_users, read_source, seen_interactions
 from recvae.data.splits import NoHoldout, make_split, no_holdout
-from recvae.errors import ParameterError
+from recvae.errors import InputError, ParameterError, RecvaeError
 from recvae.evaluation import EvaluationResult, evaluate
 from recvae.models.device import resolve_device
 from recvae.models.registry import is_neural, trains_by_epochs
@@ -37,13 +37,13 @@ __all__ = ["DataSpec", "RunConfig", "RunResult", "RunFinished", "ResumeMismatch"
            "fit_and_evaluate", "write_run_dir", "load_run", "REPORT_METRICS"]
 
 
-class ResumeMismatch(ValueError):
+class ResumeMismatch(RecvaeError, ValueError):
     """``resume=True`` with settings that differ from the run directory's ``run.json``.
     ``differences``: ``(setting, in run.json, now)`` with settings named as ``RunConfig`` fields
     (``data.path``, ``split_seed``, ``params.dropout``, ...)."""
 
     def __init__(self, message: str, differences: list[tuple[str, object, object]]):
-        super().__init__(message)
+        super().__init__(message, param="resume")
         self.differences = differences
 
 
@@ -105,7 +105,7 @@ def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: 
             result = fit_and_evaluate(split, estimator, ks=config.ks, callbacks=callbacks, resume_from=resume_from,
                                       fit=not (resume and state == "trained"), show_progress=show_progress)
         except CheckpointMismatch as e:
-            raise ValueError(f"resume: {run_dir.file(CHECKPOINT_FILE)} {e}") from None
+            raise ParameterError("resume", f"{run_dir.file(CHECKPOINT_FILE)} {e}") from None
         except NonFiniteLossError:
             if main and not resume:  # nothing learnt: leave nothing of this run behind
                 run_dir.empty()
@@ -126,7 +126,7 @@ def _check_run_dir(run_dir: RunDir, config: RunConfig, resume: bool, overwrite: 
     run_dir.check_writable_for(resume=resume, overwrite=overwrite)
     if resume and not run_dir.path.exists():
         raise ParameterError("resume", f"{run_dir} does not exist, so there is no run to continue; "
-                                       "start it without --resume")
+                                       "start it without {resume}", names=("resume",))
     if not resume or not run_dir.entries():
         if resume:
             logger.info("resume: %s is empty or absent; starting the run from scratch", run_dir)
@@ -135,7 +135,7 @@ def _check_run_dir(run_dir: RunDir, config: RunConfig, resume: bool, overwrite: 
     differences = resume_differences(config, saved)
     if differences:
         detail = "; ".join(f"{k}: {a!r} in run.json, now {b!r}" for k, a, b in differences)
-        raise ResumeMismatch(f"resume: the settings differ from {run_dir.file(RUN_JSON)} ({detail})", differences)
+        raise ResumeMismatch(f"the settings differ from {run_dir.file(RUN_JSON)} ({detail})", differences)
     if run_dir.state() == "finished":
         note = ""
         if is_neural(config.model) and not run_dir.file(CURVE_FILE).is_file() and available("matplotlib"):
@@ -176,7 +176,7 @@ def _split(config: RunConfig, interactions: Interactions):
                     d["test"]["n_users"], split.n_heldout_users, split.n_heldout_users, f"{split.train.n_users:,}",
                     f"{split.train.nnz:,}", f"{d['train']['n_interactions_not_trained_on']:,}")
     if max(config.ks) > split.train.n_items:
-        raise ValueError(f"data {config.data.name}: {split.train.n_items} items after preprocessing, fewer than "
+        raise InputError(f"data {config.data.name}", f"{split.train.n_items} items after preprocessing, fewer than "
                          f"the largest cutoff of the metrics (K = {max(config.ks)}, ks={list(config.ks)})")
     return split
 

@@ -16,6 +16,8 @@ from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 
+from recvae.errors import InputError
+
 
 def ensure_writable_dir(folder: str | os.PathLike) -> Path:
     """Create ``folder`` if needed; ``PermissionError`` naming it when it cannot be written.
@@ -135,15 +137,15 @@ def read_json(path: str | os.PathLike, expect=dict):
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON (not UTF-8 text: {e.reason} at byte {e.start})") from None
+        raise InputError(path, f"not valid JSON (not UTF-8 text: {e.reason} at byte {e.start})") from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        raise InputError(path, f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     if expect is not None and not isinstance(obj, expect):
         names = {dict: "an object", list: "an array", str: "a string", type(None): "null", bool: "a boolean"}
         got = names.get(type(obj), f"a {type(obj).__name__}")
-        raise ValueError(f"{path}: expected {names.get(expect, expect.__name__)} at the top level of the JSON, got {got}")
+        raise InputError(path, f"expected {names.get(expect, expect.__name__)} at the top level of the JSON, got {got}")
     return obj
 
 
@@ -154,12 +156,12 @@ def read_npz(path: str | os.PathLike, what: str = "array file") -> dict[str, np.
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (expected the {what})")
     if not zipfile.is_zipfile(path):  # else np.load would try (and refuse) to unpickle it
-        raise ValueError(f"{path}: damaged or not an .npz archive (expected the {what})")
+        raise InputError(path, f"damaged or not an .npz archive (expected the {what})")
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as e:
-        raise ValueError(f"{path}: damaged .npz archive, cannot read the {what} ({e})") from e
+        raise InputError(path, f"damaged .npz archive, cannot read the {what} ({e})") from e
 
 
 @contextlib.contextmanager
@@ -202,7 +204,7 @@ def read_torch(path: str | os.PathLike, what: str = "file", map_location="cpu", 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (expected the {what})")
     if path.stat().st_size == 0:
-        raise ValueError(f"{path}: not a readable {what} (an empty file)")
+        raise InputError(path, f"not a readable {what} (an empty file)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,
@@ -212,5 +214,5 @@ def read_torch(path: str | os.PathLike, what: str = "file", map_location="cpu", 
             detail = "it holds objects other than tensors"
         else:
             detail = " ".join(str(e).split()).split(". ")[0][:120]
-        raise ValueError(f"{path}: not a readable {what}, damaged or another format ({type(e).__name__}"
+        raise InputError(path, f"not a readable {what}, damaged or another format ({type(e).__name__}"
                          f"{': ' + detail if detail else ''})") from None

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
+from recvae.errors import ParameterError
 
 #: per-user metrics accepted by :func:`per_user_metrics` and ``evaluate(metrics=...)``
 USER_METRICS = ("recall", "ndcg", "precision", "hit_rate", "mrr")
@@ -48,17 +49,17 @@ CATALOGUE_METRICS = ("coverage",)
 def _check_scores(scores) -> np.ndarray:
     scores = np.asarray(scores)
     if scores.ndim != 2:
-        raise ValueError(f"scores: expected a 2-d (users x items) array, got shape {scores.shape}")
+        raise ParameterError("scores", f"expected a 2-d (users x items) array, got shape {scores.shape}")
     if scores.shape[1] == 0:
-        raise ValueError("scores: expected at least one item column, got 0")
+        raise ParameterError("scores", "expected at least one item column, got 0")
     if not np.issubdtype(scores.dtype, np.floating):
         if not (np.issubdtype(scores.dtype, np.integer) or scores.dtype == bool):
             raise TypeError(f"scores: expected a numeric array, got dtype {scores.dtype}")
         scores = scores.astype(np.float64)
     if np.isnan(scores).any():
         n_bad = int(np.isnan(scores).any(axis=1).sum())
-        raise ValueError(
-            f"scores: contains NaN in {n_bad} row(s); expected finite values, or -inf for excluded items"
+        raise ParameterError(
+            "scores", f"contains NaN in {n_bad} row(s); expected finite values, or -inf for excluded items"
         )
     return scores
 
@@ -68,7 +69,7 @@ def check_k(k, n_items: int, name: str = "k") -> int:
     if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"{name}: expected an integer cut-off, got {k!r}")
     if not 1 <= k <= n_items:
-        raise ValueError(f"{name}: expected 1 <= {name} <= number of items ({n_items}), got {k}")
+        raise ParameterError(name, f"expected 1 <= {name} <= number of items ({n_items}), got {k}")
     return int(k)
 
 
@@ -78,15 +79,15 @@ def _relevance(heldout, shape: tuple[int, int]) -> sp.csr_matrix:
         raise TypeError("heldout: expected a users x items matrix of held-out items, got None")
     rel = sp.csr_matrix(heldout, copy=True)
     if rel.shape != shape:
-        raise ValueError(f"heldout: expected shape {shape} (same as scores), got {rel.shape}")
+        raise ParameterError("heldout", f"expected shape {shape} (same as scores), got {rel.shape}")
     rel.data = (rel.data > 0).astype(np.float32)
     rel.eliminate_zeros()
     rel.sum_duplicates()  # also sorts indices, which the hit look-up relies on
     n = np.diff(rel.indptr)
     if (n == 0).any():
         bad = np.flatnonzero(n == 0)
-        raise ValueError(
-            f"heldout: {bad.size} user(s) have no held-out items (rows {bad[:5].tolist()}"
+        raise ParameterError(
+            "heldout", f"{bad.size} user(s) have no held-out items (rows {bad[:5].tolist()}"
             f"{'...' if bad.size > 5 else ''}); their metrics are undefined (0/0): filter them out "
             "first (recvae.evaluation.evaluate does this and logs the count)"
         )
@@ -148,10 +149,8 @@ def rank_users(score, fold_in: sp.csr_matrix, k: int, batch_size: int, batches=i
         scores = np.asarray(score(x))
         seconds = time.perf_counter() - t0
         if scores.shape != x.shape:
-            raise ValueError(
-                f"model.score: returned shape {scores.shape} for a batch of shape {x.shape}; "
-                "expected dense (batch, n_items)"
-            )
+            raise ParameterError("model", f"score() returned shape {scores.shape} for a batch of shape {x.shape}; "
+                                          "expected dense (batch, n_items)")
         if not scores.flags.writeable or not np.issubdtype(scores.dtype, np.floating):
             scores = scores.astype(np.float32)
         mask_rows(scores, x)
@@ -329,10 +328,10 @@ def _check_metric_names(metrics, allowed, name: str = "metrics") -> tuple[str, .
         metrics = (metrics,)
     metrics = tuple(metrics)
     if not metrics:
-        raise ValueError(f"{name}: expected at least one metric name out of {allowed}")
+        raise ParameterError(name, f"expected at least one metric name out of {allowed}")
     unknown = [m for m in metrics if m not in allowed]
     if unknown:
-        raise ValueError(f"{name}: unknown metric(s) {unknown}; expected names out of {allowed}")
+        raise ParameterError(name, f"unknown metric(s) {unknown}; expected names out of {allowed}")
     return tuple(dict.fromkeys(metrics))
 
 
@@ -443,7 +442,7 @@ def mean_stderr(values) -> tuple[float, float]:
     """``(mean, std / sqrt(n))`` with numpy's default ``ddof=0``, as in the paper's notebook."""
     v = np.asarray(values, dtype=np.float64).ravel()
     if v.size == 0:
-        raise ValueError("values: expected at least one per-user value, got an empty array")
+        raise ParameterError("values", "expected at least one per-user value, got an empty array")
     return float(v.mean()), float(v.std() / np.sqrt(v.size))
 
 

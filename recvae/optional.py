@@ -6,8 +6,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
+from recvae.errors import RecvaeError
 
-class MissingDependencyError(ImportError):
+
+class MissingDependencyError(RecvaeError, ImportError):
     """An optional package is not installed; the message names it and the extra that brings it."""
 
 

@@ -28,7 +28,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from recvae.data.interactions import index_of
-from recvae.errors import ParameterError
+from recvae.errors import InputError, ParameterError, RecvaeError
 from recvae.fileio import read_json
 from recvae.metrics import mask_rows, top_k_with_scores
 from recvae.rundir import METRICS_FILE, SEEN_FILE, RunDir
@@ -39,15 +39,15 @@ COLUMNS = ["user", "rank", "item", "score", "source"]
 _INT_TEXT = r"[+-]?\d+"
 
 
-class IdError(ValueError):
+class IdError(RecvaeError, ValueError):
     """An id that cannot be an id of the run (e.g. ``1.5`` where ids are integers).
 
     ``position`` is the 0-based position of the value in its column, so callers can name a
-    file line or a JSON field.
+    file line or a JSON field; ``names``: parameters the message speaks of (:class:`RecvaeError`).
     """
 
-    def __init__(self, message: str, position: int, value):
-        super().__init__(message)
+    def __init__(self, message: str, position: int, value, names: tuple[str, ...] = ()):
+        super().__init__(message, names=names)
         self.position = position
         self.value = value
 
@@ -264,12 +264,12 @@ def recommend_ids(
     """
     item_ids = getattr(model, "item_ids_", None)
     if item_ids is None:
-        raise ValueError("model: has no item_ids_; fit it on recvae.data.Interactions to use original ids")
+        raise ParameterError("model", "has no item_ids_; fit it on recvae.data.Interactions to use original ids")
     if not isinstance(histories, pd.DataFrame):
         histories = pd.DataFrame({user_col: 0, item_col: list(histories)})
     for col in (user_col, item_col):
         if col not in histories.columns:
-            raise ValueError(f"histories: expected a column {col!r}, found {list(map(str, histories.columns))}")
+            raise ParameterError("histories", f"expected a column {col!r}, found {list(map(str, histories.columns))}")
     catalogue = pd.Index(np.asarray(item_ids))
     codes, _, bad = match_ids(histories[item_col], catalogue)
     if bad.any():
@@ -279,15 +279,16 @@ def recommend_ids(
     unknown = codes < 0
     if unknown.any() and strict:
         examples = histories[item_col][unknown].unique()[:5].tolist()
-        raise ValueError(f"histories: {int(unknown.sum())} row(s) name item ids unknown to the model (e.g. {examples})")
+        raise ParameterError("histories", f"{int(unknown.sum())} row(s) name item ids unknown to the model "
+                                          f"(e.g. {examples})")
     log_unknown("item ids", histories[item_col].to_numpy()[unknown], histories[item_col].nunique())
     user_codes, users = pd.factorize(histories[user_col], sort=False)
     keep = ~unknown
     matrix = user_items_csr(user_codes[keep], codes[keep], len(users), len(catalogue))
     empty = np.diff(matrix.indptr) == 0
     if empty.any() and popularity is None:
-        raise ValueError(
-            f"histories: {int(empty.sum())} user(s) have no known item (e.g. {list(users[empty][:5])}); "
+        raise ParameterError(
+            "histories", f"{int(empty.sum())} user(s) have no known item (e.g. {list(users[empty][:5])}); "
             "give them at least one item from the catalogue"
         )
     note_large_k(N, len(catalogue))
@@ -366,7 +367,7 @@ class RunRecommender:
             return self.known
         rows = seen.user_index(self.users)
         if (rows < 0).any() or not np.array_equal(np.asarray(seen.item_ids), self.item_ids):
-            raise ValueError(f"{path}: its users or items do not match the run's")
+            raise InputError(path, "its users or items do not match the run's")
         return ((seen.matrix[rows] + self.known) > 0).astype(np.float32).tocsr()
 
     def why_dropped(self, users) -> list[str | None]:
@@ -414,15 +415,16 @@ class RunRecommender:
             return rows, given.astype(str).to_numpy(dtype=object)
         return rows, converted
 
-    def item_codes(self, values, locate: Callable[[int], str]) -> np.ndarray:
+    def item_codes(self, values, locate: Callable[[int], str], names: tuple[str, ...] = ()) -> np.ndarray:
         """Catalogue positions of item ``values`` (-1 unknown); :class:`IdError` naming
-        ``locate(position)`` for a value that cannot be an item id of the run."""
+        ``locate(position)`` (which may speak of the parameters ``names``) for a value that cannot
+        be an item id of the run."""
         codes, _, bad = match_ids(values, self.items)
         if bad.any():
             j = int(np.flatnonzero(bad)[0])
             value = list(values)[j] if not isinstance(values, pd.Series) else values.iloc[j]
             raise IdError(f"{locate(j)} holds {value!r}, which cannot be an item id of the run "
-                          f"(its item ids are {_kind(self.items)})", j, value)
+                          f"(its item ids are {_kind(self.items)})", j, value, names)
         return codes
 
     def similar(self, values, k: int = 10, locate: Callable[[int], str] = lambda j: f"item {j + 1}") -> pd.DataFrame:

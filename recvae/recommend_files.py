@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from recvae.data import read_table
+from recvae.errors import MissingPathError, ParameterError, UnwritablePathError
 from recvae.fileio import atomic_path
 from recvae.optional import MissingDependencyError, require
 from recvae.recommend import COLUMNS, Histories, RunRecommender, log_unknown
@@ -27,8 +28,7 @@ def read_histories(run: RunRecommender, path, kind: str = "input", user_col=None
     of a user list (``kind="users"``) with their histories: the file's rows (rating above the
     threshold: history; at or below: seen only) joined with what the run knows of each user.
     Columns, separator and threshold default to the run's (``None``); ``rating_col="none"``:
-    no rating column. Errors name the file, the line and the column."""
-    flag = f"--{kind}"
+    no rating column. Errors name the parameter ``kind`` and its file, the line and the column."""
     given = {"user_col": user_col, "item_col": item_col, "rating_col": rating_col}
     data = run.data
     user_col = user_col or data.get("user_col") or "user"
@@ -40,18 +40,24 @@ def read_histories(run: RunRecommender, path, kind: str = "input", user_col=None
         frame, locate = read_table(path, sep=sep or data.get("sep"), id_cols=(user_col, item_col),
                                    default_sep=",", locate=True)
     except (ValueError, FileNotFoundError, IsADirectoryError, MissingDependencyError) as e:
-        raise (ValueError if isinstance(e, ValueError) else OSError)(f"{flag} {e}") from e  # starts with the file
+        # the file's error under its parameter (a missing file stays a FileNotFoundError)
+        cls = MissingPathError if isinstance(e, FileNotFoundError) else ParameterError
+        raise cls(kind, str(e).removeprefix(f"{path}: "), given=path) from e
     columns = list(map(str, frame.columns))
     if user_col not in frame.columns:
-        raise ValueError(f"{flag} {path}: no user column {user_col!r} (--user-col); found {columns}")
+        raise ParameterError(kind, f"no user column {user_col!r} ({{user_col}}); found {columns}", given=path,
+                             names=("user_col",))
     users_only = kind == "users" or item_col not in frame.columns
     if kind == "input" and users_only and given["item_col"] is not None:
-        raise ValueError(f"{flag} {path}: no item column {item_col!r} (--item-col); found {columns}")
+        raise ParameterError(kind, f"no item column {item_col!r} ({{item_col}}); found {columns}", given=path,
+                             names=("item_col",))
     if kind == "input" and given["rating_col"] is not None and rating_col and rating_col not in frame.columns:
-        raise ValueError(f"{flag} {path}: no rating column {rating_col!r} (--rating-col); found {columns}")
+        raise ParameterError(kind, f"no rating column {rating_col!r} ({{rating_col}}); found {columns}", given=path,
+                             names=("rating_col",))
     missing = frame[user_col].isna().to_numpy()
     if missing.any():
-        raise ValueError(f"{flag} {path}: {locate(int(np.argmax(missing)))}, column {user_col!r} (--user-col): user id missing")
+        raise ParameterError(kind, f"{locate(int(np.argmax(missing)))}, column {user_col!r} ({{user_col}}): user id "
+                             "missing", given=path, names=("user_col",))
     rows, ids = run.user_rows(frame[user_col])
     position, users = pd.factorize(pd.Series(ids, dtype=object), sort=False)
     user_rows = np.full(len(users), -1, dtype=np.int64)
@@ -62,12 +68,13 @@ def read_histories(run: RunRecommender, path, kind: str = "input", user_col=None
         dropped = log_dropped(run, np.asarray(users)[new], np.zeros(len(new), dtype=bool))
         log_unknown("user ids", np.asarray(users)[new[~dropped]], len(users))
         return run.histories(np.asarray(users), user_rows, empty, empty)
-    codes = run.item_codes(frame[item_col], lambda j: f"{flag} {path}: {locate(j)}, column {item_col!r} (--item-col)")
+    codes = run.item_codes(frame[item_col], names=(kind, "item_col"),
+                           locate=lambda j: f"{{{kind}}} {path}: {locate(j)}, column {item_col!r} ({{item_col}})")
     unknown = codes < 0
     if unknown.any() and strict:
         examples = pd.unique(frame[item_col][unknown])[:5].tolist()
-        raise ValueError(f"{flag} {path}: {int(unknown.sum())} row(s) name item ids unknown to the model (e.g. {examples}); "
-                       "drop --strict to skip them")
+        raise ParameterError(kind, f"{int(unknown.sum())} row(s) name item ids unknown to the model (e.g. {examples}); "
+                             "drop {strict} to skip them", given=path, names=("strict",))
     log_unknown("item ids", frame[item_col].to_numpy()[unknown], frame[item_col].nunique())
     positive = ~unknown
     if rating_col is not None and rating_col in frame.columns and threshold is not None:
@@ -75,8 +82,8 @@ def read_histories(run: RunRecommender, path, kind: str = "input", user_col=None
         bad = np.isnan(ratings) & frame[rating_col].notna().to_numpy()
         if bad.any():
             j = int(np.argmax(bad))
-            raise ValueError(f"{flag} {path}: {locate(j)}, column {rating_col!r} (--rating-col): "
-                           f"expected a number, got {frame[rating_col].iloc[j]!r}")
+            raise ParameterError(kind, f"{locate(j)}, column {rating_col!r} ({{rating_col}}): expected a number, "
+                                 f"got {frame[rating_col].iloc[j]!r}", given=path, names=("rating_col",))
         positive &= ratings > float(threshold)  # a missing rating is not a positive
     pairs = np.column_stack([position, codes])
     new = np.flatnonzero(user_rows < 0)
@@ -108,16 +115,16 @@ def log_dropped(run: RunRecommender, users: np.ndarray, with_rows: np.ndarray) -
 
 def check_output(output: str, inputs=()) -> None:
     """Whether ``output`` ('-' for stdout) can take a table: its folder exists, it is none of
-    ``inputs`` (``(flag, path)`` pairs) and no file of a run directory."""
+    ``inputs`` (``(parameter, path)`` pairs) and no file of a run directory."""
     if output == "-":
         return
-    for flag, given in inputs:
+    for param, given in inputs:
         if given is not None and _same_file(given, output):
-            raise ValueError(f"--output {output}: is the {flag} file; choose another")
+            raise ParameterError("output", f"is the {{{param}}} file; choose another", given=output, names=(param,))
     parent = Path(output).parent
     if not parent.is_dir():
-        raise ValueError(f"--output {output}: folder {parent} does not exist")
-    check_not_in_run(output, "--output")
+        raise ParameterError("output", f"folder {parent} does not exist", given=output)
+    check_not_in_run(output, "output")
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -160,12 +167,12 @@ def table_writer(output: str):
                     if state["header"]:
                         pd.DataFrame(columns=COLUMNS).to_csv(f, index=False, sep=sep)
     except PermissionError as e:
-        raise PermissionError(f"--output {output}: {e}") from e
+        raise UnwritablePathError("output", str(e), given=output) from e
 
 
 @contextmanager
 def _parquet_writer(path: Path):
-    pa = require("pyarrow", "--output as Parquet")
+    pa = require("pyarrow", "an output in Parquet")
     import pyarrow.parquet as pq
 
     writer = None

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from recvae.data.source import DataSpec
-from recvae.errors import ParameterError
+from recvae.errors import InputError, ParameterError
 from recvae.experiment import RunResult, run
 from recvae.fileio import read_json
 from recvae.models.registry import default_params, is_neural
@@ -29,15 +29,16 @@ def refit_config(run_dir: str | os.PathLike, device: str | None = None) -> RunCo
     if holdout_of(description) == "none":
         origin = description.get("refit_of") or {}
         note = f" (a refit of {origin['run']})" if origin.get("run") else ""
-        raise ValueError(f"RUN_DIR {run_dir}: the run has no held-out users already{note}: it trained on every "
-                         "user, so there is nothing to refit")
+        raise ParameterError("run_dir", f"the run has no held-out users already{note}: it trained on every user, "
+                             "so there is nothing to refit", given=run_dir)
     if not source.completed():
-        raise ValueError(f"RUN_DIR {run_dir}: the run has not finished (no model or no {METRICS_FILE}); finish it "
-                         "with the `recvae train` command that started it plus --resume, then refit")
+        raise ParameterError("run_dir", f"the run has not finished (no model or no {METRICS_FILE}); finish it with "
+                             "the `recvae train` command that started it plus {resume}, then refit", given=run_dir,
+                             names=("resume",))
     ended = read_json(source.file(METRICS_FILE)).get("ended", "completed")
     if ended != "completed":
-        raise ValueError(f"RUN_DIR {run_dir}: its training did not complete ({ended}), so it has no best epoch "
-                         "to refit with; resume it with a lower --lr first")
+        raise ParameterError("run_dir", f"its training did not complete ({ended}), so it has no best epoch to "
+                             "refit with; resume it with a lower {lr} first", given=run_dir, names=("lr",))
     model = source.load_model(device="cpu")  # a damaged or replaced model is refused by name
     name = description["model"]
     params = dict(description.get("params") or {})
@@ -54,7 +55,7 @@ def refit_config(run_dir: str | os.PathLike, device: str | None = None) -> RunCo
         # model learns from all that is known
         data = DataSpec(**{**description["data"], "timestamp_col": None})
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{source.file(RUN_JSON)}: data: not a data description this recvae reads ({e})") from None
+        raise InputError(source.file(RUN_JSON), f"data: not a data description this recvae reads ({e})") from None
     return RunConfig(data=data, model=name, params=params, split_seed=int(description.get("split_settings", {})
                      .get("split_seed", 0)), ks=tuple(description.get("ks", (20, 50, 100))), holdout="none",
                      refit_of={"run": str(run_dir), "best_epoch": best_epoch})

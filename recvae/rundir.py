@@ -42,7 +42,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from recvae import signals
-from recvae.errors import ParameterError
+from recvae.errors import InputError, MissingPathError, ParameterError, RecvaeError, UnwritablePathError
 from recvae.data import Interactions, read_table
 from recvae.data.splits import HeldOutUsers
 from recvae.fileio import (
@@ -79,7 +79,7 @@ MODEL_FILES = {MODEL_FILE, "weights.pt", "arrays.npz"}
 SPLIT_FILES = {"validation": VALIDATION_FILE, "test": TEST_FILE}
 
 
-class RunLocked(ValueError):
+class RunLocked(RecvaeError, ValueError):
     """Another process is writing the run directory."""
 
 
@@ -91,16 +91,16 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / RUN_JSON).is_file()
 
 
-def check_not_in_run(path: str | os.PathLike, flag: str) -> None:
-    """``ValueError`` when ``path`` is (or lies inside) a file of a run directory, e.g.
-    ``--output RUN/model/weights.pt``: an output must never replace what a run holds."""
+def check_not_in_run(path: str | os.PathLike, param: str) -> None:
+    """``ParameterError`` naming ``param`` when ``path`` is (or lies inside) a file of a run
+    directory, e.g. ``--output RUN/model/weights.pt``: an output must never replace what a run holds."""
     p = Path(path).absolute()
     for parent in p.parents:
         if is_run_dir(parent):
             top = p.relative_to(parent).parts[0]
             if top in RUN_FILES or top == LOCK_FILE or is_temporary(top):
-                raise ValueError(f"{flag} {path}: is {p.relative_to(parent)} of the run directory {parent}; "
-                                 "choose a path outside the run's files")
+                raise ParameterError(param, f"is {p.relative_to(parent)} of the run directory {parent}; "
+                                     "choose a path outside the run's files", given=path)
             return
 
 
@@ -117,7 +117,7 @@ def new_run_dir(parent: str | os.PathLike, stem: str) -> Path:
         except FileExistsError:
             continue
         return path
-    raise ValueError(f"--out: {parent} already holds 999 runs named {name}; give --out")
+    raise ParameterError("out", f"{parent} already holds 999 runs named {name}; give {{out}}", names=("out",))
 
 
 class RunDir:
@@ -159,7 +159,7 @@ class RunDir:
             return None
         payload = read_torch(path, "checkpoint", mmap=True)
         if not isinstance(payload, dict) or not isinstance(payload.get("epoch"), int):
-            raise ValueError(f"{path}: not a recvae checkpoint (no epoch counter)")
+            raise InputError(path, "not a recvae checkpoint (no epoch counter)")
         return int(payload["epoch"])
 
     def state(self) -> str:
@@ -191,28 +191,31 @@ class RunDir:
         the user's, at any depth) with ``overwrite``; a described run with ``resume`` (the
         caller compares its settings). Raises naming the directory otherwise."""
         out = self.path
-        check_not_in_run(out, "--out")
+        check_not_in_run(out, "out")
         if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out}: exists and is not a directory")
+            raise ParameterError("out", "exists and is not a directory", given=out)
         entries = self.entries()
         if not entries:
             return
         listing = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         if not resume and not overwrite:
-            raise ValueError(f"--out {out}: the directory already holds files ({listing}); pass --overwrite to "
-                             "replace them" + (", or --resume to continue the run there" if resumable else ""))
+            raise ParameterError("out", f"the directory already holds files ({listing}); pass {{overwrite}} to replace "
+                                 "them" + (", or {resume} to continue the run there" if resumable else ""),
+                                 given=out, names=("overwrite", "resume"))
         foreign = self.foreign_files()
         if overwrite:
             if foreign:
-                raise ValueError(f"--out {out}: --overwrite empties only run directories, and this one holds other "
-                                 f"files ({', '.join(foreign[:5])}); choose a new or empty directory")
+                raise ParameterError("out", f"{{overwrite}} empties only run directories, and this one holds other "
+                                     f"files ({', '.join(foreign[:5])}); choose a new or empty directory",
+                                     given=out, names=("overwrite",))
             return
         if not self.file(RUN_JSON).is_file():
-            raise ValueError(f"--out {out}: not a run directory (no {RUN_JSON}): nothing to resume"
-                             + ("; it holds only run files, so --overwrite starts it again" if not foreign else ""))
+            raise ParameterError("out", f"not a run directory (no {RUN_JSON}): nothing to resume"
+                                 + ("; it holds only run files, so {overwrite} starts it again" if not foreign else ""),
+                                 given=out, names=("overwrite",))
         if foreign:
-            raise ValueError(f"--out {out}: holds files that are not the run's ({', '.join(foreign[:5])}); "
-                             "move them away to resume there")
+            raise ParameterError("out", f"holds files that are not the run's ({', '.join(foreign[:5])}); "
+                                 "move them away to resume there", given=out)
 
     def study_url(self) -> str:
         """The SQLAlchemy URL of the run's study (``recvae tune --trials``): SQLite in ``study.db``."""
@@ -226,11 +229,11 @@ class RunDir:
         of the user's beside the run's files."""
         if not self.has_study():
             raise ParameterError("resume", f"{self.path} holds no study ({STUDY_FILE}) to continue; start the "
-                                           "tuning without --resume")
+                                           "tuning without {resume}", names=("resume",))
         foreign = self.foreign_files()
         if foreign:
-            raise ValueError(f"--out {self.path}: holds files that are not the run's ({', '.join(foreign[:5])}); "
-                             "move them away to resume there")
+            raise ParameterError("out", f"holds files that are not the run's ({', '.join(foreign[:5])}); "
+                                 "move them away to resume there", given=self.path)
 
     # -- one writer at a time ----------------------------------------------------------------
     @contextlib.contextmanager
@@ -342,23 +345,23 @@ class RunDir:
     def read_description(self) -> dict:
         path = self.file(RUN_JSON)
         if not path.is_file():
-            raise FileNotFoundError(f"RUN_DIR {self.path}: not a run directory (no {RUN_JSON})")
+            raise MissingPathError("run_dir", f"not a run directory (no {RUN_JSON})", given=self.path)
         description = read_json(path)
         for key, kind in (("model", str), ("data", dict)):
             if not isinstance(description.get(key), kind):
-                raise ValueError(f"{path}: {key}: expected a {'string' if kind is str else 'JSON object'}, "
+                raise InputError(path, f"{key}: expected a {'string' if kind is str else 'JSON object'}, "
                                  f"got {description.get(key)!r}")
         return description
 
     def read_checkpoint(self, map_location="cpu") -> dict:
         path = self.file(CHECKPOINT_FILE)
-        advice = "; remove it and --resume trains the run from its start"
+        advice = "; remove it and {resume} trains the run from its start"
         try:
             payload = read_torch(path, "checkpoint", map_location=map_location)
-        except ValueError as e:
-            raise ValueError(f"{e}{advice}") from None
+        except InputError as e:
+            raise InputError(e.where, f"{e.message}{advice}", names=("resume",)) from None
         if not isinstance(payload, dict) or "epoch" not in payload:
-            raise ValueError(f"{path}: not a recvae checkpoint{advice}")
+            raise InputError(path, f"not a recvae checkpoint{advice}", names=("resume",))
         return payload
 
     def has_model(self) -> bool:
@@ -371,8 +374,9 @@ class RunDir:
         """The fitted model and ``run.json`` of a run that has its model; errors name the file at fault."""
         description = self.read_description()
         if not self.has_model():
-            raise FileNotFoundError(f"RUN_DIR {self.path}: the run has not finished (no model yet); continue it "
-                                    "with the `recvae train` command that started it plus --resume")
+            raise MissingPathError("run_dir", "the run has not finished (no model yet); continue it with the "
+                                   "`recvae train` command that started it plus {resume}", given=self.path,
+                                   names=("resume",))
         return self.load_model(device), description
 
     def load_train(self, model) -> Interactions:
@@ -402,7 +406,7 @@ class RunDir:
             return None
         frame = read_table(path, id_cols=("user",))
         if list(frame.columns) != ["user", "interactions", "reason"]:
-            raise ValueError(f"{path}: expected the columns user, interactions, reason; found {list(frame.columns)}")
+            raise InputError(path, f"expected the columns user, interactions, reason; found {list(frame.columns)}")
         return frame
 
 
@@ -419,7 +423,7 @@ def ensure_dir(path: Path) -> None:
     try:
         ensure_writable_dir(path)
     except PermissionError as e:
-        raise PermissionError(f"--out {path}: {e}") from e
+        raise UnwritablePathError("out", str(e), given=path) from e
 
 
 def _take_lock(path: Path) -> int:
@@ -434,8 +438,9 @@ def _take_lock(path: Path) -> int:
         except BlockingIOError:
             holder = os.read(fd, 4096).decode(errors="replace").strip()
             os.close(fd)
-            raise RunLocked(f"--out {path.parent}: another recvae is writing this run directory "
-                            f"({_describe_holder(holder)}); wait until it ends, or choose another --out") from None
+            raise RunLocked(f"another recvae is writing this run directory ({_describe_holder(holder)}); wait "
+                            "until it ends, or choose another {out}", param="out", given=path.parent,
+                            names=("out",)) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -443,7 +448,7 @@ def _take_lock(path: Path) -> int:
         if same:
             return fd
         os.close(fd)  # the holder removed the file as we opened it: take the new one
-    raise RunLocked(f"--out {path.parent}: the lock of this run directory keeps changing hands; try again")
+    raise RunLocked("the lock of this run directory keeps changing hands; try again", param="out", given=path.parent)
 
 
 def _describe_holder(text: str) -> str:
@@ -456,14 +461,14 @@ def _describe_holder(text: str) -> str:
 
 def _check_items(path: Path, n_items: int, model, item_ids=None) -> None:
     if n_items != model.n_items_:
-        raise ValueError(f"{path}: {n_items} items, but the model has {model.n_items_}: not the model's data")
+        raise InputError(path, f"{n_items} items, but the model has {model.n_items_}: not the model's data")
     model_ids = getattr(model, "item_ids_", None)
     if item_ids is not None and model_ids is not None:
         same = len(model_ids) == len(item_ids) and all(
             type(a) is type(b) and a == b for a, b in zip(np.asarray(item_ids).tolist(), np.asarray(model_ids).tolist())
         )
         if not same:
-            raise ValueError(f"{path}: its item ids differ from the model's (model/model.json): not the model's data")
+            raise InputError(path, "its item ids differ from the model's (model/model.json): not the model's data")
 
 
 def save_heldout(path: Path, users: HeldOutUsers) -> None:
@@ -485,4 +490,4 @@ def load_heldout(path: Path) -> HeldOutUsers:
             )
         return HeldOutUsers(fold_in=mats["fold_in"], heldout=mats["heldout"], user_ids=z["user_ids"])
     except (KeyError, ValueError, TypeError, IndexError) as e:
-        raise ValueError(f"{path}: not a valid held-out users file ({e})") from e
+        raise InputError(path, f"not a valid held-out users file ({e})") from e

@@ -92,3 +92,108 @@ def test_grouplens_columns_are_recognised_and_what_was_kept_is_said(tmp_path, ca
     # an explicit flag wins, and a wrong one is still an error naming it
     assert main(["train", "--data", str(path), "--user-col", "uid", "--out", str(tmp_path / "r2")]) == 2
     assert "--user-col: column 'uid' not found" in capsys.readouterr().err
+
+
+# -- one family of errors: a user's error is one line, anything else a bug with its traceback ----------
+
+def test_every_error_a_user_can_cause_is_of_the_family_and_keeps_its_builtin_base():
+    from recvae.cli.common import CLIError
+    from recvae.data.download import ChecksumError, DownloadError
+    from recvae.data.movielens import DamagedArchiveError
+    from recvae.data.prepared import PreparedDataError
+    from recvae.distributed import PeerError
+    from recvae.errors import ColumnError, InputError, MissingPathError, RecvaeError, UnwritablePathError
+    from recvae.experiment import ResumeMismatch
+    from recvae.models.device import CUDAUnavailableError
+    from recvae.models.training_loop import CheckpointMismatch, NonFiniteLossError
+    from recvae.optional import MissingDependencyError
+    from recvae.recommend import IdError
+    from recvae.rundir import RunFinished, RunLocked
+    from recvae.serve.server import WorkerStartupError
+    from recvae.signals import Terminated
+
+    builtin = {ParameterError: ValueError, InputError: ValueError, ColumnError: KeyError, ResumeMismatch: ValueError,
+               RunLocked: ValueError, CheckpointMismatch: ValueError, NonFiniteLossError: FloatingPointError,
+               CUDAUnavailableError: ValueError, PreparedDataError: ValueError, DamagedArchiveError: ValueError,
+               DownloadError: OSError, ChecksumError: OSError, IdError: ValueError, PeerError: ConnectionError,
+               MissingDependencyError: ImportError, WorkerStartupError: RuntimeError, CLIError: Exception,
+               MissingPathError: FileNotFoundError, UnwritablePathError: PermissionError}
+    for cls, base in builtin.items():
+        assert issubclass(cls, RecvaeError) and issubclass(cls, base), cls
+    assert not issubclass(RunFinished, RecvaeError) and not issubclass(Terminated, Exception)  # control flow
+
+
+def test_an_error_carries_its_parameters_and_file_as_data():
+    e = ParameterError("out", "holds files; pass {overwrite} or {resume}", given="runs/a",
+                       names=("overwrite", "resume"))
+    assert (e.param, e.given, e.message) == ("out", "runs/a", "holds files; pass overwrite or resume")
+    assert str(e) == "out runs/a: holds files; pass overwrite or resume"
+    assert e.text(lambda n: "--" + n) == "--out runs/a: holds files; pass --overwrite or --resume"
+    from recvae.errors import InputError
+
+    bad = InputError("log.csv: line 3", "column {x} {item_col} holds '{1.5}'", names=("item_col",))
+    assert (bad.where, bad.param) == ("log.csv: line 3", None)  # braces of a value are not templates
+    assert bad.text(lambda n: "--item-col") == "log.csv: line 3: column {x} --item-col holds '{1.5}'"
+
+
+def test_recommend_and_similar_items_refuse_a_bad_N_with_the_same_error():
+    import scipy.sparse as sp
+
+    eye = sp.identity(4, dtype=np.float32, format="csr")
+    model = MultVAE(latent_dim=2, hidden_dims=(), epochs=1, batch_size=2).fit(eye)
+    for call in (lambda: model.recommend(eye[:1], N=0), lambda: model.similar_items([0], N=0)):
+        with pytest.raises(ParameterError) as info:
+            call()
+        assert (info.value.param, info.value.message) == ("N", "expected a positive integer, got 0")
+
+
+def test_a_user_error_is_one_line_with_exit_2_and_the_flags_spelt(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    assert main(["train", "--dataset", "ml-100k", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"recvae: error: --out {tmp_path / 'run'}: the directory already holds files (notes.txt); pass "
+                   "--overwrite to replace them, or --resume to continue the run there\n")
+
+
+def test_a_file_system_error_is_one_line(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err == f"recvae: error: RUN_DIR {tmp_path / 'nowhere'}: not a run directory (no run.json)\n"
+
+
+@pytest.mark.parametrize("error", [KeyError("n_users"), ValueError("operands could not be broadcast"),
+                                   OSError("a socket closed")])
+def test_any_other_exception_is_a_bug_with_its_traceback(error, monkeypatch, capsys):
+    from recvae import __version__
+    from recvae.data import movielens
+
+    def broken(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(movielens, "dataset_status", broken)
+    assert main(["datasets"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):") and "in broken" in err
+    assert err.endswith(f"{type(error).__name__}: {error}\nrecvae: this is a bug in recvae {__version__}; please "
+                        "report it with the traceback above\n")
+
+
+def test_debug_shows_the_traceback_of_a_user_error(tmp_path):
+    with pytest.raises(ParameterError, match="^dataset: unknown MovieLens dataset 'nope'"):
+        main(["--debug", "train", "--dataset", "nope", "--out", str(tmp_path / "unused")])
+
+
+def test_an_error_crosses_processes_with_its_data():
+    import pickle
+
+    from recvae.data.download import ChecksumError
+    from recvae.errors import InputError, MissingPathError
+
+    for error in (ParameterError("out", "pass {resume}", names=("resume",), given="runs/a"),
+                  InputError("log.csv: line 3", "bad"), MissingPathError("run_dir", "gone", given="x"),
+                  ChecksumError("f.zip", "sha256", "ab", "cd", "https://example.org/f.zip")):
+        back = pickle.loads(pickle.dumps(error))
+        assert (type(back), back.args, back.__dict__) == (type(error), error.args, error.__dict__)
+    assert back.text(str.upper) == str(error)  # no templates: spelt as it is
+    assert pickle.loads(pickle.dumps(ParameterError("out", "pass {resume}", names=("resume",)))).text(
+        lambda n: "--" + n) == "--out: pass --resume"

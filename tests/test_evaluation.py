@@ -153,7 +153,7 @@ def test_errors():
 def test_error_model_returns_wrong_shape():
     fold_in, heldout, _ = random_split()
     bad = SimpleNamespace(score=lambda x: np.zeros((x.shape[0], 3), dtype=np.float32))
-    with pytest.raises(ValueError, match=r"model.score: returned shape \(57, 3\) for a batch of shape \(57, 40\)"):
+    with pytest.raises(ValueError, match=r"^model: score\(\) returned shape \(57, 3\) for a batch of shape \(57, 40\)"):
         evaluate(bad, fold_in, heldout, ks=(5,))
 
 

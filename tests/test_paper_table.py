@@ -229,8 +229,12 @@ def test_paired_difference_by_hand():
     half = 1.96 * d.std() / np.sqrt(d.size)
     assert r["ci_high"] - r["ci_low"] == pytest.approx(2 * half, rel=0.1)
     assert r == paired_difference([d], [np.zeros_like(d)], seed=3)
-    with pytest.raises(ValueError, match="split 0: expected two equal-length"):
+    with pytest.raises(ValueError, match=r"^baseline: split 0: expected a non-empty per-user array of model's "
+                                         r"length, got shapes \(1,\) \(baseline\) and \(2,\) \(model\)$"):
         paired_difference([[0.1, 0.2]], [[0.1]])
+    with pytest.raises(ValueError, match=r"^baseline: expected per-user arrays for the same \(non-empty\) splits "
+                                         r"as model, got 1 and 2$"):
+        paired_difference([[0.1], [0.2]], [[0.1]])
 
 
 @pytest.mark.slow

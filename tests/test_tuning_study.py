@@ -135,7 +135,7 @@ def test_parse_space_refuses_a_name_twice_and_a_fixed_one():
     (("--trials", "0", "--model", "ease"), "--trials: expected a positive number of trials, got 0"),
     (("--space", "l2=log:1:10", "--model", "ease"), "--trials: a study needs its number of trials"),
     (("--model", "ease", "--grid", "l2=1,2", "--trials", "3"), "--trials: the grid has 2 point(s), fewer than 3"),
-    (("--model", "ease", "--grid", "l2=1,2", "--space", "l2=log:1:10"), "--grid, --space: a study searches a grid"),
+    (("--model", "ease", "--grid", "l2=1,2", "--space", "l2=log:1:10"), "--grid: a search is a grid or ranges (--space), not both"),
     (("--model", "ease,recvae", "--grid", "l2=1,2"), "--grid: a grid tunes one model"),
     (("--model", "ease,popularity", "--trials", "2"), "--model ease,popularity: tune takes multvae, multdae, binary-multvae, recvae, ease"),
     (("--model", "ease,recvae", "--trials", "2", "--anneal-cap", "0.2"), "--model ease,recvae: none of them "

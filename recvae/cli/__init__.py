@@ -1,8 +1,9 @@
 """The ``recvae`` command line: one module per command, each a thin layer over the library.
 
 ``main`` parses, runs the command and turns a user error into one line (exit 2); the library's
-errors carry their parameter (:class:`recvae.errors.ParameterError`), which becomes the flag the
-user typed through the parser (:func:`command_flags`).
+errors carry their parameter (:class:`recvae.errors.RecvaeError`), which becomes the flag the
+user typed through the parser (:func:`command_flags`). Any other exception is a bug: its
+traceback and a line asking to report it (exit 1).
 """
 
 from __future__ import annotations
@@ -11,21 +12,29 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
+from recvae import __version__
 from recvae.cli.common import CLIError, add_data_options, data_spec_from_args
-from recvae.cli.parser import build_parser, command_flags
-from recvae.errors import ParameterError
-from recvae.optional import MissingDependencyError
+from recvae.cli.parser import build_parser, command_flags, spelling
+from recvae.errors import RecvaeError
 from recvae.signals import Terminated, received, sigterm_raises, stopped_by
 
 __all__ = ["main", "build_parser", "CLIError", "add_data_options", "data_spec_from_args"]
 
 logger = logging.getLogger("recvae")
 
-#: what a user gets wrong: bad input files, arguments, missing optional packages. Printed as one
-#: line (the traceback only with --debug); any other exception is a bug and shows its traceback.
-USER_ERRORS = (CLIError, ValueError, OSError, KeyError, MissingDependencyError)
+#: file-system errors: a path the user gave is missing, of the wrong kind or not writable
+FILE_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def is_user_error(error: BaseException) -> bool:
+    """What a user gets wrong: the library's family of errors (bad arguments, bad or damaged
+    input files, wrong settings, a missing optional package) and file-system errors naming a
+    path. Printed as one line (the traceback only with --debug); anything else is a bug."""
+    return isinstance(error, RecvaeError) or (
+        isinstance(error, OSError) and (error.filename is not None or isinstance(error, FILE_ERRORS)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +66,14 @@ def _run(argv: list[str] | None) -> int:
     args.flags = command_flags(parser, args.command)  # a library parameter -> the flag the user types
     try:
         return args.func(args) or 0
-    except USER_ERRORS as e:
+    except Exception as e:
+        if isinstance(e, ImportError) and received() is not None:
+            raise  # a signal cut an import short: main says so
+        if not is_user_error(e):
+            traceback.print_exc()
+            print(f"recvae: this is a bug in recvae {__version__}; please report it with the traceback above",
+                  file=sys.stderr)
+            return 1
         if args.debug:
             raise
         print(f"recvae: error: {user_message(e, parser, args.command)}", file=sys.stderr)
@@ -65,14 +81,13 @@ def _run(argv: list[str] | None) -> int:
 
 
 def user_message(error: BaseException, parser: argparse.ArgumentParser, command: str) -> str:
-    """The one line a user error prints. A :class:`~recvae.errors.ParameterError` names its
-    parameter as data: it becomes the flag the user typed (``latent_dim`` -> ``--latent-dim``),
+    """The one line a user error prints. A :class:`~recvae.errors.RecvaeError` names its
+    parameters as data: each becomes the flag the user typed (``latent_dim`` -> ``--latent-dim``),
     found through the parser. Other messages are printed as they are, on one line."""
-    if isinstance(error, ParameterError):
-        flags = command_flags(parser, command)
-        msg = error.text(lambda name: flags.get(name, name))
+    if isinstance(error, RecvaeError):
+        msg = error.text(spelling(parser, command))
     else:
-        msg = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        msg = str(error)
     return " ".join(str(msg).split())  # one line, whatever the parser (pandas, torch) put in it
 
 

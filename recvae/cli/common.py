@@ -8,6 +8,8 @@ import dataclasses
 import logging
 from pathlib import Path
 
+from recvae.errors import RecvaeError
+
 logger = logging.getLogger("recvae")
 
 
@@ -18,7 +20,7 @@ PRECISION_HELP = ("fp32 (default) or bf16: the output layer's product in bfloat1
                   "weights, 1.4-1.6x as fast on a CPU with native bf16; scores differ in the third digit, so near-ties may swap places "
                   "(Mult-VAE, Mult-DAE and RecVAE runs)")
 
-class CLIError(Exception):
+class CLIError(RecvaeError):
     """A user error: printed as one line, exit status 2."""
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from recvae.cli.common import CLIError
+from recvae.errors import ParameterError
 
 #: the hyperparameters of the registered models: name -> the option's dest (filled on first use)
 DESTS: dict[str, str] = {}
@@ -64,8 +65,8 @@ def _parser_of(entries):
             return text
         try:
             return param.parse(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
+        except ParameterError as e:
+            raise argparse.ArgumentTypeError(e.message) from None
 
     parse.__name__ = param.name
     return parse

@@ -17,7 +17,8 @@ PARAM_FLAGS = {"path": "--data"}
 
 
 def command_flags(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
-    """Parameter name -> flag of ``command``'s options, e.g. ``item_col`` -> ``--item-col``."""
+    """Parameter name -> flag of ``command``'s options, e.g. ``item_col`` -> ``--item-col``, and
+    of its positional arguments their metavar (``run_dir`` -> ``RUN_DIR``)."""
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
     if isinstance(sub, ModelOptionsParser):
         sub.add_hyperparameters()
@@ -26,9 +27,29 @@ def command_flags(parser: argparse.ArgumentParser, command: str) -> dict[str, st
         long = [o for o in action.option_strings if o.startswith("--")]
         if long and action.dest not in PARAM_FLAGS:
             flags[action.dest] = long[0]
+        elif not action.option_strings and isinstance(action.metavar, str):
+            flags[action.dest] = action.metavar
     flags.update({k: v for k, v in PARAM_FLAGS.items() if v in flags.values()})
     flags.update({name: flags[dest] for name, dest in DESTS.items() if dest in flags})  # random_state -> --seed
     return flags
+
+
+def spelling(parser: argparse.ArgumentParser, command: str):
+    """How the command line writes a library parameter in ``command``'s messages: its flag there,
+    else the flag another command gives it (``plus --resume`` of ``recvae train`` in a message of
+    ``refit``), else the name itself."""
+    flags = command_flags(parser, command)
+    others: dict[str, str] = {}
+
+    def spell(name: str) -> str:
+        if name not in flags and not others:
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            for other in sub.choices:
+                for key, flag in command_flags(parser, other).items():
+                    others.setdefault(key, flag)
+        return flags.get(name) or others.get(name, name)
+
+    return spell
 
 
 def build_parser() -> argparse.ArgumentParser:

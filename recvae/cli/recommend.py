@@ -40,7 +40,7 @@ def run(args) -> int:
         raise CLIError(f"--k: expected a positive integer, got {args.k}")
     if args.batch_size < 1:
         raise CLIError(f"--batch-size: expected a positive integer, got {args.batch_size}")
-    check_output(args.output, (("--input", args.input), ("--users", args.users)))
+    check_output(args.output, (("input", args.input), ("users", args.users)))
     run = RunRecommender(args.run_dir, device=args.device, precision=args.precision)
     note_large_k(args.k, run.n_items)
     if args.all_users:

@@ -93,10 +93,6 @@ def run(args) -> int:
     except ParameterError:
         raise CLIError(f"--model {args.model}{latent_note(args)}: tune takes {', '.join(tuning.tunable_models())} "
                        "(one, or several separated by commas)") from None
-    if args.grid and len(models) > 1:
-        raise CLIError(f"--grid: a grid tunes one model; with --model {args.model} give ranges (--space)")
-    if args.grid and args.space:
-        raise CLIError("--grid, --space: a study searches a grid or ranges, not both")
     spec = data_spec_from_args(args)
     params = model_params(args, models)
     # a study: numbered trials over ranges (or a grid's first --trials points); else a plain grid.
@@ -104,13 +100,12 @@ def run(args) -> int:
     study = (args.trials is not None or bool(args.space) or args.storage is not None or args.study_name is not None
              or len(models) > 1)
     either = args.resume and not study and not args.grid
-    try:
-        grid = tuning.parse_grid(args.grid, models[0]) if args.grid or not (study or either) else None
-        space = tuning.parse_space(args.space, models, params) if study and grid is None else None
-        if not either:
-            tuning.check_study(models, space, grid, params)
-    except ValueError as e:
-        raise _option_error(e) from None
+    if args.grid and (len(models) > 1 or args.space):  # the library's rule, before the grid is parsed
+        tuning.check_search(models, grid=args.grid, space=args.space)
+    grid = tuning.parse_grid(args.grid, models[0]) if args.grid or not (study or either) else None
+    space = tuning.parse_space(args.space, models, params) if study and grid is None else None
+    if not either:
+        tuning.check_study(models, space, grid, params)
     had_run = RunDir(args.out).state() not in ("absent", "empty")
     try:
         with sigterm_raises():
@@ -141,14 +136,6 @@ def format_trials(rows: list[dict]) -> str:
                  for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _option_error(e: ValueError) -> Exception:
-    """A grid's or a space's error names its entry (``grid l2=abc: ...``): it becomes the flag."""
-    if isinstance(e, ParameterError):
-        return e  # main() names its flag
-    text = str(e)
-    return CLIError(f"--{text}" if text.startswith(("grid ", "space ")) else text)
 
 
 def model_params(args, models) -> dict:

@@ -14,6 +14,7 @@ import zlib
 from pathlib import Path
 
 
+from recvae.errors import ParameterError, RecvaeError
 from recvae.fileio import atomic_open, ensure_writable_dir
 from recvae.progress import bar as progress_bar
 
@@ -23,7 +24,7 @@ _CHUNK = 1 << 20
 PART_SUFFIX = ".part"  # of the temporary file a download streams into
 
 
-class DownloadError(OSError):
+class DownloadError(RecvaeError, OSError):
     """The file could not be fetched (HTTP error, connection lost, truncated body)."""
 
 
@@ -69,7 +70,7 @@ def download(
     """
     dest = Path(dest)
     if not isinstance(retries, int) or retries < 0:
-        raise ValueError(f"retries: expected a non-negative integer, got {retries!r}")
+        raise ParameterError("retries", f"expected a non-negative integer, got {retries!r}")
     expected = _expected_digest(sha256, md5)
     folder = dest.parent
     ensure_writable_dir(folder)
@@ -102,7 +103,7 @@ def _expected_digest(sha256: str | None, md5: str | None) -> tuple[str, str] | N
         if value is not None:
             value = value.strip().lower()
             if len(value) != length or any(c not in "0123456789abcdef" for c in value):
-                raise ValueError(f"{name}: expected {length} hexadecimal digits, got {value!r}")
+                raise ParameterError(name, f"expected {length} hexadecimal digits, got {value!r}")
             return name, value
     return None
 

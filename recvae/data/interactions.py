@@ -17,7 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from recvae.data.preprocessing import PAPER, Preprocessing
-from recvae.errors import ColumnError, ParameterError, shown
+from recvae.errors import ColumnError, InputError, ParameterError, shown
 from recvae.fileio import atomic_write, read_npz
 
 logger = logging.getLogger(__name__)
@@ -47,16 +47,16 @@ class Interactions:
 
     def __post_init__(self) -> None:
         if (self.timestamps is None) != (self.sequence is None):
-            raise ValueError("timestamps and sequence: give both or neither")
+            raise ParameterError("sequence", "give it with timestamps, or neither")
         for name in ("timestamps", "sequence"):
             values = getattr(self, name)
             if values is not None and len(values) != self.matrix.nnz:
-                raise ValueError(f"{name}: {len(values)} values for {self.matrix.nnz} stored interactions")
+                raise ParameterError(name, f"{len(values)} values for {self.matrix.nnz} stored interactions")
         if not sp.isspmatrix_csr(self.matrix):
             raise TypeError(f"matrix: expected a scipy.sparse.csr_matrix, got {type(self.matrix).__name__}")
         if self.matrix.shape != (len(self.user_ids), len(self.item_ids)):
-            raise ValueError(
-                f"matrix: shape {self.matrix.shape} does not match "
+            raise ParameterError(
+                "matrix", f"shape {self.matrix.shape} does not match "
                 f"{len(self.user_ids)} user ids x {len(self.item_ids)} item ids"
             )
 
@@ -161,7 +161,7 @@ class Interactions:
         if rating_col is None:
             rating_threshold = None  # no ratings: every row is a positive
         if len(df) == 0:
-            raise ValueError(f"{where}no rows: the table is empty")
+            raise InputError(source, "no rows: the table is empty")
 
         if locate is None:
             locate = lambda j: f"row {j} (index {df.index[j]!r})"  # noqa: E731
@@ -294,17 +294,18 @@ class Interactions:
         z = read_npz(path, "interactions cache")
         missing = sorted({"format_version", "indptr", "indices", "data", "shape", "user_ids", "item_ids"} - set(z))
         if missing:
-            raise ValueError(f"{path}: not a valid interactions cache (missing {', '.join(missing)})")
+            raise InputError(path, f"not a valid interactions cache (missing {', '.join(missing)})")
         version = int(z["format_version"])
         if version != NPZ_FORMAT_VERSION:
-            raise ValueError(f"{path}: cache format version {version}, expected {NPZ_FORMAT_VERSION}; delete it to rebuild")
+            raise InputError(path, f"cache format version {version}, expected {NPZ_FORMAT_VERSION}; delete it to "
+                                   "rebuild")
         shape = tuple(int(s) for s in z["shape"])
         try:
             matrix = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=shape)
             times = {k: z[k] for k in ("timestamps", "sequence") if k in z}
             return cls(matrix, z["user_ids"], z["item_ids"], **times)
         except (ValueError, TypeError) as e:
-            raise ValueError(f"{path}: not a valid interactions cache ({e})") from e
+            raise InputError(path, f"not a valid interactions cache ({e})") from e
 
 
 #: what a timestamp column may hold, as the error messages say it
@@ -393,9 +394,9 @@ def as_csr(X, name: str = "X", n_items: int | None = None) -> sp.csr_matrix:
         )
     matrix = sp.csr_matrix(matrix, dtype=np.float32)
     if n_items is not None and matrix.shape[1] != n_items:
-        raise ValueError(f"{name}: expected {n_items} item columns (as in training), got {matrix.shape[1]}")
+        raise ParameterError(name, f"expected {n_items} item columns (as in training), got {matrix.shape[1]}")
     if matrix.nnz and not np.isfinite(matrix.data).all():
-        raise ValueError(f"{name}: contains non-finite values")
+        raise ParameterError(name, "contains non-finite values")
     return matrix
 
 

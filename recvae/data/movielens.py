@@ -32,7 +32,7 @@ from recvae.data.interactions import NPZ_FORMAT_VERSION, Interactions
 from recvae.data.preprocessing import PAPER
 from recvae.data.readers import read_table
 from recvae.data.paths import resolve_data_dir
-from recvae.errors import ParameterError
+from recvae.errors import InputError, ParameterError, RecvaeError
 from recvae.fileio import read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def _read_member(spec: MovieLensSpec, data_dir, filename: str, download: bool, s
     return _read_from_zip(archive, spec, filename, **kwargs)
 
 
-class DamagedArchiveError(ValueError):
+class DamagedArchiveError(RecvaeError, ValueError):
     """A zip in the data directory cannot be opened, or a member fails to decompress or its CRC."""
 
     def __init__(self, archive: Path, reason: str):
@@ -214,7 +214,7 @@ def load_movielens_ratings(
         )
     missing = [c for c in RATING_COLUMNS if c not in df.columns]
     if missing:
-        raise ValueError(f"{spec.name}/{spec.ratings_file}: expected columns {RATING_COLUMNS}, missing {missing}")
+        raise InputError(f"{spec.name}/{spec.ratings_file}", f"expected columns {RATING_COLUMNS}, missing {missing}")
     df = df[RATING_COLUMNS]
     return df.astype({"rating": "float64"})
 

@@ -26,6 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from recvae.data.interactions import Interactions, _as_id_array
+from recvae.errors import RecvaeError
 from recvae.fileio import atomic_dir, atomic_write, write_json
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def _rewrite_hint(path: Path, description: dict | None = None) -> str:
     return f"write it again with `recvae prepare {source} --out {path}`"
 
 
-class PreparedDataError(ValueError):
+class PreparedDataError(RecvaeError, ValueError):
     """A prepared directory's file is damaged: one line naming it and how to write it again."""
 
 

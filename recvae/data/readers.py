@@ -13,6 +13,7 @@ import pandas as pd
 
 from recvae.data.interactions import Interactions
 from recvae.data.preprocessing import PAPER
+from recvae.errors import InputError, ParameterError
 from recvae.optional import MissingDependencyError, require
 
 _EXTENSION_FORMATS = {
@@ -73,10 +74,10 @@ def read_table(
             with opener() as f:
                 df = pd.read_parquet(f)
         except Exception as e:
-            raise ValueError(f"{path_str}: could not read as Parquet: {e}") from e
+            raise InputError(path_str, f"could not read as Parquet: {e}") from e
         if names is not None:
             if len(names) != df.shape[1]:
-                raise ValueError(f"names: {len(names)} names given but {path_str} has {df.shape[1]} columns")
+                raise ParameterError("names", f"{len(names)} names given but {path_str} has {df.shape[1]} columns")
             df.columns = list(names)
         return (df, lambda j: f"row {j + 1}") if locate else df
     if header == "infer":
@@ -89,13 +90,13 @@ def read_table(
             with opener() as f:
                 df = pd.read_csv(f, sep=sep, engine="python" if len(sep) > 1 else "c", **kwargs)
     except pd.errors.ParserError as e:
-        raise ValueError(f"{path_str}: malformed {_sep_name(sep)} file: {e}") from e
+        raise InputError(path_str, f"malformed {_sep_name(sep)} file: {e}") from e
     except pd.errors.EmptyDataError as e:
-        raise ValueError(f"{path_str}: file is empty") from e
+        raise InputError(path_str, "file is empty") from e
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path_str}: not valid {encoding} text ({e}); pass encoding=") from e
+        raise InputError(path_str, f"not valid {encoding} text ({e}); pass encoding=") from e
     except ValueError as e:
-        raise ValueError(f"{path_str}: cannot parse as a {_sep_name(sep)} file: {e}") from e
+        raise InputError(path_str, f"cannot parse as a {_sep_name(sep)} file: {e}") from e
     first = 1 if header is None else header + 2  # the file line of the frame's row 0
     return (df, lambda j: f"line {j + first}") if locate else df
 
@@ -134,7 +135,7 @@ def _resolve_format(path: str, sep: str | None, format: str | None, default_sep:
                     ) -> tuple[str, str | None]:
     if format is not None:
         if format not in ("csv", "parquet"):
-            raise ValueError(f"format: expected 'csv' or 'parquet', got {format!r}")
+            raise ParameterError("format", f"expected 'csv' or 'parquet', got {format!r}")
         if format == "csv" and sep is None:
             sep = _EXTENSION_FORMATS.get(Path(path).suffix.lower(), ("csv", ","))[1] or ","
         return format, sep
@@ -148,8 +149,8 @@ def _resolve_format(path: str, sep: str | None, format: str | None, default_sep:
     if suffix not in _EXTENSION_FORMATS:
         if default_sep is not None:
             return "csv", default_sep
-        raise ValueError(
-            f"{path}: cannot tell the format from the extension {suffix!r}; pass sep= "
+        raise InputError(
+            path, f"cannot tell the format from the extension {suffix!r}; pass sep= "
             f"(e.g. ',', '\\t', '::') or format='parquet'. Known extensions: {sorted(_EXTENSION_FORMATS)}"
         )
     return _EXTENSION_FORMATS[suffix]

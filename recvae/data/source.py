@@ -50,7 +50,7 @@ class DataSpec:
 
     def __post_init__(self) -> None:
         if self.prepared is None and (self.dataset is None) == (self.path is None):
-            raise ValueError("data: give exactly one of a MovieLens dataset name or an interaction file path")
+            raise ParameterError("data", "give exactly one of a MovieLens dataset name or an interaction file path")
 
     @classmethod
     def of_prepared(cls, prepared: str | os.PathLike) -> "DataSpec":

@@ -54,9 +54,9 @@ class HeldOutUsers:
 
     def __post_init__(self) -> None:
         if self.fold_in.shape != self.heldout.shape:
-            raise ValueError(f"heldout: shape {self.heldout.shape} differs from fold_in's {self.fold_in.shape}")
+            raise ParameterError("heldout", f"shape {self.heldout.shape} differs from fold_in's {self.fold_in.shape}")
         if len(self.user_ids) != self.fold_in.shape[0]:
-            raise ValueError(f"user_ids: {len(self.user_ids)} ids for {self.fold_in.shape[0]} rows")
+            raise ParameterError("user_ids", f"{len(self.user_ids)} ids for {self.fold_in.shape[0]} rows")
 
     @property
     def n_users(self) -> int:
@@ -612,9 +612,9 @@ def _check_interactions(interactions) -> None:
 
 def _check_fraction(fraction) -> None:
     if not isinstance(fraction, (float, int)) or isinstance(fraction, bool) or not 0 < fraction < 1:
-        raise ValueError(f"heldout_fraction: expected a number in (0, 1), got {fraction!r}")
+        raise ParameterError("heldout_fraction", f"expected a number in (0, 1), got {fraction!r}")
 
 
 def _check_min_items(min_items) -> None:
     if not isinstance(min_items, (int, np.integer)) or isinstance(min_items, bool) or min_items < 1:
-        raise ValueError(f"min_items_to_split: expected a positive integer, got {min_items!r}")
+        raise ParameterError("min_items_to_split", f"expected a positive integer, got {min_items!r}")

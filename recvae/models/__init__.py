@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+from recvae.errors import InputError
 from recvae.models.base import Recommender, read_model_meta
 from recvae.models.binary_vae import BinaryMultVAE
 from recvae.models.device import resolve_device
@@ -44,7 +45,7 @@ def load_model(path, device=None) -> Recommender:
     meta_file, meta = read_model_meta(path)
     name = name_of(str(meta.get("class")))
     if name is None:
-        raise ValueError(f"{meta_file}: unknown model class {meta.get('class')!r}; expected one of "
+        raise InputError(meta_file, f"unknown model class {meta.get('class')!r}; expected one of "
                          f"{sorted(model_class(n).__name__ for n in model_names())}")
     if device is not None:
         resolve_device(device)  # an explicit CUDA without CUDA is an error even for the numpy baselines

@@ -71,6 +71,6 @@ def cap_from_history(history: list[dict], metric: str = "val_ndcg@100") -> float
     """
     rows = [r for r in history if r.get(metric) is not None]
     if not rows:
-        raise ValueError(f"history: no epoch has {metric!r}; fit with validation data first")
+        raise ParameterError("history", f"no epoch has {metric!r}; fit with validation data first")
     best = max(rows, key=lambda r: r[metric])  # max keeps the first of equal values
     return float(best["beta"])

@@ -12,7 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from recvae.data.interactions import as_csr
-from recvae.errors import ParameterError
+from recvae.errors import InputError, ParameterError
 from recvae.fileio import read_json, write_json
 from recvae.metrics import mask_rows, top_k_with_scores
 from recvae.models.params import Choice, Param, check_table, json_params, make_init, parameters_doc
@@ -86,39 +86,39 @@ def read_model_meta(path, cls: type | None = None) -> tuple[Path, dict]:
     meta = read_json(meta_file)
     version = meta.get("format_version")
     if version not in _READABLE_VERSIONS:
-        raise ValueError(f"{meta_file}: format_version {version!r}, expected {FORMAT_VERSION}")
+        raise InputError(meta_file, f"format_version {version!r}, expected {FORMAT_VERSION}")
     required = [k for k in _META_KEYS if k != "files" or version >= 2]
     if cls is not None:
         if meta.get("class") != cls.__name__:
-            raise ValueError(f"{meta_file}: holds a {meta.get('class')}, not a {cls.__name__}")
+            raise InputError(meta_file, f"holds a {meta.get('class')}, not a {cls.__name__}")
         required += list(cls._meta_keys)
     missing = [k for k in required if k not in meta]
     if missing:
-        raise ValueError(f"{meta_file}: missing key(s) {', '.join(map(repr, missing))}")
+        raise InputError(meta_file, f"missing key(s) {', '.join(map(repr, missing))}")
     if cls is not None:
         unknown = sorted(set(meta) - set(required))
         if unknown:
-            raise ValueError(f"{meta_file}: unknown key(s) {', '.join(map(repr, unknown))}")
+            raise InputError(meta_file, f"unknown key(s) {', '.join(map(repr, unknown))}")
         if not isinstance(meta["params"], dict):
-            raise ValueError(f"{meta_file}: params: expected an object, got {type(meta['params']).__name__}")
+            raise InputError(meta_file, f"params: expected an object, got {type(meta['params']).__name__}")
         meta["params"] = {k: v for k, v in meta["params"].items() if k not in _RETIRED_PARAMS}
         unknown = sorted(set(meta["params"]) - set(cls._param_names()))
         if unknown:
-            raise ValueError(f"{meta_file}: params: unknown key(s) {', '.join(map(repr, unknown))} for {cls.__name__}")
+            raise InputError(meta_file, f"params: unknown key(s) {', '.join(map(repr, unknown))} for {cls.__name__}")
     n_items, item_ids = meta["n_items"], meta["item_ids"]
     if isinstance(n_items, bool) or not isinstance(n_items, int) or n_items < 1:
-        raise ValueError(f"{meta_file}: n_items: expected a positive integer, got {n_items!r}")
+        raise InputError(meta_file, f"n_items: expected a positive integer, got {n_items!r}")
     if item_ids is not None:
         if not isinstance(item_ids, list) or len(item_ids) != n_items:
             got = f"{len(item_ids)} ids" if isinstance(item_ids, list) else type(item_ids).__name__
-            raise ValueError(f"{meta_file}: item_ids: expected a list of n_items = {n_items} ids, got {got}")
+            raise InputError(meta_file, f"item_ids: expected a list of n_items = {n_items} ids, got {got}")
         if len(set(map(repr, item_ids))) != n_items:
-            raise ValueError(f"{meta_file}: item_ids: the ids are not unique")
+            raise InputError(meta_file, "item_ids: the ids are not unique")
     files = meta.get("files")
     if files is not None and not (
         isinstance(files, dict) and all(isinstance(v, str) and len(v) == 64 for v in files.values())
     ):
-        raise ValueError(f"{meta_file}: files: expected an object of file name -> SHA-256 (64 hex digits)")
+        raise InputError(meta_file, "files: expected an object of file name -> SHA-256 (64 hex digits)")
     return meta_file, meta
 
 
@@ -137,11 +137,11 @@ def verified_file(meta_file: Path, meta: dict, name: str) -> Path:
         )
         return path
     if name not in digests:
-        raise ValueError(f"{meta_file}: files: no SHA-256 recorded for {name}")
+        raise InputError(meta_file, f"files: no SHA-256 recorded for {name}")
     actual = sha256_file(path)
     if actual != digests[name]:
-        raise ValueError(
-            f"{path}: damaged or replaced: its SHA-256 {actual[:16]}... differs from the "
+        raise InputError(
+            path, f"damaged or replaced: its SHA-256 {actual[:16]}... differs from the "
             f"{digests[name][:16]}... recorded in {meta_file}"
         )
     return path
@@ -154,7 +154,7 @@ def check_finite(path: Path, arrays: dict) -> None:
         values = np.asarray(values)
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             bad = int(values.size - np.isfinite(values).sum())
-            raise ValueError(f"{path}: {name!r} holds {bad} non-finite value(s) (NaN or infinity); the model is unusable")
+            raise InputError(path, f"{name!r} holds {bad} non-finite value(s) (NaN or infinity); the model is unusable")
 
 
 def check_shapes(path: Path, arrays: dict, expected: dict) -> None:
@@ -164,11 +164,12 @@ def check_shapes(path: Path, arrays: dict, expected: dict) -> None:
     unknown = sorted(set(arrays) - set(expected))
     if missing or unknown:
         parts = ([f"missing {missing}"] if missing else []) + ([f"unexpected {unknown}"] if unknown else [])
-        raise ValueError(f"{path}: arrays do not match the model: {', '.join(parts)}")
+        raise InputError(path, f"arrays do not match the model: {', '.join(parts)}")
     for name, shape in expected.items():
         got = tuple(np.shape(arrays[name]))
         if got != tuple(shape):
-            raise ValueError(f"{path}: {name!r} has shape {got}, expected {tuple(shape)} from model.json (n_items, params)")
+            raise InputError(path, f"{name!r} has shape {got}, expected {tuple(shape)} from model.json (n_items, "
+                                   "params)")
 
 
 class Recommender:
@@ -220,7 +221,7 @@ class Recommender:
         valid = set(self._param_names())
         for k, v in params.items():
             if k not in valid:
-                raise ValueError(f"{k}: not a parameter of {type(self).__name__}; expected one of {sorted(valid)}")
+                raise ParameterError(k, f"not a parameter of {type(self).__name__}; expected one of {sorted(valid)}")
             setattr(self, k, v)
         return self
 
@@ -332,12 +333,12 @@ class Recommender:
                                                    f"recommend(userid, user_items[userid])), got {rows} rows")
         user_items = as_csr(user_items, "user_items", self.n_items_)
         if not isinstance(N, (int, np.integer)) or isinstance(N, bool) or N < 1:
-            raise ValueError(f"N: expected a positive integer, got {N!r}")
+            raise ParameterError("N", f"expected a positive integer, got {N!r}")
         n_users, n_items = user_items.shape
         if exclude is not None:
             exclude = as_csr(exclude, "exclude", n_items)
             if exclude.shape[0] != n_users:
-                raise ValueError(f"exclude: expected {n_users} rows (one per user), got {exclude.shape[0]}")
+                raise ParameterError("exclude", f"expected {n_users} rows (one per user), got {exclude.shape[0]}")
         k = min(int(N), n_items)
         ids = np.full((n_users, k), -1, dtype=np.int64)
         out = np.full((n_users, k), -np.inf, dtype=np.float32)
@@ -345,7 +346,8 @@ class Recommender:
         if filter_items is not None:
             blocked = np.unique(np.asarray(filter_items, dtype=np.int64))
             if blocked.size and (blocked.min() < 0 or blocked.max() >= n_items):
-                raise ValueError(f"filter_items: item indices must lie in [0, {n_items}), got {blocked.min()}..{blocked.max()}")
+                raise ParameterError("filter_items", f"item indices must lie in [0, {n_items}), got "
+                                                     f"{blocked.min()}..{blocked.max()}")
         bs = batch_size or self.batch_size_predict
         for start in range(0, n_users, bs):
             batch = user_items[start : start + bs]

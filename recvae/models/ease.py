@@ -150,7 +150,7 @@ class EASE(Recommender):
         dt = _check_dtype(self.dtype)
         X = as_csr(train, "train")
         if X.shape[1] == 0:
-            raise ValueError("train: expected at least one item column, got 0")
+            raise ParameterError("train", "expected at least one item column, got 0")
         warn_if_not_binary(X, "EASE", "weights (in the item-item Gram matrix X^T X)")
         t0 = time.perf_counter()
         self.B_ = ease_weights(gram_matrix(X, dt), l2, overwrite=True)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recvae.errors import ParameterError
 from recvae.models.sparse_layers import (
     SparseBatch,
     Workspace,
@@ -68,17 +69,17 @@ class NetworkConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden_dims", tuple(int(d) for d in self.hidden_dims))
         if not isinstance(self.n_items, int) or self.n_items < 1:
-            raise ValueError(f"n_items: expected a positive integer, got {self.n_items!r}")
+            raise ParameterError("n_items", f"expected a positive integer, got {self.n_items!r}")
         if any(d < 1 for d in self.hidden_dims):
-            raise ValueError(f"hidden_dims: expected positive widths, got {self.hidden_dims!r}")
+            raise ParameterError("hidden_dims", f"expected positive widths, got {self.hidden_dims!r}")
         if not isinstance(self.latent_dim, int) or self.latent_dim < 1:
-            raise ValueError(f"latent_dim: expected a positive integer, got {self.latent_dim!r}")
+            raise ParameterError("latent_dim", f"expected a positive integer, got {self.latent_dim!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
+            raise ParameterError("dropout", f"expected a probability in [0, 1), got {self.dropout!r}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+            raise ParameterError("activation", f"expected one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         if self.latent not in LATENTS:
-            raise ValueError(f"latent: expected one of {list(LATENTS)}, got {self.latent!r}")
+            raise ParameterError("latent", f"expected one of {list(LATENTS)}, got {self.latent!r}")
 
 
 @dataclass

@@ -274,14 +274,14 @@ class Param:
             raise ParameterError(self.name, e.message.replace("expected ", "expected None or ", 1)) from None
 
     def parse(self, text: str):
-        """The value of a flag's text; ``ValueError`` saying what was expected."""
+        """The value of a flag's text; ``ParameterError`` saying what was expected."""
         if self.optional and str(text).strip().lower() == "none":
             return None
         try:
             return self.kind.parse(text)
         except (TypeError, ValueError):
-            raise ValueError(f"expected {self.kind.expected}{' or none' if self.optional else ''}, "
-                             f"got {text!r}") from None
+            raise ParameterError(self.name, f"expected {self.kind.expected}{' or none' if self.optional else ''}, "
+                                            f"got {text!r}") from None
 
     def to_json(self, value):
         return None if value is None else self.kind.to_json(value)

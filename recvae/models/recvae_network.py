@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recvae.errors import ParameterError
 from recvae.models.networks import LossTerms, _init_linear_
 from recvae.models.sparse_layers import SparseBatch, Workspace, output_layer_nll, output_logits, sparse_input_linear
 
@@ -52,7 +53,7 @@ class RecVAEConfig:
         object.__setattr__(self, "hidden_dims", tuple(int(d) for d in self.hidden_dims))
         object.__setattr__(self, "mixture_weights", tuple(float(w) for w in self.mixture_weights))
         if not self.hidden_dims or len(set(self.hidden_dims)) != 1 or self.hidden_dims[0] < 1:
-            raise ValueError(f"hidden_dims: expected one or more equal positive widths (each layer adds the "
+            raise ParameterError("hidden_dims", "expected one or more equal positive widths (each layer adds the "
                              f"earlier layers' outputs), got {self.hidden_dims!r}")
 
 

@@ -24,6 +24,7 @@ from torch.autograd.graph import increment_version
 
 from recvae import distributed
 from recvae import metrics as M
+from recvae.errors import ParameterError, RecvaeError
 from recvae.models.base import as_csr
 from recvae.models.device import resolve_device, resolve_precision
 from recvae.models.sparse_layers import BatchPart, SparseBatch
@@ -36,7 +37,7 @@ VALIDATION_METRIC = "val_ndcg@100"
 HISTORY_FIELDS = ["epoch", "step", "loss", "nll", "kl", "beta", "l2", VALIDATION_METRIC, "seconds", "val_seconds"]
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(RecvaeError, FloatingPointError):
     """The training loss became NaN or infinite; says at which epoch and update.
 
     ``epoch``/``update``: where it happened (1-based). ``kept_epoch``: the epoch whose weights the
@@ -50,7 +51,7 @@ class NonFiniteLossError(FloatingPointError):
         self.epoch, self.update, self.kept_epoch = epoch, update, kept_epoch
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(RecvaeError, ValueError):
     """A checkpoint handed to ``fit(resume_from=...)`` belongs to another model, data or settings."""
 
 
@@ -184,7 +185,7 @@ def as_validation(validation, n_items: int, batch_size: int):
     fold_in = as_csr(fold_in, "validation fold_in", n_items)
     heldout = as_csr(heldout, "validation heldout", n_items)
     if fold_in.shape != heldout.shape:
-        raise ValueError(f"validation: fold_in {fold_in.shape} and heldout {heldout.shape} differ in shape")
+        raise ParameterError("validation", f"fold_in {fold_in.shape} and heldout {heldout.shape} differ in shape")
     k = min(100, n_items)  # with fewer items, NDCG@100 ranks them all: the same quantity
     return lambda model: holdout_ndcg(model, fold_in, heldout, k, batch_size)
 

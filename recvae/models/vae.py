@@ -21,6 +21,7 @@ import scipy.sparse as sp
 import torch
 
 from recvae import distributed
+from recvae.errors import InputError, ParameterError
 from recvae.fileio import atomic_write, read_torch
 from recvae.models.params import Choice, Float, Int, Param, Text, Tune, Widths, forced, table
 from recvae.models.annealing import ANNEAL_CAP, TOTAL_ANNEAL_STEPS, make_schedule
@@ -169,9 +170,9 @@ class _AutoencoderRecommender(Recommender):
         self._check_params()
         X = as_csr(train, "train")
         if X.shape[0] < 1 or X.shape[1] < 1:
-            raise ValueError(f"train: expected at least one user and one item, got shape {X.shape}")
+            raise ParameterError("train", f"expected at least one user and one item, got shape {X.shape}")
         if X.nnz and X.data.min() < 0:
-            raise ValueError("train: expected non-negative interaction values (counts or 1s)")
+            raise ParameterError("train", "expected non-negative interaction values (counts or 1s)")
         if not X.has_canonical_format:
             X = X.copy()
             X.sum_duplicates()
@@ -250,13 +251,13 @@ class _AutoencoderRecommender(Recommender):
             model._check_params(check_device=False)
             network = model._build_network(int(meta["n_items"]))
         except (TypeError, ValueError, KeyError) as e:
-            raise ValueError(f"{meta_file}: params: {e}") from None
+            raise InputError(meta_file, f"params: {e}") from None
         if device is not None:
             model.device = device
         weights_file = verified_file(meta_file, meta, WEIGHTS_FILE)
         state = read_torch(weights_file, "weights file")
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"{weights_file}: expected a state dict of tensors")
+            raise InputError(weights_file, "expected a state dict of tensors")
         expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
         check_shapes(weights_file, state, expected)
         check_finite(weights_file, {k: v.detach().float().numpy() for k, v in state.items()})

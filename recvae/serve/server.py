@@ -7,6 +7,7 @@ import time
 import urllib.error
 import urllib.request
 
+from recvae.errors import RecvaeError
 from recvae.optional import require
 from recvae.recommend import RunRecommender
 
@@ -16,7 +17,7 @@ from recvae.serve.settings import BATCH_WAIT, BODY_TIMEOUT, ENV, GRACE, KEEP_ALI
 logger = logging.getLogger(__name__)
 
 
-class WorkerStartupError(RuntimeError):
+class WorkerStartupError(RecvaeError, RuntimeError):
     """A worker process could not load the run (after the parent could)."""
 
 

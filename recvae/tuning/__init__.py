@@ -22,7 +22,7 @@ from recvae.tuning.plans import (
     HEURISTIC_SEED_OFFSET, Gram, Plan, beta_heuristic, ease_trials, full_run_updates, multvae_trials,
     select_ease_l2,
 )
-from recvae.tuning.run import TuneResult, search, study_settings, tune, tune_study
+from recvae.tuning.run import TuneResult, check_search, search, study_settings, tune, tune_study
 from recvae.tuning.spaces import (
     EASE_GRID, HEURISTIC_NETWORK, RUN_SETTINGS, SPACE_FORMS, SPACE_KINDS, Dimension, check_grid, check_study,
     default_grid, default_space, parse_grid, parse_models, parse_space, tunable, tunable_models,
@@ -35,7 +35,7 @@ from recvae.tuning.trials import (
 __all__ = [
     "Candidate", "Dimension", "Done", "EASE_GRID", "Gram", "Grid", "HEURISTIC_NETWORK", "HEURISTIC_SEED_OFFSET",
     "MemoryStore", "Plan", "Points", "RUN_SETTINGS", "SELECTION_METRIC", "SPACE_FORMS", "SPACE_KINDS", "STUDY_NAME",
-    "Search", "default_grid", "default_space", "tunable", "tunable_models",
+    "Search", "check_search", "default_grid", "default_space", "tunable", "tunable_models",
     "Trial", "Trials", "TuneResult", "TuningStopped", "beta_heuristic", "best_estimator", "check_grid",
     "check_study", "count_finished", "describe", "describe_grid", "ease_trials", "full_run_updates", "grid_points",
     "multvae_trials", "parse_grid", "parse_models", "parse_space", "search", "select", "select_ease_l2",

@@ -79,6 +79,15 @@ def _per_model(models, params) -> dict:
     return {m: dict(params) for m in models}
 
 
+def check_search(models, grid=None, space=None) -> None:
+    """A search is a grid of one model or ranges of one or several: never both."""
+    if grid is not None and len(models) > 1:
+        raise ParameterError("grid", "a grid tunes one model; with several models give ranges ({space})",
+                             names=("space",))
+    if grid is not None and space is not None:
+        raise ParameterError("grid", "a search is a grid or ranges ({space}), not both", names=("space",))
+
+
 def tune(data: DataSpec, models, grid: dict | None = None, params: dict | None = None,
          out: str | os.PathLike | None = None, *, n_trials: int | None = None, space: dict | None = None,
          storage: str | None = None, study_name: str = STUDY_NAME, resume: bool = False, study: bool | None = None,
@@ -103,17 +112,15 @@ def tune(data: DataSpec, models, grid: dict | None = None, params: dict | None =
     """
     models = spaces.parse_models(models)
     params = _per_model(models, params)
-    if grid is not None and len(models) > 1:
-        raise ParameterError("grid", "a grid tunes one model; with several models give ranges (--space)")
-    if grid is not None and space is not None:
-        raise ParameterError("grid", "a study searches a grid or ranges (--space), not both")
+    check_search(models, grid, space)
     if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
         raise ParameterError("trials", f"expected a positive number of trials, got {n_trials!r}")
     if resume and storage is not None:
-        raise ParameterError("resume", "continues the study in --out; a study at --storage is continued by "
-                                       "running the same command again, without --resume")
+        raise ParameterError("resume", "continues the study in {out}; a study at {storage} is continued by "
+                                       "running the same command again, without {resume}",
+                             names=("out", "storage", "resume"))
     if resume and out is None:
-        raise ParameterError("resume", "needs the run directory (out) that holds the study")
+        raise ParameterError("resume", "needs the run directory ({out}) that holds the study", names=("out",))
     shared = storage is not None
     run_dir = RunDir(out) if out is not None else None
     optuna = None
@@ -133,7 +140,7 @@ def tune(data: DataSpec, models, grid: dict | None = None, params: dict | None =
     n_points = None if grid is None else len(_grid(models[0], grid, plain=not study))
     if n_points is not None and n_trials is not None and n_trials > n_points:
         raise ParameterError("trials", f"the grid has {n_points} point(s), fewer than {n_trials} trials; "
-                                       f"leave --trials out to try every point")
+                                       "leave {trials} out to try every point", names=("trials",))
     n_trials = n_trials if n_trials is not None else n_points
     if n_trials is None and not resume:
         raise ParameterError("trials", "a study needs its number of trials")
@@ -171,7 +178,7 @@ def tune(data: DataSpec, models, grid: dict | None = None, params: dict | None =
             engine.run()
             rows = engine.results()
             if not rows:
-                raise ValueError(f"{'--storage' if shared else 'study'} {study_name!r}: no trial finished")
+                raise ParameterError("storage" if shared else "out", f"the study {study_name!r}: no trial finished")
             columns = tuple(dict.fromkeys(grid if grid is not None else (n for m in models for n in space[m])))
             return _conclude(config, engine, rows, split, read, run_dir, columns + spaces.table_columns(models),
                              study, keep=() if shared else STUDY_FILES)
@@ -192,7 +199,7 @@ def _open(optuna, storage, run_dir, name, settings, n_trials, resume, study, sha
     if storage is None:
         storage = studies.open_storage(optuna, run_dir.study_url(), shared=False)
     found, made = studies.open_study(optuna, storage, name, settings, create=not resume,
-                                     where="--resume" if resume else "--storage", n_trials=n_trials,
+                                     where="resume" if resume else "storage", n_trials=n_trials,
                                      differences=_differences)
     if n_trials is None:
         n_trials = int(found.user_attrs.get("n_trials"))
@@ -216,8 +223,9 @@ def _conclude(config: RunConfig, engine: Search, rows, split, read, run_dir: Run
     trials = [t for t, _ in rows]
     best = select(trials)
     if best.validation == float("-inf"):
-        raise ValueError(f"model {config.model}: every trial's training loss became non-finite before an epoch "
-                         f"finished ({len(trials)} trials); lower lr, or try precision='fp32'")
+        raise ParameterError("model", f"every trial's training loss became non-finite before an epoch finished "
+                                      f"({len(trials)} trials); lower {{lr}}, or try {{precision}} fp32",
+                             given=config.model, names=("lr", "precision"))
     where = rows[trials.index(best)][1]
     estimator = engine.estimator_of(where, best, split.train, split.validation)
     result = RunResult(estimator, evaluate(estimator, split.validation, ks=config.ks),

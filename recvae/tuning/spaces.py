@@ -153,7 +153,7 @@ def parse_grid(specs, model: str) -> dict:
     """``["latent_dim=50,200", "dropout=0.5"]`` -> ``{"latent_dim": (50, 200), "dropout": (0.5,)}``;
     no specs: the model's default grid. Errors name the grid entry and what it expects."""
     if model not in tunable_models():
-        raise ValueError(f"model: tune takes {', '.join(tunable_models())}, got {model!r}")
+        raise ParameterError("model", f"tune takes {', '.join(tunable_models())}, got {model!r}")
     if not specs:
         return default_grid(model)
     names = tunable(model)
@@ -163,21 +163,21 @@ def parse_grid(specs, model: str) -> dict:
         name = name.strip().replace("-", "_")
         if not sep or not name:
             first = names[0]
-            raise ValueError(f"grid {spec!r}: expected NAME=V1,V2,... such as {first}="
-                             f"{','.join(f'{v:g}' for v in default_grid(model).get(first, ())[:2])}")
+            raise ParameterError("grid", f"expected NAME=V1,V2,... such as {first}="
+                             f"{','.join(f'{v:g}' for v in default_grid(model).get(first, ())[:2])}", given=repr(spec))
         if name not in names:
-            raise ValueError(f"grid {spec}: {name!r} is not tunable for {model}; tunable: {', '.join(names)}")
+            raise ParameterError("grid", f"{name!r} is not tunable for {model}; tunable: {', '.join(names)}", given=spec)
         if name in grid:
-            raise ValueError(f"grid {spec}: {name!r} given twice; list all its values in one NAME=V1,V2")
+            raise ParameterError("grid", f"{name!r} given twice; list all its values in one NAME=V1,V2", given=spec)
         texts = [t.strip() for t in values.split(",") if t.strip()]
         if not texts:
-            raise ValueError(f"grid {name}={values}: no values; expected {expected(model, name)}")
+            raise ParameterError("grid", f"no values; expected {expected(model, name)}", given=f"{name}={values}")
         parsed = []
         for text in texts:
             try:
                 parsed.append(parse_value(model, name, text))
             except ValueError:
-                raise ValueError(f"grid {name}={text}: expected {expected(model, name)}") from None
+                raise ParameterError("grid", f"expected {expected(model, name)}", given=f"{name}={text}") from None
         grid[name] = tuple(dict.fromkeys(parsed))  # a value repeated is one trial
     return grid
 
@@ -210,40 +210,42 @@ def _dimension(spec: str, models) -> Dimension:
     kind, sep2, bounds = rest.partition(":")
     kind = kind.strip().lower()
     if not sep or not name or not sep2 or kind not in SPACE_KINDS:
-        raise ValueError(f"space {spec!r}: expected {SPACE_FORMS}, such as latent_dim=int:50:400")
+        raise ParameterError("space", f"expected {SPACE_FORMS}, such as latent_dim=int:50:400", given=repr(spec))
     takers = [m for m in models if name in tunable(m)]
     if not takers:
         names = list(dict.fromkeys(n for m in models for n in tunable(m)))
-        raise ValueError(f"space {spec}: {name!r} is not tunable for {', '.join(models)}; tunable: {', '.join(names)}")
+        raise ParameterError("space", f"{name!r} is not tunable for {', '.join(models)}; tunable: {', '.join(names)}",
+                             given=spec)
     model = takers[0]
     what = expected(model, name)
     if kind == "cat":
         texts = [t.strip() for t in bounds.split(",") if t.strip()]
         if not texts:
-            raise ValueError(f"space {spec}: no values; expected {name}=cat:V1,V2,... with {what}")
+            raise ParameterError("space", f"no values; expected {name}=cat:V1,V2,... with {what}", given=spec)
         try:
             values = [parse_value(model, name, t) for t in texts]
         except ValueError:
-            raise ValueError(f"space {spec}: expected {name}=cat:V1,V2,... with {what}") from None
+            raise ParameterError("space", f"expected {name}=cat:V1,V2,... with {what}", given=spec) from None
         return Dimension(name, "cat", choices=tuple(dict.fromkeys(values)))
     integer = is_int(model, name)
     if is_categorical(model, name):
-        raise ValueError(f"space {spec}: {name} takes a list: {name}=cat:V1,V2,... with {what}")
+        raise ParameterError("space", f"{name} takes a list: {name}=cat:V1,V2,... with {what}", given=spec)
     if kind == "float" and integer:
-        raise ValueError(f"space {spec}: {name} takes integers: int:LOW:HIGH, log:LOW:HIGH or cat:V1,V2,...")
+        raise ParameterError("space", f"{name} takes integers: int:LOW:HIGH, log:LOW:HIGH or cat:V1,V2,...", given=spec)
     if kind == "int" and not integer:
-        raise ValueError(f"space {spec}: {name} takes real numbers: float:LOW:HIGH, log:LOW:HIGH or cat:V1,V2,...")
+        raise ParameterError("space", f"{name} takes real numbers: float:LOW:HIGH, log:LOW:HIGH or cat:V1,V2,...",
+                             given=spec)
     parts = bounds.split(":")
     try:
         if len(parts) != 2:
             raise ValueError
         low, high = (parse_value(model, name, p.strip()) for p in parts)
     except ValueError:
-        raise ValueError(f"space {spec}: expected {name}={kind}:LOW:HIGH with LOW and HIGH {what}") from None
+        raise ParameterError("space", f"expected {name}={kind}:LOW:HIGH with LOW and HIGH {what}", given=spec) from None
     if not low < high:
-        raise ValueError(f"space {spec}: LOW must be below HIGH")
+        raise ParameterError("space", "LOW must be below HIGH", given=spec)
     if kind == "log" and low <= 0:
-        raise ValueError(f"space {spec}: log:LOW:HIGH needs LOW above 0")
+        raise ParameterError("space", "log:LOW:HIGH needs LOW above 0", given=spec)
     return Dimension(name, kind, low, high, integer=integer)
 
 
@@ -257,7 +259,7 @@ def parse_space(specs, models, params: dict | None = None) -> dict[str, dict[str
     for spec in specs or ():
         dim = _dimension(spec, models)
         if dim.name in given:
-            raise ValueError(f"space {spec}: {dim.name!r} given twice; give its range once")
+            raise ParameterError("space", f"{dim.name!r} given twice; give its range once", given=spec)
         given[dim.name] = dim
     space = {}
     for model in models:
@@ -266,11 +268,12 @@ def parse_space(specs, models, params: dict | None = None) -> dict[str, dict[str
         for name, dim in given.items():
             if name in tunable(model):
                 if fixed(name, held):
-                    raise ValueError(f"space {name}=...: {name} is also given as a fixed value; give it in one place")
+                    raise ParameterError("space", f"{name} is also given as a fixed value; give it in one place",
+                                         given=f"{name}=...")
                 dims[name] = dim
         if not dims:
-            raise ValueError(f"space: nothing of {model} is left to tune (its default range is fixed: "
-                             f"{', '.join(tunable(model))}); give a --space")
+            raise ParameterError("space", f"nothing of {model} is left to tune (its default range is fixed: "
+                                          f"{', '.join(tunable(model))}); give a {{space}}", names=("space",))
         space[model] = dims
     return space
 
@@ -291,14 +294,17 @@ def check_grid(model: str, grid: dict, params: dict) -> list[dict]:
     A hyperparameter both fixed in ``params`` and varied by the grid is an error."""
     both = [n for n in grid if fixed(n, params)]
     if both:
-        raise ValueError(f"grid {both[0]}=...: {both[0]} is also given as a fixed value; give it in one place")
+        raise ParameterError("grid", f"{both[0]} is also given as a fixed value; give it in one place",
+                             given=f"{both[0]}=...")
     check_fixed(model, params)
     points = grid_points(grid)
     for point in points:
         try:
             make_model(model, **{**base_params(model), **params, **model_values(point)})
         except (TypeError, ValueError) as e:
-            raise ValueError(f"grid {describe(point)}: {e}") from None
+            if isinstance(e, ParameterError):
+                raise ParameterError("grid", f"{{{e.param}}}: {e.message}", given=describe(point), names=(e.param,)) from None
+            raise ParameterError("grid", str(e), given=describe(point)) from None
     return points
 
 
@@ -316,4 +322,4 @@ def check_study(models, space: dict | None, grid: dict | None, params: dict) -> 
         except (TypeError, ValueError) as e:
             if isinstance(e, ParameterError):
                 raise
-            raise ValueError(f"model {model}: {e}") from None
+            raise ParameterError("model", str(e), given=model) from None

@@ -70,6 +70,7 @@ def open_storage(optuna, url: str, shared: bool):
 
 
 def open_study(optuna, storage, name: str, settings: dict, create: bool, where: str, n_trials, differences):
+    # ``where``: the parameter that named the study's place (``resume``: --out's; ``storage``)
     """Create the study (when ``create``) or load it; a study made by another process is
     joined once its maker has set it up, and only if its settings are these (``differences``:
     the one comparison of settings). Returns ``(study, made)``."""
@@ -86,19 +87,18 @@ def open_study(optuna, storage, name: str, settings: dict, create: bool, where: 
     try:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     except KeyError:
-        raise ParameterError(where.lstrip("-").replace("-", "_"),
-                             f"no study named {name!r} there to continue") from None
+        raise ParameterError(where, f"no study named {name!r} there to continue") from None
     deadline = time.monotonic() + SETUP_WAIT_SECONDS
     while not study.user_attrs.get("ready"):
         if time.monotonic() > deadline:
-            raise ValueError(f"{where}: the study {name!r} was not made by recvae tune, or its maker stopped while "
-                             "setting it up; choose another --study-name")
+            raise ParameterError(where, f"the study {name!r} was not made by recvae tune, or its maker stopped while "
+                                        "setting it up; choose another {study_name}", names=("study_name",))
         time.sleep(POLL_SECONDS / 4)
     found = differences(study.user_attrs.get("recvae", {}), settings)
     if found:
         detail = "; ".join(f"{k}: {a!r} in the study, now {b!r}" for k, a, b in found[:3])
-        raise ValueError(f"{where}: the study {name!r} was made with other settings ({detail}); give the study's "
-                         "settings, or another --study-name")
+        raise ParameterError(where, f"the study {name!r} was made with other settings ({detail}); give the study's "
+                                    "settings, or another {study_name}", names=("study_name",))
     return study, False
 
 
