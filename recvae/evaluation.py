@@ -175,26 +175,19 @@ def evaluate(
     if n_skipped:
         fold_in, heldout = fold_in[users], heldout[users]
 
-    k_max = ks[-1]
-    values: dict[str, list[np.ndarray]] = {}
     seen = {k: np.zeros(n_items, dtype=bool) for k in ks} if "coverage" in names else None
-    score_seconds = 0.0
+
+    def cover(scores, idx) -> None:  # the items that reach some user's top K
+        ranked = np.take_along_axis(scores, idx, axis=1) > -np.inf
+        for k in ks:
+            seen[k][idx[:, :k][ranked[:, :k]]] = True
+
     progress = lambda starts: bar(starts, show=show_progress, desc="evaluate", unit="batch")  # noqa: E731
-    for lo, scores, idx, seconds in M.rank_users(model.score, fold_in, k_max, batch_size, progress):
-        score_seconds += seconds
-        h = heldout[lo : lo + batch_size]
-        if user_names:
-            hits = M.ranked_hits(idx, h)
-            for name, v in M.metrics_from_hits(hits, np.diff(h.indptr), ks, user_names).items():
-                values.setdefault(name, []).append(v)
-        if seen is not None:
-            ranked = np.take_along_axis(scores, idx, axis=1) > -np.inf
-            for k in ks:
-                seen[k][idx[:, :k][ranked[:, :k]]] = True
-        del scores
+    per_user, score_seconds = M.user_values(model.score, fold_in, heldout, ks, user_names, batch_size, progress,
+                                            on_batch=cover if seen is not None else None)
 
     result = EvaluationResult(n_users=int(users.size), n_skipped=int(n_skipped), score_seconds=score_seconds)
-    result.per_user = {name: np.concatenate(parts) for name, parts in values.items()}
+    result.per_user = per_user
     summaries = M.summarize(result.per_user)
     for name in names:  # keep the requested order: metric, then K
         for k in ks:

@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("foundations", {"recvae", "recvae.errors", "recvae.fileio", "recvae.optional", "recvae.progress",
                      "recvae.signals"}),
     ("data", {"recvae.data", "recvae.data.*"}),
-    ("numerics", {"recvae.metrics", "recvae.distributed"}),  # the training loop uses both
+    ("numerics", {"recvae.ranking", "recvae.metrics", "recvae.distributed"}),  # the training loop uses both
     ("models", {"recvae.models", "recvae.models.*"}),
     ("evaluation", {"recvae.evaluation", "recvae.plots"}),
     ("settings", {"recvae.settings"}),  # a run's settings: the rules across them, run.json's description

@@ -144,8 +144,10 @@ def test_top_k_bounded_path_matches_lexsort(kind, k):
 
 def test_top_k_ranks_only_packed_candidates_even_for_loose_rows(monkeypatch):
     calls = []
-    exact = M._top_k_exact
-    monkeypatch.setattr(M, "_top_k_exact", lambda s, k: calls.append(s.shape) or exact(s, k))
+    from recvae import ranking
+
+    exact = ranking._top_k_exact
+    monkeypatch.setattr(ranking, "_top_k_exact", lambda s, k: calls.append(s.shape) or exact(s, k))
     rng = np.random.default_rng(0)
     scores = rng.standard_normal((4, 400))
     M.top_k(scores, 10)

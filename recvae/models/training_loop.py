@@ -202,11 +202,7 @@ def holdout_ndcg(model, fold_in: sp.csr_matrix, heldout: sp.csr_matrix, k: int, 
     heldout = M.binary_relevance(heldout)
     users = np.flatnonzero(np.diff(heldout.indptr) > 0)
     fold_in, heldout = fold_in[users], heldout[users]
-    parts = []
-    for lo, _, idx, _ in M.rank_users(model.score, fold_in, k, batch_size):
-        h = heldout[lo:lo + batch_size]
-        parts.append(M.metrics_from_hits(M.ranked_hits(idx, h), np.diff(h.indptr), (k,), ("ndcg",))[f"ndcg@{k}"])
-    values = np.concatenate(parts) if parts else np.zeros(0)
+    values = M.user_values(model.score, fold_in, heldout, (k,), ("ndcg",), batch_size)[0][f"ndcg@{k}"]
     if not group.parallel:
         return M.mean_stderr(values)[0]
     total = np.zeros(2)
