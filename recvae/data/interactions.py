@@ -403,7 +403,7 @@ def as_csr(X, name: str = "X", n_items: int | None = None) -> sp.csr_matrix:
 def index_of(index: pd.Index, ids):
     """Positions of ``ids`` in ``index`` (int64, ``-1`` where absent; a scalar gives an ``int``).
     Exact: ``"1"`` and ``1`` are different ids. The one id lookup of the library: callers that
-    accept ids of another type (``recvae.recommend.match_ids``) convert them first."""
+    accept ids of another type (``recvae.data.ids.match_ids``) convert them first."""
     scalar = np.ndim(ids) == 0
     if scalar:
         target = pd.Index([ids], dtype=object)
