@@ -43,6 +43,7 @@ from recvae import locking, signals
 from recvae.errors import ParameterError
 from recvae.data import Interactions, read_table
 from recvae.data.splits import HeldOutUsers
+from recvae.dbcheck import check_study
 from recvae.fileio import (
     atomic_write, ensure_writable_dir, is_temporary, read_json, read_npz, read_torch, write_bytes, write_json,
 )
@@ -213,7 +214,9 @@ class RunDir:
                              "move them away to resume there")
 
     def study_url(self) -> str:
-        """The SQLAlchemy URL of the run's study (``recvae tune --trials``): SQLite in ``study.db``."""
+        """The SQLAlchemy URL of the run's study (``recvae tune --trials``): SQLite in ``study.db``,
+        checked first (:func:`recvae.dbcheck.check_study`: no links, not damaged)."""
+        check_study(self.file(STUDY_FILE), [self.file(name) for name in sorted(STUDY_FILES)])
         return f"sqlite:///{self.file(STUDY_FILE).absolute()}"
 
     def has_study(self) -> bool:

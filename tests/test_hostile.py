@@ -7,14 +7,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from recvae.dbcheck import DamagedStudy, check_study
 from recvae.recommend_files import check_output
-from recvae.rundir import LOCK_FILE, RUN_JSON, RunDir, RunLocked
+from recvae.rundir import LOCK_FILE, RUN_JSON, STUDY_FILE, RunDir, RunLocked
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,3 +155,81 @@ def test_a_second_writer_is_told_the_holder_not_the_files_in_flight(tmp_path):
         assert "--overwrite" not in str(info.value)
     with RunDir(out).lock():  # the holder's own checks pass: it probes no lock it holds
         RunDir(out).check_writable_for(overwrite=True)
+
+
+# -- (4) a damaged study database ----------------------------------------------------------------
+@pytest.fixture
+def study_db(tmp_path):
+    path = tmp_path / STUDY_FILE
+    with sqlite3.connect(path) as db:
+        db.execute("create table trials(id integer primary key, value text)")
+        db.execute("create index by_value on trials(value)")
+        db.executemany("insert into trials(value) values (?)", [(f"trial {i} " * 8,) for i in range(2000)])
+    return path
+
+
+def test_a_whole_study_passes(study_db):
+    check_study(study_db)
+    check_study(study_db.parent / "absent.db")  # a new study: nothing to check
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda b: b[:1000], "damaged SQLite database (database disk image is malformed)"),
+    (lambda b: b[:10], "damaged, not an SQLite database (truncated)"),
+    (lambda b: b"", "damaged, not an SQLite database (an empty file)"),
+    (lambda b: bytes(len(b)), "damaged, not an SQLite database (no SQLite header)"),
+    (lambda b: random.Random(0).randbytes(len(b)), "damaged, not an SQLite database (no SQLite header)"),
+])
+def test_a_damaged_study_is_one_line_naming_it(study_db, damage, expected):
+    study_db.write_bytes(damage(study_db.read_bytes()))
+    with pytest.raises(DamagedStudy) as info:
+        check_study(study_db)
+    assert str(info.value) == f"{study_db}: {expected}; move it away (or --overwrite) to start the study again"
+
+
+def test_two_flipped_bytes_in_a_study_are_found(study_db):
+    data = study_db.read_bytes()
+    rng = random.Random(1)
+    found = 0
+    for _ in range(40):
+        hurt = bytearray(data)
+        for _ in range(2):
+            j = rng.randrange(100, len(hurt))  # past the header: the pages themselves
+            hurt[j] ^= 0xFF
+        study_db.write_bytes(bytes(hurt))
+        try:
+            check_study(study_db)
+        except DamagedStudy as e:
+            assert str(e).startswith(f"{study_db}: damaged SQLite database (")
+            found += 1
+    assert found >= 38  # integrity_check compares every index with its table: nearly every flip shows
+
+
+def test_a_study_file_that_is_a_link_is_refused(tmp_path, study_db, victim):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / STUDY_FILE).symlink_to(study_db)
+    with pytest.raises(ValueError, match=f"--out {run / STUDY_FILE}: is a symbolic link"):
+        RunDir(run).study_url()
+    (run / STUDY_FILE).unlink()
+    (run / (STUDY_FILE + "-journal")).symlink_to(victim)  # SQLite would write its journal there
+    with pytest.raises(ValueError, match="-journal: is a symbolic link"):
+        RunDir(run).study_url()
+
+
+@pytest.mark.slow
+def test_tune_resume_of_a_damaged_study_is_one_line_exit_2(tmp_path, capsys):
+    """What printed a 90-line SQLAlchemy traceback, exit 1."""
+    from recvae.cli import main
+
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,rating\n" + "".join(f"u{u},i{(u * 7 + k) % 150},5\n" for u in range(300) for k in range(10)))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / STUDY_FILE).write_bytes(b"SQLite format 3\x00" + bytes(4080))  # a zeroed database
+    code = main(["-q", "tune", "--data", str(log), "--n-heldout-users", "20", "--out", str(out), "--model", "ease",
+                 "--trials", "2", "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err == (f"recvae: error: {out / STUDY_FILE}: damaged SQLite database (file is not a database); "
+                   "move it away (or --overwrite) to start the study again")
