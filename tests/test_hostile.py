@@ -5,6 +5,9 @@ prepared arrays, a full or read-only disk, and temporary files left by killed wr
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import io
 import json
 import os
 import random
@@ -14,8 +17,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from test_runs import log_csv, train_argv  # noqa: F401  (log_csv: the fixture, shared)
 
 from recvae.dbcheck import DamagedStudy, check_study
+from recvae.fileio import atomic_write, ensure_writable_dir, read_torch, write_bytes
 from recvae.recommend_files import check_output
 from recvae.rundir import LOCK_FILE, RUN_JSON, STUDY_FILE, RunDir, RunLocked
 
@@ -233,3 +240,132 @@ def test_tune_resume_of_a_damaged_study_is_one_line_exit_2(tmp_path, capsys):
     assert code == 2, err
     assert err == (f"recvae: error: {out / STUDY_FILE}: damaged SQLite database (file is not a database); "
                    "move it away (or --overwrite) to start the study again")
+
+
+# -- (5) a full disk, an exceeded quota, a read-only file system --------------------------------
+@pytest.mark.parametrize("code, cause", [(errno.ENOSPC, "no space left on the device (ENOSPC)"),
+                                         (errno.EDQUOT, "the disk quota is exceeded (EDQUOT)"),
+                                         (errno.EROFS, "the file system is read-only (EROFS)")])
+def test_a_full_disk_is_one_line_naming_the_file_and_the_cause(tmp_path, code, cause):
+    target = tmp_path / "checkpoint.pt"
+    target.write_bytes(b"the previous checkpoint")
+
+    class FullDisk(io.RawIOBase):  # what torch's writer meets: it wraps the OSError in a RuntimeError
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 100:
+                raise OSError(code, os.strerror(code))
+            return self.f.write(b)
+
+    with pytest.raises(OSError) as info:
+        atomic_write(target, lambda f: torch.save({"w": torch.zeros(1000)}, FullDisk(f)))
+    assert str(info.value) == (f"{target}: cannot write it: {cause}; the file it would replace and everything "
+                               "written before are intact")
+    assert info.value.errno == code
+    assert target.read_bytes() == b"the previous checkpoint"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temporary left
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_a_checkpoint_of_train_is_one_line_and_loses_nothing(log_csv, tmp_path, capsys,  # noqa: F811
+                                                                             monkeypatch):
+    """The second epoch's checkpoint meets a full disk (torch's writer reports it as a
+    RuntimeError 'unexpected pos'): one line, exit 2; the first epoch's checkpoint is whole and
+    --resume with room finishes the run."""
+    from recvae.cli import main
+
+    out = tmp_path / "run"
+    real_save, calls = torch.save, []
+
+    class Full(io.RawIOBase):
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 4096:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(b)
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        return real_save(obj, Full(f) if len(calls) == 2 else f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert main(train_argv(log_csv, out, epochs=3)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"recvae: error: {out / 'checkpoint.pt'}: cannot write it: no space left on the device (ENOSPC); "
+                   "the file it would replace and everything written before are intact"), err
+    assert read_torch(out / "checkpoint.pt", "checkpoint")["epoch"] == 1
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(torch, "save", real_save)
+    assert main(train_argv(log_csv, out, "--resume", epochs=3)) == 0
+    assert (out / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("real", [True, False])
+def test_a_read_only_file_system_is_named_as_such(tmp_path, monkeypatch, real):
+    """A real read-only mount where the machine has one of the usual ones, else the flag injected."""
+    if real:
+        folder = next((Path(p) for p in ("/sys", "/proc/sys", "/usr") if os.path.isdir(p)
+                       and os.statvfs(p).f_flag & os.ST_RDONLY), None)
+        if folder is None:
+            pytest.skip("none of /sys, /proc/sys, /usr is a read-only mount on this machine")
+    else:
+        folder = tmp_path
+        real_statvfs = os.statvfs
+        monkeypatch.setattr(os, "statvfs", lambda p: type("V", (), {"f_flag": real_statvfs(p).f_flag | os.ST_RDONLY}))
+        monkeypatch.setattr(os, "access", lambda p, mode: mode != os.W_OK)
+    with pytest.raises(PermissionError) as info:
+        ensure_writable_dir(folder)
+    assert str(info.value) == f"the directory {folder} is not writable: it is on a read-only file system; choose another"
+
+
+@pytest.mark.slow
+def test_train_onto_a_small_file_system_is_one_line(tmp_path, capsys):
+    """A real full disk: $RECVAE_TEST_SMALL_FS names a folder on a file system of a few MB (e.g.
+    a tmpfs mounted with size=2m); mounting one needs privileges the tests do not assume."""
+    small = os.environ.get("RECVAE_TEST_SMALL_FS")
+    if not small:
+        pytest.skip("set RECVAE_TEST_SMALL_FS to a folder on a file system of a few MB (mounting one needs root)")
+    from recvae.cli import main
+
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,rating\n" + "".join(f"u{u},i{(u * 7 + k) % 3000},5\n" for u in range(3000) for k in range(20)))
+    out = Path(small) / f"run-{os.getpid()}"
+    code = main(["-q", "train", "--data", str(log), "--n-heldout-users", "100", "--epochs", "2", "--hidden-dims", "600",
+                 "--latent-dim", "200", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "cannot write it: no space left on the device (ENOSPC)" in err and "Traceback" not in err
+
+
+# -- (7) temporary files of outputs --------------------------------------------------------------
+def test_the_next_write_removes_a_dead_writers_temporary_only(tmp_path, victim):
+    out = tmp_path / "recs.csv"
+    stale = tmp_path / ".recs.csv.k1ll3d00.tmp"  # what a SIGKILLed `recommend --output` left
+    stale.write_bytes(b"x" * 4096)
+    live = tmp_path / ".recs.csv.w0rk1ng0.tmp"  # a writer still at work holds its flock
+    live.write_bytes(b"in progress")
+    other = tmp_path / ".recs.csv.x.abcdefgh.tmp"  # another output's ("recs.csv.x")
+    other.write_bytes(b"not this output's")
+    (tmp_path / ".recs.csv.l1nk0000.tmp").symlink_to(victim)
+    before = sha(victim)
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        write_bytes(out, b"user,item\n")
+    finally:
+        os.close(fd)
+    assert out.read_bytes() == b"user,item\n"
+    assert not stale.exists() and live.exists() and other.exists()
+    assert sha(victim) == before
