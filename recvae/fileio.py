@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -283,6 +284,33 @@ def atomic_dir(path: str | os.PathLike):
             shutil.rmtree(aside, ignore_errors=True)
 
 
+def check_zip_crc(path: Path, what: str) -> None:
+    """``ValueError`` naming ``path`` when a record of the zip archive (what ``torch.save`` writes)
+    differs from the CRC-32 its header records. torch's reader checks none, so a flipped byte
+    in a tensor loads as another number; with this check every one-bit flip of a checkpoint is
+    refused or changes nothing that is read (tests/test_hostile.py flips each bit)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+            # torch's reader takes a record marked as a folder (MS-DOS attribute 0x10) for an empty
+            # one and loads whatever memory held: the CRC of its bytes cannot tell
+            bad = bad or next((i.filename for i in archive.infolist() if i.external_attr & 0x10), None)
+    except Exception as e:  # noqa: BLE001  any of zipfile's errors (a flipped 'encrypted' bit: RuntimeError)
+        detail = " ".join(str(e).split())[:120]
+        raise ValueError(f"{path}: not a readable {what}, damaged or another format ({type(e).__name__}"
+                         f"{': ' + detail if detail else ''})") from None
+    if bad is not None:
+        raise ValueError(f"{path}: damaged {what}: the record {bad} differs from the CRC-32 written with it")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_torch(path: str | os.PathLike, what: str = "file", map_location="cpu", mmap: bool = False):
     """The tensors (dicts, lists, numbers) of a file written by ``torch.save``, read with
     ``weights_only=True`` (no pickled code runs); ``ValueError`` naming the file and ``what`` it
@@ -296,6 +324,8 @@ def read_torch(path: str | os.PathLike, what: str = "file", map_location="cpu", 
         raise FileNotFoundError(f"{path}: no such file (expected the {what})")
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: not a readable {what} (an empty file)")
+    if not mmap:  # a memory-mapped read takes a few counters, not the tensors: nothing to verify
+        check_zip_crc(path, what)
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,

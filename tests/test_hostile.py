@@ -12,15 +12,20 @@ import json
 import os
 import random
 import sqlite3
+import struct
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from test_runs import log_csv, train_argv  # noqa: F401  (log_csv: the fixture, shared)
 
+from recvae.data import Interactions
+from recvae.data.prepared import load_prepared, write_prepared
 from recvae.dbcheck import DamagedStudy, check_study
 from recvae.fileio import atomic_write, ensure_writable_dir, read_torch, write_bytes
 from recvae.recommend_files import check_output
@@ -349,6 +354,75 @@ def test_train_onto_a_small_file_system_is_one_line(tmp_path, capsys):
     assert "cannot write it: no space left on the device (ENOSPC)" in err and "Traceback" not in err
 
 
+# -- (6) the checkpoint's and a prepared directory's digests -------------------------------------
+def _tensor_record(data: bytes) -> tuple[int, int]:
+    """(start, size) of the largest tensor record of a torch.save archive."""
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    n, e = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    return info.header_offset + 30 + n + e, info.file_size
+
+
+def test_a_flipped_byte_inside_a_checkpoints_tensor_is_refused(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"epoch": 3, "w": torch.arange(256, dtype=torch.float32)}, path)
+    data = bytearray(path.read_bytes())
+    start, size = _tensor_record(bytes(data))
+    data[start + size // 2] ^= 0x01  # torch alone loads this as another number
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError) as info:
+        read_torch(path, "checkpoint")
+    assert str(info.value).startswith(f"{path}: damaged checkpoint: the record ")
+    assert str(info.value).endswith(" differs from the CRC-32 written with it")
+
+
+@pytest.mark.slow
+def test_every_flipped_bit_of_a_checkpoint_is_refused_or_changes_nothing(tmp_path):
+    payload = {"epoch": 2, "w": torch.randn(8, 4, generator=torch.Generator().manual_seed(0)),
+               "opt": {"state": {0: {"step": torch.tensor(3.0)}}}}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    path = tmp_path / "checkpoint.pt"
+    for j in range(len(data)):
+        hurt = bytearray(data)
+        hurt[j] ^= 1 << (j % 8)
+        path.write_bytes(bytes(hurt))
+        try:
+            got = read_torch(path, "checkpoint")
+        except ValueError:
+            continue
+        assert got["epoch"] == 2 and torch.equal(got["w"], payload["w"]), f"byte {j} accepted changed"
+        assert torch.equal(got["opt"]["state"][0]["step"], payload["opt"]["state"][0]["step"])
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    m = np.array([[1, 0, 1], [0, 1, 1]], dtype=np.float32)
+    import scipy.sparse as sp
+
+    return write_prepared(Interactions(sp.csr_matrix(m), np.array([10, 20]), np.array([7, 8, 9])),
+                          tmp_path / "prepared")
+
+
+def test_a_reversed_item_ids_file_of_a_prepared_directory_is_refused(prepared):
+    assert load_prepared(prepared).item_ids.tolist() == [7, 8, 9]
+    np.save(prepared / "item_ids.npy", np.array([9, 8, 7]))  # the right shape and kind: only a digest tells
+    with pytest.raises(ValueError) as info:
+        load_prepared(prepared)
+    assert str(info.value).startswith(f"{prepared / 'item_ids.npy'}: damaged or replaced: its SHA-256 ")
+    assert str(info.value).endswith(f"recorded in prepared.json; write it again with `recvae prepare --data FILE "
+                                    f"--out {prepared}`")
+
+
+def test_a_prepared_directory_without_digests_loads_with_a_warning(prepared, caplog):
+    d = json.loads((prepared / "prepared.json").read_text())
+    del d["files"]
+    (prepared / "prepared.json").write_text(json.dumps(d))
+    assert load_prepared(prepared).n_items == 3
+    assert "records no SHA-256 of its arrays (an older recvae wrote it): not verified" in caplog.text
+
+
 # -- (7) temporary files of outputs --------------------------------------------------------------
 def test_the_next_write_removes_a_dead_writers_temporary_only(tmp_path, victim):
     out = tmp_path / "recs.csv"
@@ -369,3 +443,12 @@ def test_the_next_write_removes_a_dead_writers_temporary_only(tmp_path, victim):
     assert out.read_bytes() == b"user,item\n"
     assert not stale.exists() and live.exists() and other.exists()
     assert sha(victim) == before
+
+
+def test_a_dead_prepare_leaves_no_folder_after_the_next(prepared):
+    stale = prepared.parent / ".prepared.k1ll3d00.tmp"
+    stale.mkdir()
+    (stale / "indices.npy").write_bytes(b"half")
+    write_prepared(load_prepared(prepared), prepared)
+    assert not stale.exists()
+    assert sorted(p.name for p in prepared.parent.iterdir()) == ["prepared"]
