@@ -28,6 +28,7 @@ import scipy.sparse as sp
 
 from recvae.data.interactions import Interactions, _as_id_array
 from recvae.fileio import atomic_dir, atomic_write, sha256_file, write_json
+from recvae.locking import check_not_link
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def write_prepared(interactions: Interactions, path: str | os.PathLike, preproce
     """Write ``interactions`` as a prepared directory at ``path`` (replacing one already there);
     ``preprocessing`` (JSON-ready) records where the data came from and how it was filtered."""
     path = Path(path)
+    check_not_link(path, "--out", "give the directory it points to")  # its rename would replace the link
     if path.exists() and not is_prepared(path) and any(path.iterdir()):
         raise FileExistsError(f"{path}: exists and is not a prepared dataset (no {PREPARED_FILE}); not replacing it")
     m = interactions.matrix
