@@ -452,3 +452,33 @@ def test_a_dead_prepare_leaves_no_folder_after_the_next(prepared):
     write_prepared(load_prepared(prepared), prepared)
     assert not stale.exists()
     assert sorted(p.name for p in prepared.parent.iterdir()) == ["prepared"]
+
+
+# -- (9) messages that name the flag or the file -------------------------------------------------
+@pytest.fixture
+def timed_log(tmp_path):
+    def write(stamp=lambda u, k: 1_000_000 + u * 100 + k):
+        path = tmp_path / "timed.csv"
+        path.write_text("uid,iid,stars,ts\n" + "".join(f"u{u},i{(u * 7 + k) % 150},5,{stamp(u, k)}\n"
+                                                       for u in range(200) for k in range(10)))
+        return path
+    return write
+
+
+@pytest.mark.parametrize("cutoff, stamp, expected", [
+    ("3000-01-01", None, "--cutoff: 3000-01-01 00:00:00 UTC is after every interaction (the last is at "
+                         "1970-01-12 19:18:29 UTC): nothing to test"),
+    ("99999999999999999999", None, "--cutoff: 1e+20 Unix seconds UTC is after every interaction (the last is at "
+                                   "1970-01-12 19:18:29 UTC): nothing to test"),
+    ("2000-01-01", lambda u, k: "1e300", "--cutoff: 2000-01-01 00:00:00 UTC is before every interaction (the "
+                                         "first is at 1e+300 Unix seconds UTC): no training interaction"),
+])
+def test_a_cutoff_or_times_beyond_the_calendar_name_the_flag(timed_log, tmp_path, capsys, cutoff, stamp, expected):
+    """They said 'Cannot cast ... without overflow' and 'Out of bounds timestamp', naming nothing."""
+    from recvae.cli import main
+
+    log = timed_log(stamp) if stamp else timed_log()
+    code = main(["-q", "train", "--data", str(log), "--user-col", "uid", "--item-col", "iid", "--rating-col", "stars",
+                 "--timestamp-col", "ts", "--cutoff", cutoff, "--model", "ease", "--n-heldout-users", "20",
+                 "--out", str(tmp_path / "run")])
+    assert code == 2 and capsys.readouterr().err.strip() == f"recvae: error: {expected}"
