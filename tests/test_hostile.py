@@ -482,3 +482,13 @@ def test_a_cutoff_or_times_beyond_the_calendar_name_the_flag(timed_log, tmp_path
                  "--timestamp-col", "ts", "--cutoff", cutoff, "--model", "ease", "--n-heldout-users", "20",
                  "--out", str(tmp_path / "run")])
     assert code == 2 and capsys.readouterr().err.strip() == f"recvae: error: {expected}"
+
+
+def test_a_nan_in_a_prepared_directory_names_its_file(prepared):
+    data = np.load(prepared / "data.npy")
+    data[2] = np.nan
+    np.save(prepared / "data.npy", data)
+    with pytest.raises(ValueError) as info:
+        load_prepared(prepared)
+    assert str(info.value) == (f"{prepared / 'data.npy'}: value nan at interaction 2, expected a finite number; "
+                               f"write it again with `recvae prepare --data FILE --out {prepared}`")

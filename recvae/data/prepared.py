@@ -162,6 +162,7 @@ def load_prepared(path: str | os.PathLike) -> Interactions:
             raise _damaged(path, f"{name}.npy", f"{a[name].dtype} values, expected {what}", d)
     _check_indptr(path, a["indptr"], nnz, d)
     _check_indices(path, a["indices"], n_items, d)
+    _check_values(path, a["data"], d)
     for name in _ARRAYS if digests is not None else ():  # last: the checks above say more of what is wrong
         _check_digest(path, f"{name}.npy", digests, d)
     matrix = sp.csr_matrix((a["data"], a["indices"], a["indptr"]), shape=(n_users, n_items), copy=False)
@@ -190,6 +191,15 @@ def _check_indptr(path: Path, indptr: np.ndarray, nnz: int, d: dict) -> None:
             row = start + int(drops[0])
             raise _damaged(path, "indptr.npy", f"the row pointers decrease at row {row} "
                            f"({chunk[drops[0]]} then {chunk[drops[0] + 1]})", d)
+
+
+def _check_values(path: Path, data: np.ndarray, d: dict) -> None:
+    """Finite values: a NaN said 'train: contains non-finite values', naming no file."""
+    for start in range(0, len(data), _CHUNK):
+        bad = np.flatnonzero(~np.isfinite(data[start:start + _CHUNK]))
+        if bad.size:
+            at = start + int(bad[0])
+            raise _damaged(path, "data.npy", f"value {data[at]} at interaction {at}, expected a finite number", d)
 
 
 def _check_indices(path: Path, indices: np.ndarray, n_items: int, d: dict) -> None:
