@@ -492,3 +492,23 @@ def test_a_nan_in_a_prepared_directory_names_its_file(prepared):
         load_prepared(prepared)
     assert str(info.value) == (f"{prepared / 'data.npy'}: value nan at interaction 2, expected a finite number; "
                                f"write it again with `recvae prepare --data FILE --out {prepared}`")
+
+
+def test_a_crafted_pickle_checkpoint_is_one_line_without_torch_warnings(tmp_path):
+    """A plain pickle (not torch's zip) made torch warn twice before the one line."""
+    import pickle
+    import warnings
+
+    class Exploit:
+        def __reduce__(self):
+            return (print, ("pickled code ran",))
+
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(pickle.dumps({"epoch": 1, "payload": Exploit()}, protocol=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError) as info:
+            read_torch(path, "checkpoint")
+    assert [str(w.message) for w in caught] == []
+    assert str(info.value) == (f"{path}: not a readable checkpoint, damaged or another format (BadZipFile: File is "
+                               "not a zip file)")
