@@ -1,0 +1,58 @@
+"""SIGINT and SIGTERM where they still broke the promise of one line and 130 / 143 (issue 31:
+8, 9): ``serve`` with one worker and with several, and any command once it has finished,
+while the interpreter's exit hooks run (tqdm's monitor thread: a Ctrl-C there printed
+'Exception ignored in atexit callback' and exit 0)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from test_serve import free_port, run_dir  # noqa: E402,F401  (run_dir: the module's trained run)
+from test_serve_edges import env, serve  # noqa: E402
+
+pytestmark = pytest.mark.slow  # each starts a process that imports torch (and serves)
+
+LINE = "recvae: stopped by {}; no output was left half-written"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_serve_stopped_by_a_signal_says_so_whatever_the_workers(run_dir, tmp_path, workers, sig):  # noqa: F811
+    """One worker exited 0 without a line on SIGINT; two exited 0 on either signal."""
+    log = tmp_path / "server.log"
+    with serve(run_dir, log, "--workers", str(workers)) as (port, proc):
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == 128 + sig
+    text = log.read_text()
+    assert text.rstrip().splitlines()[-1] == LINE.format(signal.Signals(sig).name)
+    assert "Traceback" not in text
+
+
+EXIT_HOOK = ("import atexit, sys, time\n"
+             "atexit.register(lambda: (sys.stderr.write('exit hooks\\n'), sys.stderr.flush(), time.sleep(30)))\n"
+             "sys.argv = ['recvae', 'datasets']\n"
+             "from recvae.launch import main\n"
+             "main()\n")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_exit_hooks_is_one_line(sig):
+    """An exit hook that takes its time (as tqdm's monitor thread's join can), interrupted."""
+    proc = subprocess.Popen([sys.executable, "-c", EXIT_HOOK], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=env())
+    try:
+        assert proc.stderr.readline() == "exit hooks\n"
+        proc.send_signal(sig)
+        err = proc.stderr.read()
+        assert proc.wait(timeout=30) == 128 + sig
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert err == LINE.format(signal.Signals(sig).name) + "\n"
