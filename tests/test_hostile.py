@@ -512,3 +512,21 @@ def test_a_crafted_pickle_checkpoint_is_one_line_without_torch_warnings(tmp_path
     assert [str(w.message) for w in caught] == []
     assert str(info.value) == (f"{path}: not a readable checkpoint, damaged or another format (BadZipFile: File is "
                                "not a zip file)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["recommend", "similar"])
+def test_the_next_output_removes_what_a_killed_one_left(log_csv, tmp_path, capsys, command):  # noqa: F811
+    """What a SIGKILLed `recommend --output` left (2 MB here; gigabytes for a batch job) stayed."""
+    from recvae.cli import main
+
+    run = tmp_path / "run"
+    assert main(train_argv(log_csv, run, epochs=1)) == 0
+    output = tmp_path / "out" / "recs.csv"
+    output.parent.mkdir()
+    left = output.parent / ".recs.csv.k1ll3d00.tmp"
+    left.write_bytes(b"u1,m1,1,0.5\n" * 1000)
+    argv = (["recommend", str(run), "--all-users", "--k", "2"] if command == "recommend"
+            else ["similar", str(run), "--items", "m0", "--k", "2"])
+    assert main(["-q", *argv, "--output", str(output)]) == 0
+    assert sorted(p.name for p in output.parent.iterdir()) == ["recs.csv"]
