@@ -6,7 +6,10 @@ kernel releases the lock when its holder dies, however it dies. The lock file be
 tells a refused writer who holds the directory; it is created afresh (``O_EXCL | O_NOFOLLOW``),
 never opened through a symbolic link, and a link at its name is refused in one line.
 
-Not POSIX (no ``fcntl``): no locking; the holder's file is still written.
+Where a directory cannot be locked (NFS emulates ``flock`` with write locks, which a directory's
+descriptor cannot take) the lock file itself is locked, as before: one writer at a time still,
+but deleting the file then frees the lock. Not POSIX (no ``fcntl``): no locking; the holder's
+file is still written.
 """
 
 from __future__ import annotations
@@ -95,6 +98,8 @@ def check_free(folder: Path, lock_name: str, flag: str = "--out") -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise _refused(folder, lock_name, flag) from None
+    except OSError:  # no locks on directories here (see hold): the hold itself decides
+        pass
     finally:
         os.close(fd)  # releases the probe's lock
 
@@ -105,22 +110,33 @@ def hold(folder: Path, lock_name: str, flag: str = "--out"):
     ("" when there was none: a lock file left means its writer died, as the lock is free)."""
     fd = open_dir(folder, flag)
     try:
-        if fcntl is not None:
+        on_dir = fcntl is not None
+        if on_dir:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise _refused(folder, lock_name, flag) from None
+            except OSError:  # NFS emulates flock with write locks, which a directory cannot take:
+                on_dir = False  # the lock file is locked instead (deleting it then frees the lock)
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
         path = folder / lock_name
         check_not_link(path, flag)
         previous = _read(path)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()  # a dead writer's (the lock is free); made afresh below
+        if on_dir:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # a dead writer's (the lock is free); made afresh below
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "command": " ".join(["recvae", *sys.argv[1:]]) if sys.argv else "recvae"}
         # kept open while held: its inode cannot be reused, so a replacement never looks like it
-        lock_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
+        lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | (os.O_EXCL if on_dir else 0) | _NOFOLLOW, 0o644)
+        if not on_dir and fcntl is not None:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(lock_fd)
+                raise _refused(folder, lock_name, flag) from None
+            os.ftruncate(lock_fd, 0)
         _held.add(key)
         try:
             os.write(lock_fd, json.dumps(me).encode())
