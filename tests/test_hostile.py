@@ -378,6 +378,22 @@ def test_train_onto_a_small_file_system_is_one_line(tmp_path, capsys):
     assert "cannot write it: no space left on the device (ENOSPC)" in err and "Traceback" not in err
 
 
+def test_a_not_writable_output_folder_has_no_data_hint(tmp_path, capsys):
+    """--out / --output errors ended with '(data_dir= or $RECVAE_DATA for data)'."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError) as info:
+            ensure_writable_dir(folder)
+        assert str(info.value) == f"the directory {folder} is not writable; choose another"
+        with pytest.raises(PermissionError) as info:
+            RunDir(folder / "run").lock().__enter__()
+        assert str(info.value) == f"--out {folder / 'run'}: cannot create the directory {folder / 'run'}: {folder} is not writable"
+    finally:
+        folder.chmod(0o755)
+
+
 # -- (6) the checkpoint's and a prepared directory's digests -------------------------------------
 def _tensor_record(data: bytes) -> tuple[int, int]:
     """(start, size) of the largest tensor record of a torch.save archive."""
