@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from test_runs import log_csv, train_argv  # noqa: E402,F401  (log_csv: the shared fixture)
 from test_serve import free_port, run_dir  # noqa: E402,F401  (run_dir: the module's trained run)
 from test_serve_edges import env, serve  # noqa: E402
 
@@ -37,18 +38,31 @@ def test_serve_stopped_by_a_signal_says_so_whatever_the_workers(run_dir, tmp_pat
 
 EXIT_HOOK = ("import atexit, sys, time\n"
              "atexit.register(lambda: (sys.stderr.write('exit hooks\\n'), sys.stderr.flush(), time.sleep(30)))\n"
-             "sys.argv = ['recvae', 'datasets']\n"
+             "sys.argv = ['recvae', *sys.argv[1:]]\n"
              "from recvae.launch import main\n"
              "main()\n")
 
 
+@pytest.mark.parametrize("command", ["datasets", "evaluate", "recommend", "train", "tune"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_during_the_exit_hooks_is_one_line(sig):
-    """An exit hook that takes its time (as tqdm's monitor thread's join can), interrupted."""
-    proc = subprocess.Popen([sys.executable, "-c", EXIT_HOOK], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env=env())
+def test_a_signal_during_the_exit_hooks_is_one_line(run_dir, log_csv, tmp_path, command, sig):  # noqa: F811
+    """An exit hook that takes its time (as tqdm's monitor thread's join can), interrupted once
+    the command has done its work."""
+    data = ["--data", str(log_csv), "--user-col", "uid", "--item-col", "iid", "--rating-col", "stars",
+            "--n-heldout-users", "30"]
+    argv = {"datasets": ["datasets"],
+            "evaluate": ["evaluate", str(run_dir)],
+            "recommend": ["recommend", str(run_dir), "--all-users", "--k", "2", "--output", str(tmp_path / "r.csv")],
+            "train": train_argv(log_csv, tmp_path / "run", epochs=1),
+            "tune": ["-q", "tune", *data, "--model", "ease", "--trials", "2", "--out", str(tmp_path / "tuned")],
+            }[command]
+    proc = subprocess.Popen([sys.executable, "-c", EXIT_HOOK, *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env())
     try:
-        assert proc.stderr.readline() == "exit hooks\n"
+        lines = []
+        while not lines or lines[-1] != "exit hooks\n":
+            lines.append(proc.stderr.readline())
+            assert lines[-1], "".join(lines)
         proc.send_signal(sig)
         err = proc.stderr.read()
         assert proc.wait(timeout=30) == 128 + sig
