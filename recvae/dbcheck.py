@@ -19,6 +19,11 @@ from recvae.locking import check_not_link
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 
+#: SQLite's primary result codes of a disk that takes no more (sqlite3.Error.sqlite_errorcode & 0xFF)
+SQLITE_DISK_ERRORS = {13: "no space left on the device, or the quota is exceeded (SQLITE_FULL)",
+                      8: "the file system or the file is read-only (SQLITE_READONLY)"}
+
+
 class DamagedStudy(ValueError):
     """The study's database is not a readable SQLite database."""
 
@@ -54,3 +59,17 @@ def check_study(path: str | os.PathLike, beside=()) -> None:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise DamagedStudy(f"{path}: damaged SQLite database ({problems[0]}{more}){advice}")
 
+
+
+def study_write_error(error: BaseException, where: str) -> OSError | None:
+    """The one-line ``OSError`` for ``error`` when it is (or was caused by: SQLAlchemy wraps it)
+    SQLite's full disk or read-only file; None otherwise. ``where``: the study's file or URL."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        code = getattr(error, "sqlite_errorcode", None)
+        if isinstance(error, sqlite3.Error) and code is not None and code & 0xFF in SQLITE_DISK_ERRORS:
+            return OSError(f"{where}: cannot write the study: {SQLITE_DISK_ERRORS[code & 0xFF]}; the trials "
+                           "it records are intact: --resume continues once there is room")
+        error = getattr(error, "orig", None) or error.__cause__ or error.__context__
+    return None

@@ -271,6 +271,47 @@ def test_tune_resume_of_a_damaged_study_is_one_line_exit_2(tmp_path, capsys):
                    "move it away (or --overwrite) to start the study again")
 
 
+def _sqlite_error(pragma: str, statement: str) -> sqlite3.Error:
+    """A real SQLite error: a database capped at two pages is full, a query_only one read-only."""
+    db = sqlite3.connect(":memory:")
+    db.execute("create table t(a)")
+    db.execute(pragma)
+    try:
+        db.executemany(statement, [("x" * 1000,)] * 100)
+    except sqlite3.Error as e:
+        return e
+    finally:
+        db.close()
+    raise AssertionError("no error")
+
+
+@pytest.mark.parametrize("pragma, cause", [
+    ("pragma max_page_count=2", "no space left on the device, or the quota is exceeded (SQLITE_FULL)"),
+    ("pragma query_only=1", "the file system or the file is read-only (SQLITE_READONLY)"),
+])
+def test_a_full_disk_under_the_study_is_one_line_exit_2(tmp_path, monkeypatch, capsys, pragma, cause):
+    """SQLite's 'database or disk is full', wrapped by SQLAlchemy deep in Optuna, was a traceback."""
+    import sqlalchemy.exc
+
+    from recvae import tuning
+    from recvae.cli import main
+
+    orig = _sqlite_error(pragma, "insert into t values(?)")
+
+    def full(*args, **kwargs):
+        raise sqlalchemy.exc.OperationalError("INSERT INTO trials ...", {}, orig)
+
+    monkeypatch.setattr(tuning, "tune_study", full)
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,rating\n" + "".join(f"u{u},i{(u * 7 + k) % 150},5\n" for u in range(300) for k in range(10)))
+    out = tmp_path / "run"
+    code = main(["-q", "tune", "--data", str(log), "--n-heldout-users", "20", "--out", str(out), "--model", "ease",
+                 "--trials", "2"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (f"recvae: error: {out / STUDY_FILE}: cannot write the study: {cause}; "
+                                               "the trials it records are intact: --resume continues once there is room")
+
+
 # -- (5) a full disk, an exceeded quota, a read-only file system --------------------------------
 @pytest.mark.parametrize("code, cause", [(errno.ENOSPC, "no space left on the device (ENOSPC)"),
                                          (errno.EDQUOT, "the disk quota is exceeded (EDQUOT)"),
