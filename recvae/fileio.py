@@ -132,8 +132,11 @@ def _disk_error(path: Path, error: BaseException) -> OSError | None:
 
 
 def _hold(fd: int) -> None:
+    """Mark a temporary as live. Where it cannot be locked (NFS takes no lock on a directory's
+    descriptor) it is written all the same, and no later write can tell it dead: it stays."""
     if fcntl is not None:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def remove_stale_temporaries(path: str | os.PathLike, suffix: str = ".tmp") -> None:
