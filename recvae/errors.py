@@ -89,6 +89,16 @@ class ColumnError(ParameterError, KeyError):
     __str__ = ValueError.__str__  # the message as it is, not quoted as a KeyError's key
 
 
+class FileSystemError(RecvaeError, OSError):
+    """A file recvae cannot write or read for a reason of the machine's: a full disk, an exceeded
+    quota, a read-only file system. ``where``: the file; ``errno``: the cause's, when known."""
+
+    def __init__(self, where, message: str, errno: int | None = None, names: tuple[str, ...] = ()):
+        super().__init__(message, where=where, names=names)
+        if errno is not None:
+            self.errno = errno
+
+
 class MissingPathError(RecvaeError, FileNotFoundError):
     """A path parameter (``run_dir``, ``out``) names nothing usable: not there, or not what it
     must be (a run directory). Still a ``FileNotFoundError`` for the callers that catch one."""

@@ -5,9 +5,13 @@ does every reader of the library's own JSON and ``.npz`` files, whose errors nam
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
 import zipfile
 import zlib
@@ -16,11 +20,19 @@ from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 
-from recvae.errors import InputError
+from recvae.errors import FileSystemError, InputError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
-def ensure_writable_dir(folder: str | os.PathLike) -> Path:
-    """Create ``folder`` if needed; ``PermissionError`` naming it when it cannot be written.
+def ensure_writable_dir(folder: str | os.PathLike, hint: str = "choose another") -> Path:
+    """Create ``folder`` if needed; ``PermissionError`` naming it when it cannot be written
+    (``hint``: what to do then).
 
     A folder without any write bit counts as read-only even for root (for whom ``os.access``
     always says yes), so a data directory shared read-only is never written to.
@@ -28,16 +40,23 @@ def ensure_writable_dir(folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
     if existing is not None and existing != folder and not _writable(existing):
-        raise PermissionError(f"cannot create the directory {folder}: {existing} is not writable")
+        raise PermissionError(f"cannot create the directory {folder}: {existing} {_why_not(existing)}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PermissionError(f"cannot create the directory {folder}: {e.strerror or e}") from e
     if not _writable(folder):
-        raise PermissionError(
-            f"the directory {folder} is not writable; choose another (data_dir= or $RECVAE_DATA for data)"
-        )
+        raise PermissionError(f"the directory {folder} {_why_not(folder)}; {hint}")
     return folder
+
+
+def _why_not(folder: Path) -> str:
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return "is not writable: it is on a read-only file system"
+    except (OSError, AttributeError):  # pragma: no cover - no statvfs
+        pass
+    return "is not writable"
 
 
 def _writable(folder: Path) -> bool:
@@ -63,22 +82,95 @@ def atomic_open(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Binar
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield the *path* of an empty temporary file beside ``path``, for writers that want a
     file name (``DataFrame.to_parquet``, ``savefig``); renamed onto ``path`` with the mode the
-    umask gives when the block ends without error, removed otherwise."""
+    umask gives when the block ends without error, removed otherwise.
+
+    The rename replaces whatever is at ``path``, a symbolic link included, and never writes
+    through one (``mkstemp`` creates with ``O_EXCL``). The temporary file is ``flock``-ed while
+    it is written, so the next write of ``path`` can tell a dead writer's leftover (removed
+    there, :func:`remove_stale_temporaries`) from a live one. A full disk, an exceeded quota or a
+    read-only file system, however the writer reports it (torch wraps it in a RuntimeError), is
+    an ``OSError`` of one line naming ``path`` and the cause."""
     path = Path(path)
     folder = ensure_writable_dir(path.parent)
+    remove_stale_temporaries(path, suffix)
     try:
         fd, name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=suffix)
     except OSError as e:
-        raise PermissionError(f"cannot write to directory {folder}: {e.strerror or e}") from e
-    os.close(fd)
+        raise _disk_error(path, e) or PermissionError(f"cannot write to directory {folder}: {e.strerror or e}") from e
     tmp = Path(name)
     try:
+        _hold(fd)
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        error = _disk_error(path, e)
+        if error is not None:
+            raise error from None
         raise
+    finally:
+        os.close(fd)
+
+
+#: what a full or read-only disk raises: the cause a write names (errno -> words)
+DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+               errno.EROFS: "the file system is read-only"}
+
+
+def _disk_error(path: Path, error: BaseException) -> OSError | None:
+    """The one-line ``OSError`` for ``error`` when it is (or was caused by) a full disk, an
+    exceeded quota or a read-only file system; None otherwise."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in DISK_ERRORS:
+            return FileSystemError(path, f"cannot write it: {DISK_ERRORS[error.errno]} "
+                                         f"({errno.errorcode[error.errno]}); the file it would replace and everything "
+                                         "written before are intact", errno=error.errno)
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _hold(fd: int) -> None:
+    """Mark a temporary as live. Where it cannot be locked (NFS takes no lock on a directory's
+    descriptor) it is written all the same, and no later write can tell it dead: it stays."""
+    if fcntl is not None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def remove_stale_temporaries(path: str | os.PathLike, suffix: str = ".tmp") -> None:
+    """Remove the temporary files (or folders, :func:`atomic_dir`) that earlier writes of
+    ``path`` left when killed (SIGKILL gives no chance to clean up): ``.<name>.<8 random
+    characters><suffix>`` beside it whose ``flock`` is free, i.e. whose writer is gone. Only
+    ``path``'s own: an output's folder is the user's, and a name of another file is left alone."""
+    path = Path(path)
+    if fcntl is None:  # pragma: no cover - not POSIX: no way to tell a live writer
+        return
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[A-Za-z0-9_]{{8}}{re.escape(suffix)}")
+    try:
+        names = [n for n in os.listdir(path.parent) if pattern.fullmatch(n)]
+    except OSError:
+        return
+    for n in names:
+        stale = path.parent / n
+        try:
+            fd = os.open(stale, os.O_RDONLY | _NOFOLLOW | os.O_NONBLOCK)
+        except OSError:  # gone, or a link (O_NOFOLLOW): not a file of ours to judge
+            continue
+        try:
+            mode = os.fstat(fd).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # BlockingIOError: its writer is alive
+            continue
+        else:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(stale) if stat.S_ISDIR(mode) else stale.unlink()
+        finally:
+            os.close(fd)
 
 
 def is_temporary(name: str) -> bool:
@@ -173,9 +265,12 @@ def atomic_dir(path: str | os.PathLike):
     """
     path = Path(path)
     folder = ensure_writable_dir(path.parent)
+    remove_stale_temporaries(path)
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp"))
+    held = os.open(tmp, os.O_RDONLY)  # flock-ed while it is filled: see remove_stale_temporaries
     aside = None
     try:
+        _hold(held)
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         if path.exists():
@@ -188,8 +283,36 @@ def atomic_dir(path: str | os.PathLike):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
+        os.close(held)
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
+
+
+def check_zip_crc(path: Path, what: str) -> None:
+    """``ValueError`` naming ``path`` when a record of the zip archive (what ``torch.save`` writes)
+    differs from the CRC-32 its header records. torch's reader checks none, so a flipped byte
+    in a tensor loads as another number; with this check every one-bit flip of a checkpoint is
+    refused or changes nothing that is read (tests/test_hostile.py flips each bit)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+            # torch's reader takes a record marked as a folder (MS-DOS attribute 0x10) for an empty
+            # one and loads whatever memory held: the CRC of its bytes cannot tell
+            bad = bad or next((i.filename for i in archive.infolist() if i.external_attr & 0x10), None)
+    except Exception as e:  # noqa: BLE001  any of zipfile's errors (a flipped 'encrypted' bit: RuntimeError)
+        detail = " ".join(str(e).split())[:120]
+        raise InputError(path, f"not a readable {what}, damaged or another format ({type(e).__name__}"
+                         f"{': ' + detail if detail else ''})") from None
+    if bad is not None:
+        raise InputError(path, f"damaged {what}: the record {bad} differs from the CRC-32 written with it")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_torch(path: str | os.PathLike, what: str = "file", map_location="cpu", mmap: bool = False):
@@ -205,6 +328,8 @@ def read_torch(path: str | os.PathLike, what: str = "file", map_location="cpu", 
         raise FileNotFoundError(f"{path}: no such file (expected the {what})")
     if path.stat().st_size == 0:
         raise InputError(path, f"not a readable {what} (an empty file)")
+    if not mmap:  # a memory-mapped read takes a few counters, not the tensors: nothing to verify
+        check_zip_crc(path, what)
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,

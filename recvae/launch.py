@@ -23,6 +23,10 @@ def main() -> None:
     distributed = sys.modules.get("recvae.distributed")  # imported by every command that can join a group
     if distributed is not None and distributed.launched_by_torchrun():
         _leave_now(code)
+    from recvae.signals import exit_on_signal
+
+    # the command is done; the interpreter's exit hooks (tqdm's monitor thread) still run
+    exit_on_signal("recvae: stopped by {signal}; no output was left half-written")
     sys.exit(code)
 
 

@@ -16,7 +16,8 @@ A run directory holds everything needed later::
     tuning.csv          the trials that chose the model (runs written by ``recvae tune``)
     study.db            the Optuna study of ``recvae tune --trials`` (SQLite; -journal/-wal/-shm beside it
                         while SQLite writes), kept so that ``--resume`` continues it
-    .recvae.lock        while a command writes the directory: one writer at a time
+    .recvae.lock        while a command writes the directory: who holds it (the lock itself is on the
+                        directory, :mod:`recvae.locking`; never written through a link)
 
 The split files come first and ``run.json`` last, so a ``run.json`` means the run is described;
 the checkpoint is written after each epoch and the history after it, so the history never
@@ -29,25 +30,24 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import logging
 import os
 import shutil
-import socket
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 
-from recvae import signals
-from recvae.errors import InputError, MissingPathError, ParameterError, RecvaeError, UnwritablePathError
+from recvae import locking, signals
+from recvae.errors import InputError, MissingPathError, ParameterError, UnwritablePathError
 from recvae.data import Interactions, read_table
 from recvae.data.splits import HeldOutUsers
+from recvae.dbcheck import check_study
 from recvae.fileio import (
     atomic_write, ensure_writable_dir, is_temporary, read_json, read_npz, read_torch, write_bytes, write_json,
 )
+from recvae.locking import RunLocked, check_not_link  # noqa: F401  (RunLocked: the callers import it from here)
 from recvae.models import load_model
 from recvae.models.base import MODEL_FILE
 from recvae.models.training_loop import HISTORY_FIELDS
@@ -79,10 +79,6 @@ MODEL_FILES = {MODEL_FILE, "weights.pt", "arrays.npz"}
 SPLIT_FILES = {"validation": VALIDATION_FILE, "test": TEST_FILE}
 
 
-class RunLocked(RecvaeError, ValueError):
-    """Another process is writing the run directory."""
-
-
 class RunFinished(Exception):
     """``--resume`` of a run that finished: there is nothing to continue."""
 
@@ -94,7 +90,7 @@ def is_run_dir(path: str | os.PathLike) -> bool:
 def check_not_in_run(path: str | os.PathLike, param: str) -> None:
     """``ParameterError`` naming ``param`` when ``path`` is (or lies inside) a file of a run
     directory, e.g. ``--output RUN/model/weights.pt``: an output must never replace what a run holds."""
-    p = Path(path).absolute()
+    p = Path(path).resolve()  # a symbolic link on the way (p/m -> RUN/model) leads to the run all the same
     for parent in p.parents:
         if is_run_dir(parent):
             top = p.relative_to(parent).parts[0]
@@ -191,6 +187,8 @@ class RunDir:
         the user's, at any depth) with ``overwrite``; a described run with ``resume`` (the
         caller compares its settings). Raises naming the directory otherwise."""
         out = self.path
+        check_not_link(out, "out", "give the directory it points to")
+        locking.check_free(out, LOCK_FILE)  # a writer's files in flight are not what the directory holds
         check_not_in_run(out, "out")
         if out.exists() and not out.is_dir():
             raise ParameterError("out", "exists and is not a directory", given=out)
@@ -218,7 +216,9 @@ class RunDir:
                                  "move them away to resume there", given=out)
 
     def study_url(self) -> str:
-        """The SQLAlchemy URL of the run's study (``recvae tune --trials``): SQLite in ``study.db``."""
+        """The SQLAlchemy URL of the run's study (``recvae tune --trials``): SQLite in ``study.db``,
+        checked first (:func:`recvae.dbcheck.check_study`: no links, not damaged)."""
+        check_study(self.file(STUDY_FILE), [self.file(name) for name in sorted(STUDY_FILES)])
         return f"sqlite:///{self.file(STUDY_FILE).absolute()}"
 
     def has_study(self) -> bool:
@@ -227,6 +227,8 @@ class RunDir:
     def check_resumable_study(self) -> None:
         """Whether ``tune --resume`` may continue the study here: ``study.db`` present and nothing
         of the user's beside the run's files."""
+        check_not_link(self.path, "out", "give the directory it points to")
+        locking.check_free(self.path, LOCK_FILE)
         if not self.has_study():
             raise ParameterError("resume", f"{self.path} holds no study ({STUDY_FILE}) to continue; start the "
                                            "tuning without {resume}", names=("resume",))
@@ -238,32 +240,23 @@ class RunDir:
     # -- one writer at a time ----------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self):
-        """Hold the directory (created if needed) for this process: a second writer gets
+        """Hold the directory (created if needed) for this process (:mod:`recvae.locking`: on the
+        directory itself, so deleting the lock file lets no one in): a second writer gets
         :class:`RunLocked` naming the holder; a lock left by a dead process is taken over with
         a note. Temporary files of writes killed midway are removed once it is held."""
+        check_not_link(self.path, "out", "give the directory it points to")
         ensure_dir(self.path)
-        path = self.file(LOCK_FILE)
-        fd = _take_lock(path)
-        try:
-            previous = os.read(fd, 4096).decode(errors="replace").strip()
+        with locking.hold(self.path, LOCK_FILE) as previous:
             if previous:
                 logger.warning("%s: took over the lock of a command that is no longer running (%s)",
-                               self.path, _describe_holder(previous))
-            me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                  "command": " ".join(["recvae", *sys.argv[1:]]) if sys.argv else "recvae"}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(me).encode(), 0)
+                               self.path, locking.describe(previous))
             self.remove_temporaries()
             yield self
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            os.close(fd)  # closing releases the flock
 
     def remove_temporaries(self) -> None:
         """Remove the temporary files that writes killed midway (SIGKILL) left, at every depth."""
         for folder in (self.path, self.file(MODEL_DIR)):
-            if folder.is_dir():
+            if folder.is_dir() and not folder.is_symlink():  # a planted link leads outside the run
                 for p in folder.iterdir():
                     if is_temporary(p.name) and p.is_file():
                         p.unlink()
@@ -424,39 +417,6 @@ def ensure_dir(path: Path) -> None:
         ensure_writable_dir(path)
     except PermissionError as e:
         raise UnwritablePathError("out", str(e), given=path) from e
-
-
-def _take_lock(path: Path) -> int:
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: no locking
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    for _ in range(5):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 4096).decode(errors="replace").strip()
-            os.close(fd)
-            raise RunLocked(f"another recvae is writing this run directory ({_describe_holder(holder)}); wait "
-                            "until it ends, or choose another {out}", param="out", given=path.parent,
-                            names=("out",)) from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            return fd
-        os.close(fd)  # the holder removed the file as we opened it: take the new one
-    raise RunLocked("the lock of this run directory keeps changing hands; try again", param="out", given=path.parent)
-
-
-def _describe_holder(text: str) -> str:
-    try:
-        info = json.loads(text)
-        return f"pid {info['pid']} on {info['host']} since {info['started']}: {info['command']}"
-    except (ValueError, KeyError, TypeError):
-        return "holder unknown"
 
 
 def _check_items(path: Path, n_items: int, model, item_ids=None) -> None:

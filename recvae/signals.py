@@ -92,3 +92,50 @@ def deferred():
                 handler(s, None)  # KeyboardInterrupt / Terminated, as if the signal came now
             elif handler == signal.SIG_DFL:
                 os.kill(os.getpid(), s)
+
+
+@contextlib.contextmanager
+def noted():
+    """SIGINT / SIGTERM that arrive within the block, whoever handles them, raise
+    KeyboardInterrupt / Terminated when it ends (the last one; nothing when none came).
+
+    For a server that installs its own handlers and ends quietly: uvicorn swallows the
+    KeyboardInterrupt of one worker, and its supervisor of several never passes a signal on,
+    so ``serve`` exited 0 without a stop line. The signals are seen through Python's wakeup
+    file descriptor, which the C-level handler writes whatever Python handler runs."""
+    if not _main_thread():
+        yield
+        return
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)
+    previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+        try:
+            seen = os.read(read, 1024)
+        except BlockingIOError:
+            seen = b""
+        os.close(read)
+        os.close(write)
+    last = next((s for s in reversed(seen) if s in (signal.SIGINT, signal.SIGTERM)), None)
+    if last is not None:
+        _received.append(last)
+        raise KeyboardInterrupt if last == signal.SIGINT else Terminated()
+
+
+def exit_on_signal(line: str) -> None:
+    """From now until the process ends, SIGINT / SIGTERM end it at once with ``line`` on stderr
+    and 130 / 143: a command that has finished is still running its exit hooks (tqdm's monitor
+    thread, ...), where a Ctrl-C printed 'Exception ignored in atexit callback' and exit 0."""
+    if not _main_thread():
+        return
+
+    def leave(signum, frame):
+        os.write(2, (line.replace("{signal}", signal.Signals(signum).name) + "\n").encode())
+        os._exit(128 + signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, leave)

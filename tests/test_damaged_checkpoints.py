@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pickle
 import shutil
+import struct
+import zipfile
 
 import pytest
 import torch
@@ -26,6 +28,16 @@ class Exploit:
         return (print, ("pickled code ran",))
 
 
+def _flip_a_tensor_byte(path):
+    """One flipped bit inside a tensor's record: torch alone loads it as another number."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    data[info.header_offset + 30 + name_len + extra_len + info.file_size // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 def _crafted(path):
     torch.save({"epoch": 1, "payload": Exploit()}, path)
 
@@ -35,6 +47,7 @@ def _crafted(path):
     (lambda p: p.write_text("this is text, not a checkpoint\n" * 4), "not a readable checkpoint, damaged or another format"),
     (lambda p: p.write_bytes(p.read_bytes()[:2000]), "not a readable checkpoint, damaged or another format"),
     (_crafted, "it holds objects other than tensors"),
+    (_flip_a_tensor_byte, "damaged checkpoint: the record "),
     (lambda p: p.write_bytes(pickle.dumps({"epoch": 1})), "not a readable checkpoint"),
     (lambda p: torch.save([1, 2, 3], p), "not a recvae checkpoint"),
 ])

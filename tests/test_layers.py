@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "recvae"
 #: ``X.*`` stands for every module under the package X (e.g. ``recvae.tuning.*`` holds a future
 #: ``recvae/tuning/`` package's modules, as ``recvae.tuning`` holds tuning.py or its __init__).
 LAYERS: list[tuple[str, set[str]]] = [
-    ("foundations", {"recvae", "recvae.errors", "recvae.fileio", "recvae.optional", "recvae.progress",
+    ("foundations", {"recvae", "recvae.errors", "recvae.fileio", "recvae.locking", "recvae.dbcheck", "recvae.optional", "recvae.progress",
                      "recvae.signals"}),
     ("data", {"recvae.data", "recvae.data.*"}),
     ("numerics", {"recvae.ranking", "recvae.metrics", "recvae.distributed"}),  # the training loop uses both

@@ -122,6 +122,14 @@ def run(args) -> int:
     except RunFinished as e:
         print(f"recvae: {e}", file=sys.stderr)
         return 0
+    except Exception as e:  # SQLite's full disk, deep in Optuna and SQLAlchemy: one line, exit 2
+        from recvae.dbcheck import study_write_error
+
+        where = args.storage or (str(Path(args.out) / "study.db") if args.out else "the study")
+        error = study_write_error(e, where)
+        if error is None:
+            raise
+        raise error from None
     report(args, tuned, ",".join(models), spec)
     return refit_chosen(args)
 

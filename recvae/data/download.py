@@ -73,7 +73,7 @@ def download(
         raise ParameterError("retries", f"expected a non-negative integer, got {retries!r}")
     expected = _expected_digest(sha256, md5)
     folder = dest.parent
-    ensure_writable_dir(folder)
+    ensure_writable_dir(folder, hint="choose another (data_dir= or $RECVAE_DATA)")
     last_error: Exception | None = None
     for attempt in range(retries + 1):
         if attempt:

@@ -4,7 +4,8 @@ Written once (``recvae prepare``), then memory-mapped by every reader (``np.load
 so N training processes on one machine share one copy through the page cache instead of each
 parsing the interaction file. Layout::
 
-    prepared.json   format version, shape, and how the interactions were preprocessed
+    prepared.json   format version, shape, how the interactions were preprocessed, and the
+                    SHA-256 of each array (checked by every reader, as a model's files are)
     indptr.npy      CSR row pointers (n_users + 1,)
     indices.npy     CSR item index of each interaction (nnz,)
     data.npy        CSR values (nnz,), float32 ones
@@ -27,7 +28,8 @@ import scipy.sparse as sp
 
 from recvae.data.interactions import Interactions, _as_id_array
 from recvae.errors import RecvaeError
-from recvae.fileio import atomic_dir, atomic_write, write_json
+from recvae.fileio import atomic_dir, atomic_write, sha256_file, write_json
+from recvae.locking import check_not_link
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ def write_prepared(interactions: Interactions, path: str | os.PathLike, preproce
     """Write ``interactions`` as a prepared directory at ``path`` (replacing one already there);
     ``preprocessing`` (JSON-ready) records where the data came from and how it was filtered."""
     path = Path(path)
+    check_not_link(path, "out", "give the directory it points to")  # its rename would replace the link
     if path.exists() and not is_prepared(path) and any(path.iterdir()):
         raise FileExistsError(f"{path}: exists and is not a prepared dataset (no {PREPARED_FILE}); not replacing it")
     m = interactions.matrix
@@ -55,7 +58,8 @@ def write_prepared(interactions: Interactions, path: str | os.PathLike, preproce
             atomic_write(tmp / f"{name}.npy", lambda f, a=array: np.save(f, np.ascontiguousarray(a), allow_pickle=False))
         write_json(tmp / PREPARED_FILE, {"format_version": PREPARED_FORMAT_VERSION, "n_users": int(m.shape[0]),
                                          "n_items": int(m.shape[1]), "nnz": int(m.nnz),
-                                         "preprocessing": preprocessing or {}})
+                                         "preprocessing": preprocessing or {},
+                                         "files": {f"{n}.npy": sha256_file(tmp / f"{n}.npy") for n in arrays}})
     logger.debug("prepared %r in %s", interactions, path)
     return path
 
@@ -135,6 +139,12 @@ def load_prepared(path: str | os.PathLike) -> Interactions:
     expected = {"indptr": (n_users + 1,), "indices": (nnz,), "data": (nnz,), "user_ids": (n_users,),
                 "item_ids": (n_items,)}
     a = {}
+    digests = d.get("files")
+    if digests is None:  # written before the digests were recorded
+        logger.warning("%s: records no SHA-256 of its arrays (an older recvae wrote it): not verified; "
+                       "%s to record them", path / PREPARED_FILE, _rewrite_hint(path, d))
+    elif not isinstance(digests, dict):
+        raise _damaged(path, PREPARED_FILE, f"'files' is {digests!r}, expected an object of file name -> SHA-256", d)
     for name in _ARRAYS:
         file = f"{name}.npy"
         try:
@@ -153,8 +163,21 @@ def load_prepared(path: str | os.PathLike) -> Interactions:
             raise _damaged(path, f"{name}.npy", f"{a[name].dtype} values, expected {what}", d)
     _check_indptr(path, a["indptr"], nnz, d)
     _check_indices(path, a["indices"], n_items, d)
+    _check_values(path, a["data"], d)
+    for name in _ARRAYS if digests is not None else ():  # last: the checks above say more of what is wrong
+        _check_digest(path, f"{name}.npy", digests, d)
     matrix = sp.csr_matrix((a["data"], a["indices"], a["indptr"]), shape=(n_users, n_items), copy=False)
     return Interactions(matrix, a["user_ids"], a["item_ids"])
+
+
+def _check_digest(path: Path, file: str, digests: dict, d: dict) -> None:
+    """A reversed ``item_ids.npy`` is a valid array of the right shape: only its digest tells."""
+    if file not in digests:
+        raise _damaged(path, PREPARED_FILE, f"files: no SHA-256 recorded for {file}", d)
+    actual = sha256_file(path / file)
+    if actual != digests[file]:
+        raise _damaged(path, file, f"damaged or replaced: its SHA-256 {actual[:16]}... differs from the "
+                       f"{str(digests[file])[:16]}... recorded in {PREPARED_FILE}", d)
 
 
 def _check_indptr(path: Path, indptr: np.ndarray, nnz: int, d: dict) -> None:
@@ -169,6 +192,15 @@ def _check_indptr(path: Path, indptr: np.ndarray, nnz: int, d: dict) -> None:
             row = start + int(drops[0])
             raise _damaged(path, "indptr.npy", f"the row pointers decrease at row {row} "
                            f"({chunk[drops[0]]} then {chunk[drops[0] + 1]})", d)
+
+
+def _check_values(path: Path, data: np.ndarray, d: dict) -> None:
+    """Finite values: a NaN said 'train: contains non-finite values', naming no file."""
+    for start in range(0, len(data), _CHUNK):
+        bad = np.flatnonzero(~np.isfinite(data[start:start + _CHUNK]))
+        if bad.size:
+            at = start + int(bad[0])
+            raise _damaged(path, "data.npy", f"value {data[at]} at interaction {at}, expected a finite number", d)
 
 
 def _check_indices(path: Path, indices: np.ndarray, n_items: int, d: dict) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import datetime
 import math
 
 import numpy as np
@@ -303,13 +304,19 @@ def parse_cutoff(value) -> float:
 
 
 def _seconds(stamp: pd.Timestamp) -> float:
+    # .timestamp(), not a difference of Timestamps: that is cast to nanoseconds, which overflow
+    # past the year 2262 (--cutoff 3000-01-01 said "Cannot cast ... without overflow")
     stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
-    return (stamp - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)
+    return stamp.timestamp()
 
 
 def format_time(seconds: float) -> str:
-    """Unix seconds as a UTC date and time, ``2016-01-01 00:00:00`` (as messages show them)."""
-    return pd.Timestamp(seconds, unit="s", tz="UTC").strftime("%Y-%m-%d %H:%M:%S")
+    """Unix seconds as a UTC date and time, ``2016-01-01 00:00:00`` (as messages show them);
+    a time beyond the calendar (years 1 to 9999) as its number of seconds."""
+    try:
+        return datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, ValueError, OSError):
+        return f"{seconds:g} Unix seconds"
 
 
 def cutoff_split(interactions: Interactions, cutoff, n_heldout_users: int | None = None, seed: int = 0) -> StrongSplit:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import logging
 from pathlib import Path
@@ -13,7 +12,7 @@ import scipy.sparse as sp
 
 from recvae.data.interactions import as_csr
 from recvae.errors import InputError, ParameterError
-from recvae.fileio import read_json, write_json
+from recvae.fileio import read_json, sha256_file, write_json
 from recvae.metrics import mask_rows, top_k_with_scores
 from recvae.models.params import Choice, Param, check_table, json_params, make_init, parameters_doc
 
@@ -47,14 +46,6 @@ def warn_if_not_binary(X: sp.csr_matrix, model: str, use: str) -> None:
         "binarize them first, e.g. keep ratings > 3.5 with recvae.data.Preprocessing (the default of "
         "read_interactions and Interactions.from_dataframe with rating_col) or pass X.sign()",
         f"{int(other.sum()):,}", f"{X.nnz:,}", float(X.data.min()), float(X.data.max()), model, use)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_model_meta(folder: Path, model: "Recommender", params: dict, files: Sequence[str], **extra) -> Path:

@@ -7,6 +7,7 @@ import time
 import urllib.error
 import urllib.request
 
+from recvae import signals
 from recvae.errors import RecvaeError
 from recvae.optional import require
 from recvae.recommend import RunRecommender
@@ -46,7 +47,8 @@ def run_server(run_dir, host: str = "127.0.0.1", port: int = 8000, workers: int 
     if workers == 1:
         app = create_app(run_dir, device=device, max_body=max_body, max_batch=max_batch, threads=threads,
                          body_timeout=body_timeout, batch_wait=batch_wait, precision=precision)
-        uvicorn.run(app, **options)
+        with signals.noted():  # the stop line and 130 / 143, as every command's
+            uvicorn.run(app, **options)
         return
     check_run(run_dir, device, precision)
     fd, failure_file = tempfile.mkstemp(prefix="recvae-serve-", suffix=".err")
@@ -64,13 +66,14 @@ def run_server(run_dir, host: str = "127.0.0.1", port: int = 8000, workers: int 
         ENV["failure_file"]: failure_file,
     })
     try:
-        uvicorn.run("recvae.serve:app_from_env", factory=True, workers=workers, **options)
-        with open(failure_file) as f:
-            failures = f.read().splitlines()
+        with signals.noted():  # a worker that fails SIGTERMs this process: its error comes first
+            uvicorn.run("recvae.serve:app_from_env", factory=True, workers=workers, **options)
+            with open(failure_file) as f:
+                failures = f.read().splitlines()
+            if failures:
+                raise WorkerStartupError(f"a worker could not load the run, server stopped: {failures[0]}")
     finally:
         os.unlink(failure_file)
-    if failures:
-        raise WorkerStartupError(f"a worker could not load the run, server stopped: {failures[0]}")
 
 
 def check_run(run_dir, device=None, precision: str = "fp32") -> None:
