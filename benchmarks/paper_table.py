@@ -61,7 +61,8 @@ from recvae.cli.common import add_time_split_options
 from recvae.models.device import resolve_device, resolve_precision
 from recvae.data import Interactions
 from recvae.data.interactions import sorted_unique
-from recvae.data.splits import default_n_heldout_users, make_split
+from recvae.data.splits import default_n_heldout_users
+from recvae.data.time_splits import make_split
 from recvae.evaluation import evaluate, paired_difference
 from recvae.experiment import REPORT_METRICS
 from recvae.models.registry import is_neural

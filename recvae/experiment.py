@@ -19,7 +19,8 @@ from pathlib import Path
 from recvae import distributed
 from recvae.data.interactions import Interactions
 from recvae.data.source import DataSpec, dropped_users, read_source, seen_interactions
-from recvae.data.splits import NoHoldout, make_split, no_holdout
+from recvae.data.splits import NoHoldout, no_holdout
+from recvae.data.time_splits import make_split
 from recvae.errors import InputError, ParameterError, RecvaeError
 from recvae.evaluation import EvaluationResult, evaluate
 from recvae.models.device import resolve_device

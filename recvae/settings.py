@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 from recvae import __version__
 from recvae.data.source import DataSpec
-from recvae.data.splits import check_time_split
+from recvae.data.time_splits import check_time_split
 from recvae.errors import ParameterError
 from recvae.models import make_model, model_class
 from recvae.models.params import forced

@@ -1,4 +1,4 @@
-"""Splits in time (recvae.data.splits.cutoff_split / leave_last_split) and their options: exactly
+"""Splits in time (recvae.data.time_splits.cutoff_split / leave_last_split) and their options: exactly
 which interaction lands in training, fold-in or target, ties included; timestamps through
 reading; the command line's options, run.json, resume, and one-line errors."""
 
@@ -12,7 +12,7 @@ import pytest
 
 from recvae.cli import main
 from recvae.data import Interactions, cutoff_split, leave_last_split, make_split, read_interactions
-from recvae.data.splits import format_time, parse_cutoff
+from recvae.data.time_splits import format_time, parse_cutoff
 from recvae.errors import ParameterError
 from recvae.experiment import DataSpec, RunConfig, load_split
 from recvae.settings import resume_differences

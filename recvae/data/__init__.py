@@ -12,16 +12,8 @@ from recvae.data.movielens import (
     load_movielens_titles,
 )
 from recvae.data.paths import resolve_data_dir
-from recvae.data.splits import (
-    HeldOutUsers,
-    StrongSplit,
-    WeakSplit,
-    cutoff_split,
-    leave_last_split,
-    make_split,
-    strong_generalization_split,
-    weak_generalization_split,
-)
+from recvae.data.splits import HeldOutUsers, StrongSplit, WeakSplit, strong_generalization_split, weak_generalization_split
+from recvae.data.time_splits import cutoff_split, leave_last_split, make_split
 
 __all__ = [
     "ChecksumError",
