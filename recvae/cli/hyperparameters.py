@@ -14,19 +14,18 @@ import argparse
 from recvae.cli.common import CLIError
 from recvae.errors import ParameterError
 
-#: the hyperparameters of the registered models: name -> the option's dest (filled on first use)
-DESTS: dict[str, str] = {}
-
-
 class ModelOptionsParser(argparse.ArgumentParser):
-    """A command's parser whose hyperparameter flags are added on first use."""
+    """A command's parser whose hyperparameter flags are added on first use. ``dests``: each
+    hyperparameter's option dest (``random_state`` -> ``seed``); the parsed arguments carry it as
+    ``hyperparameter_dests``."""
 
-    _hyperparameters_added = False
+    dests: dict[str, str] | None = None
 
-    def add_hyperparameters(self) -> None:
-        if not self._hyperparameters_added:
-            self._hyperparameters_added = True
-            add_hyperparameter_options(self)
+    def add_hyperparameters(self) -> dict[str, str]:
+        if self.dests is None:
+            self.dests = add_hyperparameter_options(self)
+            self.set_defaults(hyperparameter_dests=self.dests)
+        return self.dests
 
     def parse_known_args(self, args=None, namespace=None):
         self.add_hyperparameters()
@@ -85,17 +84,20 @@ def _help(entries, n_models: int) -> str:
     return f"{who}{param.help} ({default})".replace("%", "%%")
 
 
-def add_hyperparameter_options(p: argparse.ArgumentParser) -> None:
+def add_hyperparameter_options(p: argparse.ArgumentParser) -> dict[str, str]:
+    """One flag per hyperparameter of the registered models; returns name -> the flag's dest."""
     from recvae.models import model_names
 
     rows = _rows()
+    dests = {}
     group = p.add_argument_group("hyperparameters (from each model's table; a model refuses those it does not take)")
     for name, entries in rows.items():
         param = entries[0][1]
         dest = param.option.lstrip("-").replace("-", "_")
-        DESTS[name] = dest
+        dests[name] = dest
         group.add_argument(param.option, dest=dest, type=_parser_of(entries), default=argparse.SUPPRESS,
                            metavar=_metavar(param), help=_help(entries, len(model_names())))
+    return dests
 
 
 def _metavar(param) -> str:
@@ -111,10 +113,11 @@ def model_params_from_args(args) -> dict:
     from recvae.models import model_class
 
     accepted = set(model_class(model_name(args))._param_names())
-    given = {name: getattr(args, dest) for name, dest in DESTS.items() if hasattr(args, dest)}
+    dests = args.hyperparameter_dests
+    given = {name: getattr(args, dest) for name, dest in dests.items() if hasattr(args, dest)}
     unused = [name for name in given if name not in accepted]
     if unused:
-        flags = ", ".join("--" + DESTS[u].replace("_", "-") for u in unused)
+        flags = ", ".join("--" + dests[u].replace("_", "-") for u in unused)
         raise CLIError(f"--model {args.model}{latent_note(args)}: does not take {flags}")
     return given
 

@@ -7,7 +7,7 @@ import argparse
 
 from recvae import __version__
 from recvae.cli import datasets, evaluate, prepare, recommend, refit, serve, similar, train, tune
-from recvae.cli.hyperparameters import DESTS, ModelOptionsParser
+from recvae.cli.hyperparameters import ModelOptionsParser
 
 COMMANDS = (datasets, train, tune, refit, prepare, evaluate, recommend, similar, serve)
 
@@ -20,8 +20,7 @@ def command_flags(parser: argparse.ArgumentParser, command: str) -> dict[str, st
     """Parameter name -> flag of ``command``'s options, e.g. ``item_col`` -> ``--item-col``, and
     of its positional arguments their metavar (``run_dir`` -> ``RUN_DIR``)."""
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-    if isinstance(sub, ModelOptionsParser):
-        sub.add_hyperparameters()
+    dests = sub.add_hyperparameters() if isinstance(sub, ModelOptionsParser) else {}
     flags = {}
     for action in sub._actions:
         long = [o for o in action.option_strings if o.startswith("--")]
@@ -30,7 +29,7 @@ def command_flags(parser: argparse.ArgumentParser, command: str) -> dict[str, st
         elif not action.option_strings and isinstance(action.metavar, str):
             flags[action.dest] = action.metavar
     flags.update({k: v for k, v in PARAM_FLAGS.items() if v in flags.values()})
-    flags.update({name: flags[dest] for name, dest in DESTS.items() if dest in flags})  # random_state -> --seed
+    flags.update({name: flags[dest] for name, dest in dests.items() if dest in flags})  # random_state -> --seed
     return flags
 
 

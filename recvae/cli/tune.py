@@ -17,7 +17,7 @@ from recvae.errors import ParameterError
 from recvae.cli.common import (
     CLIError, add_data_options, add_model_options, add_source_options, data_spec_from_args, format_table,
 )
-from recvae.cli.hyperparameters import DESTS, latent_note, model_name, model_params_from_args
+from recvae.cli.hyperparameters import latent_note, model_name, model_params_from_args
 from recvae.signals import Terminated, sigterm_raises, stopped_by
 
 
@@ -155,17 +155,18 @@ def model_params(args, models) -> dict:
         return {models[0]: model_params_from_args(args)}
     if args.latent is not None:
         raise CLIError(f"--latent: takes one model (multvae), not --model {args.model}")
-    given = [name for name, dest in DESTS.items() if hasattr(args, dest) and name != "device"]
+    dests = args.hyperparameter_dests
+    given = [name for name, dest in dests.items() if hasattr(args, dest) and name != "device"]
     untaken = [n for n in given if not any(n in model_class(m)._param_names() for m in models)]
     if untaken:
-        raise CLIError(f"--model {args.model}: none of them takes {', '.join('--' + DESTS[n].replace('_', '-') for n in untaken)}")
+        raise CLIError(f"--model {args.model}: none of them takes {', '.join('--' + dests[n].replace('_', '-') for n in untaken)}")
     params = {}
     for m in models:
         ns = argparse.Namespace(**vars(args))
         ns.model = m
         for name in given:
             if name not in model_class(m)._param_names():
-                delattr(ns, DESTS[name])
+                delattr(ns, dests[name])
         params[m] = model_params_from_args(ns)
     return params
 
