@@ -169,9 +169,9 @@ def init_from_env() -> Group:
         dist.init_process_group(backend, timeout=timeout)
     except Exception as e:  # the store or peers unreachable: one line, not a traceback
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
-        raise ConnectionError(f"torch.distributed: cannot join the process group at {where} "
-                              f"(rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}): "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise PeerError(f"torch.distributed: cannot join the process group at {where} "
+                        f"(rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}): "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     group = current()
     logger.info("process group: rank %d of %d (%s)", group.rank, group.world_size, backend)
     return group

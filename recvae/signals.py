@@ -50,6 +50,7 @@ def sigterm_raises():
     if not _main_thread():
         yield
         return
+    _received.clear()  # what came before belongs to another command (several run in one test process)
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     previous_int = signal.getsignal(signal.SIGINT)
     if previous_int is signal.default_int_handler:

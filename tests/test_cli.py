@@ -109,7 +109,7 @@ def test_unknown_items_dropped_or_strict(vae_run, tmp_path, capsys, caplog):
         assert main(["recommend", str(vae_run), "--input", str(inp), "--k", "2"]) == 0
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert [r.getMessage() for r in warnings] == ["2 of 3 item ids unknown to the run (e.g. 'nope', 'gone')"]
-    assert warnings[0].name == "recvae.recommend"
+    assert warnings[0].name == "recvae.data.ids"  # the one place ids are matched
     recs = pd.read_csv(io.StringIO(capsys.readouterr().out))
     # y has no known item: the popularity fallback, scored as the fraction of training users
     train = Interactions.load(vae_run / "train.npz")

@@ -143,7 +143,7 @@ def test_the_lock_holds_when_its_file_is_deleted_or_replaced(tmp_path, meddle):
         lock.unlink()
         if meddle == "replace":
             lock.write_text(json.dumps({"pid": 1, "host": "h", "started": "then", "command": "recvae x"}))
-        with pytest.raises(RunLocked, match=f"--out {out}: another recvae is writing this run directory"):
+        with pytest.raises(RunLocked, match=f"out {out}: another recvae is writing this run directory"):
             with RunDir(out).lock():
                 pytest.fail("a second writer got in")
         with pytest.raises(RunLocked):  # --overwrite is refused before it would empty anything
@@ -187,7 +187,7 @@ def test_a_second_writer_is_told_the_holder_not_the_files_in_flight(tmp_path):
         (out / ".train.npz.abcdefgh.tmp").write_bytes(b"in flight")
         with pytest.raises(RunLocked) as info:
             RunDir(out).check_writable_for()
-        assert str(info.value).startswith(f"--out {out}: another recvae is writing this run directory (pid {pid} on ")
+        assert str(info.value).startswith(f"out {out}: another recvae is writing this run directory (pid {pid} on ")
         assert "--overwrite" not in str(info.value)
     with RunDir(out).lock():  # the holder's own checks pass: it probes no lock it holds
         RunDir(out).check_writable_for(overwrite=True)

@@ -19,6 +19,7 @@ import torch
 from recvae import tuning
 from recvae.cli import main
 from recvae.experiment import DataSpec, RunConfig, load_run, run
+from recvae.settings import model_params
 from recvae.optional import available
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,7 +218,8 @@ def test_ease_study_keeps_its_trials_and_writes_the_chosen_run(log_csv, tmp_path
     assert list(table["selected"]) == [n == best for n in range(4)]
     assert f"* {best} " in printed
     model, description = load_run(out)
-    assert description["model"] == "ease" and description["params"] == {"l2": trials[best][0]["l2"]}
+    # run.json records every hyperparameter: the chosen l2 and EASE's default dtype
+    assert description["model"] == "ease" and description["params"] == {"l2": trials[best][0]["l2"], "dtype": "float64"}
     assert model.l2 == trials[best][0]["l2"]
     # --seed fixes the study: the same command draws the same values
     again = tmp_path / "again"
@@ -249,7 +251,7 @@ def test_grid_study_runs_every_point_in_order_as_the_plain_grid(log_csv, tmp_pat
     assert list(table["l2"]) == [300.0, 1.0, 30.0] and states(study) == {"COMPLETE": 3}
     plain = tuning.tune(DataSpec(path=str(log_csv)), "ease", grid={"l2": (300.0, 1.0, 30.0)}, n_heldout_users=30)
     assert list(table["validation_ndcg@100"]) == [round(t.validation, 6) for t in plain.trials]
-    assert json.loads((out / "run.json").read_text())["params"] == plain.config.params
+    assert json.loads((out / "run.json").read_text())["params"] == model_params("ease", plain.config.params)
 
 
 @needs_optuna

@@ -67,7 +67,7 @@ def _run(argv: list[str] | None) -> int:
     try:
         return args.func(args) or 0
     except Exception as e:
-        if isinstance(e, ImportError) and received() is not None:
+        if isinstance(e, ImportError) and not isinstance(e, RecvaeError) and received() is not None:
             raise  # a signal cut an import short: main says so
         if not is_user_error(e):
             traceback.print_exc()
