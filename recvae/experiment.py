@@ -64,7 +64,7 @@ def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: 
 
     ``out`` must be new or empty, unless ``overwrite`` (a run directory, holding nothing of the
     user's, is emptied first) or ``resume`` (continue the run there from its checkpoint: the
-    settings must equal its ``run.json`` except ``RESUMABLE_PARAMS``; :class:`RunFinished` when it
+    settings must equal its ``run.json`` except those a resume may change (:func:`recvae.settings.resumable`); :class:`RunFinished` when it
     finished). ``keep_checkpoint`` keeps ``checkpoint.pt`` after a successful finish. Everything
     is checked before anything is written, and again once the directory is locked (one writer
     at a time: :class:`recvae.rundir.RunLocked` for a second). A non-finite loss after a good
@@ -144,8 +144,8 @@ def _check_run_dir(run_dir: RunDir, config: RunConfig, resume: bool, overwrite: 
                 return  # drawn below, under the directory's lock
             run_dir.draw_learning_curve(run_dir.load_model().history_)
             note = "; drew the learning curve it lacked"
-        raise RunFinished(f"--out {run_dir}: the run has finished (metrics.json, no {CHECKPOINT_FILE}): "
-                          f"nothing to resume{note}")
+        raise RunFinished(f"the run has finished (metrics.json, no {CHECKPOINT_FILE}): nothing to resume{note}",
+                          param="out", given=run_dir)
 
 
 def load_split(config: RunConfig, show_progress: bool = False, with_seen: bool = False):

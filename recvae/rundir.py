@@ -40,7 +40,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from recvae import locking, signals
-from recvae.errors import InputError, MissingPathError, ParameterError, UnwritablePathError
+from recvae.errors import InputError, MissingPathError, ParameterError, RecvaeError, UnwritablePathError
 from recvae.data import Interactions, read_table
 from recvae.data.splits import HeldOutUsers
 from recvae.dbcheck import check_study
@@ -79,8 +79,10 @@ MODEL_FILES = {MODEL_FILE, "weights.pt", "arrays.npz"}
 SPLIT_FILES = {"validation": VALIDATION_FILE, "test": TEST_FILE}
 
 
-class RunFinished(Exception):
-    """``--resume`` of a run that finished: there is nothing to continue."""
+class RunFinished(RecvaeError):
+    """``resume`` of a run that finished: there is nothing to continue (the command line says so
+    and exits 0). Of the family for its parameters as data (``out``, ``trials``), so the line it
+    prints names the flags."""
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:

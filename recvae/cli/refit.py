@@ -45,7 +45,7 @@ def run(args) -> int:
         print(f"recvae: stopped by {name} {left}", file=sys.stderr)
         return code
     except RunFinished as e:
-        print(f"recvae: {e}", file=sys.stderr)
+        print(f"recvae: {e.text(lambda name: args.flags.get(name, name))}", file=sys.stderr)
         return 0
     report(args.run_dir, args.out, result)
     return 0

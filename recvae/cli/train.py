@@ -68,7 +68,7 @@ def run(args) -> int:
         print(f"recvae: error: {non_finite_message(e, args, params.get('lr') or model_lr(name))}", file=sys.stderr)
         return 2
     except RunFinished as e:
-        print(f"recvae: {e}", file=sys.stderr)
+        print(f"recvae: {e.text(lambda name: args.flags.get(name, name))}", file=sys.stderr)
         return 0
     except ResumeMismatch as e:
         from recvae.rundir import RUN_JSON, RunDir

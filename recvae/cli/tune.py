@@ -120,7 +120,7 @@ def run(args) -> int:
         print(f"recvae: stopped by {signame} during the trials; {stop_line(args, had_run)}", file=sys.stderr)
         return code
     except RunFinished as e:
-        print(f"recvae: {e}", file=sys.stderr)
+        print(f"recvae: {e.text(lambda name: args.flags.get(name, name))}", file=sys.stderr)
         return 0
     except Exception as e:  # SQLite's full disk, deep in Optuna and SQLAlchemy: one line, exit 2
         from recvae.dbcheck import study_write_error

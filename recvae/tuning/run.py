@@ -205,9 +205,9 @@ def _open(optuna, storage, run_dir, name, settings, n_trials, resume, study, sha
         n_trials = int(found.user_attrs.get("n_trials"))
     kept_in = studies.OptunaStore(optuna, found, shared, *shape)
     if resume and run_dir.state() == "finished" and len(kept_in.finished()) >= n_trials:
-        raise RunFinished(f"--out {run_dir.path}: the {'study' if study else 'grid'} has its {n_trials} trials and "
-                          "the run is written: nothing to resume" + ("; give a larger --trials to run more"
-                                                                    if study else ""))
+        raise RunFinished(f"the {'study' if study else 'grid'} has its {n_trials} trials and the run is written: "
+                          "nothing to resume" + ("; give a larger {trials} to run more" if study else ""),
+                          param="out", given=run_dir.path, names=("trials",))
     if made or resume:
         if resume and n_trials != found.user_attrs.get("n_trials"):
             found.set_user_attr("n_trials", n_trials)
