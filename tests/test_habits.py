@@ -223,3 +223,15 @@ def test_similar_users_ranks_the_rows_of_user_items_by_the_cosine_of_their_facto
     np.testing.assert_array_equal(model.similar_users(np.array([0, 2]), X, N=1)[0], [[3], [3]])
     with pytest.raises(ParameterError, match=r"^userid: expected user \(row of user_items\) indices in \[0, 4\), got 4$"):
         model.similar_users(4, X)
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch
+def test_the_library_imports_no_scikit_learn():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, recvae.models, recvae.evaluation; print('sklearn' in sys.modules)"
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True).stdout
+    assert out.strip() == "False"  # scikit-learn is optional: only its own calls import it
