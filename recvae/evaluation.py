@@ -245,3 +245,52 @@ def paired_difference(model: list, baseline: list, n_resamples: int = 2000, seed
         "n_splits": len(diffs),
         "n_users": int(n),
     }
+
+
+@dataclass(frozen=True)
+class RankingScorer:
+    """A scikit-learn scorer ``scorer(estimator, X) -> float``: mean NDCG@k over the users (rows)
+    of ``X``. Each user's items are split as :func:`recvae.data.weak_generalization_split` splits
+    them (``floor(heldout_fraction * n_u)`` random items held out, users with at least 5 items;
+    seeded, so every candidate is scored on the same split); the model scores the rest, which
+    :func:`evaluate` excludes from the ranking. Make it with :func:`ranking_scorer`."""
+
+    k: int = 100
+    heldout_fraction: float = 0.2
+    seed: int = 0
+
+    def __call__(self, estimator, X, y=None) -> float:
+        from recvae.data.interactions import Interactions
+        from recvae.data.splits import weak_generalization_split
+
+        X = as_csr(X, "X")
+        data = Interactions(X.astype(np.float32), np.arange(X.shape[0]), np.arange(X.shape[1]))
+        test = weak_generalization_split(data, self.heldout_fraction, self.seed).test
+        if test.fold_in.shape[0] == 0:
+            raise ParameterError("X", f"none of its {X.shape[0]} user(s) has an item to hold out (each needs "
+                                      f"at least 5 items and floor({self.heldout_fraction:g} * items) >= 1)")
+        k = min(self.k, X.shape[1])  # a k beyond the catalogue ranks the whole catalogue
+        return float(evaluate(estimator, test, ks=k, metrics=("ndcg",))[f"ndcg@{k}"].mean)
+
+
+def ranking_scorer(k: int = 100, heldout_fraction: float = 0.2, seed: int = 0) -> RankingScorer:
+    """A ranking scorer for scikit-learn's model selection (a model's ``score`` returns a matrix
+    of scores, not a number, so ``GridSearchCV`` needs ``scoring=``)::
+
+        from sklearn.model_selection import GridSearchCV, KFold
+        search = GridSearchCV(EASE(), {"l2": [50, 500]}, scoring=ranking_scorer(k=100),
+                              cv=KFold(5, shuffle=True, random_state=0)).fit(X)
+        search.best_params_, search.best_estimator_  # refitted on every row of X
+
+    Each fold fits on some users (rows) and scores the others from part of their items (strong
+    generalization, as the paper's protocol): see :class:`RankingScorer`. The library's own
+    search, :func:`recvae.tuning.search` (and ``recvae tune``), does the same with the paper's
+    validation users, early stopping and run folders."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ParameterError("k", f"expected a positive integer, got {k!r}")
+    if isinstance(heldout_fraction, bool) or not isinstance(heldout_fraction, (int, float)) \
+            or not 0 < heldout_fraction < 1:
+        raise ParameterError("heldout_fraction", f"expected a number in (0, 1), got {heldout_fraction!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ParameterError("seed", f"expected an integer, got {seed!r}")
+    return RankingScorer(int(k), float(heldout_fraction), int(seed))

@@ -14,6 +14,7 @@ from recvae.data.interactions import as_csr
 from recvae.errors import InputError, ParameterError
 from recvae.fileio import read_json, sha256_file, write_json
 from recvae.metrics import mask_rows, top_k_with_scores
+from recvae.models.habits import Habits
 from recvae.models.params import Choice, Param, check_table, json_params, make_init, parameters_doc
 
 logger = logging.getLogger(__name__)
@@ -163,8 +164,9 @@ def check_shapes(path: Path, arrays: dict, expected: dict) -> None:
                                    "params)")
 
 
-class Recommender:
-    """Base class: subclasses implement ``fit`` and ``_score_batch``.
+class Recommender(Habits):
+    """Base class: subclasses implement ``fit`` and ``_score_batch``; scikit-learn's and implicit's
+    habits (``similar_items``, factors, tags) come from :class:`~recvae.models.habits.Habits`.
 
     ``fit`` must set ``n_items_``. Scores are for items in the training item index space.
     """
@@ -351,26 +353,3 @@ class Recommender:
                 scores[:, blocked] = -np.inf
             ids[start : start + bs], out[start : start + bs] = top_k_with_scores(scores, k)
         return (ids[0], out[0]) if single else (ids, out)
-
-    def similar_items(self, itemid, N: int = 10, filter_items=None) -> tuple[np.ndarray, np.ndarray]:
-        """The ``N`` items most similar to ``itemid`` (an item index, or an array of them: then
-        2-d answers), best first, the item itself left out: ``(ids, scores)`` as implicit's.
-        Similarity is the model's own (:meth:`_item_similarities`); a model without item
-        vectors (popularity) raises ``ParameterError`` saying so."""
-        self._check_fitted()
-        single = np.ndim(itemid) == 0
-        items = np.atleast_1d(np.asarray(itemid))
-        if items.dtype.kind not in "iu" or (items.size and (items.min() < 0 or items.max() >= self.n_items_)):
-            raise ParameterError("itemid", f"expected item indices in [0, {self.n_items_}), got {itemid!r}")
-        if not isinstance(N, (int, np.integer)) or isinstance(N, bool) or N < 1:
-            raise ParameterError("N", f"expected a positive integer, got {N!r}")
-        scores = np.array(self._item_similarities(items.astype(np.int64)), dtype=np.float32)
-        scores[np.arange(len(items)), items] = -np.inf  # not similar to itself: it is itself
-        if filter_items is not None:
-            scores[:, np.asarray(filter_items, dtype=np.int64)] = -np.inf
-        ids, values = top_k_with_scores(scores, min(int(N), self.n_items_))
-        return (ids[0], values[0]) if single else (ids, values)
-
-    def _item_similarities(self, items: np.ndarray) -> np.ndarray:
-        """Dense (len(items), n_items) similarities of ``items`` to every item."""
-        raise ParameterError("model", f"{type(self).__name__} has no item vectors, so no similar items")

@@ -70,6 +70,10 @@ class BinaryMultVAE(MultVAE):
         self.module_.binary_inference = self.binary_inference  # set_params after fit applies too
         return super()._score_batch(user_items)
 
+    def _user_factors(self, user_items):
+        self.module_.binary_inference = self.binary_inference  # as scoring reads them
+        return super()._user_factors(user_items)
+
     def codes(self, user_items) -> np.ndarray:
         """Packed binary codes, uint8 (users, ceil(latent_dim / 8)): bit k of a user is 1 when
         its probability is above 0.5; ``np.unpackbits(codes, axis=1, count=latent_dim)`` gives

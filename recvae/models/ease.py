@@ -164,6 +164,10 @@ class EASE(Recommender):
     def _score_batch(self, user_items: sp.csr_matrix) -> np.ndarray:
         return np.asarray(user_items @ self.B_, dtype=np.float32)
 
+    #: EASE has no factors: its item-item matrix is the model
+    _no_factors_hint = ("; its item-item weight matrix B_ (n_items x n_items: a user's scores are the history "
+                        "times B_) is the model")
+
     def _item_similarities(self, items: np.ndarray) -> np.ndarray:
         """Row ``i`` of B: how much having item ``i`` raises each item's score."""
         return np.asarray(self.B_[items], dtype=np.float32)

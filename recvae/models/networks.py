@@ -193,6 +193,10 @@ class MultNetwork(nn.Module):
         return output_logits(h, self.output_weight, self.output_bias, self.workspace,
                              None if self.training else self.score_dtype)
 
+    def latent(self, batch: SparseBatch) -> torch.Tensor:
+        """(B, latent_dim): what the decoder reads in eval mode (mu, the code, the bits' probabilities)."""
+        return self._latent(batch, None)[0]
+
     def loss(self, batch: SparseBatch, beta: float = 1.0, generator: torch.Generator | None = None,
              kl_weights: torch.Tensor | None = None) -> LossTerms:
         """Training objective of one batch: multinomial NLL (averaged over users) + beta * KL.

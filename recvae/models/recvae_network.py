@@ -198,6 +198,10 @@ class RecVAENetwork(nn.Module):
         return output_logits(z, self.decoder.output_weight, self.decoder.output_bias, self.workspace,
                              None if self.training else self.score_dtype)
 
+    def latent(self, batch: SparseBatch) -> torch.Tensor:
+        """(B, latent_dim): mu without dropout, what the decoder reads in eval mode."""
+        return self._encode(batch, None)[0]
+
     @staticmethod
     def _sample(mu, logvar, eps):
         return mu + eps * torch.exp(0.5 * logvar)

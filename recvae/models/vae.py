@@ -209,11 +209,29 @@ class _AutoencoderRecommender(Recommender):
             net.train(was_training)
         return logits.cpu().numpy()
 
+    def _item_factors(self) -> np.ndarray:
+        """The rows of the output layer (I, d): the item side of the multinomial's logits."""
+        weight = next(v for k, v in self.module_.state_dict().items() if k.endswith("output_weight"))
+        return weight.detach().float().cpu().numpy()
+
+    def _user_factors(self, user_items: sp.csr_matrix) -> np.ndarray:
+        """The latent code the decoder reads when scoring (eval mode: no dropout, z = mu)."""
+        net = self.module_
+        was_training = net.training
+        net.eval()
+        out = [np.zeros((0, int(self.latent_dim)), dtype=np.float32)]
+        try:
+            with torch.no_grad():
+                for start in range(0, user_items.shape[0], int(self.eval_batch_size)):
+                    batch = SparseBatch.from_csr(user_items[start:start + int(self.eval_batch_size)], self.device_)
+                    out.append(net.latent(batch).float().cpu().numpy())
+        finally:
+            net.train(was_training)
+        return np.concatenate(out)
+
     def _item_similarities(self, items: np.ndarray) -> np.ndarray:
-        """Cosine similarity of the decoder's item vectors (the rows of the output layer: the
-        item side of the multinomial's logits)."""
-        state = self.module_.state_dict()
-        vectors = next(v for k, v in state.items() if k.endswith("output_weight")).detach().float().cpu().numpy()
+        """Cosine similarity of the decoder's item vectors (:attr:`item_factors`)."""
+        vectors = self._item_factors()
         vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return vectors[items] @ vectors.T
 
