@@ -40,6 +40,8 @@ def read_histories(run: RunRecommender, path, kind: str = "input", user_col=None
         frame, locate = read_table(path, sep=sep or data.get("sep"), id_cols=(user_col, item_col),
                                    default_sep=",", locate=True)
     except (ValueError, FileNotFoundError, IsADirectoryError, MissingDependencyError) as e:
+        if isinstance(e, ParameterError) and e.param == "sep":
+            raise  # a wrong separator: its file, and the parameter that fixes it
         # the file's error under its parameter (a missing file stays a FileNotFoundError)
         cls = MissingPathError if isinstance(e, FileNotFoundError) else ParameterError
         raise cls(kind, str(e).removeprefix(f"{path}: "), given=path) from e
@@ -134,7 +136,6 @@ def check_output(output: str, inputs=()) -> None:
     """Whether ``output`` ('-' for stdout) can take a table: a known extension
     (:data:`OUTPUT_FORMATS`), its folder exists, it is none of ``inputs`` (``(parameter, path)``
     pairs) and no file of a run directory."""
-    output_format(output)
     if output == "-":
         return
     for param, given in inputs:
@@ -144,6 +145,7 @@ def check_output(output: str, inputs=()) -> None:
     if not parent.is_dir():
         raise ParameterError("output", f"folder {parent} does not exist", given=output)
     check_not_in_run(output, "output")
+    output_format(output)
 
 
 def _same_file(a: str, b: str) -> bool:

@@ -197,3 +197,26 @@ def test_an_error_crosses_processes_with_its_data():
     assert back.text(str.upper) == str(error)  # no templates: spelt as it is
     assert pickle.loads(pickle.dumps(ParameterError("out", "pass {resume}", names=("resume",)))).text(
         lambda n: "--" + n) == "--out: pass --resume"
+
+
+def test_a_file_read_as_one_column_with_separators_in_its_header_says_which_sep(tmp_path, capsys):
+    """A ';'-separated .csv got no hint of its separator, only missing columns (issue 28)."""
+    from recvae.data import read_interactions
+
+    semi = tmp_path / "log.csv"
+    semi.write_text("user;item;rating\n1;2;5\n1;3;4\n")
+    with pytest.raises(ParameterError) as info:
+        read_interactions(semi)
+    assert (info.value.param, info.value.where) == ("sep", str(semi))
+    assert str(info.value) == (f"{semi}: sep: its header 'user;item;rating' is one column when split on ','; the file "
+                               "looks semicolon-separated: give sep ';'")
+    assert read_interactions(semi, sep=";", rating_col="rating", rating_threshold=None,
+                             min_user_interactions=1, min_item_interactions=1).nnz == 2
+    assert main(["train", "--data", str(semi), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == (f"recvae: error: {semi}: --sep: its header 'user;item;rating' is one column "
+                                       "when split on ','; the file looks semicolon-separated: give --sep ';'\n")
+    piped = tmp_path / "log.tsv"
+    piped.write_text("user|item\n1|2\n")
+    assert main(["prepare", "--data", str(piped), "--out", str(tmp_path / "prep")]) == 2
+    assert capsys.readouterr().err.endswith("split on '\\t'; the file looks pipe-separated: give --sep '|'\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv", "log.tsv"]  # nothing left behind

@@ -290,3 +290,12 @@ def test_similar_refuses_an_unknown_extension_and_says_where_it_wrote(str_run, t
         assert main(["similar", str(run), "--items", "m0", "m1", "--k", "4", "--output", str(out)]) == 0
     assert f"wrote the top-4 similar items of 2 item(s) to {out}" in caplog.messages
     assert len(pd.read_csv(out)) == 8
+
+
+def test_a_history_file_on_the_wrong_separator_names_the_sep_flag(int_run, tmp_path, capsys):
+    run, _ = int_run
+    inp = tmp_path / "h.csv"
+    inp.write_text("uid;iid\n5;20\n")
+    assert main(["recommend", str(run), "--input", str(inp)]) == 2
+    assert capsys.readouterr().err == (f"recvae: error: {inp}: --sep: its header 'uid;iid' is one column when split "
+                                       "on ','; the file looks semicolon-separated: give --sep ';'\n")

@@ -97,8 +97,26 @@ def read_table(
         raise InputError(path_str, f"not valid {encoding} text ({e}); pass encoding=") from e
     except ValueError as e:
         raise InputError(path_str, f"cannot parse as a {_sep_name(sep)} file: {e}") from e
+    _check_separated(df, path_str, sep, names)
     first = 1 if header is None else header + 2  # the file line of the frame's row 0
     return (df, lambda j: f"line {j + first}") if locate else df
+
+
+#: separators a file read as one column may really use (the hint of :func:`_check_separated`)
+_OTHER_SEPS = (";", "\t", "|", ",")
+
+
+def _check_separated(df: pd.DataFrame, path: str, sep: str, names) -> None:
+    """A file read as one column whose header holds another separator was split on the wrong
+    one (a ``;``-separated file under ``.csv``): say so and which to give, rather than report
+    its columns missing."""
+    if names is not None or df.shape[1] != 1:
+        return
+    header = str(df.columns[0])
+    other = next((c for c in _OTHER_SEPS if c != sep and c in header), None)
+    if other is not None:
+        raise ParameterError("sep", f"its header {header!r} is one column when split on {sep!r}; the file looks "
+                             f"{_sep_name(other)}: give {{sep}} {other!r}", where=path, names=("sep",))
 
 
 def _read_double_colon(opener, path_str: str, kwargs: dict) -> pd.DataFrame:
@@ -191,7 +209,8 @@ def known_schema(columns) -> tuple[str, str, str | None] | None:
 
 
 def _sep_name(sep: str | None) -> str:
-    return {",": "comma-separated", "\t": "tab-separated", "::": "'::'-separated"}.get(sep, f"{sep!r}-separated")
+    return {",": "comma-separated", "\t": "tab-separated", ";": "semicolon-separated", "|": "pipe-separated",
+            "::": "'::'-separated"}.get(sep, f"{sep!r}-separated")
 
 
 def read_interactions(
