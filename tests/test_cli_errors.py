@@ -220,3 +220,15 @@ def test_a_file_read_as_one_column_with_separators_in_its_header_says_which_sep(
     assert main(["prepare", "--data", str(piped), "--out", str(tmp_path / "prep")]) == 2
     assert capsys.readouterr().err.endswith("split on '\\t'; the file looks pipe-separated: give --sep '|'\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv", "log.tsv"]  # nothing left behind
+
+
+@pytest.mark.parametrize("command", ["evaluate", "recommend", "serve", "similar", "refit"])
+def test_every_device_help_offers_what_the_device_error_offers(command, capsys):
+    """evaluate's help said "cpu or cuda" while its error offers 'auto' (issue 28)."""
+    from recvae.cli.common import DEVICE_HELP
+
+    assert DEVICE_HELP == "auto (CUDA when available), cpu or cuda"
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    helped = " ".join(capsys.readouterr().out.split())
+    assert f"--device DEVICE {DEVICE_HELP} (default: " in helped

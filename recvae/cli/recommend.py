@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-from recvae.cli.common import PRECISION_HELP, PRECISIONS, CLIError, logger
+from recvae.cli.common import DEVICE_HELP, PRECISION_HELP, PRECISIONS, CLIError, logger
 
 
 def add_parser(sub, common) -> None:
@@ -23,7 +23,7 @@ def add_parser(sub, common) -> None:
     r.add_argument("--include-seen", action="store_true", help="do not exclude items the user already has (at any rating)")
     r.add_argument("--strict", action="store_true", help="fail on item ids unknown to the model instead of dropping them")
     r.add_argument("--batch-size", type=int, default=1000, help="users scored at once (default 1000); bounds memory")
-    r.add_argument("--device", help="cpu, cuda or auto (default: the device saved with the model)")
+    r.add_argument("--device", help=f"{DEVICE_HELP} (default: the device saved with the model)")
     r.add_argument("--precision", choices=PRECISIONS, default="fp32", help="scoring precision: " + PRECISION_HELP)
     r.set_defaults(func=run)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from recvae.cli.common import CLIError, logger
+from recvae.cli.common import DEVICE_HELP, CLIError, logger
 
 
 def add_parser(sub, common) -> None:
@@ -12,7 +12,7 @@ def add_parser(sub, common) -> None:
     s.add_argument("--items", nargs="+", required=True, metavar="ID", help="item ids of the run")
     s.add_argument("--k", type=int, default=10, help="similar items per item (default 10)")
     s.add_argument("--output", default="-", help="a .csv, .tsv or .parquet file (by its extension); '-' for CSV on stdout (default)")
-    s.add_argument("--device", help="cpu, cuda or auto (default: the device saved with the model)")
+    s.add_argument("--device", help=f"{DEVICE_HELP} (default: the device saved with the model)")
     s.set_defaults(func=run)
 
 
