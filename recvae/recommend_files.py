@@ -42,6 +42,8 @@ def read_histories(run: RunRecommender, path, kind: str = "input", user_col=None
     except (ValueError, FileNotFoundError, IsADirectoryError, MissingDependencyError) as e:
         if isinstance(e, ParameterError) and e.param == "sep":
             raise  # a wrong separator: its file, and the parameter that fixes it
+        if isinstance(e, ParameterError) and e.param == "path":
+            raise e.renamed(kind) from e  # a format it does not read: the file's parameter is ours
         # the file's error under its parameter (a missing file stays a FileNotFoundError)
         cls = MissingPathError if isinstance(e, FileNotFoundError) else ParameterError
         raise cls(kind, str(e).removeprefix(f"{path}: "), given=path) from e

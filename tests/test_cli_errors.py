@@ -232,3 +232,26 @@ def test_every_device_help_offers_what_the_device_error_offers(command, capsys):
         main([command, "--help"])
     helped = " ".join(capsys.readouterr().out.split())
     assert f"--device DEVICE {DEVICE_HELP} (default: " in helped
+
+
+def test_a_spreadsheet_or_json_file_is_refused_naming_the_formats_read(tmp_path, capsys):
+    """An .xlsx --data was told to pass sep= or format='parquet', library names (issue 28)."""
+    from recvae.data import read_interactions
+
+    known = ("known: CSV (.csv), TSV (.tsv, .tab, .data), GroupLens '::' (.dat), Parquet (.parquet, .pq), the text "
+             "ones also compressed (.csv.gz, ...)")
+    sheet = tmp_path / "log.xlsx"
+    sheet.write_bytes(b"PK\x03\x04 not a table")
+    with pytest.raises(ParameterError) as info:
+        read_interactions(sheet, sep=",")  # even with a separator: split on it, a spreadsheet is garbage
+    assert (info.value.param, info.value.given) == ("path", str(sheet))
+    assert main(["train", "--data", str(sheet), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == (f"recvae: error: --data {sheet}: .xlsx files are not read; save it as CSV or "
+                                       f"Parquet ({known})\n")
+    odd = tmp_path / "log.txt"
+    odd.write_text("user,item\n1,2\n")
+    assert main(["prepare", "--data", str(odd), "--out", str(tmp_path / "prep")]) == 2
+    assert capsys.readouterr().err == (f"recvae: error: {odd}: cannot tell the format from the extension '.txt'; "
+                                       "give --sep (e.g. ',', '\\t', '::') for a text file, or name a Parquet file "
+                                       f".parquet; {known}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt", "log.xlsx"]

@@ -267,7 +267,7 @@ def test_reader_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope.csv"))):
         read_interactions(tmp_path / "nope.csv")
     (tmp_path / "r.xyz").write_text("user,item\n1,2\n")
-    with pytest.raises(ValueError, match=r"r\.xyz: cannot tell the format from the extension '\.xyz'; pass sep="):
+    with pytest.raises(ValueError, match=r"r\.xyz: cannot tell the format from the extension '\.xyz'; give sep "):
         read_interactions(tmp_path / "r.xyz")
     (tmp_path / "r.csv").write_text("userId,movieId\n1,2\n")
     with pytest.raises(KeyError, match=r"r\.csv: user_col: column 'user' not found; available columns: \['userId', 'movieId'\]"):

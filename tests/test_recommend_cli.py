@@ -299,3 +299,12 @@ def test_a_history_file_on_the_wrong_separator_names_the_sep_flag(int_run, tmp_p
     assert main(["recommend", str(run), "--input", str(inp)]) == 2
     assert capsys.readouterr().err == (f"recvae: error: {inp}: --sep: its header 'uid;iid' is one column when split "
                                        "on ','; the file looks semicolon-separated: give --sep ';'\n")
+
+
+def test_a_json_history_file_is_refused_under_its_flag(int_run, tmp_path, capsys):
+    run, _ = int_run
+    inp = tmp_path / "h.json"
+    inp.write_text('[{"uid": 5, "iid": 20}]')
+    assert main(["recommend", str(run), "--input", str(inp)]) == 2
+    assert capsys.readouterr().err.startswith(f"recvae: error: --input {inp}: .json files are not read; save it as "
+                                              "CSV or Parquet (known: CSV (.csv),")

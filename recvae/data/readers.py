@@ -147,6 +147,11 @@ def _read_double_colon(opener, path_str: str, kwargs: dict) -> pd.DataFrame:
 
 #: compression suffixes pandas reads (after the format's extension: ``ratings.csv.gz``)
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zip", ".zst")
+#: files of formats that hold no delimited table, refused by name rather than parsed as text
+_NOT_TABLES = (".xlsx", ".xls", ".xlsm", ".ods", ".json", ".jsonl", ".ndjson", ".xml", ".pkl", ".pickle",
+               ".pt", ".npy", ".npz", ".h5", ".hdf5", ".feather", ".sqlite", ".db")
+_KNOWN = ("known: CSV (.csv), TSV (.tsv, .tab, .data), GroupLens '::' (.dat), Parquet (.parquet, .pq), "
+          "the text ones also compressed (.csv.gz, ...)")
 
 
 def _resolve_format(path: str, sep: str | None, format: str | None, default_sep: str | None = None,
@@ -160,6 +165,9 @@ def _resolve_format(path: str, sep: str | None, format: str | None, default_sep:
     suffix = Path(path).suffix.lower()
     if suffix in _COMPRESSIONS:
         suffix = Path(path[: -len(suffix)]).suffix.lower()
+    if suffix in _NOT_TABLES:  # whatever sep says: split on it, a spreadsheet or JSON is garbage
+        raise ParameterError("path", f"{suffix} files are not read; save it as CSV or Parquet ({_KNOWN})",
+                             given=path)
     if _EXTENSION_FORMATS.get(suffix, ("csv",))[0] == "parquet":
         return "parquet", None
     if sep is not None:
@@ -168,8 +176,8 @@ def _resolve_format(path: str, sep: str | None, format: str | None, default_sep:
         if default_sep is not None:
             return "csv", default_sep
         raise InputError(
-            path, f"cannot tell the format from the extension {suffix!r}; pass sep= "
-            f"(e.g. ',', '\\t', '::') or format='parquet'. Known extensions: {sorted(_EXTENSION_FORMATS)}"
+            path, f"cannot tell the format from the extension {suffix!r}; give {{sep}} (e.g. ',', '\\t', '::') "
+            f"for a text file, or name a Parquet file .parquet; {_KNOWN}", names=("sep",)
         )
     return _EXTENSION_FORMATS[suffix]
 
