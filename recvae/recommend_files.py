@@ -40,6 +40,10 @@ def read_histories(run: RunRecommender, path, kind: str = "input", user_col=None
         frame, locate = read_table(path, sep=sep or data.get("sep"), id_cols=(user_col, item_col),
                                    default_sep=",", locate=True)
     except (ValueError, FileNotFoundError, IsADirectoryError, MissingDependencyError) as e:
+        if isinstance(e, ParameterError) and e.param == "sep":
+            raise  # a wrong separator: its file, and the parameter that fixes it
+        if isinstance(e, ParameterError) and e.param == "path":
+            raise e.renamed(kind) from e  # a format it does not read: the file's parameter is ours
         # the file's error under its parameter (a missing file stays a FileNotFoundError)
         cls = MissingPathError if isinstance(e, FileNotFoundError) else ParameterError
         raise cls(kind, str(e).removeprefix(f"{path}: "), given=path) from e
@@ -113,9 +117,27 @@ def log_dropped(run: RunRecommender, users: np.ndarray, with_rows: np.ndarray) -
     return dropped
 
 
+#: the tables :func:`table_writer` writes, by the output's extension (``-``: CSV on stdout)
+OUTPUT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+def output_format(output: str) -> str:
+    """The format of the table ``output`` names ('-': CSV on stdout), from its extension; any
+    other extension (``.xlsx``, ``.json``, none) is refused rather than written as CSV under it."""
+    if output == "-":
+        return "csv"
+    kind = OUTPUT_FORMATS.get(Path(output).suffix.lower())
+    if kind is None:
+        suffix = Path(output).suffix or "no extension"
+        raise ParameterError("output", f"{suffix}: expected one of {', '.join(OUTPUT_FORMATS)} "
+                             "(CSV, TSV or Parquet), or '-' for CSV on stdout", given=output)
+    return kind
+
+
 def check_output(output: str, inputs=()) -> None:
-    """Whether ``output`` ('-' for stdout) can take a table: its folder exists, it is none of
-    ``inputs`` (``(parameter, path)`` pairs) and no file of a run directory."""
+    """Whether ``output`` ('-' for stdout) can take a table: a known extension
+    (:data:`OUTPUT_FORMATS`), its folder exists, it is none of ``inputs`` (``(parameter, path)``
+    pairs) and no file of a run directory."""
     if output == "-":
         return
     for param, given in inputs:
@@ -125,6 +147,7 @@ def check_output(output: str, inputs=()) -> None:
     if not parent.is_dir():
         raise ParameterError("output", f"folder {parent} does not exist", given=output)
     check_not_in_run(output, "output")
+    output_format(output)
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -136,10 +159,11 @@ def _same_file(a: str, b: str) -> bool:
 
 @contextmanager
 def table_writer(output: str):
-    """Yield ``write(frame)`` appending DataFrames to ``output``: CSV (or TSV by extension) appended
-    batch by batch, Parquet as one row group per batch, ``-`` CSV on stdout. A file is written
-    under a temporary name and renamed at the end (recvae.fileio.atomic_path): a failure leaves
-    nothing half-written, and only one batch is ever in memory."""
+    """Yield ``write(frame)`` appending DataFrames to ``output``: CSV or TSV appended batch by
+    batch, Parquet as one row group per batch (by extension, :func:`output_format`), ``-`` CSV
+    on stdout. A file is written under a temporary name and renamed at the end
+    (recvae.fileio.atomic_path): a failure leaves nothing half-written, and only one batch is
+    ever in memory."""
     state = {"header": True}
     if output == "-":
         def write(frame):
@@ -150,14 +174,14 @@ def table_writer(output: str):
         if state["header"]:
             pd.DataFrame(columns=COLUMNS).to_csv(sys.stdout, index=False)
         return
-    out = Path(output)
+    out, kind = Path(output), output_format(output)
     try:
         with atomic_path(out) as tmp:
-            if out.suffix.lower() in (".parquet", ".pq"):
+            if kind == "parquet":
                 with _parquet_writer(tmp) as write:
                     yield write
             else:
-                sep = "\t" if out.suffix.lower() in (".tsv", ".tab") else ","
+                sep = "\t" if kind == "tsv" else ","
                 with open(tmp, "w", newline="") as f:
                     def write(frame):
                         frame.to_csv(f, index=False, header=state["header"], sep=sep)

@@ -283,7 +283,7 @@ def test_version(capsys):
 def test_wrong_columns_name_the_flags(log_csv, tmp_path, capsys):
     for flag in ("--user-col", "--item-col", "--rating-col"):
         assert main(["train", "--data", str(log_csv), flag, "nope", "--out", str(tmp_path / "r")]) == 2
-        hint = "; if the data has no ratings, give none" if flag == "--rating-col" else ""
+        hint = "; if the data has no ratings, give --rating-col none" if flag == "--rating-col" else ""
         assert one_error_line(capsys) == (
             f"recvae: error: {log_csv}: {flag}: column 'nope' not found; available columns: ['user', 'item', 'rating']"
             + hint)

@@ -198,3 +198,61 @@ def test_an_error_crosses_processes_with_its_data():
     assert back.text(str.upper) == str(error)  # no templates: spelt as it is
     assert pickle.loads(pickle.dumps(ParameterError("out", "pass {resume}", names=("resume",)))).text(
         lambda n: "--" + n) == "--out: pass --resume"
+
+
+def test_a_file_read_as_one_column_with_separators_in_its_header_says_which_sep(tmp_path, capsys):
+    """A ';'-separated .csv got no hint of its separator, only missing columns (issue 28)."""
+    from recvae.data import read_interactions
+
+    semi = tmp_path / "log.csv"
+    semi.write_text("user;item;rating\n1;2;5\n1;3;4\n")
+    with pytest.raises(ParameterError) as info:
+        read_interactions(semi)
+    assert (info.value.param, info.value.where) == ("sep", str(semi))
+    assert str(info.value) == (f"{semi}: sep: its header 'user;item;rating' is one column when split on ','; the file "
+                               "looks semicolon-separated: give sep ';'")
+    assert read_interactions(semi, sep=";", rating_col="rating", rating_threshold=None,
+                             min_user_interactions=1, min_item_interactions=1).nnz == 2
+    assert main(["train", "--data", str(semi), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == (f"recvae: error: {semi}: --sep: its header 'user;item;rating' is one column "
+                                       "when split on ','; the file looks semicolon-separated: give --sep ';'\n")
+    piped = tmp_path / "log.tsv"
+    piped.write_text("user|item\n1|2\n")
+    assert main(["prepare", "--data", str(piped), "--out", str(tmp_path / "prep")]) == 2
+    assert capsys.readouterr().err.endswith("split on '\\t'; the file looks pipe-separated: give --sep '|'\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv", "log.tsv"]  # nothing left behind
+
+
+@pytest.mark.parametrize("command", ["evaluate", "recommend", "serve", "similar", "refit"])
+def test_every_device_help_offers_what_the_device_error_offers(command, capsys):
+    """evaluate's help said "cpu or cuda" while its error offers 'auto' (issue 28)."""
+    from recvae.cli.common import DEVICE_HELP
+
+    assert DEVICE_HELP == "auto (CUDA when available), cpu or cuda"
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    helped = " ".join(capsys.readouterr().out.split())
+    assert f"--device DEVICE {DEVICE_HELP} (default: " in helped
+
+
+def test_a_spreadsheet_or_json_file_is_refused_naming_the_formats_read(tmp_path, capsys):
+    """An .xlsx --data was told to pass sep= or format='parquet', library names (issue 28)."""
+    from recvae.data import read_interactions
+
+    known = ("known: CSV (.csv), TSV (.tsv, .tab, .data), GroupLens '::' (.dat), Parquet (.parquet, .pq), the text "
+             "ones also compressed (.csv.gz, ...)")
+    sheet = tmp_path / "log.xlsx"
+    sheet.write_bytes(b"PK\x03\x04 not a table")
+    with pytest.raises(ParameterError) as info:
+        read_interactions(sheet, sep=",")  # even with a separator: split on it, a spreadsheet is garbage
+    assert (info.value.param, info.value.given) == ("path", str(sheet))
+    assert main(["train", "--data", str(sheet), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == (f"recvae: error: --data {sheet}: .xlsx files are not read; save it as CSV or "
+                                       f"Parquet ({known})\n")
+    odd = tmp_path / "log.txt"
+    odd.write_text("user,item\n1,2\n")
+    assert main(["prepare", "--data", str(odd), "--out", str(tmp_path / "prep")]) == 2
+    assert capsys.readouterr().err == (f"recvae: error: {odd}: cannot tell the format from the extension '.txt'; "
+                                       "give --sep (e.g. ',', '\\t', '::') for a text file, or name a Parquet file "
+                                       f".parquet; {known}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt", "log.xlsx"]

@@ -267,7 +267,7 @@ def test_reader_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope.csv"))):
         read_interactions(tmp_path / "nope.csv")
     (tmp_path / "r.xyz").write_text("user,item\n1,2\n")
-    with pytest.raises(ValueError, match=r"r\.xyz: cannot tell the format from the extension '\.xyz'; pass sep="):
+    with pytest.raises(ValueError, match=r"r\.xyz: cannot tell the format from the extension '\.xyz'; give sep "):
         read_interactions(tmp_path / "r.xyz")
     (tmp_path / "r.csv").write_text("userId,movieId\n1,2\n")
     with pytest.raises(KeyError, match=r"r\.csv: user_col: column 'user' not found; available columns: \['userId', 'movieId'\]"):
@@ -333,3 +333,13 @@ def test_read_table_compressed_text_and_parquet_whatever_sep(tmp_path):
     got, locate = read_table(tmp_path / "h.parquet", sep="::", id_cols=("user",), locate=True)
     pd.testing.assert_frame_equal(got, df)  # Parquet columns keep their stored types
     assert locate(0) == "row 1"
+
+
+def test_a_missing_rating_column_hints_at_no_ratings_by_the_parameters_name():
+    """The hint said "give none" without naming what to give it to (issue 28)."""
+    from recvae.errors import ColumnError
+
+    with pytest.raises(ColumnError) as info:
+        Interactions.from_dataframe(pd.DataFrame({"user": [1], "item": [2]}), rating_col="rating")
+    assert str(info.value) == ("rating_col: column 'rating' not found; available columns: ['user', 'item']; if the data "
+                               "has no ratings, give rating_col none")

@@ -251,3 +251,60 @@ def test_precision_bf16_scores_as_the_bf16_model_and_a_float32_only_run_refuses_
     assert main(["-q", "recommend", str(int_run[0]), "--all-users", "--precision", "bf16"]) == 2
     assert capsys.readouterr().err.strip() == (
         "recvae: error: --precision: Popularity scores in float32 only (expected one of ['fp32'], got 'bf16')")
+
+
+@pytest.mark.parametrize("name", ["recs.xlsx", "recs.json", "recs.pt", "recs"])
+def test_an_output_extension_it_cannot_write_is_refused_before_any_work(int_run, tmp_path, capsys, name):
+    """`--output recs.xlsx` wrote CSV under that name without a word (issue 28)."""
+    run, _ = int_run
+    out = tmp_path / name
+    assert main(["recommend", str(run), "--all-users", "--output", str(out)]) == 2
+    suffix = out.suffix or "no extension"
+    assert capsys.readouterr().err == (f"recvae: error: --output {out}: {suffix}: expected one of .csv, .tsv, .tab, "
+                                       ".parquet, .pq (CSV, TSV or Parquet), or '-' for CSV on stdout\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_written_path_is_said_and_stdout_is_not(int_run, tmp_path, capsys, caplog):
+    run, log = int_run
+    out = tmp_path / "recs.TSV"  # the extension in any case
+    with caplog.at_level(logging.INFO, logger="recvae"):
+        assert main(["recommend", str(run), "--all-users", "--k", "3", "--output", str(out)]) == 0
+    n_users = log.uid.nunique()
+    assert f"wrote {n_users} users' top-3 to {out}" in caplog.messages
+    assert pd.read_csv(out, sep="\t").groupby("user").size().eq(3).all()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="recvae"):
+        assert main(["recommend", str(run), "--all-users", "--k", "3"]) == 0
+    assert not [m for m in caplog.messages if m.startswith("wrote")]
+
+
+def test_similar_refuses_an_unknown_extension_and_says_where_it_wrote(str_run, tmp_path, capsys, caplog):
+    run, _ = str_run
+    bad = tmp_path / "sim.json"
+    assert main(["similar", str(run), "--items", "m0", "--output", str(bad)]) == 2
+    assert capsys.readouterr().err.startswith(f"recvae: error: --output {bad}: .json: expected one of .csv,")
+    assert not bad.exists()
+    out = tmp_path / "sim.csv"
+    with caplog.at_level(logging.INFO, logger="recvae"):
+        assert main(["similar", str(run), "--items", "m0", "m1", "--k", "4", "--output", str(out)]) == 0
+    assert f"wrote the top-4 similar items of 2 item(s) to {out}" in caplog.messages
+    assert len(pd.read_csv(out)) == 8
+
+
+def test_a_history_file_on_the_wrong_separator_names_the_sep_flag(int_run, tmp_path, capsys):
+    run, _ = int_run
+    inp = tmp_path / "h.csv"
+    inp.write_text("uid;iid\n5;20\n")
+    assert main(["recommend", str(run), "--input", str(inp)]) == 2
+    assert capsys.readouterr().err == (f"recvae: error: {inp}: --sep: its header 'uid;iid' is one column when split "
+                                       "on ','; the file looks semicolon-separated: give --sep ';'\n")
+
+
+def test_a_json_history_file_is_refused_under_its_flag(int_run, tmp_path, capsys):
+    run, _ = int_run
+    inp = tmp_path / "h.json"
+    inp.write_text('[{"uid": 5, "iid": 20}]')
+    assert main(["recommend", str(run), "--input", str(inp)]) == 2
+    assert capsys.readouterr().err.startswith(f"recvae: error: --input {inp}: .json files are not read; save it as "
+                                              "CSV or Parquet (known: CSV (.csv),")

@@ -291,3 +291,15 @@ def test_sigterm_finishes_running_requests_and_exits_after_the_grace_period(run_
             statuses.append(status(data))
         assert set(statuses) <= {503, None} and 503 in statuses
     assert "Traceback" not in log.read_text()
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(tmp_path, capsys):
+    """uvicorn's own line and exit 3 before (issue 28); now refused before the run loads."""
+    (tmp_path / "run.json").write_text("{}")  # a run directory to the command's first check; never loaded
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(tmp_path), "--port", str(port)]) == 2
+    assert capsys.readouterr().err == (f"recvae: error: --port {port}: already in use on 127.0.0.1 (another server "
+                                       "listens there; stop it or choose another port)\n")

@@ -20,6 +20,10 @@ PRECISION_HELP = ("fp32 (default) or bf16: the output layer's product in bfloat1
                   "weights, 1.4-1.6x as fast on a CPU with native bf16; scores differ in the third digit, so near-ties may swap places "
                   "(Mult-VAE, Mult-DAE and RecVAE runs)")
 
+#: what every --device accepts (recvae.models.device.resolve_device), said the same way in each command's help
+DEVICE_HELP = "auto (CUDA when available), cpu or cuda"
+
+
 class CLIError(RecvaeError):
     """A user error: printed as one line, exit status 2."""
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-from recvae.cli.common import PRECISION_HELP, PRECISIONS, CLIError, logger
+from recvae.cli.common import DEVICE_HELP, PRECISION_HELP, PRECISIONS, CLIError, logger
 
 
 def add_parser(sub, common) -> None:
@@ -19,11 +19,11 @@ def add_parser(sub, common) -> None:
     r.add_argument("--rating-threshold", type=float, help="positive when rating > this (default: the run's)")
     r.add_argument("--sep", help="separator of --input/--users (default: the run's, else from the extension)")
     r.add_argument("--k", type=int, default=10, help="items per user (default 10); above the catalogue: all items")
-    r.add_argument("--output", default="-", help="CSV, TSV or Parquet by extension; '-' for stdout (default)")
+    r.add_argument("--output", default="-", help="a .csv, .tsv or .parquet file (by its extension); '-' for CSV on stdout (default)")
     r.add_argument("--include-seen", action="store_true", help="do not exclude items the user already has (at any rating)")
     r.add_argument("--strict", action="store_true", help="fail on item ids unknown to the model instead of dropping them")
     r.add_argument("--batch-size", type=int, default=1000, help="users scored at once (default 1000); bounds memory")
-    r.add_argument("--device", help="cpu, cuda or auto (default: the device saved with the model)")
+    r.add_argument("--device", help=f"{DEVICE_HELP} (default: the device saved with the model)")
     r.add_argument("--precision", choices=PRECISIONS, default="fp32", help="scoring precision: " + PRECISION_HELP)
     r.set_defaults(func=run)
 
@@ -63,4 +63,6 @@ def run(args) -> int:
             if plain and (done + len(batch)) // every > done // every:
                 logger.info("recommended for %d of %d users", done + len(batch), n_users)
             done += len(batch)
+    if args.output != "-":  # where the table went: stdout needs no saying
+        logger.info("wrote %d users' top-%d to %s", n_users, args.k, args.output)
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shlex
 import sys
 
+from recvae.cli.common import DEVICE_HELP
 from recvae.signals import Terminated, sigterm_raises, stopped_by
 
 
@@ -17,7 +18,7 @@ def add_parser(sub, common) -> None:
     mode = r.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="empty the run directory --out first")
     mode.add_argument("--resume", action="store_true", help="continue an interrupted refit in --out from its checkpoint")
-    r.add_argument("--device", help="cpu, cuda or auto (default: the run's)")
+    r.add_argument("--device", help=f"{DEVICE_HELP} (default: the run's)")
     r.set_defaults(func=run)
 
 

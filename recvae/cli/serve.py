@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-from recvae.cli.common import PRECISION_HELP, PRECISIONS, CLIError
+from recvae.cli.common import DEVICE_HELP, PRECISION_HELP, PRECISIONS, CLIError
 
 
 def add_parser(sub, common) -> None:
@@ -12,7 +12,7 @@ def add_parser(sub, common) -> None:
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     v.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     v.add_argument("--workers", type=int, default=1, help="worker processes, each loading the model once (default 1)")
-    v.add_argument("--device", help="cpu, cuda or auto (default: the device saved with the model)")
+    v.add_argument("--device", help=f"{DEVICE_HELP} (default: the device saved with the model)")
     v.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="scoring precision: " + PRECISION_HELP)
     v.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES", help="largest request body accepted (default 1 MiB; 413 beyond)")

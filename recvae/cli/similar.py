@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from recvae.cli.common import CLIError
+from recvae.cli.common import DEVICE_HELP, CLIError, logger
 
 
 def add_parser(sub, common) -> None:
@@ -11,8 +11,8 @@ def add_parser(sub, common) -> None:
     s.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `recvae train` or `recvae tune`")
     s.add_argument("--items", nargs="+", required=True, metavar="ID", help="item ids of the run")
     s.add_argument("--k", type=int, default=10, help="similar items per item (default 10)")
-    s.add_argument("--output", default="-", help="CSV, TSV or Parquet by extension; '-' for stdout (default)")
-    s.add_argument("--device", help="cpu, cuda or auto (default: the device saved with the model)")
+    s.add_argument("--output", default="-", help="a .csv, .tsv or .parquet file (by its extension); '-' for CSV on stdout (default)")
+    s.add_argument("--device", help=f"{DEVICE_HELP} (default: the device saved with the model)")
     s.set_defaults(func=run)
 
 
@@ -27,4 +27,6 @@ def run(args) -> int:
     table = recommender.similar(args.items, args.k, locate=lambda j: f"--items value {j + 1}")
     with table_writer(args.output) as write:
         write(table)
+    if args.output != "-":  # where the table went: stdout needs no saying
+        logger.info("wrote the top-%d similar items of %d item(s) to %s", args.k, len(args.items), args.output)
     return 0

@@ -152,8 +152,9 @@ class Interactions:
         for arg, col in (("user_col", user_col), ("item_col", item_col), ("rating_col", rating_col),
                          ("timestamp_col", timestamp_col)):
             if col is not None and col not in df.columns:
-                hint = "; if the data has no ratings, give none" if arg == "rating_col" else ""
-                raise ColumnError(arg, f"column {col!r} not found; available columns: {list(df.columns)}{hint}", source)
+                hint = "; if the data has no ratings, give {rating_col} none" if arg == "rating_col" else ""
+                raise ColumnError(arg, f"column {col!r} not found; available columns: {list(df.columns)}{hint}",
+                                  source, names=("rating_col",))
         try:
             Preprocessing(rating_threshold, min_user_interactions, min_item_interactions)
         except ParameterError as e:

@@ -97,8 +97,26 @@ def read_table(
         raise InputError(path_str, f"not valid {encoding} text ({e}); pass encoding=") from e
     except ValueError as e:
         raise InputError(path_str, f"cannot parse as a {_sep_name(sep)} file: {e}") from e
+    _check_separated(df, path_str, sep, names)
     first = 1 if header is None else header + 2  # the file line of the frame's row 0
     return (df, lambda j: f"line {j + first}") if locate else df
+
+
+#: separators a file read as one column may really use (the hint of :func:`_check_separated`)
+_OTHER_SEPS = (";", "\t", "|", ",")
+
+
+def _check_separated(df: pd.DataFrame, path: str, sep: str, names) -> None:
+    """A file read as one column whose header holds another separator was split on the wrong
+    one (a ``;``-separated file under ``.csv``): say so and which to give, rather than report
+    its columns missing."""
+    if names is not None or df.shape[1] != 1:
+        return
+    header = str(df.columns[0])
+    other = next((c for c in _OTHER_SEPS if c != sep and c in header), None)
+    if other is not None:
+        raise ParameterError("sep", f"its header {header!r} is one column when split on {sep!r}; the file looks "
+                             f"{_sep_name(other)}: give {{sep}} {other!r}", where=path, names=("sep",))
 
 
 def _read_double_colon(opener, path_str: str, kwargs: dict) -> pd.DataFrame:
@@ -129,6 +147,11 @@ def _read_double_colon(opener, path_str: str, kwargs: dict) -> pd.DataFrame:
 
 #: compression suffixes pandas reads (after the format's extension: ``ratings.csv.gz``)
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zip", ".zst")
+#: files of formats that hold no delimited table, refused by name rather than parsed as text
+_NOT_TABLES = (".xlsx", ".xls", ".xlsm", ".ods", ".json", ".jsonl", ".ndjson", ".xml", ".pkl", ".pickle",
+               ".pt", ".npy", ".npz", ".h5", ".hdf5", ".feather", ".sqlite", ".db")
+_KNOWN = ("known: CSV (.csv), TSV (.tsv, .tab, .data), GroupLens '::' (.dat), Parquet (.parquet, .pq), "
+          "the text ones also compressed (.csv.gz, ...)")
 
 
 def _resolve_format(path: str, sep: str | None, format: str | None, default_sep: str | None = None,
@@ -142,6 +165,9 @@ def _resolve_format(path: str, sep: str | None, format: str | None, default_sep:
     suffix = Path(path).suffix.lower()
     if suffix in _COMPRESSIONS:
         suffix = Path(path[: -len(suffix)]).suffix.lower()
+    if suffix in _NOT_TABLES:  # whatever sep says: split on it, a spreadsheet or JSON is garbage
+        raise ParameterError("path", f"{suffix} files are not read; save it as CSV or Parquet ({_KNOWN})",
+                             given=path)
     if _EXTENSION_FORMATS.get(suffix, ("csv",))[0] == "parquet":
         return "parquet", None
     if sep is not None:
@@ -150,8 +176,8 @@ def _resolve_format(path: str, sep: str | None, format: str | None, default_sep:
         if default_sep is not None:
             return "csv", default_sep
         raise InputError(
-            path, f"cannot tell the format from the extension {suffix!r}; pass sep= "
-            f"(e.g. ',', '\\t', '::') or format='parquet'. Known extensions: {sorted(_EXTENSION_FORMATS)}"
+            path, f"cannot tell the format from the extension {suffix!r}; give {{sep}} (e.g. ',', '\\t', '::') "
+            f"for a text file, or name a Parquet file .parquet; {_KNOWN}", names=("sep",)
         )
     return _EXTENSION_FORMATS[suffix]
 
@@ -191,7 +217,8 @@ def known_schema(columns) -> tuple[str, str, str | None] | None:
 
 
 def _sep_name(sep: str | None) -> str:
-    return {",": "comma-separated", "\t": "tab-separated", "::": "'::'-separated"}.get(sep, f"{sep!r}-separated")
+    return {",": "comma-separated", "\t": "tab-separated", ";": "semicolon-separated", "|": "pipe-separated",
+            "::": "'::'-separated"}.get(sep, f"{sep!r}-separated")
 
 
 def read_interactions(

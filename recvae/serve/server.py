@@ -1,14 +1,16 @@
 """Starting the service: the run checked once in the parent, uvicorn's workers, their timeouts and shutdown."""
 
+import errno
 import logging
 import os
+import socket
 import tempfile
 import time
 import urllib.error
 import urllib.request
 
 from recvae import signals
-from recvae.errors import RecvaeError
+from recvae.errors import ParameterError, RecvaeError
 from recvae.optional import require
 from recvae.recommend import RunRecommender
 
@@ -41,6 +43,7 @@ def run_server(run_dir, host: str = "127.0.0.1", port: int = 8000, workers: int 
     require("fastapi", "the HTTP service (recvae serve)")
     require("orjson", "the HTTP service (recvae serve)")
     uvicorn = require("uvicorn", "the HTTP service (recvae serve)")
+    check_port(host, port)
     threads = threads or max(1, (os.cpu_count() or 1) // workers - 1)
     options = {"host": host, "port": port, "log_level": log_level, "timeout_keep_alive": keep_alive,
                "timeout_graceful_shutdown": grace}
@@ -74,6 +77,25 @@ def run_server(run_dir, host: str = "127.0.0.1", port: int = 8000, workers: int 
                 raise WorkerStartupError(f"a worker could not load the run, server stopped: {failures[0]}")
     finally:
         os.unlink(failure_file)
+
+
+def check_port(host: str, port: int) -> None:
+    """Bind ``host:port`` as uvicorn will (``SO_REUSEADDR``) and let it go: a port in use or
+    not ours to take is one ``ParameterError`` on ``port``, before the run loads and before
+    uvicorn's own log line and exit status 3."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ParameterError("port", f"already in use on {host} (another server listens there; "
+                                     "stop it or choose another port)", given=port) from e
+            if e.errno == errno.EACCES:
+                raise ParameterError("port", f"not allowed on {host} (ports below 1024 need privileges; "
+                                     "choose a higher one)", given=port) from e
+            raise ParameterError("host", f"cannot listen there: {e.strerror or e}", given=host) from e
 
 
 def check_run(run_dir, device=None, precision: str = "fp32") -> None:
