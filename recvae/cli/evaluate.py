@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 
-from recvae.cli.common import CLIError, format_table
+from recvae.cli.common import DEVICE_HELP, CLIError, format_table
 
 
 def add_parser(sub, common) -> None:
@@ -12,7 +12,7 @@ def add_parser(sub, common) -> None:
     e.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `recvae train` or `recvae tune`")
     e.add_argument("--split", choices=("test", "validation"), default="test",
                    help="the held-out users to evaluate: test (default) or validation")
-    e.add_argument("--device", help="auto (CUDA when available), cpu or cuda (default: the device saved with the run, CPU where it has no CUDA)")
+    e.add_argument("--device", help=f"{DEVICE_HELP} (default: the device saved with the run, CPU where it has no CUDA)")
     e.set_defaults(func=run)
 
 
