@@ -15,8 +15,9 @@ import pytest
 
 from recvae.cli import main
 from recvae.evaluation import MIN_RELIABLE_USERS, evaluate
+from recvae.experiment import DataSpec
 from recvae.models.popularity import Popularity
-from recvae.tuning import plans
+from recvae.tuning import plans, tune
 from recvae.tuning.candidates import Candidate
 from recvae.tuning.caveats import edges
 from recvae.tuning.spaces import parse_space
@@ -126,6 +127,7 @@ def by_l2(monkeypatch, score):
     monkeypatch.setattr(plans, "validation_score", lambda model, validation: float(score(model.l2)))
 
 
+@pytest.mark.slow  # a kept search imports optuna
 def test_tune_command_warns_on_few_validation_users_and_the_grid_edge(log_csv, tmp_path, monkeypatch, caplog):
     by_l2(monkeypatch, lambda l2: -l2)  # the lowest l2 wins
     with caplog.at_level(logging.INFO):
@@ -140,21 +142,32 @@ def test_tune_command_warns_on_few_validation_users_and_the_grid_edge(log_csv, t
     ]
 
 
-def test_tune_command_inside_its_grid_with_enough_users_says_nothing(log_csv, tmp_path, monkeypatch, caplog):
-    by_l2(monkeypatch, lambda l2: -abs(np.log10(l2) - 2))  # the middle value wins
+def tune_ease(log_csv, n_heldout_users, caplog):
     with caplog.at_level(logging.INFO):
-        assert main(["-q", "tune", "--data", str(log_csv), "--model", "ease", "--grid", "l2=10,100,1000",
-                     "--n-heldout-users", "50", "--out", str(tmp_path / "run")]) == 0
+        return tune(DataSpec(path=str(log_csv)), "ease", grid={"l2": (10.0, 100.0, 1000.0)},
+                    n_heldout_users=n_heldout_users)
+
+
+def test_tune_inside_its_grid_with_enough_users_says_nothing(log_csv, monkeypatch, caplog):
+    by_l2(monkeypatch, lambda l2: -abs(np.log10(l2) - 2))  # the middle value wins
+    assert tune_ease(log_csv, MIN_RELIABLE_USERS, caplog).best.params["l2"] == 100
     assert warnings_of(caplog) == []
 
 
-def test_tune_highest_of_the_grid(log_csv, tmp_path, monkeypatch, caplog):
+def test_tune_highest_of_the_grid(log_csv, monkeypatch, caplog):
     by_l2(monkeypatch, lambda l2: l2)
-    with caplog.at_level(logging.WARNING):
-        assert main(["-q", "tune", "--data", str(log_csv), "--model", "ease", "--grid", "l2=10,100,1000",
-                     "--n-heldout-users", "50", "--out", str(tmp_path / "run")]) == 0
+    assert tune_ease(log_csv, MIN_RELIABLE_USERS, caplog).best.params["l2"] == 1000
     assert warnings_of(caplog) == ["tune: the chosen l2=1000 is the highest of the 3 values of its grid tried: "
                                    "the best may lie above; extend the grid"]
+
+
+def test_tune_few_validation_users_said_once(log_csv, monkeypatch, caplog):
+    by_l2(monkeypatch, lambda l2: -abs(np.log10(l2) - 2))
+    tune_ease(log_csv, 49, caplog)
+    assert warnings_of(caplog) == [
+        "tune: 49 validation users (fewer than 50): its choice among the trials may rest on noise; hold out "
+        "more users (n_heldout_users) or use more data",
+        f"evaluate: 49 held-out users {FEW}"]
 
 
 def grid_of(model, name, values):
