@@ -24,10 +24,26 @@ from recvae.metrics import MetricSummary  # re-exported: callers import it from 
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_METRICS", "EvaluationResult", "MetricSummary", "evaluate", "paired_difference"]
+__all__ = ["DEFAULT_METRICS", "MIN_RELIABLE_USERS", "EvaluationResult", "MetricSummary", "evaluate",
+           "paired_difference", "warn_few_users"]
 
 #: the paper's metrics; add "precision", "hit_rate", "mrr" (per user) or "coverage" (catalogue)
 DEFAULT_METRICS = ("recall", "ndcg")
+
+#: held-out users below which a result is flagged (one logged warning): a mean over fewer users
+#: moves with a handful of them, and its standard error, estimated from the same few, is itself
+#: unreliable (2 users can read ``± 0.0000``); 50 is a common floor
+MIN_RELIABLE_USERS = 50
+
+
+def warn_few_users(n_users: int, who: str, what: str, meaning: str) -> bool:
+    """One warning line when ``n_users`` (``what``: "held-out users", "validation users") is
+    below :data:`MIN_RELIABLE_USERS`, saying what it means for ``who``'s result; True if warned."""
+    if n_users >= MIN_RELIABLE_USERS:
+        return False
+    logger.warning("%s: %d %s (fewer than %d): %s; hold out more users (n_heldout_users) or use more data",
+                   who, n_users, what, MIN_RELIABLE_USERS, meaning)
+    return True
 
 
 @dataclass
@@ -121,6 +137,7 @@ def evaluate(
     batch_size: int = 1000,
     metrics=DEFAULT_METRICS,
     show_progress: bool = False,
+    warn_few: bool = True,
 ) -> EvaluationResult:
     """Score users from their fold-in items and rank the rest against their held-out items.
 
@@ -139,6 +156,8 @@ def evaluate(
         Coverage is catalogue-level: its summary has ``stderr = nan``.
 
     Users without held-out items are skipped (their Recall/NDCG is 0/0), with a logged count.
+    Fewer than :data:`MIN_RELIABLE_USERS` evaluated users log one warning (``warn_few=False``:
+    none, for a caller that evaluates the same users many times and says it once, as tune does).
     One ranking of ``max(ks)`` items per user serves every metric and cut-off.
     """
     start = time.perf_counter()
@@ -174,6 +193,9 @@ def evaluate(
         raise ParameterError("heldout", f"none of the {n_total} user(s) has a held-out item; nothing to evaluate")
     if n_skipped:
         fold_in, heldout = fold_in[users], heldout[users]
+    if warn_few:
+        warn_few_users(int(users.size), "evaluate", "held-out user" + ("" if users.size == 1 else "s"),
+                       "the metrics and their standard errors say little")
 
     seen = {k: np.zeros(n_items, dtype=bool) for k in ks} if "coverage" in names else None
 

@@ -72,7 +72,7 @@ def select_ease_l2(train, validation, grid=EASE_GRID, metric: str = SELECTION_ME
     table = []
     for l2 in grid:
         model, seconds = gram.model({"l2": l2, "dtype": dtype})
-        s = evaluate(model, validation, ks=(k,), batch_size=batch_size, metrics=(name,))[metric]
+        s = evaluate(model, validation, ks=(k,), batch_size=batch_size, metrics=(name,), warn_few=False)[metric]
         table.append({"l2": l2, metric: s.mean, "stderr": s.stderr, "seconds": seconds})
         logger.info("EASE l2=%g: validation %s=%.5f (%.5f)", l2, metric, s.mean, s.stderr)
     best = max(table, key=lambda row: row[metric])

@@ -25,6 +25,7 @@ from recvae.rundir import STUDY_FILES, RunDir, RunFinished
 from recvae.settings import differences, split_settings
 from recvae.tuning import spaces
 from recvae.tuning.candidates import Candidate, Grid, Points
+from recvae.tuning.caveats import warn_choice
 from recvae.tuning.engine import MemoryStore, Search
 from recvae.tuning.plans import Plan
 from recvae.tuning import study as studies
@@ -181,7 +182,7 @@ def tune(data: DataSpec, models, grid: dict | None = None, params: dict | None =
                 raise ParameterError("storage" if shared else "out", f"the study {study_name!r}: no trial finished")
             columns = tuple(dict.fromkeys(grid if grid is not None else (n for m in models for n in space[m])))
             return _conclude(config, engine, rows, split, read, run_dir, columns + spaces.table_columns(models),
-                             study, keep=() if shared else STUDY_FILES)
+                             study, keep=() if shared else STUDY_FILES, space=space)
         except BaseException:
             if created and run_dir is not None and not run_dir.entries():
                 shutil.rmtree(run_dir.path, ignore_errors=True)
@@ -216,10 +217,11 @@ def _open(optuna, storage, run_dir, name, settings, n_trials, resume, study, sha
 
 
 def _conclude(config: RunConfig, engine: Search, rows, split, read, run_dir: RunDir | None, columns: tuple,
-              study: bool, keep=()) -> TuneResult:
+              study: bool, keep=(), space: dict | None = None) -> TuneResult:
     """The chosen trial's model evaluated once on validation and test users and, with
     ``run_dir``, written there as a normal run with ``tuning.csv``; ``keep``: files of the
-    directory that stay (the study)."""
+    directory that stay (the study). What the choice rests on is warned about once: few
+    validation users, a value on the edge of its grid or of its range in ``space``."""
     trials = [t for t, _ in rows]
     best = select(trials)
     if best.validation == float("-inf"):
@@ -227,8 +229,11 @@ def _conclude(config: RunConfig, engine: Search, rows, split, read, run_dir: Run
                                       f"({len(trials)} trials); lower {{lr}}, or try {{precision}} fp32",
                              given=config.model, names=("lr", "precision"))
     where = rows[trials.index(best)][1]
+    finished = {d.number: d.candidate for d in engine.store.finished()}
+    warn_choice(finished[where[0]], list(finished.values()), space, split.validation.n_users)
     estimator = engine.estimator_of(where, best, split.train, split.validation)
-    result = RunResult(estimator, evaluate(estimator, split.validation, ks=config.ks),
+    # the validation users' number was just said (warn_choice): the test users' is evaluate's
+    result = RunResult(estimator, evaluate(estimator, split.validation, ks=config.ks, warn_few=False),
                        evaluate(estimator, split.test, ks=config.ks), best.seconds, split)
     chosen = dataclasses.replace(config, model=best.model, params=dict(best.params))
     tuned = TuneResult(trials, best, result, columns, chosen, study)

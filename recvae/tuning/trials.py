@@ -168,4 +168,5 @@ def select(trials: list[Trial]) -> Trial:
 
 def validation_score(model, validation) -> float:
     name, k = SELECTION_METRIC.split("@")
-    return float(evaluate(model, validation, ks=(int(k),), metrics=(name,))[SELECTION_METRIC].mean)
+    # one trial of many: tune says once how many validation users its choice rests on
+    return float(evaluate(model, validation, ks=(int(k),), metrics=(name,), warn_few=False)[SELECTION_METRIC].mean)
