@@ -53,7 +53,10 @@ class TuneResult:
 
 def search(model: str, train, validation, grid: dict, params: dict | None = None, on_trial=None) -> Trials:
     """Every trial of ``grid`` (see :func:`parse_grid`) for ``model`` on one split, ``params``
-    fixed (run settings such as epochs and device, and any hyperparameter not in the grid)."""
+    fixed (run settings such as epochs and device, and any hyperparameter not in the grid).
+    scikit-learn's ``GridSearchCV`` works too, with :func:`recvae.evaluation.ranking_scorer`
+    (NDCG@k on a seeded holdout of each user's items); this search keeps the paper's protocol:
+    held-out users, early stopping on their validation NDCG@100, Mult-VAE's beta heuristic."""
     params = dict(params or {})
     spaces.check_grid(model, grid, params)
     trials = Trials(train, validation, on_trial=on_trial)
