@@ -35,21 +35,32 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prepared", metavar="DIR", help="a directory written by `recvae prepare` (memory-mapped)")
 
 
-class _ModelOption(argparse._StoreAction):
-    """``--model``: its help lists the registry, read only when help is shown (the registry
-    imports torch, which no other command's start-up needs)."""
+class LazyHelp:
+    """An option's action whose help is made only when help is shown (:meth:`make_help`): it
+    reads modules (the models' registry and tables: torch; the preprocessing defaults: pandas)
+    that building the parser, which every command does at start-up, must not import."""
+
+    def make_help(self, text):
+        return text
 
     @property
     def help(self):
-        if self._help is not None:
-            return self._help
-        from recvae.models import model_names
-
-        return f"one of {', '.join(model_names())} (default multvae)"
+        return self.make_help(self._help)
 
     @help.setter
     def help(self, value):
         self._help = value
+
+
+class _ModelOption(LazyHelp, argparse._StoreAction):
+    """``--model``: its help lists the registry."""
+
+    def make_help(self, text):
+        if text is not None:
+            return text
+        from recvae.models import model_names
+
+        return f"one of {', '.join(model_names())} (default multvae)"
 
 
 def add_model_options(p: argparse.ArgumentParser, models: str | None = None) -> None:
@@ -93,19 +104,13 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
 PREPROCESSING_OPTIONS = ("rating_threshold", "min_user_interactions", "min_item_interactions")
 
 
-class _PaperDefault(argparse._StoreAction):
-    """A preprocessing option: its default is the library's, shown in the help, read only when
-    help is shown (recvae.data imports pandas, which building the parser must not)."""
+class _PaperDefault(LazyHelp, argparse._StoreAction):
+    """A preprocessing option: its default is the library's, shown in the help."""
 
-    @property
-    def help(self):
+    def make_help(self, text):
         from recvae.data.preprocessing import PAPER
 
-        return f"{self._help} (default, the paper's: {getattr(PAPER, self.dest)})"
-
-    @help.setter
-    def help(self, value):
-        self._help = value
+        return f"{text} (default, the paper's: {getattr(PAPER, self.dest)})"
 
 
 def data_spec_from_args(args):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from recvae.errors import ParameterError
 from recvae.cli.common import (
-    CLIError, add_data_options, add_model_options, add_source_options, data_spec_from_args, format_table,
+    CLIError, LazyHelp, add_data_options, add_model_options, add_source_options, data_spec_from_args, format_table,
 )
 from recvae.cli.hyperparameters import latent_note, model_name, model_params_from_args
 from recvae.signals import Terminated, sigterm_raises, stopped_by
@@ -24,12 +24,10 @@ from recvae.signals import Terminated, sigterm_raises, stopped_by
 HYPERPARAMETERS = True  # the models' hyperparameter flags (recvae.cli.hyperparameters)
 
 
-class _GridHelp(argparse._AppendAction):
-    """``--grid``: its help lists what each model tunes and its default grid, from the models'
-    tables (read only when help is shown: they import torch)."""
+class _GridHelp(LazyHelp, argparse._AppendAction):
+    """``--grid``: its help lists what each model tunes and its default grid, from the models' tables."""
 
-    @property
-    def help(self):
+    def make_help(self, text):
         from recvae.tuning import spaces
 
         def grid(model):
@@ -37,12 +35,8 @@ class _GridHelp(argparse._AppendAction):
                             for n, vs in spaces.default_grid(model).items())
 
         models = spaces.tunable_models()
-        return (f"{self._help}. Tunable: " + "; ".join(f"{m} {', '.join(spaces.tunable(m))}" for m in models)
+        return (f"{text}. Tunable: " + "; ".join(f"{m} {', '.join(spaces.tunable(m))}" for m in models)
                 + ". Default grid: " + "; ".join(f"{m} {grid(m)}" for m in models if grid(m))).replace("%", "%%")
-
-    @help.setter
-    def help(self, value):
-        self._help = value
 
 
 def add_parser(sub, common) -> None:
