@@ -52,13 +52,6 @@ class DType(Choice):
         return np.dtype(value).name
 
 
-def _check_dtype(dtype) -> np.dtype:
-    dt = np.dtype(dtype)
-    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise ParameterError("dtype", f"expected float32 or float64, got {dt}")
-    return dt
-
-
 def _check_l2(l2, name: str = "l2") -> float:
     if isinstance(l2, bool) or not isinstance(l2, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name}: expected a positive number, got {l2!r}")
@@ -146,8 +139,9 @@ class EASE(Recommender):
     def fit(self, train, validation=None):
         """Closed-form fit on ``train`` (csr or Interactions). ``validation`` is accepted for
         the shared interface and ignored; tune ``l2`` with :func:`recvae.tuning.select_ease_l2`."""
-        l2 = _check_l2(self.l2)
-        dt = _check_dtype(self.dtype)
+        l2 = _check_l2(self.l2)  # first: a non-number is a TypeError, as for ease_weights
+        self._check_params()  # the table's checks (dtype: a DType row)
+        dt = np.dtype(self.dtype)
         X = as_csr(train, "train")
         if X.shape[1] == 0:
             raise ParameterError("train", "expected at least one item column, got 0")
