@@ -167,13 +167,11 @@ def resume_differences(config: RunConfig, saved: dict) -> list[tuple[str, object
 
 
 def _completed(model: str, params: dict) -> dict:
-    """run.json's params over the model's defaults (runs written before every default was recorded)."""
-    known = set(model_class(model)._param_names())
-    return model_params(model, {**{k: v for k, v in _from_json(model, params).items() if k in known}})
-
-
-def _from_json(model: str, params: dict) -> dict:
-    return model_class(model)._params_from_json(params)
+    """run.json's params over the model's defaults (runs written before every default was
+    recorded); names the model no longer takes (``show_progress``) are dropped."""
+    cls = model_class(model)
+    known = set(cls._param_names())
+    return model_params(model, {k: v for k, v in cls._params_from_json(params).items() if k in known})
 
 
 def holdout_of(description: dict) -> str:
