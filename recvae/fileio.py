@@ -210,6 +210,12 @@ def write_json(path: str | os.PathLike, obj, indent: int = 2) -> None:
     write_bytes(path, (json.dumps(obj, indent=indent, default=_json_default) + "\n").encode())
 
 
+def jsonable(value):
+    """``value`` as JSON gives it back (tuples as lists; anything else JSON lacks as its text): the
+    form in which settings are stored and then compared with what a later process has."""
+    return json.loads(json.dumps(value, default=str))
+
+
 def _json_default(o):
     if isinstance(o, np.generic):
         return o.item()

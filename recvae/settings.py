@@ -11,13 +11,13 @@ and ``runtime`` roles, :mod:`recvae.models.params`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 
 from recvae import __version__
 from recvae.data.source import DataSpec
 from recvae.data.time_splits import check_time_split
 from recvae.errors import ParameterError
+from recvae.fileio import jsonable
 from recvae.models import make_model, model_class
 from recvae.models.params import forced
 
@@ -106,7 +106,7 @@ def split_settings(config: RunConfig) -> dict:
 def model_params(model: str, params: dict) -> dict:
     """Every hyperparameter of ``model``: ``params`` over its defaults, as JSON stores them."""
     estimator = make_model(model, **params)
-    return _jsonable(estimator._json_params())
+    return jsonable(estimator._json_params())
 
 
 def describe(config: RunConfig, split=None, kept: dict | None = None) -> dict:
@@ -126,7 +126,7 @@ def describe(config: RunConfig, split=None, kept: dict | None = None) -> dict:
         description["kept"] = kept  # what preprocessing kept and each rule dropped
     if split is not None:
         description["split"] = split.describe()
-    return _jsonable(description)
+    return jsonable(description)
 
 
 def differences(saved: dict, now: dict, nested=("data", "params"), prefix: str = "") -> list[tuple[str, object, object]]:
@@ -177,7 +177,3 @@ def _completed(model: str, params: dict) -> dict:
 def holdout_of(description: dict) -> str:
     """A run's holdout (``run.json``): ``users`` or ``none``; runs from before the setting held users out."""
     return description.get("split_settings", {}).get("holdout", "users")
-
-
-def _jsonable(value):
-    return json.loads(json.dumps(value, default=str))

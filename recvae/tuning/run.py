@@ -18,6 +18,7 @@ import shutil
 from dataclasses import dataclass
 
 from recvae.errors import ParameterError
+from recvae.fileio import jsonable
 from recvae.evaluation import evaluate
 from recvae.experiment import DataSpec, RunConfig, RunResult, load_split, write_run_dir
 from recvae.progress import interactive
@@ -250,16 +251,12 @@ def _conclude(config: RunConfig, engine: Search, rows, split, read, run_dir: Run
     return tuned
 
 
-def _jsonable(value):
-    import json
-
-    return json.loads(json.dumps(value, default=str))
 
 
 def study_settings(config: RunConfig, models, space, grid, params, study: bool = True) -> dict:
     """What a search is (data, split, models, ranges or grid, fixed parameters): stored with it,
     and compared when a process resumes or joins it."""
-    return _jsonable({
+    return jsonable({
         "data": dataclasses.asdict(config.data),
         **split_settings(config),
         "search": "study" if study else "grid",

@@ -21,6 +21,7 @@ import warnings
 import numpy as np
 
 from recvae.errors import ParameterError
+from recvae.fileio import jsonable
 from recvae.optional import require
 from recvae.tuning.candidates import Candidate
 from recvae.tuning.engine import Claim, Done
@@ -227,7 +228,7 @@ class OptunaStore:
 
     def finish(self, claim: Claim, done: Done) -> None:
         trial = claim.handle
-        trial.set_user_attr("runs", [_jsonable(r.record()) for r in done.runs])
+        trial.set_user_attr("runs", [jsonable(r.record()) for r in done.runs])
         trial.set_user_attr("kept", done.kept)
         self.study.tell(trial, done.value)
 
@@ -314,9 +315,3 @@ def count_finished(storage: str, study_name: str = STUDY_NAME) -> int | None:
                     if "trial" in t.user_attrs})
     except Exception:  # a stop message must not fail on the database
         return None
-
-
-def _jsonable(value):
-    import json
-
-    return json.loads(json.dumps(value, default=str))
