@@ -313,6 +313,23 @@ def test_a_full_disk_under_the_study_is_one_line_exit_2(tmp_path, monkeypatch, c
 
 
 # -- (5) a full disk, an exceeded quota, a read-only file system --------------------------------
+class FullDisk(io.RawIOBase):
+    """A file that takes ``limit`` bytes, then fails as a full disk does with ``code`` (what
+    torch's writer meets: it wraps the OSError in a RuntimeError)."""
+
+    def __init__(self, f, limit: int, code: int):
+        self.f, self.n, self.limit, self.code = f, 0, limit, code
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        self.n += len(b)
+        if self.n > self.limit:
+            raise OSError(self.code, os.strerror(self.code))
+        return self.f.write(b)
+
+
 @pytest.mark.parametrize("code, cause", [(errno.ENOSPC, "no space left on the device (ENOSPC)"),
                                          (errno.EDQUOT, "the disk quota is exceeded (EDQUOT)"),
                                          (errno.EROFS, "the file system is read-only (EROFS)")])
@@ -320,21 +337,8 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_cause(tmp_path, code, c
     target = tmp_path / "checkpoint.pt"
     target.write_bytes(b"the previous checkpoint")
 
-    class FullDisk(io.RawIOBase):  # what torch's writer meets: it wraps the OSError in a RuntimeError
-        def __init__(self, f):
-            self.f, self.n = f, 0
-
-        def writable(self):
-            return True
-
-        def write(self, b):
-            self.n += len(b)
-            if self.n > 100:
-                raise OSError(code, os.strerror(code))
-            return self.f.write(b)
-
     with pytest.raises(OSError) as info:
-        atomic_write(target, lambda f: torch.save({"w": torch.zeros(1000)}, FullDisk(f)))
+        atomic_write(target, lambda f: torch.save({"w": torch.zeros(1000)}, FullDisk(f, 100, code)))
     assert str(info.value) == (f"{target}: cannot write it: {cause}; the file it would replace and everything "
                                "written before are intact")
     assert info.value.errno == code
@@ -353,22 +357,9 @@ def test_a_full_disk_at_a_checkpoint_of_train_is_one_line_and_loses_nothing(log_
     out = tmp_path / "run"
     real_save, calls = torch.save, []
 
-    class Full(io.RawIOBase):
-        def __init__(self, f):
-            self.f, self.n = f, 0
-
-        def writable(self):
-            return True
-
-        def write(self, b):
-            self.n += len(b)
-            if self.n > 4096:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return self.f.write(b)
-
     def save(obj, f, *args, **kwargs):
         calls.append(1)
-        return real_save(obj, Full(f) if len(calls) == 2 else f, *args, **kwargs)
+        return real_save(obj, FullDisk(f, 4096, errno.ENOSPC) if len(calls) == 2 else f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save)
     assert main(train_argv(log_csv, out, epochs=3)) == 2
