@@ -155,6 +155,8 @@ def evaluate(
     metrics : names out of :data:`recvae.metrics.USER_METRICS` and ``"coverage"``.
         Coverage is catalogue-level: its summary has ``stderr = nan``.
 
+    Notes
+    -----
     Users without held-out items are skipped (their Recall/NDCG is 0/0), with a logged count.
     Fewer than :data:`MIN_RELIABLE_USERS` evaluated users log one warning (``warn_few=False``:
     none, for a caller that evaluates the same users many times and says it once, as tune does).

@@ -249,7 +249,7 @@ def mrr_at_k(scores, heldout, k: int) -> np.ndarray:
 
 def coverage_at_k(scores, k: int) -> float:
     """Catalogue coverage@K: the fraction of the catalogue that appears in at least
-    one user's top K,
+    one user's top K::
 
         Coverage@K = |union_u TopK(u)| / n_items
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv and installs recvae with its test, plot, Parquet and tuning-study extras.
+# Creates .venv and installs recvae with its test, plot, Parquet, tuning-study and docs extras.
 #
 # The package declares a torch range; this project's machines use the exact torch of
 # scripts/constraints.txt (2.13.0), installed on its own first: an unpinned torch pulls a
@@ -20,7 +20,7 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
         .venv/bin/pip install -q -c scripts/constraints.txt torch
     fi
 fi
-.venv/bin/pip install -q -c scripts/constraints.txt -e ".[test,plot,parquet,tune]"
+.venv/bin/pip install -q -c scripts/constraints.txt -e ".[test,plot,parquet,tune,docs]"
 
 # This project's own machines (CI, developers) have no internet and keep real MovieLens files
 # in ../shared/data: link them into ./data so the README's commands find them there. On other

@@ -69,3 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
         sub._parser_class = ModelOptionsParser if getattr(command, "HYPERPARAMETERS", False) else argparse.ArgumentParser
         command.add_parser(sub, common)
     return p
+
+
+def full_parser() -> argparse.ArgumentParser:
+    """:func:`build_parser` with every command's flags added now (``train``'s and ``tune``'s
+    hyperparameters too): what the documentation's command-line reference is read from."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for command in sub.choices.values():
+        if isinstance(command, ModelOptionsParser):
+            command.add_hyperparameters()
+    return parser

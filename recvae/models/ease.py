@@ -115,11 +115,9 @@ def _symmetrize_lower(P: np.ndarray, block: int = 2048) -> None:
 class EASE(Recommender):
     """EASE^R item-item model (Steck, WWW 2019): ``scores = X_batch @ B``.
 
-    Parameters
-    ----------
-    l2 : L2 penalty lambda (> 0). Steck reports values of a few hundred (ML-20M: 500)
-        work well; pick it on validation with :func:`recvae.tuning.select_ease_l2`.
-    dtype : "float64" (default, for an accurate Cholesky inverse) or "float32".
+    ``l2``: Steck reports values of a few hundred (ML-20M: 500) working well; pick it on
+    validation with :func:`recvae.tuning.select_ease_l2`. ``dtype``: float64 by default, for an
+    accurate Cholesky inverse.
 
     Memory: ``fit`` holds one dense items x items matrix (``n_items**2`` floats: 8 bytes each
     in float64 — 17 MB for ML-100K's 1,447 items, 100 MB for ML-1M's 3,533, 3.2 GB for
