@@ -203,7 +203,7 @@ def _single(name: str, scores, heldout, k) -> np.ndarray:
 
 
 def recall_at_k(scores, heldout, k: int) -> np.ndarray:
-    """Recall@K as in Liang et al. (2018) and their notebook:
+    """Recall@K as in Liang et al. (2018) and their notebook::
 
         Recall@K(u) = hits@K / min(K, n_u)
 
@@ -212,12 +212,23 @@ def recall_at_k(scores, heldout, k: int) -> np.ndarray:
     Recall@K to a maximum of 1, reached by ranking all relevant items first).
     RecBole and Cornac divide by ``n_u`` instead, which gives lower values whenever
     ``n_u > K``; the two agree when ``n_u <= K``. Values lie in [0, 1].
+
+    Examples
+    --------
+    Two users, four items; user 0 holds out items 0 and 3 (ranked 1st and 3rd), user 1 item 2
+    (ranked 2nd):
+
+    >>> from recvae.metrics import recall_at_k
+    >>> scores = np.array([[0.9, 0.1, 0.8, 0.3], [0.2, 0.9, 0.5, 0.1]])
+    >>> heldout = sp.csr_matrix(np.array([[1, 0, 0, 1], [0, 0, 1, 0]]))
+    >>> recall_at_k(scores, heldout, k=2)     # 1 hit of min(2, 2); 1 of min(2, 1)
+    array([0.5, 1. ])
     """
     return _single("recall", scores, heldout, k)
 
 
 def ndcg_at_k(scores, heldout, k: int) -> np.ndarray:
-    """NDCG@K with binary relevance, as in Liang et al. (2018):
+    """NDCG@K with binary relevance, as in Liang et al. (2018)::
 
         DCG@K(u)  = sum_{r=1..K} rel_r / log2(r + 1)
         IDCG@K(u) = sum_{r=1..min(K, n_u)} 1 / log2(r + 1)   (all hits ranked first)
@@ -227,6 +238,50 @@ def ndcg_at_k(scores, heldout, k: int) -> np.ndarray:
     ``n_u``. (The notebook multiplies the stored held-out values, all 1 there, by the
     discounts; here any stored positive value counts as 1.) This is also what RecBole and Cornac compute for binary relevance.
     Values lie in [0, 1].
+
+    Examples
+    --------
+    Two users, four items; user 0 holds out items 0 and 3 (ranked 1st and 3rd), user 1 item 2
+    (ranked 2nd):
+
+    >>> from recvae.metrics import ndcg_at_k
+    >>> scores = np.array([[0.9, 0.1, 0.8, 0.3], [0.2, 0.9, 0.5, 0.1]])
+    >>> heldout = sp.csr_matrix(np.array([[1, 0, 0, 1], [0, 0, 1, 0]]))
+    >>> ndcg_at_k(scores, heldout, k=3).round(4)   # (1 + 1/log2 4) / (1 + 1/log2 3); (1/log2 3) / 1
+    array([0.9197, 0.6309])
+
+    Examples
+    --------
+    Two users, four items; user 0 holds out items 0 and 3 (ranked 1st and 3rd), user 1 item 2
+    (ranked 2nd):
+
+    >>> from recvae.metrics import precision_at_k
+    >>> scores = np.array([[0.9, 0.1, 0.8, 0.3], [0.2, 0.9, 0.5, 0.1]])
+    >>> heldout = sp.csr_matrix(np.array([[1, 0, 0, 1], [0, 0, 1, 0]]))
+    >>> precision_at_k(scores, heldout, k=2)
+    array([0.5, 0.5])
+
+    Examples
+    --------
+    Two users, four items; user 0 holds out items 0 and 3 (ranked 1st and 3rd), user 1 item 2
+    (ranked 2nd):
+
+    >>> from recvae.metrics import hit_rate_at_k
+    >>> scores = np.array([[0.9, 0.1, 0.8, 0.3], [0.2, 0.9, 0.5, 0.1]])
+    >>> heldout = sp.csr_matrix(np.array([[1, 0, 0, 1], [0, 0, 1, 0]]))
+    >>> hit_rate_at_k(scores, heldout, k=1)
+    array([1., 0.])
+
+    Examples
+    --------
+    Two users, four items; user 0 holds out items 0 and 3 (ranked 1st and 3rd), user 1 item 2
+    (ranked 2nd):
+
+    >>> from recvae.metrics import mrr_at_k
+    >>> scores = np.array([[0.9, 0.1, 0.8, 0.3], [0.2, 0.9, 0.5, 0.1]])
+    >>> heldout = sp.csr_matrix(np.array([[1, 0, 0, 1], [0, 0, 1, 0]]))
+    >>> mrr_at_k(scores, heldout, k=3)        # first hits at ranks 1 and 2
+    array([1. , 0.5])
     """
     return _single("ndcg", scores, heldout, k)
 

@@ -1,9 +1,11 @@
-"""Regenerate the outputs the README prints, by running the commands that print them.
+"""Regenerate the outputs the documentation prints, by running the commands that print them.
 
-Run it alone on a quiet machine after changing anything a README command prints:
+The pages are README.md and every Markdown page under docs/ (``pages()``). Run it alone on a quiet
+machine after changing anything a documented command prints:
 
-    python scripts/readme_outputs.py           # run every marked command, rewrite the outputs that differ
-    python scripts/readme_outputs.py --check   # run them, report the blocks that differ (exit 1)
+    python scripts/doc_outputs.py                          # run every marked command, rewrite the outputs that differ
+    python scripts/doc_outputs.py --check                  # run them, report the blocks that differ (exit 1)
+    python scripts/doc_outputs.py --page docs/quickstart.md   # one page only
 
 It takes about as long as the commands themselves: about two minutes on our 2-core CPU
 unloaded for the blocks there are now (ML-100K training ~20 s, `recvae tune` on ML-100K ~60 s,
@@ -17,20 +19,20 @@ and timings are then meaningless: the check ignores them, and only ``--timings``
 and its commands are, in this order of precedence:
 
 - the command after ``of:`` (``<!-- output of: recvae train --dataset ml-100k ... -->``), which
-  must appear in a code block earlier in the README (for an output printed away from its command);
+  must appear in a code block earlier on the same page (for an output printed away from its command);
 - the block's own leading ``$ `` lines (a block that shows the command and its output), whose
   output is the rest of the block;
 - the commands of the fenced block right before the marker (only blank lines between), one per
   line (``\\`` continues a line, ``#`` starts a comment).
 
 FLAGS (comma-separated): ``small`` -- quick enough for the test suite, which runs these end to
-end (tests/test_readme.py); ``stderr`` -- the output is stdout and stderr together, and a
+end (tests/test_doc_outputs.py); ``stderr`` -- the output is stdout and stderr together, and a
 non-zero exit status is expected (an error example).
 
 **How commands run.** In a scratch directory that links every top-level entry of the repository
 except run outputs (``runs``, ``prepared``), with ``data`` linked to the data directory
 (``$RECVAE_DATA`` when set, else the repository's ``data``), so relative paths read as from the
-repository root and every run writes into the scratch directory; all blocks share it, in README
+repository root and every run writes into the scratch directory; all blocks of a page share it, in page
 order, so a later block uses the runs of earlier ones. ``recvae`` is this interpreter's ``-m
 recvae`` with the repository first on the import path (``.venv/bin/`` before it is dropped),
 ``python`` this interpreter. A command ending in ``&`` is a server: it starts in the background
@@ -43,11 +45,11 @@ in-process as the HTTP request it describes (``-X``, ``-H``, ``-d``/``--data`` w
 **Normalization.** Written outputs have the scratch directory, the repository path, process ids
 and dates replaced by ``...``. The check ignores timings (a number followed by ``s``, ``ms`` or
 ``min``; cells of a table column headed ``seconds``, ``s``, ``time`` ...) and treats ``...`` in
-the README as matching anything on its line (a line holding only ``...``, any number of lines).
+the page as matching anything on its line (a line holding only ``...``, any number of lines).
 The test suite, whose machine may compute differently from the one that recorded the outputs,
 compares by ``differences`` instead: numbers within a tolerance, item lists by their overlap (the
 rules and their reasons are above it). Only the blocks that differ are rewritten (with this run's timings), so a run on a busy machine
-leaves the recorded timings of a quiet one; ``--timings`` rewrites every block run. The README is
+leaves the recorded timings of a quiet one; ``--timings`` rewrites every block run. Each page is
 rewritten at once, atomically, and only when some block changed.
 """
 
@@ -72,6 +74,19 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+DOCS = REPO / "docs"
+
+
+def pages() -> list[Path]:
+    """README.md, then the documentation's Markdown pages (not the built site), in path order."""
+    return [README] + sorted(p for p in DOCS.rglob("*.md") if "_build" not in p.relative_to(DOCS).parts)
+
+
+def page_name(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return path.name
 #: Top-level entries not linked into the scratch directory: where commands write their runs.
 OUTPUT_DIRS = {"runs", "prepared", ".git", "data"}
 
@@ -80,13 +95,13 @@ FENCE = re.compile(r"^(`{3,}|~{3,})")
 FLAGS = {"small", "stderr"}
 
 
-class ReadmeError(Exception):
+class DocsError(Exception):
     """A marker that cannot be understood, or a command that failed."""
 
 
 @dataclass
 class Block:
-    """One marked output block: the README lines its body spans and the commands that print it."""
+    """One marked output block: the page lines its body spans and the commands that print it."""
 
     marker_line: int  # 0-based line of the marker
     start: int  # first line of the recorded output (after the fence and any `$ ` lines)
@@ -95,6 +110,7 @@ class Block:
     flags: set[str] = field(default_factory=set)
     recorded: str = ""
     key: str = ""  # its commands (and rank among blocks of the same commands): stable when lines move
+    page: str = "README.md"  # the page it is on, as the repository names it
 
     @property
     def small(self) -> bool:
@@ -103,7 +119,7 @@ class Block:
     @property
     def label(self) -> str:
         first = self.commands[0] if self.commands else "?"
-        return f"README.md:{self.marker_line + 1} ({first[:60]})"
+        return f"{self.page}:{self.marker_line + 1} ({first[:60]})"
 
 
 # ---- parsing -------------------------------------------------------------------------------
@@ -161,8 +177,8 @@ def _fences(lines: list[str]) -> list[tuple[int, int]]:
     return spans
 
 
-def parse(text: str) -> list[Block]:
-    """The marked output blocks of a README's text, in order; ``ReadmeError`` for a bad marker."""
+def parse(text: str, page: str = "README.md") -> list[Block]:
+    """The marked output blocks of a page's text, in order; ``DocsError`` for a bad marker."""
     lines = text.splitlines()
     fences = _fences(lines)
     opening = {o: c for o, c in fences}
@@ -172,15 +188,15 @@ def parse(text: str) -> list[Block]:
         m = MARKER.match(line.strip()) if line.startswith("<!--") and i not in inside else None
         if not m:
             continue
-        where = f"README.md:{i + 1}"
+        where = f"{page}:{i + 1}"
         flags = {f.strip() for f in (m.group("flags") or "").split(",") if f.strip()}
         if flags - FLAGS:
-            raise ReadmeError(f"{where}: unknown flag(s) {sorted(flags - FLAGS)} (known: {sorted(FLAGS)})")
+            raise DocsError(f"{where}: unknown flag(s) {sorted(flags - FLAGS)} (known: {sorted(FLAGS)})")
         j = i + 1
         while j < len(lines) and not lines[j].strip():
             j += 1
         if j not in opening:
-            raise ReadmeError(f"{where}: an output marker must be followed by a fenced block")
+            raise DocsError(f"{where}: an output marker must be followed by a fenced block")
         close = opening[j]
         body_start = j + 1
         text_part = m.group("text").strip()
@@ -188,7 +204,7 @@ def parse(text: str) -> list[Block]:
             command = text_part[3:].strip()
             earlier = [canonical(c) for o, c_end in fences if c_end < i for c in commands_of(lines[o + 1:c_end])]
             if not any(canonical(command) in c for c in earlier):
-                raise ReadmeError(f"{where}: the command of the marker is in no code block above: {command}")
+                raise DocsError(f"{where}: the command of the marker is in no code block above: {command}")
             commands = [command]
         elif lines[body_start:close] and lines[body_start].startswith("$ "):
             k = body_start
@@ -201,17 +217,17 @@ def parse(text: str) -> list[Block]:
                 k -= 1
             before = [o for o, c in fences if c == k]
             if not before:
-                raise ReadmeError(
+                raise DocsError(
                     f"{where}: no command for this output: put the marker right after the command's "
                     "block, start the block with `$ ` lines, or name the command with `of: ...`"
                 )
             commands = commands_of(lines[before[0] + 1:k])
         if not commands:
-            raise ReadmeError(f"{where}: the command block of this output holds no command")
+            raise DocsError(f"{where}: the command block of this output holds no command")
         key = "\n".join(commands)
         seen[key] = seen.get(key, 0) + 1
         key += f"\n#{seen[key]}"
-        blocks.append(Block(i, body_start, close, commands, flags, "\n".join(lines[body_start:close]), key))
+        blocks.append(Block(i, body_start, close, commands, flags, "\n".join(lines[body_start:close]), key, page))
     return blocks
 
 
@@ -224,7 +240,7 @@ _DATE = re.compile(r"\b\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(
 
 
 def for_display(output: str, paths: list[str] = ()) -> str:
-    """What is written to the README: paths of this machine, pids and dates as ``...``; lines
+    """What is written to a page: paths of this machine, pids and dates as ``...``; lines
     right-stripped, no trailing blank lines."""
     for p in sorted({str(p) for p in paths if str(p) not in ("", "/", ".")}, key=len, reverse=True):
         output = output.replace(p, "...")
@@ -278,7 +294,7 @@ def matches(recorded: str, output: str) -> bool:
 # recorded bf16 run): the metrics moved by at most 0.0052 (validation Recall@50; test NDCG@100
 # 0.4453 against 0.4492), their standard errors by 0.0007; the top-10 lists shared 9 of their 10
 # items, the served top-5 4 of 5. So a fresh output from another machine is compared (the test
-# suite, tests/test_readme.py) by these rules, never literally; text that does not come from the
+# suite, tests/test_doc_outputs.py) by these rules, never literally; text that does not come from the
 # arithmetic (commands, headers, counts of users and items, ranks, JSON keys) stays literal, and
 # timings are ignored as in `matches`:
 #: A decimal number (a metric, its ± standard error): this far from the recorded one, absolute.
@@ -360,13 +376,13 @@ def differences(recorded: str, output: str) -> list[str]:
 
 
 def replace_outputs(text: str, new: dict[str, str]) -> str:
-    """``text`` with the output of each block (keyed by ``Block.key``) replaced; ``ReadmeError``
+    """``text`` with the output of each block (keyed by ``Block.key``) replaced; ``DocsError``
     for a key no block of ``text`` has."""
     lines = text.splitlines()
     blocks = {b.key: b for b in parse(text)}
     missing = set(new) - set(blocks)
     if missing:
-        raise ReadmeError(f"no output block runs {sorted(missing)[0].split(chr(10) + '#')[0]!r} any more")
+        raise DocsError(f"no output block runs {sorted(missing)[0].split(chr(10) + '#')[0]!r} any more")
     for b in sorted((blocks[k] for k in new), key=lambda b: b.start, reverse=True):
         lines[b.start:b.end] = new[b.key].splitlines()
     return "\n".join(lines) + ("\n" if text.endswith("\n") else "")
@@ -395,7 +411,7 @@ def data_dir() -> Path:
 @contextlib.contextmanager
 def scratch(data: Path | None = None):
     """A temporary working directory that looks like the repository root (see the module doc)."""
-    with tempfile.TemporaryDirectory(prefix="readme-outputs-") as d:
+    with tempfile.TemporaryDirectory(prefix="doc-outputs-") as d:
         work = Path(d)
         for entry in REPO.iterdir():
             if entry.name not in OUTPUT_DIRS and not entry.name.startswith(".venv"):
@@ -442,11 +458,11 @@ def curl(command: str, port_map: dict[str, str], timeout: float, work: Path = Pa
         elif w in ("-s", "--silent", "-S", "--show-error", "-f", "--fail", "-i"):
             continue
         elif w.startswith("-"):
-            raise ReadmeError(f"curl option {w} is not supported here: {command}")
+            raise DocsError(f"curl option {w} is not supported here: {command}")
         else:
             url = w
     if url is None:
-        raise ReadmeError(f"no URL in: {command}")
+        raise DocsError(f"no URL in: {command}")
     if "://" not in url:
         url = "http://" + url
     for old, new in port_map.items():
@@ -466,7 +482,7 @@ def wait_until_serving(proc: subprocess.Popen, port: str, log: Path, timeout: fl
         wait_until_ready(f"http://127.0.0.1:{port}", proc, timeout, lambda: log.read_text()[-2000:],
                          any_status=True)  # a block may start another server
     except (RuntimeError, TimeoutError) as e:
-        raise ReadmeError(str(e)) from None
+        raise DocsError(str(e)) from None
 
 
 def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
@@ -499,7 +515,7 @@ def run_command(command: str, work: Path, env: dict, timeout: float, label: str)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired as e:
-        raise ReadmeError(f"{label}: `{command}` ran over {timeout:g} s") from e
+        raise DocsError(f"{label}: `{command}` ran over {timeout:g} s") from e
     finally:
         stop(proc)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
@@ -534,7 +550,7 @@ def run_block(block: Block, work: Path, timeout: float = 3600.0) -> str:
                 if "stderr" in block.flags:
                     chunks.append(r.stdout + r.stderr)
                 elif r.returncode != 0:
-                    raise ReadmeError(
+                    raise DocsError(
                         f"{block.label}: `{command}` exited with status {r.returncode}:\n{r.stderr[-3000:]}"
                     )
                 else:
@@ -553,7 +569,7 @@ def out_paths(command: str) -> set[str]:
 
 def with_dependencies(blocks: list[Block], chosen: list[Block]) -> list[Block]:
     """``chosen`` plus, for each path their commands read, the last earlier block that writes it
-    (``--out``, ``--output``), and so on; in README order."""
+    (``--out``, ``--output``), and so on; in page order."""
     keep = {id(b) for b in chosen}
     changed = True
     while changed:
@@ -592,41 +608,51 @@ def main(argv: list[str] | None = None) -> int:
         help="also rewrite the blocks that match but for timings, to record this run's (on a quiet machine)",
     )
     p.add_argument("--list", action="store_true", help="list the marked blocks and exit")
-    p.add_argument("--readme", type=Path, default=README, help=argparse.SUPPRESS)
+    p.add_argument("--page", type=Path, action="append", help="only this page (repeatable; default: README.md and docs/)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed to each command (default 3600)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
+    status = 0
+    for page in args.page or pages():
+        status = max(status, _page(page, args))
+    return status
+
+
+def _page(path: Path, args) -> int:
+    """Run, check or rewrite one page's blocks (each page in its own scratch directory)."""
+    name = page_name(path)
     try:
-        text = args.readme.read_text()
-        blocks = parse(text)
+        blocks = parse(path.read_text(), name)
         if args.list:
             for b in blocks:
                 print(f"{b.label}{'  [small]' if b.small else ''}: {' ; '.join(b.commands)}")
             return 0
         chosen = [b for b in blocks if (not args.small or b.small) and (not args.only or any(args.only in c for c in b.commands))]
+        if not chosen:
+            return 0
         to_run = with_dependencies(blocks, chosen)
         outputs = run_all(to_run, timeout=args.timeout, log=lambda m: print(m, file=sys.stderr))
-    except ReadmeError as e:
-        print(f"readme_outputs: error: {e}", file=sys.stderr)
+    except DocsError as e:
+        print(f"doc_outputs: error: {e}", file=sys.stderr)
         return 2
     differ = [b for b in chosen if not matches(b.recorded, outputs[b.key])]
     for b in differ:
         print(f"{b.label}: the output differs")
         sys.stdout.writelines(
             difflib.unified_diff(
-                (b.recorded + "\n").splitlines(True), (outputs[b.key] + "\n").splitlines(True),
-                "README.md", "now", n=1,
+                (b.recorded + "\n").splitlines(True), (outputs[b.key] + "\n").splitlines(True), name, "now", n=1,
             )
         )
     if args.check:
-        print(f"{len(differ)} of {len(chosen)} output block(s) differ" if differ else f"all {len(chosen)} output block(s) match")
+        print(f"{name}: {len(differ)} of {len(chosen)} output block(s) differ" if differ
+              else f"{name}: all {len(chosen)} output block(s) match")
         return 1 if differ else 0
     try:
-        changed = rewrite(args.readme, {b.key: outputs[b.key] for b in (chosen if args.timings else differ)})
-    except ReadmeError as e:
-        print(f"readme_outputs: error: {e}", file=sys.stderr)
+        changed = rewrite(path, {b.key: outputs[b.key] for b in (chosen if args.timings else differ)})
+    except DocsError as e:
+        print(f"doc_outputs: error: {e}", file=sys.stderr)
         return 2
-    print(f"{args.readme.name}: {'rewritten' if changed else 'unchanged'} ({len(differ)} of {len(chosen)} block(s) differed)")
+    print(f"{name}: {'rewritten' if changed else 'unchanged'} ({len(differ)} of {len(chosen)} block(s) differed)")
     return 0
 
 

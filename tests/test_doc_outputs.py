@@ -1,5 +1,7 @@
-"""The README's `recvae` commands name commands and flags that exist (read through the parser),
-so the documentation cannot drift from the command line unnoticed."""
+"""The documentation's `recvae` commands (README.md and every page under docs/) name commands
+and flags that exist (read through the parser), and the outputs marked `small` are what the
+commands print (scripts/doc_outputs.py): the documentation cannot drift from the command line
+unnoticed."""
 
 from __future__ import annotations
 
@@ -16,22 +18,38 @@ import pytest
 
 from recvae.cli import build_parser
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REPO = Path(__file__).resolve().parents[1]
 
 
-def readme_commands() -> list[str]:
-    """Each `recvae ...` invocation inside the README's code blocks (comments and prompts cut)."""
-    commands, inside = [], False
-    for line in README.read_text().splitlines():
-        if line.startswith("```"):
-            inside = not inside
-            continue
-        if not inside:
-            continue
-        for part in re.split(r"&&|;", line.split("  #")[0].split(" # ")[0]):
-            part = part.strip().removeprefix("$ ").removeprefix(".venv/bin/")
-            if part.startswith("recvae ") and not part.startswith("recvae on ") and ":" not in part.split()[1]:
-                commands.append(part.rstrip("&").strip())
+# ---- the printed outputs (scripts/doc_outputs.py) ----------------------------------------
+#
+# Which documented commands the suite runs end to end: the output blocks whose marker says `small`
+# (`<!-- output (small) of ... -->`): ML-100K or quicker, together under ~60 s on our 2-core CPU
+# unloaded, and needing no block that is not small (test_small_blocks_need_only_small_blocks).
+
+
+def _load_script():
+    path = REPO / "scripts" / "doc_outputs.py"
+    spec = importlib.util.spec_from_file_location("doc_outputs", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+ro = _load_script()
+
+def page_commands(page: Path) -> list[str]:
+    """Each `recvae ...` invocation inside a page's code blocks (continuations joined, comments
+    and prompts cut)."""
+    lines = page.read_text().splitlines()
+    commands = []
+    for start, end in ro._fences(lines):
+        for command in ro.commands_of(lines[start + 1:end]):
+            for part in re.split(r"&&|;", command):
+                part = part.strip().removeprefix("$ ").removeprefix(".venv/bin/")
+                if part.startswith("recvae ") and not part.startswith("recvae on ") and ":" not in part.split()[1]:
+                    commands.append(part.rstrip("&").strip())
     return commands
 
 
@@ -39,15 +57,19 @@ def options_of(parser: argparse.ArgumentParser) -> set[str]:
     return {o for a in parser._actions for o in a.option_strings}
 
 
-COMMANDS = readme_commands()
+PAGES = ro.pages()
+COMMANDS = [(ro.page_name(page), command) for page in PAGES for command in page_commands(page)]
+BLOCKS = {ro.page_name(page): ro.parse(page.read_text(), ro.page_name(page)) for page in PAGES}
+SMALL = [b for blocks in BLOCKS.values() for b in blocks if b.small]
 
 
-def test_the_readme_has_commands_to_check():
+def test_the_docs_have_commands_to_check():
     assert len(COMMANDS) >= 15, COMMANDS
+    assert {"README.md", "docs/quickstart.md"} <= {page for page, _ in COMMANDS}
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-def test_each_readme_command_and_flag_exists(command):
+@pytest.mark.parametrize("page, command", COMMANDS, ids=[f"{p}:{c[:50]}" for p, c in COMMANDS])
+def test_each_documented_command_and_flag_exists(page, command):
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     words = [w for w in shlex.split(command.replace("[", " ").replace("]", " "))[1:] if w != "..."]
@@ -57,29 +79,9 @@ def test_each_readme_command_and_flag_exists(command):
     command = sub[words[0]]
     getattr(command, "add_hyperparameters", lambda: None)()  # train's and tune's, from the models' tables
     flags = options_of(command) | options_of(parser)
-    unknown = [w.split("=")[0] for w in words[1:] if w.startswith("-") and w.split("=")[0] not in flags]
+    unknown = [w.split("=")[0] for w in words[1:] if w.startswith("-") and w != "-" and w.split("=")[0] not in flags]
     assert not unknown, f"{command}: unknown flag(s) {unknown}"
 
-
-# ---- the printed outputs (scripts/readme_outputs.py) ----------------------------------------
-#
-# Which README commands the suite runs end to end: the output blocks whose marker says `small`
-# (`<!-- output (small) of ... -->`): ML-100K or quicker, together under ~40 s on our 2-core CPU
-# unloaded, and needing no block that is not small (test_small_blocks_need_only_small_blocks).
-
-
-def _load_script():
-    path = README.parent / "scripts" / "readme_outputs.py"
-    spec = importlib.util.spec_from_file_location("readme_outputs", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-ro = _load_script()
-BLOCKS = ro.parse(README.read_text())
-SMALL = [b for b in BLOCKS if b.small]
 
 FAKE = """# fake
 
@@ -146,7 +148,7 @@ def test_markers_tie_each_output_to_its_commands():
     ],
 )
 def test_a_marker_that_cannot_be_understood_is_refused(bad, message):
-    with pytest.raises(ro.ReadmeError, match=message):
+    with pytest.raises(ro.DocsError, match=message):
         ro.parse(bad)
 
 
@@ -245,18 +247,20 @@ def test_the_rewrite_replaces_only_outputs_atomically(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["README.md"]
 
 
-def test_the_readme_marks_its_printed_outputs():
-    firsts = [b.commands[0] for b in BLOCKS]
+def test_the_docs_mark_their_printed_outputs():
+    firsts = [b.commands[0] for blocks in BLOCKS.values() for b in blocks]
     assert any(c.startswith("recvae train --dataset ml-100k") for c in firsts), firsts
     assert any(c.startswith("recvae -q tune") for c in firsts), firsts
     assert any(c.startswith("recvae serve") for c in firsts), firsts
+    assert any(b.small for b in BLOCKS["docs/quickstart.md"]), "the quickstart's outputs are not checked"
     assert SMALL, "no output block is marked small"
 
 
 def test_small_blocks_need_only_small_blocks():
     """The end-to-end test runs the small blocks and what they need: nothing that is not small."""
-    needed = ro.with_dependencies(BLOCKS, SMALL)
-    assert [b.label for b in needed] == [b.label for b in SMALL]
+    for blocks in BLOCKS.values():
+        small = [b for b in blocks if b.small]
+        assert [b.label for b in ro.with_dependencies(blocks, small)] == [b.label for b in small]
 
 
 @pytest.mark.slow
@@ -281,7 +285,7 @@ def test_a_server_block_is_started_asked_and_stopped(tmp_path):
     assert len(pids) == 1 and not _alive(pids[0])
 
     failing = ro.parse(text.replace("curl -s http://localhost:8000/hello.txt", "exit 3"))[0]
-    with pytest.raises(ro.ReadmeError, match="status 3"):
+    with pytest.raises(ro.DocsError, match="status 3"):
         ro.run_block(failing, tmp_path, timeout=60)
     pids = [int(p.read_text()) for p in tmp_path.glob("pid-*")]
     assert len(pids) == 2 and not any(map(_alive, pids))
@@ -301,35 +305,41 @@ def test_check_and_write_modes_on_a_fake_readme(tmp_path, capsys):
     path.write_text(
         "```\nrecvae --version\necho 'took 12.0 s'\n```\n<!-- output (small) of the block above -->\n```\nold\n```\n"
     )
-    assert ro.main(["--check", "--readme", str(path)]) == 1
+    assert ro.main(["--check", "--page", str(path)]) == 1
     assert "README.md:5" in capsys.readouterr().out
     assert path.read_text().count("old") == 1
-    assert ro.main(["--readme", str(path)]) == 0
+    assert ro.main(["--page", str(path)]) == 0
     from recvae import __version__
 
     assert f"```\nrecvae {__version__}\ntook 12.0 s\n```" in path.read_text()
     path.write_text(path.read_text().replace("\ntook 12.0 s\n", "\ntook 1.5 s\n"))  # the output's, not the echo's
-    assert ro.main(["--check", "--readme", str(path)]) == 0  # a timing alone is no difference
-    assert ro.main(["--readme", str(path)]) == 0 and "took 1.5 s" in path.read_text()  # nor rewritten
-    assert ro.main(["--timings", "--readme", str(path)]) == 0 and "took 12.0 s" in path.read_text()
+    assert ro.main(["--check", "--page", str(path)]) == 0  # a timing alone is no difference
+    assert ro.main(["--page", str(path)]) == 0 and "took 1.5 s" in path.read_text()  # nor rewritten
+    assert ro.main(["--timings", "--page", str(path)]) == 0 and "took 12.0 s" in path.read_text()
 
 
 @pytest.fixture(scope="module")
 def small_outputs(real_data_dir):
-    """The small blocks' fresh outputs (one scratch directory, README order)."""
-    return ro.run_all(ro.with_dependencies(BLOCKS, SMALL), data=real_data_dir, timeout=600, log=lambda m: None)
+    """The small blocks' fresh outputs (one scratch directory per page, in page order)."""
+    outputs = {}
+    for blocks in BLOCKS.values():
+        small = [b for b in blocks if b.small]
+        if small:
+            fresh = ro.run_all(ro.with_dependencies(blocks, small), data=real_data_dir, timeout=600, log=lambda m: None)
+            outputs.update({(small[0].page, key): out for key, out in fresh.items()})
+    return outputs
 
 
 @pytest.mark.slow
 @pytest.mark.realdata
-@pytest.mark.parametrize("block", SMALL, ids=[f"line{b.marker_line + 1}" for b in SMALL])
-def test_small_readme_commands_print_what_the_readme_shows(block, small_outputs):
-    """Within the tolerance of scripts/readme_outputs.py (`differences`): this machine may train
-    in another precision than the one that recorded the README (fp32 on an AVX2-only CPU)."""
-    fresh = small_outputs[block.key]
+@pytest.mark.parametrize("block", SMALL, ids=[f"{b.page}:{b.marker_line + 1}" for b in SMALL])
+def test_small_documented_commands_print_what_the_page_shows(block, small_outputs):
+    """Within the tolerance of scripts/doc_outputs.py (`differences`): this machine may train
+    in another precision than the one that recorded the page (fp32 on an AVX2-only CPU)."""
+    fresh = small_outputs[block.page, block.key]
     found = ro.differences(block.recorded, fresh)
     assert not found, (
-        f"{block.label}: the README's output differs from the command's beyond the tolerance "
-        f"({'; '.join(found)}; run scripts/readme_outputs.py):\n"
-        + "".join(difflib.unified_diff((block.recorded + "\n").splitlines(True), (fresh + "\n").splitlines(True), "README", "now"))
+        f"{block.label}: the page's output differs from the command's beyond the tolerance "
+        f"({'; '.join(found)}; run scripts/doc_outputs.py):\n"
+        + "".join(difflib.unified_diff((block.recorded + "\n").splitlines(True), (fresh + "\n").splitlines(True), block.page, "now"))
     )

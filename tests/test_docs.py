@@ -1,0 +1,171 @@
+"""The documentation site: it builds with every warning an error, its examples run, a headless
+browser opens it and every internal link and anchor resolves (scripts/check_site.py), and the
+README stays a README (a screen or two, linking into the site)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+check_site = _load("check_site")
+doc_outputs = _load("doc_outputs")
+
+
+def _sphinx(builder: str, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sphinx", "-E", "-W", "--keep-going", "-q", "-b", builder, str(DOCS), str(out)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    pytest.importorskip("sphinx", reason="the docs extra is not installed (scripts/setup.sh installs it)")
+    out = tmp_path_factory.mktemp("site")
+    r = _sphinx("html", out / "html")
+    assert r.returncode == 0, f"the site does not build without warnings:\n{r.stderr[-4000:]}"
+    return out / "html"
+
+
+@pytest.mark.slow
+def test_the_site_builds_without_a_warning_and_has_its_pages(site):
+    for page in ("index", "quickstart", "install", "movielens", "paper", "benchmarks", "changelog",
+                 "guide/tuning", "guide/refit-and-serve", "guide/recommendations", "guide/distributed",
+                 "reference/cli", "reference/hyperparameters", "reference/api/models"):
+        assert (site / f"{page}.html").is_file(), page
+    api = (site / "reference/api/models.html").read_text()
+    for name in ("recvae.models.MultVAE", "recvae.models.EASE", "recvae.models.RecVAE"):
+        assert f'id="{name}"' in api, name  # autodoc documented the class
+    cli = (site / "reference/cli.html").read_text()
+    assert "--anneal-cap" in cli and "--all-users" in cli  # a hyperparameter flag and a command's own
+    tables = (site / "reference/hyperparameters.html").read_text()
+    from recvae.models import MultVAE, model_names
+
+    assert all(f"<code class=\"docutils literal notranslate\"><span class=\"pre\">{n}</span></code>" in tables
+               for n in model_names())
+    assert all(p.option in tables for p in MultVAE.PARAMETERS)  # the table of every row
+
+
+@pytest.mark.slow
+def test_the_docstring_examples_run(tmp_path):
+    pytest.importorskip("sphinx", reason="the docs extra is not installed")
+    r = _sphinx("doctest", tmp_path)
+    report = (tmp_path / "output.txt").read_text() if (tmp_path / "output.txt").exists() else ""
+    assert r.returncode == 0, f"{r.stderr[-3000:]}\n{report[-3000:]}"
+    tests = re.search(r"(\d+) tests", report)
+    assert tests and int(tests.group(1)) >= 5, report[-2000:]  # the metrics' hand-computed examples
+
+
+@pytest.mark.slow
+def test_a_headless_browser_opens_the_site_and_every_link_resolves(site):
+    browser = check_site.chromium()
+    if browser is None:
+        pytest.skip("no Chromium (Debian package chromium; .ci/run installs it)")
+    assert check_site.check_links(site) == []
+    assert check_site.check_in_browser(site, browser) == []
+
+
+def test_the_link_check_finds_a_missing_page_and_a_missing_anchor(tmp_path):
+    (tmp_path / "index.html").write_text(
+        '<html><body><h1 id="top">x</h1><a href="#top">ok</a><a href="a.html#here">ok</a>'
+        '<a href="gone.html">missing</a><a href="a.html#nowhere">bad anchor</a>'
+        '<a href="https://example.org/x.html">external</a><link href="_static/s.css?v=1"></body></html>'
+    )
+    (tmp_path / "a.html").write_text('<html><body><p id="here">a</p></body></html>')
+    (tmp_path / "_static").mkdir()
+    (tmp_path / "_static" / "s.css").write_text("")
+    assert check_site.check_links(tmp_path) == [
+        "index.html: link 'gone.html': no such page",
+        "index.html: link 'a.html#nowhere': no anchor 'nowhere' in a.html",
+    ]
+
+
+@pytest.mark.slow
+def test_the_browser_check_fails_on_a_page_that_is_not_there(tmp_path):
+    browser = check_site.chromium()
+    if browser is None:
+        pytest.skip("no Chromium (Debian package chromium; .ci/run installs it)")
+    (tmp_path / "index.html").write_text('<html><head><title>t</title></head><body><a href="#gone">x</a>'
+                                         "<p>Quickstart</p></body></html>")
+    problems = check_site.check_in_browser(tmp_path, browser, {"index.html": "Quickstart", "missing.html": "x"})
+    assert problems[0] == "index.html: link '#gone': no such anchor in the rendered page"
+    assert problems[1] == "missing.html: the server answered an error page"
+    assert len(problems) == 2
+
+
+# ---- every Python example of the pages runs ------------------------------------------------
+
+
+def python_blocks(page: Path) -> list[str]:
+    lines = page.read_text().splitlines()
+    return ["\n".join(lines[s + 1:e]) for s, e in doc_outputs._fences(lines) if lines[s].strip() == "```python"]
+
+
+PYTHON_PAGES = [p for p in doc_outputs.pages() if python_blocks(p)]
+
+
+def test_the_pages_with_python_examples_are_found():
+    names = {doc_outputs.page_name(p) for p in PYTHON_PAGES}
+    assert {"README.md", "docs/quickstart.md", "docs/guide/library.md"} <= names, names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", PYTHON_PAGES, ids=[doc_outputs.page_name(p) for p in PYTHON_PAGES])
+def test_each_pages_python_examples_run(page, request):
+    """A page's Python blocks, in order, as one script, from a directory that looks like the
+    repository root (``docs/examples/shop.csv`` and ``data`` resolve); a page that loads MovieLens
+    needs the real files."""
+    code = "\n\n".join(python_blocks(page))
+    data = None
+    if "load_movielens" in code:
+        data = request.getfixturevalue("real_data_dir")
+    with doc_outputs.scratch(data) as work:
+        env = doc_outputs.child_env()
+        if data is not None:
+            env["RECVAE_DATA"] = str(data)
+        r = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"{doc_outputs.page_name(page)}: its Python examples fail:\n{r.stderr[-3000:]}"
+
+
+# ---- the README ----------------------------------------------------------------------------
+
+
+def test_the_readme_is_a_readme_and_its_links_lead_somewhere():
+    text = (REPO / "README.md").read_text()
+    assert len(text.splitlines()) < 200
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text)
+    assert any(link.startswith("docs/quickstart.md") for link in links)
+    missing = [link for link in links if not link.startswith("http") and not (REPO / link).exists()]
+    assert not missing, missing
+
+
+def test_every_benchmark_table_has_a_page():
+    results = sorted(p.stem for p in (REPO / "benchmarks" / "results").glob("*.md"))
+    pages = sorted(p.stem for p in (DOCS / "results").glob("*.md"))
+    assert results == pages
+    toc = (DOCS / "benchmarks.md").read_text()
+    assert all(f"results/{name}\n" in toc for name in results)
+
+
+def test_the_docs_build_command_is_one_script():
+    script = (REPO / "scripts" / "docs.sh").read_text()
+    assert "-W" in script and "-b html" in script and "-b doctest" in script
+    assert os.access(REPO / "scripts" / "docs.sh", os.X_OK)
