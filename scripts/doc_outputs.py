@@ -32,8 +32,8 @@ non-zero exit status is expected (an error example).
 **How commands run.** In a scratch directory that links every top-level entry of the repository
 except run outputs (``runs``, ``prepared``), with ``data`` linked to the data directory
 (``$RECVAE_DATA`` when set, else the repository's ``data``), so relative paths read as from the
-repository root and every run writes into the scratch directory; all blocks of a page share it, in page
-order, so a later block uses the runs of earlier ones. ``recvae`` is this interpreter's ``-m
+repository root and every run writes into the scratch directory; all blocks share it, in the
+order of ``pages()``, so a later block uses the runs of earlier ones, also of an earlier page. ``recvae`` is this interpreter's ``-m
 recvae`` with the repository first on the import path (``.venv/bin/`` before it is dropped),
 ``python`` this interpreter. A command ending in ``&`` is a server: it starts in the background
 (on a free port substituted for its ``--port``, and in the ``curl`` URLs), the next command waits
@@ -77,9 +77,16 @@ README = REPO / "README.md"
 DOCS = REPO / "docs"
 
 
+#: pages whose runs others use come first (the guides serve the run of the MovieLens page)
+FIRST = ("quickstart.md", "movielens.md")
+
+
 def pages() -> list[Path]:
-    """README.md, then the documentation's Markdown pages (not the built site), in path order."""
-    return [README] + sorted(p for p in DOCS.rglob("*.md") if "_build" not in p.relative_to(DOCS).parts)
+    """README.md, the quickstart, the first MovieLens run, then the other Markdown pages under
+    docs/ (not the built site) in path order: the order their blocks run in."""
+    rest = sorted(p for p in DOCS.rglob("*.md") if "_build" not in p.relative_to(DOCS).parts)
+    first = [DOCS / name for name in FIRST]
+    return [README] + first + [p for p in rest if p not in first]
 
 
 def page_name(path: Path) -> str:
@@ -586,14 +593,16 @@ def with_dependencies(blocks: list[Block], chosen: list[Block]) -> list[Block]:
     return [b for b in blocks if id(b) in keep]
 
 
-def run_all(blocks: list[Block], data: Path | None = None, timeout: float = 3600.0, log=print) -> dict[str, str]:
-    """Run the blocks in order in one scratch directory; their outputs keyed by ``Block.key``."""
+def run_all(blocks: list[Block], data: Path | None = None, timeout: float = 3600.0,
+            log=print) -> dict[tuple[str, str], str]:
+    """Run the blocks in order in one scratch directory (a later page uses the runs of an earlier
+    one); their outputs keyed by ``(Block.page, Block.key)``."""
     outputs = {}
     with scratch(data) as work:
         for b in blocks:
             t = time.monotonic()
             log(f"running {b.label} ...")
-            outputs[b.key] = run_block(b, work, timeout)
+            outputs[b.page, b.key] = run_block(b, work, timeout)
             log(f"  done in {time.monotonic() - t:.1f} s")
     return outputs
 
@@ -612,35 +621,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed to each command (default 3600)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
-    status = 0
-    for page in args.page or pages():
-        status = max(status, _page(page, args))
-    return status
-
-
-def _page(path: Path, args) -> int:
-    """Run, check or rewrite one page's blocks (each page in its own scratch directory)."""
-    name = page_name(path)
+    paths = args.page or pages()
     try:
-        blocks = parse(path.read_text(), name)
-        if args.list:
-            for b in blocks:
-                print(f"{b.label}{'  [small]' if b.small else ''}: {' ; '.join(b.commands)}")
-            return 0
-        chosen = [b for b in blocks if (not args.small or b.small) and (not args.only or any(args.only in c for c in b.commands))]
-        if not chosen:
-            return 0
-        to_run = with_dependencies(blocks, chosen)
-        outputs = run_all(to_run, timeout=args.timeout, log=lambda m: print(m, file=sys.stderr))
+        parsed = {page_name(path): (path, parse(path.read_text(), page_name(path))) for path in paths}
     except DocsError as e:
         print(f"doc_outputs: error: {e}", file=sys.stderr)
         return 2
-    differ = [b for b in chosen if not matches(b.recorded, outputs[b.key])]
+    blocks = [b for _, page_blocks in parsed.values() for b in page_blocks]
+    if args.list:
+        for b in blocks:
+            print(f"{b.label}{'  [small]' if b.small else ''}: {' ; '.join(b.commands)}")
+        return 0
+    chosen = [b for b in blocks if (not args.small or b.small) and (not args.only or any(args.only in c for c in b.commands))]
+    try:
+        outputs = run_all(with_dependencies(blocks, chosen), timeout=args.timeout,
+                          log=lambda m: print(m, file=sys.stderr))
+    except DocsError as e:
+        print(f"doc_outputs: error: {e}", file=sys.stderr)
+        return 2
+    status = 0
+    for name, (path, page_blocks) in parsed.items():
+        mine = [b for b in chosen if b.page == name]
+        if mine:
+            status = max(status, _page(path, name, mine, outputs, args))
+    return status
+
+
+def _page(path: Path, name: str, chosen: list[Block], outputs: dict, args) -> int:
+    """Check or rewrite one page's blocks from the outputs of their commands."""
+    differ = [b for b in chosen if not matches(b.recorded, outputs[name, b.key])]
     for b in differ:
         print(f"{b.label}: the output differs")
         sys.stdout.writelines(
             difflib.unified_diff(
-                (b.recorded + "\n").splitlines(True), (outputs[b.key] + "\n").splitlines(True), name, "now", n=1,
+                (b.recorded + "\n").splitlines(True), (outputs[name, b.key] + "\n").splitlines(True), name, "now", n=1,
             )
         )
     if args.check:
@@ -648,7 +662,7 @@ def _page(path: Path, args) -> int:
               else f"{name}: all {len(chosen)} output block(s) match")
         return 1 if differ else 0
     try:
-        changed = rewrite(path, {b.key: outputs[b.key] for b in (chosen if args.timings else differ)})
+        changed = rewrite(path, {b.key: outputs[name, b.key] for b in (chosen if args.timings else differ)})
     except DocsError as e:
         print(f"doc_outputs: error: {e}", file=sys.stderr)
         return 2
