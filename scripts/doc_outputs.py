@@ -243,7 +243,7 @@ def parse(text: str, page: str = "README.md") -> list[Block]:
 _TIME = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?= ?(?:ms|s|sec|secs|seconds|min)\b)")
 _TIME_HEADER = re.compile(r"\b(ms|s|sec|secs|seconds|time|min)\b", re.I)
 _PID = re.compile(r"\b(pid) \d+")
-_DATE = re.compile(r"\b\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?\b")
+_DATE = re.compile(r"\b\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?\b")  # a date with its time: when a thing ran
 
 
 def for_display(output: str, paths: list[str] = ()) -> str:
