@@ -51,7 +51,7 @@ from paper_table import synthetic_ml20m  # noqa: E402
 from recvae.data import Interactions  # noqa: E402
 from recvae.data.splits import strong_generalization_split  # noqa: E402
 from recvae.evaluation import evaluate  # noqa: E402
-from recvae.data.source import seen_interactions  # noqa: E402
+from recvae.data.source import Recorded, seen_interactions  # noqa: E402
 from recvae.experiment import DataSpec, RunConfig, RunResult, write_run_dir  # noqa: E402
 from recvae.fileio import write_bytes, write_json  # noqa: E402
 from recvae.models import MultVAE  # noqa: E402
@@ -91,7 +91,7 @@ def build_run(out: Path, seed: int = 0, shape=None) -> Interactions:
     config = RunConfig(data=spec, model="multvae", params={"epochs": 1, "batch_size": 500})
     # no rating threshold: the seen items are the known histories (the data has no source file to read)
     write_run_dir(out, config, split, RunResult(model, None, test, 0.0, split), plot=False,
-                  read=(seen_interactions(split, None), None, None))
+                  read=Recorded(seen_interactions(split, None)))
     return data
 
 
