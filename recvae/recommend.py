@@ -193,8 +193,9 @@ class RunRecommender:
     Holds the model, the item vocabulary, every user of the run with their full known history
     (training users: their training positives; held-out users: fold-in + held-out items) and the
     items each has seen at any rating (``seen.npz``, written at train time; runs from before it
-    fall back to the positives, with an info line). ``popularity_`` is the fraction of training
-    users having each item (the fallback's score). ``precision``: the model's scoring precision
+    fall back to the positives, with an info line), and of the users of the source it left out,
+    the items each has (``dropped_seen``, :meth:`dropped_rows`). ``popularity`` is the fraction of
+    training users having each item (the fallback's score). ``precision``: the model's scoring precision
     (:meth:`~recvae.models.base.Recommender.set_scoring_precision`).
     """
 

@@ -1,6 +1,6 @@
 """The popularity fallback of users the model cannot score never offers an item the user has:
 a user of the source that preprocessing dropped (``dropped_seen.npz`` keeps their items), through
-`recvae recommend` and the library (issue 28)."""
+`recvae recommend`, the library and `recvae serve --unknown-users popular` (issue 28)."""
 
 from __future__ import annotations
 
@@ -120,3 +120,28 @@ def test_a_run_from_before_says_once_that_its_fallback_may_offer_their_items(run
     assert notes == [f"{old} has no {DROPPED_SEEN_FILE} (a run from an older recvae): the popular items offered to "
                      "the users it left out (dropped_users.csv) may include items they already have"]
     assert FEW_ITEMS <= set(table.loc[table["user"] == "few1", "item"])  # what it warned of
+
+
+@pytest.mark.slow
+def test_serve_answers_unknown_users_with_popular_items_they_do_not_have(run_dir, run):
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from test_serve import start_server
+
+    everything = popular(run)
+    with start_server(run_dir, "--unknown-users", "popular") as (base, _):
+        def post(body):
+            r = httpx.post(f"{base}/recommend", json=body, timeout=30)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        few = post({"user": "few1", "k": run.n_items})
+        assert few["source"] == "popularity" and few["unknown_items"] == []
+        assert few["items"] == [i for i in everything if i not in FEW_ITEMS]
+        np.testing.assert_allclose(few["scores"], run.popularity[run.items.get_indexer(few["items"])], rtol=1e-6)
+        assert post({"user": "low1", "k": 3})["items"] == [i for i in everything if i not in LOW_ITEMS][:3]
+        nobody = post({"user": "nobody", "k": 4, "exclude": [everything[0], "gone"]})
+        assert nobody == {"items": everything[1:5], "scores": pytest.approx(
+            run.popularity[run.items.get_indexer(everything[1:5])].tolist(), rel=1e-6),
+            "source": "popularity", "unknown_items": ["gone"]}
+        assert post({"user": "u1", "k": 3})["source"] == "model"  # a user of the run: as before
