@@ -122,6 +122,21 @@ def test_a_run_from_before_says_once_that_its_fallback_may_offer_their_items(run
     assert FEW_ITEMS <= set(table.loc[table["user"] == "few1", "item"])  # what it warned of
 
 
+def test_a_damaged_or_foreign_dropped_seen_file_is_one_line_naming_it(run_dir, tmp_path, capsys):
+    users = write(tmp_path / "users.csv", uid=["few1"])
+    bad = tmp_path / "bad"
+    shutil.copytree(run_dir, bad)
+    path = bad / DROPPED_SEEN_FILE
+    path.write_bytes(path.read_bytes()[:-100])
+    assert main(["-q", "recommend", str(bad), "--users", str(users)]) == 2
+    assert capsys.readouterr().err == (f"recvae: error: {path}: damaged or not an .npz archive (expected the "
+                                       "interactions cache)\n")
+    seen = Interactions.load(run_dir / DROPPED_SEEN_FILE)
+    Interactions(seen.matrix[:, 1:].tocsr(), seen.user_ids, seen.item_ids[1:]).save(path)  # another catalogue
+    assert main(["-q", "recommend", str(bad), "--users", str(users)]) == 2
+    assert capsys.readouterr().err == f"recvae: error: {path}: its items are not the run's\n"
+
+
 @pytest.mark.slow
 def test_serve_answers_unknown_users_with_popular_items_they_do_not_have(run_dir, run):
     httpx = pytest.importorskip("httpx")
