@@ -30,7 +30,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from recvae.data.ids import IdError, convert_ids, log_unknown, match_ids  # noqa: F401  (IdError, convert_ids: re-exported)
-from recvae.data.interactions import take_rows
+from recvae.data.source import take_rows
 from recvae.errors import InputError, ParameterError
 from recvae.fileio import read_json
 from recvae.metrics import mask_rows, top_k_with_scores

@@ -401,12 +401,6 @@ def as_csr(X, name: str = "X", n_items: int | None = None) -> sp.csr_matrix:
     return matrix
 
 
-def take_rows(matrix: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
-    """The rows ``rows`` of ``matrix`` in that order, an empty row where a row is -1 (a user it lacks)."""
-    rows = np.asarray(rows, dtype=np.int64)
-    return (sp.diags((rows >= 0).astype(np.float32)) @ matrix[np.maximum(rows, 0)]).tocsr()
-
-
 def index_of(index: pd.Index, ids):
     """Positions of ``ids`` in ``index`` (int64, ``-1`` where absent; a scalar gives an ``int``).
     Exact: ``"1"`` and ``1`` are different ids. The one id lookup of the library: callers that

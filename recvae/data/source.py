@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from recvae.data.interactions import Interactions, describe_kept, take_rows
+from recvae.data.interactions import Interactions, describe_kept
 from recvae.data.movielens import load_movielens
 from recvae.data.prepared import load_prepared, read_prepared_description
 from recvae.data.preprocessing import PAPER, Preprocessing
@@ -212,6 +212,12 @@ def dropped_seen(dropped: pd.DataFrame | None, split, raw: Interactions | None,
         return None
     rows = source.user_index(dropped["user"].to_numpy(dtype=object))
     return _on_catalogue(source, np.asarray(source.user_ids)[rows[rows >= 0]], np.asarray(split.train.item_ids))
+
+
+def take_rows(matrix: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
+    """The rows ``rows`` of ``matrix`` in that order, an empty row where a row is -1 (a user it lacks)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    return (sp.diags((rows >= 0).astype(np.float32)) @ matrix[np.maximum(rows, 0)]).tocsr()
 
 
 def _on_catalogue(source: Interactions, users: np.ndarray, items: np.ndarray) -> Interactions:
