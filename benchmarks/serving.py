@@ -8,8 +8,9 @@ the weights' values), written as a run directory:
 1. Scoring alone, in this process: the service's micro-batch path (``RunRecommender.
    recommend_arrays``: forward pass, exclusions, top-10) over batches of 1, 8 and 64 request
    histories, CPU ms per request, with the torch threads a server worker gets.
-2. ``recvae serve -q RUN`` in a subprocess for each configuration (the default, on which the
-   targets are checked, and one worker per core); the C load generator wrk (one thread, a Lua script posting
+2. ``recvae serve -q RUN`` in a subprocess for each configuration (the default, no options: one
+   worker per core with 1 torch thread each on this machine; one worker, the default before; and
+   bf16 variants; the targets are checked on each); the C load generator wrk (one thread, a Lua script posting
    top-10 requests with the histories of 2,000 random users of the data) keeps 1, 8 and 64
    connections busy for ``--seconds`` each: requests per second, p50/p99 latency (wrk
    ``--latency``), non-2xx answers and socket errors, and the server's CPU ms per request (user +
@@ -51,7 +52,7 @@ from paper_table import synthetic_ml20m  # noqa: E402
 from recvae.data import Interactions  # noqa: E402
 from recvae.data.splits import strong_generalization_split  # noqa: E402
 from recvae.evaluation import evaluate  # noqa: E402
-from recvae.data.source import seen_interactions  # noqa: E402
+from recvae.data.source import Recorded, seen_interactions  # noqa: E402
 from recvae.experiment import DataSpec, RunConfig, RunResult, write_run_dir  # noqa: E402
 from recvae.fileio import write_bytes, write_json  # noqa: E402
 from recvae.models import MultVAE  # noqa: E402
@@ -59,20 +60,25 @@ from recvae.models.base import SCORING_PRECISIONS as PRECISIONS  # noqa: E402
 from recvae.recommend import RunRecommender  # noqa: E402
 from recvae.rundir import is_run_dir  # noqa: E402
 from recvae.serve.server import wait_until_ready  # noqa: E402
+from recvae.serve.settings import available_cores, serving_layout  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = RESULTS.parents[1]
 LEVELS = (1, 8, 64)
-#: (label, extra `recvae serve` arguments): the default, one worker per core, and both with the
-#: output layer scoring in bf16 (one worker with a torch thread per core: its event loop idles
-#: while a batch of every client is scored; the last: the README's throughput settings, batches
-#: capped at half the 64 connections so that each worker's batches stay short); the targets are
-#: checked on each
+#: what `recvae serve` with no options runs on this machine (a CPU model: no CUDA)
+DEFAULT_WORKERS, DEFAULT_THREADS = serving_layout(available_cores(), cuda=False)
+#: (label, extra `recvae serve` arguments): the default (no options), one worker (the default
+#: before, with its threads as the default resolves them for one worker), and the output layer
+#: scoring in bf16 (one worker with a torch thread per core: its event loop idles while a batch
+#: of every client is scored; the last: the README's throughput settings, batches capped at half
+#: the 64 connections so that each worker's batches stay short); the targets are checked on each
 CONFIGS = (
-    ("default: 1 worker, 1 torch thread", []),
-    ("2 workers x 1 torch thread", ["--workers", "2", "--threads", "1"]),
-    ("bf16 scoring, 1 worker", ["--precision", "bf16"]),
-    ("bf16 scoring, 1 worker x 2 torch threads", ["--threads", "2", "--precision", "bf16"]),
+    (f"default (no options): {DEFAULT_WORKERS} worker(s) x {DEFAULT_THREADS} torch thread(s) on {available_cores()} "
+     "cores", []),
+    (f"1 worker x {serving_layout(available_cores(), cuda=False, workers=1)[1]} torch thread(s) (the default before)",
+     ["--workers", "1"]),
+    ("bf16 scoring, 1 worker", ["--workers", "1", "--precision", "bf16"]),
+    ("bf16 scoring, 1 worker x 2 torch threads", ["--workers", "1", "--threads", "2", "--precision", "bf16"]),
     ("bf16 scoring, 2 workers x 1 torch thread, batches of <= 32",
      ["--workers", "2", "--threads", "1", "--max-batch", "32", "--precision", "bf16"]),
 )
@@ -91,7 +97,7 @@ def build_run(out: Path, seed: int = 0, shape=None) -> Interactions:
     config = RunConfig(data=spec, model="multvae", params={"epochs": 1, "batch_size": 500})
     # no rating threshold: the seen items are the known histories (the data has no source file to read)
     write_run_dir(out, config, split, RunResult(model, None, test, 0.0, split), plot=False,
-                  read=(seen_interactions(split, None), None, None))
+                  read=Recorded(seen_interactions(split, None)))
     return data
 
 
@@ -270,7 +276,7 @@ class Server:
         as many as it has workers (plus the supervisor) and have used no CPU for a second.
         (A worker still loading accepts no connection, and wrk keeps the ones it opened.)"""
         args = self.proc.args
-        workers = next((int(v) for flag, v in zip(args, args[1:]) if flag == "--workers"), 1)
+        workers = next((int(v) for flag, v in zip(args, args[1:]) if flag == "--workers"), DEFAULT_WORKERS)
         quiet, last = 0, None
         while quiet < 4 and time.monotonic() < deadline:
             pids = process_tree(self.proc.pid)
@@ -496,7 +502,7 @@ def main(argv=None) -> dict:
         script = lua_script(histories, tmp / "post.lua")
 
         run = RunRecommender(run_dir)
-        threads = 1  # what a worker of either configuration gets on 2 cores
+        threads = DEFAULT_THREADS  # what a worker of the default configuration gets
         codes = request_codes(run, histories)
         scoring = scoring_cost(run, codes, threads, seconds=1.0 if a.smoke else 3.0)
         for r in scoring:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from recvae import distributed
 from recvae.data.interactions import Interactions
-from recvae.data.source import DataSpec, dropped_users, read_source, seen_interactions
+from recvae.data.source import DataSpec, Recorded, read_source, record
 from recvae.data.splits import NoHoldout, no_holdout
 from recvae.data.time_splits import make_split
 from recvae.errors import InputError, ParameterError, RecvaeError
@@ -83,7 +83,7 @@ def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: 
     if run_dir is None:
         return fit_and_evaluate(load_split(config, show_progress), estimator, ks=config.ks, raise_error=True,
                                 show_progress=show_progress)
-    split, (seen, kept, dropped) = load_split(config, show_progress, with_seen=True)
+    split, recorded = load_split(config, show_progress, with_seen=True)
     created = not run_dir.path.exists()
     with run_dir.lock() if main else contextlib.nullcontext():
         state = run_dir.state()
@@ -93,7 +93,7 @@ def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: 
                 run_dir.empty()
                 state = "empty"
             if state in ("absent", "empty"):
-                run_dir.write_description(describe(config, split, kept), split, seen, dropped)
+                run_dir.write_description(describe(config, split, recorded.kept), split, recorded)
         resume_from = None
         if resume and (run_dir.path / CHECKPOINT_FILE).is_file():
             resume_from = run_dir.read_checkpoint(map_location=resolve_device(estimator.device))
@@ -153,15 +153,15 @@ def load_split(config: RunConfig, show_progress: bool = False, with_seen: bool =
     in time with ``cutoff`` or ``leave_last`` (:func:`recvae.data.make_split`), or every user in
     training with ``holdout="none"`` (a :class:`~recvae.data.splits.NoHoldout`); refused when
     the catalogue is smaller than the largest cutoff of the metrics, as the run would train, then
-    fail to evaluate. ``with_seen``: ``(split, (seen, kept, dropped))``, with what a run directory
-    records of the same read: the run's seen items (:func:`seen_interactions`), what preprocessing
-    kept and the users it dropped (:func:`dropped_users`)."""
+    fail to evaluate. ``with_seen``: ``(split, recorded)``, with what a run directory records of
+    the same read (:class:`~recvae.data.source.Recorded`: the run's seen items, what preprocessing
+    kept, the users it dropped and their items)."""
     check_split(config)
     if not with_seen:
         return _split(config, config.data.load(show_progress, timestamps=config.time_split))
     interactions, raw, kept, positives = read_source(config.data, show_progress, timestamps=config.time_split)
     split = _split(config, interactions)
-    return split, (seen_interactions(split, raw), kept, dropped_users(config.data, positives, interactions, split, raw))
+    return split, record(config.data, split, interactions, raw, kept, positives)
 
 
 def _split(config: RunConfig, interactions: Interactions):
@@ -241,14 +241,14 @@ def write_results(run_dir: RunDir, result: RunResult, plot: bool = True, keep_ch
 
 
 def write_run_dir(out: str | os.PathLike, config: RunConfig, split, result: RunResult, plot: bool = True,
-                  overwrite: bool = False, extra=None, locked: bool = False, read: tuple | None = None,
+                  overwrite: bool = False, extra=None, locked: bool = False, read: Recorded | None = None,
                   keep=()) -> Path:
     """A complete run directory for a model trained elsewhere (benchmarks, notebooks, ``tune``):
     what :func:`run` writes, in the same order, under the directory's lock (``locked``: the
     caller holds it). ``overwrite`` empties a run directory first. ``extra(run_dir)`` writes
-    more files (``tune``'s table) before the metrics, which mark the run complete. ``read``: the
-    run's seen items, kept counts and dropped users when the caller read them with the data
-    (``load_split(with_seen=True)``); else the source is read again for them. ``keep``: files of the directory that stay (``tune``'s
+    more files (``tune``'s table) before the metrics, which mark the run complete. ``read``: what
+    the run records of its source (:class:`~recvae.data.source.Recorded`) when the caller read it
+    with the data (``load_split(with_seen=True)``); else the source is read again for it. ``keep``: files of the directory that stay (``tune``'s
     study, :data:`recvae.rundir.STUDY_FILES`)."""
     run_dir = RunDir(out)
     run_dir.check_writable_for(overwrite=overwrite)
@@ -256,10 +256,8 @@ def write_run_dir(out: str | os.PathLike, config: RunConfig, split, result: RunR
         run_dir.check_writable_for(overwrite=overwrite)
         run_dir.empty(keep)
         if read is None:
-            interactions, raw, kept, positives = read_source(config.data)
-            read = (seen_interactions(split, raw), kept, dropped_users(config.data, positives, interactions, split, raw))
-        seen, kept, dropped = read
-        run_dir.write_description(describe(config, split, kept), split, seen, dropped)
+            read = record(config.data, split, *read_source(config.data))
+        run_dir.write_description(describe(config, split, read.kept), split, read)
         if extra is not None:
             extra(run_dir)
         write_results(run_dir, result, plot and available("matplotlib"), history=True)

@@ -10,7 +10,9 @@ Two levels:
 Ids are matched to the vocabularies whatever their type in the input
 (:func:`recvae.data.ids.match_ids`): ``"42"`` matches the integer id 42 and ``42`` the string id ``"42"``. A user with no known item gets the
 popularity fallback: items ranked by the number of training users who have them, with score the
-*fraction of training users* having the item (in [0, 1]) and ``source="popularity"``; model rows
+*fraction of training users* having the item (in [0, 1]) and ``source="popularity"``, less the
+items the user has: those the request gives, and for a user of the source that the run left out
+(too few interactions, ...), the items the run recorded for it (``dropped_seen.npz``); model rows
 carry ``source="model"`` and the model's own scores (logits for Mult-VAE/DAE), so the ``source``
 column says which unit a row's score is in.
 """
@@ -28,10 +30,11 @@ import pandas as pd
 import scipy.sparse as sp
 
 from recvae.data.ids import IdError, convert_ids, log_unknown, match_ids  # noqa: F401  (IdError, convert_ids: re-exported)
+from recvae.data.source import take_rows
 from recvae.errors import InputError, ParameterError
 from recvae.fileio import read_json
 from recvae.metrics import mask_rows, top_k_with_scores
-from recvae.rundir import METRICS_FILE, SEEN_FILE, RunDir
+from recvae.rundir import DROPPED_FILE, DROPPED_SEEN_FILE, METRICS_FILE, SEEN_FILE, RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -190,8 +193,9 @@ class RunRecommender:
     Holds the model, the item vocabulary, every user of the run with their full known history
     (training users: their training positives; held-out users: fold-in + held-out items) and the
     items each has seen at any rating (``seen.npz``, written at train time; runs from before it
-    fall back to the positives, with an info line). ``popularity_`` is the fraction of training
-    users having each item (the fallback's score). ``precision``: the model's scoring precision
+    fall back to the positives, with an info line), and of the users of the source it left out,
+    the items each has (``dropped_seen``, :meth:`dropped_rows`). ``popularity`` is the fraction of
+    training users having each item (the fallback's score). ``precision``: the model's scoring precision
     (:meth:`~recvae.models.base.Recommender.set_scoring_precision`).
     """
 
@@ -214,6 +218,8 @@ class RunRecommender:
         metrics = run.file(METRICS_FILE)
         self.metrics = read_json(metrics) if metrics.is_file() else None
         self.dropped = run.load_dropped()  # users of the source the run left out, and why (None: not known)
+        self.dropped_seen = self._load_dropped_seen(run)  # and their items (None: a run from before it)
+        self._warned_dropped = False
 
     @property
     def n_items(self) -> int:
@@ -236,6 +242,29 @@ class RunRecommender:
         if (rows < 0).any() or not np.array_equal(np.asarray(seen.item_ids), self.item_ids):
             raise InputError(path, "its users or items do not match the run's")
         return ((seen.matrix[rows] + self.known) > 0).astype(np.float32).tocsr()
+
+    def _load_dropped_seen(self, run):
+        seen = run.load_seen(dropped=True)
+        if seen is not None and not np.array_equal(np.asarray(seen.item_ids), self.item_ids):
+            raise InputError(run.file(DROPPED_SEEN_FILE), "its items are not the run's")
+        return seen
+
+    def dropped_rows(self, users) -> np.ndarray:
+        """Each of ``users``' row in ``dropped_seen`` (the items of a user of the source that the
+        run left out), -1 for any other user. A run without that file (written before it) says
+        once, when one of ``users`` is such a user, that its fallback may offer their own items."""
+        if self.dropped_seen is None:
+            if not self._warned_dropped and any(r is not None for r in self.why_dropped(users)):
+                self._warned_dropped = True
+                logger.warning("%s has no %s (a run from an older recvae): the popular items offered to the users "
+                               "it left out (%s) may include items they already have", self.run_dir,
+                               DROPPED_SEEN_FILE, DROPPED_FILE)
+            return np.full(len(users), -1, dtype=np.int64)
+        return match_ids(list(users), self._dropped_seen_users)[0]
+
+    @functools.cached_property
+    def _dropped_seen_users(self) -> pd.Index:
+        return pd.Index(self.dropped_seen.user_ids)
 
     def why_dropped(self, users) -> list[str | None]:
         """For each of ``users`` (ids not of the run), why the run does not know it when it is a
@@ -327,11 +356,16 @@ class RunRecommender:
         positives = user_items_csr(positive_items[:, 0], positive_items[:, 1], n, self.n_items)
         seen = user_items_csr(seen_items[:, 0], seen_items[:, 1], n, self.n_items)
         known = rows >= 0
+        parts = [seen]
         if with_known and known.any():
-            pick = sp.diags(known.astype(np.float32)) @ self.known[np.where(known, rows, 0)]
-            pick_seen = sp.diags(known.astype(np.float32)) @ self.seen[np.where(known, rows, 0)]
-            positives = ((positives + pick) > 0).astype(np.float32).tocsr()
-            seen = ((seen + pick_seen) > 0).astype(np.float32).tocsr()
+            positives = ((positives + take_rows(self.known, rows)) > 0).astype(np.float32).tocsr()
+            parts.append(take_rows(self.seen, rows))
+        new = np.flatnonzero(~known)
+        dropped = np.full(n, -1, dtype=np.int64)
+        dropped[new] = self.dropped_rows(np.asarray(users)[new]) if new.size else new
+        if (dropped >= 0).any():  # users the run left out: the items it recorded for them are seen too
+            parts.append(take_rows(self.dropped_seen.matrix, dropped))
+        seen = (sum(parts[1:], parts[0]) > 0).astype(np.float32).tocsr() if len(parts) > 1 else seen
         return Histories(np.asarray(users), positives, seen)
 
     def recommend(self, batch: Histories, k: int, include_seen: bool = False) -> pd.DataFrame:

@@ -9,6 +9,7 @@ A run directory holds everything needed later::
     test.npz            held-out test users
     seen.npz            every interaction of the run's users at any rating (items `recommend` excludes)
     dropped_users.csv   users of the source that preprocessing or the split left out, and why
+    dropped_seen.npz    their interactions on the run's items at any rating (what their popularity list leaves out)
     history.csv/.json   per-epoch history (neural models)
     metrics.json        validation and test metrics (mean, stderr, n_users)
     learning_curve.png  loss, KL, beta and validation NDCG@100 per epoch (needs matplotlib)
@@ -37,15 +38,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 
 from recvae import locking, signals
 from recvae.errors import InputError, MissingPathError, ParameterError, RecvaeError, UnwritablePathError
 from recvae.data import Interactions, read_table
+from recvae.data.source import Recorded
 from recvae.data.splits import HeldOutUsers
 from recvae.dbcheck import check_study
 from recvae.fileio import (
-    atomic_write, ensure_writable_dir, is_temporary, read_json, read_npz, read_torch, write_bytes, write_json,
+    atomic_write, ensure_writable_dir, is_temporary, read_json, read_torch, write_bytes, write_json,
 )
 from recvae.locking import RunLocked, check_not_link  # noqa: F401  (RunLocked: the callers import it from here)
 from recvae.models import load_model
@@ -61,6 +62,7 @@ VALIDATION_FILE = "validation.npz"
 TEST_FILE = "test.npz"
 SEEN_FILE = "seen.npz"
 DROPPED_FILE = "dropped_users.csv"
+DROPPED_SEEN_FILE = "dropped_seen.npz"
 HISTORY_CSV = "history.csv"
 HISTORY_JSON = "history.json"
 METRICS_FILE = "metrics.json"
@@ -72,8 +74,8 @@ STUDY_FILE = "study.db"
 STUDY_FILES = frozenset({STUDY_FILE, *(STUDY_FILE + s for s in ("-journal", "-wal", "-shm"))})
 LOCK_FILE = ".recvae.lock"
 #: what a run directory may hold at its top level
-RUN_FILES = {RUN_JSON, MODEL_DIR, TRAIN_FILE, SEEN_FILE, DROPPED_FILE, VALIDATION_FILE, TEST_FILE, HISTORY_CSV,
-             HISTORY_JSON, METRICS_FILE, CURVE_FILE, CHECKPOINT_FILE, TUNING_FILE, *STUDY_FILES}
+RUN_FILES = {RUN_JSON, MODEL_DIR, TRAIN_FILE, SEEN_FILE, DROPPED_FILE, DROPPED_SEEN_FILE, VALIDATION_FILE, TEST_FILE,
+             HISTORY_CSV, HISTORY_JSON, METRICS_FILE, CURVE_FILE, CHECKPOINT_FILE, TUNING_FILE, *STUDY_FILES}
 #: what the model folder may hold (the files of every model class's save())
 MODEL_FILES = {MODEL_FILE, "weights.pt", "arrays.npz"}
 SPLIT_FILES = {"validation": VALIDATION_FILE, "test": TEST_FILE}
@@ -283,15 +285,17 @@ class RunDir:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
     # -- writes ------------------------------------------------------------------------------
-    def write_description(self, description: dict, split, seen: Interactions, dropped=None) -> None:
-        """What the run is, before it trains: the split's interactions, the users left out
-        (``dropped``: a DataFrame ``user, interactions, reason``, None when not known), then ``run.json``."""
+    def write_description(self, description: dict, split, recorded: Recorded) -> None:
+        """What the run is, before it trains: the split's interactions, the seen items, the users
+        left out and their items (each only when ``recorded`` knows them), then ``run.json``."""
         split.train.save(self.file(TRAIN_FILE))
-        save_heldout(self.file(VALIDATION_FILE), split.validation)
-        save_heldout(self.file(TEST_FILE), split.test)
-        seen.save(self.file(SEEN_FILE))
-        if dropped is not None:
-            write_bytes(self.file(DROPPED_FILE), dropped.to_csv(index=False).encode())
+        split.validation.save(self.file(VALIDATION_FILE))
+        split.test.save(self.file(TEST_FILE))
+        recorded.seen.save(self.file(SEEN_FILE))
+        if recorded.dropped is not None:
+            write_bytes(self.file(DROPPED_FILE), recorded.dropped.to_csv(index=False).encode())
+        if recorded.dropped_seen is not None:
+            recorded.dropped_seen.save(self.file(DROPPED_SEEN_FILE))
         write_json(self.file(RUN_JSON), description)
 
     def checkpoints(self):
@@ -385,12 +389,13 @@ class RunDir:
     def load_users(self, split: str, model) -> HeldOutUsers:
         """The held-out users of ``split`` (validation or test), checked against ``model``'s items."""
         path = self.file(SPLIT_FILES[split])
-        users = load_heldout(path)
+        users = HeldOutUsers.load(path)
         _check_items(path, users.fold_in.shape[1], model)
         return users
 
-    def load_seen(self) -> Interactions | None:
-        path = self.file(SEEN_FILE)
+    def load_seen(self, dropped: bool = False) -> Interactions | None:
+        """``seen.npz`` (with ``dropped``, ``dropped_seen.npz``); None for a run without it (older runs)."""
+        path = self.file(DROPPED_SEEN_FILE if dropped else SEEN_FILE)
         return Interactions.load(path) if path.is_file() else None
 
     def load_dropped(self):
@@ -431,25 +436,3 @@ def _check_items(path: Path, n_items: int, model, item_ids=None) -> None:
         )
         if not same:
             raise InputError(path, "its item ids differ from the model's (model/model.json): not the model's data")
-
-
-def save_heldout(path: Path, users: HeldOutUsers) -> None:
-    arrays = {"user_ids": np.asarray(users.user_ids)}
-    for name in ("fold_in", "heldout"):
-        m = getattr(users, name).tocsr()
-        arrays.update({f"{name}_indptr": m.indptr, f"{name}_indices": m.indices, f"{name}_shape": np.array(m.shape)})
-    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
-
-
-def load_heldout(path: Path) -> HeldOutUsers:
-    z = read_npz(path, "held-out users")
-    try:
-        mats = {}
-        for name in ("fold_in", "heldout"):
-            indptr, indices = z[f"{name}_indptr"], z[f"{name}_indices"]
-            mats[name] = sp.csr_matrix(
-                (np.ones(len(indices), dtype=np.float32), indices, indptr), shape=tuple(z[f"{name}_shape"])
-            )
-        return HeldOutUsers(fold_in=mats["fold_in"], heldout=mats["heldout"], user_ids=z["user_ids"])
-    except (KeyError, ValueError, TypeError, IndexError) as e:
-        raise InputError(path, f"not a valid held-out users file ({e})") from e

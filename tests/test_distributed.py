@@ -399,7 +399,7 @@ def test_a_failing_rank_stops_the_others_with_a_clear_message(log_csv, tmp_path)
     # died in epoch 1: the run's description and split (written before training) but no checkpoint,
     # history or model
     assert {p.name for p in out.glob("*")} <= {"run.json", "train.npz", "validation.npz", "test.npz", "seen.npz",
-                                              "dropped_users.csv"}
+                                              "dropped_users.csv", "dropped_seen.npz"}
 
 
 @pytest.mark.slow

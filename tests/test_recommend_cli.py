@@ -20,7 +20,7 @@ from recvae.cli import main
 from recvae.data import Interactions
 from recvae.experiment import load_run
 from recvae.recommend import RunRecommender
-from recvae.rundir import load_heldout
+from recvae.data.splits import HeldOutUsers
 
 
 def make_log(int_ids: bool) -> pd.DataFrame:
@@ -84,7 +84,7 @@ def test_all_users_covers_every_user_with_full_history_and_no_seen_item(str_run,
     assert (log.stars < 3.5).any()
     # a held-out test user's list is the model's top-5 for fold-in + held-out items, low ratings excluded
     model, _ = load_run(run)
-    test = load_heldout(run / "test.npz")
+    test = HeldOutUsers.load(run / "test.npz")
     train = Interactions.load(run / "train.npz")
     user = test.user_ids[0]
     history = (test.fold_in[0] + test.heldout[0]).tocsr()

@@ -104,8 +104,8 @@ def assert_same_run(run: Path, reference: Path) -> None:
     assert json.loads((run / "history.json").read_text())[-1]["epoch"] == EPOCHS
     names = {p.name for p in run.iterdir()}
     assert names == {p.name for p in reference.iterdir()} == {
-        "model", "run.json", "train.npz", "seen.npz", "dropped_users.csv", "validation.npz", "test.npz", "metrics.json",
-        "history.csv", "history.json", "learning_curve.png"}, "the checkpoint goes when the run finishes"
+        "model", "run.json", "train.npz", "seen.npz", "dropped_users.csv", "dropped_seen.npz", "validation.npz",
+        "test.npz", "metrics.json", "history.csv", "history.json", "learning_curve.png"}, "the checkpoint goes when the run finishes"
 
 
 # -- kill, resume -------------------------------------------------------------------------------

@@ -49,10 +49,12 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def start_server(run_dir, *extra):
-    """The real `recvae serve` in a subprocess on a free port; yields (base URL, process); always stopped."""
+    """The real `recvae serve` in a subprocess on a free port; yields (base URL, process); always stopped.
+    One worker unless ``extra`` says (the default is one per core: slower to start, on every test)."""
     port = free_port()
+    workers = () if "--workers" in extra else ("--workers", "1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "recvae.cli", "-q", "serve", str(run_dir), "--port", str(port), *extra],
+        [sys.executable, "-m", "recvae.cli", "-q", "serve", str(run_dir), "--port", str(port), *workers, *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"

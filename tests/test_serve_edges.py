@@ -57,10 +57,12 @@ def finish(argv: list[str], timeout: float) -> tuple[int, str, float]:
 @contextlib.contextmanager
 def serve(folder, log: Path, *extra):
     """The real `recvae serve` (log level info: one access line per request) logging to ``log``;
-    yields ``(port, process)``; always stopped, with its workers."""
+    yields ``(port, process)``; always stopped, with its workers. One worker unless ``extra`` says."""
     port = free_port()
+    workers = () if "--workers" in extra else ("--workers", "1")
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "recvae.cli", "serve", str(folder), "--port", str(port), *extra],
+        proc = subprocess.Popen([sys.executable, "-m", "recvae.cli", "serve", str(folder), "--port", str(port),
+                                 *workers, *extra],
                                 stdout=out, stderr=subprocess.STDOUT, env=env(), start_new_session=True)
     try:
         wait_until_ready(f"http://127.0.0.1:{port}", proc, 90, log.read_text)

@@ -496,8 +496,8 @@ def test_a_study_splits_in_time_as_train_does(tmp_path, capsys):
     capsys.readouterr()
     assert json.loads((out / "run.json").read_text())["split_settings"]["leave_last"] == 1
     assert load_study(f"sqlite:///{out / 'study.db'}").user_attrs["recvae"]["leave_last"] == 1
-    from recvae.rundir import load_heldout
+    from recvae.data.splits import HeldOutUsers
 
-    test = load_heldout(out / "test.npz")
+    test = HeldOutUsers.load(out / "test.npz")
     assert test.heldout.nnz == test.n_users > 0  # one target each: the last interaction
     assert test.fold_in.nnz == 9 * test.n_users

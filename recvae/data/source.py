@@ -192,17 +192,58 @@ def seen_interactions(split, raw: Interactions | None) -> Interactions:
     users = np.concatenate([np.asarray(split.train.user_ids), np.asarray(split.validation.user_ids),
                             np.asarray(split.test.user_ids)])
     items = np.asarray(split.train.item_ids)
-    if raw is None:
-        known = [split.train.matrix] + [h.fold_in + h.heldout for h in (split.validation, split.test)]
-        matrix = sp.vstack(known, format="csr")
-    else:
-        rows = raw.user_index(users)
-        cols = raw.item_index(items)  # raw column of each catalogue item
-        sub = raw.matrix[np.where(rows >= 0, rows, 0)][:, cols]
-        sub = sp.diags((rows >= 0).astype(np.float32)) @ sub
-        matrix = sub.tocsr()
+    if raw is not None:
+        return _on_catalogue(raw, users, items)
+    known = [split.train.matrix] + [h.fold_in + h.heldout for h in (split.validation, split.test)]
+    matrix = sp.vstack(known, format="csr")
     matrix.data[:] = 1.0
     matrix.eliminate_zeros()
     return Interactions(matrix.astype(np.float32).tocsr(), users, items)
 
 
+def dropped_seen(dropped: pd.DataFrame | None, split, raw: Interactions | None,
+                 positives: Interactions | None) -> Interactions | None:
+    """Every interaction of the users the run left out (``dropped``, :func:`dropped_users`'s
+    table) over the run's catalogue at any rating, from ``raw`` (else, without a threshold,
+    ``positives``: then all the source holds): what a popularity list offered to one of them must
+    leave out. A user with nothing on the catalogue has an empty row. None when ``dropped`` is."""
+    source = raw if raw is not None else positives
+    if dropped is None or source is None:
+        return None
+    rows = source.user_index(dropped["user"].to_numpy(dtype=object))
+    return _on_catalogue(source, np.asarray(source.user_ids)[rows[rows >= 0]], np.asarray(split.train.item_ids))
+
+
+def take_rows(matrix: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
+    """The rows ``rows`` of ``matrix`` in that order, an empty row where a row is -1 (a user it lacks)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    return (sp.diags((rows >= 0).astype(np.float32)) @ matrix[np.maximum(rows, 0)]).tocsr()
+
+
+def _on_catalogue(source: Interactions, users: np.ndarray, items: np.ndarray) -> Interactions:
+    """The rows of ``users`` in ``source`` (an empty row for a user it lacks) over the columns of
+    ``items`` (all of them items of ``source``), binary."""
+    matrix = take_rows(source.matrix[:, source.item_index(items)].tocsr(), source.user_index(users))
+    matrix.eliminate_zeros()
+    matrix.data[:] = 1.0
+    return Interactions(matrix.astype(np.float32).tocsr(), users, items)
+
+
+@dataclass
+class Recorded:
+    """What a run directory records of the read of its source, besides the split: the run's
+    users' seen items (:func:`seen_interactions`), what preprocessing kept (None: not known), the
+    users it left out (:func:`dropped_users`) and their seen items (:func:`dropped_seen`); None
+    where the source does not tell (prepared data)."""
+
+    seen: Interactions
+    kept: dict | None = None
+    dropped: pd.DataFrame | None = None
+    dropped_seen: Interactions | None = None
+
+
+def record(data: DataSpec, split, interactions: Interactions, raw: Interactions | None, kept: dict | None,
+           positives: Interactions | None) -> Recorded:
+    """What a run records of one read of ``data``'s source (:func:`read_source`'s four values)."""
+    dropped = dropped_users(data, positives, interactions, split, raw)
+    return Recorded(seen_interactions(split, raw), kept, dropped, dropped_seen(dropped, split, raw, positives))

@@ -16,7 +16,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from recvae.data.interactions import Interactions
-from recvae.errors import ParameterError, shown
+from recvae.errors import InputError, ParameterError, shown
+from recvae.fileio import atomic_write, read_npz
 
 #: the paper holds out 10,000 validation and 10,000 test users on ML-20M (136,677 users)
 PAPER_N_HELDOUT_USERS = 10_000
@@ -59,6 +60,29 @@ class HeldOutUsers:
             "n_fold_in_interactions": int(self.fold_in.nnz),
             "n_heldout_interactions": int(self.heldout.nnz),
         }
+
+    def save(self, path) -> None:
+        """Write the users to ``path`` (a compressed ``.npz``, no pickle), atomically."""
+        arrays = {"user_ids": np.asarray(self.user_ids)}
+        for name in ("fold_in", "heldout"):
+            m = getattr(self, name).tocsr()
+            arrays.update({f"{name}_indptr": m.indptr, f"{name}_indices": m.indices, f"{name}_shape": np.array(m.shape)})
+        atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+
+    @classmethod
+    def load(cls, path) -> "HeldOutUsers":
+        """Users written by :meth:`save`; ``InputError`` naming ``path`` when it is not such a file."""
+        z = read_npz(path, "held-out users")
+        try:
+            mats = {}
+            for name in ("fold_in", "heldout"):
+                indptr, indices = z[f"{name}_indptr"], z[f"{name}_indices"]
+                mats[name] = sp.csr_matrix(
+                    (np.ones(len(indices), dtype=np.float32), indices, indptr), shape=tuple(z[f"{name}_shape"])
+                )
+            return cls(fold_in=mats["fold_in"], heldout=mats["heldout"], user_ids=z["user_ids"])
+        except (KeyError, ValueError, TypeError, IndexError) as e:
+            raise InputError(path, f"not a valid held-out users file ({e})") from e
 
 
 @dataclass(frozen=True, eq=False)

@@ -16,7 +16,7 @@ from recvae.errors import ParameterError
 from recvae.optional import require
 from recvae.recommend import IdError, RunRecommender
 
-from recvae.serve.settings import BATCH_WAIT, BODY_KEY, BODY_TIMEOUT, ENV, MAX_K, STARTUP_FAILURE
+from recvae.serve.settings import BATCH_WAIT, BODY_KEY, BODY_TIMEOUT, ENV, MAX_K, STARTUP_FAILURE, check_unknown_users
 from recvae.serve.batching import MicroBatcher
 from recvae.serve.guards import BodyLimit, error, validation_failed
 
@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 
 def create_app(run_dir, device=None, max_body: int = 1 << 20, max_batch: int = 64, threads: int | None = None,
-               body_timeout: float = BODY_TIMEOUT, batch_wait: float = BATCH_WAIT, precision: str = "fp32"):
+               body_timeout: float = BODY_TIMEOUT, batch_wait: float = BATCH_WAIT, precision: str = "fp32",
+               unknown_users: str = "404", run: RunRecommender | None = None):
     """The ASGI application serving ``run_dir`` (the model is loaded here, once): the FastAPI
     application (``.fastapi``) behind :class:`~recvae.serve.guards.BodyLimit` and
     :class:`PlainRecommend`, which answers well-formed ``POST /recommend`` bodies without
@@ -33,6 +34,10 @@ def create_app(run_dir, device=None, max_body: int = 1 << 20, max_batch: int = 6
     ``threads``: torch intra-op threads of this process (default: the CPU cores divided among
     uvicorn's workers as ``RECVAE_SERVE_THREADS`` says, else all of them). ``precision``: the
     model's scoring precision, "fp32" or "bf16" (:class:`~recvae.recommend.RunRecommender`).
+    ``unknown_users``: what ``{"user": ...}`` gets for a user not of the run: "404" (refused,
+    saying why the run left it out when it did) or "popular" (the popularity list, less the items
+    the run recorded for a user it left out; ``source: "popularity"``). ``run``: the run already
+    loaded (``device`` and ``precision`` are then the ones it was loaded with).
     """
     fastapi = require("fastapi", "the HTTP service (recvae serve)")
     require("orjson", "the HTTP service (recvae serve)")
@@ -44,11 +49,13 @@ def create_app(run_dir, device=None, max_body: int = 1 << 20, max_batch: int = 6
 
     import torch
 
+    check_unknown_users(unknown_users)
     if threads:
         torch.set_num_threads(int(threads))
-    run = RunRecommender(run_dir, device=device, precision=precision)
+    if run is None:
+        run = RunRecommender(run_dir, device=device, precision=precision)
     batcher = MicroBatcher(run, max_batch, batch_wait)
-    answer = Answers(run, batcher)
+    answer = Answers(run, batcher, unknown_users)
     Id = Union[StrictInt, StrictStr]
 
     class RecommendRequest(BaseModel):  # what PlainRecommend accepts as is; the rest is FastAPI's to refuse
@@ -126,10 +133,11 @@ def create_app(run_dir, device=None, max_body: int = 1 << 20, max_batch: int = 6
 class Answers:
     """What the routes answer once a request has its fields (typed as the request models say)."""
 
-    def __init__(self, run: RunRecommender, batcher: MicroBatcher):
+    def __init__(self, run: RunRecommender, batcher: MicroBatcher, unknown_users: str = "404"):
         self.run = run
         self.batcher = batcher
         self.max_k = min(MAX_K, run.n_items)
+        self.popular_for_unknown = unknown_users == "popular"
 
     async def recommend(self, user, items, exclude, k):
         """``POST /recommend``: the answer's JSON (bytes), or the error response."""
@@ -149,12 +157,17 @@ class Answers:
             extra = extra[extra >= 0]
         if user is not None:
             rows, _ = run.user_rows([user])
-            if rows[0] < 0:
+            if rows[0] < 0 and not self.popular_for_unknown:
                 why = run.why_dropped([user])[0]  # a user of the source that the run left out says why
                 return error(404, ["body", "user"], f"unknown user {user!r}: not a user of the run"
                              + (f"; {why}" if why else ""), "not_found")
-            positives = _row(run.known, int(rows[0]))
-            seen = _row(run.seen, int(rows[0]))
+            if rows[0] < 0:  # the popularity list, less what the run recorded of a user it left out
+                positives = _NONE
+                dropped = int(run.dropped_rows([user])[0])
+                seen = _row(run.dropped_seen.matrix, dropped) if dropped >= 0 else _NONE
+            else:
+                positives = _row(run.known, int(rows[0]))
+                seen = _row(run.seen, int(rows[0]))
             exclude_codes = np.concatenate([seen, extra]) if len(extra) else seen
         else:
             if not items:
@@ -274,6 +287,7 @@ def app_from_env():
             max_body=int(get(ENV["max_body"], 1 << 20)),
             max_batch=int(get(ENV["max_batch"], 64)),
             threads=int(get(ENV["threads"], 0)) or None,
+            unknown_users=get(ENV["unknown_users"]) or "404",
             body_timeout=float(get(ENV["body_timeout"], BODY_TIMEOUT)),
             batch_wait=float(get(ENV["batch_wait"], BATCH_WAIT)),
             precision=get(ENV["precision"]) or "fp32",

@@ -1,6 +1,7 @@
 """Starting the service: the run checked once in the parent, uvicorn's workers, their timeouts and shutdown."""
 
 import errno
+import gc
 import logging
 import os
 import socket
@@ -15,7 +16,8 @@ from recvae.optional import require
 from recvae.recommend import RunRecommender
 
 from recvae.serve.app import create_app
-from recvae.serve.settings import BATCH_WAIT, BODY_TIMEOUT, ENV, GRACE, KEEP_ALIVE
+from recvae.serve.settings import (BATCH_WAIT, BODY_TIMEOUT, ENV, GRACE, KEEP_ALIVE, available_cores,
+                                   check_unknown_users, serving_layout)
 
 logger = logging.getLogger(__name__)
 
@@ -24,18 +26,22 @@ class WorkerStartupError(RecvaeError, RuntimeError):
     """A worker process could not load the run (after the parent could)."""
 
 
-def run_server(run_dir, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, device=None,
+def run_server(run_dir, host: str = "127.0.0.1", port: int = 8000, workers: int | None = None, device=None,
                max_body: int = 1 << 20, max_batch: int = 64, threads: int | None = None,
                log_level: str = "info", body_timeout: float = BODY_TIMEOUT, keep_alive: float = KEEP_ALIVE,
-               grace: float = GRACE, batch_wait: float = BATCH_WAIT, precision: str = "fp32") -> None:
-    """Serve ``run_dir`` with uvicorn; each of ``workers`` processes loads the model once and
-    gets ``threads`` torch threads (default ``cpu cores / workers`` less one for the worker's
-    event loop, at least 1: torch's threads spin while they wait, and would take the core the
-    event loop needs to read requests and send answers).
+               grace: float = GRACE, batch_wait: float = BATCH_WAIT, precision: str = "fp32",
+               unknown_users: str = "404") -> None:
+    """Serve ``run_dir`` with uvicorn; each of ``workers`` processes loads the model (and the
+    run's histories) once, so memory grows with them, and gets ``threads`` torch threads.
+    Defaults (:func:`~recvae.serve.settings.serving_layout`): one worker per CPU core available
+    to this process (at most 8) with one torch thread each, and one worker when the model is on
+    CUDA; threads: the cores left to each worker less one for its event loop, at least 1.
 
     The run is loaded here first, before any worker starts: a damaged run raises the loader's
     error (naming the file) and nothing is served. With one worker that load is the one
     served; with more, the parent checks the run on the CPU and each worker loads its own.
+    ``unknown_users``: "404" (a user not of the run is refused) or "popular" (it gets the
+    popularity list, less the items the run recorded for a user it left out).
     ``precision``: the model's scoring precision ("bf16": 1.3-1.4x the requests per CPU
     second on an AVX-512 BF16 CPU; see :meth:`~recvae.models.base.Recommender.set_scoring_precision`).
     Timeouts: ``body_timeout`` for a request body to arrive, ``keep_alive`` for an idle
@@ -44,16 +50,26 @@ def run_server(run_dir, host: str = "127.0.0.1", port: int = 8000, workers: int 
     require("orjson", "the HTTP service (recvae serve)")
     uvicorn = require("uvicorn", "the HTTP service (recvae serve)")
     check_port(host, port)
-    threads = threads or max(1, (os.cpu_count() or 1) // workers - 1)
+    check_unknown_users(unknown_users)
     options = {"host": host, "port": port, "log_level": log_level, "timeout_keep_alive": keep_alive,
                "timeout_graceful_shutdown": grace}
+    run = None
+    if workers in (None, 1):  # the run loaded where one worker would serve it: its device decides
+        run = RunRecommender(run_dir, device=device, precision=precision)
+    workers, threads = serving_layout(available_cores(), run is not None and on_cuda(run.model), workers, threads)
     if workers == 1:
-        app = create_app(run_dir, device=device, max_body=max_body, max_batch=max_batch, threads=threads,
-                         body_timeout=body_timeout, batch_wait=batch_wait, precision=precision)
+        logger.info("serving with 1 worker x %d torch thread(s)", threads)
+        app = create_app(run_dir, max_body=max_body, max_batch=max_batch, threads=threads, body_timeout=body_timeout,
+                         batch_wait=batch_wait, unknown_users=unknown_users, run=run)
         with signals.noted():  # the stop line and 130 / 143, as every command's
             uvicorn.run(app, **options)
         return
-    check_run(run_dir, device, precision)
+    if run is None:
+        check_run(run_dir, device, precision)
+    else:  # loaded on the CPU (not CUDA: one worker there) as check_run would: the workers load their own
+        del run
+        gc.collect()
+    logger.info("serving with %d workers x %d torch thread(s), each loading the model", workers, threads)
     fd, failure_file = tempfile.mkstemp(prefix="recvae-serve-", suffix=".err")
     os.close(fd)
     os.environ.update({
@@ -65,6 +81,7 @@ def run_server(run_dir, host: str = "127.0.0.1", port: int = 8000, workers: int 
         ENV["threads"]: str(threads),
         ENV["body_timeout"]: repr(float(body_timeout)),
         ENV["precision"]: precision,
+        ENV["unknown_users"]: unknown_users,
         ENV["parent"]: str(os.getpid()),
         ENV["failure_file"]: failure_file,
     })
@@ -98,11 +115,15 @@ def check_port(host: str, port: int) -> None:
             raise ParameterError("host", f"cannot listen there: {e.strerror or e}", given=host) from e
 
 
+def on_cuda(model) -> bool:
+    """Whether ``model`` computes on a CUDA device (the numpy baselines have none)."""
+    device = getattr(model, "device_", None)
+    return device is not None and device.type == "cuda"
+
+
 def check_run(run_dir, device=None, precision: str = "fp32") -> None:
     """Load the run once (on the CPU: the parent of the workers keeps no GPU memory) and check
     ``device``: raises what a worker would, before any worker starts."""
-    import gc
-
     from recvae.models.device import resolve_device
 
     if device:
