@@ -59,9 +59,10 @@ def test_the_site_builds_without_a_warning_and_has_its_pages(site):
     tables = (site / "reference/hyperparameters.html").read_text()
     from recvae.models import MultVAE, model_names
 
-    assert all(f"<code class=\"docutils literal notranslate\"><span class=\"pre\">{n}</span></code>" in tables
-               for n in model_names())
-    assert all(p.option in tables for p in MultVAE.PARAMETERS)  # the table of every row
+    assert tables.count("<table") == len(model_names())  # one rendered table per model
+    for name in model_names():
+        assert f'<h2><code class="docutils literal notranslate"><span class="pre">{name}</span>' in tables, name
+    assert all(f'<span class="pre">{p.option}</span>' in tables for p in MultVAE.PARAMETERS)  # a row each
 
 
 @pytest.mark.slow
