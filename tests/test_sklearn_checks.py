@@ -104,6 +104,7 @@ def test_a_dense_array_and_scikit_learns_y_fit_the_same_model_as_the_sparse_matr
     y = np.arange(X.shape[0]) % 2
     np.testing.assert_array_equal(tiny(name).fit(X.toarray()).score(X), scores)
     np.testing.assert_array_equal(tiny(name).fit(X, y).score(X.toarray()), scores)
+    np.testing.assert_array_equal(tiny(name).fit(X, pd.Series(y)).score(X), scores)
     pipeline = make_pipeline(tiny(name)).fit(X, y)  # a Pipeline passes y on to the last step's fit
     np.testing.assert_array_equal(pipeline[-1].score(X), scores)
     assert pipeline[-1].n_features_in_ == X.shape[1] == pipeline.n_features_in_

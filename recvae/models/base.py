@@ -321,8 +321,8 @@ class Recommender(Habits):
         and changes nothing: every user is computed from their row of ``user_items`` (the
         autoencoders fold it in, EASE multiplies it by ``B_``), which is implicit's
         ``recalculate_user=True``. implicit's default, False, reads user factors stored at
-        training; these models store none, so False gives the same answer, computed from the
-        row passed (where that row is not the user's training row, from the row passed).
+        training; these models store none, so False gives the same answer as True: the one
+        computed from the row passed, whatever it holds.
         """
         self._check_fitted()
         single = False

@@ -180,8 +180,8 @@ def as_validation(validation, n_items: int, batch_size: int, n_users: int | None
         fold_in, heldout = validation.fold_in, validation.heldout
     elif isinstance(validation, (tuple, list)) and len(validation) == 2:
         fold_in, heldout = validation
-    elif getattr(validation, "ndim", None) == 1 and n_users is not None and len(validation) == n_users:
-        return None  # scikit-learn's y
+    elif not sp.issparse(validation) and len(getattr(validation, "shape", ())) == 1 and validation.shape[0] == n_users:
+        return None  # scikit-learn's y: a dense 1-d array or Series of one value per row
     else:
         raise TypeError(
             "validation: expected a HeldOutUsers (with .fold_in and .heldout), a (fold_in, heldout) "
