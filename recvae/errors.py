@@ -83,6 +83,12 @@ def shown(value) -> str:
     return repr(value)
 
 
+class NotFittedError(RecvaeError, RuntimeError):
+    """A model used before ``fit`` (or ``load``). Still a ``RuntimeError`` for the callers that
+    catch one. scikit-learn's ``check_is_fitted(model)`` raises scikit-learn's own
+    ``NotFittedError`` (the models tell it whether they are fitted)."""
+
+
 class ColumnError(ParameterError, KeyError):
     """A column parameter (``user_col``, ...) names a column the table does not have."""
 

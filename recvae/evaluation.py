@@ -15,11 +15,12 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.sparse as sp
 
 from recvae import metrics as M
 from recvae.errors import ParameterError
 from recvae.progress import bar
-from recvae.data.interactions import as_csr
+from recvae.data.user_items import as_csr
 from recvae.metrics import MetricSummary  # re-exported: callers import it from here
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,18 @@ def _unpack(fold_in, heldout):
     )
 
 
+def evaluated_users(fold_in, heldout=None) -> int:
+    """How many users :func:`evaluate` scores on these arguments (the same forms): those with a
+    held-out item (a positive entry of ``heldout``)."""
+    _, heldout = _unpack(fold_in, heldout)
+    return int(_with_heldout(M.binary_relevance(as_csr(heldout, "heldout"))).size)
+
+
+def _with_heldout(relevance: sp.csr_matrix) -> np.ndarray:
+    """The rows of a :func:`~recvae.metrics.binary_relevance` matrix that hold an item."""
+    return np.flatnonzero(np.diff(relevance.indptr) > 0)
+
+
 def evaluate(
     model,
     fold_in,
@@ -186,8 +199,7 @@ def evaluate(
             "heldout", f"{overlap} (user, item) pair(s) also appear in fold_in; held-out items must be "
             "disjoint from the fold-in items, which are excluded from the ranking"
         )
-    n_heldout = np.diff(heldout.indptr)
-    users = np.flatnonzero(n_heldout > 0)
+    users = _with_heldout(heldout)
     n_skipped = n_total - users.size
     if n_skipped:
         logger.warning("evaluate: skipping %d of %d user(s) with no held-out items", n_skipped, n_total)

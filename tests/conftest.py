@@ -34,6 +34,19 @@ def real_data_dir() -> Path:
     return d
 
 
+@pytest.fixture
+def one_thread():
+    """Small networks train many times faster on one thread than on two of a shared machine
+    (torch's thread pool waits cost more than the work); the number of threads is restored after
+    the test."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data():
     """400 users in 4 planted clusters over 60 items (8 items each): 300 training users, and the

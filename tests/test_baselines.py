@@ -179,8 +179,8 @@ def test_ease_rejects_bad_l2(l2, exc, msg):
 
 def test_baselines_name_their_arguments_in_errors():
     for model in (EASE(), Popularity()):
-        with pytest.raises(TypeError, match="train: expected a scipy.sparse matrix"):
-            model.fit(np.ones((3, 4)))
+        with pytest.raises(TypeError, match="train: expected a scipy.sparse matrix, a 2-d numpy array"):
+            model.fit([[1, 0, 1]])
         with pytest.raises(RuntimeError, match="not fitted yet"):
             type(model)().score(random_binary())
         model.fit(random_binary())

@@ -142,7 +142,7 @@ def test_errors():
     with pytest.raises(TypeError, match="heldout: missing"):
         evaluate(model, fold_in)
     with pytest.raises(TypeError, match="fold_in: expected a scipy.sparse matrix"):
-        evaluate(model, np.zeros((3, 4)), heldout)
+        evaluate(model, [[0, 1]], heldout)
     overlapping = (heldout + fold_in[:, :]).tocsr()
     with pytest.raises(ValueError, match=r"heldout: \d+ \(user, item\) pair\(s\) also appear in fold_in"):
         evaluate(model, fold_in, overlapping, ks=(5,))

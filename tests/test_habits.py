@@ -103,6 +103,56 @@ def test_every_model_clones_and_tells_scikit_learn_what_it_is(name):
     check_is_fitted(model)
 
 
+# -- implicit: recommend's keywords ---------------------------------------------------------------
+def brute_force_top(scores, user_items, items, N, blocked=()):
+    """Each user's best N of ``items`` by score (lower index first among equals), their history
+    and ``blocked`` left out; -1 fills what is left of min(N, len(items)) slots."""
+    candidates = sorted(set(items))
+    k = min(N, len(candidates))
+    out = []
+    for u in range(scores.shape[0]):
+        left = [i for i in candidates if i not in set(user_items[u].indices) and i not in blocked]
+        ranked = sorted(left, key=lambda i: (-scores[u, i], i))[:k]
+        out.append(ranked + [-1] * (k - len(ranked)))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("cls", [EASE, MultDAE])
+def test_recommend_items_ranks_only_those_items_as_a_brute_force_ranking_does(cls):
+    X = planted(n_users=60, n_items=30, n_clusters=3, per_user=4, seed=2)
+    model = cls(**({"l2": 5.0} if cls is EASE else TINY)).fit(X)
+    histories = X[:12]
+    scores = model.score(histories)
+    rng = np.random.default_rng(0)
+    items = rng.choice(30, size=9, replace=False)
+    for N in (3, 9, 20):  # 20: more than the items left after each history
+        ids, values = model.recommend(histories, N=N, items=items)
+        np.testing.assert_array_equal(ids, brute_force_top(scores, histories, items, N))
+        assert ids.shape == (12, min(N, 9))
+        np.testing.assert_array_equal(values[ids >= 0], np.take_along_axis(scores, np.maximum(ids, 0), 1)[ids >= 0])
+        assert np.isneginf(values[ids < 0]).all()
+    # with filter_items too (implicit refuses the pair; here both apply), and implicit's one-user form
+    ids, _ = model.recommend(histories, N=5, items=list(items) + [items[0]], filter_items=items[:2])
+    np.testing.assert_array_equal(ids, brute_force_top(scores, histories, items, 5, blocked=set(items[:2])))
+    one, _ = model.recommend(4, histories[4], N=5, items=items)
+    np.testing.assert_array_equal(one, brute_force_top(scores, histories, items, 5)[4])
+
+
+def test_recommend_accepts_implicits_recalculate_user_and_checks_items():
+    X = planted(n_users=40, n_items=12, per_user=3, seed=1)
+    model = EASE(l2=5.0).fit(X)
+    expected = model.recommend(X[:5], N=4)
+    for value in (True, False):  # every user is computed from user_items either way
+        for got, want in zip(model.recommend(np.arange(5), X[:5], N=4, recalculate_user=value), expected):
+            np.testing.assert_array_equal(got, want)
+    with pytest.raises(ParameterError, match=r"^recalculate_user: expected True or False, got 'yes'$"):
+        model.recommend(X[:5], recalculate_user="yes")
+    with pytest.raises(ParameterError, match=r"^items: expected item indices in \[0, 12\), got \[3, 12\]$"):
+        model.recommend(X[:5], items=[3, 12])
+    with pytest.raises(ParameterError, match=r"^items: expected at least one item index to rank, got none$"):
+        model.recommend(X[:5], items=np.array([], dtype=np.int64))
+
+
 # -- implicit: similar items ----------------------------------------------------------------------
 def ease_with(B):
     model = EASE()

@@ -110,6 +110,27 @@ def test_beta_heuristic_caps_run_2_at_run_1s_best_beta_with_another_seed(log_csv
     assert [t.estimator is not None for t in trials.trials] == [t is best for t in trials.trials]
 
 
+def test_a_search_prints_its_best_parameters_score_users_and_candidates(log_csv):
+    from recvae.evaluation import evaluate
+    from recvae.models import EASE
+
+    split = _split(log_csv)
+    trials = tuning.search("ease", split.train, split.validation, {"l2": (1.0, 30.0, 1000.0)})
+    best = max(trials.trials, key=lambda t: t.validation)
+    score = evaluate(EASE(l2=best.params["l2"]).fit(split.train), split.validation, ks=(100,))["ndcg@100"].mean
+    users = split.validation.n_users  # each has held-out items
+    assert users == 30
+    expected = (f"Trials(ease: 3 candidates; best {{'l2': {best.params['l2']!r}}}: validation ndcg@100 "
+                f"{score:.4f} over 30 users)")
+    assert repr(trials) == str(trials) == expected
+    # trials of several models name the best one's; none yet says so
+    mixed = tuning.Trials(split.train, split.validation, log=False)
+    assert repr(mixed) == "Trials(no candidate tried yet; validation ndcg@100 over 30 users)"
+    mixed.add(tuning.Trial("a", "ease", {"l2": 5.0}, 0.25, 0.0))
+    mixed.add(tuning.Trial("b", "popularity", {}, 0.5, 0.0))
+    assert repr(mixed) == "Trials(ease, popularity: 2 candidates; best popularity {}: validation ndcg@100 0.5000 over 30 users)"
+
+
 def test_before_trial_stops_between_trials(log_csv):
     split = _split(log_csv)
     answers = iter([False, True])

@@ -40,15 +40,6 @@ def log_csv(tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def one_thread():
-    """Small networks train many times faster on one thread than on two of a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tune_argv(log_csv, out, *extra):
     return ["-q", "tune", "--data", str(log_csv), "--n-heldout-users", "30", "--out", str(out), *extra]
 

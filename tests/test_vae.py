@@ -75,7 +75,7 @@ def test_bad_hyperparameters_raise_naming_them(data, params, name):
 def test_bad_inputs_raise_naming_them(data):
     train, (fi, ho) = data
     with pytest.raises(TypeError, match="train"):
-        MultVAE(**SMALL, epochs=1).fit(train.toarray())
+        MultVAE(**SMALL, epochs=1).fit(train.toarray().tolist())
     with pytest.raises(TypeError, match="validation"):
         MultVAE(**SMALL, epochs=1).fit(train, validation=fi)
     with pytest.raises(ValueError, match="validation fold_in"):

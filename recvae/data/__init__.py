@@ -1,7 +1,8 @@
 """Interaction data, readers, MovieLens files and download, and splits."""
 
 from recvae.data.download import ChecksumError, DownloadError, download
-from recvae.data.interactions import Interactions, as_csr
+from recvae.data.interactions import Interactions
+from recvae.data.user_items import as_csr, training_matrix
 from recvae.data.preprocessing import Preprocessing
 from recvae.data.readers import read_interactions, read_table
 from recvae.data.movielens import (
@@ -25,6 +26,7 @@ __all__ = [
     "StrongSplit",
     "WeakSplit",
     "as_csr",
+    "training_matrix",
     "cutoff_split",
     "download",
     "download_movielens",

@@ -17,6 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from recvae.data.preprocessing import PAPER, Preprocessing
+from recvae.data.user_items import as_csr  # noqa: F401  (its former home: still importable from here)
 from recvae.errors import ColumnError, InputError, ParameterError, shown
 from recvae.fileio import atomic_write, read_npz
 
@@ -381,24 +382,6 @@ def describe_kept(report: dict) -> str:
     kept = (f"kept {report['users']:,} users, {report['items']:,} items, {report['interactions']:,} interactions "
             f"of {report['rows']:,} rows")
     return kept + ("; dropped " + ", ".join(dropped) if dropped else "")
-
-
-def as_csr(X, name: str = "X", n_items: int | None = None) -> sp.csr_matrix:
-    """Accept an :class:`Interactions` or a sparse matrix; return float32 CSR.
-
-    Raises a ``TypeError``/``ValueError`` naming ``name`` when the input is not usable.
-    """
-    matrix = getattr(X, "matrix", X)
-    if not sp.issparse(matrix):
-        raise TypeError(
-            f"{name}: expected a scipy.sparse matrix or recvae.data.Interactions, got {type(X).__name__}"
-        )
-    matrix = sp.csr_matrix(matrix, dtype=np.float32)
-    if n_items is not None and matrix.shape[1] != n_items:
-        raise ParameterError(name, f"expected {n_items} item columns (as in training), got {matrix.shape[1]}")
-    if matrix.nnz and not np.isfinite(matrix.data).all():
-        raise ParameterError(name, "contains non-finite values")
-    return matrix
 
 
 def index_of(index: pd.Index, ids):

@@ -10,11 +10,11 @@ from typing import Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from recvae.data.interactions import as_csr
-from recvae.errors import InputError, ParameterError
+from recvae.data.user_items import as_csr
+from recvae.errors import InputError, NotFittedError, ParameterError
 from recvae.fileio import read_json, sha256_file, write_json
 from recvae.metrics import mask_rows, top_k_with_scores
-from recvae.models.habits import Habits
+from recvae.models.habits import Habits, check_indices
 from recvae.models.params import Choice, Param, check_table, json_params, make_init, parameters_doc
 
 logger = logging.getLogger(__name__)
@@ -276,7 +276,7 @@ class Recommender(Habits):
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "n_items_"):
-            raise RuntimeError(f"{type(self).__name__} is not fitted yet: call fit() first")
+            raise NotFittedError(f"{type(self).__name__} is not fitted yet: call fit() first")
 
     def score(self, user_items) -> np.ndarray:
         """Dense float32 scores (users, n_items) for the given histories (a CSR batch).
@@ -297,6 +297,8 @@ class Recommender(Habits):
         filter_items=None,
         batch_size: int | None = None,
         exclude=None,
+        recalculate_user: bool = True,
+        items=None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-N items for each row of ``user_items`` (users x items CSR of histories).
 
@@ -310,8 +312,17 @@ class Recommender(Habits):
         it. Items in a user's history are excluded when ``filter_already_liked_items``; item
         indices in ``filter_items`` are excluded for everyone; the stored entries of row ``u``
         of ``exclude`` (a CSR of the same shape, e.g. items rated below a threshold) are
-        excluded for user ``u``. Where fewer items are left, the remaining slots hold id -1
-        and score -inf.
+        excluded for user ``u``. ``items`` (implicit's keyword): item indices to rank, the only
+        ones that can come back (the others are excluded for everyone, as ``filter_items``
+        excludes its own; the two combine); N is then at most ``len(items)``. Where fewer items
+        are left, the remaining slots hold id -1 and score -inf.
+
+        ``recalculate_user`` (implicit's keyword) is accepted for code written for implicit,
+        and changes nothing: every user is computed from their row of ``user_items`` (the
+        autoencoders fold it in, EASE multiplies it by ``B_``), which is implicit's
+        ``recalculate_user=True``. implicit's default, False, reads user factors stored at
+        training; these models store none, so False gives the same answer as True: the one
+        computed from the row passed, whatever it holds.
         """
         self._check_fitted()
         single = False
@@ -332,7 +343,14 @@ class Recommender(Habits):
             exclude = as_csr(exclude, "exclude", n_items)
             if exclude.shape[0] != n_users:
                 raise ParameterError("exclude", f"expected {n_users} rows (one per user), got {exclude.shape[0]}")
-        k = min(int(N), n_items)
+        if not isinstance(recalculate_user, (bool, np.bool_)):
+            raise ParameterError("recalculate_user", f"expected True or False, got {recalculate_user!r}")
+        ranked = None
+        if items is not None:
+            ranked = np.unique(check_indices("items", items, n_items, "item"))
+            if not ranked.size:
+                raise ParameterError("items", "expected at least one item index to rank, got none")
+        k = min(int(N), n_items if ranked is None else ranked.size)
         ids = np.full((n_users, k), -1, dtype=np.int64)
         out = np.full((n_users, k), -np.inf, dtype=np.float32)
         blocked = None
@@ -351,5 +369,9 @@ class Recommender(Habits):
                 mask_rows(scores, exclude[start : start + bs])
             if blocked is not None and blocked.size:
                 scores[:, blocked] = -np.inf
-            ids[start : start + bs], out[start : start + bs] = top_k_with_scores(scores, k)
+            if ranked is None:
+                ids[start : start + bs], out[start : start + bs] = top_k_with_scores(scores, k)
+            else:  # the top among the columns of ``items``, as indices of the whole catalogue
+                local, out[start : start + bs] = top_k_with_scores(scores[:, ranked], k)
+                ids[start : start + bs] = np.where(local >= 0, ranked[local], -1)
         return (ids[0], out[0]) if single else (ids, out)

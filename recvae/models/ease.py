@@ -21,7 +21,7 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 
-from recvae.data.interactions import as_csr
+from recvae.data.user_items import training_matrix
 from recvae.models.base import Recommender, warn_if_not_binary
 from recvae.models.params import Choice, Float, Param, Tune
 from recvae.models.popularity import load_baseline, save_baseline
@@ -124,7 +124,11 @@ class EASE(Recommender):
     ML-20M's 20,108) plus a block of the Gram product; the inverse is computed in place.
     ``B_`` keeps that size after fitting. Time is O(n_items^3) for the factorisation.
 
-    Attributes after ``fit``: ``B_`` (n_items, n_items), ``n_items_``, ``fit_seconds_``.
+    Attributes after ``fit``: ``B_`` (n_items, n_items), the item-item weight matrix, which is
+    the whole model: a user's scores are their history times ``B_``, and row ``i`` of ``B_`` is
+    what ``similar_items(i)`` ranks. EASE has no factors: ``item_factors`` and ``user_factors``
+    raise :class:`~recvae.errors.ParameterError` pointing here. Also ``n_items_``,
+    ``fit_seconds_``.
     """
 
     PARAMETERS = (
@@ -135,14 +139,13 @@ class EASE(Recommender):
     )
 
     def fit(self, train, validation=None):
-        """Closed-form fit on ``train`` (csr or Interactions). ``validation`` is accepted for
-        the shared interface and ignored; tune ``l2`` with :func:`recvae.tuning.select_ease_l2`."""
+        """Closed-form fit on ``train`` (sparse, a dense 2-d array or Interactions). ``validation``
+        is accepted for the shared interface and ignored (scikit-learn's ``y`` too); tune ``l2``
+        with :func:`recvae.tuning.select_ease_l2`."""
         l2 = _check_l2(self.l2)  # first: a non-number is a TypeError, as for ease_weights
         self._check_params()  # the table's checks (dtype: a DType row)
         dt = np.dtype(self.dtype)
-        X = as_csr(train, "train")
-        if X.shape[1] == 0:
-            raise ParameterError("train", "expected at least one item column, got 0")
+        X = training_matrix(train)
         warn_if_not_binary(X, "EASE", "weights (in the item-item Gram matrix X^T X)")
         t0 = time.perf_counter()
         self.B_ = ease_weights(gram_matrix(X, dt), l2, overwrite=True)

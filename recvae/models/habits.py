@@ -2,7 +2,9 @@
 :class:`Habits` (a base of :class:`~recvae.models.base.Recommender`).
 
 scikit-learn: ``__sklearn_tags__`` (scikit-learn >= 1.6 asks every estimator for it in
-``GridSearchCV``) and ``__sklearn_is_fitted__``. scikit-learn stays an optional dependency: it is
+``GridSearchCV``), ``__sklearn_is_fitted__`` and ``n_features_in_``; with them the models pass
+scikit-learn's estimator checks but three, which do not apply to a recommender
+(tests/test_sklearn_checks.py lists them, with the reason). scikit-learn stays an optional dependency: it is
 imported only when scikit-learn itself asks for the tags. Search with
 :func:`recvae.evaluation.ranking_scorer` as ``scoring=`` (``score`` returns a matrix, not a number).
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from recvae.data.interactions import as_csr
+from recvae.data.user_items import as_csr
 from recvae.errors import ParameterError
 from recvae.metrics import top_k_with_scores
 
@@ -26,7 +28,9 @@ def _check_n(N) -> int:
     return int(N)
 
 
-def _check_indices(name: str, values, n: int, what: str) -> np.ndarray:
+def check_indices(name: str, values, n: int, what: str) -> np.ndarray:
+    """``values`` (one index or an array of them) as int64 indices in ``[0, n)``; a
+    :class:`ParameterError` naming ``name`` (``what``: what they index) otherwise."""
     idx = np.atleast_1d(np.asarray(values))
     if idx.dtype.kind not in "iu" or (idx.size and (idx.min() < 0 or idx.max() >= n)):
         raise ParameterError(name, f"expected {what} indices in [0, {n}), got {values!r}")
@@ -44,7 +48,7 @@ def top_similar(scores: np.ndarray, query: np.ndarray, N: int, filtered, filter_
     rows = np.arange(len(query))
     shown = np.ones(len(query), dtype=bool)
     if filtered is not None:
-        filtered = _check_indices(filter_name, filtered, n, filter_name.split("_")[1].rstrip("s"))
+        filtered = check_indices(filter_name, filtered, n, filter_name.split("_")[1].rstrip("s"))
         shown = ~np.isin(query, filtered)
         scores[:, filtered] = -np.inf
     own = scores.max(axis=1) if scores.size else np.zeros(len(query), dtype=np.float32)
@@ -73,17 +77,30 @@ class Habits:
     ``_item_factors`` and ``_user_factors`` (a model without factors keeps the defaults, which
     raise :class:`~recvae.errors.ParameterError` saying so)."""
 
+    #: whether ``fit`` refuses negative values (the autoencoders: counts); scikit-learn's
+    #: ``positive_only`` tag says the same
+    _non_negative_input: bool = False
+
     # -- scikit-learn ----------------------------------------------------------------------------
     def __sklearn_tags__(self):
-        """What scikit-learn (>= 1.6) asks of an estimator: unsupervised (no ``y``), sparse
-        input, fitted before use. Imported here: scikit-learn is optional."""
+        """What scikit-learn (>= 1.6) asks of an estimator: unsupervised (no ``y``), sparse input
+        (dense 2-d arrays too), non-negative input where ``fit`` requires it, fitted before use.
+        Imported here: scikit-learn is optional."""
         from sklearn.utils import InputTags, Tags, TargetTags
 
         return Tags(estimator_type=None, target_tags=TargetTags(required=False),
-                    input_tags=InputTags(sparse=True), requires_fit=True)
+                    input_tags=InputTags(sparse=True, positive_only=self._non_negative_input), requires_fit=True)
 
     def __sklearn_is_fitted__(self) -> bool:
         return hasattr(self, "n_items_")
+
+    @property
+    def n_features_in_(self) -> int:
+        """scikit-learn's name for the number of columns ``fit`` saw: the items, ``n_items_``
+        (absent before ``fit``, as scikit-learn's attribute is)."""
+        if not hasattr(self, "n_items_"):
+            raise AttributeError(f"{type(self).__name__} is not fitted yet: it has no n_features_in_")
+        return self.n_items_
 
     # -- implicit: factors -----------------------------------------------------------------------
     @property
@@ -91,8 +108,9 @@ class Habits:
         """The item vectors, float32 (n_items, d), as implicit's ``model.item_factors``. The
         autoencoders: the rows of the decoder's output layer (a user's logits are its last
         hidden layer times these, plus a bias), ``d`` the decoder's last width (``latent_dim``
-        when ``hidden_dims=()``). EASE (an item-item matrix ``B_``, no factors) and Popularity
-        raise :class:`~recvae.errors.ParameterError`."""
+        when ``hidden_dims=()``). EASE and Popularity have none and raise
+        :class:`~recvae.errors.ParameterError`: EASE's model is its item-item weight matrix, the
+        attribute ``B_`` (n_items x n_items; a user's scores are the history times ``B_``)."""
         self._check_fitted()
         return self._item_factors()
 
@@ -129,7 +147,7 @@ class Habits:
         ``B_``; a model without item vectors (Popularity) raises ``ParameterError`` saying so."""
         self._check_fitted()
         single = np.ndim(itemid) == 0
-        items = _check_indices("itemid", itemid, self.n_items_, "item")
+        items = check_indices("itemid", itemid, self.n_items_, "item")
         N = _check_n(N)
         scores = np.array(self._item_similarities(items), dtype=np.float32)
         ids, values = top_similar(scores, items, N, filter_items, "filter_items", include_query)
@@ -147,14 +165,17 @@ class Habits:
         implicit's ``similar_users(userid, N)`` reads factors stored at training; here the users
         are the rows of ``user_items`` you pass (e.g. the training matrix, or any histories:
         the model folds them in), all of them scored, so memory grows with
-        ``len(userid) x user_items.shape[0]``. As :meth:`similar_items`, the query user is left
-        out unless ``include_query=True`` (implicit's order: the user first); row indices in
-        ``filter_users`` are left out. Models without user factors raise ``ParameterError``."""
+        ``len(userid) x user_items.shape[0]``. **The query user is left out by default**, as in
+        :meth:`similar_items` and unlike implicit, whose answer starts with the user itself;
+        ``include_query=True`` gives implicit's behaviour (the user first, with its row's highest
+        score, then ``N - 1`` others). Row indices in ``filter_users`` are left out (the query
+        too, when filtered). Models without user factors (EASE, Popularity) raise
+        ``ParameterError``."""
         self._check_fitted()
         user_items = as_csr(user_items, "user_items", self.n_items_)
         n_users = user_items.shape[0]
         single = np.ndim(userid) == 0
-        users = _check_indices("userid", userid, n_users, "user (row of user_items)")
+        users = check_indices("userid", userid, n_users, "user (row of user_items)")
         N = _check_n(N)
         factors = self.user_factors(user_items)
         scores = _cosine(factors[users], factors)

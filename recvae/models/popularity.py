@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from recvae.data.interactions import as_csr
-from recvae.errors import ParameterError
+from recvae.data.user_items import training_matrix
 from recvae.fileio import atomic_write, read_npz
 from recvae.models.base import (
     Recommender, check_finite, check_shapes, read_model_meta, verified_file, write_model_meta,
@@ -48,10 +47,8 @@ class Popularity(Recommender):
 
     def fit(self, train, validation=None):
         """Count each item's training users. ``validation`` is accepted for the shared
-        interface and ignored (nothing to tune)."""
-        X = as_csr(train, "train")
-        if X.shape[1] == 0:
-            raise ParameterError("train", "expected at least one item column, got 0")
+        interface and ignored (nothing to tune; scikit-learn's ``y`` too)."""
+        X = training_matrix(train)
         # count users, not summed values, so weighted or repeated entries count once
         self.item_counts_ = np.asarray((X > 0).sum(axis=0), dtype=np.float32).ravel()
         self.n_items_ = X.shape[1]

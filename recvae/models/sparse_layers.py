@@ -188,6 +188,11 @@ class Workspace:
         self._buffers.clear()
         self._casts.clear()
 
+    def __getstate__(self) -> dict:
+        """Pickled (and deep-copied) empty: what it keeps is made again when needed, and a
+        oneDNN-packed weight cannot be pickled at all (a scored model could not be, before)."""
+        return {"_buffers": {}, "_casts": {}, "generation": self.generation}
+
 
 def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
     if param.grad is None:

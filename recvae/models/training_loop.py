@@ -164,12 +164,15 @@ def _clone(network) -> dict:
 
 # -- validation ------------------------------------------------------------------------------
 
-def as_validation(validation, n_items: int, batch_size: int):
+def as_validation(validation, n_items: int, batch_size: int, n_users: int | None = None):
     """``fit``'s ``validation`` as a function ``model -> score`` (higher is better), or None.
 
     A callable is used as it is. Held-out users (a ``HeldOutUsers`` with ``.fold_in`` and
     ``.heldout``, or a ``(fold_in, heldout)`` tuple) are scored by NDCG@100 (every item when the
-    catalogue is smaller), the paper's selection metric: :func:`holdout_ndcg`.
+    catalogue is smaller), the paper's selection metric: :func:`holdout_ndcg`. scikit-learn's
+    ``y`` (a 1-d array or Series of one value per training row, ``n_users``), which its pipelines
+    and checks pass as ``fit``'s second argument, is ignored, as its unsupervised estimators
+    ignore it: a recommender has no target.
     """
     if validation is None or callable(validation):
         return validation
@@ -177,10 +180,14 @@ def as_validation(validation, n_items: int, batch_size: int):
         fold_in, heldout = validation.fold_in, validation.heldout
     elif isinstance(validation, (tuple, list)) and len(validation) == 2:
         fold_in, heldout = validation
+    elif not sp.issparse(validation) and len(getattr(validation, "shape", ())) == 1 and validation.shape[0] == n_users:
+        return None  # scikit-learn's y: a dense 1-d array or Series of one value per row
     else:
         raise TypeError(
             "validation: expected a HeldOutUsers (with .fold_in and .heldout), a (fold_in, heldout) "
-            f"tuple of CSR matrices or a function model -> score, got {type(validation).__name__}"
+            f"tuple of CSR matrices, a function model -> score or scikit-learn's y (a 1-d array of one value "
+            f"per row of train, ignored), got {type(validation).__name__}"
+            + (f" of shape {validation.shape}" if hasattr(validation, "shape") else "")
         )
     fold_in = as_csr(fold_in, "validation fold_in", n_items)
     heldout = as_csr(heldout, "validation heldout", n_items)

@@ -21,12 +21,13 @@ import scipy.sparse as sp
 import torch
 
 from recvae import distributed
-from recvae.errors import InputError, ParameterError
+from recvae.data.user_items import training_matrix
+from recvae.errors import InputError
 from recvae.fileio import atomic_write, read_torch
 from recvae.models.params import Choice, Float, Int, Param, Text, Tune, Widths, forced, table
 from recvae.models.annealing import ANNEAL_CAP, TOTAL_ANNEAL_STEPS, make_schedule
 from recvae.models.base import (
-    SCORING_PRECISIONS, Recommender, as_csr, check_finite, check_shapes, read_model_meta, verified_file,
+    SCORING_PRECISIONS, Recommender, check_finite, check_shapes, read_model_meta, verified_file,
     warn_if_not_binary, write_model_meta,
 )
 from recvae.models.device import resolve_device, stored_device
@@ -91,6 +92,9 @@ class _AutoencoderRecommender(Recommender):
     """
 
     _variational: bool = True
+    #: the values are counts in a multinomial likelihood: ``fit`` refuses negative ones (and
+    #: scikit-learn's tags say so)
+    _non_negative_input = True
 
     @classmethod
     def _resume_keys(cls) -> tuple[str, ...]:
@@ -149,7 +153,8 @@ class _AutoencoderRecommender(Recommender):
 
     # -- fit -----------------------------------------------------------------------------------
     def fit(self, train, validation=None, callbacks=(), resume_from: dict | None = None, show_progress: bool = True):
-        """Train on ``train`` (CSR users x items, or Interactions); return self.
+        """Train on ``train`` (users x items: sparse, a dense 2-d array, or Interactions; values
+        non-negative); return self.
 
         ``show_progress`` (on by default, as in implicit): a bar over the epochs where stderr is a
         terminal; elsewhere one plain INFO line per epoch through :mod:`logging` (logger
@@ -158,6 +163,8 @@ class _AutoencoderRecommender(Recommender):
         ``validation``: a ``HeldOutUsers`` (``.fold_in``/``.heldout``), a ``(fold_in, heldout)``
         tuple (scored by NDCG@100) or a function ``model -> score``; it is computed after every
         epoch, drives early stopping (``patience``) and picks the epoch whose weights are kept.
+        scikit-learn's ``y`` (a 1-d array, one value per row), which its pipelines pass here, is
+        ignored: a recommender has no target.
         ``callbacks``: objects with ``on_epoch_end(epoch)`` (see
         :class:`~recvae.models.training_loop.EpochEnd`), e.g. the run directory's checkpoint
         writer; ``fit`` itself writes no file. ``resume_from``: a checkpoint payload (what
@@ -168,17 +175,10 @@ class _AutoencoderRecommender(Recommender):
         raises :class:`NonFiniteLossError` after keeping the best epoch's weights (see there).
         """
         self._check_params()
-        X = as_csr(train, "train")
-        if X.shape[0] < 1 or X.shape[1] < 1:
-            raise ParameterError("train", f"expected at least one user and one item, got shape {X.shape}")
-        if X.nnz and X.data.min() < 0:
-            raise ParameterError("train", "expected non-negative interaction values (counts or 1s)")
-        if not X.has_canonical_format:
-            X = X.copy()
-            X.sum_duplicates()
+        X = training_matrix(train, non_negative=self._non_negative_input)
         warn_if_not_binary(X, type(self).__name__, "counts (each item's weight in the multinomial likelihood "
                            "and in the L2-normalised input)")
-        validate = as_validation(validation, X.shape[1], int(self.eval_batch_size))
+        validate = as_validation(validation, X.shape[1], int(self.eval_batch_size), n_users=X.shape[0])
         self._check_group()
         item_ids = getattr(train, "item_ids", None)
         if item_ids is not None:

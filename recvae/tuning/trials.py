@@ -8,7 +8,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from recvae.evaluation import evaluate
+from recvae.evaluation import evaluate, evaluated_users
 from recvae.models import make_model
 from recvae.models.registry import is_neural, trains_by_epochs
 from recvae.models.training_loop import NonFiniteLossError
@@ -127,6 +127,22 @@ class Trials:
             if t is not best:
                 t.estimator = None
         return trial
+
+    def __repr__(self) -> str:
+        """One line: the models, the number of candidates tried, the best one's parameters and
+        its validation score over the validation users it is a mean of."""
+        try:
+            users = f" over {evaluated_users(self.validation)} users"
+        except (TypeError, ValueError):  # validation users of another form: their number is not known here
+            users = ""
+        if not self.trials:
+            return f"Trials(no candidate tried yet; validation {SELECTION_METRIC}{users})"
+        models = list(dict.fromkeys(t.model for t in self.trials))
+        best = self.best
+        n = len(self.trials)
+        return (f"Trials({', '.join(models)}: {n} candidate{'' if n == 1 else 's'}; best "
+                f"{best.model + ' ' if len(models) > 1 else ''}{best.params}: validation {SELECTION_METRIC} "
+                f"{best.validation:.4f}{users})")
 
     @property
     def best(self) -> Trial:
