@@ -92,7 +92,7 @@ def test_convert_ids_already_of_the_vocabulary_type(container):
     got, bad = convert_ids(container([1, 2**63, True]), ints)  # beyond int64; a bool is not an id
     assert bad.tolist() == [False, True, True] and got[0] == 1
     got, bad = convert_ids(container(["a", "é", " b "]), np.array(["x"], dtype=object))
-    assert got.tolist() == ["a", "é", " b "] and not bad.any()
+    assert got.tolist() == ["a", "é", "b"] and not bad.any()  # text ids without the spaces around them
 
 
 @pytest.mark.parametrize("bad, message", [(0, "N: expected a positive integer"), (2.5, "N: expected")])

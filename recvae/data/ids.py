@@ -3,6 +3,8 @@ user and item ids (``recommend``, the service and history files all call it).
 
 ``"42"`` matches the integer id 42 and ``42`` the string id ``"42"``; an id that cannot be of
 the vocabulary's type (``1.5`` where ids are integers) is marked bad, and callers name its line.
+Text ids are read without the spaces around them (:func:`strip_ids`), in training data and in
+lookups alike: ``" u1"`` is the user ``"u1"``.
 """
 
 from __future__ import annotations
@@ -12,12 +14,62 @@ import logging
 import numpy as np
 import pandas as pd
 
-from recvae.data.interactions import index_of
 from recvae.errors import RecvaeError
 
 logger = logging.getLogger(__name__)
 
 _INT_TEXT = r"[+-]?\d+"
+
+
+def index_of(index: pd.Index, ids):
+    """Positions of ``ids`` in ``index`` (int64, ``-1`` where absent; a scalar gives an ``int``).
+    Exact: ``"1"`` and ``1`` are different ids. The one id lookup of the library: callers that
+    accept ids of another type (``recvae.data.ids.match_ids``) convert them first."""
+    scalar = np.ndim(ids) == 0
+    if scalar:
+        target = pd.Index([ids], dtype=object)
+    elif isinstance(ids, (np.ndarray, pd.Index, pd.Series)):
+        target = pd.Index(ids)
+    else:  # a list may mix types: keep each value as is ("1" must not match 1)
+        target = pd.Index(list(ids), dtype=object)
+    out = np.asarray(index.get_indexer(target), dtype=np.int64)
+    return int(out[0]) if scalar else out
+
+
+def strip_ids(values: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """Text ids without the spaces around them (``" u1 "`` is ``"u1"``): ``(stripped, changed)``,
+    ``changed[j]`` marking the values that had some. Numbers, and columns of them, as they are."""
+    none = np.zeros(len(values), dtype=bool)
+    if values.dtype.kind != "O" and not isinstance(values.dtype, pd.StringDtype):
+        return values, none
+    stripped = values.str.strip()  # missing for a value that is not text
+    changed = (stripped.notna() & (stripped != values)).to_numpy(dtype=bool)
+    if not changed.any():
+        return values, none
+    return values.where(~changed, stripped), changed
+
+
+def strip_id_columns(df: pd.DataFrame, columns, source: str | None = None, locate=None) -> pd.DataFrame:
+    """``df`` with the text ids of ``columns`` stripped (:func:`strip_ids`), and one warning line
+    when any had spaces around them: how many values, and where the first is (``locate(j)``
+    names row ``j``: ``line 7``); a column ``df`` lacks is skipped. ``df`` itself is left as it is (a copy holds the change)."""
+    locate = locate or (lambda j: f"row {j}")
+    found = {}
+    for col in dict.fromkeys(c for c in columns if c in df.columns):  # a missing one: the caller says
+        stripped, changed = strip_ids(df[col])
+        if changed.any():
+            found[col] = (stripped, changed)
+    if not found:
+        return df
+    first, col = min((int(np.argmax(changed)), col) for col, (_, changed) in found.items())
+    n = sum(int(changed.sum()) for _, changed in found.values())
+    logger.warning("%sremoved the spaces around %d id(s) (%r is read as %r); the first at %s, column %r",
+                   f"{source}: " if source else "", n, df[col].iloc[first], found[col][0].iloc[first],
+                   locate(first), col)
+    df = df.copy(deep=False)
+    for col, (stripped, _) in found.items():
+        df[col] = stripped
+    return df
 
 
 class IdError(RecvaeError, ValueError):
@@ -82,7 +134,7 @@ def convert_ids(values, like: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if series.dtype.kind == "f":  # e.g. a Parquet float column: 3.0 is the id "3"
         text = [str(int(v)) if np.isfinite(v) and v == int(v) else str(v) for v in series.to_numpy()]
         return np.asarray(text, dtype=object), missing
-    return series.astype(str).to_numpy(dtype=object), missing
+    return series.astype(str).str.strip().to_numpy(dtype=object), missing
 
 
 def _of_type(values: list, to_int: bool) -> np.ndarray | None:
@@ -92,7 +144,7 @@ def _of_type(values: list, to_int: bool) -> np.ndarray | None:
     if not all(type(v) is kind for v in values):
         return None
     if not to_int:
-        return np.array(values, dtype=object)
+        return np.array([v.strip() for v in values], dtype=object)
     try:
         return np.array(values, dtype=np.int64)
     except OverflowError:  # beyond int64: convert_ids refuses it value by value
@@ -108,7 +160,7 @@ def _convert_few(values, to_int: bool) -> tuple[np.ndarray, np.ndarray]:
             bad.append(True)
             continue
         if not to_int:
-            text = str(int(v)) if isinstance(v, float) and v == int(v) else str(v)
+            text = str(int(v)) if isinstance(v, float) and v == int(v) else str(v).strip()
             out.append(text)
             bad.append(False)
             continue

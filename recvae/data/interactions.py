@@ -16,9 +16,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from recvae.data.ids import index_of, strip_id_columns
 from recvae.data.preprocessing import PAPER, Preprocessing
+from recvae.data.timestamps import parse_timestamps
 from recvae.data.user_items import as_csr  # noqa: F401  (its former home: still importable from here)
-from recvae.errors import ColumnError, InputError, ParameterError, shown
+from recvae.errors import ColumnError, InputError, ParameterError
 from recvae.fileio import atomic_write, read_npz
 
 logger = logging.getLogger(__name__)
@@ -167,10 +169,11 @@ class Interactions:
 
         if locate is None:
             locate = lambda j: f"row {j} (index {df.index[j]!r})"  # noqa: E731
+        df = strip_id_columns(df, (user_col, item_col), source, locate)  # " u1" is the user "u1"
         users = df[user_col]
         items = df[item_col]
         for arg, col, values in (("user_col", user_col, users), ("item_col", item_col, items)):
-            missing = values.isna().to_numpy()
+            missing = (values.isna() | (values == "")).to_numpy(dtype=bool)  # "" (or spaces only): no id
             if missing.any():
                 first = int(np.argmax(missing))
                 raise ParameterError(
@@ -310,52 +313,6 @@ class Interactions:
             raise InputError(path, f"not a valid interactions cache ({e})") from e
 
 
-#: what a timestamp column may hold, as the error messages say it
-TIMESTAMP_FORMS = "Unix seconds or an ISO date or datetime (2016-01-31, 2016-01-31 12:00:00)"
-
-
-def parse_timestamps(values: pd.Series, col, source: str | None = None,
-                     locate: Callable[[int], str] | None = None) -> np.ndarray:
-    """A timestamp column as float64 Unix seconds: numbers are seconds already; text is numbers
-    (when its first value is one) or ISO dates/datetimes (UTC without a zone). The first empty
-    or unparseable value is a :class:`~recvae.errors.ParameterError` of ``timestamp_col``
-    naming its row (``locate(j)``)."""
-    locate = locate or (lambda j: f"row {j}")
-
-    def bad(j: int, problem: str) -> ParameterError:
-        return ParameterError("timestamp_col", f"column {col!r}: {locate(j)} {problem}; expected {TIMESTAMP_FORMS}",
-                              where=source)
-
-    text = values.dtype.kind not in "iufb"
-    empty = values.isna().to_numpy()
-    if text:
-        empty = empty | values.astype(str).str.strip().eq("").to_numpy()
-    if empty.any():
-        j = int(np.argmax(empty))
-        raise bad(j, f"has no time ({int(empty.sum())} empty value(s) in the column)")
-    if values.dtype.kind == "b":
-        raise bad(0, f"holds {shown(values.iloc[0])}")
-    if not text:
-        seconds = values.to_numpy(dtype=np.float64)
-    else:
-        numbers = pd.to_numeric(values, errors="coerce")
-        if not np.isnan(numbers.iloc[0]):
-            failed = numbers.isna().to_numpy()
-            seconds = numbers.to_numpy(dtype=np.float64)
-        else:
-            dates = pd.to_datetime(values, errors="coerce", utc=True, format="ISO8601")
-            failed = dates.isna().to_numpy()
-            seconds = ((dates - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(dtype=np.float64)
-        if failed.any():
-            j = int(np.argmax(failed))
-            raise bad(j, f"holds {shown(values.iloc[j])}")
-    finite = np.isfinite(seconds)
-    if not finite.all():
-        j = int(np.argmin(finite))
-        raise bad(j, f"holds {shown(values.iloc[j])}")
-    return seconds
-
-
 def sorted_unique(values: np.ndarray) -> np.ndarray:
     """``np.unique(values)`` (sorted distinct values) by one sort: numpy 2's ``np.unique`` hashes
     first, which on tens of millions of int64 codes is 15-20x slower and grows faster than n."""
@@ -382,21 +339,6 @@ def describe_kept(report: dict) -> str:
     kept = (f"kept {report['users']:,} users, {report['items']:,} items, {report['interactions']:,} interactions "
             f"of {report['rows']:,} rows")
     return kept + ("; dropped " + ", ".join(dropped) if dropped else "")
-
-
-def index_of(index: pd.Index, ids):
-    """Positions of ``ids`` in ``index`` (int64, ``-1`` where absent; a scalar gives an ``int``).
-    Exact: ``"1"`` and ``1`` are different ids. The one id lookup of the library: callers that
-    accept ids of another type (``recvae.data.ids.match_ids``) convert them first."""
-    scalar = np.ndim(ids) == 0
-    if scalar:
-        target = pd.Index([ids], dtype=object)
-    elif isinstance(ids, (np.ndarray, pd.Index, pd.Series)):
-        target = pd.Index(ids)
-    else:  # a list may mix types: keep each value as is ("1" must not match 1)
-        target = pd.Index(list(ids), dtype=object)
-    out = np.asarray(index.get_indexer(target), dtype=np.int64)
-    return int(out[0]) if scalar else out
 
 
 def _factorize(values: pd.Series, arg: str, col, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -430,5 +372,3 @@ def _as_id_array(ids, name: str = "ids") -> np.ndarray:
     kinds = sorted({type(v).__name__ for v in values})
     raise TypeError(f"{name}: ids must be all integers or all strings, got {kinds}")
 
-
-# ---------------------------------------------------------------------- readers

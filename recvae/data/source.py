@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from recvae.data.ids import strip_id_columns
 from recvae.data.interactions import Interactions, describe_kept
 from recvae.data.movielens import load_movielens
 from recvae.data.prepared import load_prepared, read_prepared_description
@@ -113,6 +114,8 @@ class DataSpec:
             except ParameterError as e:  # load_movielens's ``name`` is this spec's ``dataset``
                 raise (e.renamed("dataset") if e.param == "name" else e) from None
         frame, locate = read_table(self.path, sep=self.sep, locate=True)  # parsed once for both
+        # once, not in each read below: one warning when ids had spaces around them
+        frame = strip_id_columns(frame, (self.user_col, self.item_col), str(self.path), locate)
         columns = dict(user_col=self.user_col, item_col=self.item_col, rating_col=self.rating_col,
                        source=str(self.path))
         if timestamps and self.timestamp_col is None:
