@@ -35,12 +35,26 @@ class RecvaeError(Exception):
         # rebuilt from its data whatever a subclass's __init__ takes (pickle, multiprocessing)
         return _rebuilt, (type(self), self.args, self.__dict__)
 
-    def text(self, spell) -> str:
-        """The one line with every parameter spelt by ``spell`` (name -> how the caller writes it)."""
+    def located(self, where) -> "RecvaeError":
+        """The same error about ``where`` (the file a higher layer read the data from), when it
+        names no place of its own; else itself."""
+        if self.where is not None:
+            return self
+        error = _rebuilt(type(self), self.args, {**self.__dict__, "where": str(where)})
+        error.args = (error.text(lambda name: name),)
+        return error
+
+    def text(self, spell, untyped=None) -> str:
+        """The one line with every parameter spelt by ``spell`` (name -> how the caller writes it).
+        ``untyped`` (name -> a note, or None): for a parameter the user did not give, a note
+        (``the default, as --user-col was not given``); the message then does not start with
+        that parameter, as if the user had given it a bad value, but ends with the note (unless
+        it names the parameter itself, as the remedy: ``give {sep} ';'``)."""
         head = f"{self._filled(spell, self.where)}: " if self.where else ""
-        if self.param:
+        note = untyped(self.param) if untyped is not None and self.param and self.given is None else None
+        if self.param and note is None:
             head += spell(self.param) + (f" {self.given}: " if self.given is not None else ": ")
-        return head + self._filled(spell)
+        return head + self._filled(spell) + (f" ({note})" if note and self.param not in self.names else "")
 
 
 def _rebuilt(cls, args, state):

@@ -19,7 +19,7 @@ from pathlib import Path
 from recvae import distributed
 from recvae.data.interactions import Interactions
 from recvae.data.source import DataSpec, Recorded, read_source, record
-from recvae.data.splits import NoHoldout, no_holdout
+from recvae.data.splits import NoHoldout, check_evaluable, no_holdout
 from recvae.data.time_splits import make_split
 from recvae.errors import InputError, ParameterError, RecvaeError
 from recvae.evaluation import EvaluationResult, evaluate
@@ -167,8 +167,12 @@ def load_split(config: RunConfig, show_progress: bool = False, with_seen: bool =
 def _split(config: RunConfig, interactions: Interactions):
     if config.holdout == "none":
         return no_holdout(interactions)
-    split = make_split(interactions, seed=config.split_seed, n_heldout_users=config.n_heldout_users,
-                       cutoff=config.cutoff, leave_last=config.leave_last)
+    try:
+        split = make_split(interactions, seed=config.split_seed, n_heldout_users=config.n_heldout_users,
+                           cutoff=config.cutoff, leave_last=config.leave_last)
+        check_evaluable(split)
+    except InputError as e:  # about the data (too few users, or too few interactions each): name its source
+        raise e.located(config.data.where) from None
     if config.time_split:
         d = split.describe()
         at = f"at {d['cutoff_utc']} UTC" if config.cutoff is not None else f"leaving the last {config.leave_last} out"
@@ -177,8 +181,10 @@ def _split(config: RunConfig, interactions: Interactions):
                     d["test"]["n_users"], split.n_heldout_users, split.n_heldout_users, f"{split.train.n_users:,}",
                     f"{split.train.nnz:,}", f"{d['train']['n_interactions_not_trained_on']:,}")
     if max(config.ks) > split.train.n_items:
-        raise InputError(f"data {config.data.name}", f"{split.train.n_items} items after preprocessing, fewer than "
-                         f"the largest cutoff of the metrics (K = {max(config.ks)}, ks={list(config.ks)})")
+        ks = ", ".join(map(str, config.ks))
+        raise InputError(config.data.where, f"{split.train.n_items} items after preprocessing, fewer than "
+                         f"{max(config.ks)}, the largest K of the metrics (Recall@K and NDCG@K at K = {ks}): a run "
+                         f"needs at least {max(config.ks)} items")
     return split
 
 

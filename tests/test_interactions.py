@@ -80,9 +80,12 @@ def test_string_ids_are_sorted_and_stored_as_unicode():
         (dict(item_col="movieId"), KeyError, r"item_col: column 'movieId' not found; available columns"),
         (dict(rating_col="score"), KeyError, r"rating_col: column 'score' not found"),
         (dict(rating_threshold=-math.inf), ValueError, r"rating_threshold: expected a finite number or None, got -inf"),
-        (dict(rating_col="rating", rating_threshold=5), ValueError, r"rating_threshold: no rating is > 5 .*nothing left"),
-        (dict(min_user_interactions=3), ValueError, r"min_user_interactions: no user has >= 3 interactions \(most active user: 2\)"),
-        (dict(min_item_interactions=3), ValueError, r"min_item_interactions: no item has >= 3 interactions after the user filter"),
+        (dict(rating_col="rating", rating_threshold=5), ValueError,
+         r"^no rating is above 5, the threshold of rating_threshold \(the highest is 5\): nothing left$"),
+        (dict(min_user_interactions=3), ValueError, r"^no user has 3 or more interactions, the minimum of "
+                                                    r"min_user_interactions \(the most active user has 2\): nothing left$"),
+        (dict(min_item_interactions=3), ValueError, r"^no item has 3 or more interactions after the user filter, the "
+                                                    r"minimum of min_item_interactions \(the most popular item has 2\)"),
         (dict(min_user_interactions=-1), ValueError, r"min_user_interactions: expected a non-negative integer, got -1"),
     ],
 )

@@ -334,8 +334,9 @@ def test_fewer_items_than_the_largest_cutoff_fails_before_training(tmp_path, cap
     data.write_text("user,item\n" + "\n".join(f"{u},{i}" for u, i in rows) + "\n")
     out = tmp_path / "run"
     assert main(["train", "--data", str(data), "--rating-col", "none", "--epochs", "1", "--out", str(out)]) == 2
-    assert capsys.readouterr().err.strip() == ("recvae: error: data small: 60 items after preprocessing, fewer than "
-                                               "the largest cutoff of the metrics (K = 100, ks=[20, 50, 100])")
+    assert capsys.readouterr().err.strip() == (f"recvae: error: {data}: 60 items after preprocessing, fewer than 100, "
+                                               "the largest K of the metrics (Recall@K and NDCG@K at K = 20, 50, 100): "
+                                               "a run needs at least 100 items")
     assert not out.exists()
 
 

@@ -344,8 +344,8 @@ def test_time_options_on_files_without_times(tmp_path, capsys):
     assert main(["train", "--data", str(path), "--rating-col", "none", "--cutoff", "2016-01-01",
                  "--out", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"recvae: error: {path}: --timestamp-col: a split in time needs the time of each interaction: name the "
-        "column that holds it (columns: ['user', 'item'])")
+        f"recvae: error: {path}: a split in time needs the time of each interaction, and no time column was given: "
+        "name it with --timestamp-col (columns: ['user', 'item'])")
     bad = tmp_path / "bad.csv"
     bad.write_text("user,item,timestamp\n1,2,100\n1,3,\n")
     assert main(["train", "--data", str(bad), "--rating-col", "none", "--leave-last", "1"]) == 2

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from recvae import __version__
 from recvae.cli.common import CLIError, add_data_options, data_spec_from_args
-from recvae.cli.parser import build_parser, command_flags, spelling
+from recvae.cli.parser import build_parser, command_flags, spelling, untyped_notes
 from recvae.errors import RecvaeError
 from recvae.signals import Terminated, received, sigterm_raises, stopped_by
 
@@ -76,16 +76,19 @@ def _run(argv: list[str] | None) -> int:
             return 1
         if args.debug:
             raise
-        print(f"recvae: error: {user_message(e, parser, args.command)}", file=sys.stderr)
+        print(f"recvae: error: {user_message(e, parser, args.command, args.argv)}", file=sys.stderr)
         return 2
 
 
-def user_message(error: BaseException, parser: argparse.ArgumentParser, command: str) -> str:
+def user_message(error: BaseException, parser: argparse.ArgumentParser, command: str,
+                 argv: list[str] | None = None) -> str:
     """The one line a user error prints. A :class:`~recvae.errors.RecvaeError` names its
     parameters as data: each becomes the flag the user typed (``latent_dim`` -> ``--latent-dim``),
-    found through the parser. Other messages are printed as they are, on one line."""
+    found through the parser. An error of an option ``argv`` does not give does not start with
+    it, as if the user had given a bad value: it says the flag was not given and its default
+    (:func:`untyped_notes`). Other messages are printed as they are, on one line."""
     if isinstance(error, RecvaeError):
-        msg = error.text(spelling(parser, command))
+        msg = error.text(spelling(parser, command), None if argv is None else untyped_notes(parser, command, argv))
     else:
         msg = str(error)
     return " ".join(str(msg).split())  # one line, whatever the parser (pandas, torch) put in it

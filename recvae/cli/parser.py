@@ -51,6 +51,38 @@ def spelling(parser: argparse.ArgumentParser, command: str):
     return spell
 
 
+def untyped_notes(parser: argparse.ArgumentParser, command: str, argv: list[str]):
+    """name -> a note for each option of ``command`` with a default value that ``argv`` does not
+    give (``the default, as --user-col was not given``), else None: what an error about it says
+    instead of starting with the flag, which the user never typed (:meth:`RecvaeError.text`)."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    flags = command_flags(parser, command)  # also adds a model's hyperparameter options
+    options = sub._option_string_actions
+    typed = set()
+    for token in argv:
+        if token == "--":
+            break
+        option = token.split("=", 1)[0]
+        if not option.startswith("-"):
+            continue
+        if option not in options and not option.startswith("--"):
+            option = option[:2]  # -k5
+        prefixed = [o for o in options if option.startswith("--") and o.startswith(option)]
+        action = options.get(option) or (options[prefixed[0]] if len(prefixed) == 1 else None)  # --user: --user-col
+        if action is not None:
+            typed.add(action)
+
+    def note(name: str) -> str | None:
+        action = options.get(flags.get(name, ""))
+        if action is None or action in typed or action.default is None or isinstance(action.default, bool):
+            # typed; a positional argument or no option of this command; or no value by default,
+            # so an error of it is of its absence ("--trials: a study needs its number of trials")
+            return None
+        return f"the default, as {flags[name]} was not given"
+
+    return note
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="recvae",

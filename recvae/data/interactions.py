@@ -196,13 +196,10 @@ class Interactions:
                 )
             if rating_threshold is not None:
                 keep = ratings.to_numpy(dtype=np.float64) > float(rating_threshold)
-                if not keep.any():
-                    raise ParameterError(
-                        "rating_threshold",
-                        f"no rating is > {rating_threshold} "
-                        f"(max rating {ratings.max()}); nothing left",
-                        where=source,
-                    )
+                if not keep.any():  # the data's fault as much as the rule's, which may be a default
+                    raise InputError(source, f"no rating is above {rating_threshold:g}, the threshold of "
+                                             f"{{rating_threshold}} (the highest is {ratings.max():g}): nothing left",
+                                     names=("rating_threshold",))
 
         counts_report = {"rows": len(df), "below_threshold": int(len(df) - keep.sum()), "threshold": rating_threshold}
         u_codes, u_uniques = _factorize(users[keep], "user_col", user_col, where)
@@ -223,18 +220,18 @@ class Interactions:
         counts_report["duplicates"] = int(keep.sum() - len(pairs))
 
         # the user minimum, then the item minimum on what the user minimum left
-        rules = (("min_user_interactions", min_user_interactions, "user", "interactions (most active user: {})"),
-                 ("min_item_interactions", min_item_interactions, "item",
-                  "interactions after the user filter (most popular item: {})"))
-        for param, minimum, kind, detail in rules:
+        rules = (("min_user_interactions", min_user_interactions, "user", "", "the most active user"),
+                 ("min_item_interactions", min_item_interactions, "item", " after the user filter",
+                  "the most popular item"))
+        for param, minimum, kind, after, top in rules:
             if minimum <= 0:
                 continue
             index, n = (rows, n_u) if kind == "user" else (cols, n_i)
             counts = np.bincount(index, minlength=n)
             ok = counts[index] >= minimum
-            if not ok.any():
-                raise ParameterError(param, f"no {kind} has >= {minimum} {detail.format(counts.max())}; nothing left",
-                                     where=source)
+            if not ok.any():  # about the data: the minimum may be a default the user never gave
+                raise InputError(source, f"no {kind} has {minimum} or more interactions{after}, the minimum of "
+                                         f"{{{param}}} ({top} has {counts.max()}): nothing left", names=(param,))
             counts_report[f"{kind}s_below_min"] = int(((counts > 0) & (counts < minimum)).sum())
             counts_report[f"interactions_of_those_{kind}s"] = int((~ok).sum())
             rows, cols = rows[ok], cols[ok]

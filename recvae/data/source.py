@@ -19,7 +19,7 @@ from recvae.data.movielens import load_movielens
 from recvae.data.prepared import load_prepared, read_prepared_description
 from recvae.data.preprocessing import PAPER, Preprocessing
 from recvae.data.readers import read_table
-from recvae.errors import ParameterError
+from recvae.errors import InputError, ParameterError
 from recvae.optional import require
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,11 @@ class DataSpec:
             return self.dataset if self.dataset else Path(self.path).stem
         return Path(self.prepared).name
 
+    @property
+    def where(self) -> str:
+        """What messages about the data name: the prepared directory, the file or the dataset."""
+        return str(self.prepared or self.path or self.dataset)
+
     def check_optional(self) -> None:
         """Fail now, not after hours, when reading the data needs a package that is missing."""
         if self.path is not None and Path(self.path).suffix.lower() in PARQUET_SUFFIXES:
@@ -118,9 +123,10 @@ class DataSpec:
         frame = strip_id_columns(frame, (self.user_col, self.item_col), str(self.path), locate)
         columns = dict(user_col=self.user_col, item_col=self.item_col, rating_col=self.rating_col,
                        source=str(self.path))
-        if timestamps and self.timestamp_col is None:
-            raise ParameterError("timestamp_col", "a split in time needs the time of each interaction: name the "
-                                                  f"column that holds it (columns: {list(frame.columns)})", str(self.path))
+        if timestamps and self.timestamp_col is None:  # none was given: a fault of the data's settings, no flag's
+            raise InputError(self.path, "a split in time needs the time of each interaction, and no time column was "
+                                        f"given: name it with {{timestamp_col}} (columns: {list(frame.columns)})",
+                             names=("timestamp_col",))
         kept: dict = {}
         data = Interactions.from_dataframe(frame, **columns, **filters, report=kept, locate=locate,
                                            timestamp_col=self.timestamp_col if timestamps else None)

@@ -10,6 +10,7 @@ that chooses among them and this one, are :mod:`recvae.data.time_splits`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +24,8 @@ from recvae.fileio import atomic_write, read_npz
 PAPER_N_HELDOUT_USERS = 10_000
 #: below this many items a held-out user keeps everything in fold-in (the notebook's ``>= 5``)
 MIN_ITEMS_TO_SPLIT = 5
+#: the fewest users a held-out-user split can be made of: one to train on, one to validate, one to test
+MIN_USERS_TO_SPLIT = 3
 
 
 @dataclass(frozen=True, eq=False)
@@ -222,6 +225,7 @@ def strong_generalization_split(
     _check_fraction(heldout_fraction)
     _check_min_items(min_items_to_split)
     n_users = interactions.n_users
+    check_enough_users(n_users)
     if n_heldout_users is None:
         n = default_n_heldout_users(n_users)
         rule = "10% of users, rounded to hundreds from 1,000 users, at most 10,000"
@@ -273,11 +277,34 @@ def strong_generalization_split(
     )
 
 
+def check_evaluable(split: StrongSplit) -> None:
+    """A run's split must leave validation and test users to evaluate: when the users drawn
+    for either all have too few items to hold any out, that is the data's fault (too few
+    interactions per user), an :class:`~recvae.errors.InputError` saying so before any training."""
+    for name in ("validation", "test"):
+        drawn = split._stats.get(name, {})
+        if getattr(split, name).n_users == 0 and split.protocol == "strong_generalization":
+            needed = max(split.min_items_to_split, math.ceil(round(1 / split.heldout_fraction, 9)))
+            raise InputError(None, f"none of the {drawn.get('n_users_drawn')} {name} user(s) drawn has an interaction "
+                                   f"to hold out, which needs {needed} or more on the training items: more users, or "
+                                   "more interactions per user")
+
+
 # ---------------------------------------------------------------------- splits in time
 
 #: how leave_last_split orders a user's interactions with the same time
+def check_enough_users(n_users: int) -> None:
+    """Too few users to split is the data's fault, whatever the settings: an
+    :class:`~recvae.errors.InputError` (a caller that knows the file names it), not an error of
+    ``n_heldout_users``, which the user may never have given."""
+    if n_users < MIN_USERS_TO_SPLIT:
+        raise InputError(None, f"{n_users} user{'s' if n_users != 1 else ''} after preprocessing; a split needs at "
+                               f"least {MIN_USERS_TO_SPLIT}: one to train on, one to validate and one to test")
+
+
 def _n_heldout(n_heldout_users, n_users: int, n_eligible: int, who: str, param: str) -> tuple[int, str]:
     """Validation (and test) users of a split in time, and the rule that gave the number."""
+    check_enough_users(n_users)
     if n_eligible < 2:
         raise ParameterError(param, f"{n_eligible} user(s) {who}; a validation and a test user need at least 2")
     if n_heldout_users is None:
