@@ -1,5 +1,6 @@
 """Shared fixtures. Real MovieLens checks read the data directory resolved like the library does:
 $RECVAE_DATA (CI points it at ../shared/data), else ../shared/data beside the repository.
+The cache of preprocessed data goes to a scratch folder ($RECVAE_CACHE), never the data folder.
 Synthetic data: ``data`` (a planted-cluster matrix and a fold-in split, tests/synthetic.py) and
 ``log_csv`` (an interaction file for the command line); a test module may define its own."""
 
@@ -23,6 +24,27 @@ def _real_data_dir() -> Path | None:
         if c and (Path(c) / "ml-100k" / "u.data").exists():
             return Path(c)
     return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_outside_the_data(tmp_path_factory):
+    """The suite never writes into a data folder it reads (CI's ../shared/data stays untouched):
+    the cache of preprocessed data goes to a scratch folder for the session, for this process
+    and the commands it starts ($RECVAE_CACHE). A test of the default (beside the data) unsets it."""
+    previous = os.environ.get("RECVAE_CACHE")
+    os.environ["RECVAE_CACHE"] = str(tmp_path_factory.mktemp("recvae-cache"))
+    yield Path(os.environ["RECVAE_CACHE"])
+    if previous is None:
+        os.environ.pop("RECVAE_CACHE", None)
+    else:
+        os.environ["RECVAE_CACHE"] = previous
+
+
+@pytest.fixture
+def cache_beside_the_data(monkeypatch):
+    """The library's default cache folder, ``<data dir>/.recvae-cache``, for a test of it (on a
+    scratch data folder)."""
+    monkeypatch.delenv("RECVAE_CACHE", raising=False)
 
 
 @pytest.fixture(scope="session")

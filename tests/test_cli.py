@@ -162,13 +162,20 @@ def test_help_of_each_command():
         assert "usage: recvae" in proc.stdout
 
 
-def test_datasets_lists_presence(tmp_path, capsys):
+def test_datasets_lists_presence(tmp_path, capsys, monkeypatch):
     (tmp_path / "ml-100k").mkdir()
     (tmp_path / "ml-100k" / "u.data").write_text("1\t1\t5\t0\n")
     (tmp_path / "ml-1m.zip").write_bytes(b"")
+    monkeypatch.setenv("RECVAE_CACHE", str(tmp_path / "cache"))
     assert main(["datasets", "--data-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert out.splitlines()[1] == f"cache of preprocessed data: {(tmp_path / 'cache').resolve()} ($RECVAE_CACHE, else beside the data)"
+    monkeypatch.delenv("RECVAE_CACHE")
+    assert main(["datasets", "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[1] == (f"cache of preprocessed data: {tmp_path.resolve() / '.recvae-cache'} ($RECVAE_CACHE, "
+                                   "else beside the data)")
+    lines = {line.split()[0]: line for line in out.splitlines()[2:]}
     assert "present" in lines["ml-100k"] and "present" in lines["ml-1m"]
     assert "absent" in lines["ml-20m"]
     assert set(lines) == {"ml-100k", "ml-1m", "ml-10m", "ml-20m", "ml-25m", "ml-32m", "ml-latest-small"}

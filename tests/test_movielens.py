@@ -62,6 +62,7 @@ def test_unknown_name_lists_known_names(tmp_path):
 
 # ---------------------------------------------------------------- download + read, every release
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.usefixtures("cache_beside_the_data")  # the default: the cache beside the data
 def test_download_then_load_each_release(name, server, monkeypatch, tmp_path):
     archive = grouplens_zip(name)
     server.files[f"{name}.zip"] = archive
@@ -226,6 +227,7 @@ def _corrupted_member(archive: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("damage", [_cut, _corrupted_member])
+@pytest.mark.usefixtures("cache_beside_the_data")  # the default: the cache beside the data
 def test_damaged_archive_in_the_data_dir_is_downloaded_again_with_one_note(damage, server, tmp_path, caplog):
     archive = grouplens_zip("ml-latest-small")
     (tmp_path / "ml-latest-small.zip").write_bytes(damage(archive))  # what an earlier version kept
@@ -299,6 +301,7 @@ def test_real_ml_latest_small(real_data_dir):
     assert load_movielens_titles("ml-latest-small", real_data_dir)[1] == "Toy Story (1995)"
 
 
+@pytest.mark.usefixtures("cache_beside_the_data")  # the default: the cache beside the data
 def test_load_movielens_caches_preprocessed_data(tmp_path, monkeypatch):
     """A second load reads the .npz cache instead of parsing; other settings or a changed
     file never read a stale cache; a read-only data directory is never written to."""
@@ -339,6 +342,7 @@ def test_load_movielens_caches_preprocessed_data(tmp_path, monkeypatch):
 
 
 @pytest.mark.realdata
+@pytest.mark.usefixtures("cache_beside_the_data")  # the default: the cache beside the data
 def test_movielens_reports_what_it_kept_parsed_or_cached(real_data_dir, tmp_path, monkeypatch):
     """The kept/dropped counts of a release come with it whether it is parsed or read from the
     cache (kept beside the cache), so `train --dataset` reports them as `train --data` does."""
@@ -356,3 +360,43 @@ def test_movielens_reports_what_it_kept_parsed_or_cached(real_data_dir, tmp_path
         assert report["interactions_of_those_users"] == int(counts[counts < 5].sum()), source
         assert data.nnz == 55_361
     assert len(list((tmp_path / ".recvae-cache").glob("*.kept.json"))) == 1
+
+
+# ---------------------------------------------------------------- where the cache goes
+def _listing(folder: Path) -> dict:
+    """Every file and folder under ``folder`` with its size and modification time (a file made
+    and removed again still changes its folder's)."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in [folder, *folder.rglob("*")]}
+
+
+def test_the_cache_goes_where_cache_dir_or_recvae_cache_says(tmp_path, monkeypatch):
+    folder = tmp_path / "data" / "ml-1m"
+    folder.mkdir(parents=True)
+    (folder / "ratings.dat").write_text("".join(f"{u}::{i}::5::0\n" for u in range(1, 7) for i in range(1, 7)))
+    before = _listing(tmp_path / "data")
+    first = load_movielens("ml-1m", tmp_path / "data", cache_dir=tmp_path / "given")
+    assert [p.suffix for p in sorted((tmp_path / "given").iterdir())] == [".json", ".npz"]  # the cache, its counts
+    monkeypatch.setenv("RECVAE_CACHE", str(tmp_path / "env"))
+    monkeypatch.setattr(ml, "load_movielens_ratings", None)  # the second load of each must not parse
+    assert load_movielens("ml-1m", tmp_path / "data", cache_dir=tmp_path / "given").nnz == first.nnz == 36
+    monkeypatch.undo()
+    monkeypatch.setenv("RECVAE_CACHE", str(tmp_path / "env"))
+    load_movielens("ml-1m", tmp_path / "data")
+    assert len(list((tmp_path / "env").glob("ml-1m-*.npz"))) == 1
+    assert _listing(tmp_path / "data") == before  # neither wrote beside the data
+
+
+@pytest.mark.realdata
+def test_the_suite_leaves_the_real_data_folder_as_it_was(real_data_dir, tmp_path, monkeypatch):
+    """CI's data folder (../shared/data) is read, never written: a run on a real release caches
+    its preprocessed data in $RECVAE_CACHE (a scratch folder, tests/conftest.py), not beside it."""
+    from recvae.cli import main
+
+    before = _listing(real_data_dir)
+    monkeypatch.setenv("RECVAE_CACHE", str(tmp_path / "cache"))
+    assert main(["-q", "train", "--dataset", "ml-100k", "--data-dir", str(real_data_dir), "--model", "popularity",
+                 "--show", "0", "--out", str(tmp_path / "run")]) == 0
+    assert load_movielens("ml-100k", real_data_dir, download=False, timestamps=True).nnz == 55_361
+    assert len(list((tmp_path / "cache").glob("ml-100k-*.npz"))) >= 2  # the run's reads and the last one
+    assert _listing(real_data_dir) == before

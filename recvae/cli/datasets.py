@@ -12,10 +12,13 @@ def add_parser(sub, common) -> None:
 
 def run(args) -> int:
     from recvae.data import resolve_data_dir
+    from recvae.data.paths import resolve_cache_dir
     from recvae.data.movielens import DATASETS, dataset_status
 
     data_dir = resolve_data_dir(args.data_dir)
     print(f"data directory: {data_dir.resolve()} (argument --data-dir, else $RECVAE_DATA, else ./data)")
+    print(f"cache of preprocessed data: {resolve_cache_dir(None, data_dir).resolve()} ($RECVAE_CACHE, else "
+          "beside the data)")
     rows = [(name, dataset_status(name, data_dir)) for name in DATASETS]
     width = max(len(n) for n, _ in rows)
     for name, status in rows:

@@ -10,7 +10,9 @@ this order:
 
 A zip in the data directory that turns out damaged (cut short, a member failing its CRC) is
 downloaded again in its place when ``download`` (one warning says so); else the error names it.
-Only step 3 writes, so a read-only data directory holding the files works.
+Only step 3 writes the files, so a read-only data directory holding them works; the cache of
+preprocessed data (:func:`load_movielens`) is written beside them unless ``$RECVAE_CACHE`` or
+``cache_dir`` names another folder.
 The server is ``$RECVAE_MOVIELENS_URL`` if set, else :data:`BASE_URL` (tests point it at a
 local server). The MovieLens terms forbid redistributing the files: never commit them.
 """
@@ -31,7 +33,7 @@ from recvae.data.download import download as _download
 from recvae.data.interactions import NPZ_FORMAT_VERSION, Interactions
 from recvae.data.preprocessing import PAPER
 from recvae.data.readers import read_table
-from recvae.data.paths import resolve_data_dir
+from recvae.data.paths import CACHE_FOLDER, resolve_cache_dir, resolve_data_dir  # noqa: F401  (CACHE_FOLDER: re-exported)
 from recvae.errors import InputError, ParameterError, RecvaeError
 from recvae.fileio import read_json, write_json
 
@@ -42,7 +44,6 @@ BASE_URL = "https://files.grouplens.org/datasets/movielens"
 URL_ENV_VAR = "RECVAE_MOVIELENS_URL"
 
 RATING_COLUMNS = ["user", "item", "rating", "timestamp"]
-CACHE_FOLDER = ".recvae-cache"
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,7 @@ def load_movielens(
     download: bool = True,
     show_progress: bool = True,
     cache: bool = True,
+    cache_dir=None,
     report: dict | None = None,
 ) -> Interactions:
     """A MovieLens release as binary implicit feedback, preprocessed as in the Mult-VAE paper.
@@ -240,14 +242,15 @@ def load_movielens(
     ``rating_threshold=None`` keeps every rating. ``timestamps``: keep each interaction's
     GroupLens timestamp (``Interactions.timestamps``, for a time split, :mod:`recvae.data.splits`).
 
-    With ``cache`` the result is kept as ``.npz`` under ``<data_dir>/.recvae-cache/`` (when the
-    data directory is writable), so a second load of a large release skips parsing. ``report``
+    With ``cache`` the result is kept as ``.npz`` in the cache folder (when it is writable), so a
+    second load of a large release skips parsing: ``cache_dir``, else ``$RECVAE_CACHE``, else
+    ``<data_dir>/.recvae-cache/`` (:func:`~recvae.data.paths.resolve_cache_dir`). ``report``
     (a dict) receives what preprocessing kept and dropped (see ``Interactions.from_dataframe``),
     kept beside the cache too.
     """
     spec = get_spec(name)
     params = (rating_threshold, min_user_interactions, min_item_interactions) + (("timestamps",) if timestamps else ())
-    cache_file = _cache_path(spec, data_dir, params) if cache else None
+    cache_file = _cache_path(spec, data_dir, params, cache_dir) if cache else None
     kept_file = None if cache_file is None else cache_file.with_name(cache_file.stem + ".kept.json")
     if cache_file is not None and cache_file.is_file() and (report is None or kept_file.is_file()):
         logger.debug("reading the cached %s", cache_file)
@@ -274,7 +277,7 @@ def load_movielens(
     if report is not None:
         report.update(kept)
     if cache:
-        cache_file = _cache_path(spec, data_dir, params)  # the source may be new, or downloaded again
+        cache_file = _cache_path(spec, data_dir, params, cache_dir)  # the source may be new, or downloaded again
         try:
             data.save(cache_file)
             write_json(cache_file.with_name(cache_file.stem + ".kept.json"), kept)
@@ -292,15 +295,16 @@ def _source_file(spec: MovieLensSpec, data_dir) -> Path | None:
     return root / spec.archive if (root / spec.archive).is_file() else None
 
 
-def _cache_path(spec: MovieLensSpec, data_dir, params: tuple) -> Path | None:
-    """``<data_dir>/.recvae-cache/<name>-<key>.npz``, the key covering the source file's size and
-    modification time and the preprocessing, so a changed file or setting never reads a stale cache."""
+def _cache_path(spec: MovieLensSpec, data_dir, params: tuple, cache_dir=None) -> Path | None:
+    """``<cache folder>/<name>-<key>.npz`` (:func:`resolve_cache_dir`), the key covering the source
+    file's name, size and modification time and the preprocessing, so a changed file or setting
+    never reads a stale cache."""
     source = _source_file(spec, data_dir)
     if source is None:
         return None
     st = source.stat()
     key = hashlib.sha256(repr((str(source), st.st_size, st.st_mtime_ns, params, NPZ_FORMAT_VERSION)).encode())
-    return resolve_data_dir(data_dir) / CACHE_FOLDER / f"{spec.name}-{key.hexdigest()[:16]}.npz"
+    return resolve_cache_dir(cache_dir, data_dir) / f"{spec.name}-{key.hexdigest()[:16]}.npz"
 
 
 def load_movielens_titles(name: str, data_dir=None, download: bool = False, show_progress: bool = True) -> pd.Series:
