@@ -136,10 +136,11 @@ def test_few_interactions_and_default_columns_are_said_of_the_data(tmp_path, cap
     assert main(["train", "--data", str(path), "--model", "popularity", "--out", out]) == 2
     assert capsys.readouterr().err == (f"recvae: error: {path}: column 'user' not found; available columns: "
                                        "['customer_id', 'product_sku', 'ts'] (the default, as --user-col was not given)\n")
-    # ...and starts with the one the user typed
-    assert main(["train", "--data", str(path), "--user-col", "customer", "--model", "popularity", "--out", out]) == 2
-    assert capsys.readouterr().err == (f"recvae: error: {path}: --user-col: column 'customer' not found; available "
-                                       "columns: ['customer_id', 'product_sku', 'ts']\n")
+    # ...and starts with the one the user typed, abbreviated or not
+    for typed in (["--user-col", "customer"], ["--user-col=customer"], ["--user", "customer"]):
+        assert main(["train", "--data", str(path), *typed, "--model", "popularity", "--out", out]) == 2
+        assert capsys.readouterr().err == (f"recvae: error: {path}: --user-col: column 'customer' not found; "
+                                           "available columns: ['customer_id', 'product_sku', 'ts']\n")
 
 
 # ---------------------------------------------------------------- 3. spaces around ids

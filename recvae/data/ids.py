@@ -46,13 +46,16 @@ def strip_ids(values: pd.Series) -> tuple[pd.Series, np.ndarray]:
     changed = (stripped.notna() & (stripped != values)).to_numpy(dtype=bool)
     if not changed.any():
         return values, none
+    if isinstance(values.dtype, pd.CategoricalDtype):  # "b" need not be a category where " b" is
+        values = values.astype(object)
     return values.where(~changed, stripped), changed
 
 
 def strip_id_columns(df: pd.DataFrame, columns, source: str | None = None, locate=None) -> pd.DataFrame:
     """``df`` with the text ids of ``columns`` stripped (:func:`strip_ids`), and one warning line
     when any had spaces around them: how many values, and where the first is (``locate(j)``
-    names row ``j``: ``line 7``); a column ``df`` lacks is skipped. ``df`` itself is left as it is (a copy holds the change)."""
+    names row ``j``: ``line 7``); a column ``df`` lacks is skipped. ``df`` itself is left as it
+    is (a copy holds the change)."""
     locate = locate or (lambda j: f"row {j}")
     found = {}
     for col in dict.fromkeys(c for c in columns if c in df.columns):  # a missing one: the caller says
@@ -61,7 +64,7 @@ def strip_id_columns(df: pd.DataFrame, columns, source: str | None = None, locat
             found[col] = (stripped, changed)
     if not found:
         return df
-    first, col = min((int(np.argmax(changed)), col) for col, (_, changed) in found.items())
+    first, col = min(((int(np.argmax(changed)), col) for col, (_, changed) in found.items()), key=lambda f: f[0])
     n = sum(int(changed.sum()) for _, changed in found.values())
     logger.warning("%sremoved the spaces around %d id(s) (%r is read as %r); the first at %s, column %r",
                    f"{source}: " if source else "", n, df[col].iloc[first], found[col][0].iloc[first],
