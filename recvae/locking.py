@@ -108,15 +108,18 @@ def check_free(folder: Path, lock_name: str, param: str = "out") -> None:
 
 
 @contextlib.contextmanager
-def hold(folder: Path, lock_name: str, param: str = "out"):
+def hold(folder: Path, lock_name: str, param: str = "out", wait: bool = False):
     """Hold ``folder`` (which exists) for this process; yields what the previous lock file said
-    ("" when there was none: a lock file left means its writer died, as the lock is free)."""
+    ("" when there was none: a lock file left means its writer died, as the lock is free).
+    Held by another process: :class:`RunLocked`, or with ``wait`` wait until it is free (for
+    short steps that many processes take in turn, such as the manifest of a partitioned output)."""
     fd = open_dir(folder, param)
+    nb = 0 if wait else fcntl.LOCK_NB if fcntl is not None else 0
     try:
         on_dir = fcntl is not None
         if on_dir:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | nb)
             except BlockingIOError:
                 raise _refused(folder, lock_name, param) from None
             except OSError:  # NFS emulates flock with write locks, which a directory cannot take:
@@ -135,7 +138,7 @@ def hold(folder: Path, lock_name: str, param: str = "out"):
         lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | (os.O_EXCL if on_dir else 0) | _NOFOLLOW, 0o644)
         if not on_dir and fcntl is not None:
             try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | nb)
             except BlockingIOError:
                 os.close(lock_fd)
                 raise _refused(folder, lock_name, param) from None

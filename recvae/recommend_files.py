@@ -158,12 +158,16 @@ def _same_file(a: str, b: str) -> bool:
 
 
 @contextmanager
-def table_writer(output: str):
+def table_writer(output: str, metadata: dict[str, str] | None = None, like: pd.DataFrame | None = None):
     """Yield ``write(frame)`` appending DataFrames to ``output``: CSV or TSV appended batch by
     batch, Parquet as one row group per batch (by extension, :func:`output_format`), ``-`` CSV
     on stdout. A file is written under a temporary name and renamed at the end
     (recvae.fileio.atomic_path): a failure leaves nothing half-written, and only one batch is
-    ever in memory."""
+    ever in memory.
+
+    Parquet only: ``metadata`` goes into the file's footer (key-value metadata of its schema);
+    ``like``, a frame of the same columns, gives a file without rows its columns' types (by
+    default, columns of no type), so that it reads as a part of the same table as the others."""
     state = {"header": True}
     if output == "-":
         def write(frame):
@@ -178,7 +182,7 @@ def table_writer(output: str):
     try:
         with atomic_path(out) as tmp:
             if kind == "parquet":
-                with _parquet_writer(tmp) as write:
+                with _parquet_writer(tmp, metadata, like) as write:
                     yield write
             else:
                 sep = "\t" if kind == "tsv" else ","
@@ -195,17 +199,21 @@ def table_writer(output: str):
 
 
 @contextmanager
-def _parquet_writer(path: Path):
+def _parquet_writer(path: Path, metadata: dict[str, str] | None = None, like: pd.DataFrame | None = None):
     pa = require("pyarrow", "an output in Parquet")
     import pyarrow.parquet as pq
 
     writer = None
 
+    def table_of(frame):
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        return table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata}) if metadata else table
+
     def write(frame):
         nonlocal writer
         if len(frame) == 0:
             return
-        table = pa.Table.from_pandas(frame, preserve_index=False)
+        table = table_of(frame)
         if writer is None:
             writer = pq.ParquetWriter(path, table.schema)
         writer.write_table(table.cast(writer.schema))
@@ -216,4 +224,4 @@ def _parquet_writer(path: Path):
         if writer is not None:
             writer.close()
     if writer is None:
-        pd.DataFrame(columns=COLUMNS).to_parquet(path, index=False)
+        pq.write_table(table_of(pd.DataFrame(columns=COLUMNS) if like is None else like).slice(0, 0), path)
