@@ -160,11 +160,7 @@ def init_from_env() -> Group:
     if started_by_torchrun_agent():
         watch_parent()
     timeout = datetime.timedelta(seconds=float(os.environ.get("RECVAE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        backend = "nccl"
-    else:
-        backend = "gloo"
+    backend = "nccl" if use_local_gpu() else "gloo"
     try:
         dist.init_process_group(backend, timeout=timeout)
     except Exception as e:  # the store or peers unreachable: one line, not a traceback
@@ -175,6 +171,20 @@ def init_from_env() -> Group:
     group = current()
     logger.info("process group: rank %d of %d (%s)", group.rank, group.world_size, backend)
     return group
+
+
+def use_local_gpu() -> bool:
+    """With CUDA: make GPU ``LOCAL_RANK`` (torchrun's number of this process on its machine) the
+    current device, so that ``"cuda"`` means one GPU per process; returns whether CUDA is there.
+    A ``LOCAL_RANK`` beyond the machine's GPUs is a :class:`RecvaeError` saying so."""
+    if not torch.cuda.is_available():
+        return False
+    local, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if local >= count:
+        raise RecvaeError(f"torchrun's process {local} on this machine (LOCAL_RANK) has no GPU of its own: the "
+                          f"machine has {count}; start at most {count} process(es) per machine (--nproc-per-node)")
+    torch.cuda.set_device(local)
+    return True
 
 
 @contextlib.contextmanager

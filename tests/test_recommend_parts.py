@@ -380,3 +380,26 @@ def test_torchrun_two_processes_write_the_one_process_table(run, tmp_path):
     assert rc != 0 and "recvae: error: --output " in text and "under torchrun (2 processes)" in text
     assert not (tmp_path / "two.parquet").exists()
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+
+
+def test_under_torchrun_each_process_takes_the_gpu_of_its_local_rank(run, tmp_path, capsys, monkeypatch):
+    """torchrun on a machine with GPUs: "cuda" is GPU LOCAL_RANK in each process (as in training),
+    not GPU 0 for all; a process beyond the machine's GPUs is one line, before any work."""
+    import torch
+
+    from recvae import distributed
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert distributed.use_local_gpu() and chosen == [0]
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert shard(run, tmp_path / "all") == 2
+    assert capsys.readouterr().err == ("recvae: error: torchrun's process 1 on this machine (LOCAL_RANK) has no GPU of "
+                                       "its own: the machine has 1; start at most 1 process(es) per machine "
+                                       "(--nproc-per-node)\n")
+    assert chosen == [0] and not (tmp_path / "all").exists()

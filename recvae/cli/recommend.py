@@ -48,6 +48,10 @@ def run(args) -> int:
     shard = _shard(args)
     if shard is None:
         check_output(args.output, (("input", args.input), ("users", args.users)))
+    elif shard.torchrun and args.device != "cpu":
+        from recvae import distributed
+
+        distributed.use_local_gpu()  # one GPU per process, as training takes them
     run = RunRecommender(args.run_dir, device=args.device, precision=args.precision)
     note_large_k(args.k, run.n_items)
     if shard is not None:
