@@ -10,10 +10,11 @@ a shard (:meth:`Shard.from_torchrun`). The folder::
     _manifest.json          written once every part is there: N, each part's users and rows, the
                             run (its model's digest) and the options; no manifest: not complete
 
-pandas (``pd.read_parquet(DIR)``), pyarrow, Polars, DuckDB and Spark read the folder as one table;
-they skip names starting with ``_`` or ``.``: the manifest, the lock and the temporary file of a
-part being written (:func:`recvae.fileio.atomic_path`). Any other file in the folder would be
-read as data, so a folder holding one is refused.
+pandas (``pd.read_parquet(DIR)``), pyarrow and Spark read the folder as one table; they skip
+names starting with ``_`` or ``.``: the manifest, the lock and the temporary file of a part being
+written (:func:`recvae.fileio.atomic_path`). DuckDB and Polars read the glob ``DIR/*.parquet``,
+which those do not match. Any other file in the folder would be read as data, so a folder holding
+one is refused.
 
 A shard scores whole batches of ``--batch-size`` users counted from the run's first user
 (:meth:`Shard.user_range`), so each user is scored in the same batch as one process scoring every
@@ -246,23 +247,30 @@ class PartitionedOutput:
         with table_writer(str(self.part), metadata={PART_KEY: json.dumps(record)}, like=like) as write:
             yield write
 
-    def finish(self) -> tuple[dict | None, list[str]]:
-        """``(manifest, [])`` once every part of the N is there, from the same run and options:
-        the manifest is written (atomically, under the folder's lock); else ``(None, missing)``,
-        the names of the parts not there yet."""
+    def finish(self) -> tuple[dict | None, list[str], bool]:
+        """``(manifest, [], written)`` once every part of the N is there, from the same run and
+        options: the manifest is written (atomically, under the folder's lock) unless it is there
+        already as it would be (``written`` False); else ``(None, missing, False)``, the names of
+        the parts not there yet."""
         with self._locked():
             parts = {name: info for name, info in self._parts().items() if info["identity"] == self.identity}
             names = [Shard(k, self.shard.count).file_name for k in range(1, self.shard.count + 1)]
             missing = [name for name in names if name not in parts]
             if missing:
-                return None, missing
+                return None, missing, False
             listed = [{"file": name, "shard": k, "user_range": parts[name]["user_range"], "rows": parts[name]["rows"]}
                       for k, name in enumerate(names, start=1)]
             manifest = {"format": FORMAT, "run_dir": self.run_dir, **self.identity,
                         "rows": sum(p["rows"] for p in listed), "columns": COLUMNS, "parts": listed,
                         "recvae": __version__}
-            write_json(self.folder / MANIFEST_FILE, manifest)
-        return manifest, []
+            path = self.folder / MANIFEST_FILE
+            try:
+                written = json.loads(path.read_text()) != manifest
+            except (OSError, ValueError):
+                written = True
+            if written:
+                write_json(path, manifest)
+        return manifest, [], written
 
     def _parts(self) -> dict[str, dict]:
         """Every part in the folder by name, with its record (:func:`read_part`); a file or folder

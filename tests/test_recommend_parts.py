@@ -96,10 +96,14 @@ def test_the_union_of_n_shards_is_the_one_process_output_row_for_row(run, one, t
     assert ds.dataset(out, format="parquet").to_table().to_pandas().equals(one)
 
 
-def test_other_readers_take_the_folder_for_one_table(run, one, tmp_path):
+def test_other_readers_take_the_parts_for_one_table(run, one, tmp_path):
+    """DuckDB and Polars read the glob DIR/*.parquet (Polars reads every file of a folder given
+    as such, the manifest too): the manifest and temporary files do not match it."""
     out = tmp_path / "all"
     for k in (1, 2):
         assert shard(run, out, f"{k}/2") == 0
+    (out / ".part-1-of-2.parquet.a1b2c3d4.tmp").write_bytes(b"PAR1 half")
+    expected = one.sort_values(["user", "rank"]).reset_index(drop=True)
     readers = 0
     try:
         import duckdb
@@ -108,15 +112,16 @@ def test_other_readers_take_the_folder_for_one_table(run, one, tmp_path):
     else:
         readers += 1
         got = duckdb.sql(f"select * from read_parquet('{out}/*.parquet')").df()
-        assert got["user"].tolist() == one["user"].tolist() and got["score"].tolist() == one["score"].tolist()
+        got = got.sort_values(["user", "rank"]).reset_index(drop=True)
+        assert got["item"].tolist() == expected["item"].tolist() and got["score"].tolist() == expected["score"].tolist()
     try:
         import polars as pl
     except ImportError:
         pass
     else:
         readers += 1
-        got = pl.read_parquet(out).to_pandas()
-        assert got["user"].tolist() == one["user"].tolist() and got["score"].tolist() == one["score"].tolist()
+        got = pl.read_parquet(f"{out}/*.parquet").to_pandas().sort_values(["user", "rank"]).reset_index(drop=True)
+        assert got["item"].tolist() == expected["item"].tolist() and got["score"].tolist() == expected["score"].tolist()
     if not readers:
         pytest.skip("neither duckdb nor polars is installed")
 
@@ -162,15 +167,18 @@ def test_a_finished_shard_is_not_rewritten_and_a_killed_one_is_rerun_alone(run, 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="recvae"):
         assert shard(run, out, "1/2", quiet=False) == 0
-    assert caplog.messages[-2] == (f"shard 1 of 2: {out}/part-1-of-2.parquet is written already (users 1 to 42, "
-                                   "210 rows, from this run with the same options); nothing to do (--overwrite "
-                                   "rewrites it)")
+    noop = (f"shard 1 of 2: {out}/part-1-of-2.parquet is written already (users 1 to 42, 210 rows, from this run "
+            "with the same options); nothing to do (--overwrite rewrites it)")
+    assert caplog.messages == [noop]
     again = (out / "part-1-of-2.parquet").stat()
     assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
     pd.testing.assert_frame_equal(pd.read_parquet(out), one, check_exact=True)
-    # a lost manifest comes back with any shard's re-run
+    # a lost manifest comes back with any shard's re-run, said on the same line
     (out / MANIFEST_FILE).unlink()
-    assert shard(run, out, "2/2") == 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="recvae"):
+        assert shard(run, out, "1/2", quiet=False) == 0
+    assert caplog.messages == [f"{noop}; all 2 parts are in {out} (90 users, 450 rows): _manifest.json lists them"]
     assert json.loads((out / MANIFEST_FILE).read_text())["rows"] == len(one)
     # --overwrite rewrites the part (a new file), to the same rows
     assert shard(run, out, "1/2", "--overwrite") == 0

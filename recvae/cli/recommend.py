@@ -139,20 +139,22 @@ def _write_part(args, run, shard) -> int:
     out = PartitionedOutput(args.output, shard, ident, run.run_dir, overwrite=args.overwrite)
     (start, stop), size = out.user_range, args.batch_size
     rows = out.prepare()
-    if rows is not None:
-        logger.info("%s: %s is written already (users %d to %d, %d rows, from this run with the same options); nothing "
-                    "to do (--overwrite rewrites it)", shard, out.part, start + 1, stop, rows)
-    else:
+    if rows is None:
         batches = (run.known_histories(np.arange(s, min(s + size, stop))) for s in range(start, stop, size))
         like = run.recommend(run.known_histories(np.arange(1)), 1, include_seen=True)  # the columns' types
         with out.writer(like=like) as write:
             _score(run, batches, stop - start, write, args, show=not args.quiet and (not shard.torchrun or shard.index == 1))
         logger.info("%s: wrote the top-%d of users %d to %d of %d to %s", shard, args.k, start + 1, stop, ident["users"],
                     out.part)
-    manifest, missing = out.finish()
-    if manifest is not None:
-        logger.info("all %d parts are in %s (%d users, %d rows): %s lists them", shard.count, out.folder,
-                    manifest["users"], manifest["rows"], MANIFEST_FILE)
+    manifest, missing, written = out.finish()
+    done = (f"all {shard.count} parts are in {out.folder} ({ident['users']} users, {manifest['rows']} rows): "
+            f"{MANIFEST_FILE} lists them") if manifest is not None else ""
+    if rows is not None:  # one line: nothing done, but a manifest that was missing
+        logger.info("%s: %s is written already (users %d to %d, %d rows, from this run with the same options); nothing "
+                    "to do (--overwrite rewrites it)%s", shard, out.part, start + 1, stop, rows,
+                    f"; {done}" if written else "")
+    elif manifest is not None:
+        logger.info("%s", done)
     else:
         logger.info("%d of %d parts are in %s; the shard that writes the last one writes %s (missing: %s)",
                     shard.count - len(missing), shard.count, out.folder, MANIFEST_FILE, ", ".join(missing[:5])
