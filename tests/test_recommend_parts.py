@@ -258,6 +258,14 @@ def test_shard_and_folder_errors_are_one_line_naming_the_flag(run, tmp_path, cap
     assert sorted(p.name for p in tmp_path.iterdir()) == ["some.csv"]  # nothing made
 
 
+def test_the_folder_and_the_shard_are_checked_before_the_run_is_read(run, tmp_path, capsys):
+    missing = tmp_path / "no-run"
+    for argv, flag in ((["--output", f"{run}/"], "--output"), (["--output", f"{tmp_path}/all/", "--shard", "0/2"],
+                                                               "--shard")):
+        assert main(["recommend", str(missing), "--all-users", *argv]) == 2
+        assert capsys.readouterr().err.startswith(f"recvae: error: {flag} ")
+
+
 def test_a_folder_and_a_shard_go_with_all_users_only(run, tmp_path, capsys):
     users = tmp_path / "users.csv"
     users.write_text("uid\nu1\n")

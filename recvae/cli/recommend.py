@@ -48,10 +48,13 @@ def run(args) -> int:
     shard = _shard(args)
     if shard is None:
         check_output(args.output, (("input", args.input), ("users", args.users)))
-    elif shard.torchrun and args.device != "cpu":
+    elif shard.torchrun:
         from recvae import distributed
 
-        distributed.use_local_gpu()  # one GPU per process, as training takes them
+        if distributed.started_by_torchrun_agent():
+            distributed.watch_parent()  # the agent killed: stop, as the other commands under torchrun do
+        if args.device != "cpu":
+            distributed.use_local_gpu()  # one GPU per process, as training takes them
     run = RunRecommender(args.run_dir, device=args.device, precision=args.precision)
     note_large_k(args.k, run.n_items)
     if shard is not None:
@@ -96,7 +99,7 @@ def _shard(args):
     from pathlib import Path
 
     from recvae.errors import ParameterError
-    from recvae.recommend_parts import Shard, is_dataset_output
+    from recvae.recommend_parts import Shard, check_dataset_output, is_dataset_output
 
     torchrun = Shard.from_torchrun()
     if torchrun is not None and args.shard is not None:
@@ -122,6 +125,8 @@ def _shard(args):
                                  "process writes its part of a partitioned Parquet dataset", given=args.output)
         raise ParameterError("output", "{shard} writes one part of a partitioned Parquet dataset: give a directory "
                              f"ending in '/' (e.g. {folder})", given=args.output, names=("shard",))
+    if dataset:
+        check_dataset_output(args.output)  # before any work; its parts are checked once the run is read
     return shard if shard is not None else Shard() if dataset else None
 
 
@@ -130,11 +135,8 @@ def _write_part(args, run, shard) -> int:
     already, then write the manifest if every part is there (:mod:`recvae.recommend_parts`)."""
     import numpy as np
 
-    from recvae import distributed
     from recvae.recommend_parts import MANIFEST_FILE, PartitionedOutput, identity
 
-    if shard.torchrun and distributed.started_by_torchrun_agent():
-        distributed.watch_parent()  # the agent killed: stop, as the other commands under torchrun do
     ident = identity(run, shard, args.k, args.include_seen, args.precision, args.batch_size)
     out = PartitionedOutput(args.output, shard, ident, run.run_dir, overwrite=args.overwrite)
     (start, stop), size = out.user_range, args.batch_size
