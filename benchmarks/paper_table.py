@@ -25,7 +25,9 @@ of interactions, chosen on ML-1M validation users (see the constant's comment).
 
 RecVAE (``recvae``) runs with the reference defaults (``RECVAE_PARAMS``; 50 outer epochs unless
 ``--epochs``); the binary-latent Mult-VAE (``binary-multvae``) with 200 bits (``BINARY_PARAMS``),
-beta annealed to 1.0 over the run as heuristic run 1. Every model is compared with EASE on the
+beta annealed to 1.0 over the run as heuristic run 1. EDLAE (``edlae``, Steck NeurIPS 2020: EASE
+with input dropout's L2 weight) is a row only when ``--models`` names it, its ``p`` and ``l2`` chosen
+over its default grid as ``recvae tune`` chooses them. Every model is compared with EASE on the
 same test users: the mean paired difference of NDCG@100 over all test users of all seeds, with a
 95% interval from a paired bootstrap (users resampled within each seed; 2,000 resamples, seed 0;
 :func:`recvae.evaluation.paired_difference`), and the number of seeds where it beats EASE.
@@ -80,6 +82,8 @@ def repo_relative(arg: str) -> str:
     command runs on any machine; other arguments as they are."""
     return os.path.relpath(arg, REPO) if os.path.isabs(arg) else arg
 ALL_MODELS = ("multvae", "multdae", "recvae", "binary-multvae", "ease", "popularity")
+#: rows run only when --models names them (the default is ALL_MODELS)
+OPTIONAL_MODELS = ("edlae",)
 EASE_GRID = tuning.EASE_GRID
 LABELS = {
     "multvae": "Mult-VAE",
@@ -91,6 +95,7 @@ LABELS = {
     "recvae": "RecVAE",
     "binary-multvae": "Mult-VAE, binary latent (200 bits)",
     "ease": "EASE",
+    "edlae": "EDLAE",
     "popularity": "Popularity",
 }
 # The heuristic runs' network (chosen on ML-1M validation users; see recvae.tuning)
@@ -259,6 +264,20 @@ def run_seed(seed: int, data: Interactions, args, models, budget: TimeBudget, re
                                "validation_ndcg@100": best.validation,
                                "test": metrics_of(evaluate(ease, split.test, ks=(20, 50, 100)))}
             del ease
+        if "edlae" in models:
+            # EDLAE (Steck, NeurIPS 2020) over its default grid (p x l2, one Gram matrix), as `recvae tune`
+            t0 = time.perf_counter()
+            search = tuning.search("edlae", split.train, split.validation, tuning.parse_grid(None, "edlae"),
+                                   before_trial=stop)
+            edlae = tuning.best_estimator(search)
+            best = search.best
+            results["edlae"] = {"train_seconds": time.perf_counter() - t0,
+                                "params": {k: best.params[k] for k in ("l2", "p")},
+                                "validation_grid": [{"l2": t.params["l2"], "p": t.params["p"], "ndcg@100": t.validation}
+                                                    for t in search.trials],
+                                "validation_ndcg@100": best.validation,
+                                "test": metrics_of(evaluate(edlae, split.test, ks=(20, 50, 100)))}
+            del edlae
         if "multvae" in models:
             search = trials("multvae:")
             tuning.multvae_trials(search, common, network=heuristic_network(args))
@@ -327,6 +346,9 @@ def summarise(per_seed: list[dict]) -> dict:
             s["vs_ease"] = paired_with_ease(per_seed, key)
         if key == "ease":
             s["l2"] = [r["params"]["l2"] for r in rows]
+            s["validation_ndcg@100"] = float(np.mean([r["validation_ndcg@100"] for r in rows]))
+        if key == "edlae":
+            s["chosen"] = [r["params"] for r in rows]
             s["validation_ndcg@100"] = float(np.mean([r["validation_ndcg@100"] for r in rows]))
         out[key] = s
     return out
@@ -405,6 +427,8 @@ def markdown(report: dict) -> str:
         chosen = ""
         if key == "ease":
             chosen = "l2 " + ", ".join(f"{v:g}" for v in s["l2"])
+        elif key == "edlae":
+            chosen = "p / l2 " + ", ".join(f"{c['p']:g} / {c['l2']:g}" for c in s["chosen"])
         elif key == "multvae":
             chosen = ", ".join(k.split(":")[1] for k in s["selected"])
         elif (key.startswith("multvae") or key == "binary-multvae") and key != "multvae:other-precision":
@@ -499,7 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="results file names (default: dataset name or file stem)")
     p.add_argument("--seeds", help="split seeds: a count N (seeds 0..N-1) or a list like 0,3,7 "
                                    "(default 5 below 2,000 users, else 3)")
-    p.add_argument("--models", default=",".join(ALL_MODELS), help="comma list out of " + ",".join(ALL_MODELS))
+    p.add_argument("--models", default=",".join(ALL_MODELS),
+                   help=f"comma list out of {','.join(ALL_MODELS + OPTIONAL_MODELS)} (default: all but "
+                        f"{','.join(OPTIONAL_MODELS)})")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="matrix product precision of Mult-VAE/Mult-DAE training (default auto, as `recvae "
@@ -561,9 +587,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args, argv) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = sorted(set(models) - set(ALL_MODELS))
+    unknown = sorted(set(models) - set(ALL_MODELS + OPTIONAL_MODELS))
     if unknown or not models:
-        raise CLIError(f"--models: unknown {unknown}; expected a comma list out of {','.join(ALL_MODELS)}")
+        raise CLIError(f"--models: unknown {unknown}; expected a comma list out of "
+                       f"{','.join(ALL_MODELS + OPTIONAL_MODELS)}")
     try:
         args.ease_grid = tuple(float(v) for v in args.ease_grid.split(","))
     except ValueError:
@@ -631,6 +658,8 @@ def _main(args, argv) -> int:
         "anneal_steps": tuning.full_run_updates("multvae", {"epochs": args.epochs} if args.epochs else {},
                                                 per_seed[0]["split"]["train"]["n_users"]),
         "ease_grid": list(args.ease_grid),
+        **({"edlae_grid": {k: list(v) for k, v in tuning.parse_grid(None, "edlae").items()}}
+           if "edlae" in models else {}),
         "complete": stopped is None,
         "stopped_reason": stopped,
         "summary": summarise(per_seed),

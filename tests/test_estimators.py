@@ -17,7 +17,7 @@ from recvae.models.base import Recommender
 from recvae.models.registry import unregister
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL = ["multvae", "multdae", "binary-multvae", "recvae", "ease", "popularity"]
+ALL = ["multvae", "multdae", "binary-multvae", "recvae", "ease", "edlae", "popularity"]
 
 
 def test_the_library_registers_its_models_once():
@@ -28,7 +28,8 @@ def test_the_library_registers_its_models_once():
 def test_sklearn_clone_gives_an_unfitted_copy_with_the_same_parameters(name):
     base = pytest.importorskip("sklearn.base")
     cls = model_class(name)
-    changed = {"l2": 123.0} if name == "ease" else {} if name == "popularity" else {"latent_dim": 7, "epochs": 3}
+    changed = {"ease": {"l2": 123.0}, "edlae": {"p": 0.2, "emphasis": "none"}, "popularity": {}}.get(
+        name, {"latent_dim": 7, "epochs": 3})
     model = cls(**changed)
     model.n_items_ = 5  # a learned attribute: clone must not carry it
     copy = base.clone(model)
@@ -80,7 +81,7 @@ def test_a_registered_model_is_one_class_and_one_line_and_the_cli_offers_it(toy,
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "one of multvae, multdae, binary-multvae, recvae, ease, popularity, item-mean" in help_text
+    assert "one of multvae, multdae, binary-multvae, recvae, ease, edlae, popularity, item-mean" in help_text
     # the options it takes come from its __init__: others are refused by name
     log = tmp_path / "log.csv"
     log.write_text("user,item\n" + "\n".join(f"{u},{i}" for u in range(60) for i in range(u % 7, u % 7 + 110, 2)))

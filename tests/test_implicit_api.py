@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 
 from recvae.errors import ParameterError
-from recvae.models import EASE, MultDAE, MultVAE, Popularity, RecVAE
+from recvae.models import EASE, EDLAE, MultDAE, MultVAE, Popularity, RecVAE
 
 
 def clusters(n_users=120, n_items=40, seed=0):
@@ -32,11 +32,12 @@ def models():
         "multdae": MultDAE(**SMALL).fit(X),
         "recvae": RecVAE(hidden_dims=(16, 16), **{**SMALL, "epochs": 10}).fit(X),
         "ease": EASE(l2=10.0).fit(X),
+        "edlae": EDLAE(l2=10.0).fit(X),
         "popularity": Popularity().fit(X),
     }
 
 
-@pytest.mark.parametrize("name", ["multvae", "multdae", "recvae", "ease", "popularity"])
+@pytest.mark.parametrize("name", ["multvae", "multdae", "recvae", "ease", "edlae", "popularity"])
 def test_implicit_recommend_one_user_and_a_batch(models, name):
     X, fitted = models
     model = fitted[name]
@@ -55,7 +56,7 @@ def test_implicit_recommend_one_user_and_a_batch(models, name):
         model.recommend(userids, X, N=10)
 
 
-@pytest.mark.parametrize("name", ["multvae", "multdae", "recvae", "ease"])
+@pytest.mark.parametrize("name", ["multvae", "multdae", "recvae", "ease", "edlae"])
 def test_similar_items_stay_in_the_items_cluster(models, name):
     _, fitted = models
     model = fitted[name]

@@ -172,6 +172,17 @@ class TestEASE(RecommenderContract):
     params = dict(l2=10.0)
 
 
+class TestEDLAE(RecommenderContract):
+    name = "edlae"
+    params = dict(l2=10.0, p=0.25)
+
+
+class TestDLAE(RecommenderContract):
+    """EDLAE without emphasis: its diagonal is not zero, yet history and query stay out."""
+    name = "edlae"
+    params = dict(l2=10.0, p=0.25, emphasis="none")
+
+
 class TestPopularity(RecommenderContract):
     name = "popularity"
     similar_items_error = "Popularity has no item vectors, so no similar items"

@@ -277,3 +277,21 @@ def test_a_split_in_time(paper_table, tmp_path):
     assert "split in time (each held-out user's last 1 interaction(s) are the targets), 15 validation" in \
         (tmp_path / "timed.md").read_text()
     assert paper_table.main(["--data", str(path), "--out-dir", str(tmp_path), "--cutoff", "5", "--leave-last", "1"]) == 2
+
+
+@pytest.mark.slow
+def test_edlae_is_a_row_only_when_asked(paper_table, log_csv, tmp_path):
+    assert "edlae" not in paper_table.build_parser().get_default("models").split(",")  # the default rows
+    assert paper_table.main(args_for(log_csv, tmp_path, "--models", "ease,edlae")) == 0
+    report = json.loads((tmp_path / "tiny.json").read_text())
+    assert list(report["summary"]) == ["ease", "edlae"]
+    assert report["edlae_grid"] == {"l2": [30.0, 100.0, 300.0, 1000.0], "p": [0.1, 0.25, 0.33, 0.5, 0.75]}
+    s = report["summary"]["edlae"]
+    assert s["n_seeds"] == 2 and s["vs_ease"]["n_splits"] == 2
+    for r in report["per_seed"]:
+        e = r["edlae"]
+        assert len(e["validation_grid"]) == 20  # every p with every l2
+        best = max(e["validation_grid"], key=lambda g: g["ndcg@100"])  # the first of equal ones
+        assert e["params"] == {"l2": best["l2"], "p": best["p"]} and e["validation_ndcg@100"] == best["ndcg@100"]
+    chosen = ", ".join(f"{c['p']:g} / {c['l2']:g}" for c in s["chosen"])
+    assert f"| p / l2 {chosen} |" in (tmp_path / "tiny.md").read_text()

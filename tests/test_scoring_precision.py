@@ -8,7 +8,7 @@ import scipy.sparse as sp
 import torch
 
 from recvae.errors import ParameterError
-from recvae.models import EASE, MultDAE, MultVAE, Popularity, RecVAE
+from recvae.models import EASE, EDLAE, MultDAE, MultVAE, Popularity, RecVAE
 from recvae.models import sparse_layers
 from recvae.models.sparse_layers import SparseBatch, Workspace, output_logits, packed_available
 from recvae.models.training_loop import update_step
@@ -136,7 +136,7 @@ def test_a_saved_model_loads_in_fp32(X, tmp_path):
     assert MultVAE.load(tmp_path / "m").scoring_precision == "fp32"
 
 
-@pytest.mark.parametrize("model", [EASE(), Popularity()], ids=["ease", "popularity"])
+@pytest.mark.parametrize("model", [EASE(), EDLAE(), Popularity()], ids=["ease", "edlae", "popularity"])
 def test_models_without_a_bf16_path_refuse_it_by_name(model):
     with pytest.raises(ParameterError, match=r"^precision: .* scores in float32 only .*got 'bf16'"):
         model.set_scoring_precision("bf16")

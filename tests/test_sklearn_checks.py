@@ -111,7 +111,7 @@ def test_a_dense_array_and_scikit_learns_y_fit_the_same_model_as_the_sparse_matr
 
 
 def test_a_bad_matrix_is_one_error_naming_the_argument(X):
-    for name in ("multdae", "ease"):
+    for name in ("multdae", "ease", "edlae"):
         with pytest.raises(ParameterError, match=re.escape(
                 "train: found 0 sample(s) (shape=(0, 3)) while a minimum of 1 is required: expected at least "
                 "one user (row)")):

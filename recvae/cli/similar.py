@@ -7,7 +7,7 @@ from recvae.cli.common import DEVICE_HELP, CLIError, logger
 
 def add_parser(sub, common) -> None:
     s = sub.add_parser("similar", parents=[common], help="the items most similar to given items of a run "
-                       "(models with item vectors: multvae, multdae, recvae, binary-multvae, ease)")
+                       "(models with item vectors: multvae, multdae, recvae, binary-multvae, ease, edlae)")
     s.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `recvae train` or `recvae tune`")
     s.add_argument("--items", nargs="+", required=True, metavar="ID", help="item ids of the run")
     s.add_argument("--k", type=int, default=10, help="similar items per item (default 10)")

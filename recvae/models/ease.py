@@ -80,24 +80,38 @@ def ease_weights(G: np.ndarray, l2: float, overwrite: bool = False) -> np.ndarra
     workspace (and destroyed), so the peak memory is one items x items matrix.
     """
     l2 = _check_l2(l2)
+    P = regularized_inverse(G, l2, overwrite, f"l2={l2}", "X^T X + l2 I", "use a larger l2 or dtype=float64")
+    return zero_diagonal_weights(P)
+
+
+def zero_diagonal_weights(P: np.ndarray) -> np.ndarray:
+    """``I - P diag(1 / diag(P))`` in place of ``P``: each column ``j`` divided by ``-P_jj``,
+    then the diagonal set to 0 (EASE's solution for ``P = (X^T X + Lambda)^{-1}`` under
+    ``diag(B) = 0``, whatever the diagonal ``Lambda``)."""
+    diag = np.diag(P).copy()
+    P /= -diag[None, :]
+    np.fill_diagonal(P, 0.0)
+    return P
+
+
+def regularized_inverse(G: np.ndarray, add, overwrite: bool, label: str, matrix: str, hint: str) -> np.ndarray:
+    """``(G + diag(add))^{-1}`` by Cholesky (``add``: a number or one per item), symmetric, in
+    place of ``G`` when ``overwrite``. A factorisation that fails raises
+    ``np.linalg.LinAlgError`` starting with ``label`` (the hyperparameters), naming ``matrix``
+    and ending with ``hint``."""
     A = G if overwrite else G.copy()
-    A[np.diag_indices_from(A)] += l2
+    A[np.diag_indices_from(A)] += add
     potrf, potri = scipy.linalg.lapack.get_lapack_funcs(("potrf", "potri"), (A,))
     # Fortran order so LAPACK works in place; the matrix is symmetric so A.T is the same matrix
     c, info = potrf(A.T, lower=False, overwrite_a=True, clean=False)
     if info != 0:
         raise np.linalg.LinAlgError(
-            f"l2={l2}: X^T X + l2 I is not numerically positive definite (Cholesky info={info}); "
-            "use a larger l2 or dtype=float64"
-        )
+            f"{label}: {matrix} is not numerically positive definite (Cholesky info={info}); {hint}")
     P, info = potri(c, lower=False, overwrite_c=True)
     if info != 0:
-        raise np.linalg.LinAlgError(f"l2={l2}: inverse from the Cholesky factor failed (info={info})")
+        raise np.linalg.LinAlgError(f"{label}: inverse from the Cholesky factor failed (info={info})")
     P = P.T  # back to C order: upper triangle of the Fortran result is the lower one here
     _symmetrize_lower(P)
-    diag = np.diag(P).copy()
-    P /= -diag[None, :]
-    np.fill_diagonal(P, 0.0)
     return P
 
 
@@ -141,20 +155,29 @@ class EASE(Recommender):
     def fit(self, train, validation=None):
         """Closed-form fit on ``train`` (sparse, a dense 2-d array or Interactions). ``validation``
         is accepted for the shared interface and ignored (scikit-learn's ``y`` too); tune ``l2``
-        with :func:`recvae.tuning.select_ease_l2`."""
-        l2 = _check_l2(self.l2)  # first: a non-number is a TypeError, as for ease_weights
+        with :func:`recvae.tuning.select_ease_l2` or ``recvae tune``."""
+        _check_l2(self.l2)  # first: a non-number is a TypeError, as for ease_weights
         self._check_params()  # the table's checks (dtype: a DType row)
         dt = np.dtype(self.dtype)
         X = training_matrix(train)
-        warn_if_not_binary(X, "EASE", "weights (in the item-item Gram matrix X^T X)")
+        name = type(self).__name__
+        warn_if_not_binary(X, name, "weights (in the item-item Gram matrix X^T X)")
         t0 = time.perf_counter()
-        self.B_ = ease_weights(gram_matrix(X, dt), l2, overwrite=True)
+        self.B_ = self._weights(gram_matrix(X, dt), overwrite=True)
         self.n_items_ = X.shape[1]
         if getattr(train, "item_ids", None) is not None:
             self.item_ids_ = np.asarray(train.item_ids)
         self.fit_seconds_ = time.perf_counter() - t0
-        logger.info("EASE fit: %d items, l2=%g, %.2fs", self.n_items_, l2, self.fit_seconds_)
+        shown = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in self.get_params().items() if k != "dtype")
+        logger.info("%s fit: %d items, %s, %.2fs", name, self.n_items_, shown, self.fit_seconds_)
         return self
+
+    def _weights(self, G: np.ndarray, overwrite: bool = False) -> np.ndarray:
+        """The item-item weights ``B`` from the dense Gram matrix ``G = X^T X`` (used as the
+        workspace when ``overwrite``): the one step a subclass of the same shape (EDLAE) changes.
+        ``fit`` and ``recvae tune``'s shared Gram matrix both call it."""
+        return ease_weights(G, self.l2, overwrite=overwrite)
 
     def _score_batch(self, user_items: sp.csr_matrix) -> np.ndarray:
         return np.asarray(user_items @ self.B_, dtype=np.float32)

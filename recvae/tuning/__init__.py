@@ -9,7 +9,7 @@ seen here.
   from each model's parameter table; the one module that names model families.
 * :mod:`~recvae.tuning.candidates`: a grid, a list of points (TPE: :mod:`~recvae.tuning.study`).
 * :mod:`~recvae.tuning.trials`: a trial, a process's trials, the choice among them.
-* :mod:`~recvae.tuning.plans`: how each family's trial is fit (EASE's shared Gram matrix,
+* :mod:`~recvae.tuning.plans`: how each family's trial is fit (EASE's and EDLAE's shared Gram matrix,
   Mult-VAE's beta heuristic in two runs, a plain fit).
 * :mod:`~recvae.tuning.engine`: trials 0..n-1, kept in a store.
 * :mod:`~recvae.tuning.study`: the Optuna store and TPE (Optuna is imported there only).

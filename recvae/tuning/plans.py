@@ -1,4 +1,4 @@
-"""How each family's trial is fit, each way once: EASE's trials share one Gram matrix, Mult-VAE
+"""How each family's trial is fit, each way once: EASE's and EDLAE's trials share one Gram matrix, Mult-VAE
 runs the paper's beta heuristic in two runs (and, in a plain grid, the paper as published
 first), any other model one plain fit with early stopping on validation."""
 
@@ -13,7 +13,7 @@ import numpy as np
 from recvae.evaluation import evaluate
 from recvae.models import make_model
 from recvae.models.base import as_csr
-from recvae.models.ease import EASE, _check_l2, ease_weights, gram_matrix
+from recvae.models.ease import EASE, _check_l2, gram_matrix
 from recvae.tuning import spaces
 from recvae.tuning.candidates import Candidate, describe
 from recvae.tuning.spaces import EASE_GRID, HEURISTIC_NETWORK, RUN_SETTINGS
@@ -27,22 +27,24 @@ HEURISTIC_SEED_OFFSET = 1000
 
 
 class Gram:
-    """EASE on one training matrix: the Gram matrix computed once per dtype, for every ``l2``."""
+    """The closed-form item-item models (EASE, EDLAE) on one training matrix: the Gram matrix
+    computed once per dtype, for every trial of every such model."""
 
     def __init__(self, train):
         self.X = as_csr(train, "train")
         self.cache = {}  # dtype -> (G, seconds it took)
 
-    def model(self, params: dict) -> tuple[EASE, float]:
-        """EASE with ``params`` fitted from the shared Gram matrix, and what a fit alone would take."""
-        estimator = EASE(**params)
+    def model(self, params: dict, name: str = "ease") -> tuple[EASE, float]:
+        """The model ``name`` with ``params`` fitted from the shared Gram matrix (its
+        ``_weights``, as its ``fit`` computes them), and what a fit alone would take."""
+        estimator = make_model(name, **params)
         dtype = np.dtype(estimator.dtype)
         start = time.perf_counter()
         if dtype not in self.cache:
             self.cache[dtype] = (gram_matrix(self.X, dtype), time.perf_counter() - start)
             start = time.perf_counter()
         G, gram_seconds = self.cache[dtype]
-        estimator.B_ = ease_weights(G, estimator.l2)
+        estimator.B_ = estimator._weights(G)
         estimator.n_items_ = self.X.shape[1]
         return estimator, time.perf_counter() - start + gram_seconds
 
@@ -154,9 +156,9 @@ class Plan:
             self.trials.check_stop(name)
             if self.gram is None:
                 self.gram = Gram(self.trials.train)
-            estimator, seconds = self.gram.model(params)
+            estimator, seconds = self.gram.model(params, model)
             score = validation_score(estimator, self.trials.validation)
-            # the run's model is fitted afresh (EASE.fit) once chosen: none kept here
+            # the run's model is fitted afresh (its fit) once chosen: none kept here
             return [self.trials.add(Trial(name if self.named else model, model, params, score, seconds))]
         if kind == "beta-heuristic":
             suffix = (" " + name if name else "") if self.named else ""

@@ -52,15 +52,18 @@ class TuneResult:
         return [{**t.row(self.columns, with_model=self.study), "selected": t is self.best} for t in self.trials]
 
 
-def search(model: str, train, validation, grid: dict, params: dict | None = None, on_trial=None) -> Trials:
+def search(model: str, train, validation, grid: dict, params: dict | None = None, on_trial=None,
+           before_trial=None) -> Trials:
     """Every trial of ``grid`` (see :func:`parse_grid`) for ``model`` on one split, ``params``
     fixed (run settings such as epochs and device, and any hyperparameter not in the grid).
+    ``on_trial`` and ``before_trial``: as :class:`~recvae.tuning.trials.Trials` takes them (each
+    finished trial; a time budget, stopping before the next trial with ``TuningStopped``).
     scikit-learn's ``GridSearchCV`` works too, with :func:`recvae.evaluation.ranking_scorer`
     (NDCG@k on a seeded holdout of each user's items); this search keeps the paper's protocol:
     held-out users, early stopping on their validation NDCG@100, Mult-VAE's beta heuristic."""
     params = dict(params or {})
     spaces.check_grid(model, grid, params)
-    trials = Trials(train, validation, on_trial=on_trial)
+    trials = Trials(train, validation, on_trial=on_trial, before_trial=before_trial)
     generator = _grid(model, grid, plain=True)
     Search(generator, Plan(trials, {model: params}, named=True), MemoryStore(), len(generator), named=True).run()
     return trials

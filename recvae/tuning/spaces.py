@@ -28,9 +28,9 @@ HEURISTIC_NETWORK = {"hidden_dims": (1000,), "latent_dim": 50, "kl_weighting": "
 #: what the paper's trial of ``multvae`` takes from the user's settings: how it is trained and
 #: where, not what it is (its network, objective and lr are the paper's)
 RUN_SETTINGS = ("epochs", "patience", "batch_size", "device", "precision", "random_state", "eval_batch_size")
-#: how each family's trial is fit (recvae.tuning.plans): EASE's grid shares one Gram matrix,
-#: Mult-VAE runs the paper's beta heuristic (two runs); any other model one plain fit
-FAMILIES = {"ease": "gram", "multvae": "beta-heuristic"}
+#: how each family's trial is fit (recvae.tuning.plans): EASE's and EDLAE's grids share one Gram
+#: matrix, Mult-VAE runs the paper's beta heuristic (two runs); any other model one plain fit
+FAMILIES = {"ease": "gram", "edlae": "gram", "multvae": "beta-heuristic"}
 SPACE_KINDS = ("int", "float", "log", "cat")
 SPACE_FORMS = "NAME=int:LOW:HIGH, NAME=float:LOW:HIGH, NAME=log:LOW:HIGH or NAME=cat:V1,V2,..."
 
