@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("evaluation", {"recvae.evaluation", "recvae.plots"}),
     ("settings", {"recvae.settings"}),  # a run's settings: the rules across them, run.json's description
     ("runs", {"recvae.rundir"}),
-    ("recommendation", {"recvae.recommend", "recvae.recommend_files"}),
+    ("recommendation", {"recvae.recommend", "recvae.recommend_files", "recvae.recommend_parts"}),
     ("workflows", {"recvae.experiment", "recvae.refit", "recvae.tuning", "recvae.tuning.*", "recvae.serve", "recvae.serve.*"}),
     ("command line", {"recvae.cli", "recvae.cli.*", "recvae.launch", "recvae.__main__"}),
 ]
