@@ -44,11 +44,12 @@ from recvae.models.training_loop import (  # noqa: F401  (NonFiniteLossError: pa
 WEIGHTS_FILE = "weights.pt"
 KL_WEIGHTINGS = ("uniform", "activity")
 #: default early stopping: 50 epochs without a validation gain. The benchmark tables
-#: (benchmarks/results/ml-*.json: 95 runs of Mult-VAE, Mult-DAE and the binary VAE on 3 data sets
-#: x 5 seeds, made with paper_table's --patience 50) never went 50 epochs without a gain before
-#: their best epoch, and 30 or 40 would have cut 16 or 7 of them short (up to 6.9% of the best
-#: NDCG@100 lost; 20: 37 runs, up to 17%): on small data the validation curve dips for dozens of
-#: epochs while beta grows. A run that peaks at epoch 5 stops at 55 instead of 200.
+#: (benchmarks/results/ml-*.json: 80 runs of Mult-VAE, Mult-DAE and the binary VAE, ML-100K, ML-1M
+#: and ml-latest-small x 5 seeds, made with paper_table's --patience 50, so 50 reproduces them
+#: exactly) never went 50 epochs without a gain before their best epoch, while 40, 30 or 20 would
+#: have cut 7, 16 or 37 of them short (up to 6.9%, 6.9% or 17% of the best NDCG@100 lost): on
+#: small data the validation curve dips for dozens of epochs while beta grows. A run that peaks
+#: at epoch 5 stops at 55 instead of 200.
 PATIENCE = 50
 PRECISIONS = ("auto", "fp32", "bf16")
 
