@@ -233,8 +233,8 @@ def run_seed(seed: int, data: Interactions, args, models, budget: TimeBudget, re
     common = dict(device=args.device, precision=args.precision, random_state=seed)
     if args.epochs is not None:
         common["epochs"] = args.epochs
-    if args.patience is not None:
-        common["patience"] = args.patience
+    # every neural run gets --patience (default 50, the committed tables' protocol), never the library's default
+    common["patience"] = args.patience
 
     def stop() -> bool:
         if budget.exhausted():
@@ -289,7 +289,7 @@ def run_seed(seed: int, data: Interactions, args, models, budget: TimeBudget, re
                 params = {**search.best.params, "precision": other}
                 if args.compare_precision == "timing":
                     params["epochs"] = min(5, params.get("epochs", 200))
-                    params.pop("patience", None)
+                    params["patience"] = None  # seconds per epoch: every epoch, whatever the library's default
                 trials("multvae:").run("other-precision", "multvae", params)
                 results["multvae:other-precision"]["mode"] = args.compare_precision
         if "multdae" in models:

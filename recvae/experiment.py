@@ -28,7 +28,9 @@ from recvae.models.registry import is_neural, trains_by_epochs
 from recvae.models.training_loop import CheckpointMismatch, NonFiniteLossError
 from recvae.optional import available
 from recvae.rundir import CHECKPOINT_FILE, CURVE_FILE, RUN_JSON, RunDir, RunFinished
-from recvae.settings import RunConfig, check, check_run_options, check_split, describe, resume_differences
+from recvae.settings import (
+    RunConfig, check, check_run_options, check_split, describe, resume_differences, resumed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +79,9 @@ def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: 
     main = distributed.current().is_main  # with several processes, rank 0 alone writes the run
     if run_dir is not None and main:  # the others could see rank 0's files
         _check_run_dir(run_dir, config, resume, overwrite)
+    if resume and run_dir is not None and run_dir.file(RUN_JSON).is_file():
+        config = resumed(config, run_dir.read_description())  # what it is not given again, as it started
+        estimator = check(config)
     plot = available("matplotlib")
     if run_dir is not None and not plot:
         logger.warning("matplotlib is not installed: no learning_curve.png (pip install 'recvae[plot]')")

@@ -11,7 +11,7 @@ and ``runtime`` roles, :mod:`recvae.models.params`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from recvae import __version__
 from recvae.data.source import DataSpec
@@ -23,6 +23,11 @@ from recvae.models.params import forced
 
 #: ``RunConfig.holdout``: the paper's held-out validation and test users, or none (every user trains)
 HOLDOUTS = ("users", "none")
+
+#: hyperparameters a resumed run takes from its ``run.json`` when they are not given again:
+#: ``patience``, whose default changed from None (every epoch) to early stopping, so that a run
+#: written before goes on as it started (``run.json`` recorded ``patience: null``, or nothing)
+KEPT_ON_RESUME = ("patience",)
 
 
 @dataclass
@@ -54,7 +59,7 @@ class RunConfig:
 def check(config: RunConfig):
     """Every rule of ``config``, before anything is read or written: the model's hyperparameters
     (returns the unfitted model), the split's settings and the rules across settings."""
-    estimator = make_model(config.model, **config.params)
+    estimator = make_model(config.model, **run_params(config))
     config.data.check_optional()
     check_split(config)
     return estimator
@@ -103,6 +108,42 @@ def split_settings(config: RunConfig) -> dict:
     return settings
 
 
+def run_params(config: RunConfig) -> dict:
+    """The hyperparameters the run's model is made with: those given; without held-out users
+    (``holdout="none"``) no early stopping either, so the ``patience`` default, which needs
+    validation, does not apply (and ``run.json`` says so: ``patience: null``). A ``patience``
+    given there is refused by :func:`check_split`."""
+    params = dict(config.params)
+    if config.holdout == "none" and "patience" in model_class(config.model)._param_names():
+        params.setdefault("patience", None)
+    return params
+
+
+def resumed(config: RunConfig, saved: dict) -> RunConfig:
+    """``config`` resuming the run ``saved`` (its ``run.json``): each of :data:`KEPT_ON_RESUME`
+    not given takes the run's value (:func:`read_record`)."""
+    if saved.get("model") != config.model:
+        return config  # refused by resume_differences
+    recorded = read_record(config.model, model_class(config.model)._params_from_json(saved.get("params") or {}))
+    kept = {k: recorded[k] for k in KEPT_ON_RESUME if k in recorded and k not in config.params}
+    return replace(config, params={**kept, **config.params}) if kept else config
+
+
+def to_record(model: str, params: dict) -> dict:
+    """``params`` (those given) as a record that is read again later holds them (a ``tune``
+    trial's): with each of :data:`KEPT_ON_RESUME` that ``model`` takes, given or its default,
+    so a version with another default makes the same model of it."""
+    defaults = model_class(model)().get_params()
+    return {**{k: defaults[k] for k in KEPT_ON_RESUME if k in defaults}, **params}
+
+
+def read_record(model: str, params: dict) -> dict:
+    """A record's ``params`` read again: one of :data:`KEPT_ON_RESUME` it lacks was written
+    before it was recorded, when its default was None."""
+    names = model_class(model)._param_names()
+    return {**{k: None for k in KEPT_ON_RESUME if k in names}, **params}
+
+
 def model_params(model: str, params: dict) -> dict:
     """Every hyperparameter of ``model``: ``params`` over its defaults, as JSON stores them."""
     estimator = make_model(model, **params)
@@ -117,7 +158,7 @@ def describe(config: RunConfig, split=None, kept: dict | None = None) -> dict:
         "data": asdict(config.data),
         "split_settings": split_settings(config),
         "model": config.model,
-        "params": model_params(config.model, config.params),
+        "params": model_params(config.model, run_params(config)),
         "ks": list(config.ks),
     }
     if config.refit_of is not None:

@@ -33,7 +33,7 @@ def add_parser(sub, common) -> None:
     mode.add_argument("--overwrite", action="store_true", help="empty the run directory --out first")
     mode.add_argument("--resume", action="store_true",
                       help="continue the run in --out from its checkpoint (same options; --epochs, --patience, "
-                           "--lr, --device, --precision may change)")
+                           "--lr, --device, --precision may change; without --patience, the run's own)")
     t.add_argument("--keep-checkpoint", action="store_true",
                    help="keep checkpoint.pt when training finishes (to --resume with more --epochs later)")
     t.add_argument("--show", type=int, default=3, metavar="N", help="print top-10 lists for N test users (default 3)")

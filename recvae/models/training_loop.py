@@ -28,7 +28,7 @@ from recvae.errors import ParameterError, RecvaeError
 from recvae.models.base import as_csr
 from recvae.models.device import resolve_device, resolve_precision
 from recvae.models.sparse_layers import BatchPart, SparseBatch
-from recvae.progress import bar, interactive
+from recvae.progress import bar, interactive, say
 
 logger = logging.getLogger(__name__)
 
@@ -322,7 +322,8 @@ class TrainingLoop:
         est.precision_ = self.precision
         epochs = bar(range(state["epoch"], int(est.epochs)), show=self.show_progress, desc=type(est).__name__,
                      initial=state["epoch"], total=int(est.epochs))
-        plain = self.show_progress and not interactive()  # a log file: one line per epoch, no bar
+        speak = self.show_progress and self.group.is_main  # one process's lines under torchrun
+        plain = speak and not interactive()  # a log file: one line per epoch, no bar
         for epoch in epochs:
             if state["stopped"]:
                 break
@@ -344,7 +345,6 @@ class TrainingLoop:
                     state["bad_epochs"] += 1
                 if est.patience is not None and state["bad_epochs"] >= est.patience:
                     state["stopped"] = True
-                    logger.info("early stop after epoch %d: no improvement for %d epochs", epoch + 1, est.patience)
             state["epoch"] = epoch + 1
             state["history"].append(row)
             if self.validate is None:  # kept in case a later epoch diverges (with validation, best_state is)
@@ -354,7 +354,10 @@ class TrainingLoop:
             if self.show_progress:
                 epochs.set_postfix(loss=f"{row['loss']:.2f}", ndcg=row[VALIDATION_METRIC], refresh=False)
             if plain:
-                logger.info("%s", epoch_line(row, int(est.epochs), est._variational))
+                say(logger, True, "%s", epoch_line(row, int(est.epochs), est._variational))
+            if state["stopped"]:
+                say(logger, speak, "early stop after epoch %d: no validation NDCG@100 gain in %d epochs; keeping "
+                    "epoch %d (patience none trains every epoch)", epoch + 1, est.patience, state["best_epoch"])
             info = EpochEnd(est, row, state["history"], self.checkpoint, self.group.is_main)
             for callback in self.callbacks:
                 callback.on_epoch_end(info)

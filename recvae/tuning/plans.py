@@ -120,8 +120,9 @@ def beta_heuristic(trials: Trials, model: str, params: dict, suffix: str = "") -
 
 
 def paper_params(params: dict) -> dict:
-    """Mult-VAE as published: only the run settings of ``params``, the paper's network and schedule."""
-    return {k: v for k, v in params.items() if k in RUN_SETTINGS}
+    """Mult-VAE as published: only the run settings of ``params``, the paper's network and schedule,
+    and no early stopping unless ``params`` give a ``patience`` (the notebook trains every epoch)."""
+    return {"patience": None, **{k: v for k, v in params.items() if k in RUN_SETTINGS}}
 
 
 def multvae_trials(trials: Trials, params: dict, points=({},), network: dict | None = None) -> None:

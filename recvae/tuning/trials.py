@@ -12,6 +12,7 @@ from recvae.evaluation import evaluate, evaluated_users
 from recvae.models import make_model
 from recvae.models.registry import is_neural, trains_by_epochs
 from recvae.models.training_loop import NonFiniteLossError
+from recvae.settings import read_record, to_record
 from recvae.tuning import spaces
 
 logger = logging.getLogger("recvae.tuning")
@@ -53,6 +54,7 @@ class Trial:
     @classmethod
     def from_record(cls, record: dict) -> "Trial":
         params = {k: tuple(v) if isinstance(v, list) else v for k, v in record["params"].items()}
+        params = read_record(record["model"], params)  # a trial of an earlier version: as it ran
         return cls(record["name"], record["model"], params, float(record["validation"]),
                    float(record.get("seconds") or 0.0), record.get("best_epoch"), record.get("beta"),
                    note=record.get("note"))
@@ -90,6 +92,7 @@ class Trials:
         """Fit ``model`` with ``params`` (early stopping on validation) and record the trial."""
         self.check_stop(name)
         estimator = make_model(model, **params)
+        params = to_record(model, params)  # refitted later (another process, a resume) as it ran now
         start = time.perf_counter()
         note = None
         try:
