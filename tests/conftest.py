@@ -7,6 +7,7 @@ Synthetic data: ``data`` (a planted-cluster matrix and a fold-in split, tests/sy
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,16 @@ def _real_data_dir() -> Path | None:
         if c and (Path(c) / "ml-100k" / "u.data").exists():
             return Path(c)
     return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sigint_as_in_a_terminal():
+    """The signal tests send SIGINT to commands (in this process and in children): a suite started
+    as a background job of a non-interactive shell (`bash .ci/run &`) inherits SIGINT ignored,
+    which its children inherit too, and a Ctrl-C would then stop nothing. Restore the default."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
 
 
 @pytest.fixture(scope="session", autouse=True)
