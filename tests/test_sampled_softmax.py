@@ -18,6 +18,7 @@ from recvae.cli import main
 from recvae.evaluation import evaluate
 from recvae.models.sampled_softmax import Negatives, NegativeSampler, sampled_output_nll
 from recvae.models.sparse_layers import SparseBatch, output_layer_nll
+from recvae.models.recvae import RecVAE
 from recvae.models.vae import MultDAE, MultVAE
 from recvae.recommend import RunRecommender
 from test_recommend_cli import make_log
@@ -258,6 +259,8 @@ def test_the_command_line_refuses_sampled_softmax_for_recvae_and_bad_values(samp
             str(sampled_run.parent / "never")]
     assert main([*base, "--model", "recvae", "--softmax", "sampled"]) == 2
     assert "--model recvae: does not take --softmax" in capsys.readouterr().err
+    with pytest.raises(TypeError, match="unexpected keyword argument 'softmax'"):  # its decoder: full softmax only
+        RecVAE(softmax="sampled")
     with pytest.raises(SystemExit):
         main([*base, "--model", "multdae", "--softmax", "approximate"])
     assert "argument --softmax: expected one of full, sampled, got 'approximate'" in capsys.readouterr().err

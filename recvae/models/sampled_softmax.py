@@ -84,7 +84,7 @@ class NegativeSampler:
             raise ParameterError("proposal", f"expected one of {', '.join(map(repr, PROPOSALS))}, got {proposal!r}")
         self.n_items, self.n_negatives, self.proposal = int(n_items), int(n_negatives), proposal
         self.probabilities: np.ndarray | None = None  # q (float64), popularity only
-        self._cdf: dict[torch.device, torch.Tensor] = {}
+        self._cdf: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         if proposal == "popularity":
             if item_counts is None or len(item_counts) != self.n_items:
                 raise ValueError("popularity proposal: item_counts must hold one count per item")
@@ -107,15 +107,16 @@ class NegativeSampler:
                 items = torch.randperm(I, generator=generator, device=device)[:S].sort().values
             log_weight = torch.full((len(items),), -math.log(min(S, I) / I), device=device)
             return Negatives(items, log_weight)
-        cdf = self._cdf.get(torch.device(device))
-        if cdf is None:
-            cdf = torch.as_tensor(np.cumsum(self.probabilities), device=device)
-            self._cdf[torch.device(device)] = cdf
+        kept = self._cdf.get(torch.device(device))
+        if kept is None:  # (cumulative q, q) on the device, made once
+            kept = (torch.as_tensor(np.cumsum(self.probabilities), device=device),
+                    torch.as_tensor(self.probabilities, device=device))
+            self._cdf[torch.device(device)] = kept
+        cdf, q = kept
         u = torch.rand(S, generator=generator, device=device, dtype=torch.float64) * cdf[-1]
         draws = torch.searchsorted(cdf, u, right=True).clamp_(max=I - 1)
         items, counts = torch.unique(draws, return_counts=True)
-        q = torch.as_tensor(self.probabilities, device=device)[items]
-        return Negatives(items, (counts.double().log() - (S * q).log()).float())
+        return Negatives(items, (counts.double().log() - (S * q[items]).log()).float())
 
 
 class _GatherRows(torch.autograd.Function):
