@@ -201,8 +201,10 @@ def markdown(report: dict) -> str:
              f"{'yes' if m['avx512_bf16'] else 'no'}, AMX {'yes' if m['amx_bf16'] else 'no'}); torch {m['torch']}; "
              f"load average {report['load_average_before']} before, {report['load_average_after']} after "
              "(a shared machine reads slower; rerun alone for the record).", "",
-             "| catalogue | softmax | ms / batch | peak RSS during the steps (GB) | items touched (M) |",
-             "|---|---|---:|---:|---:|"]
+             ]
+    if report["speed"]:
+        lines += ["| catalogue | softmax | ms / batch | peak RSS during the steps (GB) | items touched (M) |",
+                  "|---|---|---:|---:|---:|"]
     for r in report["speed"]:
         ms = "n/a" if r["ms_per_batch"] is None else f"{r['ms_per_batch']:.1f}"
         if r.get("projected"):
@@ -238,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--epochs", type=int, default=None, help="training epochs of the accuracy part (default: the model's)")
     p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--tiny", action="store_true", help="2,000 / 20,000 items, one seed, 5 epochs: a check in seconds")
     p.add_argument("--out", default=None, help="results prefix (default benchmarks/results/sampled_softmax; "
                                                "--tiny: print only)")
@@ -259,8 +262,11 @@ def main(argv: list[str] | None = None) -> dict:
     words = sys.argv[1:] if argv is None else argv
     report = {"machine": machine(), "load_average_before": [round(v, 2) for v in os.getloadavg()],
               "command": " ".join(["python benchmarks/sampled_softmax.py", *words])}
-    print(f"speed (ms per training step of {BATCH} users; load average {report['load_average_before']})", flush=True)
-    report["speed"] = speed(args)
+    report["speed"] = []
+    if not args.skip_speed:
+        print(f"speed (ms per training step of {BATCH} users; load average {report['load_average_before']})",
+              flush=True)
+        report["speed"] = speed(args)
     if not args.skip_accuracy:
         print(f"accuracy on {args.dataset}", flush=True)
         report["accuracy"] = accuracy(args)
