@@ -182,7 +182,7 @@ def accuracy(args) -> dict:
             print(f"  {args.dataset} seed {seed} {name:24s} test NDCG@100 {values.mean():.4f} (best epoch "
                   f"{model.best_epoch_})", flush=True)
     out = {"dataset": args.dataset, "n_items": int(data.n_items), "seeds": list(args.seeds), "model": "multdae",
-           "configs": {}}
+           "epochs": args.epochs, "configs": {}}
     for name in ACCURACY:
         entry = {"ndcg@100": float(np.mean(np.concatenate(per_config[name]))),
                  "train_seconds_per_seed": seconds[name] / len(args.seeds)}
@@ -216,7 +216,8 @@ def markdown(report: dict) -> str:
                          f"{r['touched_items']:,} |")
     acc = report.get("accuracy")
     if acc:
-        lines += ["", f"Accuracy on {acc['dataset']} ({acc['n_items']:,} items), Mult-DAE defaults, split seeds "
+        schedule = f"{acc['epochs']} epochs" if acc.get("epochs") else "defaults"
+        lines += ["", f"Accuracy on {acc['dataset']} ({acc['n_items']:,} items), Mult-DAE ({schedule}), split seeds "
                   f"{acc['seeds']}: test NDCG@100 pooled over the seeds' test users; the difference to the full "
                   "softmax paired by user, 95% bootstrap interval, seeds won.", "",
                   "| softmax | NDCG@100 | − full [95% CI] (wins) | train s / seed |", "|---|---:|---:|---:|"]
