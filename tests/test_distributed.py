@@ -212,6 +212,18 @@ def test_binary_latent_two_processes_give_the_one_process_model(log_csv, tmp_pat
 
 
 @pytest.mark.slow
+def test_sampled_softmax_two_processes_give_the_one_process_model(log_csv, tmp_path):
+    """The shared negatives are drawn once per global batch from the same generator on every
+    process, after the step's other random numbers: each user's loss is the one-process one."""
+    extra = ["--softmax", "sampled", "--n-negatives", "30", "--proposal", "popularity"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*_train_args(["--data", str(log_csv)], one), *extra]) == 0
+    _two_processes([*_train_args(["--data", str(log_csv)], two), *extra])
+    _assert_same_run(two, one)
+    assert json.loads((two / "run.json").read_text())["params"]["softmax"] == "sampled"
+
+
+@pytest.mark.slow
 def test_recvae_two_processes_give_the_one_process_model(log_csv, tmp_path):
     """RecVAE's encoder and decoder passes split as Mult-VAE's updates: dropout and noise drawn
     for the global batch, each phase's gradients summed. Every pass ends on a batch of one user,

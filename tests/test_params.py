@@ -91,7 +91,8 @@ def test_sklearn_clone_sees_every_hyperparameter():
 def test_what_a_resume_keeps_is_the_architecture_role():
     # the list the estimators and run.json's resume checks once kept by hand, now the role's
     assert forced(MultVAE.PARAMETERS) == ("hidden_dims", "latent_dim", "dropout", "activation", "lam", "anneal_cap",
-                                          "total_anneal_steps", "beta", "kl_weighting", "batch_size", "random_state")
+                                          "total_anneal_steps", "beta", "kl_weighting", "batch_size", "random_state",
+                                          "softmax", "n_negatives", "proposal", "proposal_alpha")
     assert set(resumable("multvae")) == {"epochs", "lr", "patience", "device", "precision", "eval_batch_size"}
     assert resumable("ease") == ("dtype",)
     assert MultVAE._resume_keys() == forced(MultVAE.PARAMETERS)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recvae.errors import ParameterError
+from recvae.models.sampled_softmax import NegativeSampler, sampled_output_nll
 from recvae.models.sparse_layers import (
     SparseBatch,
     Workspace,
@@ -139,6 +140,9 @@ class MultNetwork(nn.Module):
         self.output_bias = nn.Parameter(torch.empty(config.n_items))
         self.workspace = Workspace()  # reused B x I buffers; not part of the state dict
         self.score_dtype: torch.dtype | None = None  # the output layer's product in eval mode (None: h's)
+        #: set by the estimator for ``softmax="sampled"``: :meth:`loss` then draws shared negatives
+        #: (:mod:`recvae.models.sampled_softmax`); None: the full softmax. Scoring is always full.
+        self.sampler: NegativeSampler | None = None
         self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -200,11 +204,17 @@ class MultNetwork(nn.Module):
     def loss(self, batch: SparseBatch, beta: float = 1.0, generator: torch.Generator | None = None,
              kl_weights: torch.Tensor | None = None) -> LossTerms:
         """Training objective of one batch: multinomial NLL (averaged over users) + beta * KL.
+        The NLL is the full softmax's, or its sampled estimate when :attr:`sampler` is set.
 
         ``kl_weights`` (B,) scale each user's KL term (see ``MultVAE(kl_weighting=...)``); None: 1.
         """
         z, posterior = self._latent(batch, generator)
-        nll = output_layer_nll(self._hidden(z), self.output_weight, self.output_bias, batch, self.workspace)
+        h = self._hidden(z)
+        if self.sampler is None:
+            nll = output_layer_nll(h, self.output_weight, self.output_bias, batch, self.workspace)
+        else:  # drawn after the step's other random numbers: the full softmax's draws are unchanged
+            nll = sampled_output_nll(h, self.output_weight, self.output_bias, batch,
+                                     self.sampler.draw(generator, h.device), self.workspace)
         if posterior is None:
             kl = torch.zeros((), device=nll.device)
         else:

@@ -27,6 +27,7 @@ from recvae import metrics as M
 from recvae.errors import ParameterError, RecvaeError
 from recvae.models.base import as_csr
 from recvae.models.device import resolve_device, resolve_precision
+from recvae.models.params import json_params
 from recvae.models.sparse_layers import BatchPart, SparseBatch
 from recvae.progress import bar, interactive, say
 
@@ -302,9 +303,9 @@ class TrainingLoop:
                 or ckpt["fingerprint"] != fingerprint(X):
             raise CheckpointMismatch(f"was trained on other data (shape {ckpt['n_users']}x{ckpt['n_items']}, "
                                      f"{ckpt['nnz']} interactions; now {X.shape[0]}x{X.shape[1]}, {X.nnz})")
-        saved, now = json.loads(ckpt["params"]), est._json_params()
-        if est._variational:
-            saved.setdefault("kl_weighting", "uniform")  # checkpoints from before the option: the paper's
+        now = est._json_params()
+        # checkpoints from before an option (kl_weighting, softmax, ...) ran its default
+        saved = {**json_params(type(est).PARAMETERS, {}), **json.loads(ckpt["params"])}
         diff = [k for k in est._resume_keys() if saved.get(k) != now.get(k)]
         if diff:
             detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff)

@@ -36,6 +36,7 @@ from recvae.models.base import (
 )
 from recvae.models.device import resolve_device, stored_device
 from recvae.models.networks import ACTIVATIONS, MultNetwork, NetworkConfig, build_network
+from recvae.models.sampled_softmax import PROPOSALS, SOFTMAXES, NegativeSampler
 from recvae.models.sparse_layers import SCORE_DTYPES, SparseBatch
 from recvae.models.training_loop import (  # noqa: F401  (NonFiniteLossError: part of this module's interface)
     NonFiniteLossError, TrainingLoop, as_validation, make_optimizer, training_step,
@@ -94,6 +95,21 @@ TRAINING = (
     Param("eval_batch_size", Int(1), 2000, "runtime", "users scored at once for validation"),
 )
 
+#: the training loss's softmax (Mult-VAE, Mult-DAE and the binary VAE): the full one over every
+#: item, or a sampled estimate for catalogues too large for it (:mod:`recvae.models.sampled_softmax`)
+SOFTMAX = (
+    Param("softmax", Choice(SOFTMAXES), "full", "architecture",
+          "the training loss's softmax: full (every item, the paper) or sampled (each user's items and "
+          "n_negatives negatives shared by the batch, log-Q corrected; for very large catalogues); "
+          "scoring and validation always use every item"),
+    Param("n_negatives", Int(1), 1000, "architecture", "softmax=sampled: negatives drawn per batch",
+          tune=Tune()),
+    Param("proposal", Choice(PROPOSALS), "uniform", "architecture",
+          "softmax=sampled: the negatives' distribution: uniform (distinct items) or popularity "
+          "(item count ** proposal_alpha, with replacement)", tune=Tune()),
+    Param("proposal_alpha", Float(0.0), 0.75, "architecture", "proposal=popularity: the item counts' exponent"),
+)
+
 
 class _AutoencoderRecommender(Recommender):
     """Shared estimator code; subclasses set ``_variational`` and their ``__init__`` defaults.
@@ -146,6 +162,7 @@ class _AutoencoderRecommender(Recommender):
         """One epoch of updates: every training user once, in batches, in a fresh order.
         Returns the per-user mean (loss, nll, kl) and the beta of the last update."""
         schedule = self._schedule()
+        network.sampler = self._sampler(X)
         # kl_weighting="activity": user u's KL weighted by n_u / (mean n over training users)
         activity = self._variational and self.kl_weighting == "activity"
         kl_scale = X.shape[0] / max(float(X.sum()), 1e-12) if activity else None
@@ -158,6 +175,12 @@ class _AutoencoderRecommender(Recommender):
         # every epoch reseeds from (seed, epoch): the checkpoint's seed is the whole RNG state
         order = np.random.default_rng([loop.seed, epoch]).permutation(X.shape[0])
         return loop.pass_over_users(order, update, epoch, f"epoch {epoch + 1}")
+
+    def _sampler(self, X: sp.csr_matrix) -> NegativeSampler | None:
+        """The negatives' sampler of ``softmax="sampled"`` for the training matrix ``X``; None: full."""
+        if getattr(self, "softmax", "full") == "full":
+            return None
+        return NegativeSampler.from_matrix(X, int(self.n_negatives), self.proposal, float(self.proposal_alpha))
 
     def _l2_penalty(self, network: MultNetwork) -> float:
         if not self.lam:
@@ -341,7 +364,7 @@ class MultVAE(_AutoencoderRecommender):
     """
 
     _variational = True
-    PARAMETERS = (*NETWORK, *KL_SCHEDULE, *TRAINING)
+    PARAMETERS = (*NETWORK, *KL_SCHEDULE, *TRAINING, *SOFTMAX)
 
 
 class MultDAE(_AutoencoderRecommender):
