@@ -103,7 +103,7 @@ def test_parse_space_forms_defaults_and_fixed_values():
     ("kl_weighting=cat:", ("multvae",), "space kl_weighting=cat:: no values"),
     ("gamma=log:0.001:0.01", ("multvae", "ease"), "space gamma=log:0.001:0.01: 'gamma' is not tunable for "
                                                   "multvae, ease; tunable: hidden_dim, latent_dim, dropout, "
-                                                  "kl_weighting, lr, l2"),
+                                                  "kl_weighting, lr, n_negatives, proposal, l2"),
 ])
 def test_parse_space_errors_name_the_entry_and_the_form(spec, models, message):
     with pytest.raises(ValueError) as info:
