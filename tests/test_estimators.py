@@ -17,7 +17,7 @@ from recvae.models.base import Recommender
 from recvae.models.registry import unregister
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL = ["multvae", "multdae", "binary-multvae", "recvae", "ease", "edlae", "popularity"]
+ALL = ["multvae", "multdae", "binary-multvae", "recvae", "multvae-linear", "ease", "edlae", "popularity"]
 
 
 def test_the_library_registers_its_models_once():

@@ -151,6 +151,9 @@ class MultVAELinear(MultVAE):
               "refuse a catalogue whose item-item matrix needs more GB while fitting (n_items^2 x 12 bytes)"),
     ))
 
+    def _check_catalogue(self, n_items: int) -> None:
+        check_linear_memory(n_items, float(self.max_linear_gb))
+
     def _build_network(self, n_items: int, generator: torch.Generator | None = None) -> LinearPathNetwork:
         network = LinearPathNetwork(self._config(n_items), generator, weight=float(self.linear_weight),
                                     learned=self.linear_weight_mode == "learned")
@@ -172,7 +175,7 @@ class MultVAELinear(MultVAE):
         self._check_params()
         X = training_matrix(train, non_negative=self._non_negative_input)
         n = X.shape[1]
-        check_linear_memory(n, float(self.max_linear_gb))
+        self._check_catalogue(n)
         t0 = time.perf_counter()
         B = linear_path(X, float(self.l2), float(self.p)) if distributed.current().rank == 0 else None
         self._linear = distributed.broadcast_array(B, (n, n), np.float32)
