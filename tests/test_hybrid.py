@@ -147,6 +147,17 @@ def test_a_learned_weight_moves_and_keeps_its_own_learning_rate(data):
     assert float(fixed.module_.linear_weight) == 2.0 and "linear_weight" in fixed.module_.state_dict()
 
 
+def test_bf16_training_runs_the_offset_through_autocast(data):
+    train, validation = data
+    runs = [make_model("multvae-linear", **{**TINY, "precision": precision}, linear_weight_mode="learned").fit(
+        train, validation, show_progress=False) for precision in ("fp32", "bf16")]
+    assert runs[1].precision_ == "bf16"
+    for a, b in zip(*(r.history_ for r in runs)):
+        assert np.isfinite(b["loss"]) and b["loss"] == pytest.approx(a["loss"], rel=0.05)
+    assert float(runs[1].module_.linear_weight.detach()) == pytest.approx(float(runs[0].module_.linear_weight.detach()),
+                                                                         abs=0.05)
+
+
 def test_a_catalogue_beyond_the_memory_bound_is_refused_in_one_line(data):
     with pytest.raises(ParameterError) as info:
         check_linear_memory(41_140, 8.0)
