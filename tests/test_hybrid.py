@@ -86,6 +86,18 @@ def test_with_w_zero_it_is_mult_vae_bit_for_bit(data):
     np.testing.assert_array_equal(hybrid.score(validation[0]), vae.score(validation[0]))
 
 
+def test_added_when_scoring_the_vae_trains_alone(data):
+    # linear_weight_mode="scoring": training is Mult-VAE's (the same updates), the scores add w * x B
+    train, validation = data
+    hybrid = make_model("multvae-linear", **TINY, linear_weight=4.0, linear_weight_mode="scoring").fit(
+        train, show_progress=False)
+    vae = MultVAE(**TINY).fit(train, show_progress=False)
+    assert [h["loss"] for h in hybrid.history_] == [h["loss"] for h in vae.history_]
+    x = validation[0]
+    expected = vae.score(x) + 4.0 * (x @ EDLAE(l2=200.0, p=0.25).fit(train).B_)
+    np.testing.assert_allclose(hybrid.score(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def planted_pairs_and_groups(n_users: int, seed: int, per_group: int = 50, n_pairs: int = 20):
     """Users in 4 groups of ``per_group`` items (4 items of their group: low-rank structure a
     VAE pools over, too sparse for item-item counts) who also hold one of ``n_pairs`` item pairs

@@ -58,7 +58,8 @@ logger = logging.getLogger(__name__)
 LINEAR_FILE = "linear.npz"
 #: bytes per entry of B at the peak of ``fit``: the float64 inverse and the float32 copy kept
 PEAK_BYTES_PER_ENTRY = 8 + 4
-WEIGHT_MODES = ("fixed", "learned")
+WEIGHT_MODES = ("fixed", "learned", "scoring")
+LINEAR_INPUTS = ("full", "dropout")
 
 
 def check_linear_memory(n_items: int, max_gb: float) -> None:
@@ -86,8 +87,11 @@ class LinearPathNetwork(MultVAENetwork):
     data, or reads it from its own file), ``linear_weight`` a learned parameter or a buffer."""
 
     def __init__(self, config: NetworkConfig, generator: torch.Generator | None = None, weight: float = 1.0,
-                 learned: bool = False) -> None:
+                 learned: bool = False, linear_input: str = "full", in_training: bool = True) -> None:
         super().__init__(config, generator)  # the VAE's initialisation draws as Mult-VAE's does
+        self.linear_input = linear_input
+        self.in_training = in_training  # False: the likelihood of training is the VAE's alone
+        self._kept: torch.Tensor | None = None  # training: the encoder's dropped-out input, as raw values
         w = torch.tensor(float(weight), dtype=torch.float32)
         if learned:
             self.linear_weight = nn.Parameter(w)
@@ -102,16 +106,28 @@ class LinearPathNetwork(MultVAENetwork):
             raise ValueError(f"linear: expected a {n} x {n} matrix, got {tuple(B.shape)}")
         self.linear = torch.from_numpy(np.ascontiguousarray(B, dtype=np.float32)).to(self.output_weight.device)
 
-    def linear_scores(self, batch: SparseBatch) -> torch.Tensor:
-        """(B, I) float32 ``x B`` of the batch's raw values (EASE's scores): a weighted sum of rows of ``B``."""
+    def _input_values(self, batch: SparseBatch, generator: torch.Generator | None) -> torch.Tensor:
+        v = super()._input_values(batch, generator)
+        if self.training and self.linear_input == "dropout":
+            # the same entries dropped and the kept ones scaled by 1/(1-p), in raw values (EDLAE's input)
+            self._kept = v * (batch.values / batch.normalized)
+        return v
+
+    def linear_scores(self, batch: SparseBatch, values: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, I) float32 ``x B`` of the batch's raw values (EASE's scores; ``values``: other values
+        at the batch's nonzeros): a weighted sum of rows of ``B``."""
         if self.linear.shape != (batch.n_items, batch.n_items):
             raise RuntimeError("the linear path's matrix is not set (fit, load, or set_linear)")
+        values = batch.values if values is None else values
         with torch.autocast(batch.device.type, enabled=False):
             return F.embedding_bag(batch.cols, self.linear, batch.crow[:-1], mode="sum",
-                                   per_sample_weights=batch.values.float())
+                                   per_sample_weights=values.float())
 
-    def _offset(self, batch: SparseBatch) -> torch.Tensor:
-        return self.linear_weight * self.linear_scores(batch)
+    def _offset(self, batch: SparseBatch) -> torch.Tensor | None:
+        kept, self._kept = (self._kept if self.training else None), None
+        if self.training and not self.in_training:
+            return None
+        return self.linear_weight * self.linear_scores(batch, kept)
 
 
 class MultVAELinear(MultVAE):
@@ -144,7 +160,11 @@ class MultVAELinear(MultVAE):
               "w in logits = decoder(z) + w * x B (the starting value when learned; 0: Mult-VAE)",
               tune=Tune(space="log:1:30", grid=(3.0, 10.0, 30.0))),
         Param("linear_weight_mode", Choice(WEIGHT_MODES), "fixed", "architecture",
-              "fixed: w as declared; learned: w trained with the network (Adam, linear_weight_lr)", tune=Tune()),
+              "fixed: w as declared; learned: w trained with the network (Adam, linear_weight_lr); scoring: the VAE "
+              "trained alone, w * x B added when scoring (validation included)", tune=Tune()),
+        Param("linear_input", Choice(LINEAR_INPUTS), "full", "architecture",
+              "what the linear path reads in training: full (x) or dropout (the encoder's dropped-out x, "
+              "kept entries scaled by 1/(1-dropout)); scoring reads x", tune=Tune()),
         Param("linear_weight_lr", Float(0.0, low_open=True), 0.05, "training",
               "Adam's learning rate of a learned w (the network's is lr)"),
         Param("max_linear_gb", Float(0.0, low_open=True), 8.0, "runtime",
@@ -156,7 +176,8 @@ class MultVAELinear(MultVAE):
 
     def _build_network(self, n_items: int, generator: torch.Generator | None = None) -> LinearPathNetwork:
         network = LinearPathNetwork(self._config(n_items), generator, weight=float(self.linear_weight),
-                                    learned=self.linear_weight_mode == "learned")
+                                    learned=self.linear_weight_mode == "learned", linear_input=self.linear_input,
+                                    in_training=self.linear_weight_mode != "scoring")
         B = getattr(self, "_linear", None)  # set by fit; load sets B itself
         if B is not None:
             network.set_linear(B)
