@@ -88,7 +88,7 @@ ALL_MODELS = ("multvae", "multdae", "recvae", "binary-multvae", "ease", "popular
 #: rows run only when --models names them (the default is ALL_MODELS)
 OPTIONAL_MODELS = ("edlae", "multvae-linear")
 #: the hybrid's w, one run each (its linear path: EDLAE's choice on the same split)
-HYBRID_WEIGHTS = (3.0, 10.0, 30.0)
+HYBRID_WEIGHTS = (10.0, 30.0, 100.0)
 EASE_GRID = tuning.EASE_GRID
 LABELS = {
     "multvae": "Mult-VAE",

@@ -42,7 +42,8 @@ def vae_logits(model, x: sp.csr_matrix) -> np.ndarray:
 def test_the_logits_are_the_vaes_plus_w_times_the_linear_paths_by_hand():
     # p 0.25, l2 1: EDLAE's B = [[0, 2/5], [6/19, 0]] (by hand in tests/test_edlae.py); a user with
     # item 0 alone gets x B = [0, 2/5], so the linear path adds w * 2/5 to item 1 and nothing to item 0
-    model = make_model("multvae-linear", **{**TINY, "batch_size": 5}, l2=1.0, p=0.25, linear_weight=3.0)
+    model = make_model("multvae-linear", **{**TINY, "batch_size": 5}, l2=1.0, p=0.25, linear_weight=3.0,
+                       linear_weight_mode="fixed")
     model.fit(TWO_ITEMS, show_progress=False)
     np.testing.assert_allclose(model.module_.linear.numpy(), [[0.0, 2 / 5], [6 / 19, 0.0]], rtol=1e-6)
     x = sp.csr_matrix(np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=np.float32))
@@ -120,7 +121,8 @@ def planted_pairs_and_groups(n_users: int, seed: int, per_group: int = 50, n_pai
     return (fi + ho).tocsr(), (fi, ho)
 
 
-def test_a_planted_structure_is_recovered_better_than_by_either_part_alone():
+@pytest.mark.parametrize("mode", ["fixed", "scoring"])
+def test_a_planted_structure_is_recovered_better_than_by_either_part_alone(mode):
     train, _ = planted_pairs_and_groups(400, seed=0)
     _, validation = planted_pairs_and_groups(100, seed=1)
     _, test = planted_pairs_and_groups(100, seed=2)
@@ -135,7 +137,7 @@ def test_a_planted_structure_is_recovered_better_than_by_either_part_alone():
 
     ease = EASE(l2=10.0).fit(train)
     vae = MultVAE(**net).fit(train, validation, show_progress=False)
-    hybrid = make_model("multvae-linear", **net, l2=10.0, p=0.0, linear_weight=10.0).fit(
+    hybrid = make_model("multvae-linear", **net, l2=10.0, p=0.0, linear_weight=10.0, linear_weight_mode=mode).fit(
         train, validation, show_progress=False)
     groups = np.arange(train.shape[1]) < 200
     scores = {name: (ndcg(m), ndcg(m, groups), ndcg(m, ~groups)) for name, m in
@@ -155,7 +157,8 @@ def test_a_learned_weight_moves_and_keeps_its_own_learning_rate(data):
     w = float(w.detach())
     # 6 updates of Adam at lr 0.1 move w by at most 0.6; at the network's lr 1e-3 it would stay near 2
     assert 0.05 < abs(w - 2.0) <= 0.6 + 1e-6
-    fixed = make_model("multvae-linear", **TINY, linear_weight=2.0).fit(train, validation, show_progress=False)
+    fixed = make_model("multvae-linear", **TINY, linear_weight=2.0, linear_weight_mode="fixed").fit(
+        train, validation, show_progress=False)
     assert float(fixed.module_.linear_weight) == 2.0 and "linear_weight" in fixed.module_.state_dict()
 
 
@@ -224,7 +227,7 @@ def test_the_command_line_trains_refuses_and_tunes_it(log_csv, tmp_path, capsys)
     assert main(["-q", "recommend", str(tmp_path / "run"), "--all-users", "--k", "3",
                  "--output", str(tmp_path / "r.csv")]) == 0
     assert len(pd.read_csv(tmp_path / "r.csv")) == 3 * 300
-    assert tuning.parse_grid(None, "multvae-linear") == {"latent_dim": (50, 200), "linear_weight": (3.0, 10.0, 30.0)}
+    assert tuning.parse_grid(None, "multvae-linear") == {"latent_dim": (50, 200), "linear_weight": (10.0, 30.0, 100.0)}
     assert main(["-q", "tune", "--data", str(log_csv), "--n-heldout-users", "30", "--model", "multvae-linear",
                  "--grid", "linear_weight=1,10", "--epochs", "2", "--hidden-dims", "16", "--latent-dim", "4",
                  "--precision", "fp32", "--device", "cpu", "--out", str(tmp_path / "tune")]) == 0

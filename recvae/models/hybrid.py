@@ -156,10 +156,10 @@ class MultVAELinear(MultVAE):
         Param("p", P_ROW.kind, 0.25, "architecture",
               "the linear path's input dropout, EDLAE's: its L2 weight on item j is p/(1-p) (X^T X)_jj (0: EASE)",
               tune=Tune(space="float:0:0.75")),
-        Param("linear_weight", Float(0.0), 10.0, "architecture",
+        Param("linear_weight", Float(0.0), 30.0, "architecture",
               "w in logits = decoder(z) + w * x B (the starting value when learned; 0: Mult-VAE)",
-              tune=Tune(space="log:1:30", grid=(3.0, 10.0, 30.0))),
-        Param("linear_weight_mode", Choice(WEIGHT_MODES), "fixed", "architecture",
+              tune=Tune(space="log:3:300", grid=(10.0, 30.0, 100.0))),
+        Param("linear_weight_mode", Choice(WEIGHT_MODES), "scoring", "architecture",
               "fixed: w as declared; learned: w trained with the network (Adam, linear_weight_lr); scoring: the VAE "
               "trained alone, w * x B added when scoring (validation included)", tune=Tune()),
         Param("linear_input", Choice(LINEAR_INPUTS), "full", "architecture",
