@@ -99,6 +99,24 @@ def test_added_when_scoring_the_vae_trains_alone(data):
     np.testing.assert_allclose(hybrid.score(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_the_linear_path_reads_the_dropped_out_input_in_training_when_asked(data):
+    train, validation = data
+    fits = {inp: make_model("multvae-linear", **TINY, linear_weight_mode="fixed", linear_input=inp).fit(
+        train, show_progress=False) for inp in ("full", "dropout")}
+    losses = {inp: [h["loss"] for h in m.history_] for inp, m in fits.items()}
+    assert losses["full"] != losses["dropout"] and np.isfinite(losses["dropout"]).all()
+    # the encoder's own dropout mask (no second draw), the kept raw values scaled by 1/(1-p)
+    net = fits["dropout"].module_
+    batch = SparseBatch.from_csr(train[:5])
+    net.train()
+    net._input_values(batch, torch.Generator().manual_seed(0))
+    kept = net._kept
+    dropped = kept == 0
+    assert dropped.any() and not dropped.all()
+    torch.testing.assert_close(kept[~dropped], batch.values[~dropped] / (1 - TINY.get("dropout", 0.5)))
+    net.eval()
+
+
 def planted_pairs_and_groups(n_users: int, seed: int, per_group: int = 50, n_pairs: int = 20):
     """Users in 4 groups of ``per_group`` items (4 items of their group: low-rank structure a
     VAE pools over, too sparse for item-item counts) who also hold one of ``n_pairs`` item pairs
