@@ -274,6 +274,18 @@ def broadcast_int(value: int) -> int:
     return int(box[0])
 
 
+def broadcast_array(array: np.ndarray | None, shape: tuple, dtype) -> np.ndarray:
+    """Rank 0's ``array`` on every process (the others pass None and the ``shape`` and ``dtype``
+    it has): what rank 0 alone computed, the same bits everywhere. Outside a process group: ``array``."""
+    if not current().parallel:
+        return array
+    t = (torch.from_numpy(np.ascontiguousarray(array)) if dist.get_rank() == 0
+         else torch.empty(tuple(shape), dtype=torch.from_numpy(np.empty(0, dtype)).dtype)).to(_comm_device())
+    with _collective("the broadcast of an array"):
+        dist.broadcast(t, src=0)
+    return t.cpu().numpy()
+
+
 def barrier() -> None:
     """Wait for every process (nothing outside a process group)."""
     if current().parallel:

@@ -89,6 +89,7 @@ def run(config: RunConfig, out: str | os.PathLike | None = None, show_progress: 
         return fit_and_evaluate(load_split(config, show_progress), estimator, ks=config.ks, raise_error=True,
                                 show_progress=show_progress)
     split, recorded = load_split(config, show_progress, with_seen=True)
+    estimator._check_catalogue(split.train.n_items)  # before anything is written
     created = not run_dir.path.exists()
     with run_dir.lock() if main else contextlib.nullcontext():
         state = run_dir.state()

@@ -221,7 +221,7 @@ def _table_means(text: str, split: str) -> list[float]:
 
 
 @needs_cuda
-@pytest.mark.parametrize("model", ["multvae", "recvae"])
+@pytest.mark.parametrize("model", ["multvae", "recvae", "multvae-linear"])
 def test_a_run_trained_on_cuda_evaluates_on_the_cpu_with_the_same_metrics(model, log_csv, tmp_path, capsys):
     from recvae.experiment import REPORT_METRICS
     from recvae.rundir import RunDir

@@ -239,6 +239,21 @@ def test_recvae_two_processes_give_the_one_process_model(log_csv, tmp_path):
 
 
 @pytest.mark.slow
+def test_hybrid_two_processes_give_the_one_process_model(log_csv, tmp_path):
+    """Mult-VAE with a linear path: rank 0 computes B and sends it, so both processes train with
+    its bits; a learned w's gradient is summed as the network's are."""
+    extra = ["--model", "multvae-linear", "--l2", "50", "--linear-weight-mode", "learned"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*_train_args(["--data", str(log_csv)], one), *extra]) == 0
+    _two_processes([*_train_args(["--data", str(log_csv)], two), *extra])
+    diff = _assert_same_run(two, one)
+    print(f"multvae-linear: max |w_2proc - w_1proc| = {diff:.2e}")
+    assert "linear_weight" in _weights(two)
+    B1, B2 = (np.load(run / "model" / "linear.npz")["B"] for run in (one, two))
+    np.testing.assert_array_equal(B1, B2)
+
+
+@pytest.mark.slow
 def test_two_torchrun_agents_as_two_nodes(log_csv, reference, tmp_path):
     out = tmp_path / "nodes"
     with _Procs() as procs:

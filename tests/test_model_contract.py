@@ -167,6 +167,17 @@ class TestRecVAE(NeuralContract):
     params = dict(hidden_dims=(8, 8), encoder_epochs=1, **TINY_NET)
 
 
+class TestMultVAELinear(NeuralContract):
+    name = "multvae-linear"
+    params = dict(hidden_dims=(8,), total_anneal_steps=10, l2=10.0, **TINY_NET)
+
+
+class TestMultVAELinearLearned(NeuralContract):
+    """w learned at its own rate: a resume keeps that rate (its group names the hyperparameter)."""
+    name = "multvae-linear"
+    params = dict(hidden_dims=(8,), total_anneal_steps=10, l2=10.0, linear_weight_mode="learned", **TINY_NET)
+
+
 class TestEASE(RecommenderContract):
     name = "ease"
     params = dict(l2=10.0)

@@ -258,6 +258,10 @@ class Recommender(Habits):
         for p in self.PARAMETERS:
             p.check(getattr(self, p.name))
 
+    def _check_catalogue(self, n_items: int) -> None:
+        """:class:`ParameterError` when this model cannot be fitted on ``n_items`` items (its
+        memory bound); the command line asks before it writes anything. Nothing here."""
+
     def _json_params(self) -> dict:
         """Every hyperparameter as ``model.json`` and ``run.json`` store it."""
         if not self.PARAMETERS:

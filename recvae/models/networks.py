@@ -189,13 +189,19 @@ class MultNetwork(nn.Module):
         """KL(q(z|x) || prior) averaged over the batch, users weighted by ``kl_weights``."""
         return gaussian_kl(*posterior, weights=kl_weights)
 
+    def _offset(self, batch: SparseBatch) -> torch.Tensor | None:
+        """(B, I) float32 scores of another path added to the logits (:mod:`recvae.models.hybrid`); None here."""
+        return None
+
     # -- public -----------------------------------------------------------------------------
     def forward(self, batch: SparseBatch, generator: torch.Generator | None = None) -> torch.Tensor:
         """Dense float32 logits (B, I). In eval mode: no dropout and z = mu."""
         z, _ = self._latent(batch, generator)
         h = self._hidden(z)
-        return output_logits(h, self.output_weight, self.output_bias, self.workspace,
-                             None if self.training else self.score_dtype)
+        logits = output_logits(h, self.output_weight, self.output_bias, self.workspace,
+                               None if self.training else self.score_dtype)
+        offset = self._offset(batch)
+        return logits if offset is None else logits + offset
 
     def latent(self, batch: SparseBatch) -> torch.Tensor:
         """(B, latent_dim): what the decoder reads in eval mode (mu, the code, the bits' probabilities)."""
@@ -210,8 +216,12 @@ class MultNetwork(nn.Module):
         """
         z, posterior = self._latent(batch, generator)
         h = self._hidden(z)
+        offset = self._offset(batch)
         if self.sampler is None:
-            nll = output_layer_nll(h, self.output_weight, self.output_bias, batch, self.workspace)
+            nll = output_layer_nll(h, self.output_weight, self.output_bias, batch, self.workspace, offset)
+        elif offset is not None:
+            raise ParameterError("softmax", "the sampled softmax does not take a linear path trained with the "
+                                            "network (linear_weight_mode 'fixed' or 'learned'): use softmax='full'")
         else:  # drawn after the step's other random numbers: the full softmax's draws are unchanged
             nll = sampled_output_nll(h, self.output_weight, self.output_bias, batch,
                                      self.sampler.draw(generator, h.device), self.workspace)

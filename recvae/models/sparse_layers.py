@@ -286,7 +286,7 @@ def _logsumexp_from_softmax(logits, probs, picked, batch: SparseBatch) -> torch.
 
 class _OutputLayerNLL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, bias, batch: SparseBatch, workspace: Workspace, cd: torch.dtype):
+    def forward(ctx, h, weight, bias, batch: SparseBatch, workspace: Workspace, cd: torch.dtype, offset=None):
         B, I = batch.n_rows, batch.n_items
         dev = h.device
         if cd == weight.dtype:
@@ -298,6 +298,8 @@ class _OutputLayerNLL(torch.autograd.Function):
         h_c = h.to(cd).contiguous()
         logits = workspace.get("logits", (B, I), cd, dev)
         torch.addmm(b_c, h_c, w_c.t(), out=logits)
+        if offset is not None:
+            logits.add_(offset)
         flat = batch.rows * I + batch.cols
         picked = logits.view(-1)[flat].float()
         probs = workspace.get("probs", (B, I), cd, dev)
@@ -331,10 +333,12 @@ class _OutputLayerNLL(torch.autograd.Function):
         g.view(-1).index_add_(0, flat, (-b.values[has] / n[b.rows][has]).to(cd))
         cn = c * n  # (B,) per-row scale, applied to the small factors instead of the B x I one
         grad_h = torch.mm(g, ctx.w_c).float().mul_(cn[:, None]).to(ctx.h_dtype) if ctx.needs_input_grad[0] else None
+        # an offset's gradient is the logits' own (a B x I tensor: only for an offset that learns)
+        grad_offset = g.float() * cn[:, None] if ctx.needs_input_grad[6] else None  # a new tensor: g is read on
         if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
             # a frozen output layer (RecVAE's encoder phase): skip the I x H product
             ctx.probs = ctx.w_c = ctx.h_c = None
-            return grad_h, None, None, None, None, None
+            return grad_h, None, None, None, None, None, grad_offset
         fresh = _grad_buffer(weight, ctx.workspace, "output_weight_grad")
         if cd == weight.dtype:
             hs = ctx.h_c * cn[:, None]
@@ -356,20 +360,22 @@ class _OutputLayerNLL(torch.autograd.Function):
             weight.grad.copy_(gw[:, :H]) if fresh is not None else weight.grad.add_(gw[:, :H].float())
             _accumulate(bias, gw[:, H])
         ctx.probs = ctx.w_c = ctx.h_c = None
-        return grad_h, None, None, None, None, None
+        return grad_h, None, None, None, None, None, grad_offset
 
 
 def output_layer_nll(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, batch: SparseBatch,
-                     workspace: Workspace | None = None) -> torch.Tensor:
+                     workspace: Workspace | None = None, offset: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over the batch's users of the multinomial NLL of ``batch`` under ``softmax(h W^T + b)``.
 
     ``weight`` is (I, H) like ``nn.Linear(H, I).weight``. Matmuls run in the autocast dtype when
     autocast is on (bf16), else float32; the softmax reads bf16 logits with float accumulation
     then, so the loss value carries the bf16 rounding of the logits (~1e-2 absolute).
+    ``offset`` (B, I), when given, is added to the logits before the softmax (another path's
+    scores, :mod:`recvae.models.hybrid`); its gradient flows back when it requires one.
     """
     cd = compute_dtype(h.device.type)
     with torch.autocast(h.device.type, enabled=False):
-        return _OutputLayerNLL.apply(h, weight, bias, batch, workspace or Workspace(), cd)
+        return _OutputLayerNLL.apply(h, weight, bias, batch, workspace or Workspace(), cd, offset)
 
 
 #: dtypes the output layer can score in (see :func:`output_logits`)

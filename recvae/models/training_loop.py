@@ -82,13 +82,17 @@ def fingerprint(X: sp.csr_matrix) -> int:
     return zlib.crc32(np.ascontiguousarray(X.indices).tobytes(), crc)
 
 
-def make_optimizer(network, lr: float = 1e-3, lam: float = 0.0) -> torch.optim.Adam:
+def make_optimizer(network, lr: float = 1e-3, lam: float = 0.0, apart: tuple[dict, ...] = ()) -> torch.optim.Adam:
     """Adam as in the notebook; ``lam * sum_W ||W||^2`` enters as coupled weight decay ``2*lam``
-    on the weight matrices (biases are not penalised). Fused: one kernel over all parameters."""
+    on the weight matrices (biases are not penalised). Fused: one kernel over all parameters.
+    ``apart``: groups of their own (``params``, ``lr``, and ``lr_param``: the hyperparameter a
+    resume reads that lr from), undecayed; their parameters leave the two groups."""
+    own = {id(p) for g in apart for p in g["params"]}
     weights = {id(p) for p in network.weight_matrices()}
     groups = [
         {"params": [p for p in network.parameters() if id(p) in weights], "weight_decay": 2.0 * lam},
-        {"params": [p for p in network.parameters() if id(p) not in weights], "weight_decay": 0.0},
+        {"params": [p for p in network.parameters() if id(p) not in weights | own], "weight_decay": 0.0},
+        *({"weight_decay": 0.0, **g} for g in apart),
     ]
     return torch.optim.Adam(groups, lr=lr, fused=True)
 
@@ -256,7 +260,8 @@ class TrainingLoop:
             self.network.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             for param_group in self.optimizer.param_groups:  # the optimizer's state carries the old lr
-                param_group["lr"] = estimator.lr
+                # a group may name the hyperparameter that sets its lr (the hybrid's weight w)
+                param_group["lr"] = getattr(estimator, param_group.get("lr_param", "lr"))
             for k in self.state:
                 self.state[k] = ckpt[k]
             if self.state["best_state"] is None and self.state["best_epoch"] == self.state["epoch"]:

@@ -290,7 +290,7 @@ class _AutoencoderRecommender(Recommender):
         # straight into the temporary file: through a BytesIO the ML-20M weights took 4x longer
         atomic_write(path / WEIGHTS_FILE, lambda f: torch.save(state, f))
         write_model_meta(
-            path, self, self._json_params(), [WEIGHTS_FILE],
+            path, self, self._json_params(), [WEIGHTS_FILE, *self._save_more(path)],
             seed=int(self.seed_), best_epoch=self.best_epoch_, best_score=self.best_score_,
             best_beta=self.best_beta_, stopped_early=self.stopped_early_, history=self.history_,
         )
@@ -333,7 +333,16 @@ class _AutoencoderRecommender(Recommender):
         model.best_beta_ = meta["best_beta"]
         model.stopped_early_ = meta["stopped_early"]
         model.history_ = meta["history"]
+        model._load_more(meta_file, meta)
         return model
+
+    def _save_more(self, path: Path) -> list[str]:
+        """Files beside the weights a subclass writes into ``path`` (atomically); their names,
+        whose digests ``model.json`` records. None here."""
+        return []
+
+    def _load_more(self, meta_file: Path, meta: dict) -> None:
+        """Read what :meth:`_save_more` wrote (verified against ``meta``'s digests). Nothing here."""
 
 
 
