@@ -484,7 +484,12 @@ def main(argv=None) -> dict:
     shape = (5000, 2000, 150_000) if a.smoke else None
     seconds = 2.0 if a.smoke else a.seconds
     load_before = [round(v, 2) for v in os.getloadavg()]
-    command = shlex.join(["python", "benchmarks/serving.py", *map(repo_relative, sys.argv[1:] if argv is None else argv)])
+    given = list(sys.argv[1:] if argv is None else argv)
+    if "--run-dir" in given:  # where the built run is kept changes no figure, and is a path of this machine
+        i = given.index("--run-dir")
+        del given[i:i + 2]
+    given = [w for w in given if not w.startswith("--run-dir=")]
+    command = shlex.join(["python", "benchmarks/serving.py", *map(repo_relative, given)])
 
     with tempfile.TemporaryDirectory(prefix="recvae-serving-") as tmp:
         tmp = Path(tmp)
