@@ -6,9 +6,7 @@ a run resumed without --patience keeps its own), and the paper's protocol, which
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from recvae.tuning import Trial, Trials
 from recvae.tuning.plans import paper_params
 
 from synthetic import fold_in_split, planted
+from test_paper_table import paper_table  # noqa: F401  (the fixture, shared)
 from test_runs import log_csv, train_argv, weights  # noqa: F401  (log_csv: the fixture, shared)
 from test_vae import assert_same_weights
 
@@ -182,15 +181,6 @@ def test_a_trial_records_the_patience_it_ran_with_and_an_older_record_reads_as_n
     assert Trial.from_record(trial.record()).params == trial.params
     ease = {"name": "e", "model": "ease", "params": {"l2": 5.0}, "validation": 0.5}
     assert Trial.from_record(ease).params == {"l2": 5.0}
-
-
-@pytest.fixture(scope="module")
-def paper_table():
-    spec = importlib.util.spec_from_file_location("paper_table", ROOT / "benchmarks" / "paper_table.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["paper_table"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_paper_table_passes_its_own_patience_to_every_neural_run(paper_table, log_csv, tmp_path,  # noqa: F811
