@@ -10,7 +10,7 @@ Zipf-like items: ``train_speed.synthetic_ml20m``) with
 * ``sampled-1k`` / ``sampled-8k``: ``softmax="sampled"`` with 1,000 / 8,000 uniform negatives
   (``sampled-8k-popularity``: the popularity proposal, alpha 0.75);
 
-on the ML-20M shape (20,108 items) and on 1,000,000 items (Mult-DAE: I x 200 weights in and out,
+on the ML-20M shape (20,108 items), the Million Song Dataset's (41,140) and on 1,000,000 items (Mult-DAE: I x 200 weights in and out,
 400M parameters, 6.4 GB with their gradients and Adam's states: a Mult-VAE I-600-200-600-I would
 be 19 GB). The full softmax at 1M items runs only when the machine's available memory holds its
 estimate (the B x I logits and softmax buffers on top of the sampled step's peak); otherwise its
@@ -18,9 +18,10 @@ time and memory are projected from the ML-20M full step (time x I ratio) and sta
 Reported: median ms per batch over the timed batches after warm-up, peak RSS during the steps,
 and M, the distinct items a sampled step touches (the batch's items and the negatives).
 
-Accuracy: Mult-DAE (defaults, early stopping on validation NDCG@100) on ML-100K, split seeds 0-4
+Accuracy: Mult-DAE (defaults, early stopping on validation NDCG@100) on ML-100K (``--data`` another
+file: the record is on ML-1M, ``--data ../shared/data/ml-1m-reindexed/ratings.csv``), split seeds 0-4
 (the paper's strong generalisation split), full vs sampled softmax (uniform 100 and 400,
-popularity 400 of 1,447 items): the paired difference of test NDCG@100 per user, pooled over the
+popularity 400; ML-100K has 1,447 items, ML-1M 3,533): the paired difference of test NDCG@100 per user, pooled over the
 seeds (``recvae.evaluation.paired_difference``: mean, 95% bootstrap interval, seeds won).
 
     python benchmarks/sampled_softmax.py               # ~6-10 min on 2 cores; writes benchmarks/results/sampled_softmax.*
@@ -56,6 +57,7 @@ from train_speed import machine, synthetic_ml20m  # noqa: E402
 BATCH = 500
 SHAPES = {  # name: (items, interactions per user on average: ML-20M's 10M / 136,677)
     "ml20m": (20_108, 73),
+    "msd": (41_140, 59),  # the Million Song Dataset's shape in the paper: 33.6M / 571,355 users
     "1m": (1_000_000, 73),
 }
 CONFIGS = {
@@ -163,7 +165,10 @@ def accuracy(args) -> dict:
     from recvae.evaluation import evaluate, paired_difference
     from recvae.models.vae import MultDAE
 
-    data = DataSpec(dataset=args.dataset).load(show_progress=False)
+    if args.data:  # a file such as ../shared/data/ml-1m-reindexed/ratings.csv (columns user,item,rating)
+        data = DataSpec(path=args.data).load(show_progress=False)
+    else:
+        data = DataSpec(dataset=args.dataset).load(show_progress=False)
     per_config = {name: [] for name in ACCURACY}
     seconds = {name: 0.0 for name in ACCURACY}
     for seed in args.seeds:
@@ -179,9 +184,9 @@ def accuracy(args) -> dict:
             seconds[name] += time.perf_counter() - t
             values = evaluate(model, split.test, ks=(100,), metrics=("ndcg",)).per_user["ndcg@100"]
             per_config[name].append(values)
-            print(f"  {args.dataset} seed {seed} {name:24s} test NDCG@100 {values.mean():.4f} (best epoch "
+            print(f"  {args.name} seed {seed} {name:24s} test NDCG@100 {values.mean():.4f} (best epoch "
                   f"{model.best_epoch_})", flush=True)
-    out = {"dataset": args.dataset, "n_items": int(data.n_items), "seeds": list(args.seeds), "model": "multdae",
+    out = {"dataset": args.name, "n_items": int(data.n_items), "seeds": list(args.seeds), "model": "multdae",
            "epochs": args.epochs, "configs": {}}
     for name in ACCURACY:
         entry = {"ndcg@100": float(np.mean(np.concatenate(per_config[name]))),
@@ -233,16 +238,20 @@ def markdown(report: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--child", nargs=2, metavar=("SHAPE", "CONFIG"), help=argparse.SUPPRESS)
-    p.add_argument("--shapes", default="ml20m,1m", help="catalogues to time: ml20m, 1m")
+    p.add_argument("--shapes", default="ml20m,msd,1m", help="catalogues to time: ml20m, msd, 1m")
     p.add_argument("--batches", type=int, default=3, help="timed batches per configuration")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--n-items", type=int, default=None, help=argparse.SUPPRESS)  # --tiny's children
     p.add_argument("--dataset", default="ml-100k", help="MovieLens data set of the accuracy part")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="an interaction file (user,item,rating) for the accuracy part instead of --dataset")
+    p.add_argument("--name", default=None, help="the accuracy data's name in the report (default: the dataset, or "
+                                                "the file's folder)")
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--epochs", type=int, default=None, help="training epochs of the accuracy part (default: the model's)")
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
-    p.add_argument("--tiny", action="store_true", help="2,000 / 20,000 items, one seed, 5 epochs: a check in seconds")
+    p.add_argument("--tiny", action="store_true", help="2,000 / 4,000 / 20,000 items, one seed, 5 epochs: a check in seconds")
     p.add_argument("--out", default=None, help="results prefix (default benchmarks/results/sampled_softmax; "
                                                "--tiny: print only)")
     return p
@@ -256,9 +265,10 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     args.shapes = [s for s in args.shapes.split(",") if s]
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    args.name = args.name or (Path(args.data).resolve().parent.name if args.data else args.dataset)
     args.n_items = {}
     if args.tiny:
-        args.n_items = {"ml20m": 2000, "1m": 20000}
+        args.n_items = {"ml20m": 2000, "msd": 4000, "1m": 20000}
         args.seeds, args.epochs, args.batches = args.seeds[:1], args.epochs or 5, min(args.batches, 2)
     words = sys.argv[1:] if argv is None else argv
     report = {"machine": machine(), "load_average_before": [round(v, 2) for v in os.getloadavg()],
@@ -269,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
               flush=True)
         report["speed"] = speed(args)
     if not args.skip_accuracy:
-        print(f"accuracy on {args.dataset}", flush=True)
+        print(f"accuracy on {args.name}", flush=True)
         report["accuracy"] = accuracy(args)
     report["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
     report["minutes"] = (time.perf_counter() - t0) / 60

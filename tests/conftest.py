@@ -28,6 +28,23 @@ def _real_data_dir() -> Path | None:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def threads_per_worker():
+    """Under pytest-xdist (`-n 2`, the README's command) the workers share the cores: each
+    takes its share of torch threads, so two workers do not oversubscribe a 2-core machine.
+    (The commands a test starts keep their own defaults.)"""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        yield
+        torch.set_num_threads(before)
+    else:
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def sigint_as_in_a_terminal():
     """The signal tests send SIGINT to commands (in this process and in children): a suite started
     as a background job of a non-interactive shell (`bash .ci/run &`) inherits SIGINT ignored,

@@ -57,3 +57,27 @@ def test_train_speed_reports_each_step_against_its_gemms_plus_optimizer_pass(tmp
     assert json.loads((tmp_path / "ts.json").read_text())["summary"] == report["summary"]
     md = (tmp_path / "ts.md").read_text()
     assert report["machine"]["cpu"] in md and "x floor (GEMMs + optimizer)" in md and "optimizer step" in md
+
+
+@pytest.mark.slow
+def test_sampled_softmax_times_each_shape_and_writes_both_files(tmp_path, monkeypatch):
+    """A tiny run of benchmarks/sampled_softmax.py's speed part: every shape (ML-20M's, MSD's, a
+    million items, scaled down) has the full softmax and the three sampled ones, each measured in
+    its own process; the files say the same as the report and name the machine."""
+    import json
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("_bench_sampled_softmax_run", BENCHMARKS / "sampled_softmax.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    report = module.main(["--tiny", "--skip-accuracy", "--batches", "1", "--out", str(tmp_path / "ss")])
+    rows = {(r["n_items"], r["config"]): r for r in report["speed"]}
+    assert set(rows) == {(n, c) for n in (2000, 4000, 20000) for c in module.CONFIGS}
+    for (n, config), r in rows.items():
+        assert r["ms_per_batch"] > 0 and r["peak_rss_steps_gb"] > 0
+        # a sampled step touches the batch's items and its negatives, never more than the catalogue
+        assert (r["touched_items"] == n) if config == "full" else (0 < r["touched_items"] <= n)
+    assert json.loads((tmp_path / "ss.json").read_text())["speed"] == report["speed"]
+    md = (tmp_path / "ss.md").read_text()
+    assert report["machine"]["cpu"] in md and "| 4,000 | sampled-8k-popularity |" in md
