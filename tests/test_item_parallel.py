@@ -234,3 +234,73 @@ def test_resume_at_an_epoch_boundary_is_bit_identical(runs):
     for a, b in zip(straight["history"], resumed["history"]):
         assert [a[k] for k in ("step", "loss", "nll", "kl", "l2", "val_ndcg@100")] == \
             [b[k] for k in ("step", "loss", "nll", "kl", "l2", "val_ndcg@100")]
+
+
+# -- what refuses it -----------------------------------------------------------------------------
+@pytest.mark.parametrize("model, message", [
+    (RecVAE(parallel="items"), "parallel: RecVAE trains data-parallel only: use parallel='data'"),
+    (MultVAELinear(parallel="items"), "parallel: the hybrid (multvae-linear) trains data-parallel only: use "
+                                      "parallel='data'"),
+    (MultVAE(parallel="items", softmax="sampled"), "parallel: 'items' splits the full softmax over the processes; "
+                                                    "the sampled softmax trains data-parallel: use parallel='data' "
+                                                    "or softmax='full'"),
+    (MultVAE(parallel="vocab"), "parallel: expected one of 'data', 'items', got 'vocab'"),
+])
+def test_what_cannot_train_item_parallel_says_so(model, message):
+    train, _ = _training_data()
+    with pytest.raises(ParameterError) as e:
+        model.fit(train)
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_one_process_items_is_the_ordinary_run():
+    train, _ = _training_data()
+    small = {**SMALL, "epochs": 1}
+    a = MultVAE(**small).fit(train, show_progress=False).module_.state_dict()
+    b = MultVAE(**{**small, "parallel": "data"}).fit(train, show_progress=False).module_.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_command_line_has_the_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--parallel {data,items}" in text and "under torchrun: data" in text
+
+
+# -- torchrun through the command line ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def log_csv(tmp_path_factory):
+    """150 users x 120 items (a run needs 100: the largest K of the metrics)."""
+    rng = np.random.default_rng(8)
+    rows = [(u, int(i), 5) for u in range(150) for i in rng.choice(120, size=rng.integers(5, 20), replace=False)]
+    path = tmp_path_factory.mktemp("itempar-cli") / "log.csv"
+    pd.DataFrame(rows, columns=["user", "item", "rating"]).to_csv(path, index=False)
+    return path
+
+
+def _cli_args(log_csv, out) -> list[str]:
+    return ["-q", "train", "--data", str(log_csv), "--epochs", "2", "--batch-size", "16", "--hidden-dims", "12",
+            "--latent-dim", "4", "--n-heldout-users", "15", "--precision", "fp32", "--device", "cpu", "--show", "0",
+            "--parallel", "items", "--out", str(out)]
+
+
+@pytest.mark.slow
+def test_torchrun_items_gives_the_one_process_recommendations(log_csv, tmp_path, capsys):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(_cli_args(log_csv, one)) == 0
+    with _Procs() as procs:
+        procs.start([*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "recvae", *_cli_args(log_csv, two)],
+                    env=_env())
+        [(rc, text)] = procs.wait()
+    assert rc == 0, text
+    assert json.loads((two / "run.json").read_text())["params"]["parallel"] == "items"
+    a, b = (json.loads((run / "history.json").read_text()) for run in (one, two))
+    assert [h["val_ndcg@100"] for h in b] == pytest.approx([h["val_ndcg@100"] for h in a], rel=1e-4)
+    recs = []
+    for run in (one, two):
+        out = tmp_path / f"{run.name}.csv"
+        assert main(["-q", "recommend", str(run), "--all-users", "--k", "5", "--output", str(out)]) == 0
+        recs.append(pd.read_csv(out))
+    assert len(recs[0]) == 5 * 150
+    assert recs[1][["user", "rank", "item"]].equals(recs[0][["user", "rank", "item"]])

@@ -343,6 +343,26 @@ def shard_optimizer_state(state: dict, optimizer, network, shard: ItemShard) -> 
                                 lambda v: v[shard.start:shard.stop].clone())
 
 
+def checkpoint_states(network, optimizer, best_state: dict | None, shard: ItemShard | None):
+    """The network's, the optimizer's and ``best_state``'s state dicts as a checkpoint holds them:
+    full (gathered into rank 0: a collective) for a sharded network, as they are otherwise."""
+    model_state, optimizer_state = network.state_dict(), optimizer.state_dict()
+    if shard is None:
+        return model_state, optimizer_state, best_state
+    return (full_state(model_state, shard), full_optimizer_state(optimizer, network, shard),
+            None if best_state is None else full_state(best_state, shard))
+
+
+def resumed_states(ckpt: dict, optimizer, network, shard: ItemShard | None):
+    """A checkpoint's model, optimizer and best states as the network loads them: the shard's rows
+    of the full tensors for a sharded network, as they are otherwise."""
+    model_state, optimizer_state, best_state = ckpt["model"], ckpt["optimizer"], ckpt["best_state"]
+    if shard is None:
+        return model_state, optimizer_state, best_state
+    return (shard_state(model_state, shard), shard_optimizer_state(optimizer_state, optimizer, network, shard),
+            None if best_state is None else shard_state(best_state, shard))
+
+
 def unshard(network) -> None:
     """Gather the item rows on every process: ``network`` becomes the ordinary full network."""
     shard = network.shard

@@ -237,12 +237,7 @@ class TrainingLoop:
     The estimator provides ``_build_network``, ``_make_optimizer``, ``_train_epoch`` (the
     updates of one epoch, through :meth:`pass_over_users`), ``_l2_penalty``, ``_json_params``,
     ``_resume_keys()`` and ``_variational``.
-
-    With ``parallel="items"`` in a group of several processes the network holds this process's
-    items only (:mod:`recvae.models.item_parallel`): every process trains on whole batches, a
-    checkpoint gathers the full model and Adam state into rank 0 (every process takes part, at
-    every epoch's end when there are callbacks), a resume slices the full checkpoint, and
-    :meth:`finish` gathers the full model on every process.
+    ``parallel="items"`` (several processes): see :mod:`recvae.models.item_parallel`.
     """
 
     def __init__(self, estimator, X: sp.csr_matrix, validate, callbacks=(), resume_from: dict | None = None,
@@ -262,31 +257,23 @@ class TrainingLoop:
             seed = distributed.broadcast_int(int(np.random.SeedSequence().entropy % (2**62)))
         self.seed = seed
         init_gen = torch.Generator().manual_seed(derived_seed(seed, 0xC0FFEE))
-        self.shard = item_parallel.shard_for(estimator, X.shape[1], self.group)
-        # item parallelism: every process sees the whole of each batch (a group of one for the batches)
-        self.batch_group = self.group if self.shard is None else distributed.Group()
-        if self.shard is None:
-            self.network = estimator._build_network(X.shape[1], init_gen).to(self.device)
-        else:
-            self.network = estimator._build_network(X.shape[1], init_gen, shard=self.shard).to(self.device)
+        self.shard = item_parallel.shard_for(estimator, X.shape[1], self.group)  # None: every item here
+        self.batch_group = self.group if self.shard is None else distributed.Group()  # items: whole batches
+        sharded = {} if self.shard is None else {"shard": self.shard}  # RecVAE's and the hybrid's take none
+        self.network = estimator._build_network(X.shape[1], init_gen, **sharded).to(self.device)
         self.optimizer = estimator._make_optimizer(self.network)
         self.state = dict(epoch=0, step=0, history=[], best_state=None, best_epoch=None,
                           best_score=-math.inf, bad_epochs=0, stopped=False)
         if ckpt is not None:
-            model_state, optimizer_state = ckpt["model"], ckpt["optimizer"]
-            if self.shard is not None:  # a checkpoint holds the full model: this process's rows of it
-                model_state = item_parallel.shard_state(model_state, self.shard)
-                optimizer_state = item_parallel.shard_optimizer_state(optimizer_state, self.optimizer, self.network,
-                                                                      self.shard)
+            # a checkpoint holds the full model (item-parallel: this process's rows of it)
+            model_state, optimizer_state, best_state = item_parallel.resumed_states(ckpt, self.optimizer,
+                                                                                  self.network, self.shard)
             self.network.load_state_dict(model_state)
             self.optimizer.load_state_dict(optimizer_state)
             for param_group in self.optimizer.param_groups:  # the optimizer's state carries the old lr
                 # a group may name the hyperparameter that sets its lr (the hybrid's weight w)
                 param_group["lr"] = getattr(estimator, param_group.get("lr_param", "lr"))
-            for k in self.state:
-                self.state[k] = ckpt[k]
-            if self.shard is not None and self.state["best_state"] is not None:
-                self.state["best_state"] = item_parallel.shard_state(self.state["best_state"], self.shard)
+            self.state.update({k: ckpt[k] for k in self.state}, best_state=best_state)
             if self.state["best_state"] is None and self.state["best_epoch"] == self.state["epoch"]:
                 self.state["best_state"] = _clone(self.network)  # not stored twice: the best epoch was the last
             logger.info("resumed after epoch %d (update %d)", self.state["epoch"], self.state["step"])
@@ -302,16 +289,12 @@ class TrainingLoop:
     # -- checkpoint --------------------------------------------------------------------------
     def checkpoint(self) -> dict:
         """The state a resume needs after the epoch just finished (tensors shared, not copied).
-        Item-parallel: a collective (every process calls it) that gathers the full model and
-        optimizer state into rank 0; the other processes' payloads hold None for the item rows."""
+        Item-parallel: a collective gathering the full state into rank 0 (the others' payloads
+        hold None for the item rows), called by every process after each epoch when there are callbacks."""
         state, X = self.state, self.X
-        model_state, optimizer_state = self.network.state_dict(), self.optimizer.state_dict()
-        best_state = state["best_state"]
-        if self.shard is not None:
-            model_state = item_parallel.full_state(model_state, self.shard)
-            optimizer_state = item_parallel.full_optimizer_state(self.optimizer, self.network, self.shard)
-            if best_state is not None and state["best_epoch"] != state["epoch"]:
-                best_state = item_parallel.full_state(best_state, self.shard)
+        model_state, optimizer_state, best_state = item_parallel.checkpoint_states(
+            self.network, self.optimizer, state["best_state"] if state["best_epoch"] != state["epoch"] else None,
+            self.shard)
         payload = {
             "format_version": CHECKPOINT_FORMAT_VERSION,
             "class": type(self.est).__name__,
@@ -324,10 +307,9 @@ class TrainingLoop:
             "model": model_state,
             "optimizer": optimizer_state,
             **state,
+            # None when the best epoch is the last: the same tensors as "model", a quarter of the file saved
             "best_state": best_state,
         }
-        if state["best_epoch"] == state["epoch"]:
-            payload["best_state"] = None  # the same tensors as "model": a quarter of the file saved
         return payload
 
     def _check_checkpoint(self, ckpt: dict) -> None:
@@ -399,8 +381,7 @@ class TrainingLoop:
                     "epoch %d (patience none trains every epoch)", epoch + 1, est.patience, state["best_epoch"])
             checkpoint = self.checkpoint
             if self.shard is not None and self.callbacks:  # the gather is collective: every process, now
-                payload = self.checkpoint()
-                checkpoint = lambda payload=payload: payload  # noqa: E731
+                checkpoint = (lambda payload: lambda: payload)(self.checkpoint())
             info = EpochEnd(est, row, state["history"], checkpoint, self.group.is_main)
             for callback in self.callbacks:
                 callback.on_epoch_end(info)
