@@ -303,3 +303,61 @@ def check_same(value, what: str) -> None:
         dist.all_gather_object(values, value)
     if any(v != values[0] for v in values):
         raise InputError(what, f"the processes differ ({', '.join(f'rank {r}: {v}' for r, v in enumerate(values))})")
+
+
+_REDUCE_OPS = {"sum": "SUM", "max": "MAX"}
+
+
+def allreduce_(tensor: torch.Tensor, op: str = "sum", what: str = "an all-reduce") -> torch.Tensor:
+    """``tensor`` reduced over all processes in place (``op``: ``sum`` or ``max``); returned.
+    Nothing happens outside a process group. ``what`` names the collective in an error."""
+    if current().parallel:
+        with _collective(what):
+            dist.all_reduce(tensor, op=getattr(dist.ReduceOp, _REDUCE_OPS[op]))
+    return tensor
+
+
+def gather_rows(tensor: torch.Tensor, n: int, dst: int | None = None) -> torch.Tensor | None:
+    """The (n, ...) tensor whose rows :func:`shard_bounds` ``(n, r, world)`` process r holds as
+    ``tensor``: on every process (``dst`` None), or on process ``dst`` alone (None elsewhere).
+
+    Each process's rows go straight into their place in the result (a broadcast, or a send to
+    ``dst``, per process): no padding and no list of parts, so a process needs the result's
+    memory and nothing more, whichever sizes (differing by one) the shares have. Outside a
+    process group: ``tensor`` itself."""
+    group = current()
+    if not group.parallel:
+        return tensor
+    dev = _comm_device()
+    mine = tensor.detach().to(dev).contiguous()
+    full = None
+    if dst is None or group.rank == dst:
+        full = torch.empty((n, *tensor.shape[1:]), dtype=tensor.dtype, device=dev)
+    with _collective("the gather of item-parallel rows"):
+        for r in range(group.world_size):
+            lo, hi = shard_bounds(n, r, group.world_size)
+            if dst is None:
+                if r == group.rank:
+                    full[lo:hi].copy_(mine)
+                dist.broadcast(full[lo:hi], src=r)
+            elif group.rank == dst:
+                if r == dst:
+                    full[lo:hi].copy_(mine)
+                else:
+                    dist.recv(full[lo:hi], src=r)
+            elif r == group.rank:
+                dist.send(mine, dst=dst)
+    return None if full is None else full.to(tensor.device)
+
+
+def all_gather_tensor(tensor: torch.Tensor, what: str = "an all-gather") -> list[torch.Tensor]:
+    """Every process's ``tensor`` (equal shapes everywhere), in rank order; ``[tensor]`` outside a group."""
+    group = current()
+    if not group.parallel:
+        return [tensor]
+    dev = _comm_device()
+    mine = tensor.to(dev).contiguous()
+    parts = [torch.empty_like(mine) for _ in range(group.world_size)]
+    with _collective(what):
+        dist.all_gather(parts, mine)
+    return [p.to(tensor.device) for p in parts]

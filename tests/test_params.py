@@ -93,7 +93,8 @@ def test_what_a_resume_keeps_is_the_architecture_role():
     assert forced(MultVAE.PARAMETERS) == ("hidden_dims", "latent_dim", "dropout", "activation", "lam", "anneal_cap",
                                           "total_anneal_steps", "beta", "kl_weighting", "batch_size", "random_state",
                                           "softmax", "n_negatives", "proposal", "proposal_alpha")
-    assert set(resumable("multvae")) == {"epochs", "lr", "patience", "device", "precision", "eval_batch_size"}
+    assert set(resumable("multvae")) == {"epochs", "lr", "patience", "device", "precision", "eval_batch_size",
+                                         "parallel"}
     assert resumable("ease") == ("dtype",)
     assert MultVAE._resume_keys() == forced(MultVAE.PARAMETERS)
     assert "binary_inference" in model_class("binary-multvae")._resume_keys()

@@ -42,7 +42,7 @@ def test_vae_defaults_are_the_notebooks():
     assert MultVAE().get_params() == dict(
         hidden_dims=(600,), latent_dim=200, dropout=0.5, activation="tanh", lam=0.0, anneal_cap=0.2,
         total_anneal_steps=200_000, beta=None, kl_weighting="uniform", epochs=200, batch_size=500, lr=1e-3, patience=50,
-        random_state=0, device="auto", precision="auto", eval_batch_size=2000,
+        random_state=0, device="auto", precision="auto", eval_batch_size=2000, parallel="data",
         softmax="full", n_negatives=1000, proposal="uniform", proposal_alpha=0.75)  # the paper's full softmax
 
 

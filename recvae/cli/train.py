@@ -202,6 +202,7 @@ def distributed_training(name: str, params: dict):
 
     defaults = default_params(name)
     with distributed.process_group_from_env() as group:
-        if "batch_size" in defaults:  # before any data is read or folder made
+        # before any data is read or folder made; parallel="items" gives every process every batch
+        if "batch_size" in defaults and params.get("parallel", defaults.get("parallel")) != "items":
             distributed.check_batch_split(params.get("batch_size", defaults["batch_size"]), group)
         yield group.is_main

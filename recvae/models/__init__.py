@@ -2,6 +2,7 @@
 
 - ``networks.py``: the torch modules of Mult-VAE / Mult-DAE (no training logic)
 - ``sparse_layers.py``: sparse input layer and the fused softmax + multinomial NLL output layer
+- ``item_parallel.py``: ``parallel="items"``: those two layers and the scoring split over processes by items
 - ``annealing.py``: the KL weight (beta) schedules
 - ``training_loop.py``: epochs, validation, early stopping, checkpoint state and resume
 - ``device.py``: device choice and the bf16 policy

@@ -52,8 +52,8 @@ class BinaryMultVAE(MultVAE):
         return NetworkConfig(n_items=c.n_items, hidden_dims=c.hidden_dims, latent_dim=c.latent_dim,
                              dropout=c.dropout, activation=c.activation, variational=True, latent="bernoulli")
 
-    def _build_network(self, n_items, generator=None):
-        network = super()._build_network(n_items, generator)
+    def _build_network(self, n_items, generator=None, shard=None):
+        network = super()._build_network(n_items, generator, shard)
         network.binary_inference = self.binary_inference
         return network
 

@@ -182,6 +182,11 @@ class MultVAELinear(MultVAE):
               "refuse a catalogue whose item-item matrix needs more GB while fitting (n_items^2 x 12 bytes)"),
     ))
 
+    def _check_parallel(self) -> None:
+        if self.parallel == "items":
+            raise ParameterError("parallel", "the hybrid (multvae-linear) trains data-parallel only: use "
+                                             "parallel='data' (its I x I linear path is not split by items)")
+
     def _check_catalogue(self, n_items: int) -> None:
         check_linear_memory(n_items, float(self.max_linear_gb))
 

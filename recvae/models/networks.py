@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from recvae.errors import ParameterError
+from recvae.models import item_parallel
+from recvae.models.item_parallel import ItemShard
 from recvae.models.sampled_softmax import NegativeSampler, sampled_output_nll
 from recvae.models.sparse_layers import (
     SparseBatch,
@@ -105,11 +107,20 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, weights: torch.Tensor | 
     return per_user.mean()
 
 
-def _init_linear_(weight: torch.Tensor, bias: torch.Tensor, generator: torch.Generator | None) -> None:
+def _init_linear_(weight: torch.Tensor, bias: torch.Tensor, generator: torch.Generator | None,
+                  shard: ItemShard | None = None, bias_by_items: bool = False) -> None:
     # Glorot uniform is symmetric in fan-in/fan-out, so the (I, H) layout of the sparse and
     # output layers needs no special case.
-    nn.init.xavier_uniform_(weight, generator=generator)
-    nn.init.trunc_normal_(bias, std=BIAS_INIT_STD, a=-2 * BIAS_INIT_STD, b=2 * BIAS_INIT_STD, generator=generator)
+    # ``shard``: ``weight`` holds the shard's rows of the (I, H) tensor, and ``bias`` too when
+    # ``bias_by_items``: they get the full tensors' values at those rows (the (I,) bias is drawn whole)
+    if shard is None:
+        nn.init.xavier_uniform_(weight, generator=generator)
+    else:
+        item_parallel.uniform_rows_(weight, shard, generator)
+    full_bias = bias.new_empty(shard.n_items) if shard is not None and bias_by_items else bias
+    nn.init.trunc_normal_(full_bias, std=BIAS_INIT_STD, a=-2 * BIAS_INIT_STD, b=2 * BIAS_INIT_STD, generator=generator)
+    if full_bias is not bias:
+        bias.copy_(full_bias[shard.start:shard.stop])
 
 
 class MultNetwork(nn.Module):
@@ -124,7 +135,8 @@ class MultNetwork(nn.Module):
     #: encoder outputs per latent dimension: mu and logvar (Gaussian), one logit (Bernoulli), the code (DAE)
     outputs_per_latent = 1
 
-    def __init__(self, config: NetworkConfig, generator: torch.Generator | None = None) -> None:
+    def __init__(self, config: NetworkConfig, generator: torch.Generator | None = None,
+                 shard: ItemShard | None = None) -> None:
         super().__init__()
         if config.variational != self.variational:
             raise ValueError(f"config: variational={config.variational} does not fit {type(self).__name__}")
@@ -132,12 +144,14 @@ class MultNetwork(nn.Module):
         self.act = ACTIVATIONS[config.activation]
         enc = list(config.hidden_dims) + [config.latent_dim * self.outputs_per_latent]
         dec = [config.latent_dim] + list(reversed(config.hidden_dims))
-        self.input_weight = nn.Parameter(torch.empty(config.n_items, enc[0]))
+        self.shard = shard
+        rows = config.n_items if shard is None else shard.size
+        self.input_weight = nn.Parameter(torch.empty(rows, enc[0]))
         self.input_bias = nn.Parameter(torch.empty(enc[0]))
         self.encoder = nn.ModuleList(nn.Linear(a, b) for a, b in zip(enc[:-1], enc[1:]))
         self.decoder = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dec[:-1], dec[1:]))
-        self.output_weight = nn.Parameter(torch.empty(config.n_items, dec[-1]))
-        self.output_bias = nn.Parameter(torch.empty(config.n_items))
+        self.output_weight = nn.Parameter(torch.empty(rows, dec[-1]))
+        self.output_bias = nn.Parameter(torch.empty(rows))
         self.workspace = Workspace()  # reused B x I buffers; not part of the state dict
         self.score_dtype: torch.dtype | None = None  # the output layer's product in eval mode (None: h's)
         #: set by the estimator for ``softmax="sampled"``: :meth:`loss` then draws shared negatives
@@ -148,10 +162,10 @@ class MultNetwork(nn.Module):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Notebook initialisation, layer by layer from input to output, drawing from ``generator``."""
         with torch.no_grad():
-            _init_linear_(self.input_weight, self.input_bias, generator)
+            _init_linear_(self.input_weight, self.input_bias, generator, self.shard)
             for layer in list(self.encoder) + list(self.decoder):
                 _init_linear_(layer.weight, layer.bias, generator)
-            _init_linear_(self.output_weight, self.output_bias, generator)
+            _init_linear_(self.output_weight, self.output_bias, generator, self.shard, bias_by_items=True)
 
     def weight_matrices(self) -> list[nn.Parameter]:
         """The weights the notebook's L2 penalty applies to (biases excluded)."""
@@ -167,8 +181,11 @@ class MultNetwork(nn.Module):
 
     def _encode(self, batch: SparseBatch, generator: torch.Generator | None) -> torch.Tensor:
         """Last encoder output (pre-activation): [mu, logvar] for the VAE, the code for the DAE."""
-        h = sparse_input_linear(self._input_values(batch, generator), self.input_weight, self.input_bias, batch,
-                                self.workspace)
+        values = self._input_values(batch, generator)
+        if self.shard is not None:
+            h = item_parallel.input_linear(values, self.input_weight, self.input_bias, batch, self.shard, self.workspace)
+        else:
+            h = sparse_input_linear(values, self.input_weight, self.input_bias, batch, self.workspace)
         for layer in self.encoder:
             h = layer(self.act(h))
         return h
@@ -195,7 +212,10 @@ class MultNetwork(nn.Module):
 
     # -- public -----------------------------------------------------------------------------
     def forward(self, batch: SparseBatch, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Dense float32 logits (B, I). In eval mode: no dropout and z = mu."""
+        """Dense float32 logits (B, I). In eval mode: no dropout and z = mu. A sharded network
+        gathers them on every process (see :func:`~recvae.models.item_parallel.gathered_logits`)."""
+        if self.shard is not None:
+            return item_parallel.gathered_logits(self, batch)
         z, _ = self._latent(batch, generator)
         h = self._hidden(z)
         logits = output_logits(h, self.output_weight, self.output_bias, self.workspace,
@@ -217,7 +237,13 @@ class MultNetwork(nn.Module):
         z, posterior = self._latent(batch, generator)
         h = self._hidden(z)
         offset = self._offset(batch)
-        if self.sampler is None:
+        if self.shard is not None:
+            if self.sampler is not None or offset is not None:
+                raise ParameterError("parallel", "'items' trains the full softmax of the network alone: use "
+                                                 "parallel='data'")
+            nll = item_parallel.output_nll(h, self.output_weight, self.output_bias, batch, self.shard,
+                                           self.workspace)
+        elif self.sampler is None:
             nll = output_layer_nll(h, self.output_weight, self.output_bias, batch, self.workspace, offset)
         elif offset is not None:
             raise ParameterError("softmax", "the sampled softmax does not take a linear path trained with the "
@@ -297,8 +323,9 @@ class MultBernoulliNetwork(MultNetwork):
     variational = True
     outputs_per_latent = 1
 
-    def __init__(self, config: NetworkConfig, generator: torch.Generator | None = None) -> None:
-        super().__init__(config, generator)
+    def __init__(self, config: NetworkConfig, generator: torch.Generator | None = None,
+                 shard: ItemShard | None = None) -> None:
+        super().__init__(config, generator, shard)
         self.temperature: float | None = None
         self.binary_inference = "probabilities"
 
@@ -324,8 +351,10 @@ class MultBernoulliNetwork(MultNetwork):
         return bernoulli_kl(*posterior, weights=kl_weights)
 
 
-def build_network(config: NetworkConfig, generator: torch.Generator | None = None) -> MultNetwork:
-    """The VAE (Gaussian or Bernoulli latent) or DAE module that ``config`` asks for."""
+def build_network(config: NetworkConfig, generator: torch.Generator | None = None,
+                  shard: ItemShard | None = None) -> MultNetwork:
+    """The VAE (Gaussian or Bernoulli latent) or DAE module that ``config`` asks for (holding
+    ``shard``'s items only, when given)."""
     if not config.variational:
-        return MultDAENetwork(config, generator)
-    return (MultBernoulliNetwork if config.latent == "bernoulli" else MultVAENetwork)(config, generator)
+        return MultDAENetwork(config, generator, shard)
+    return (MultBernoulliNetwork if config.latent == "bernoulli" else MultVAENetwork)(config, generator, shard)

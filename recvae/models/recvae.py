@@ -96,6 +96,11 @@ class RecVAE(_AutoencoderRecommender):
         ),
     )
 
+    def _check_parallel(self) -> None:
+        if self.parallel == "items":
+            raise ParameterError("parallel", "RecVAE trains data-parallel only: use parallel='data' (parallel='items' "
+                                             "is Mult-VAE's, Mult-DAE's and the binary VAE's)")
+
     def _check_objective_params(self) -> None:
         w = self.mixture_weights
         try:

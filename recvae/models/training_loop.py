@@ -26,6 +26,7 @@ from recvae import distributed
 from recvae import metrics as M
 from recvae.errors import ParameterError, RecvaeError
 from recvae.models.base import as_csr
+from recvae.models import item_parallel
 from recvae.models.device import resolve_device, resolve_precision
 from recvae.models.params import json_params
 from recvae.models.sparse_layers import BatchPart, SparseBatch
@@ -206,7 +207,10 @@ def holdout_ndcg(model, fold_in: sp.csr_matrix, heldout: sp.csr_matrix, k: int, 
     """Mean NDCG@k of ``model`` over the users with held-out items, as
     :func:`recvae.evaluation.evaluate` computes it (same ranking, same mean). Under torchrun each
     process scores its share of the users; sums and counts are reduced, so every process gets
-    the same score and takes the same early-stopping decision."""
+    the same score and takes the same early-stopping decision. A network split by items
+    (``parallel="items"``) is scored by :func:`recvae.models.item_parallel.holdout_ndcg`."""
+    if getattr(getattr(model, "module_", None), "shard", None) is not None:
+        return item_parallel.holdout_ndcg(model, fold_in, heldout, k, batch_size)
     group = distributed.current()
     if group.parallel:
         start, stop = distributed.shard_bounds(fold_in.shape[0], group.rank, group.world_size)
@@ -233,6 +237,7 @@ class TrainingLoop:
     The estimator provides ``_build_network``, ``_make_optimizer``, ``_train_epoch`` (the
     updates of one epoch, through :meth:`pass_over_users`), ``_l2_penalty``, ``_json_params``,
     ``_resume_keys()`` and ``_variational``.
+    ``parallel="items"`` (several processes): see :mod:`recvae.models.item_parallel`.
     """
 
     def __init__(self, estimator, X: sp.csr_matrix, validate, callbacks=(), resume_from: dict | None = None,
@@ -252,18 +257,23 @@ class TrainingLoop:
             seed = distributed.broadcast_int(int(np.random.SeedSequence().entropy % (2**62)))
         self.seed = seed
         init_gen = torch.Generator().manual_seed(derived_seed(seed, 0xC0FFEE))
-        self.network = estimator._build_network(X.shape[1], init_gen).to(self.device)
+        self.shard = item_parallel.shard_for(estimator, X.shape[1], self.group)  # None: every item here
+        self.batch_group = self.group if self.shard is None else distributed.Group()  # items: whole batches
+        sharded = {} if self.shard is None else {"shard": self.shard}  # RecVAE's and the hybrid's take none
+        self.network = estimator._build_network(X.shape[1], init_gen, **sharded).to(self.device)
         self.optimizer = estimator._make_optimizer(self.network)
         self.state = dict(epoch=0, step=0, history=[], best_state=None, best_epoch=None,
                           best_score=-math.inf, bad_epochs=0, stopped=False)
         if ckpt is not None:
-            self.network.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            # a checkpoint holds the full model (item-parallel: this process's rows of it)
+            model_state, optimizer_state, best_state = item_parallel.resumed_states(ckpt, self.optimizer,
+                                                                                  self.network, self.shard)
+            self.network.load_state_dict(model_state)
+            self.optimizer.load_state_dict(optimizer_state)
             for param_group in self.optimizer.param_groups:  # the optimizer's state carries the old lr
                 # a group may name the hyperparameter that sets its lr (the hybrid's weight w)
                 param_group["lr"] = getattr(estimator, param_group.get("lr_param", "lr"))
-            for k in self.state:
-                self.state[k] = ckpt[k]
+            self.state.update({k: ckpt[k] for k in self.state}, best_state=best_state)
             if self.state["best_state"] is None and self.state["best_epoch"] == self.state["epoch"]:
                 self.state["best_state"] = _clone(self.network)  # not stored twice: the best epoch was the last
             logger.info("resumed after epoch %d (update %d)", self.state["epoch"], self.state["step"])
@@ -278,8 +288,13 @@ class TrainingLoop:
 
     # -- checkpoint --------------------------------------------------------------------------
     def checkpoint(self) -> dict:
-        """The state a resume needs after the epoch just finished (tensors shared, not copied)."""
+        """The state a resume needs after the epoch just finished (tensors shared, not copied).
+        Item-parallel: a collective gathering the full state into rank 0 (the others' payloads
+        hold None for the item rows), called by every process after each epoch when there are callbacks."""
         state, X = self.state, self.X
+        model_state, optimizer_state, best_state = item_parallel.checkpoint_states(
+            self.network, self.optimizer, state["best_state"] if state["best_epoch"] != state["epoch"] else None,
+            self.shard)
         payload = {
             "format_version": CHECKPOINT_FORMAT_VERSION,
             "class": type(self.est).__name__,
@@ -289,12 +304,12 @@ class TrainingLoop:
             "n_items": int(X.shape[1]),
             "nnz": int(X.nnz),
             "fingerprint": int(self.fingerprint),
-            "model": self.network.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             **state,
+            # None when the best epoch is the last: the same tensors as "model", a quarter of the file saved
+            "best_state": best_state,
         }
-        if state["best_epoch"] == state["epoch"]:
-            payload["best_state"] = None  # the same tensors as "model": a quarter of the file saved
         return payload
 
     def _check_checkpoint(self, ckpt: dict) -> None:
@@ -364,7 +379,10 @@ class TrainingLoop:
             if state["stopped"]:
                 say(logger, speak, "early stop after epoch %d: no validation NDCG@100 gain in %d epochs; keeping "
                     "epoch %d (patience none trains every epoch)", epoch + 1, est.patience, state["best_epoch"])
-            info = EpochEnd(est, row, state["history"], self.checkpoint, self.group.is_main)
+            checkpoint = self.checkpoint
+            if self.shard is not None and self.callbacks:  # the gather is collective: every process, now
+                checkpoint = (lambda payload: lambda: payload)(self.checkpoint())
+            info = EpochEnd(est, row, state["history"], checkpoint, self.group.is_main)
             for callback in self.callbacks:
                 callback.on_epoch_end(info)
         self.finish()
@@ -381,7 +399,7 @@ class TrainingLoop:
         batches = bar(range(n_batches), show=self.show_progress, desc=desc, leave=False)
         for b in batches:
             rows = order[b * batch_size:(b + 1) * batch_size]
-            batch = batch_of(self.X, rows, self.device, self.group)
+            batch = batch_of(self.X, rows, self.device, self.batch_group)
             values, beta = update(batch, rows)
             if not np.isfinite(values).all():
                 self._stop_on_non_finite(values, epoch + 1, b, n_batches)
@@ -417,6 +435,9 @@ class TrainingLoop:
         est, state, network = self.est, self.state, self.network
         if state["best_state"] is not None:
             network.load_state_dict(state["best_state"])
+        if self.shard is not None:  # the fitted estimator holds the full model on every process
+            item_parallel.unshard(network)
+            self.shard = None
         network.eval()
         network.workspace.clear()
         history = state["history"]

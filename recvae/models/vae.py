@@ -26,7 +26,7 @@ import torch
 
 from recvae import distributed
 from recvae.data.user_items import training_matrix
-from recvae.errors import InputError
+from recvae.errors import InputError, ParameterError
 from recvae.fileio import atomic_write, read_torch
 from recvae.models.params import Choice, Float, Int, Param, Text, Tune, Widths, forced, table
 from recvae.models.annealing import ANNEAL_CAP, TOTAL_ANNEAL_STEPS, make_schedule
@@ -35,6 +35,7 @@ from recvae.models.base import (
     warn_if_not_binary, write_model_meta,
 )
 from recvae.models.device import resolve_device, stored_device
+from recvae.models.item_parallel import PARALLEL_MODES, ItemShard, check_catalogue, sharded_sq_norm
 from recvae.models.networks import ACTIVATIONS, MultNetwork, NetworkConfig, build_network
 from recvae.models.sampled_softmax import PROPOSALS, SOFTMAXES, NegativeSampler
 from recvae.models.sparse_layers import SCORE_DTYPES, SparseBatch
@@ -93,6 +94,10 @@ TRAINING = (
     Param("precision", Choice(PRECISIONS), "auto", "runtime",
           "training matmul precision: auto (bf16 where bf16 products are native, else fp32), fp32 or bf16"),
     Param("eval_batch_size", Int(1), 2000, "runtime", "users scored at once for validation"),
+    Param("parallel", Choice(PARALLEL_MODES), "data", "runtime",
+          "under torchrun: data (each process trains on its share of every batch and holds the whole model) "
+          "or items (each process holds a range of the items' input and output rows and sees every batch: "
+          "catalogues too large for one process; Mult-VAE, Mult-DAE, the binary VAE); one process: the same"),
 )
 
 #: the training loss's softmax (Mult-VAE, Mult-DAE and the binary VAE): the full one over every
@@ -133,8 +138,15 @@ class _AutoencoderRecommender(Recommender):
     def _check_params(self, check_device: bool = True) -> None:
         super()._check_params()
         self._check_objective_params()
+        self._check_parallel()
         if check_device:
             resolve_device(self.device)
+
+    def _check_parallel(self) -> None:
+        """``parallel="items"`` splits the full softmax of the network: not the sampled one."""
+        if self.parallel == "items" and getattr(self, "softmax", "full") != "full":
+            raise ParameterError("parallel", "'items' splits the full softmax over the processes; the sampled "
+                                             "softmax trains data-parallel: use parallel='data' or softmax='full'")
 
     def _check_objective_params(self) -> None:
         """The KL weight's parameters (subclasses with another objective override this)."""
@@ -152,8 +164,8 @@ class _AutoencoderRecommender(Recommender):
         return make_schedule(self.beta, self.anneal_cap, self.total_anneal_steps)
 
     # -- hooks for estimators with another network or update scheme (RecVAE) -------------------
-    def _build_network(self, n_items: int, generator: torch.Generator | None = None):
-        return build_network(self._config(n_items), generator)
+    def _build_network(self, n_items: int, generator: torch.Generator | None = None, shard: ItemShard | None = None):
+        return build_network(self._config(n_items), generator, shard)
 
     def _make_optimizer(self, network):
         return make_optimizer(network, lr=self.lr, lam=self.lam)
@@ -185,6 +197,8 @@ class _AutoencoderRecommender(Recommender):
     def _l2_penalty(self, network: MultNetwork) -> float:
         if not self.lam:
             return 0.0
+        if getattr(network, "shard", None) is not None:
+            return float(self.lam * sharded_sq_norm(network))
         with torch.no_grad():
             return float(self.lam * sum(float(w.float().pow(2).sum()) for w in network.weight_matrices()))
 
@@ -220,7 +234,7 @@ class _AutoencoderRecommender(Recommender):
         warn_if_not_binary(X, type(self).__name__, "counts (each item's weight in the multinomial likelihood "
                            "and in the L2-normalised input)")
         validate = as_validation(validation, X.shape[1], int(self.eval_batch_size), n_users=X.shape[0])
-        self._check_group()
+        self._check_group(X.shape[1])
         item_ids = getattr(train, "item_ids", None)
         if item_ids is not None:
             self.item_ids_ = np.asarray(item_ids)
@@ -230,9 +244,12 @@ class _AutoencoderRecommender(Recommender):
         distributed.barrier()  # the processes return together (rank 0 may write the run after)
         return self
 
-    def _check_group(self) -> distributed.Group:
+    def _check_group(self, n_items: int) -> distributed.Group:
         group = distributed.current()
-        distributed.check_batch_split(self.batch_size, group)
+        if getattr(self, "parallel", "data") == "items":  # every process sees every batch
+            check_catalogue(n_items, group)
+        else:
+            distributed.check_batch_split(self.batch_size, group)
         return group
 
     # -- scoring ------------------------------------------------------------------------------
