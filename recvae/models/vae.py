@@ -40,8 +40,9 @@ from recvae.models.networks import ACTIVATIONS, MultNetwork, NetworkConfig, buil
 from recvae.models.sampled_softmax import PROPOSALS, SOFTMAXES, NegativeSampler
 from recvae.models.sparse_layers import SCORE_DTYPES, SparseBatch
 from recvae.models.training_loop import (  # noqa: F401  (NonFiniteLossError: part of this module's interface)
-    NonFiniteLossError, TrainingLoop, as_validation, make_optimizer, training_step,
+    NonFiniteLossError, TrainingLoop, make_optimizer, training_step,
 )
+from recvae.models.validation import as_validation
 
 WEIGHTS_FILE = "weights.pt"
 KL_WEIGHTINGS = ("uniform", "activity")
