@@ -156,7 +156,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"{meta['latent']}-{meta['hidden']}-{meta['items']:,}, batches of {meta['batch']} users with "
         f"{meta['per_user']} draws each; median of {meta['steps']} updates after {meta['warmup']} warm-up (the "
         f"slowest process's); {meta['precision']}; {meta['threads']} thread(s) per process; torch {meta['torch']}, "
-        f"{meta['cpus']} CPU cores; load average before/after: {meta['load_before']} / {meta['load_after']}. "
+        f"{meta.get('cpu', 'CPU')}, {meta['cpus']} cores; load average before/after: {meta['load_before']} / {meta['load_after']}. "
         "Item-indexed state = the three item-indexed parameters + their gradients + Adam's two moments. "
         "Produced by `benchmarks/item_parallel.py`.", "",
         "| processes | items per process | item-indexed state GB / process | softmax buffer GB / process "
@@ -170,6 +170,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                      f"{gb(r['item_state_gb_per_process'])} | {gb(r['softmax_buffer_gb_per_process'])} | "
                      f"{gb(r['peak_rss_gb_per_process'])} | {r['update_ms']:.0f} | {r['comm_ms']:.1f} | "
                      f"{r['init_s']:.1f} |")
+    lines += projection_lines(meta, rows)
     if len(rows) == 2:
         a, b = rows
         lines += ["", f"Reading: with 2 processes each holds {max(b['item_state_gb_per_process']) / a['item_state_gb_per_process'][0]:.2f}x "
@@ -177,6 +178,46 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                   f"its RSS; an update takes {b['update_ms'] / a['update_ms']:.2f}x the time of one process's "
                   f"({100 * b['comm_ms'] / b['update_ms']:.0f}% in the collectives, which move batch-sized tensors only).", ""]
     return "\n".join(lines)
+
+
+PROJECTED = ((1_000_000, 8), (10_000_000, 2), (10_000_000, 8))
+
+
+def projection(meta: dict, rows: list[dict]) -> list[dict]:
+    """Memory per process at other catalogues and process counts, from this run's measurements:
+    the item-indexed state and the softmax buffer are per-item costs (bytes / items held, measured
+    at the largest world size), the rest of the peak (replicated layers, the batch, the
+    interpreter) is the measured peak less those two. A projection, not a measurement: it assumes
+    the per-item costs stay linear, which the layers' shapes make them."""
+    r = rows[-1]
+    held = max(r["items_per_process"])
+    i = r["items_per_process"].index(held)
+    state_per_item = r["item_state_gb_per_process"][i] / held
+    buffer_per_item = r["softmax_buffer_gb_per_process"][i] / held
+    rest = r["peak_rss_gb_per_process"][i] * 1024**3 / 1e9 - (state_per_item + buffer_per_item) * held
+    out = []
+    for items, procs in PROJECTED:
+        per = -(-items // procs)
+        out.append({"items": items, "processes": procs, "items_per_process": per,
+                    "item_state_gb": state_per_item * per, "softmax_buffer_gb": buffer_per_item * per,
+                    "total_gb": (state_per_item + buffer_per_item) * per + max(rest, 0.0)})
+    return out
+
+
+def projection_lines(meta: dict, rows: list[dict]) -> list[str]:
+    lines = ["", "Projection (not measured): memory per process from the per-item costs measured above, for a "
+             f"Mult-VAE of the same widths ({meta['hidden']}, {meta['latent']}), batches of {meta['batch']}, "
+             f"{meta['precision']}; on GPUs the same bytes sit in device memory (with Adam's states there too).", "",
+             "| items | processes (GPUs) | items per process | item-indexed state GB | softmax buffer GB | "
+             "total GB / process |", "|---:|---:|---:|---:|---:|---:|"]
+    for p in projection(meta, rows):
+        lines.append(f"| {p['items']:,} | {p['processes']} | {p['items_per_process']:,} | {p['item_state_gb']:.1f} | "
+                     f"{p['softmax_buffer_gb']:.1f} | {p['total_gb']:.1f} |")
+    lines.append("")
+    lines.append("The collectives move batch-sized tensors only (B x hidden, three B-vectors, B x hidden in the "
+                 "backward pass), whatever the catalogue; the per-process compute falls as 1/N with the items held. "
+                 "Update times on GPUs are not projected from CPU timings.")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -215,7 +256,10 @@ def main(argv=None) -> int:
             rows.append(row)
     meta = {k: getattr(args, k) for k in ("items", "hidden", "latent", "batch", "per_user", "steps", "warmup",
                                           "threads", "precision")}
-    meta.update(torch=torch.__version__, cpus=os.cpu_count(), platform=platform.platform(),
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from train_speed import machine
+
+    meta.update(torch=torch.__version__, cpus=os.cpu_count(), platform=platform.platform(), cpu=machine()["cpu"],
                 load_before=" ".join(f"{x:.2f}" for x in load_before),
                 load_after=" ".join(f"{x:.2f}" for x in os.getloadavg()),
                 command="python benchmarks/item_parallel.py " + " ".join(sys.argv[1:] if argv is None else argv))
@@ -223,7 +267,8 @@ def main(argv=None) -> int:
     print(text)
     out = args.out or (None if args.quick else REPO / "benchmarks" / "results")
     if out is not None:
-        write_json(Path(out) / "item_parallel.json", {"meta": meta, "worlds": rows})
+        write_json(Path(out) / "item_parallel.json", {"meta": meta, "worlds": rows,
+                                                      "projection": projection(meta, rows)})
         write_bytes(Path(out) / "item_parallel.md", text.encode())
     return 0
 
