@@ -304,3 +304,16 @@ def test_torchrun_items_gives_the_one_process_recommendations(log_csv, tmp_path,
         recs.append(pd.read_csv(out))
     assert len(recs[0]) == 5 * 150
     assert recs[1][["user", "rank", "item"]].equals(recs[0][["user", "rank", "item"]])
+    # and served: the two-process run's service answers a known user and a new history as its twin's
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from test_serve import start_server
+
+    user = str(recs[0]["user"].iloc[0])
+    history = [str(i) for i in recs[0]["item"].iloc[5:8]]
+    answers = []
+    for run in (one, two):
+        with start_server(run) as (base, _):
+            answers.append([httpx.post(f"{base}/recommend", json=body, timeout=30).json()["items"]
+                            for body in ({"user": user, "k": 5}, {"items": history, "k": 5})])
+    assert answers[1] == answers[0] and len(answers[0][0]) == 5
