@@ -42,7 +42,7 @@ Mult-VAE, and RecVAE's objective has two phases to decide how ``B`` would enter.
 What both hybrids share is here once: the estimator's :class:`LinearPathModel` (``B`` computed
 in ``fit`` under the memory bound and sent to every process under torchrun, ``linear.npz`` saved
 and loaded with its digest), the network's :class:`LinearPath` (``B`` as a buffer and the
-embedding-bag ``x B``) and the hyperparameter rows :func:`linear_rows`.
+embedding-bag ``x B``) and the hyperparameter rows :data:`LINEAR_PATH`.
 
 Memory: ``B`` is a dense items x items matrix: fitting holds it in float64 for the inverse and
 keeps a float32 copy, ``n_items**2 * 12`` bytes at the peak (25 MB for ML-100K's 1,447 items,
@@ -107,23 +107,21 @@ def linear_path(X: sp.csr_matrix, l2: float, p: float) -> np.ndarray:
     return edlae_weights(gram_matrix(X, np.float64), l2, p, "full", overwrite=True).astype(np.float32)
 
 
-def linear_rows(vae: str, weight_note: str = "") -> tuple[Param, ...]:
-    """The linear path's rows, declared once for every hybrid: ``l2``, ``p``, ``linear_weight``
-    and ``max_linear_gb`` (``vae``: the model ``w = 0`` gives, named in ``linear_weight``'s help;
-    ``weight_note``: a word on w before it)."""
-    return (
-        Param("l2", Float(0.0, low_open=True), 200.0, "architecture",
-              "the linear path's L2 weight lambda, EASE's (ML-100K and ml-latest-small: 100-300)",
-              tune=Tune(space="log:30:3000")),
-        Param("p", P_ROW.kind, 0.25, "architecture",
-              "the linear path's input dropout, EDLAE's: its L2 weight on item j is p/(1-p) (X^T X)_jj (0: EASE)",
-              tune=Tune(space="float:0:0.75")),
-        Param("linear_weight", Float(0.0), 30.0, "architecture",
-              f"w in logits = decoder(z) + w * x B ({weight_note}0: {vae})",
-              tune=Tune(space="log:3:300", grid=(10.0, 30.0, 100.0))),
-        Param("max_linear_gb", Float(0.0, low_open=True), 8.0, "runtime",
-              "refuse a catalogue whose item-item matrix needs more GB while fitting (n_items^2 x 12 bytes)"),
-    )
+#: the linear path's rows, declared once for every hybrid (one help per flag: the command line
+#: shows one text for all the models that take it)
+LINEAR_PATH = (
+    Param("l2", Float(0.0, low_open=True), 200.0, "architecture",
+          "the linear path's L2 weight lambda, EASE's (ML-100K and ml-latest-small: 100-300)",
+          tune=Tune(space="log:30:3000")),
+    Param("p", P_ROW.kind, 0.25, "architecture",
+          "the linear path's input dropout, EDLAE's: its L2 weight on item j is p/(1-p) (X^T X)_jj (0: EASE)",
+          tune=Tune(space="float:0:0.75")),
+    Param("linear_weight", Float(0.0), 30.0, "architecture",
+          "w in logits = decoder(z) + w * x B (0: the VAE alone, bit for bit; the starting value of a learned w)",
+          tune=Tune(space="log:3:300", grid=(10.0, 30.0, 100.0))),
+    Param("max_linear_gb", Float(0.0, low_open=True), 8.0, "runtime",
+          "refuse a catalogue whose item-item matrix needs more GB while fitting (n_items^2 x 12 bytes)"),
+)
 
 
 class LinearPath:
@@ -252,7 +250,7 @@ class LinearPathModel:
         self.module_.set_linear(arrays["B"])
 
 
-_LINEAR = by_name(linear_rows("Mult-VAE", "the starting value when learned; "))
+_LINEAR = by_name(LINEAR_PATH)
 
 
 class MultVAELinear(LinearPathModel, MultVAE):
@@ -320,7 +318,7 @@ class RecVAELinear(LinearPathModel, RecVAE):
     """
 
     _VAE_NAME = "recvae"
-    PARAMETERS = table(RecVAE.PARAMETERS, add=linear_rows("RecVAE"))
+    PARAMETERS = table(RecVAE.PARAMETERS, add=LINEAR_PATH)
 
     def _build_network(self, n_items: int, generator: torch.Generator | None = None) -> RecVAELinearNetwork:
         return self._with_linear(RecVAELinearNetwork(self._config(n_items), generator,
