@@ -27,10 +27,11 @@ RecVAE (``recvae``) runs with the reference defaults (``RECVAE_PARAMS``; 50 oute
 ``--epochs``); the binary-latent Mult-VAE (``binary-multvae``) with 200 bits (``BINARY_PARAMS``),
 beta annealed to 1.0 over the run as heuristic run 1. EDLAE (``edlae``, Steck NeurIPS 2020: EASE
 with input dropout's L2 weight) is a row only when ``--models`` names it, its ``p`` and ``l2`` chosen
-over its default grid as ``recvae tune`` chooses them. The hybrid (``multvae-linear``: Mult-VAE
-whose logits add ``w * x B`` with EDLAE's ``B``) is a row only when ``--models`` names it: its
-linear path is EDLAE's validation choice on the split, ``w`` is chosen over ``HYBRID_WEIGHTS``
-(three runs; the rest are the model's defaults). Every model is compared with EASE on the
+over its default grid as ``recvae tune`` chooses them. The hybrids (``multvae-linear`` and
+``recvae-linear``: Mult-VAE or RecVAE whose logits add ``w * x B`` with EDLAE's ``B``) are rows
+only when ``--models`` names them: the linear path is EDLAE's validation choice on the split, ``w``
+is chosen over ``HYBRID_WEIGHTS`` (three runs each; the rest are the model's defaults, RecVAE's
+as its own row's). Every model is compared with EASE on the
 same test users: the mean paired difference of NDCG@100 over all test users of all seeds, with a
 95% interval from a paired bootstrap (users resampled within each seed; 2,000 resamples, seed 0;
 :func:`recvae.evaluation.paired_difference`), and the number of seeds where it beats EASE.
@@ -86,8 +87,10 @@ def repo_relative(arg: str) -> str:
     return os.path.relpath(arg, REPO) if os.path.isabs(arg) else arg
 ALL_MODELS = ("multvae", "multdae", "recvae", "binary-multvae", "ease", "popularity")
 #: rows run only when --models names them (the default is ALL_MODELS)
-OPTIONAL_MODELS = ("edlae", "multvae-linear")
-#: the hybrid's w, one run each (its linear path: EDLAE's choice on the same split)
+OPTIONAL_MODELS = ("edlae", "multvae-linear", "recvae-linear")
+#: the hybrids (each run as its VAE's row is, plus the linear path)
+HYBRIDS = ("multvae-linear", "recvae-linear")
+#: the hybrids' w, one run each (their linear path: EDLAE's choice on the same split)
 HYBRID_WEIGHTS = (10.0, 30.0, 100.0)
 EASE_GRID = tuning.EASE_GRID
 LABELS = {
@@ -102,6 +105,7 @@ LABELS = {
     "ease": "EASE",
     "edlae": "EDLAE",
     "multvae-linear": "Mult-VAE + linear path (EDLAE's B)",
+    "recvae-linear": "RecVAE + linear path (EDLAE's B)",
     "popularity": "Popularity",
 }
 # The heuristic runs' network (chosen on ML-1M validation users; see recvae.tuning)
@@ -284,17 +288,18 @@ def run_seed(seed: int, data: Interactions, args, models, budget: TimeBudget, re
                                 "validation_ndcg@100": best.validation,
                                 "test": metrics_of(evaluate(edlae, split.test, ks=(20, 50, 100)))}
             del edlae
-        if "multvae-linear" in models:
-            path = results.get("edlae", {}).get("params")
+        path = results.get("edlae", {}).get("params")
+        for hybrid in (h for h in HYBRIDS if h in models):
             if path is None:  # EDLAE's choice on this split, as its row makes it
                 search = tuning.search("edlae", split.train, split.validation, tuning.parse_grid(None, "edlae"),
                                        before_trial=stop)
                 path = {k: search.best.params[k] for k in ("l2", "p")}
-            search = trials("multvae-linear:")
+            base = {**common, **RECVAE_PARAMS} if hybrid == "recvae-linear" else common
+            search = trials(hybrid + ":")
             for w in HYBRID_WEIGHTS:
-                search.run(f"w={w:g}", "multvae-linear", {**common, **path, "linear_weight": w})
-            best = "multvae-linear:" + search.best.name
-            results["multvae-linear"] = {**results[best], "selected": best}
+                search.run(f"w={w:g}", hybrid, {**base, **path, "linear_weight": w})
+            best = hybrid + ":" + search.best.name
+            results[hybrid] = {**results[best], "selected": best}
         if "multvae" in models:
             search = trials("multvae:")
             tuning.multvae_trials(search, common, network=heuristic_network(args))
@@ -364,7 +369,7 @@ def summarise(per_seed: list[dict]) -> dict:
         if key == "ease":
             s["l2"] = [r["params"]["l2"] for r in rows]
             s["validation_ndcg@100"] = float(np.mean([r["validation_ndcg@100"] for r in rows]))
-        if key == "multvae-linear":
+        if key in HYBRIDS:
             s["chosen"] = [{k: r["params"][k] for k in ("linear_weight", "p", "l2")} for r in rows]
         if key == "edlae":
             s["chosen"] = [r["params"] for r in rows]
@@ -448,7 +453,7 @@ def markdown(report: dict) -> str:
             chosen = "l2 " + ", ".join(f"{v:g}" for v in s["l2"])
         elif key == "edlae":
             chosen = "p / l2 " + ", ".join(f"{c['p']:g} / {c['l2']:g}" for c in s["chosen"])
-        elif key == "multvae-linear":
+        elif key in HYBRIDS:
             chosen = "w / p / l2 " + ", ".join(f"{c['linear_weight']:g} / {c['p']:g} / {c['l2']:g}" for c in s["chosen"])
         elif key == "multvae":
             chosen = ", ".join(k.split(":")[1] for k in s["selected"])
@@ -681,7 +686,7 @@ def _main(args, argv) -> int:
         "ease_grid": list(args.ease_grid),
         **({"edlae_grid": {k: list(v) for k, v in tuning.parse_grid(None, "edlae").items()}}
            if "edlae" in models else {}),
-        **({"hybrid_weights": list(HYBRID_WEIGHTS)} if "multvae-linear" in models else {}),
+        **({"hybrid_weights": list(HYBRID_WEIGHTS)} if set(HYBRIDS) & set(models) else {}),
         "complete": stopped is None,
         "stopped_reason": stopped,
         "summary": summarise(per_seed),

@@ -29,3 +29,25 @@ def fold_in_split(X, n_fold_in=4):
     fi.eliminate_zeros()
     ho.eliminate_zeros()
     return fi, ho
+
+
+def planted_pairs_and_groups(n_users: int, seed: int, per_group: int = 50, n_pairs: int = 20):
+    """Users in 4 groups of ``per_group`` items (4 items of their group: low-rank structure a
+    VAE pools over, too sparse for item-item counts) who also hold one of ``n_pairs`` item pairs
+    (an item-item link a linear model reads off; 20 pairs do not fit a 4-d code). Returns the
+    whole matrix and a fold-in / held-out split: 2 group items and one item of the pair each."""
+    rng = np.random.default_rng(seed)
+    n_items = 4 * per_group + 2 * n_pairs
+    fold_in, heldout = [], []
+    for _ in range(n_users):
+        group = rng.integers(4) * per_group + rng.choice(per_group, 4, replace=False)
+        pair = 4 * per_group + 2 * rng.integers(n_pairs) + rng.permutation(2)
+        fold_in.append([*group[:2], pair[0]])
+        heldout.append([*group[2:], pair[1]])
+
+    def matrix(rows):
+        return sp.csr_matrix((np.ones(3 * n_users, np.float32), (np.repeat(np.arange(n_users), 3),
+                                                                  np.concatenate(rows))), shape=(n_users, n_items))
+
+    fi, ho = matrix(fold_in), matrix(heldout)
+    return (fi + ho).tocsr(), (fi, ho)

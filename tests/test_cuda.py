@@ -221,13 +221,13 @@ def _table_means(text: str, split: str) -> list[float]:
 
 
 @needs_cuda
-@pytest.mark.parametrize("model", ["multvae", "recvae", "multvae-linear"])
+@pytest.mark.parametrize("model", ["multvae", "recvae", "multvae-linear", "recvae-linear"])
 def test_a_run_trained_on_cuda_evaluates_on_the_cpu_with_the_same_metrics(model, log_csv, tmp_path, capsys):
     from recvae.experiment import REPORT_METRICS
     from recvae.rundir import RunDir
 
     out = tmp_path / "run"
-    extra = ("--hidden-dims", "32,32") if model == "recvae" else ()
+    extra = ("--hidden-dims", "32,32") if model in ("recvae", "recvae-linear") else ()
     assert main(_train_argv(log_csv, out, DEVICE, model, extra)) == 0
     saved = json.loads((out / "metrics.json").read_text())["test"]["metrics"]
     assert json.loads((out / "model" / "model.json").read_text())["params"]["device"] == DEVICE

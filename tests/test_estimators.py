@@ -17,7 +17,8 @@ from recvae.models.base import Recommender
 from recvae.models.registry import unregister
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL = ["multvae", "multdae", "binary-multvae", "recvae", "multvae-linear", "ease", "edlae", "popularity"]
+ALL = ["multvae", "multdae", "binary-multvae", "recvae", "multvae-linear", "recvae-linear", "ease", "edlae",
+       "popularity"]
 
 
 def test_the_library_registers_its_models_once():
@@ -81,7 +82,8 @@ def test_a_registered_model_is_one_class_and_one_line_and_the_cli_offers_it(toy,
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "one of multvae, multdae, binary-multvae, recvae, multvae-linear, ease, edlae, popularity, item-mean" in help_text
+    assert ("one of multvae, multdae, binary-multvae, recvae, multvae-linear, recvae-linear, ease, edlae, popularity, "
+            "item-mean") in help_text
     # the options it takes come from its __init__: others are refused by name
     log = tmp_path / "log.csv"
     log.write_text("user,item\n" + "\n".join(f"{u},{i}" for u in range(60) for i in range(u % 7, u % 7 + 110, 2)))

@@ -178,6 +178,13 @@ class TestMultVAELinearLearned(NeuralContract):
     params = dict(hidden_dims=(8,), total_anneal_steps=10, l2=10.0, linear_weight_mode="learned", **TINY_NET)
 
 
+class TestRecVAELinear(NeuralContract):
+    """RecVAE trained alone, w * x B added when scoring and validating: a resume keeps the epoch
+    chosen on the sum."""
+    name = "recvae-linear"
+    params = dict(hidden_dims=(8, 8), encoder_epochs=1, l2=10.0, linear_weight=3.0, **TINY_NET)
+
+
 class TestEASE(RecommenderContract):
     name = "ease"
     params = dict(l2=10.0)

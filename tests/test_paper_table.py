@@ -298,19 +298,21 @@ def test_edlae_is_a_row_only_when_asked(paper_table, log_csv, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_hybrid_is_a_row_only_when_asked_its_path_edlaes_choice(paper_table, log_csv, tmp_path):
-    assert "multvae-linear" not in paper_table.build_parser().get_default("models").split(",")
-    assert paper_table.main(args_for(log_csv, tmp_path, "--models", "ease,edlae,multvae-linear",
+@pytest.mark.parametrize("hybrid, label", [("multvae-linear", "Mult-VAE + linear path (EDLAE's B)"),
+                                           ("recvae-linear", "RecVAE + linear path (EDLAE's B)")])
+def test_the_hybrid_is_a_row_only_when_asked_its_path_edlaes_choice(paper_table, log_csv, tmp_path, hybrid, label):
+    assert hybrid not in paper_table.build_parser().get_default("models").split(",")
+    assert paper_table.main(args_for(log_csv, tmp_path, "--models", f"ease,edlae,{hybrid}",
                                      "--precision", "fp32", "--device", "cpu")) == 0
     report = json.loads((tmp_path / "tiny.json").read_text())
-    assert list(report["summary"]) == ["ease", "edlae", "multvae-linear"]
+    assert list(report["summary"]) == ["ease", "edlae", hybrid]
     assert report["hybrid_weights"] == [10.0, 30.0, 100.0]
     for r in report["per_seed"]:
-        runs = {w: r[f"multvae-linear:w={w}"] for w in ("10", "30", "100")}
+        runs = {w: r[f"{hybrid}:w={w}"] for w in ("10", "30", "100")}
         best = max(runs.values(), key=lambda t: t["validation_ndcg@100"])  # validation alone chooses
-        assert r["multvae-linear"]["validation_ndcg@100"] == best["validation_ndcg@100"]
+        assert r[hybrid]["validation_ndcg@100"] == best["validation_ndcg@100"]
         for t in runs.values():  # the linear path EDLAE's validation chose on the same split
             assert {k: t["params"][k] for k in ("l2", "p")} == r["edlae"]["params"]
-    s = report["summary"]["multvae-linear"]
+    s = report["summary"][hybrid]
     assert s["n_seeds"] == 2 and s["vs_ease"]["n_splits"] == 2
-    assert "| Mult-VAE + linear path (EDLAE's B) |" in (tmp_path / "tiny.md").read_text()
+    assert f"| {label} |" in (tmp_path / "tiny.md").read_text()

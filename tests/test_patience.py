@@ -76,11 +76,12 @@ def test_without_validation_the_default_does_not_apply_and_says_nothing(caplog):
 def test_help_shows_the_defaults_and_how_to_turn_it_off(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
-    text = " ".join(capsys.readouterr().out.split()).replace("multvae- linear", "multvae-linear")  # a wrapped name
-    assert ("--patience N [multvae, multdae, binary-multvae, recvae, multvae-linear] early stopping: stop after this many epochs "
-            "without a validation NDCG@100 gain, keeping the best epoch's weights; none: train every epoch (the "
+    text = " ".join(capsys.readouterr().out.split())
+    text = text.replace("multvae- linear", "multvae-linear").replace("recvae- linear", "recvae-linear")  # wrapped names
+    assert ("--patience N [multvae, multdae, binary-multvae, recvae, multvae-linear, recvae-linear] early stopping: "
+            "stop after this many epochs without a validation NDCG@100 gain, keeping the best epoch's weights; none: train every epoch (the "
             "paper); without validation users it does not apply (default multvae, multdae, binary-multvae, "
-            "multvae-linear: 50; recvae: 20)") in text
+            "multvae-linear: 50; recvae, recvae-linear: 20)") in text
 
 
 @pytest.mark.parametrize("flags, recorded", [((), 50), (("--patience", "none"), None), (("--patience", "7"), 7)])

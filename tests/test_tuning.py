@@ -205,7 +205,8 @@ def test_tune_ease_and_recvae_defaults_through_the_library(log_csv, tmp_path):
     (("--model", "ease", "--grid", "l2=abc"), "--grid l2=abc: expected a finite number > 0 each, such as 50,100"),
     (("--grid", "latent_dim=50.5"), "--grid latent_dim=50.5: expected a positive integer each, such as 50,200"),
     (("--model", "ease", "--n-heldout-users", "200"), "--n-heldout-users: 200 validation + 200 test users"),
-    (("--model", "popularity",), "--model popularity: tune takes multvae, multdae, binary-multvae, recvae, multvae-linear, ease, edlae"),
+    (("--model", "popularity",), "--model popularity: tune takes multvae, multdae, binary-multvae, recvae, multvae-linear, "
+     "recvae-linear, ease, edlae"),
     (("--model", "recvae", "--gamma", "0.1", "--grid", "gamma=0.2"), "--grid gamma=...: gamma is also given"),
     (("--anneal-cap", "0.2",), "--anneal-cap: tune chooses Mult-VAE's beta schedule"),
 ])

@@ -130,7 +130,8 @@ def test_parse_space_refuses_a_name_twice_and_a_fixed_one():
     (("--model", "ease", "--grid", "l2=1,2", "--trials", "3"), "--trials: the grid has 2 point(s), fewer than 3"),
     (("--model", "ease", "--grid", "l2=1,2", "--space", "l2=log:1:10"), "--grid: a search is a grid or ranges (--space), not both"),
     (("--model", "ease,recvae", "--grid", "l2=1,2"), "--grid: a grid tunes one model"),
-    (("--model", "ease,popularity", "--trials", "2"), "--model ease,popularity: tune takes multvae, multdae, binary-multvae, recvae, multvae-linear, ease, edlae"),
+    (("--model", "ease,popularity", "--trials", "2"), "--model ease,popularity: tune takes multvae, multdae, binary-multvae, recvae, multvae-linear, "
+     "recvae-linear, ease, edlae"),
     (("--model", "ease,recvae", "--trials", "2", "--anneal-cap", "0.2"), "--model ease,recvae: none of them "
                                                                          "takes --anneal-cap"),
     (("--model", "multvae,ease", "--trials", "2", "--anneal-cap", "0.2"), "--anneal-cap: tune chooses Mult-VAE's"),

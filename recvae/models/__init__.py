@@ -10,7 +10,8 @@
 - ``vae.py``: the estimators ``MultVAE`` / ``MultDAE`` that train the networks
 - ``recvae_network.py``, ``recvae.py``: RecVAE's network (composite prior) and estimator
 - ``binary_vae.py``: ``BinaryMultVAE``, Mult-VAE with a Bernoulli (binary code) latent
-- ``hybrid.py``: ``MultVAELinear``, Mult-VAE whose logits add a linear item-item path (EASE's / EDLAE's B)
+- ``hybrid.py``: ``MultVAELinear`` and ``RecVAELinear``, Mult-VAE and RecVAE whose logits add a linear
+  item-item path (EASE's / EDLAE's B)
 - ``ease.py``, ``edlae.py``, ``popularity.py``: baselines with the same fit / recommend interface
 - ``registry.py``: the name a user types -> the class; the registrations are below
 """
@@ -23,7 +24,7 @@ from recvae.models.binary_vae import BinaryMultVAE
 from recvae.models.device import resolve_device
 from recvae.models.ease import EASE
 from recvae.models.edlae import EDLAE
-from recvae.models.hybrid import MultVAELinear
+from recvae.models.hybrid import MultVAELinear, RecVAELinear
 from recvae.models.popularity import Popularity
 from recvae.models.recvae import RecVAE
 from recvae.models.registry import make_model, model_class, model_names, name_of, register
@@ -32,7 +33,7 @@ from recvae.models.vae import MultDAE, MultVAE
 
 __all__ = [
     "BinaryMultVAE", "EASE", "EDLAE", "MultDAE", "MultVAE", "MultVAELinear", "NonFiniteLossError", "Popularity",
-    "RecVAE", "Recommender",
+    "RecVAE", "RecVAELinear", "Recommender",
     "load_model", "make_model", "model_class", "model_names", "register",
 ]
 
@@ -41,6 +42,7 @@ register("multdae", MultDAE)
 register("binary-multvae", BinaryMultVAE)
 register("recvae", RecVAE)
 register("multvae-linear", MultVAELinear)
+register("recvae-linear", RecVAELinear)
 register("ease", EASE)
 register("edlae", EDLAE)
 register("popularity", Popularity)
