@@ -328,13 +328,14 @@ def run_seed(seed: int, data: Interactions, args, models, budget: TimeBudget, re
     return True
 
 
-def paired_with_ease(per_seed: list[dict], key: str) -> dict | None:
-    """``key``'s NDCG@100 minus EASE's, paired by test user, over the seeds where both ran."""
-    rows = [r for r in per_seed if key in r and "ease" in r and key != "ease"]
-    if not rows or any("ndcg@100_per_user" not in r[key]["test"] for r in rows):
+def paired_with(per_seed: list[dict], key: str, reference: str = "ease") -> dict | None:
+    """``key``'s NDCG@100 minus ``reference``'s (EASE, or EDLAE: the strongest linear model),
+    paired by test user, over the seeds where both ran."""
+    rows = [r for r in per_seed if key in r and reference in r and key != reference]
+    if not rows or any("ndcg@100_per_user" not in r[k]["test"] for r in rows for k in (key, reference)):
         return None
     return paired_difference([r[key]["test"]["ndcg@100_per_user"] for r in rows],
-                             [r["ease"]["test"]["ndcg@100_per_user"] for r in rows],
+                             [r[reference]["test"]["ndcg@100_per_user"] for r in rows],
                              n_resamples=N_RESAMPLES, seed=BOOTSTRAP_SEED)
 
 
@@ -365,7 +366,9 @@ def summarise(per_seed: list[dict]) -> dict:
             s["precision"] = rows[0]["params"]["precision"]
             s["mode"] = rows[0]["mode"]
         if s.get("mode") != "timing":
-            s["vs_ease"] = paired_with_ease(per_seed, key)
+            s["vs_ease"] = paired_with(per_seed, key)
+            if key != "edlae" and any("edlae" in r for r in per_seed):
+                s["vs_edlae"] = paired_with(per_seed, key, "edlae")
         if key == "ease":
             s["l2"] = [r["params"]["l2"] for r in rows]
             s["validation_ndcg@100"] = float(np.mean([r["validation_ndcg@100"] for r in rows]))
@@ -412,14 +415,15 @@ def paired_cell(p: dict | None) -> str:
     return f"{p['mean']:+.4f} [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}] ({p['wins']}/{p['n_splits']})"
 
 
-def noise_sentence(summ: dict) -> str:
-    """One sentence: which differences from EASE are larger than noise (CI excludes 0)."""
-    real = [f"{s['label']} ({'above' if s['vs_ease']['mean'] > 0 else 'below'})" for s in summ.values()
-            if s.get("vs_ease") and (s["vs_ease"]["ci_low"] > 0 or s["vs_ease"]["ci_high"] < 0)]
+def noise_sentence(summ: dict, reference: str = "ease", name: str = "EASE") -> str:
+    """One sentence: which differences from ``reference`` are larger than noise (CI excludes 0)."""
+    vs = f"vs_{reference}"
+    real = [f"{s['label']} ({'above' if s[vs]['mean'] > 0 else 'below'})" for s in summ.values()
+            if s.get(vs) and (s[vs]["ci_low"] > 0 or s[vs]["ci_high"] < 0)]
     if not real:
-        return "No model's NDCG@100 differs from EASE's by more than noise (every 95% interval contains 0)."
-    return ("Larger than noise (95% interval excludes 0): " + "; ".join(real)
-            + "; every other difference from EASE is within noise.")
+        return f"No model's NDCG@100 differs from {name}'s by more than noise (every 95% interval contains 0)."
+    return (f"Larger than noise (95% interval excludes 0){'' if reference == 'ease' else ' against ' + name}: "
+            + "; ".join(real) + f"; every other difference from {name} is within noise.")
 
 
 def markdown(report: dict) -> str:
@@ -443,9 +447,14 @@ def markdown(report: dict) -> str:
         f"paired bootstrap interval (users resampled within seeds, {N_RESAMPLES} resamples, seed "
         f"{BOOTSTRAP_SEED}) and the seeds where the model's mean beats EASE's.",
         "",
-        "| model | Recall@20 | Recall@50 | NDCG@100 | NDCG@100 − EASE [95% CI] (wins) | train s | s / epoch "
-        "| best epoch | chosen |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    with_edlae = any(s.get("vs_edlae") for s in summ.values())
+    if with_edlae:
+        lines += ["NDCG@100 − EDLAE: the same against EDLAE, the strongest linear model here.", ""]
+    lines += [
+        "| model | Recall@20 | Recall@50 | NDCG@100 | NDCG@100 − EASE [95% CI] (wins) | "
+        + ("NDCG@100 − EDLAE [95% CI] (wins) | " if with_edlae else "") + "train s | s / epoch | best epoch | chosen |",
+        "|---|---:|---:|---:|---:|" + ("---:|" if with_edlae else "") + "---:|---:|---:|---|",
     ]
     for key, s in summ.items():
         chosen = ""
@@ -466,9 +475,12 @@ def markdown(report: dict) -> str:
         cells = [cell(s, m) for m in ("recall@20", "recall@50", "ndcg@100")]
         if s.get("mode") == "timing":  # 5 epochs for seconds per epoch: its metrics mean nothing
             cells = ["(timing only)"] * 3
-        lines.append(f"| {s['label']} | {' | '.join(cells)} | {paired_cell(s.get('vs_ease'))} "
+        edlae_cell = f" | {paired_cell(s.get('vs_edlae'))}" if with_edlae else ""
+        lines.append(f"| {s['label']} | {' | '.join(cells)} | {paired_cell(s.get('vs_ease'))}{edlae_cell} "
                      f"| {s['train_seconds']:.1f} | {spe} | {be} | {chosen} |")
     lines += ["", noise_sentence(summ)]
+    if with_edlae:
+        lines += ["", noise_sentence(summ, "edlae", "EDLAE")]
     if "multvae" in summ and "multvae:other-precision" in summ:
         o = summ["multvae:other-precision"]
         lines += ["", f"Seconds per Mult-VAE training epoch (selected schedule, mean over seeds): "

@@ -29,19 +29,26 @@ def _real_data_dir() -> Path | None:
 
 @pytest.fixture(scope="session", autouse=True)
 def threads_per_worker():
-    """Under pytest-xdist (`-n 2`, the README's command) the workers share the cores: each
-    takes its share of torch threads, so two workers do not oversubscribe a 2-core machine.
-    (The commands a test starts keep their own defaults.)"""
+    """Under pytest-xdist (`-n 2`, the README's command) the workers share the cores: each, and
+    every command it starts, takes its share of threads. Two torch thread pools on one core do
+    not share it, they fight over it: their spinning threads made a training 20x slower on this
+    2-core machine when two jobs of 2 threads each ran at once."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1:
-        import torch
+    if workers <= 1:
+        yield
+        return
+    import torch
 
-        before = torch.get_num_threads()
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-        yield
-        torch.set_num_threads(before)
+    share = str(max(1, (os.cpu_count() or 1) // workers))
+    before = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = share  # the commands the tests start (train, serve, torchrun)
+    torch.set_num_threads(int(share))
+    yield
+    torch.set_num_threads(before[0])
+    if before[1] is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
     else:
-        yield
+        os.environ["OMP_NUM_THREADS"] = before[1]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -315,4 +315,12 @@ def test_the_hybrid_is_a_row_only_when_asked_its_path_edlaes_choice(paper_table,
             assert {k: t["params"][k] for k in ("l2", "p")} == r["edlae"]["params"]
     s = report["summary"][hybrid]
     assert s["n_seeds"] == 2 and s["vs_ease"]["n_splits"] == 2
-    assert f"| {label} |" in (tmp_path / "tiny.md").read_text()
+    # against the strongest linear model too: paired by user with EDLAE's test values of the same seeds
+    users = [(r[hybrid]["test"]["ndcg@100_per_user"], r["edlae"]["test"]["ndcg@100_per_user"]) for r in report["per_seed"]]
+    assert s["vs_edlae"]["mean"] == pytest.approx(np.mean(np.concatenate([np.subtract(a, b) for a, b in users])))
+    assert report["summary"]["ease"]["vs_edlae"]["n_splits"] == 2 and "vs_edlae" not in report["summary"]["edlae"]
+    md = (tmp_path / "tiny.md").read_text()
+    assert f"| {label} |" in md and "| NDCG@100 − EDLAE [95% CI] (wins) |" in md
+    row = next(line for line in md.splitlines() if line.startswith(f"| {label} |"))
+    d = s["vs_edlae"]
+    assert f"| {d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] ({d['wins']}/{d['n_splits']}) |" in row
