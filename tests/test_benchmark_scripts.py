@@ -3,22 +3,18 @@ surface only when someone runs a long benchmark)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+
+from repo_scripts import load_script
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("*.py")))
 def test_benchmark_script_imports(script, monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(f"_bench_{script[:-3]}", BENCHMARKS / script)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)  # runs the imports and definitions, not main()
+    module = load_script(f"benchmarks/{script}", f"_bench_{script[:-3]}", monkeypatch)  # imports and definitions
     assert callable(getattr(module, "main", None)), f"{script}: no main()"
 
 
@@ -30,11 +26,7 @@ def test_train_speed_reports_each_step_against_its_gemms_plus_optimizer_pass(tmp
 
     import torch
 
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("_bench_train_speed_run", BENCHMARKS / "train_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
+    module = load_script("benchmarks/train_speed.py", "_bench_train_speed_run", monkeypatch)
     threads = torch.get_num_threads()
     try:  # one thread: a few seconds even on a loaded machine
         report = module.main(["--tiny", "--batches", "1", "--warmup", "1", "--threads", "1", "--out", str(tmp_path / "ts")])
@@ -66,11 +58,7 @@ def test_sampled_softmax_times_each_shape_and_writes_both_files(tmp_path, monkey
     its own process; the files say the same as the report and name the machine."""
     import json
 
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("_bench_sampled_softmax_run", BENCHMARKS / "sampled_softmax.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
+    module = load_script("benchmarks/sampled_softmax.py", "_bench_sampled_softmax_run", monkeypatch)
     report = module.main(["--tiny", "--skip-accuracy", "--batches", "1", "--out", str(tmp_path / "ss")])
     rows = {(r["n_items"], r["config"]): r for r in report["speed"]}
     assert set(rows) == {(n, c) for n in (2000, 4000, 20000) for c in module.CONFIGS}

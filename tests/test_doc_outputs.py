@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import importlib.util
 import os
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
+
+from repo_scripts import load_script
 
 from recvae.cli import build_parser
 
@@ -29,12 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _load_script():
-    path = REPO / "scripts" / "doc_outputs.py"
-    spec = importlib.util.spec_from_file_location("doc_outputs", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/doc_outputs.py")
 
 
 ro = _load_script()

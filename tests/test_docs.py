@@ -4,7 +4,6 @@ README stays a README (a screen or two, linking into the site)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -12,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from repo_scripts import load_script
 from test_doc_outputs import ro
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,11 +20,7 @@ DOCS = REPO / "docs"
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"scripts/{name}.py")
 
 
 check_site = _load("check_site")

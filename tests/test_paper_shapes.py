@@ -3,26 +3,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
+
+from repo_scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def paper_shapes():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("paper_shapes", ROOT / "benchmarks" / "paper_shapes.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["paper_shapes"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/paper_shapes.py")
 
 
 def test_the_shapes_are_the_papers_and_scale_down(paper_shapes):

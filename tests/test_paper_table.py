@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import sys
@@ -13,16 +12,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from repo_scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def paper_table():
-    spec = importlib.util.spec_from_file_location("paper_table", ROOT / "benchmarks" / "paper_table.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["paper_table"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/paper_table.py")
 
 
 @pytest.fixture(scope="module")

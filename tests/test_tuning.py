@@ -3,7 +3,6 @@ the chosen model's run directory, and bad grids."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
+from repo_scripts import load_script
 import torch
 
 from recvae import tuning
@@ -284,9 +285,7 @@ def _split_parts(log_csv):
 
 
 def test_paper_table_chooses_through_recvae_tuning():
-    spec = importlib.util.spec_from_file_location("paper_table_t", ROOT / "benchmarks" / "paper_table.py")
-    paper_table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(paper_table)
+    paper_table = load_script("benchmarks/paper_table.py", "paper_table_t")
     assert paper_table.HEURISTIC_NETWORK is tuning.HEURISTIC_NETWORK
     assert paper_table.EASE_GRID is tuning.EASE_GRID
     source = (ROOT / "benchmarks" / "paper_table.py").read_text()
