@@ -205,7 +205,8 @@ def markdown(report: dict) -> str:
              f"Machine: {m['cpu']} ({m['cores']} cores, {m['threads']} torch threads, AVX-512 BF16 "
              f"{'yes' if m['avx512_bf16'] else 'no'}, AMX {'yes' if m['amx_bf16'] else 'no'}); torch {m['torch']}; "
              f"load average {report['load_average_before']} before, {report['load_average_after']} after "
-             "(a shared machine reads slower; rerun alone for the record).", "",
+             f"(on {m['cores']} cores, a load above ~{m['cores']} means other work ran beside it and the times read "
+             "slower).", "",
              ]
     if report["speed"]:
         lines += ["| catalogue | softmax | ms / batch | peak RSS during the steps (GB) | items touched (M) |",

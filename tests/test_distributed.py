@@ -224,18 +224,24 @@ def test_sampled_softmax_two_processes_give_the_one_process_model(log_csv, tmp_p
 
 
 @pytest.mark.slow
-def test_recvae_two_processes_give_the_one_process_model(log_csv, tmp_path):
+@pytest.mark.parametrize("model", ["recvae", "recvae-linear"])
+def test_recvae_two_processes_give_the_one_process_model(log_csv, tmp_path, model):
     """RecVAE's encoder and decoder passes split as Mult-VAE's updates: dropout and noise drawn
     for the global batch, each phase's gradients summed. Every pass ends on a batch of one user,
     so rank 0's share is empty there and it must still draw that batch's random numbers: the
-    next pass goes on with the same generator (an outer epoch reseeds it, a pass does not)."""
-    extra = ["--model", "recvae", "--hidden-dims", "24,24", "--encoder-epochs", "2", "--lr", "1e-3"]
+    next pass goes on with the same generator (an outer epoch reseeds it, a pass does not).
+    With the linear path, rank 0 computes B and sends it: validation on the sum is the same."""
+    extra = ["--model", model, "--hidden-dims", "24,24", "--encoder-epochs", "2", "--lr", "1e-3"]
+    extra += ["--l2", "50"] if model == "recvae-linear" else []
     one, two = tmp_path / "one", tmp_path / "two"
     assert main([*_train_args(["--data", str(log_csv)], one), *extra]) == 0
     _two_processes([*_train_args(["--data", str(log_csv)], two), *extra])
     diff = _assert_same_run(two, one, steps=(69, 138))  # (2 encoder + 1 decoder passes) x 23 updates per epoch
-    print(f"RecVAE: max |w_2proc - w_1proc| = {diff:.2e}")
+    print(f"{model}: max |w_2proc - w_1proc| = {diff:.2e}")
     assert {k.split(".")[0] for k in _weights(two)} == {"encoder", "old_encoder", "decoder"}  # RecVAE's network
+    if model == "recvae-linear":
+        B1, B2 = (np.load(run / "model" / "linear.npz")["B"] for run in (one, two))
+        np.testing.assert_array_equal(B1, B2)
 
 
 @pytest.mark.slow
