@@ -11,8 +11,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import tempfile
+import threading
 import zipfile
 import zlib
 from pathlib import Path
@@ -93,12 +95,17 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     path = Path(path)
     folder = ensure_writable_dir(path.parent)
     remove_stale_temporaries(path, suffix)
+    # Ctrl-C or SIGTERM between the file's creation and the cleanup below would leave it behind:
+    # they wait (blocked) until the cleanup is armed, then arrive inside it
+    held = _hold_signals()
     try:
         fd, name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=suffix)
     except OSError as e:
+        _release_signals(held)
         raise _disk_error(path, e) or PermissionError(f"cannot write to directory {folder}: {e.strerror or e}") from e
     tmp = Path(name)
     try:
+        _release_signals(held)
         _hold(fd)
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
@@ -111,6 +118,23 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         raise
     finally:
         os.close(fd)
+
+
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _hold_signals():
+    """Block SIGINT and SIGTERM in this thread (the main one: where Python runs its handlers);
+    the previous mask, or None where signals cannot be blocked here."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+
+
+def _release_signals(held) -> None:
+    """Restore the mask :func:`_hold_signals` replaced: a signal that came meanwhile arrives now."""
+    if held is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 #: what a full or read-only disk raises: the cause a write names (errno -> words)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
+import tempfile
 
 import numpy as np
 import pytest
 
-from recvae.fileio import atomic_open, atomic_path, read_json, read_npz
+from recvae.fileio import atomic_open, atomic_path, atomic_write, read_json, read_npz
 
 
 @pytest.fixture
@@ -56,3 +58,20 @@ def test_read_npz_names_the_file(tmp_path):
     bad.write_bytes(b"\x80\x04not a zip")  # a pickle header: must not be unpickled
     with pytest.raises(ValueError, match=rf"^{bad}: damaged or not an .npz archive \(expected the weights\)$"):
         read_npz(bad, "weights")
+
+
+def test_a_signal_just_after_the_temporary_file_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """The signal lands in the instant between the temporary file's creation and the cleanup's
+    `try` (a Ctrl-C the moment writing begins): it waits until the cleanup is armed, so no
+    temporary file is left behind and the target is untouched."""
+    made = tempfile.mkstemp
+
+    def mkstemp_then_signal(*args, **kwargs):
+        out = made(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # delivered at once unless blocked
+        return out
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "out.bin", lambda f: f.write(b"x"))
+    assert list(tmp_path.iterdir()) == []
