@@ -10,11 +10,10 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
-import signal
 import stat
 import tempfile
-import threading
 import zipfile
 import zlib
 from pathlib import Path
@@ -95,46 +94,52 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     path = Path(path)
     folder = ensure_writable_dir(path.parent)
     remove_stale_temporaries(path, suffix)
-    # Ctrl-C or SIGTERM between the file's creation and the cleanup below would leave it behind:
-    # they wait (blocked) until the cleanup is armed, then arrive inside it
-    held = _hold_signals()
+    fd, tmp = None, None
     try:
-        fd, name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=suffix)
-    except OSError as e:
-        _release_signals(held)
-        raise _disk_error(path, e) or PermissionError(f"cannot write to directory {folder}: {e.strerror or e}") from e
-    tmp = Path(name)
-    try:
-        _release_signals(held)
+        for _ in range(TEMPORARY_ATTEMPTS):
+            # named before it is made, inside the cleanup's reach: a Ctrl-C or SIGTERM the instant
+            # it is created (before a name returned by mkstemp could be kept) still finds it
+            tmp = folder / f".{path.name}.{_random_name()}{suffix}"
+            try:
+                fd = _create(tmp)
+                break
+            except FileExistsError:
+                tmp = None  # another writer's
+            except OSError as e:
+                tmp = None
+                raise _disk_error(path, e) or PermissionError(
+                    f"cannot write to directory {folder}: {e.strerror or e}") from e
+        else:
+            raise FileExistsError(errno.EEXIST, f"no free temporary name beside {path}")
         _hold(fd)
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         error = _disk_error(path, e)
         if error is not None:
             raise error from None
         raise
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+TEMPORARY_ATTEMPTS = 100
+_NAME_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789_"
 
 
-def _hold_signals():
-    """Block SIGINT and SIGTERM in this thread (the main one: where Python runs its handlers);
-    the previous mask, or None where signals cannot be blocked here."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+def _random_name() -> str:
+    """8 characters, as ``mkstemp``'s (what :func:`remove_stale_temporaries` recognises)."""
+    return "".join(secrets.choice(_NAME_CHARACTERS) for _ in range(8))
 
 
-def _release_signals(held) -> None:
-    """Restore the mask :func:`_hold_signals` replaced: a signal that came meanwhile arrives now."""
-    if held is not None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+def _create(tmp: Path) -> int:
+    """Create ``tmp`` exclusively (never through a link), mode 0600 as ``mkstemp``; its descriptor."""
+    return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
 
 
 #: what a full or read-only disk raises: the cause a write names (errno -> words)

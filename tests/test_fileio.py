@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import tempfile
 
 import numpy as np
 import pytest
 
+from recvae import fileio
 from recvae.fileio import atomic_open, atomic_path, atomic_write, read_json, read_npz
 
 
@@ -61,17 +61,17 @@ def test_read_npz_names_the_file(tmp_path):
 
 
 def test_a_signal_just_after_the_temporary_file_is_made_leaves_nothing(tmp_path, monkeypatch):
-    """The signal lands in the instant between the temporary file's creation and the cleanup's
-    `try` (a Ctrl-C the moment writing begins): it waits until the cleanup is armed, so no
+    """The signal lands in the instant the temporary file is created, before its name could be
+    kept (a Ctrl-C the moment writing begins): the cleanup knows the name already, so no
     temporary file is left behind and the target is untouched."""
-    made = tempfile.mkstemp
+    made = fileio._create
 
-    def mkstemp_then_signal(*args, **kwargs):
-        out = made(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGINT)  # delivered at once unless blocked
-        return out
+    def create_then_signal(tmp):
+        fd = made(tmp)
+        os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt at the next instruction
+        return fd
 
-    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_signal)
+    monkeypatch.setattr(fileio, "_create", create_then_signal)
     with pytest.raises(KeyboardInterrupt):
         atomic_write(tmp_path / "out.bin", lambda f: f.write(b"x"))
     assert list(tmp_path.iterdir()) == []
