@@ -57,7 +57,7 @@ from recvae import distributed
 from recvae import metrics as M
 from recvae.errors import ParameterError
 from recvae.models.sparse_layers import (
-    SCORE_DTYPES, SparseBatch, Workspace, _OutputLayerNLL, _SparseInputLinear, compute_dtype, output_logits,
+    SCORE_DTYPES, SparseBatch, Workspace, _OutputLayerNLL, _SparseInputLinear, compute_dtype, output_factors, output_logits,
 )
 from recvae.ranking import mask_rows, top_k
 
@@ -196,13 +196,7 @@ class _ShardedOutputNLL(_OutputLayerNLL):
     def forward(ctx, h, weight, bias, batch: SparseBatch, workspace: Workspace, cd: torch.dtype, offset=None):
         B, I = batch.n_rows, batch.n_items
         dev = h.device
-        if cd == weight.dtype:
-            w_c, b_c = weight, bias
-        else:
-            w_c = workspace.get("weight_lowp", tuple(weight.shape), cd, dev)
-            w_c.copy_(weight)
-            b_c = bias.to(cd)
-        h_c = h.to(cd).contiguous()
+        w_c, b_c, h_c = output_factors(h, weight, bias, workspace, cd)
         # one B x I_r buffer: the local logits, then in place exp(logit - max), then the softmax
         probs = workspace.get("probs", (B, I), cd, dev)
         torch.addmm(b_c, h_c, w_c.t(), out=probs)

@@ -284,18 +284,24 @@ def _logsumexp_from_softmax(logits, probs, picked, batch: SparseBatch) -> torch.
     return lse
 
 
+def output_factors(h, weight, bias, workspace: Workspace, cd: torch.dtype):
+    """The output layer's weight, bias and input in the compute dtype ``cd`` (the weight's copy
+    in a kept buffer), for the product ``h W^T + b``."""
+    if cd == weight.dtype:
+        w_c, b_c = weight, bias
+    else:
+        w_c = workspace.get("weight_lowp", tuple(weight.shape), cd, h.device)
+        w_c.copy_(weight)
+        b_c = bias.to(cd)
+    return w_c, b_c, h.to(cd).contiguous()
+
+
 class _OutputLayerNLL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, batch: SparseBatch, workspace: Workspace, cd: torch.dtype, offset=None):
         B, I = batch.n_rows, batch.n_items
         dev = h.device
-        if cd == weight.dtype:
-            w_c, b_c = weight, bias
-        else:
-            w_c = workspace.get("weight_lowp", tuple(weight.shape), cd, dev)
-            w_c.copy_(weight)
-            b_c = bias.to(cd)
-        h_c = h.to(cd).contiguous()
+        w_c, b_c, h_c = output_factors(h, weight, bias, workspace, cd)
         logits = workspace.get("logits", (B, I), cd, dev)
         torch.addmm(b_c, h_c, w_c.t(), out=logits)
         if offset is not None:
