@@ -184,7 +184,10 @@ def load_data(args) -> tuple[Interactions, dict]:
     data = spec.load(show_progress=False, timestamps=in_time(args))
     from dataclasses import asdict
 
-    return data, {"source": asdict(spec)}
+    source = asdict(spec)
+    if source.get("path"):  # as the recorded command gives it: from the repository, not this machine's root
+        source["path"] = repo_relative(source["path"])
+    return data, {"source": source}
 
 
 def default_name(args) -> str:

@@ -272,6 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.n_items = {"ml20m": 2000, "msd": 4000, "1m": 20000}
         args.seeds, args.epochs, args.batches = args.seeds[:1], args.epochs or 5, min(args.batches, 2)
     words = sys.argv[1:] if argv is None else argv
+    # a recorded command runs on any machine: paths from the repository (../shared/...), not from /
+    words = [os.path.relpath(w, REPO) if os.path.isabs(w) else w for w in words]
     report = {"machine": machine(), "load_average_before": [round(v, 2) for v in os.getloadavg()],
               "command": " ".join(["python benchmarks/sampled_softmax.py", *words])}
     report["speed"] = []
