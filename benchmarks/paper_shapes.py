@@ -28,10 +28,36 @@ Targets checked and printed: each measuring process under 4 GB peak RSS; top-100
 its forward passes; no step whose cost per unit of work grows by more than GROWTH_LIMIT.
 
 Writes ``benchmarks/results/paper_shapes.{json,md}`` for a full run (every shape, scale 1); a
-quick check (``--shapes``, ``--scale``) prints only, unless ``--out-dir`` is given. Examples::
+quick check (``--shapes``, ``--scale``, ``--items``) prints only, unless ``--out-dir`` is given.
+
+**Models side by side** (``--models``, a comma list out of ``multvae``, ``ease``,
+``recvae-linear``, ``multvae-linear``; default ``multvae``, the run above): each model of the list
+is measured in a fresh process of its own per shape (its peak RSS is the model's figure), from
+the same generated data and split, built by the model registry (``recvae.models.make_model``:
+defaults, ``epochs=1``, seed 0, the CPU) and timed in the same steps where they apply:
+
+* the fit: one epoch for Mult-VAE (one outer epoch, 3 encoder + 1 decoder passes, for RecVAE),
+  the closed-form fit for EASE (float64, its default), the linear path's closed-form ``B``
+  (EDLAE's, float64 then kept in float32) and then the VAE's epoch for the hybrids: the linear
+  fit's seconds (``linear_seconds_``) and the epoch's are reported apart;
+* validation NDCG@100 on the validation users: inside the fit for the VAEs (after the epoch),
+  one ``evaluate`` after the fit for EASE;
+* test evaluation (Recall@20/50, NDCG@100), the forward passes and top-100 for every training user
+  (batches of 1,000), as above.
+
+A model that refuses before fitting (:class:`~recvae.errors.ParameterError`: the hybrids beyond
+``max_linear_gb``, 8 GB by default, as on MSD's 41,140 items, ~20 GB) is a row holding its one-line
+message; a measuring process that fails or runs past its time is a row saying so (the run goes on
+and exits with 1). ``--max-linear-gb`` is passed to the hybrids. For the linear models the row
+also holds the size of the item-item matrix kept (EASE's ``B_``: n_items^2 x 8 bytes in float64;
+the hybrids' ``B``: n_items^2 x 4 bytes) beside the measured peak. Writes
+``benchmarks/results/paper_shapes_models.{json,md}`` at full scale (``--scale 1``, no ``--items``)
+whatever the shapes; a quick check prints only, unless ``--out-dir`` is given. Examples::
 
     python benchmarks/paper_shapes.py                       # all three shapes: ~15 min on 2 cores
     python benchmarks/paper_shapes.py --shapes msd --scale 0.05
+    python benchmarks/paper_shapes.py --shapes ml-20m,msd --models multvae,ease,recvae-linear,multvae-linear
+    python benchmarks/paper_shapes.py --shapes ml-20m --scale 0.001 --items 2000 --models ease,recvae-linear
 """
 
 from __future__ import annotations
@@ -71,7 +97,7 @@ BATCH = 1000  # users per scoring batch: Recommender.batch_size_predict, the def
 RSS_LIMIT_GB = 4.0
 TOP_K_LIMIT = 1.5  # top-100 over all training users / their forward passes
 GROWTH_LIMIT = 1.3  # a step's cost per unit of work at a larger shape / at ML-20M (timings here are noisy)
-TIMEOUT_S = {"generate": 1800, "measure": 3600}
+TIMEOUT_S = {"generate": 1800, "measure": 3600, "model": 10800}  # model: EASE on MSD, ~1 h on 2 cores
 #: step -> (what it is, its work unit): "interactions" or "user x item"
 STEPS = {
     "generation": ("generate the synthetic data and write the prepared directory (own process)", "interactions"),
@@ -84,8 +110,17 @@ STEPS = {
 }
 
 
-def scaled(name: str, scale: float) -> dict:
-    label, users, items, interactions, heldout = SHAPES[name]
+#: --models: registry name -> label
+MODELS = {"multvae": "Mult-VAE", "ease": "EASE", "recvae-linear": "RecVAE + linear path",
+          "multvae-linear": "Mult-VAE + linear path"}
+DEFAULT_MODELS = ("multvae",)
+
+
+def scaled(name: str, scale: float, items: int | None = None) -> dict:
+    """The shape ``name`` with ``scale`` of its users, interactions and held-out users (floors:
+    50 users, 5 interactions each, 10 held-out users per set) and ``items`` items when given."""
+    label, users, items_, interactions, heldout = SHAPES[name]
+    items = items_ if items is None else items
     n_users = max(round(users * scale), 50)
     return {"name": name, "label": label, "n_users": n_users, "n_items": items,
             "n_interactions": max(round(interactions * scale), 5 * n_users),
@@ -94,7 +129,9 @@ def scaled(name: str, scale: float) -> dict:
 
 # -- memory of this process ----------------------------------------------------------------------
 def peak_rss_gb() -> float:
-    """This process's peak RSS since it started (``ru_maxrss`` is in KiB on Linux)."""
+    """This process's peak RSS (``ru_maxrss``, in KiB on Linux): since it started, or since the
+    last :func:`reset_step_peak` (the reset lowers the kernel's high-water mark that it reads);
+    :meth:`Steps.peak_gb` is the whole process's."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
@@ -128,6 +165,11 @@ class Steps:
         self.add(name, time.perf_counter() - t, _status_gb("VmHWM") if exact else None)
         return out
 
+    def peak_gb(self) -> float:
+        """The process's peak RSS so far: the highest of its steps' peaks and of the reading now
+        (each step's reset of VmHWM also lowers ``ru_maxrss``)."""
+        return max([peak_rss_gb(), *(r["peak_rss_gb"] for r in self.rows.values() if r["peak_rss_gb"] is not None)])
+
     def add(self, name: str, seconds: float, peak_gb: float | None, **extra) -> None:
         row = self.rows.setdefault(name, {"seconds": 0.0, "peak_rss_gb": None})
         row["seconds"] += seconds
@@ -151,6 +193,27 @@ def generate(args) -> dict:
     return {"seconds": t2 - t0, "generate_seconds": t1 - t0, "write_seconds": t2 - t1,
             "n_users": int(data.n_users), "n_items": int(data.n_items), "nnz": int(data.nnz),
             "peak_rss_gb": peak_rss_gb()}
+
+
+def score_training_users(model, train, steps: Steps, chunk_users: int) -> int:
+    """Top-100 and forward passes over the training users, alternating chunk by chunk; their count."""
+    n = train.shape[0]
+    ids = np.full((n, K), -1, dtype=np.int64)  # the whole answer, as one recommend call returns it
+    scores = np.full((n, K), -np.inf, dtype=np.float32)
+    for lo in range(0, n, chunk_users):
+        hi = min(lo + chunk_users, n)
+
+        def forward():
+            for b in range(lo, hi, BATCH):
+                model.score(train[b:min(b + BATCH, hi)])
+
+        def top():
+            ids[lo:hi], scores[lo:hi] = model.recommend(train[lo:hi], N=K, batch_size=BATCH)
+
+        steps.run("forward", forward)
+        steps.run("top-100", top)
+    assert (ids >= 0).all()
+    return n
 
 
 def measure(args) -> dict:
@@ -180,37 +243,105 @@ def measure(args) -> dict:
     res = steps.run("evaluation", lambda: evaluate(model, split.test, ks=(20, 50, 100)))
     steps.rows["evaluation"]["ndcg100"] = res["ndcg@100"].mean
 
-    # top-100 and forward passes over the training users, alternating chunk by chunk
-    n = train.shape[0]
-    ids = np.full((n, K), -1, dtype=np.int64)  # the whole answer, as one recommend call returns it
-    scores = np.full((n, K), -np.inf, dtype=np.float32)
-    for lo in range(0, n, args.chunk_users):
-        hi = min(lo + args.chunk_users, n)
-
-        def forward():
-            for b in range(lo, hi, BATCH):
-                model.score(train[b:min(b + BATCH, hi)])
-
-        def top():
-            ids[lo:hi], scores[lo:hi] = model.recommend(train[lo:hi], N=K, batch_size=BATCH)
-
-        steps.run("forward", forward)
-        steps.run("top-100", top)
-    assert (ids >= 0).all()
+    n = score_training_users(model, train, steps, args.chunk_users)
     return {"steps": steps.rows, "n_train_users": int(n), "n_train_interactions": int(train.nnz),
             "n_items": int(train.shape[1]), "n_heldout_users": int(res.n_users),
             "n_test_fold_in": int(split.test.fold_in.nnz), "n_validation_fold_in": int(split.validation.fold_in.nnz),
             "n_interactions": int(sum(m.nnz for m in (train, split.validation.fold_in, split.validation.heldout,
                                                       split.test.fold_in, split.test.heldout))),
-            "precision": model.precision_, "rss_at_start_gb": rss_start, "peak_rss_gb": peak_rss_gb(),
+            "precision": model.precision_, "rss_at_start_gb": rss_start, "peak_rss_gb": steps.peak_gb(),
             "step_peaks_exact": reset_step_peak(), "torch_threads": torch.get_num_threads()}
 
 
+def item_item_matrix(model) -> dict | None:
+    """The item-item matrix a linear model keeps (EASE's ``B_``, a hybrid's ``module_.linear``):
+    its dtype and GB, and n_items^2 x 4 bytes (float32) beside it; None for a model without one."""
+    B = getattr(model, "B_", None)
+    if B is not None:
+        dtype, nbytes = B.dtype.name, B.nbytes
+    else:
+        B = getattr(getattr(model, "module_", None), "linear", None)
+        if B is None or B.numel() == 0:
+            return None
+        dtype, nbytes = str(B.dtype).removeprefix("torch."), B.numel() * B.element_size()
+    n = int(B.shape[0])
+    return {"n_items": n, "dtype": dtype, "gb": nbytes / 1e9, "float32_gb": n * n * 4 / 1e9}
+
+
+def measure_model(args) -> dict:
+    """One model of ``--models`` (``--model-json``: its registry name and parameters) on the
+    prepared data: the fit (its parts apart), validation, test evaluation, forward passes and
+    top-100; a refusal before fitting (ParameterError) is returned as the row's message."""
+    import torch
+
+    from recvae.data.prepared import load_prepared
+    from recvae.data.splits import strong_generalization_split
+    from recvae.errors import ParameterError
+    from recvae.evaluation import evaluate
+    from recvae.models import make_model
+    from recvae.models.registry import trains_by_epochs
+
+    shape, spec = json.loads(args.shape_json), json.loads(args.model_json)
+    steps = Steps()
+    rss_start = _status_gb("VmRSS")
+
+    def prepare():
+        data = load_prepared(args.prepared)
+        return strong_generalization_split(data, n_heldout_users=shape["n_heldout_users"], seed=SEED)
+
+    split = steps.run("preparation", prepare)
+    train = split.train.matrix
+    model = make_model(spec["name"], **spec["params"])
+    by_epochs = trains_by_epochs(type(model))
+    info = {"model": spec["name"], "n_train_users": int(train.shape[0]), "n_items": int(train.shape[1]),
+            "n_train_interactions": int(train.nnz), "rss_at_start_gb": rss_start,
+            "torch_threads": torch.get_num_threads(),
+            "params": {k: (v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else str(v))
+                       for k, v in model.get_params().items()}}  # every hyperparameter, as run
+    try:
+        if by_epochs:
+            steps.run("fit", lambda: model.fit(split.train, validation=split.validation))
+        else:
+            steps.run("fit", lambda: model.fit(split.train))
+    except ParameterError as e:  # refused before fitting (a hybrid's max_linear_gb): the row is its message
+        print(f"  refused: {e}", flush=True)
+        return {**info, "status": "refused", "message": str(e), "steps": steps.rows, "peak_rss_gb": steps.peak_gb(),
+                "step_peaks_exact": reset_step_peak()}
+    fit = steps.rows["fit"]
+    parts = {}
+    if getattr(model, "linear_seconds_", None) is not None:
+        parts["linear"] = model.linear_seconds_
+    if by_epochs:
+        row = model.history_[0]
+        parts["training"], parts["validation"] = row["seconds"], row["val_seconds"] or 0.0
+        parts["other"] = fit["seconds"] - sum(parts.values())
+        fit["parts"] = parts
+        steps.add("validation", parts["validation"], None, ndcg100=row["val_ndcg@100"], in_fit=True)
+    else:
+        fit["parts"] = parts
+        val = steps.run("validation", lambda: evaluate(model, split.validation, ks=(K,)))
+        steps.rows["validation"].update(ndcg100=val[f"ndcg@{K}"].mean, in_fit=False)
+    res = steps.run("evaluation", lambda: evaluate(model, split.test, ks=(20, 50, 100)))
+    steps.rows["evaluation"].update(ndcg100=res["ndcg@100"].mean, recall20=res["recall@20"].mean,
+                                    recall50=res["recall@50"].mean)
+    score_training_users(model, train, steps, args.chunk_users)
+    return {**info, "status": "ok", "steps": steps.rows, "ndcg100": res["ndcg@100"].mean,
+            "ndcg100_validation": steps.rows["validation"]["ndcg100"], "n_heldout_users": int(res.n_users),
+            "item_item": item_item_matrix(model), "precision": getattr(model, "precision_", None),
+            "peak_rss_gb": steps.peak_gb(), "step_peaks_exact": reset_step_peak()}
+
+
 # -- driver ---------------------------------------------------------------------------------------
-def launch(kind: str, shape: dict, prepared: Path, out: Path, chunk_users: int) -> dict:
+class WorkerFailed(SystemExit):
+    """A worker process that exited with an error or ran past its time (its message says which)."""
+
+
+def launch(kind: str, shape: dict, prepared: Path, out: Path, chunk_users: int, model_json: str | None = None) -> dict:
     """Run one worker process (its own session), killed with its group in every outcome."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--shape-json", json.dumps(shape),
            "--prepared", str(prepared), "--worker-out", str(out), "--chunk-users", str(chunk_users)]
+    if model_json is not None:
+        cmd += ["--model-json", model_json]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     p = subprocess.Popen(cmd, env=env, start_new_session=True)
     rc = None
@@ -223,10 +354,11 @@ def launch(kind: str, shape: dict, prepared: Path, out: Path, chunk_users: int) 
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
     if rc is None:
-        raise SystemExit(f"paper_shapes: {shape['name']}: the {kind} process did not finish within "
-                         f"{TIMEOUT_S[kind]} s; stopped it")
+        raise WorkerFailed(f"paper_shapes: {shape['name']}: the {kind} process did not finish within "
+                           f"{TIMEOUT_S[kind]} s; stopped it")
     if rc != 0:
-        raise SystemExit(f"paper_shapes: {shape['name']}: the {kind} process exited with {rc}")
+        raise WorkerFailed(f"paper_shapes: {shape['name']}: the {kind} process exited with {rc}"
+                           + (" (killed: out of memory?)" if rc == -signal.SIGKILL else ""))
     return json.loads(out.read_text())
 
 
@@ -242,6 +374,30 @@ def run_shape(shape: dict, chunk_users: int) -> dict:
         meas = launch("measure", shape, prepared, Path(tmp) / "measure.json", chunk_users)
     meas["steps"] = {"generation": {"seconds": gen["seconds"], "peak_rss_gb": gen["peak_rss_gb"]}, **meas["steps"]}
     return {**shape, "nnz": gen["nnz"], "generation": gen, "measure": meas, "load_average_before": load,
+            "load_average_after": [round(v, 2) for v in os.getloadavg()]}
+
+
+def run_models_shape(shape: dict, models: dict[str, dict], chunk_users: int) -> dict:
+    """One shape for ``--models``: the data generated once, then each model in a fresh measuring
+    process; a failed process is a row saying so, and the other models still run."""
+    print(f"{shape['label']}: {shape['n_users']:,} users x {shape['n_items']:,} items, "
+          f"~{shape['n_interactions']:,} interactions, {shape['n_heldout_users']:,} + "
+          f"{shape['n_heldout_users']:,} held-out users", flush=True)
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="paper-shapes-") as tmp:
+        prepared = Path(tmp) / "prepared"
+        load = [round(v, 2) for v in os.getloadavg()]
+        gen = launch("generate", shape, prepared, Path(tmp) / "generate.json", chunk_users)
+        print(f"  generation: {gen['seconds']:.1f} s, peak RSS {gen['peak_rss_gb']:.2f} GB (own process)", flush=True)
+        for name, params in models.items():
+            print(f" {MODELS[name]} ({name}):", flush=True)
+            spec = json.dumps({"name": name, "params": params})
+            try:
+                rows[name] = launch("model", shape, prepared, Path(tmp) / f"{name}.json", chunk_users, spec)
+            except WorkerFailed as e:  # a row saying so; an interrupt (SIGTERM, Ctrl-C) still ends the run
+                print(f"  {e}", flush=True)
+                rows[name] = {"model": name, "status": "failed", "message": str(e)}
+    return {**shape, "nnz": gen["nnz"], "generation": gen, "models": rows, "load_average_before": load,
             "load_average_after": [round(v, 2) for v in os.getloadavg()]}
 
 
@@ -360,6 +516,75 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _cell(x: float | None, fmt: str = ".1f") -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def markdown_models(report: dict) -> str:
+    """The ``--models`` report: one table per shape, a row per model (refusals and failures with
+    their message)."""
+    env = report["environment"]
+    lines = [
+        "# The paper's data shapes on one machine: Mult-VAE, EASE and the hybrids (synthetic data)", "",
+        "Synthetic data of each shape of Liang et al. (WWW 2018, Table 1) from `paper_table.synthetic_ml20m` "
+        f"(seed {SEED}; log-normal history lengths, Zipf-like items), scale {report['scale']:g}"
+        + (f", {report['items']:,} items" if report["items"] else "") + ". The data is generated once per shape; "
+        "each model is then measured in a fresh process of its own, whose peak RSS is the model's figure. Models "
+        "from the registry at their defaults (" + "; ".join(f"{MODELS[n]}: `{n}`" + (
+            f" {', '.join(f'{k}={v}' for k, v in p.items())}" if p else "") for n, p in report["models"].items())
+        + f"). Scoring batches of {BATCH:,} users.", "",
+        "Fit: one epoch for the VAEs (one outer epoch for RecVAE: 3 encoder and 1 decoder passes), the closed-form "
+        "fit for EASE (float64), the linear path's closed-form B and then the VAE's epoch for the hybrids; of "
+        "which the linear path's fit and the epoch's updates, apart. Validation NDCG@100: the VAEs' is inside "
+        "their fit, after the epoch; EASE's is one evaluation after its fit. Item-item matrix: the one the model "
+        "keeps (its dtype), and n_items^2 x 4 bytes (float32) beside it.", "",
+    ]
+    for r in report["shapes"]:
+        seen = sorted({m["n_items"] for m in r["models"].values() if "n_items" in m})
+        lines += [
+            f"## {r['label']}: {r['n_users']:,} users x {r['n_items']:,} items, {r['nnz']:,} interactions, "
+            f"{r['n_heldout_users']:,} + {r['n_heldout_users']:,} held-out users", "",
+            *([f"Items in the training split (the columns every model fits): {', '.join(f'{n:,}' for n in seen)}.", ""]
+              if seen and seen != [r["n_items"]] else []),
+            f"Generation (own process): {r['generation']['seconds']:.1f} s, peak RSS "
+            f"{r['generation']['peak_rss_gb']:.2f} GB. Load average (1, 5, 15 min) before / after: "
+            f"{r['load_average_before']} / {r['load_average_after']}.", "",
+            "| model | fit s | of which linear path s | of which epoch's updates s | validation s | test evaluation s | "
+            "forward passes s | top-100 s (x forward) | fit peak RSS GB | peak RSS GB | item-item matrix GB "
+            "(float32 size) | NDCG@100 validation / test |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, m in r["models"].items():
+            label = f"{MODELS[name]} (`{name}`)"
+            if m["status"] != "ok":
+                msg = m["message"].replace("|", "\\|")
+                lines.append(f"| {label} | **{m['status']}**: {msg} |" + " — |" * 10)
+                continue
+            s = m["steps"]
+            fit, parts = s["fit"], s["fit"].get("parts", {})
+            mat = m["item_item"]
+            lines.append(
+                f"| {label} | {fit['seconds']:.1f} | {_cell(parts.get('linear'))} | {_cell(parts.get('training'))} | "
+                f"{s['validation']['seconds']:.1f}{'' if s['validation']['in_fit'] else ' (after the fit)'} | "
+                f"{s['evaluation']['seconds']:.1f} | {s['forward']['seconds']:.1f} | {s['top-100']['seconds']:.1f} "
+                f"({s['top-100']['seconds'] / s['forward']['seconds']:.2f}) | {_cell(fit['peak_rss_gb'], '.2f')} | "
+                f"{m['peak_rss_gb']:.2f} | "
+                + (f"{mat['gb']:.2f} {mat['dtype']} ({mat['float32_gb']:.2f})" if mat else "—")
+                + f" | {m['ndcg100_validation']:.4f} / {m['ndcg100']:.4f} |")
+        lines.append("")
+    threads = sorted({m["torch_threads"] for r in report["shapes"] for m in r["models"].values() if "torch_threads" in m})
+    lines += [
+        "Synthetic data: items are drawn by popularity alone, so there is little to learn beyond it; the NDCG "
+        "figures check that each model ran, not which is better.", "",
+        f"Machine: {env['cpu']}, {env['cpu_count']} cores, AMX {'yes' if env['amx'] else 'no'}, AVX-512 BF16 "
+        f"{'yes' if env['avx512_bf16'] else 'no'}; torch {env['torch']} ({', '.join(map(str, threads)) or '?'} "
+        f"threads), numpy {env['numpy']}, scipy {env['scipy']}, recvae {env['recvae']}. "
+        f"Total {report['total_seconds'] / 60:.1f} min.", "",
+        f"Command: `{report['command']}`", "",
+    ]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -367,11 +592,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=1.0,
                    help="fraction of each shape's users, interactions and held-out users (items unchanged); "
                         "e.g. 0.05 for a quick check")
+    p.add_argument("--items", type=int,
+                   help="every shape's item count instead of the paper's (a quick check of the item-item models, "
+                        "whose fit grows as items^3); not a full run")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                   help=f"comma list out of {','.join(MODELS)} (default: multvae, the run above); any other list "
+                        "measures each model in its own process and writes paper_shapes_models.{json,md}")
+    p.add_argument("--max-linear-gb", type=float,
+                   help="max_linear_gb of the hybrids (recvae-linear, multvae-linear; default: the model's, 8): "
+                        "beyond it they refuse, and their row is the refusal")
     p.add_argument("--chunk-users", type=int, default=20_000,
                    help="training users per alternation of forward passes and top-100 (default 20,000)")
     p.add_argument("--out-dir", type=Path, help="results folder (default: benchmarks/results for a full run, "
                                                 "none for a quick check)")
-    p.add_argument("--worker", choices=("generate", "measure"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("generate", "measure", "model"), help=argparse.SUPPRESS)
+    p.add_argument("--model-json", help=argparse.SUPPRESS)
     p.add_argument("--shape-json", help=argparse.SUPPRESS)
     p.add_argument("--prepared", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -387,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
 
         logging.getLogger("recvae.distributed").setLevel(logging.CRITICAL)  # its line speaks of torchrun
         watch_parent()  # the driver gone (even killed with SIGKILL): this process stops too
-        result = (generate if args.worker == "generate" else measure)(args)
+        result = {"generate": generate, "measure": measure, "model": measure_model}[args.worker](args)
         Path(args.worker_out).write_text(json.dumps(result))
         return 0
     names = [s.strip() for s in args.shapes.split(",") if s.strip()]
@@ -396,16 +631,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"paper_shapes: error: --shapes: unknown {unknown}; expected a comma list out of {','.join(SHAPES)}",
               file=sys.stderr)
         return 2
-    if not 0 < args.scale <= 1 or args.chunk_users < BATCH:
-        print(f"paper_shapes: error: expected 0 < --scale <= 1 and --chunk-users >= {BATCH}", file=sys.stderr)
+    if not 0 < args.scale <= 1 or args.chunk_users < BATCH or (args.items is not None and args.items < 2):
+        print(f"paper_shapes: error: expected 0 < --scale <= 1, --chunk-users >= {BATCH} and --items >= 2",
+              file=sys.stderr)
+        return 2
+    models = list(dict.fromkeys(m.strip() for m in args.models.split(",") if m.strip()))
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown or not models:
+        print(f"paper_shapes: error: --models: unknown {unknown}; expected a comma list out of {','.join(MODELS)}",
+              file=sys.stderr)
         return 2
     names = [n for n in SHAPES if n in names]  # smallest first: the growth is measured against it
-    # SIGTERM raises SystemExit here, so launch() stops the running worker before this process ends
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    full = args.scale == 1 and names == list(SHAPES)
+    if models != list(DEFAULT_MODELS):
+        return run_models(args, argv, names, models)
+    if args.max_linear_gb is not None:
+        print("paper_shapes: error: --max-linear-gb: no model of --models has a linear path", file=sys.stderr)
+        return 2
+    stop_workers_on_sigterm()
+    full = args.scale == 1 and names == list(SHAPES) and args.items is None
     out = args.out_dir or (RESULTS if full else None)
     start = time.perf_counter()
-    results = [run_shape(scaled(n, args.scale), args.chunk_users) for n in names]
+    results = [run_shape(scaled(n, args.scale, args.items), args.chunk_users) for n in names]
     report = {
         "benchmark": "paper_shapes", "scale": args.scale, "seed": SEED, "k": K, "scoring_batch": BATCH,
         "chunk_users": args.chunk_users,
@@ -413,8 +659,7 @@ def main(argv: list[str] | None = None) -> int:
                     "growth_per_unit_at_most": GROWTH_LIMIT},
         "shapes": results, "analysis": analyse(results), "environment": environment(),
         "total_seconds": time.perf_counter() - start,
-        "command": shlex.join(["python", "benchmarks/paper_shapes.py",
-                               *map(repo_relative, sys.argv[1:] if argv is None else argv)]),
+        "command": command(argv),
     }
     text = markdown(report)
     print(text)
@@ -425,6 +670,60 @@ def main(argv: list[str] | None = None) -> int:
         write_bytes(Path(out) / "paper_shapes.md", text.encode())
         print(f"wrote {Path(out) / 'paper_shapes.json'} and .md")
     return 0
+
+
+def stop_workers_on_sigterm() -> None:
+    """SIGTERM raises SystemExit here, so launch() stops the running worker before this process ends."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
+def command(argv: list[str] | None) -> str:
+    """This run's command line, paths as seen from the repository."""
+    return shlex.join(["python", "benchmarks/paper_shapes.py", *map(repo_relative, sys.argv[1:] if argv is None else argv)])
+
+
+def run_models(args, argv: list[str] | None, names: list[str], models: list[str]) -> int:
+    """``--models``: each model in its own measuring process per shape; paper_shapes_models.{json,md}."""
+    from recvae.errors import ParameterError
+    from recvae.models import make_model, model_class
+    from recvae.models.registry import trains_by_epochs
+
+    params = {}
+    for name in models:  # checked here, before any data is generated
+        cls = model_class(name)
+        p = {"epochs": 1, "random_state": SEED, "device": "cpu"} if trains_by_epochs(cls) else {}
+        if args.max_linear_gb is not None and "max_linear_gb" in cls._param_names():
+            p["max_linear_gb"] = args.max_linear_gb
+        try:
+            make_model(name, **p)
+        except ParameterError as e:
+            print(f"paper_shapes: error: {name}: {e}", file=sys.stderr)
+            return 2
+        params[name] = p
+    if args.max_linear_gb is not None and not any("max_linear_gb" in p for p in params.values()):
+        print("paper_shapes: error: --max-linear-gb: no model of --models has a linear path", file=sys.stderr)
+        return 2
+    out = args.out_dir or (RESULTS if args.scale == 1 and args.items is None else None)
+    stop_workers_on_sigterm()
+    start = time.perf_counter()
+    results = [run_models_shape(scaled(n, args.scale, args.items), params, args.chunk_users) for n in names]
+    report = {
+        "benchmark": "paper_shapes_models", "scale": args.scale, "items": args.items, "seed": SEED, "k": K,
+        "scoring_batch": BATCH, "chunk_users": args.chunk_users, "models": params, "shapes": results,
+        "environment": environment(), "total_seconds": time.perf_counter() - start, "command": command(argv),
+    }
+    text = markdown_models(report)
+    print(text)
+    if out is not None:
+        from recvae.fileio import write_bytes, write_json
+
+        write_json(Path(out) / "paper_shapes_models.json", report)
+        write_bytes(Path(out) / "paper_shapes_models.md", text.encode())
+        print(f"wrote {Path(out) / 'paper_shapes_models.json'} and .md")
+    failed = [f"{r['name']}: {n}" for r in results for n, m in r["models"].items() if m["status"] == "failed"]
+    if failed:
+        print(f"paper_shapes: failed: {'; '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
