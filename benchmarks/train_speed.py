@@ -11,12 +11,16 @@ interactions, long-tailed item popularity; seeded):
 * ``recvae_{encoder,decoder}_bf16``: RecVAE's two kinds of update (``update_step`` on
   ``RecVAENetwork.encoder_loss`` / ``decoder_loss``, the other half frozen, as
   ``recvae.models.recvae.RecVAE`` trains them: an outer epoch is 3 encoder passes and 1
-  decoder pass). q_old's posterior of the batch is computed before the timed encoder update:
-  the estimator computes it once per outer epoch, not per update.
+  decoder pass). q_old's posterior of the batch is computed before the timed update: the
+  estimator computes it once per outer epoch for all users (q_old for the encoder phase, and,
+  after q_old's refresh, the frozen encoder's q(z|x) for the decoder phase and the next epoch's
+  q_old), and ``recvae_posterior_bf16`` times that forward pass per batch. The outer epoch's
+  row adds them up per batch of users: 3 encoder updates + 1 decoder update + 1 posterior pass.
 * The floor of each step, as two parts measured separately in the same rounds:
   ``gemm``: every dense matrix product of that step (forward, input gradient, weight gradient of
   each dense layer; the output layer's three dominate), at the step's precision, on
-  preallocated operands into preallocated outputs; and ``optim``: one fused Adam step
+  preallocated operands into preallocated outputs, each product in the operand layout it runs
+  fastest in here (whatever layout the step itself uses); and ``optim``: one fused Adam step
   (``torch.optim.Adam(fused=True)``) over fp32 tensors of the sizes of the parameters the step
   updates, i.e. one memory pass over parameters, gradients and Adam's two states. No
   implementation of the architecture with dense Adam does less work per step; the step is
@@ -29,8 +33,9 @@ round), so load from other processes affects them alike. Reports ms per batch (m
 timed batches after warm-up), projected seconds per epoch, ratios to the floors, the speed-up over
 the straightforward step and peak RSS, with the machine (CPU model, AMX or not, cores, load
 average before and after), printed and written as JSON and markdown. A profile of each bf16 step
-(3 batches) says where its time goes, by kind of work. Targets: bf16 Mult-VAE step <= 1.3x
-(GEMMs + optimizer pass), >= 4x faster than the straightforward fp32 step, peak RSS < 4 GB.
+(3 batches) says where its time goes, by kind of work. Targets: bf16 Mult-VAE step and each of
+RecVAE's two bf16 updates <= 1.3x (GEMMs + optimizer pass), >= 4x faster than the
+straightforward fp32 step, peak RSS < 4 GB.
 
     python benchmarks/train_speed.py            # full size, writes benchmarks/results/train_speed.*
     python benchmarks/train_speed.py --quick    # small run, prints only (unless --out is given)
@@ -68,6 +73,7 @@ N_INTERACTIONS = 10_000_000
 BATCH = 500
 GAMMA = 0.005  # RecVAE's default KL weight per interaction
 TARGETS = {"ratio_to_floor_bf16": 1.3, "speedup_over_straightforward": 4.0, "peak_rss_gb": 4.0}
+RECVAE_UPDATES = ("encoder", "decoder")
 
 
 def synthetic_ml20m(n_users: int, n_items: int, n_interactions: int, seed: int = 0) -> sp.csr_matrix:
@@ -165,29 +171,35 @@ class RecVAESteps:
         self.net.encoder.requires_grad_(phase == "encoder")
         self.net.decoder.requires_grad_(phase == "decoder")
 
-    def prepare(self, phase: str, rows):
-        """The batch and, for an encoder update, q_old's posterior of it (not part of the update)."""
-        batch = SparseBatch.from_csr(self.X[rows])
-        if phase != "encoder":
-            return batch, None
+    def posterior(self, batch):
+        """q_old's posterior of the batch, as the estimator computes it once per outer epoch."""
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            return batch, self.net.old_posterior(batch)
+            return self.net.old_posterior(batch)
 
-    def update(self, phase: str, batch, old) -> None:
+    def prepare(self, phase: str, rows):
+        """The batch and q_old's posterior of it (not part of the update)."""
+        batch = SparseBatch.from_csr(self.X[rows])
+        return batch, self.posterior(batch)
+
+    def update(self, phase: str, batch, post) -> None:
+        if phase == "posterior":
+            self.posterior(batch)
+            return
         self.phase(phase)
         if phase == "encoder":
-            loss = lambda: self.net.encoder_loss(batch, GAMMA, self.gen, old)  # noqa: E731
+            loss = lambda: self.net.encoder_loss(batch, GAMMA, self.gen, post)  # noqa: E731
         else:
-            loss = lambda: self.net.decoder_loss(batch, self.gen)  # noqa: E731
+            loss = lambda: self.net.decoder_loss(batch, self.gen, post)  # noqa: E731
         values = update_step(self.opt[phase], loss, "cpu", self.bf16)
         assert np.isfinite(values).all()
 
     def step(self, phase: str):
-        """A step for :func:`interleaved` that returns the update's own time."""
+        """A step for :func:`interleaved` that returns the update's own time (``phase``:
+        "encoder", "decoder" or "posterior", the forward pass of q_old alone)."""
         def run(rows):
-            batch, old = self.prepare(phase, rows)
+            batch, post = self.prepare(phase, rows)
             t = time.perf_counter()
-            self.update(phase, batch, old)
+            self.update(phase, batch, post)
             return time.perf_counter() - t
         return run
 
@@ -229,31 +241,71 @@ def dense_products(net) -> list[tuple[str, int, int, int]]:
 
 def recvae_products(net: RecVAENetwork, phase: str) -> list[tuple[str, int, int, int]]:
     """RecVAE's dense products: the encoder phase trains the dense layers and passes the gradient
-    through the frozen decoder (no decoder weight gradient); the decoder phase runs the encoder
-    forward only and needs no gradient w.r.t. z."""
+    through the frozen decoder (no decoder weight gradient); the decoder phase reads q(z|x) from
+    the posterior pass and needs no gradient w.r.t. z; the posterior pass is the encoder's
+    forward alone."""
     enc = phase == "encoder"
     out = []
-    for i, lin in enumerate(list(net.encoder.layers) + [net.encoder.head]):
-        out.append((f"encoder {i} forward", BATCH, lin.in_features, lin.out_features))
-        if enc:
-            out += [(f"encoder {i} input gradient", BATCH, lin.out_features, lin.in_features),
-                    (f"encoder {i} weight gradient", lin.out_features, BATCH, lin.in_features)]
+    if phase != "decoder":
+        for i, lin in enumerate(list(net.encoder.layers) + [net.encoder.head]):
+            out.append((f"encoder {i} forward", BATCH, lin.in_features, lin.out_features))
+            if enc:
+                out += [(f"encoder {i} input gradient", BATCH, lin.out_features, lin.in_features),
+                        (f"encoder {i} weight gradient", lin.out_features, BATCH, lin.in_features)]
+    if phase == "posterior":
+        return out
     I, d = net.decoder.output_weight.shape
     out.append(("output forward", BATCH, d, I))
     out.append(("output input gradient", BATCH, I, d) if enc else ("output weight gradient", I, BATCH, d))
     return out
 
 
-def gemm_floor(products, dtype):
-    """The products on random operands of ``dtype`` into preallocated outputs."""
+#: the four ways to lay out a product's two operands in memory: each as given, or each the
+#: transpose of a contiguous matrix (which layout a BLAS runs fastest differs by shape: at
+#: RecVAE's (500 x 20,108) @ (20,108 x 200) a transposed right factor takes half the time)
+LAYOUTS = ("NN", "NT", "TN", "TT")
+
+
+def _operand(rows: int, cols: int, transposed: bool, scale: float, dtype, g) -> torch.Tensor:
+    t = torch.randn(cols, rows, generator=g).t() if transposed else torch.randn(rows, cols, generator=g)
+    return t.mul(scale).to(dtype, memory_format=torch.preserve_format)
+
+
+def best_layouts(products, dtype, reps: int = 5) -> list[str]:
+    """For each product, the layout of :data:`LAYOUTS` it runs fastest in here (median of
+    ``reps``): the floor is what the products cost at their best, whatever layout a step uses."""
     g = torch.Generator().manual_seed(0)
-    ops = [(torch.randn(m, k, generator=g).to(dtype), torch.randn(k, n, generator=g).mul_(0.05).to(dtype),
-            torch.empty(m, n, dtype=dtype)) for _, m, k, n in products]
+    best = []
+    for _, m, k, n in products:
+        times = {}
+        for lay in LAYOUTS:
+            a = _operand(m, k, lay[0] == "T", 1.0, dtype, g)
+            b = _operand(k, n, lay[1] == "T", 0.05, dtype, g)
+            c = torch.empty(m, n, dtype=dtype)
+            torch.mm(a, b, out=c)
+            runs = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                torch.mm(a, b, out=c)
+                runs.append(time.perf_counter() - t)
+            times[lay] = statistics.median(runs)
+        best.append(min(times, key=times.get))
+    return best
+
+
+def gemm_floor(products, dtype, layouts=None):
+    """The products on random operands of ``dtype`` into preallocated outputs, each in its
+    fastest layout (:func:`best_layouts`, unless ``layouts`` are given)."""
+    layouts = layouts or best_layouts(products, dtype)
+    g = torch.Generator().manual_seed(0)
+    ops = [(_operand(m, k, lay[0] == "T", 1.0, dtype, g), _operand(k, n, lay[1] == "T", 0.05, dtype, g),
+            torch.empty(m, n, dtype=dtype)) for (_, m, k, n), lay in zip(products, layouts)]
 
     def step(_):
         for a, b, c in ops:
             torch.mm(a, b, out=c)
 
+    step.layouts = layouts
     return step
 
 
@@ -415,10 +467,13 @@ def main(argv=None) -> dict:
     rec = None
     if not args.no_recvae:
         rec = RecVAESteps(X, bf16=True)
-        for phase in ("encoder", "decoder"):
+        for phase in (*RECVAE_UPDATES, "posterior"):
             name = f"recvae_{phase}_bf16"
             steps[name], inside[name] = timed_inside(rec.step(phase))
             steps[f"gemm_recvae_{phase}_bf16"] = gemm_floor(recvae_products(rec.net, phase), torch.bfloat16)
+            if phase == "posterior":  # a forward pass: no optimizer
+                floors[name] = (f"gemm_recvae_{phase}_bf16", None)
+                continue
             steps[f"optim_recvae_{phase}"], sizes[f"recvae_{phase}"] = optimizer_floor(
                 list(getattr(rec.net, phase).parameters()))
             floors[name] = (f"gemm_recvae_{phase}_bf16", f"optim_recvae_{phase}")
@@ -435,7 +490,7 @@ def main(argv=None) -> dict:
         r["seconds_per_epoch"] = r["median_ms"] * n_batches_epoch / 1000
         r["speedup_over_straightforward_fp32"] = sf / r["median_ms"]
         if name in floors:
-            gemm, optim = (results[v]["median_ms"] for v in floors[name])
+            gemm, optim = (results[v]["median_ms"] if v else 0.0 for v in floors[name])
             r["floor_ms"] = gemm + optim
             r["ratio_to_floor"] = r["median_ms"] / (gemm + optim)
             r["ratio_to_gemm"] = r["median_ms"] / gemm
@@ -443,13 +498,12 @@ def main(argv=None) -> dict:
         print(f"{name}: {r['median_ms']:.1f} ms/batch (median of {r['n']})"
               + (f", {r['ratio_to_floor']:.2f}x its floor (GEMMs + optimizer pass), {r['ratio_to_gemm']:.2f}x its GEMMs"
                  if name in floors else ""))
-    if rec is not None:  # an outer epoch: 3 encoder passes and 1 decoder pass
-        e, d = results["recvae_encoder_bf16"], results["recvae_decoder_bf16"]
-        results["recvae_outer_epoch_bf16"] = {
-            "median_ms": (3 * e["median_ms"] + d["median_ms"]) / 4, "floor_ms": (3 * e["floor_ms"] + d["floor_ms"]) / 4,
-            "seconds_per_epoch": (3 * e["median_ms"] + d["median_ms"]) * n_batches_epoch / 1000}
-        results["recvae_outer_epoch_bf16"]["ratio_to_floor"] = (
-            results["recvae_outer_epoch_bf16"]["median_ms"] / results["recvae_outer_epoch_bf16"]["floor_ms"])
+    if rec is not None:  # an outer epoch, per batch of users: 3 encoder + 1 decoder update + 1 posterior pass
+        e, d, q = (results[f"recvae_{k}_bf16"] for k in ("encoder", "decoder", "posterior"))
+        ms = 3 * e["median_ms"] + d["median_ms"] + q["median_ms"]
+        floor = 3 * e["floor_ms"] + d["floor_ms"] + q["floor_ms"]
+        results["recvae_outer_epoch_bf16"] = {"median_ms": ms, "floor_ms": floor, "ratio_to_floor": ms / floor,
+                                              "seconds_per_epoch": ms * n_batches_epoch / 1000}
 
     summary = {
         "ratio_to_floor_bf16": results["multvae_bf16"]["ratio_to_floor"],
@@ -458,19 +512,23 @@ def main(argv=None) -> dict:
         "speedup_over_straightforward_fp32_ours": results["multvae_fp32"]["speedup_over_straightforward_fp32"],
         "peak_rss_gb": peak_rss_gb(),
     }
-    if rec is not None:
-        summary["recvae_ratio_to_floor_bf16"] = results["recvae_outer_epoch_bf16"]["ratio_to_floor"]
     met = {
         "ratio_to_floor_bf16": summary["ratio_to_floor_bf16"] <= TARGETS["ratio_to_floor_bf16"],
         "speedup_over_straightforward": summary["speedup_over_straightforward"] >= TARGETS["speedup_over_straightforward"],
         "peak_rss_gb": summary["peak_rss_gb"] < TARGETS["peak_rss_gb"],
     }
+    if rec is not None:
+        summary["recvae_ratio_to_floor_bf16"] = results["recvae_outer_epoch_bf16"]["ratio_to_floor"]
+        for phase in RECVAE_UPDATES:
+            summary[f"recvae_{phase}_ratio_to_floor_bf16"] = results[f"recvae_{phase}_bf16"]["ratio_to_floor"]
+            met[f"recvae_{phase}_ratio_to_floor_bf16"] = (summary[f"recvae_{phase}_ratio_to_floor_bf16"]
+                                                          <= TARGETS["ratio_to_floor_bf16"])
     profiles = {}
     if not args.no_profile:
         prof_batches = batches[:3]  # seen in warm-up: buffers allocated
         profiles["multvae_bf16"] = profile_steps(steps["multvae_bf16"], prof_batches)
         if rec is not None:
-            for phase in ("encoder", "decoder"):
+            for phase in RECVAE_UPDATES:
                 prepared = iter([rec.prepare(phase, rows) for rows in prof_batches])
                 profiles[f"recvae_{phase}_bf16"] = profile_steps(
                     lambda _, phase=phase: rec.update(phase, *next(prepared)), prof_batches)
@@ -507,8 +565,10 @@ def markdown(report: dict, X, args) -> str:
         f"Synthetic ML-20M-shaped data: {X.shape[0]:,} users x {X.shape[1]:,} items, {X.nnz:,} interactions; "
         f"batches of {BATCH}; all variants interleaved, median of {results['multvae_bf16']['n']} batches after "
         f"{args.warmup} warm-up rounds (straightforward: {results['straightforward_fp32']['n']}). "
-        "Floor of a step = its dense matrix products alone (same shapes and precision, preallocated) + one "
-        "fused Adam step alone over fp32 tensors of the sizes it updates; both measured in the same rounds.",
+        "Floor of a step = its dense matrix products alone (same shapes and precision, preallocated, each in "
+        "its fastest operand layout here) + one fused Adam step alone over fp32 tensors of the sizes it updates; "
+        "both measured in the same rounds. `recvae_posterior_bf16` is q(z|x)'s forward pass, once per outer "
+        "epoch per user (its floor: its products).",
         "",
         "| step | ms / batch | s / epoch | GEMMs ms | optimizer pass ms | x floor (GEMMs + optimizer) | x GEMMs | "
         "speed-up vs straightforward fp32 |",
@@ -517,13 +577,15 @@ def markdown(report: dict, X, args) -> str:
     for name, r in results.items():
         if "floor_parts" not in r:
             continue
-        gemm, optim = (results[r["floor_parts"][k]]["median_ms"] for k in ("gemm", "optim"))
+        gemm, optim = (results[r["floor_parts"][k]]["median_ms"] if r["floor_parts"][k] else 0.0
+                       for k in ("gemm", "optim"))
         lines.append(f"| {name} | {r['median_ms']:.1f} | {r['seconds_per_epoch']:.1f} | {gemm:.1f} | {optim:.1f} | "
                      f"{r['ratio_to_floor']:.2f} | {r['ratio_to_gemm']:.2f} | "
                      f"{r['speedup_over_straightforward_fp32']:.1f} |")
     if "recvae_outer_epoch_bf16" in results:
         r = results["recvae_outer_epoch_bf16"]
-        lines.append(f"| RecVAE outer epoch, bf16 (3 encoder + 1 decoder passes; per batch) | {r['median_ms']:.1f} | "
+        lines.append(f"| RecVAE outer epoch, bf16 (per batch of users: 3 encoder + 1 decoder updates + 1 posterior "
+                     f"pass) | {r['median_ms']:.1f} | "
                      f"{r['seconds_per_epoch']:.1f} | | | {r['ratio_to_floor']:.2f} | | |")
     r = results["straightforward_fp32"]
     lines.append(f"| straightforward_fp32 | {r['median_ms']:.1f} | {r['seconds_per_epoch']:.1f} | | | | | 1.0 |")
@@ -542,6 +604,11 @@ def markdown(report: dict, X, args) -> str:
         f"{summary['speedup_over_straightforward']:.1f} | {'yes' if met['speedup_over_straightforward'] else 'no'} |",
         f"| peak RSS < {TARGETS['peak_rss_gb']} GB | {summary['peak_rss_gb']:.2f} | {'yes' if met['peak_rss_gb'] else 'no'} |",
     ]
+    for phase in RECVAE_UPDATES:
+        key = f"recvae_{phase}_ratio_to_floor_bf16"
+        if key in met:
+            lines.append(f"| bf16 RecVAE {phase} update <= {TARGETS['ratio_to_floor_bf16']}x (GEMMs + optimizer pass) | "
+                         f"{summary[key]:.2f} | {'yes' if met[key] else 'no'} |")
     for name, p in report["profiles"].items():
         lines += ["", f"Where the time of `{name}` goes (torch profiler, 3 batches; self CPU time by kind of work, "
                   f"ms per step; the profiler adds its own overhead: {p['wall_ms_per_step']:.1f} ms per step "

@@ -46,9 +46,45 @@ def test_train_speed_reports_each_step_against_its_gemms_plus_optimizer_pass(tmp
     assert {"cpu", "amx_bf16", "avx512_bf16", "cores", "load_average_before"} <= set(report["machine"])
     assert report["command"].startswith("python benchmarks/train_speed.py --tiny")
     assert set(report["profiles"]) == {"multvae_bf16", "recvae_encoder_bf16", "recvae_decoder_bf16"}
+    # the posterior pass is a forward: its floor is its products alone
+    post = results["recvae_posterior_bf16"]
+    assert post["floor_parts"]["optim"] is None
+    assert post["ratio_to_floor"] == pytest.approx(post["median_ms"] / results[post["floor_parts"]["gemm"]]["median_ms"])
+    # an outer epoch per batch of users: 3 encoder updates, 1 decoder update, 1 posterior pass
+    outer = results["recvae_outer_epoch_bf16"]
+    e, d = results["recvae_encoder_bf16"], results["recvae_decoder_bf16"]
+    assert outer["median_ms"] == pytest.approx(3 * e["median_ms"] + d["median_ms"] + post["median_ms"])
+    assert outer["floor_ms"] == pytest.approx(3 * e["floor_ms"] + d["floor_ms"] + post["floor_ms"])
+    for phase in ("encoder", "decoder"):
+        assert report["targets_met"][f"recvae_{phase}_ratio_to_floor_bf16"] == (results[f"recvae_{phase}_bf16"]
+                                                                                 ["ratio_to_floor"] <= 1.3)
     assert json.loads((tmp_path / "ts.json").read_text())["summary"] == report["summary"]
     md = (tmp_path / "ts.md").read_text()
     assert report["machine"]["cpu"] in md and "x floor (GEMMs + optimizer)" in md and "optimizer step" in md
+
+
+def test_the_gemm_floor_runs_each_product_in_its_fastest_layout(monkeypatch):
+    """The floor times each product in the operand layout that runs fastest here: with one layout
+    made artificially slow, it is never chosen, and the floor's operands have the chosen strides."""
+    import time
+
+    import torch
+
+    module = load_script("benchmarks/train_speed.py", "_bench_train_speed_layouts", monkeypatch)
+    products = [("a", 64, 48, 32), ("b", 16, 96, 8)]
+    real_mm = torch.mm
+
+    def slow_when_nn(a, b, **kw):  # the NN layout: both operands row-major
+        if a.stride(1) == 1 and b.stride(1) == 1:
+            time.sleep(0.005)  # far beyond these products' microseconds
+        return real_mm(a, b, **kw)
+
+    monkeypatch.setattr(module.torch, "mm", slow_when_nn)
+    layouts = module.best_layouts(products, torch.float32, reps=3)
+    assert len(layouts) == 2 and set(layouts) <= set(module.LAYOUTS) and "NN" not in layouts
+    step = module.gemm_floor(products, torch.float32, layouts=["TN", "NT"])
+    assert step.layouts == ["TN", "NT"]
+    step(None)
 
 
 @pytest.mark.slow

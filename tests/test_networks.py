@@ -218,6 +218,46 @@ def test_bf16_gradients_accumulate_over_two_backward_calls_and_smaller_batches()
         assert torch.equal(grads[20][0][k], grads[20][1][k]), k
 
 
+def test_folded_bias_product_equals_addmm_and_a_frozen_layer_keeps_its_factors():
+    """output_product with the bias folded into the product ([h, 1] [W, b]^T) gives addmm's logits
+    (to bf16's rounding); a frozen layer's low-precision factors are made once and made again only
+    after the weight or the bias changes in place; its transposed copy gives the same g W."""
+    from recvae.models.sparse_layers import output_product
+
+    g = torch.Generator().manual_seed(0)
+    I, H, B = 300, 20, 7
+    w, bias, h = torch.randn(I, H, generator=g), torch.randn(I, generator=g), torch.randn(B, H, generator=g)
+    ws = Workspace()
+    out = torch.empty(B, I, dtype=torch.bfloat16)
+    reference = torch.addmm(bias.bfloat16(), h.bfloat16(), w.bfloat16().t()).float()
+    f = output_product(h, w, bias, ws, torch.bfloat16, out, fold_bias=True)
+    torch.testing.assert_close(out.float(), reference, rtol=1e-2, atol=2e-2)
+    assert f.w_t is not None and f.w.shape == (I, H) and f.h.shape == (B, H)
+    calls = []
+    for key in (1, 1, 2, 2, 1):
+        ws.kept("counted", key, lambda: calls.append(key) or len(calls))
+    assert calls == [1, 2, 1]  # made again exactly when the key changes
+    f1 = output_product(h, w, bias, ws, torch.bfloat16, out, fold_bias=True)
+    f2 = output_product(h, w, bias, ws, torch.bfloat16, out, fold_bias=True)
+    assert f2.w_t.data_ptr() == f1.w_t.data_ptr()  # unchanged weights: the kept copy
+    with torch.no_grad():
+        bias.add_(1.0)  # an in-place update (as an optimizer step): made again
+    f3 = output_product(h, w, bias, ws, torch.bfloat16, out, fold_bias=True)
+    torch.testing.assert_close(out.float(), reference + 1.0, rtol=1e-2, atol=3e-2)
+    grad = torch.randn(B, I, generator=g).bfloat16()
+    assert torch.equal(f3.grad_input(grad), torch.mm(grad, w.bfloat16()))
+    # a trainable layer casts each step and keeps no transposed copy
+    w.requires_grad_(True)
+    f4 = output_product(h, w, bias, ws, torch.bfloat16, out, fold_bias=True)
+    assert f4.w_t is None and torch.equal(f4.grad_input(grad), torch.mm(grad, w.detach().bfloat16()))
+    # without folding (Mult-VAE's path) and in float32: addmm itself
+    f5 = output_product(h, w.detach(), bias, ws, torch.bfloat16, out)
+    assert torch.equal(out, torch.addmm(bias.bfloat16(), h.bfloat16(), w.detach().bfloat16().t())) and f5.w_t is None
+    out32 = torch.empty(B, I)
+    output_product(h, w.detach(), bias, ws, torch.float32, out32, fold_bias=True)
+    assert torch.equal(out32, torch.addmm(bias, h, w.detach().t()))
+
+
 # -- the two sparse layers ----------------------------------------------------------------------
 def test_sparse_input_linear_equals_dense_linear_forward_and_grads():
     X = random_csr(9, 40, seed=5, binary=False)

@@ -132,6 +132,45 @@ def test_each_phase_changes_only_its_half_and_q_old_is_refreshed_between_phases(
     assert all(p.requires_grad for p in m.module_.encoder.parameters())
 
 
+def test_q_olds_posteriors_are_computed_once_per_phase_and_serve_the_decoder_phase(data, monkeypatch):
+    """One pass of q_old over the users per phase: at the start of the first epoch, then once after
+    each refresh, which serves the decoder phase (q_old is then the frozen encoder) and the next
+    epoch's encoder phase; a change of q_old's weights between epochs makes a new pass. The
+    decoder phase's posteriors are the encoder's own forward pass of its batch."""
+    train = data[0]
+    passes, checked = [], []
+    original_old, original_dec = RecVAENetwork.old_posterior, RecVAENetwork.decoder_loss
+
+    def old_posterior(self, batch):
+        passes.append(batch.n_rows)
+        return original_old(self, batch)
+
+    def decoder_loss(self, batch, generator=None, posterior=None):
+        assert posterior is not None
+        with torch.no_grad():
+            mu, logvar = self._encode(batch, None)
+        torch.testing.assert_close(posterior[0], mu, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(posterior[1], logvar, rtol=1e-5, atol=1e-5)
+        checked.append(batch.n_rows)
+        return original_dec(self, batch, generator, posterior)
+
+    monkeypatch.setattr(RecVAENetwork, "old_posterior", old_posterior)
+    monkeypatch.setattr(RecVAENetwork, "decoder_loss", decoder_loss)
+    n = train.shape[0]
+    RecVAE(**SMALL, epochs=3).fit(train)
+    assert sum(passes) == (2 + 1 + 1) * n  # epoch 1: before and after its refresh; then once per epoch
+    assert sum(checked) == 3 * n  # every decoder update read them
+
+    class Nudge:  # changes q_old in place after each epoch: its kept posteriors are stale
+        def on_epoch_end(self, info):
+            with torch.no_grad():
+                info.estimator.module_.old_encoder.head.bias.add_(0.01)
+
+    passes.clear()
+    RecVAE(**SMALL, epochs=3).fit(train, callbacks=[Nudge()])
+    assert sum(passes) == (2 + 2 + 2) * n
+
+
 # -- learning -----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_planted_clusters_are_recovered(data):

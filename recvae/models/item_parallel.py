@@ -57,7 +57,7 @@ from recvae import distributed
 from recvae import metrics as M
 from recvae.errors import ParameterError
 from recvae.models.sparse_layers import (
-    SCORE_DTYPES, SparseBatch, Workspace, _OutputLayerNLL, _SparseInputLinear, compute_dtype, output_factors, output_logits,
+    SCORE_DTYPES, SparseBatch, Workspace, _OutputLayerNLL, _SparseInputLinear, compute_dtype, output_logits, output_product,
 )
 from recvae.ranking import mask_rows, top_k
 
@@ -193,13 +193,13 @@ class _ShardedOutputNLL(_OutputLayerNLL):
     backward on the local columns, then the partial ``grad_h`` all-reduced."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, batch: SparseBatch, workspace: Workspace, cd: torch.dtype, offset=None):
+    def forward(ctx, h, weight, bias, batch: SparseBatch, workspace: Workspace, cd: torch.dtype, offset=None,
+                fold_bias=False):
         B, I = batch.n_rows, batch.n_items
         dev = h.device
-        w_c, b_c, h_c = output_factors(h, weight, bias, workspace, cd)
         # one B x I_r buffer: the local logits, then in place exp(logit - max), then the softmax
         probs = workspace.get("probs", (B, I), cd, dev)
-        torch.addmm(b_c, h_c, w_c.t(), out=probs)
+        factors = output_product(h, weight, bias, workspace, cd, probs)
         picked = probs.view(-1)[batch.rows * I + batch.cols].float()
         row_max = distributed.allreduce_(probs.amax(1).float(), "max", "the item-parallel softmax's row maxima")
         probs.sub_(row_max[:, None].to(cd)).exp_()
@@ -212,7 +212,7 @@ class _ShardedOutputNLL(_OutputLayerNLL):
         workspace.generation += 1
         ctx.generation = workspace.generation
         ctx.workspace, ctx.batch, ctx.cd = workspace, batch, cd
-        ctx.probs, ctx.w_c, ctx.h_c = probs, w_c, h_c
+        ctx.probs, ctx.factors = probs, factors
         ctx.h_dtype, ctx.grad_h_dtype = torch.float32, h.dtype  # the partial grad_h is summed in float32
         ctx.save_for_backward(weight, bias)
         return nll

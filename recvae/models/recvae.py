@@ -29,7 +29,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from recvae.models.sparse_layers import SparseBatch
+from recvae.models.sparse_layers import SparseBatch, version
 from recvae.models.recvae_network import MIXTURE_WEIGHTS, WIDE_LOGVAR, RecVAEConfig, RecVAENetwork
 from recvae.models.params import Choice, Float, Floats, Int, Param, Tune, table
 from recvae.models.training_loop import make_optimizer, update_step
@@ -134,8 +134,7 @@ class RecVAE(_AutoencoderRecommender):
         Returns the encoder passes' mean (loss, nll, kl) per user, and gamma."""
         gamma = float(self.gamma)
         n_enc, n_dec = int(self.encoder_epochs), int(self.decoder_epochs)
-
-        old = None  # q_old's (mu, logvar) of every training user: fixed for the whole encoder phase
+        posteriors = None  # q_old's (mu, logvar) of every training user: fixed for a whole phase
 
         def run_pass(p: int, phase: str) -> np.ndarray:
             encoder_phase = phase == "encoder"
@@ -151,12 +150,13 @@ class RecVAE(_AutoencoderRecommender):
                     # an empty share (an epoch's last, short batch) still draws the global batch's
                     # random numbers: the next pass goes on with the same generator on every process
                     network.draw_noise(batch, encoder_phase, loop.gen)
+                mine = rows if part is None else rows[part.start:part.stop]
+                idx = torch.as_tensor(mine, device=posteriors[0].device)
+                post = (posteriors[0][idx], posteriors[1][idx])
                 if encoder_phase:
-                    mine = rows if part is None else rows[part.start:part.stop]
-                    idx = torch.as_tensor(mine, device=old[0].device)
-                    loss = lambda: network.encoder_loss(batch, gamma, loop.gen, (old[0][idx], old[1][idx]))  # noqa: E731
+                    loss = lambda: network.encoder_loss(batch, gamma, loop.gen, post)  # noqa: E731
                 else:
-                    loss = lambda: network.decoder_loss(batch, loop.gen)  # noqa: E731
+                    loss = lambda: network.decoder_loss(batch, loop.gen, post)  # noqa: E731
                 return update_step(opt, loss, batch.device.type, loop.bf16, part=part, n_rows=batch.n_rows,
                                    parameters=trained.parameters), gamma
 
@@ -165,9 +165,12 @@ class RecVAE(_AutoencoderRecommender):
             return means
 
         try:
-            old = self._old_posteriors(network, X, loop)
+            posteriors = self._old_posteriors(network, X, loop)
             enc = sum(run_pass(p, "encoder") for p in range(n_enc)) / n_enc
             network.refresh_prior()
+            # q_old is now the encoder, which the decoder phase leaves as it is: one pass gives the
+            # decoder phase's q(z|x) (no dropout there) and the next epoch's q_old
+            posteriors = self._old_posteriors(network, X, loop)
             for p in range(n_enc, n_enc + n_dec):
                 run_pass(p, "decoder")
         finally:
@@ -176,9 +179,14 @@ class RecVAE(_AutoencoderRecommender):
         return enc, gamma
 
     def _old_posteriors(self, network: RecVAENetwork, X: sp.csr_matrix, loop) -> tuple:
-        """q_old's (mu, logvar), each (n_users, latent_dim) on the device, computed once per outer
-        epoch (under the training precision) instead of once per encoder update: q_old and its
-        input (no dropout) do not change within an encoder phase."""
+        """q_old's (mu, logvar), each (n_users, latent_dim) on the device, under the training
+        precision: computed once per phase instead of once per update, since q_old and its input
+        (no dropout) do not change within one. Kept on ``loop`` for the next epoch, whose encoder
+        phase starts from the same q_old, unless q_old's weights have changed since."""
+        key = tuple(version(p) for p in network.old_encoder.parameters())
+        kept = getattr(loop, "recvae_posteriors", None)
+        if kept is not None and kept[0] == key:
+            return kept[1]
         mus, logvars = [], []
         step = int(self.eval_batch_size)
         for lo in range(0, X.shape[0], step):
@@ -188,4 +196,5 @@ class RecVAE(_AutoencoderRecommender):
             mus.append(mu)
             logvars.append(logvar)
         network.workspace.clear()
-        return torch.cat(mus), torch.cat(logvars)
+        loop.recvae_posteriors = (key, (torch.cat(mus), torch.cat(logvars)))
+        return loop.recvae_posteriors[1]

@@ -113,7 +113,9 @@ class RecVAEEncoder(nn.Module):
         h = self.norms[0](F.silu(sparse_input_linear(values, self.input_weight, self.input_bias, batch, workspace)))
         earlier = h  # sum of all outputs so far, (B, H)
         for layer, norm in zip(self.layers, self.norms[1:]):
-            h = norm(F.silu(layer(h) + earlier))
+            # under autocast layer(h) is bf16 and ``earlier`` float32: a mixed add is ~10x slower
+            # than the conversion and a float32 add, and gives the same values
+            h = norm(F.silu(layer(h).float() + earlier))
             earlier = earlier + h
         out = self.head(h).float()  # (B, 2d)
         return out[:, :self.latent_dim], out[:, self.latent_dim:]
@@ -207,7 +209,8 @@ class RecVAENetwork(nn.Module):
         return mu + eps * torch.exp(0.5 * logvar)
 
     def _nll(self, z: torch.Tensor, batch: SparseBatch) -> torch.Tensor:
-        return output_layer_nll(z, self.decoder.output_weight, self.decoder.output_bias, batch, self.workspace)
+        return output_layer_nll(z, self.decoder.output_weight, self.decoder.output_bias, batch, self.workspace,
+                                fold_bias=True)
 
     def old_posterior(self, batch: SparseBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """q_old's (mu, logvar) for the batch, each (B, latent_dim): no dropout, no gradient."""
@@ -230,12 +233,15 @@ class RecVAENetwork(nn.Module):
         nll = self._nll(z, batch)
         return LossTerms(loss=nll + gamma * kl, nll=nll, kl=kl)
 
-    def decoder_loss(self, batch: SparseBatch, generator: torch.Generator | None = None) -> LossTerms:
+    def decoder_loss(self, batch: SparseBatch, generator: torch.Generator | None = None,
+                     posterior: tuple[torch.Tensor, torch.Tensor] | None = None) -> LossTerms:
         """Decoder phase: the multinomial NLL at a sample of q(z|x) without input dropout. The KL
-        term does not depend on the decoder, so it is neither computed nor differentiated."""
+        term does not depend on the decoder, so it is neither computed nor differentiated.
+        ``posterior``: q(z|x)'s (mu, logvar) of the batch when already computed (the encoder is
+        frozen in this phase and its input has no dropout: they are q_old's after the refresh)."""
         _, eps = self.draw_noise(batch, False, generator)
         with torch.no_grad():
-            mu, logvar = self._encode(batch, None)
+            mu, logvar = posterior if posterior is not None else self._encode(batch, None)
             z = self._sample(mu, logvar, eps)
         nll = self._nll(z, batch)
         zero = torch.zeros((), device=nll.device)

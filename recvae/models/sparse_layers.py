@@ -147,6 +147,12 @@ class SparseBatch:
         return out
 
 
+def version(tensor: torch.Tensor) -> tuple:
+    """What changes when ``tensor`` does: its storage, device, or version counter (which every
+    in-place update, an optimizer step or ``load_state_dict``, advances)."""
+    return tensor.data_ptr(), tensor._version, tensor.device
+
+
 class Workspace:
     """Reusable large buffers, keyed by name; ``generation`` detects reuse before backward.
     Also keeps copies of weights in another dtype for scoring (:meth:`cast`)."""
@@ -165,6 +171,13 @@ class Workspace:
             self._buffers[name] = buf
         return buf[: shape[0]]
 
+    def kept(self, name: str, key: tuple, make) -> torch.Tensor:
+        """``make()``'s tensor, kept under ``name`` and made again only when ``key`` changes."""
+        held = self._casts.get(name)
+        if held is None or held[0] != key:
+            held = self._casts[name] = (key, make())
+        return held[1]
+
     def cast(self, name: str, tensor: torch.Tensor, dtype: torch.dtype, transpose: bool = False,
              packed: bool = False) -> torch.Tensor:
         """``tensor`` (transposed if ``transpose``) in ``dtype``, contiguous: a copy kept under
@@ -174,15 +187,12 @@ class Workspace:
 
         ``packed``: an (out, in) weight in oneDNN's blocked layout for
         :func:`torch.ops.mkldnn._linear_pointwise` instead (CPU only; see :func:`output_logits`)."""
-        key = (tensor.data_ptr(), tensor._version, dtype, tensor.device, transpose, packed)
-        kept = self._casts.get(name)
-        if kept is None or kept[0] != key:
+        def make():
             source = tensor.detach().t() if transpose else tensor.detach()
             copy = source.to(dtype, memory_format=torch.contiguous_format, copy=True)
-            if packed:
-                copy = torch.ops.mkldnn._reorder_linear_weight(copy, PACK_BATCH_HINT)
-            kept = self._casts[name] = (key, copy)
-        return kept[1]
+            return torch.ops.mkldnn._reorder_linear_weight(copy, PACK_BATCH_HINT) if packed else copy
+
+        return self.kept(name, (version(tensor), dtype, transpose, packed), make)
 
     def clear(self) -> None:
         self._buffers.clear()
@@ -284,26 +294,85 @@ def _logsumexp_from_softmax(logits, probs, picked, batch: SparseBatch) -> torch.
     return lse
 
 
-def output_factors(h, weight, bias, workspace: Workspace, cd: torch.dtype):
-    """The output layer's weight, bias and input in the compute dtype ``cd`` (the weight's copy
-    in a kept buffer), for the product ``h W^T + b``."""
-    if cd == weight.dtype:
-        w_c, b_c = weight, bias
-    else:
+def _padded(width: int) -> int:
+    """``width`` + 1 (the bias's column), rounded up to a multiple of 16 columns."""
+    return -(-(width + 1) // 16) * 16
+
+
+@dataclass
+class OutputFactors:
+    """The factors of the output layer's product ``h W^T + b`` in the compute dtype, kept for
+    its backward: ``w`` (I, H), ``h`` (B, H), and for a frozen layer ``w_t``, a kept (H, I)
+    copy of ``w``: at H = 200 (RecVAE's latent) ``g @ w_t.t()`` takes half the time of
+    ``g @ w``, with the same result."""
+
+    w: torch.Tensor
+    h: torch.Tensor
+    w_t: torch.Tensor | None = None
+
+    def grad_input(self, g: torch.Tensor) -> torch.Tensor:
+        """``g @ W`` (B, H) for the gradient ``g`` (B, I) w.r.t. the logits."""
+        return torch.mm(g, self.w) if self.w_t is None else torch.mm(g, self.w_t.t())
+
+
+def output_product(h, weight, bias, workspace: Workspace, cd: torch.dtype, out: torch.Tensor,
+                   fold_bias: bool = False) -> OutputFactors:
+    """``out`` (B, I) := ``h W^T + b`` with the product in the compute dtype ``cd``.
+
+    ``fold_bias`` (low precision only): the bias rides in the product as one more column of
+    both factors (``[h, 1] [W, b]^T``, padded to a multiple of 16 columns), which saves
+    ``addmm``'s extra pass over the B x I output: a quarter of the product's time at H = 200.
+    Where the product sums its H + 1 terms in one block the result is ``addmm``'s bit for bit
+    (RecVAE's H = 200, checked on every catalogue of the committed tables); at Mult-VAE's H = 600
+    the sums are split and some bf16 logits round differently, so Mult-VAE, whose committed
+    results were made with ``addmm``, keeps it. A frozen layer (no gradient for the weight or
+    the bias: RecVAE's encoder phase) keeps its folded factors between steps instead of casting
+    them each step."""
+    if cd == weight.dtype or not fold_bias:
+        h_c = h.to(cd).contiguous()
+        if cd == weight.dtype:
+            torch.addmm(bias, h_c, weight.t(), out=out)
+            return OutputFactors(weight, h_c)
         w_c = workspace.get("weight_lowp", tuple(weight.shape), cd, h.device)
         w_c.copy_(weight)
-        b_c = bias.to(cd)
-    return w_c, b_c, h.to(cd).contiguous()
+        torch.addmm(bias.to(cd), h_c, w_c.t(), out=out)
+        return OutputFactors(w_c, h_c)
+        h_c = h.to(cd).contiguous()
+        torch.addmm(bias, h_c, weight.t(), out=out)
+        return OutputFactors(weight, h_c)
+    (I, H), B = weight.shape, h.shape[0]
+    Hp = _padded(H)
+    h_aug = workspace.get("output_input_lowp", (B, Hp), cd, h.device)
+    h_aug[:, :H].copy_(h)
+    h_aug[:, H] = 1
+    h_aug[:, H + 1:] = 0
+
+    def augmented(w_aug: torch.Tensor) -> torch.Tensor:
+        w_aug[:, :H].copy_(weight.detach())
+        w_aug[:, H].copy_(bias.detach())
+        w_aug[:, H + 1:] = 0
+        return w_aug
+
+    if weight.requires_grad or bias.requires_grad:
+        w_aug = augmented(workspace.get("weight_lowp_folded", (I, Hp), cd, h.device))
+        w_t = None
+    else:
+        key = (version(weight), version(bias), cd)
+        w_aug = workspace.kept("frozen_weight_lowp", key,
+                               lambda: augmented(torch.empty(I, Hp, dtype=cd, device=h.device)))
+        w_t = workspace.kept("frozen_weight_lowp_t", key, lambda: w_aug[:, :H].t().contiguous())
+    torch.mm(h_aug, w_aug.t(), out=out)
+    return OutputFactors(w_aug[:, :H], h_aug[:, :H], w_t)
 
 
 class _OutputLayerNLL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, bias, batch: SparseBatch, workspace: Workspace, cd: torch.dtype, offset=None):
+    def forward(ctx, h, weight, bias, batch: SparseBatch, workspace: Workspace, cd: torch.dtype, offset=None,
+                fold_bias=False):
         B, I = batch.n_rows, batch.n_items
         dev = h.device
-        w_c, b_c, h_c = output_factors(h, weight, bias, workspace, cd)
         logits = workspace.get("logits", (B, I), cd, dev)
-        torch.addmm(b_c, h_c, w_c.t(), out=logits)
+        factors = output_product(h, weight, bias, workspace, cd, logits, fold_bias)
         if offset is not None:
             logits.add_(offset)
         flat = batch.rows * I + batch.cols
@@ -316,7 +385,7 @@ class _OutputLayerNLL(torch.autograd.Function):
         workspace.generation += 1
         ctx.generation = workspace.generation
         ctx.workspace, ctx.batch, ctx.cd = workspace, batch, cd
-        ctx.probs, ctx.w_c, ctx.h_c = probs, w_c, h_c
+        ctx.probs, ctx.factors = probs, factors
         ctx.h_dtype = h.dtype
         ctx.save_for_backward(weight, bias)
         return nll
@@ -338,16 +407,17 @@ class _OutputLayerNLL(torch.autograd.Function):
         flat = (b.rows * I + b.cols)[has]
         g.view(-1).index_add_(0, flat, (-b.values[has] / n[b.rows][has]).to(cd))
         cn = c * n  # (B,) per-row scale, applied to the small factors instead of the B x I one
-        grad_h = torch.mm(g, ctx.w_c).float().mul_(cn[:, None]).to(ctx.h_dtype) if ctx.needs_input_grad[0] else None
+        f = ctx.factors
+        grad_h = f.grad_input(g).float().mul_(cn[:, None]).to(ctx.h_dtype) if ctx.needs_input_grad[0] else None
         # an offset's gradient is the logits' own (a B x I tensor: only for an offset that learns)
         grad_offset = g.float() * cn[:, None] if ctx.needs_input_grad[6] else None  # a new tensor: g is read on
         if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
             # a frozen output layer (RecVAE's encoder phase): skip the I x H product
-            ctx.probs = ctx.w_c = ctx.h_c = None
-            return grad_h, None, None, None, None, None, grad_offset
+            ctx.probs = ctx.factors = None
+            return grad_h, None, None, None, None, None, grad_offset, None
         fresh = _grad_buffer(weight, ctx.workspace, "output_weight_grad")
         if cd == weight.dtype:
-            hs = ctx.h_c * cn[:, None]
+            hs = f.h * cn[:, None]
             torch.addmm(weight.grad, g.t(), hs, beta=0 if fresh is not None else 1, out=weight.grad)
             # (1 x B) @ (B x I): a gemm reads g ~3x faster than mv(g.t(), .) on CPU
             _accumulate(bias, torch.mm(cn[None], g).squeeze(0))
@@ -355,9 +425,9 @@ class _OutputLayerNLL(torch.autograd.Function):
             # the bias gradient g^T cn rides in the weight gradient's product as one more column
             # of the right factor, padded to a multiple of 16 columns: the same time as the
             # product alone, where a separate (1 x B) @ (B x I) product is one more pass over g
-            H = ctx.h_c.shape[1]
-            hs = ctx.workspace.get("output_weight_grad_rhs", (B, -(-(H + 1) // 16) * 16), cd, g.device)
-            torch.mul(ctx.h_c.float(), cn[:, None], out=hs[:, :H])
+            H = f.h.shape[1]
+            hs = ctx.workspace.get("output_weight_grad_rhs", (B, _padded(H)), cd, g.device)
+            torch.mul(f.h.float(), cn[:, None], out=hs[:, :H])
             hs[:, H] = cn
             hs[:, H + 1:] = 0
             gw = ctx.workspace.get("output_weight_grad_lowp", (I, hs.shape[1]), cd, g.device)
@@ -365,12 +435,13 @@ class _OutputLayerNLL(torch.autograd.Function):
             # a plain conversion when the buffer is fresh; a mixed-dtype add_ is ~4x slower
             weight.grad.copy_(gw[:, :H]) if fresh is not None else weight.grad.add_(gw[:, :H].float())
             _accumulate(bias, gw[:, H])
-        ctx.probs = ctx.w_c = ctx.h_c = None
-        return grad_h, None, None, None, None, None, grad_offset
+        ctx.probs = ctx.factors = None
+        return grad_h, None, None, None, None, None, grad_offset, None
 
 
 def output_layer_nll(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, batch: SparseBatch,
-                     workspace: Workspace | None = None, offset: torch.Tensor | None = None) -> torch.Tensor:
+                     workspace: Workspace | None = None, offset: torch.Tensor | None = None,
+                     fold_bias: bool = False) -> torch.Tensor:
     """Mean over the batch's users of the multinomial NLL of ``batch`` under ``softmax(h W^T + b)``.
 
     ``weight`` is (I, H) like ``nn.Linear(H, I).weight``. Matmuls run in the autocast dtype when
@@ -378,10 +449,11 @@ def output_layer_nll(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     then, so the loss value carries the bf16 rounding of the logits (~1e-2 absolute).
     ``offset`` (B, I), when given, is added to the logits before the softmax (another path's
     scores, :mod:`recvae.models.hybrid`); its gradient flows back when it requires one.
+    ``fold_bias``: see :func:`output_product`.
     """
     cd = compute_dtype(h.device.type)
     with torch.autocast(h.device.type, enabled=False):
-        return _OutputLayerNLL.apply(h, weight, bias, batch, workspace or Workspace(), cd, offset)
+        return _OutputLayerNLL.apply(h, weight, bias, batch, workspace or Workspace(), cd, offset, fold_bias)
 
 
 #: dtypes the output layer can score in (see :func:`output_logits`)
