@@ -377,9 +377,10 @@ def run_shape(shape: dict, chunk_users: int) -> dict:
             "load_average_after": [round(v, 2) for v in os.getloadavg()]}
 
 
-def run_models_shape(shape: dict, models: dict[str, dict], chunk_users: int) -> dict:
+def run_models_shape(shape: dict, models: dict[str, dict], chunk_users: int, skip: frozenset = frozenset()) -> dict:
     """One shape for ``--models``: the data generated once, then each model in a fresh measuring
-    process; a failed process is a row saying so, and the other models still run."""
+    process; a failed process is a row saying so, and the other models still run. A model named
+    with this shape in ``skip`` (``--skip SHAPE:MODEL``) is a row saying it was not run."""
     print(f"{shape['label']}: {shape['n_users']:,} users x {shape['n_items']:,} items, "
           f"~{shape['n_interactions']:,} interactions, {shape['n_heldout_users']:,} + "
           f"{shape['n_heldout_users']:,} held-out users", flush=True)
@@ -391,6 +392,11 @@ def run_models_shape(shape: dict, models: dict[str, dict], chunk_users: int) -> 
         print(f"  generation: {gen['seconds']:.1f} s, peak RSS {gen['peak_rss_gb']:.2f} GB (own process)", flush=True)
         for name, params in models.items():
             print(f" {MODELS[name]} ({name}):", flush=True)
+            if (shape["name"], name) in skip:
+                rows[name] = {"model": name, "status": "not run",
+                              "message": f"left out of this run (`--skip {shape['name']}:{name}`)"}
+                print(f"  {rows[name]['message']}", flush=True)
+                continue
             spec = json.dumps({"name": name, "params": params})
             try:
                 rows[name] = launch("model", shape, prepared, Path(tmp) / f"{name}.json", chunk_users, spec)
@@ -601,6 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-linear-gb", type=float,
                    help="max_linear_gb of the hybrids (recvae-linear, multvae-linear; default: the model's, 8): "
                         "beyond it they refuse, and their row is the refusal")
+    p.add_argument("--skip", action="append", default=[], metavar="SHAPE:MODEL",
+                   help="with --models: leave this model out at this shape (a row says so); repeatable")
     p.add_argument("--chunk-users", type=int, default=20_000,
                    help="training users per alternation of forward passes and top-100 (default 20,000)")
     p.add_argument("--out-dir", type=Path, help="results folder (default: benchmarks/results for a full run, "
@@ -703,10 +711,19 @@ def run_models(args, argv: list[str] | None, names: list[str], models: list[str]
     if args.max_linear_gb is not None and not any("max_linear_gb" in p for p in params.values()):
         print("paper_shapes: error: --max-linear-gb: no model of --models has a linear path", file=sys.stderr)
         return 2
+    skip = set()
+    for item in args.skip:
+        shape, _, model = item.partition(":")
+        if shape not in names or model not in params:
+            print(f"paper_shapes: error: --skip {item}: expected SHAPE:MODEL with SHAPE out of --shapes "
+                  f"({','.join(names)}) and MODEL out of --models ({','.join(params)})", file=sys.stderr)
+            return 2
+        skip.add((shape, model))
     out = args.out_dir or (RESULTS if args.scale == 1 and args.items is None else None)
     stop_workers_on_sigterm()
     start = time.perf_counter()
-    results = [run_models_shape(scaled(n, args.scale, args.items), params, args.chunk_users) for n in names]
+    results = [run_models_shape(scaled(n, args.scale, args.items), params, args.chunk_users, frozenset(skip))
+               for n in names]
     report = {
         "benchmark": "paper_shapes_models", "scale": args.scale, "items": args.items, "seed": SEED, "k": K,
         "scoring_batch": BATCH, "chunk_users": args.chunk_users, "models": params, "shapes": results,

@@ -153,6 +153,9 @@ def test_models_and_their_options_are_checked_before_any_data_is_made(paper_shap
     assert paper_shapes.main(["--models", "recvae-linear", "--max-linear-gb", "0"]) == 2  # the model's own check
     assert "recvae-linear: max_linear_gb" in capsys.readouterr().err
     assert paper_shapes.main(["--items", "1"]) == 2
+    assert paper_shapes.main(["--models", "ease", "--shapes", "msd", "--skip", "ml-20m:ease"]) == 2
+    assert "--skip ml-20m:ease: expected SHAPE:MODEL" in capsys.readouterr().err
+    assert paper_shapes.main(["--models", "ease", "--skip", "msd:multvae"]) == 2
 
 
 @pytest.mark.slow
@@ -193,10 +196,15 @@ def test_a_tiny_models_run_measures_each_model_in_its_own_process(paper_shapes, 
 @pytest.mark.slow
 def test_a_refusal_is_a_row_with_its_message(paper_shapes, tmp_path, capsys):
     # 300 items need 300^2 x 12 bytes = 1.08 MB while fitting: above 0.0005 GB, both hybrids refuse
-    assert paper_shapes.main(["--models", "recvae-linear,multvae-linear", "--shapes", "msd", "--scale", "0.0001",
-                              "--items", "300", "--max-linear-gb", "0.0005", "--out-dir", str(tmp_path)]) == 0
+    assert paper_shapes.main(["--models", "recvae-linear,multvae-linear,ease", "--shapes", "msd", "--scale", "0.0001",
+                              "--items", "300", "--max-linear-gb", "0.0005", "--skip", "msd:ease",
+                              "--out-dir", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "paper_shapes_models.json").read_text())
     rows = report["shapes"][0]["models"]
+    assert rows["ease"] == {"model": "ease", "status": "not run",
+                            "message": "left out of this run (`--skip msd:ease`)"}  # no process started
+    assert "| EASE (`ease`) | **not run**: left out of this run (`--skip msd:ease`) |" in (
+        tmp_path / "paper_shapes_models.md").read_text()
     for name, vae in (("recvae-linear", "recvae"), ("multvae-linear", "multvae")):
         assert rows[name]["status"] == "refused" and "\n" not in rows[name]["message"]
         assert rows[name]["message"].startswith(
