@@ -30,7 +30,7 @@ with input dropout's L2 weight) is a row only when ``--models`` names it, its ``
 over its default grid as ``recvae tune`` chooses them. The hybrids (``multvae-linear`` and
 ``recvae-linear``: Mult-VAE or RecVAE whose logits add ``w * x B`` with EDLAE's ``B``) are rows
 only when ``--models`` names them: the linear path is EDLAE's validation choice on the split, ``w``
-is chosen over ``HYBRID_WEIGHTS`` (three runs each; the rest are the model's defaults, RecVAE's
+is chosen over ``HYBRID_WEIGHTS`` (the grid ``linear_weight`` declares, 3 to 300: a run each; the rest are the model's defaults, RecVAE's
 as its own row's). Every model is compared with EASE on the
 same test users: the mean paired difference of NDCG@100 over all test users of all seeds, with a
 95% interval from a paired bootstrap (users resampled within each seed; 2,000 resamples, seed 0;
@@ -90,8 +90,9 @@ ALL_MODELS = ("multvae", "multdae", "recvae", "binary-multvae", "ease", "popular
 OPTIONAL_MODELS = ("edlae", "multvae-linear", "recvae-linear")
 #: the hybrids (each run as its VAE's row is, plus the linear path)
 HYBRIDS = ("multvae-linear", "recvae-linear")
-#: the hybrids' w, one run each (their linear path: EDLAE's choice on the same split)
-HYBRID_WEIGHTS = (10.0, 30.0, 100.0)
+#: the hybrids' w, one run each (their linear path: EDLAE's choice on the same split): the grid
+#: their linear_weight row declares for tuning
+HYBRID_WEIGHTS = tuning.parse_grid(None, "recvae-linear")["linear_weight"]
 EASE_GRID = tuning.EASE_GRID
 LABELS = {
     "multvae": "Mult-VAE",

@@ -97,6 +97,27 @@ def test_gram_matrix_blocks(monkeypatch):
     np.testing.assert_array_equal(G, (X.T @ X).toarray())
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_large_catalogues_invert_on_torch_in_place_with_the_same_result(monkeypatch, dtype):
+    """Above TORCH_CHOLESKY_ITEMS the inverse runs on torch's LAPACK (OpenBLAS's threaded potrf
+    crashed at ML-20M's 20,108 items): the same B as scipy's path, computed in the Gram matrix's
+    own memory, and the same error for a matrix that is not positive definite."""
+    import recvae.models.ease as ease_mod
+
+    X = random_binary(6, n_users=80, n_items=30)
+    G = gram_matrix(X, dtype)
+    small = ease_weights(G.copy(), 5.0, overwrite=True)
+    monkeypatch.setattr(ease_mod, "TORCH_CHOLESKY_ITEMS", 10)
+    work = G.copy()
+    large = ease_weights(work, 5.0, overwrite=True)
+    assert large is work and large.dtype == dtype  # in place: no second items x items matrix
+    np.testing.assert_allclose(large, small, rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-6)
+    np.testing.assert_allclose(large, dense_ease(X, 5.0), rtol=1e-3, atol=1e-5)
+    bad = -np.eye(30, dtype=dtype)
+    with pytest.raises(np.linalg.LinAlgError, match=r"l2=1.0: X\^T X \+ l2 I is not numerically positive definite"):
+        ease_weights(bad, 1.0)
+
+
 def test_ease_weights_keeps_input_unless_overwrite():
     X = random_binary(5)
     G = gram_matrix(X)

@@ -224,7 +224,7 @@ def test_the_command_line_trains_refuses_and_tunes_it(log_csv, tmp_path, capsys)
     assert main(["-q", "recommend", str(tmp_path / "run"), "--all-users", "--k", "3",
                  "--output", str(tmp_path / "r.csv")]) == 0
     assert len(pd.read_csv(tmp_path / "r.csv")) == 3 * 300
-    assert tuning.parse_grid(None, "multvae-linear") == {"latent_dim": (50, 200), "linear_weight": (10.0, 30.0, 100.0)}
+    assert tuning.parse_grid(None, "multvae-linear") == {"latent_dim": (50, 200), "linear_weight": (3.0, 10.0, 30.0, 100.0, 300.0)}
     assert main(["-q", "tune", "--data", str(log_csv), "--n-heldout-users", "30", "--model", "multvae-linear",
                  "--grid", "linear_weight=1,10", "--epochs", "2", "--hidden-dims", "16", "--latent-dim", "4",
                  "--precision", "fp32", "--device", "cpu", "--out", str(tmp_path / "tune")]) == 0

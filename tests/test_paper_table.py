@@ -303,9 +303,9 @@ def test_the_hybrid_is_a_row_only_when_asked_its_path_edlaes_choice(paper_table,
                                      "--precision", "fp32", "--device", "cpu")) == 0
     report = json.loads((tmp_path / "tiny.json").read_text())
     assert list(report["summary"]) == ["ease", "edlae", hybrid]
-    assert report["hybrid_weights"] == [10.0, 30.0, 100.0]
+    assert report["hybrid_weights"] == [3.0, 10.0, 30.0, 100.0, 300.0]
     for r in report["per_seed"]:
-        runs = {w: r[f"{hybrid}:w={w}"] for w in ("10", "30", "100")}
+        runs = {w: r[f"{hybrid}:w={w}"] for w in ("3", "10", "30", "100", "300")}
         best = max(runs.values(), key=lambda t: t["validation_ndcg@100"])  # validation alone chooses
         assert r[hybrid]["validation_ndcg@100"] == best["validation_ndcg@100"]
         for t in runs.values():  # the linear path EDLAE's validation chose on the same split

@@ -177,4 +177,4 @@ def test_the_command_line_trains_refuses_and_tunes_it(log_csv, tmp_path, capsys)
                  "--output", str(tmp_path / "r.csv")]) == 0
     assert len(pd.read_csv(tmp_path / "r.csv")) > 0
     assert tuning.parse_grid(None, "recvae-linear") == {"gamma": (0.0025, 0.005, 0.01),
-                                                        "linear_weight": (10.0, 30.0, 100.0)}
+                                                        "linear_weight": (3.0, 10.0, 30.0, 100.0, 300.0)}

@@ -94,6 +94,14 @@ def zero_diagonal_weights(P: np.ndarray) -> np.ndarray:
     return P
 
 
+#: above this many items the Cholesky inverse runs on torch's LAPACK, in place: OpenBLAS's
+#: threaded ``potrf`` (scipy's) crashed this process with a segmentation fault from ~16,000 items
+#: on 2 threads (ML-20M's 20,108; 12,000 passed), a fault OpenBLAS's tracker reports at other
+#: sizes and thread counts too. Below it scipy's, which every committed table was made with
+#: (their catalogues have at most ~9,000 items), so their rows stay bit for bit.
+TORCH_CHOLESKY_ITEMS = 8192
+
+
 def regularized_inverse(G: np.ndarray, add, overwrite: bool, label: str, matrix: str, hint: str) -> np.ndarray:
     """``(G + diag(add))^{-1}`` by Cholesky (``add``: a number or one per item), symmetric, in
     place of ``G`` when ``overwrite``. A factorisation that fails raises
@@ -101,6 +109,8 @@ def regularized_inverse(G: np.ndarray, add, overwrite: bool, label: str, matrix:
     and ending with ``hint``."""
     A = G if overwrite else G.copy()
     A[np.diag_indices_from(A)] += add
+    if A.shape[0] > TORCH_CHOLESKY_ITEMS:
+        return _torch_inverse(A, label, matrix, hint)
     potrf, potri = scipy.linalg.lapack.get_lapack_funcs(("potrf", "potri"), (A,))
     # Fortran order so LAPACK works in place; the matrix is symmetric so A.T is the same matrix
     c, info = potrf(A.T, lower=False, overwrite_a=True, clean=False)
@@ -113,6 +123,21 @@ def regularized_inverse(G: np.ndarray, add, overwrite: bool, label: str, matrix:
     P = P.T  # back to C order: upper triangle of the Fortran result is the lower one here
     _symmetrize_lower(P)
     return P
+
+
+def _torch_inverse(A: np.ndarray, label: str, matrix: str, hint: str) -> np.ndarray:
+    """:func:`regularized_inverse`'s factorisation and inverse on torch's LAPACK, in ``A``'s own
+    memory (its transposed view is column-major, which LAPACK works in without a copy)."""
+    import torch
+
+    t = torch.from_numpy(A).mT
+    info = torch.empty((), dtype=torch.int32)
+    torch.linalg.cholesky_ex(t, out=(t, info))
+    if int(info) != 0:
+        raise np.linalg.LinAlgError(
+            f"{label}: {matrix} is not numerically positive definite (Cholesky info={int(info)}); {hint}")
+    torch.cholesky_inverse(t, out=t)  # the whole symmetric inverse
+    return A
 
 
 def _symmetrize_lower(P: np.ndarray, block: int = 2048) -> None:

@@ -118,7 +118,7 @@ LINEAR_PATH = (
           tune=Tune(space="float:0:0.75")),
     Param("linear_weight", Float(0.0), 30.0, "architecture",
           "w in logits = decoder(z) + w * x B (0: the VAE alone, bit for bit; the starting value of a learned w)",
-          tune=Tune(space="log:3:300", grid=(10.0, 30.0, 100.0))),
+          tune=Tune(space="log:3:300", grid=(3.0, 10.0, 30.0, 100.0, 300.0))),
     Param("max_linear_gb", Float(0.0, low_open=True), 8.0, "runtime",
           "refuse a catalogue whose item-item matrix needs more GB while fitting (n_items^2 x 12 bytes)"),
 )
