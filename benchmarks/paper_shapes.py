@@ -216,11 +216,17 @@ def score_training_users(model, train, steps: Steps, chunk_users: int) -> int:
     return n
 
 
+def prepared_split(prepared: str, shape: dict):
+    """The prepared directory loaded and split as the paper does (N validation + N test users)."""
+    from recvae.data.prepared import load_prepared
+    from recvae.data.splits import strong_generalization_split
+
+    return strong_generalization_split(load_prepared(prepared), n_heldout_users=shape["n_heldout_users"], seed=SEED)
+
+
 def measure(args) -> dict:
     import torch
 
-    from recvae.data.prepared import load_prepared
-    from recvae.data.splits import strong_generalization_split
     from recvae.evaluation import evaluate
     from recvae.models import MultVAE
 
@@ -228,11 +234,7 @@ def measure(args) -> dict:
     steps = Steps()
     rss_start = _status_gb("VmRSS")
 
-    def prepare():
-        data = load_prepared(args.prepared)
-        return strong_generalization_split(data, n_heldout_users=shape["n_heldout_users"], seed=SEED)
-
-    split = steps.run("preparation", prepare)
+    split = steps.run("preparation", lambda: prepared_split(args.prepared, shape))
     train = split.train.matrix
     model = MultVAE(epochs=1, random_state=SEED, device="cpu")
     steps.run("epoch", lambda: model.fit(split.train, validation=split.validation))
@@ -274,8 +276,6 @@ def measure_model(args) -> dict:
     top-100; a refusal before fitting (ParameterError) is returned as the row's message."""
     import torch
 
-    from recvae.data.prepared import load_prepared
-    from recvae.data.splits import strong_generalization_split
     from recvae.errors import ParameterError
     from recvae.evaluation import evaluate
     from recvae.models import make_model
@@ -285,11 +285,7 @@ def measure_model(args) -> dict:
     steps = Steps()
     rss_start = _status_gb("VmRSS")
 
-    def prepare():
-        data = load_prepared(args.prepared)
-        return strong_generalization_split(data, n_heldout_users=shape["n_heldout_users"], seed=SEED)
-
-    split = steps.run("preparation", prepare)
+    split = steps.run("preparation", lambda: prepared_split(args.prepared, shape))
     train = split.train.matrix
     model = make_model(spec["name"], **spec["params"])
     by_epochs = trains_by_epochs(type(model))
@@ -669,15 +665,19 @@ def main(argv: list[str] | None = None) -> int:
         "total_seconds": time.perf_counter() - start,
         "command": command(argv),
     }
-    text = markdown(report)
+    publish(report, markdown(report), out, "paper_shapes")
+    return 0
+
+
+def publish(report: dict, text: str, out: Path | None, name: str) -> None:
+    """Print the markdown; with ``out``, write ``<out>/<name>.json`` and ``.md`` (atomically)."""
     print(text)
     if out is not None:
         from recvae.fileio import write_bytes, write_json
 
-        write_json(Path(out) / "paper_shapes.json", report)
-        write_bytes(Path(out) / "paper_shapes.md", text.encode())
-        print(f"wrote {Path(out) / 'paper_shapes.json'} and .md")
-    return 0
+        write_json(Path(out) / f"{name}.json", report)
+        write_bytes(Path(out) / f"{name}.md", text.encode())
+        print(f"wrote {Path(out) / name}.json and .md")
 
 
 def stop_workers_on_sigterm() -> None:
@@ -729,14 +729,7 @@ def run_models(args, argv: list[str] | None, names: list[str], models: list[str]
         "scoring_batch": BATCH, "chunk_users": args.chunk_users, "models": params, "shapes": results,
         "environment": environment(), "total_seconds": time.perf_counter() - start, "command": command(argv),
     }
-    text = markdown_models(report)
-    print(text)
-    if out is not None:
-        from recvae.fileio import write_bytes, write_json
-
-        write_json(Path(out) / "paper_shapes_models.json", report)
-        write_bytes(Path(out) / "paper_shapes_models.md", text.encode())
-        print(f"wrote {Path(out) / 'paper_shapes_models.json'} and .md")
+    publish(report, markdown_models(report), out, "paper_shapes_models")
     failed = [f"{r['name']}: {n}" for r in results for n, m in r["models"].items() if m["status"] == "failed"]
     if failed:
         print(f"paper_shapes: failed: {'; '.join(failed)}", file=sys.stderr)
