@@ -323,7 +323,8 @@ def output_product(h, weight, bias, workspace: Workspace, cd: torch.dtype, out: 
     both factors (``[h, 1] [W, b]^T``, padded to a multiple of 16 columns), which saves
     ``addmm``'s extra pass over the B x I output: a quarter of the product's time at H = 200.
     Where the product sums its H + 1 terms in one block the result is ``addmm``'s bit for bit
-    (RecVAE's H = 200, checked on every catalogue of the committed tables); at Mult-VAE's H = 600
+    (RecVAE's H = 200, checked at batches of 500 on the committed tables' catalogues; the tables'
+    RecVAE runs still parted in bf16 rounding on 4 of 15 splits, cause not pinned down); at Mult-VAE's H = 600
     the sums are split and some bf16 logits round differently, so Mult-VAE, whose committed
     results were made with ``addmm``, keeps it. A frozen layer (no gradient for the weight or
     the bias: RecVAE's encoder phase) keeps its folded factors between steps instead of casting
