@@ -3,7 +3,7 @@
 Every process holds the whole model and trains on its share of each global batch; after the
 backward pass the gradients are summed across processes, so every process applies the same
 update. Why not ``DistributedDataParallel``: the sparse input layer and the fused output layer
-(:mod:`recvae.models.sparse_layers`) write their weight gradients straight into ``.grad``
+(:mod:`recvae.models.sparse_layers`, :mod:`recvae.models.output_layer`) write their weight gradients straight into ``.grad``
 and return none through autograd, so DDP's autograd hooks would never see the two largest
 gradients. :func:`allreduce_gradients` reduces every parameter's ``.grad`` explicitly.
 

@@ -88,6 +88,64 @@ def test_the_gemm_floor_runs_each_product_in_its_fastest_layout(monkeypatch):
 
 
 @pytest.mark.slow
+def test_hybrid_speed_reports_each_joint_step_against_gemms_plus_x_b_plus_optimizer(tmp_path, monkeypatch):
+    """A tiny run of benchmarks/hybrid_speed.py: each joint step's floor is Mult-VAE's products +
+    the faster of the two forms of x B + its optimizer pass, the learned mode's optimizer covers
+    one more parameter (w), and the files say what the report says."""
+    import json
+
+    import torch
+
+    module = load_script("benchmarks/hybrid_speed.py", "_bench_hybrid_speed_run", monkeypatch)
+    threads = torch.get_num_threads()
+    try:
+        report = module.main(["--tiny", "--batches", "1", "--warmup", "1", "--threads", "1", "--no-profile",
+                              "--out", str(tmp_path / "hs")])
+    finally:
+        torch.set_num_threads(threads)
+    r = report["results"]
+    forms = {f: r[f"linear_{f}"]["median_ms"] for f in ("embedding_bag", "csr_mm")}
+    assert report["linear_product_form"] == min(forms, key=forms.get)
+    for mode in ("fixed", "learned"):
+        s = r[f"hybrid_{mode}_bf16"]
+        assert s["floor_parts_ms"] == {"gemm": r["gemm_bf16"]["median_ms"], "linear": min(forms.values()),
+                                       "optim": r[f"optim_{mode}"]["median_ms"]}
+        assert s["ratio_to_floor"] == pytest.approx(s["median_ms"] / sum(s["floor_parts_ms"].values()))
+        assert report["targets_met"][f"hybrid_{mode}_bf16"] == (s["ratio_to_floor"] <= 1.3)
+    assert r["multvae_bf16"]["floor_parts_ms"]["linear"] == 0.0
+    sizes = report["optimizer_floor_parameters"]
+    assert sizes["learned"] == sizes["fixed"] + 1 == sizes["multvae"] + 1  # w learned: one scalar more
+    assert json.loads((tmp_path / "hs.json").read_text())["results"] == r
+    md = (tmp_path / "hs.md").read_text()
+    assert report["machine"]["cpu"] in md and "| hybrid_learned_bf16 |" in md
+
+
+def test_the_linear_path_product_forms_agree(monkeypatch):
+    """The two forms of x B that hybrid_speed.py times compute the same product, x B."""
+    import numpy as np
+    import scipy.sparse as sp
+    import torch
+
+    module = load_script("benchmarks/hybrid_speed.py", "_bench_hybrid_speed_forms", monkeypatch)
+    X = sp.random(module.BATCH, 40, density=0.1, format="csr", random_state=0, dtype=np.float32)
+    B = torch.from_numpy(module.random_linear(40, seed=3))
+    assert torch.count_nonzero(torch.diagonal(B)) == 0 and torch.count_nonzero(B) == 40 * 39
+    captured = {}
+    real_addmm, real_bag = torch.addmm, module.F.embedding_bag
+    monkeypatch.setattr(module.torch, "addmm", lambda *a, **k: captured.setdefault("csr_mm", real_addmm(*a, **k)))
+    monkeypatch.setattr(module.F, "embedding_bag", lambda *a, **k: captured.setdefault("embedding_bag",
+                                                                                      real_bag(*a, **k)))
+    rows = np.arange(module.BATCH)
+    for step in module.linear_product_forms(X, B).values():
+        step(rows)
+    monkeypatch.undo()
+    expected = torch.from_numpy(X.toarray()) @ B
+    assert set(captured) == {"csr_mm", "embedding_bag"}
+    for form, got in captured.items():
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=form)
+
+
+@pytest.mark.slow
 def test_sampled_softmax_times_each_shape_and_writes_both_files(tmp_path, monkeypatch):
     """A tiny run of benchmarks/sampled_softmax.py's speed part: every shape (ML-20M's, MSD's, a
     million items, scaled down) has the full softmax and the three sampled ones, each measured in

@@ -26,7 +26,8 @@ import torch
 from recvae.cli import main
 from recvae.models.networks import MultDAENetwork, MultVAENetwork, NetworkConfig
 from recvae.models.recvae_network import RecVAEConfig, RecVAENetwork
-from recvae.models.sparse_layers import SparseBatch, output_layer_nll, sparse_input_linear
+from recvae.models.output_layer import output_layer_nll
+from recvae.models.sparse_layers import SparseBatch, sparse_input_linear
 from recvae.models.training_loop import make_optimizer, training_step
 from recvae.models.vae import MultVAE
 

@@ -20,7 +20,8 @@ from recvae.errors import InputError, ParameterError
 from recvae.evaluation import evaluate
 from recvae.models import EASE, EDLAE, MultVAE, MultVAELinear, load_model, make_model
 from recvae.models.hybrid import LINEAR_FILE, check_linear_memory
-from recvae.models.sparse_layers import SparseBatch, output_layer_nll
+from recvae.models.output_layer import output_layer_nll
+from recvae.models.sparse_layers import SparseBatch
 from synthetic import planted_pairs_and_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")

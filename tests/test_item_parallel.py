@@ -25,7 +25,8 @@ from recvae.models.hybrid import MultVAELinear
 from recvae.models.item_parallel import ItemShard
 from recvae.models.networks import NetworkConfig, build_network
 from recvae.models.recvae import RecVAE
-from recvae.models.sparse_layers import SparseBatch, Workspace, output_layer_nll, sparse_input_linear
+from recvae.models.output_layer import output_layer_nll
+from recvae.models.sparse_layers import SparseBatch, Workspace, sparse_input_linear
 from recvae.models.vae import MultDAE, MultVAE
 from recvae.ranking import top_k
 

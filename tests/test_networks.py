@@ -19,7 +19,8 @@ from recvae.models.networks import (
     build_network,
     gaussian_kl,
 )
-from recvae.models.sparse_layers import SparseBatch, Workspace, output_layer_nll, sparse_input_linear
+from recvae.models.output_layer import output_layer_nll
+from recvae.models.sparse_layers import SparseBatch, Workspace, sparse_input_linear
 
 
 def random_csr(n_users, n_items, density=0.2, seed=0, binary=True, empty_rows=(1,)):
@@ -222,7 +223,7 @@ def test_folded_bias_product_equals_addmm_and_a_frozen_layer_keeps_its_factors()
     """output_product with the bias folded into the product ([h, 1] [W, b]^T) gives addmm's logits
     (to bf16's rounding); a frozen layer's low-precision factors are made once and made again only
     after the weight or the bias changes in place; its transposed copy gives the same g W."""
-    from recvae.models.sparse_layers import output_product
+    from recvae.models.output_layer import output_product
 
     g = torch.Generator().manual_seed(0)
     I, H, B = 300, 20, 7

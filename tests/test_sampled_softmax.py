@@ -17,7 +17,8 @@ from checkpoints import ckpt, resume
 from recvae.cli import main
 from recvae.evaluation import evaluate
 from recvae.models.sampled_softmax import Negatives, NegativeSampler, sampled_output_nll
-from recvae.models.sparse_layers import SparseBatch, output_layer_nll
+from recvae.models.output_layer import output_layer_nll
+from recvae.models.sparse_layers import SparseBatch
 from recvae.models.recvae import RecVAE
 from recvae.models.vae import MultDAE, MultVAE
 from recvae.recommend import RunRecommender

@@ -9,8 +9,9 @@ import torch
 
 from recvae.errors import ParameterError
 from recvae.models import EASE, EDLAE, MultDAE, MultVAE, Popularity, RecVAE
-from recvae.models import sparse_layers
-from recvae.models.sparse_layers import SparseBatch, Workspace, output_logits, packed_available
+from recvae.models import output_layer
+from recvae.models.output_layer import output_logits, packed_available
+from recvae.models.sparse_layers import SparseBatch, Workspace
 from recvae.models.training_loop import update_step
 
 SMALL = dict(epochs=3, random_state=0, batch_size=50)
@@ -64,7 +65,7 @@ def test_the_packed_bf16_weight_scores_exactly_as_the_plain_copy(monkeypatch):
         assert ws.cast("output_weight", w, torch.bfloat16, packed=True).is_mkldnn  # the packed path ran
         for rows in (1, 3, 8, 17):
             assert torch.equal(output_logits(h[:rows], w, b, ws, torch.bfloat16), packed[:rows]), rows
-        monkeypatch.setitem(sparse_layers._PACKED, torch.bfloat16, False)
+        monkeypatch.setitem(output_layer._PACKED, torch.bfloat16, False)
         plain = output_logits(h, w, b, Workspace(), torch.bfloat16)
     assert torch.equal(packed, plain)
     assert not torch.equal(plain, h @ w.T + b)  # both are bf16 products indeed
@@ -86,10 +87,10 @@ def test_float32_scores_without_gradients_come_from_the_packed_weight(monkeypatc
         torch.testing.assert_close(packed, torch.addmm(b, h, w.T), rtol=1e-5, atol=1e-5)
         w.mul_(-1)
         torch.testing.assert_close(output_logits(h, w, b, ws), torch.addmm(b, h, w.T), rtol=1e-5, atol=1e-5)
-        monkeypatch.setitem(sparse_layers._PACKED, torch.float32, False)
+        monkeypatch.setitem(output_layer._PACKED, torch.float32, False)
         assert torch.equal(output_logits(h, w, b, ws), torch.addmm(b, h, w.T))
     w.requires_grad_(True)
-    monkeypatch.setitem(sparse_layers._PACKED, torch.float32, True)
+    monkeypatch.setitem(output_layer._PACKED, torch.float32, True)
     out = output_logits(h, w, b, ws)
     assert out.requires_grad and torch.equal(out.detach(), torch.addmm(b, h, w.detach().T))
 
@@ -147,7 +148,7 @@ def test_the_scoring_precisions_are_the_same_everywhere():
     from recvae.cli.common import PRECISIONS
     from recvae.models.base import SCORING_PRECISIONS
 
-    assert PRECISIONS == SCORING_PRECISIONS == tuple(sparse_layers.SCORE_DTYPES) == MultVAE._scoring_precisions
+    assert PRECISIONS == SCORING_PRECISIONS == tuple(output_layer.SCORE_DTYPES) == MultVAE._scoring_precisions
 
 
 def test_an_unknown_precision_is_refused_by_name():

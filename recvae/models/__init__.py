@@ -1,7 +1,8 @@
 """Models: torch modules (networks) apart from the estimators that train them, and baselines.
 
 - ``networks.py``: the torch modules of Mult-VAE / Mult-DAE (no training logic)
-- ``sparse_layers.py``: sparse input layer and the fused softmax + multinomial NLL output layer
+- ``sparse_layers.py``: the sparse batch and input layer, and the reused buffers (``Workspace``)
+- ``output_layer.py``: the output layer over all items fused with the softmax + multinomial NLL, and scoring
 - ``item_parallel.py``: ``parallel="items"``: those two layers and the scoring split over processes by items
 - ``annealing.py``: the KL weight (beta) schedules
 - ``training_loop.py``: epochs, validation, early stopping, checkpoint state and resume

@@ -20,7 +20,7 @@ from recvae.models.params import Choice, Param, check_table, json_params, make_i
 logger = logging.getLogger(__name__)
 
 #: the precisions scoring can run in (:meth:`Recommender.set_scoring_precision`); the torch side
-#: maps each to its dtype (``sparse_layers.SCORE_DTYPES``)
+#: maps each to its dtype (``output_layer.SCORE_DTYPES``)
 SCORING_PRECISIONS = ("fp32", "bf16")
 
 #: every saved model folder holds this JSON (class name, hyperparameters, item ids, file digests)

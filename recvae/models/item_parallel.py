@@ -56,9 +56,8 @@ from torch import nn
 from recvae import distributed
 from recvae import metrics as M
 from recvae.errors import ParameterError
-from recvae.models.sparse_layers import (
-    SCORE_DTYPES, SparseBatch, Workspace, _OutputLayerNLL, _SparseInputLinear, compute_dtype, output_logits, output_product,
-)
+from recvae.models.output_layer import SCORE_DTYPES, _OutputLayerNLL, output_logits, output_product
+from recvae.models.sparse_layers import SparseBatch, Workspace, _SparseInputLinear, compute_dtype
 from recvae.ranking import mask_rows, top_k
 
 PARALLEL_MODES = ("data", "items")
@@ -229,7 +228,7 @@ class _ShardedOutputNLL(_OutputLayerNLL):
 def output_nll(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, batch: SparseBatch, shard: ItemShard,
                workspace: Workspace) -> torch.Tensor:
     """The batch's mean multinomial NLL under ``softmax(h W_out^T + b)`` over every item, with
-    ``weight``/``bias`` the shard's rows: :func:`~recvae.models.sparse_layers.output_layer_nll`'s
+    ``weight``/``bias`` the shard's rows: :func:`~recvae.models.output_layer.output_layer_nll`'s
     value (same on every process) and gradients (the shard's rows of the weight's)."""
     cd = compute_dtype(h.device.type)
     with torch.autocast(h.device.type, enabled=False):

@@ -13,7 +13,7 @@ Defaults follow the paper's released notebook (dawenl/vae_cf, ``VAE_ML20M_WWW201
   ``tf.truncated_normal_initializer``).
 
 The first layer takes the sparse batch directly and the output layer is fused with the
-multinomial likelihood (see :mod:`recvae.models.sparse_layers`), so a training step never
+multinomial likelihood (see :mod:`recvae.models.sparse_layers` and :mod:`recvae.models.output_layer`), so a training step never
 builds a dense users x items matrix. Dropout acts on the stored nonzeros only, which is the
 same as dense dropout: a zero entry stays zero whether it is dropped or scaled.
 """
@@ -32,13 +32,8 @@ from recvae.errors import ParameterError
 from recvae.models import item_parallel
 from recvae.models.item_parallel import ItemShard
 from recvae.models.sampled_softmax import NegativeSampler, sampled_output_nll
-from recvae.models.sparse_layers import (
-    SparseBatch,
-    Workspace,
-    output_layer_nll,
-    output_logits,
-    sparse_input_linear,
-)
+from recvae.models.output_layer import output_layer_nll, output_logits
+from recvae.models.sparse_layers import SparseBatch, Workspace, sparse_input_linear
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "tanh": torch.tanh,

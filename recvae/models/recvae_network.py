@@ -12,7 +12,7 @@ Defaults follow the paper and its public code (ilya-shenbin/RecVAE):
   copy of the encoder (no dropout) refreshed by the estimator after each encoder phase.
 
 The first encoder layer takes the sparse batch and the decoder is the fused softmax +
-multinomial NLL layer of :mod:`recvae.models.sparse_layers`, as in Mult-VAE: no dense users x
+multinomial NLL layer of :mod:`recvae.models.output_layer`, as in Mult-VAE: no dense users x
 items input is built.
 """
 
@@ -27,7 +27,8 @@ from torch import nn
 
 from recvae.errors import ParameterError
 from recvae.models.networks import LossTerms, _init_linear_
-from recvae.models.sparse_layers import SparseBatch, Workspace, output_layer_nll, output_logits, sparse_input_linear
+from recvae.models.output_layer import output_layer_nll, output_logits
+from recvae.models.sparse_layers import SparseBatch, Workspace, sparse_input_linear
 
 LOG_2PI = math.log(2.0 * math.pi)
 #: the reference's mixture weights: standard normal, q_old(z|x), wide normal

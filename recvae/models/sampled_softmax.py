@@ -154,7 +154,7 @@ def sampled_output_nll(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """Mean over the batch's users of the sampled multinomial NLL (see the module's docstring).
 
     ``weight`` (I, H) and ``bias`` (I,) are the output layer's, as in
-    :func:`~recvae.models.sparse_layers.output_layer_nll`; the logits of the ``M`` items of
+    :func:`~recvae.models.output_layer.output_layer_nll`; the logits of the ``M`` items of
     ``batch.cols`` and ``negatives.items`` are a B x M product (in the autocast dtype when
     autocast is on), the rest in float32.
     """

@@ -4,7 +4,8 @@ the checkpointable state and resume. It reads and writes no file: what happens a
 provides the run directory's), and validation is a function handed in (or built here from
 held-out users with :mod:`recvae.metrics`).
 
-Where the time goes and why it is fast on CPU: :mod:`recvae.models.sparse_layers`.
+Where the time goes and why it is fast on CPU: :mod:`recvae.models.sparse_layers` and
+:mod:`recvae.models.output_layer`.
 """
 
 from __future__ import annotations

@@ -38,7 +38,8 @@ from recvae.models.device import resolve_device, stored_device
 from recvae.models.item_parallel import PARALLEL_MODES, ItemShard, check_catalogue, sharded_sq_norm
 from recvae.models.networks import ACTIVATIONS, MultNetwork, NetworkConfig, build_network
 from recvae.models.sampled_softmax import PROPOSALS, SOFTMAXES, NegativeSampler
-from recvae.models.sparse_layers import SCORE_DTYPES, SparseBatch
+from recvae.models.output_layer import SCORE_DTYPES
+from recvae.models.sparse_layers import SparseBatch
 from recvae.models.training_loop import (  # noqa: F401  (NonFiniteLossError: part of this module's interface)
     NonFiniteLossError, TrainingLoop, make_optimizer, training_step,
 )
