@@ -52,12 +52,17 @@ and exits with 1). ``--max-linear-gb`` is passed to the hybrids. For the linear 
 also holds the size of the item-item matrix kept (EASE's ``B_``: n_items^2 x 8 bytes in float64;
 the hybrids' ``B``: n_items^2 x 4 bytes) beside the measured peak. Writes
 ``benchmarks/results/paper_shapes_models.{json,md}`` at full scale (``--scale 1``, no ``--items``)
-whatever the shapes; a quick check prints only, unless ``--out-dir`` is given. Examples::
+whatever the shapes; a quick check prints only, unless ``--out-dir`` is given. ``--merge REPORT...``
+runs nothing: the rows of finished ``--models`` reports that ran replace the same rows of the
+committed report, each row then naming its run (so one long row can be measured alone, later).
+Examples::
 
     python benchmarks/paper_shapes.py                       # all three shapes: ~15 min on 2 cores
     python benchmarks/paper_shapes.py --shapes msd --scale 0.05
     python benchmarks/paper_shapes.py --shapes ml-20m,msd --models multvae,ease,recvae-linear,multvae-linear
     python benchmarks/paper_shapes.py --shapes ml-20m --scale 0.001 --items 2000 --models ease,recvae-linear
+    python benchmarks/paper_shapes.py --shapes msd --models ease --out-dir /tmp/msd-ease
+    python benchmarks/paper_shapes.py --merge /tmp/msd-ease/paper_shapes_models.json
 """
 
 from __future__ import annotations
@@ -525,7 +530,7 @@ def _cell(x: float | None, fmt: str = ".1f") -> str:
 def markdown_models(report: dict) -> str:
     """The ``--models`` report: one table per shape, a row per model (refusals and failures with
     their message)."""
-    env = report["environment"]
+    runs = runs_of(report)
     lines = [
         "# The paper's data shapes on one machine: Mult-VAE, EASE and the hybrids (synthetic data)", "",
         "Synthetic data of each shape of Liang et al. (WWW 2018, Table 1) from `paper_table.synthetic_ml20m` "
@@ -557,7 +562,7 @@ def markdown_models(report: dict) -> str:
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, m in r["models"].items():
-            label = f"{MODELS[name]} (`{name}`)"
+            label = f"{MODELS[name]} (`{name}`)" + (f", run {m.get('run', 0) + 1}" if len(runs) > 1 else "")
             if m["status"] != "ok":
                 msg = m["message"].replace("|", "\\|")
                 lines.append(f"| {label} | **{m['status']}**: {msg} |" + " — |" * 10)
@@ -574,16 +579,22 @@ def markdown_models(report: dict) -> str:
                 + (f"{mat['gb']:.2f} {mat['dtype']} ({mat['float32_gb']:.2f})" if mat else "—")
                 + f" | {m['ndcg100_validation']:.4f} / {m['ndcg100']:.4f} |")
         lines.append("")
-    threads = sorted({m["torch_threads"] for r in report["shapes"] for m in r["models"].values() if "torch_threads" in m})
-    lines += [
-        "Synthetic data: items are drawn by popularity alone, so there is little to learn beyond it; the NDCG "
-        "figures check that each model ran, not which is better.", "",
-        f"Machine: {env['cpu']}, {env['cpu_count']} cores, AMX {'yes' if env['amx'] else 'no'}, AVX-512 BF16 "
-        f"{'yes' if env['avx512_bf16'] else 'no'}; torch {env['torch']} ({', '.join(map(str, threads)) or '?'} "
-        f"threads), numpy {env['numpy']}, scipy {env['scipy']}, recvae {env['recvae']}. "
-        f"Total {report['total_seconds'] / 60:.1f} min.", "",
-        f"Command: `{report['command']}`", "",
-    ]
+    lines += ["Synthetic data: items are drawn by popularity alone, so there is little to learn beyond it; the NDCG "
+              "figures check that each model ran, not which is better.", ""]
+    if len(runs) > 1:
+        lines += [f"The rows come from {len(runs)} runs (each row says which), merged with `--merge`:", ""]
+    for i, run in enumerate(runs):
+        env = run["environment"]
+        threads = sorted({m["torch_threads"] for r in report["shapes"] for m in r["models"].values()
+                          if "torch_threads" in m and m.get("run", 0) == i})
+        lines += [
+            (f"Run {i + 1}. " if len(runs) > 1 else "")
+            + f"Machine: {env['cpu']}, {env['cpu_count']} cores, AMX {'yes' if env['amx'] else 'no'}, AVX-512 BF16 "
+            f"{'yes' if env['avx512_bf16'] else 'no'}; torch {env['torch']} ({', '.join(map(str, threads)) or '?'} "
+            f"threads), numpy {env['numpy']}, scipy {env['scipy']}, recvae {env['recvae']}. "
+            f"Total {run['total_seconds'] / 60:.1f} min.", "",
+            f"Command: `{run['command']}`", "",
+        ]
     return "\n".join(lines)
 
 
@@ -609,6 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training users per alternation of forward passes and top-100 (default 20,000)")
     p.add_argument("--out-dir", type=Path, help="results folder (default: benchmarks/results for a full run, "
                                                 "none for a quick check)")
+    p.add_argument("--merge", nargs="+", metavar="REPORT",
+                   help="run nothing: put the rows of finished --models reports (their JSON) that ran in place of "
+                        "the same rows of the --out-dir's (default benchmarks/results) paper_shapes_models report")
     p.add_argument("--worker", choices=("generate", "measure", "model"), help=argparse.SUPPRESS)
     p.add_argument("--model-json", help=argparse.SUPPRESS)
     p.add_argument("--shape-json", help=argparse.SUPPRESS)
@@ -629,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
         result = {"generate": generate, "measure": measure, "model": measure_model}[args.worker](args)
         Path(args.worker_out).write_text(json.dumps(result))
         return 0
+    if args.merge:
+        return merge_into(args.out_dir or RESULTS, args.merge)
     names = [s.strip() for s in args.shapes.split(",") if s.strip()]
     unknown = sorted(set(names) - set(SHAPES))
     if unknown or not names:
@@ -688,6 +704,48 @@ def stop_workers_on_sigterm() -> None:
 def command(argv: list[str] | None) -> str:
     """This run's command line, paths as seen from the repository."""
     return shlex.join(["python", "benchmarks/paper_shapes.py", *map(repo_relative, sys.argv[1:] if argv is None else argv)])
+
+
+def runs_of(report: dict) -> list[dict]:
+    """The runs a ``--models`` report was made from (command, environment, total seconds); a
+    report of one run keeps them at its top level."""
+    return report.get("runs") or [{k: report[k] for k in ("command", "environment", "total_seconds")}]
+
+
+def merge_models_reports(base: dict, new: dict) -> dict:
+    """``base`` with each row of ``new`` that ran (not left out with ``--skip``) in its place;
+    a row keeps the index of its run in ``runs``. Both must measure the same data."""
+    for key in ("scale", "items", "seed", "k", "scoring_batch", "chunk_users"):
+        if base.get(key) != new.get(key):
+            raise ValueError(f"--merge: the reports differ in {key} ({base.get(key)!r} and {new.get(key)!r}): "
+                             "they did not measure the same data")
+    merged = json.loads(json.dumps(base))
+    runs = runs_of(base)
+    merged["runs"] = runs + runs_of(new)
+    merged["total_seconds"] = sum(r["total_seconds"] for r in merged["runs"])
+    shapes = {s["name"]: s for s in merged["shapes"]}
+    for shape in new["shapes"]:
+        if shape["name"] not in shapes:
+            shapes[shape["name"]] = {**shape, "models": {}}
+        for name, row in shape["models"].items():
+            if row["status"] != "not run":
+                shapes[shape["name"]]["models"][name] = {**row, "run": row.get("run", 0) + len(runs)}
+                merged["models"][name] = new["models"][name]
+    merged["shapes"] = [shapes[n] for n in SHAPES if n in shapes]
+    return merged
+
+
+def merge_into(out: Path, reports: list[str]) -> int:
+    """``--merge``: the rows of finished ``--models`` reports into ``<out>/paper_shapes_models``."""
+    try:
+        base = json.loads((out / "paper_shapes_models.json").read_text())
+        for path in reports:
+            base = merge_models_reports(base, json.loads(Path(path).read_text()))
+    except (OSError, ValueError) as e:
+        print(f"paper_shapes: error: {e}", file=sys.stderr)
+        return 2
+    publish(base, markdown_models(base), out, "paper_shapes_models")
+    return 0
 
 
 def run_models(args, argv: list[str] | None, names: list[str], models: list[str]) -> int:

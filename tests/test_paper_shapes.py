@@ -144,6 +144,44 @@ def test_the_models_table_has_a_row_per_model_and_the_refusals_message(paper_sha
     assert "## MSD: 571,355 users x 41,140 items" in md and report["command"] in md
 
 
+def _models_report(paper_shapes, rows: dict, command: str, cpu: str = "cpu") -> dict:
+    env = {"cpu": cpu, "cpu_count": 2, "amx": False, "avx512_bf16": True, "torch": "t", "numpy": "n",
+           "scipy": "s", "recvae": "r"}
+    shape = {**paper_shapes.scaled("msd", 1.0), "nnz": 33_000_000, "generation": {"seconds": 12.0, "peak_rss_gb": 1.8},
+             "load_average_before": [1, 1, 1], "load_average_after": [2, 2, 2], "models": rows}
+    return {"benchmark": "paper_shapes_models", "scale": 1.0, "items": None, "seed": 0, "k": 100,
+            "scoring_batch": 1000, "chunk_users": 20000, "models": {n: {} for n in rows}, "shapes": [shape],
+            "environment": env, "total_seconds": 60.0, "command": command}
+
+
+def test_merge_puts_the_rows_that_ran_in_place_and_keeps_each_rows_run(paper_shapes, tmp_path, capsys):
+    """``--merge``: a row of a later report that ran replaces the committed one, a row left out
+    (``--skip``) does not; each row names its run, and each run's command and machine are kept."""
+    skipped = {"model": "ease", "status": "not run", "message": "left out of this run (`--skip msd:ease`)"}
+    base = _models_report(paper_shapes, {"multvae": _model_row("multvae"), "ease": skipped},
+                          "python benchmarks/paper_shapes.py --models multvae,ease --skip msd:ease")
+    new = _models_report(paper_shapes, {"ease": _model_row("ease", fit=3600.0), "multvae": {**skipped, "model": "multvae"}},
+                         "python benchmarks/paper_shapes.py --shapes msd --models ease,multvae", cpu="other cpu")
+    (tmp_path / "paper_shapes_models.json").write_text(json.dumps(base))
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    assert paper_shapes.main(["--merge", str(tmp_path / "new.json"), "--out-dir", str(tmp_path)]) == 0
+    merged = json.loads((tmp_path / "paper_shapes_models.json").read_text())
+    rows = merged["shapes"][0]["models"]
+    assert rows["ease"]["status"] == "ok" and rows["ease"]["steps"]["fit"]["seconds"] == 3600.0 and rows["ease"]["run"] == 1
+    assert rows["multvae"] == base["shapes"][0]["models"]["multvae"]  # the later run left it out: kept as it was
+    assert [r["command"] for r in merged["runs"]] == [base["command"], new["command"]]
+    assert merged["total_seconds"] == 120.0
+    md = (tmp_path / "paper_shapes_models.md").read_text()
+    assert "| EASE (`ease`), run 2 | 3600.0 |" in md and "| Mult-VAE (`multvae`), run 1 | 2.0 |" in md
+    assert "Run 1. Machine: cpu," in md and "Run 2. Machine: other cpu," in md and new["command"] in md
+    # a report of other data is refused, and the committed files stay as they are
+    (tmp_path / "other.json").write_text(json.dumps({**new, "scale": 0.5}))
+    before = (tmp_path / "paper_shapes_models.json").read_bytes()
+    assert paper_shapes.main(["--merge", str(tmp_path / "other.json"), "--out-dir", str(tmp_path)]) == 2
+    assert "the reports differ in scale (1.0 and 0.5)" in capsys.readouterr().err
+    assert (tmp_path / "paper_shapes_models.json").read_bytes() == before
+
+
 def test_models_and_their_options_are_checked_before_any_data_is_made(paper_shapes, capsys):
     assert paper_shapes.main(["--models", "ease,bpr"]) == 2
     assert "--models: unknown ['bpr']" in capsys.readouterr().err
