@@ -118,10 +118,13 @@ def worker(args) -> None:
 
 
 # -- driver ---------------------------------------------------------------------------------------
-def launch(prepared: Path, procs: int, threads: int, updates: int, warmup: int, out: Path, timeout: float) -> dict:
+def torchrun(script: Path, procs: int, threads: int, worker_args: list[str], out: Path, timeout: float,
+             label: str) -> dict:
+    """``script --worker ARGS --worker-out out`` under ``torchrun --standalone`` on ``procs``
+    processes of ``threads`` threads each, in a session of its own (killed whole past ``timeout``
+    seconds); returns the JSON the workers wrote to ``out``. ``label`` names the run in an error."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
-           str(Path(__file__).resolve()), "--worker", "--prepared", str(prepared), "--updates", str(updates),
-           "--warmup", str(warmup), "--worker-out", str(out)]
+           str(Path(script).resolve()), "--worker", *worker_args, "--worker-out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(REPO))
     p = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
@@ -131,8 +134,13 @@ def launch(prepared: Path, procs: int, threads: int, updates: int, warmup: int, 
             os.killpg(p.pid, 9)
             p.wait()
     if rc != 0:
-        raise SystemExit(f"{procs} x {threads}: torchrun exited with {rc}")
+        raise SystemExit(f"{label}: torchrun exited with {rc}")
     return json.loads(out.read_text())
+
+
+def launch(prepared: Path, procs: int, threads: int, updates: int, warmup: int, out: Path, timeout: float) -> dict:
+    return torchrun(Path(__file__), procs, threads, ["--prepared", str(prepared), "--updates", str(updates),
+                                                     "--warmup", str(warmup)], out, timeout, f"{procs} x {threads}")
 
 
 def summarise(res: dict, n_batches: int) -> dict:

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 WORLDS = (1, 2)
 
@@ -119,21 +119,12 @@ def worker(args) -> None:
 
 # -- driver ---------------------------------------------------------------------------------------
 def launch(args, procs: int, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
-           str(Path(__file__).resolve()), "--worker", "--worker-out", str(out),
-           *(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-             if k in ("items", "hidden", "latent", "batch", "per_user", "steps", "warmup", "precision"))]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO))
-    p = subprocess.Popen(cmd, env=env, start_new_session=True)
-    try:
-        rc = p.wait(timeout=args.timeout)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, 9)
-            p.wait()
-    if rc != 0:
-        raise SystemExit(f"{procs} process(es): torchrun exited with {rc}")
-    return json.loads(out.read_text())
+    from distributed import torchrun  # the benchmarks' one torchrun launcher
+
+    return torchrun(Path(__file__), procs, args.threads, [
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+        if k in ("items", "hidden", "latent", "batch", "per_user", "steps", "warmup", "precision")],
+        out, args.timeout, f"{procs} process(es)")
 
 
 def summarise(res: dict) -> dict:
