@@ -81,6 +81,26 @@ def test_the_fused_likelihood_with_an_offset_is_the_dense_one_with_its_gradients
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_bf16_logits_take_a_float32_offset_with_the_mixed_adds_bits():
+    """add_offset: bf16 logits + a float32 offset through its float32 buffer round exactly as the
+    mixed-dtype add_ does (bf16(float(l) + o)), and a buffer kept from a larger batch serves a smaller one."""
+    from recvae.models.output_layer import add_offset
+    from recvae.models.sparse_layers import Workspace
+
+    gen = torch.Generator().manual_seed(3)
+    ws = Workspace()
+    for rows in (7, 5):
+        logits = (torch.randn(rows, 33, generator=gen) * 4).bfloat16()
+        offset = torch.randn(rows, 33, generator=gen) * 0.37
+        expected = (logits.float() + offset).bfloat16()
+        got = logits.clone()
+        add_offset(got, offset, ws)
+        assert torch.equal(got, expected) and torch.equal(got, logits.clone().add_(offset))
+        same = offset.clone()
+        add_offset(same, offset, ws)  # one dtype: a plain add
+        assert torch.equal(same, offset * 2)
+
+
 def test_with_w_zero_it_is_mult_vae_bit_for_bit(data):
     train, validation = data
     hybrid = make_model("multvae-linear", **TINY, linear_weight=0.0).fit(train, validation, show_progress=False)

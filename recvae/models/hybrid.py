@@ -181,7 +181,8 @@ class LinearPathNetwork(LinearPath, MultVAENetwork):
         kept, self._kept = (self._kept if self.training else None), None
         if self.training and not self.in_training:
             return None
-        return self.linear_weight * self.linear_scores(batch, kept)
+        scores = self.linear_scores(batch, kept)  # a new tensor: a fixed w scales it in place
+        return self.linear_weight * scores if self.linear_weight.requires_grad else scores.mul_(self.linear_weight)
 
 
 class RecVAELinearNetwork(LinearPath, RecVAENetwork):

@@ -123,6 +123,18 @@ def output_product(h, weight, bias, workspace: Workspace, cd: torch.dtype, out: 
     return OutputFactors(w_aug[:, :H], h_aug[:, :H], w_t)
 
 
+def add_offset(logits: torch.Tensor, offset: torch.Tensor, workspace: Workspace) -> None:
+    """``logits += offset`` in place. Low-precision logits and a float32 offset go through a kept
+    float32 buffer: the same bits as the mixed-dtype ``add_``, which converts element by element
+    (25 ms against 14 at 500 x 20,108 in bf16)."""
+    if logits.dtype == offset.dtype:
+        logits.add_(offset)
+        return
+    total = workspace.get("logits_with_offset", tuple(logits.shape), offset.dtype, logits.device)
+    total.copy_(logits).add_(offset)
+    logits.copy_(total)
+
+
 class _OutputLayerNLL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, batch: SparseBatch, workspace: Workspace, cd: torch.dtype, offset=None,
@@ -132,7 +144,7 @@ class _OutputLayerNLL(torch.autograd.Function):
         logits = workspace.get("logits", (B, I), cd, dev)
         factors = output_product(h, weight, bias, workspace, cd, logits, fold_bias)
         if offset is not None:
-            logits.add_(offset)
+            add_offset(logits, offset, workspace)
         flat = batch.rows * I + batch.cols
         picked = logits.view(-1)[flat].float()
         probs = workspace.get("probs", (B, I), cd, dev)
