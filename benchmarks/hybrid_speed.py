@@ -25,7 +25,6 @@ work). Target: each joint step <= 1.3x its floor, like every training step of th
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -42,7 +41,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from train_speed import (  # noqa: E402
     BATCH, N_INTERACTIONS, N_ITEMS, N_USERS, TARGETS, dense_products, gemm_floor, interleaved, machine,
-    optimizer_floor, peak_rss_gb, profile_steps, summarise, synthetic_ml20m,
+    optimizer_floor, parse_speed_arguments, peak_rss_gb, profile_steps, speed_arguments, summarise,
+    synthetic_ml20m,
 )
 
 from recvae.models.hybrid import MultVAELinear  # noqa: E402
@@ -113,19 +113,8 @@ def linear_product_forms(X, B_t: torch.Tensor):
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tiny", action="store_true", help="2,000 users x 2,000 items, 2 timed batches: only "
-                    "checks that the script runs (the tests); prints only unless --out is given")
-    ap.add_argument("--batches", type=int, default=None, help="timed batches per variant (default 20)")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--no-profile", action="store_true", help="skip the profiles of the joint steps")
-    ap.add_argument("--out", default=None, help="output path without extension (default "
-                    "benchmarks/results/hybrid_speed; --tiny writes nothing unless given)")
-    args = ap.parse_args(argv)
-    command = "python benchmarks/hybrid_speed.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args, command = parse_speed_arguments(speed_arguments(__doc__, "hybrid_speed", "default 20", "joint steps"),
+                                          "hybrid_speed", argv)
     load_before = os.getloadavg()
     n_users, n_items, n_int = (2_000, 2_000, 40_000) if args.tiny else (N_USERS, N_ITEMS, N_INTERACTIONS)
     n_timed = args.batches or (2 if args.tiny else 20)

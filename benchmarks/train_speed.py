@@ -419,22 +419,33 @@ def summarise(times):
 
 # -- main ------------------------------------------------------------------------------------
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small data and few batches (a smoke run)")
+def speed_arguments(doc: str, name: str, batches: str, steps: str) -> argparse.ArgumentParser:
+    """The options every training-speed script takes (this one's and ``hybrid_speed.py``'s)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="2,000 users x 2,000 items, 2 timed batches: only "
                     "checks that the script runs (the tests); prints only unless --out is given")
-    ap.add_argument("--batches", type=int, default=None, help="timed batches per variant (default 20; quick 5)")
+    ap.add_argument("--batches", type=int, default=None, help=f"timed batches per variant ({batches})")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--no-recvae", action="store_true", help="Mult-VAE only")
-    ap.add_argument("--no-profile", action="store_true", help="skip the profiles of the bf16 steps")
+    ap.add_argument("--no-profile", action="store_true", help=f"skip the profiles of the {steps}")
     ap.add_argument("--out", default=None, help="output path without extension (default "
-                    "benchmarks/results/train_speed; --quick writes nothing unless given)")
+                    f"benchmarks/results/{name}; a small run writes nothing unless given)")
+    return ap
+
+
+def parse_speed_arguments(ap: argparse.ArgumentParser, name: str, argv) -> tuple[argparse.Namespace, str]:
+    """The parsed options (``--threads`` applied) and the command line to report."""
     args = ap.parse_args(argv)
-    command = "python benchmarks/train_speed.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     if args.threads:
         torch.set_num_threads(args.threads)
+    return args, f"python benchmarks/{name}.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+
+
+def main(argv=None) -> dict:
+    ap = speed_arguments(__doc__, "train_speed", "default 20; quick 5", "bf16 steps")
+    ap.add_argument("--quick", action="store_true", help="small data and few batches (a smoke run)")
+    ap.add_argument("--no-recvae", action="store_true", help="Mult-VAE only")
+    args, command = parse_speed_arguments(ap, "train_speed", argv)
     load_before = os.getloadavg()
     n_users, n_items, n_int = ((2_000, 2_000, 40_000) if args.tiny else (20_000, N_ITEMS, 1_470_000) if args.quick
                                else (N_USERS, N_ITEMS, N_INTERACTIONS))
