@@ -67,18 +67,22 @@ def test_the_fused_likelihood_with_an_offset_is_the_dense_one_with_its_gradients
     h0, W0, b0 = (torch.randn(*s, generator=gen) for s in ((6, 4), (9, 4), (9,)))
     L = torch.randn(6, 9, generator=gen)
     grads = []
-    for fused in (True, False):
+    for fused in ("offset", "offset_weight", False):  # w * L given, or w given apart (its gradient in the layer)
         h, W, b = (t.clone().requires_grad_(True) for t in (h0, W0, b0))
         w = torch.tensor(2.5, requires_grad=True)
-        if fused:
+        if fused == "offset":
             nll = output_layer_nll(h, W, b, batch, offset=w * L)
+        elif fused:
+            nll = output_layer_nll(h, W, b, batch, offset=L, offset_weight=w)
         else:
             logp = torch.log_softmax(h @ W.T + b + w * L, dim=1)
             nll = -(batch.to_dense() * logp).sum() / 6
         nll.backward()
         grads.append([nll.detach(), h.grad, W.grad, b.grad, w.grad])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for fused in grads[:2]:
+        for a, b in zip(fused, grads[2]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert grads[1][4] is not None and abs(float(grads[1][4])) > 1e-3  # w's gradient is there, not zero
 
 
 def test_bf16_logits_take_a_float32_offset_with_the_mixed_adds_bits():

@@ -182,7 +182,14 @@ class LinearPathNetwork(LinearPath, MultVAENetwork):
         if self.training and not self.in_training:
             return None
         scores = self.linear_scores(batch, kept)  # a new tensor: a fixed w scales it in place
-        return self.linear_weight * scores if self.linear_weight.requires_grad else scores.mul_(self.linear_weight)
+        if not self.linear_weight.requires_grad:
+            return scores.mul_(self.linear_weight)
+        # a learned w in training: the output layer scales the scores and computes w's gradient
+        return scores if self._offset_weight() is not None else self.linear_weight * scores
+
+    def _offset_weight(self) -> torch.Tensor | None:
+        learned = self.training and self.in_training and self.linear_weight.requires_grad
+        return self.linear_weight if learned and torch.is_grad_enabled() else None
 
 
 class RecVAELinearNetwork(LinearPath, RecVAENetwork):

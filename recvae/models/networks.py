@@ -205,6 +205,11 @@ class MultNetwork(nn.Module):
         """(B, I) float32 scores of another path added to the logits (:mod:`recvae.models.hybrid`); None here."""
         return None
 
+    def _offset_weight(self) -> torch.Tensor | None:
+        """A learned 0-dim weight the output layer scales the training loss's offset by (and
+        computes the gradient of); None: the offset comes scaled."""
+        return None
+
     # -- public -----------------------------------------------------------------------------
     def forward(self, batch: SparseBatch, generator: torch.Generator | None = None) -> torch.Tensor:
         """Dense float32 logits (B, I). In eval mode: no dropout and z = mu. A sharded network
@@ -239,7 +244,8 @@ class MultNetwork(nn.Module):
             nll = item_parallel.output_nll(h, self.output_weight, self.output_bias, batch, self.shard,
                                            self.workspace)
         elif self.sampler is None:
-            nll = output_layer_nll(h, self.output_weight, self.output_bias, batch, self.workspace, offset)
+            nll = output_layer_nll(h, self.output_weight, self.output_bias, batch, self.workspace, offset,
+                                   offset_weight=self._offset_weight())
         elif offset is not None:
             raise ParameterError("softmax", "the sampled softmax does not take a linear path trained with the "
                                             "network (linear_weight_mode 'fixed' or 'learned'): use softmax='full'")

@@ -123,28 +123,33 @@ def output_product(h, weight, bias, workspace: Workspace, cd: torch.dtype, out: 
     return OutputFactors(w_aug[:, :H], h_aug[:, :H], w_t)
 
 
-def add_offset(logits: torch.Tensor, offset: torch.Tensor, workspace: Workspace) -> None:
-    """``logits += offset`` in place. Low-precision logits and a float32 offset go through a kept
-    float32 buffer: the same bits as the mixed-dtype ``add_``, which converts element by element
-    (25 ms against 14 at 500 x 20,108 in bf16)."""
+def add_offset(logits: torch.Tensor, offset: torch.Tensor, workspace: Workspace,
+               scale: torch.Tensor | None = None) -> None:
+    """``logits += offset`` (``+= scale * offset`` with a 0-dim ``scale``) in place. Low-precision
+    logits and a float32 offset go through a kept float32 buffer: without ``scale``, the same bits
+    as the mixed-dtype ``add_``, which converts element by element (25 ms against 14 at 500 x
+    20,108 in bf16)."""
+    alpha = 1 if scale is None else float(scale)
     if logits.dtype == offset.dtype:
-        logits.add_(offset)
+        logits.add_(offset, alpha=alpha) if scale is not None else logits.add_(offset)
         return
     total = workspace.get("logits_with_offset", tuple(logits.shape), offset.dtype, logits.device)
-    total.copy_(logits).add_(offset)
+    total.copy_(logits)
+    total.add_(offset, alpha=alpha) if scale is not None else total.add_(offset)
     logits.copy_(total)
 
 
 class _OutputLayerNLL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, batch: SparseBatch, workspace: Workspace, cd: torch.dtype, offset=None,
-                fold_bias=False):
+                fold_bias=False, offset_weight=None):
         B, I = batch.n_rows, batch.n_items
         dev = h.device
         logits = workspace.get("logits", (B, I), cd, dev)
         factors = output_product(h, weight, bias, workspace, cd, logits, fold_bias)
         if offset is not None:
-            add_offset(logits, offset, workspace)
+            add_offset(logits, offset, workspace, offset_weight)
+        ctx.offset = offset if offset_weight is not None and offset_weight.requires_grad else None
         flat = batch.rows * I + batch.cols
         picked = logits.view(-1)[flat].float()
         probs = workspace.get("probs", (B, I), cd, dev)
@@ -181,10 +186,17 @@ class _OutputLayerNLL(torch.autograd.Function):
         grad_h = f.grad_input(g).float().mul_(cn[:, None]).to(ctx.h_dtype) if ctx.needs_input_grad[0] else None
         # an offset's gradient is the logits' own (a B x I tensor: only for an offset that learns)
         grad_offset = g.float() * cn[:, None] if ctx.needs_input_grad[6] else None  # a new tensor: g is read on
+        grad_offset_weight = None
+        if getattr(ctx, "offset", None) is not None:
+            # d NLL / d w = sum_u cn_u sum_i g_ui offset_ui, in the float32 buffer of the forward's
+            # add: no B x I gradient of the scaled offset is made (three passes fewer)
+            t = ctx.workspace.get("logits_with_offset", (B, I), ctx.offset.dtype, g.device)
+            grad_offset_weight = (t.copy_(g).mul_(ctx.offset).sum(dim=1) * cn).sum()
+            ctx.offset = None
         if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
             # a frozen output layer (RecVAE's encoder phase): skip the I x H product
             ctx.probs = ctx.factors = None
-            return grad_h, None, None, None, None, None, grad_offset, None
+            return grad_h, None, None, None, None, None, grad_offset, None, grad_offset_weight
         fresh = _grad_buffer(weight, ctx.workspace, "output_weight_grad")
         if cd == weight.dtype:
             hs = f.h * cn[:, None]
@@ -206,12 +218,12 @@ class _OutputLayerNLL(torch.autograd.Function):
             weight.grad.copy_(gw[:, :H]) if fresh is not None else weight.grad.add_(gw[:, :H].float())
             _accumulate(bias, gw[:, H])
         ctx.probs = ctx.factors = None
-        return grad_h, None, None, None, None, None, grad_offset, None
+        return grad_h, None, None, None, None, None, grad_offset, None, grad_offset_weight
 
 
 def output_layer_nll(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, batch: SparseBatch,
                      workspace: Workspace | None = None, offset: torch.Tensor | None = None,
-                     fold_bias: bool = False) -> torch.Tensor:
+                     fold_bias: bool = False, offset_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over the batch's users of the multinomial NLL of ``batch`` under ``softmax(h W^T + b)``.
 
     ``weight`` is (I, H) like ``nn.Linear(H, I).weight``. Matmuls run in the autocast dtype when
@@ -219,11 +231,14 @@ def output_layer_nll(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     then, so the loss value carries the bf16 rounding of the logits (~1e-2 absolute).
     ``offset`` (B, I), when given, is added to the logits before the softmax (another path's
     scores, :mod:`recvae.models.hybrid`); its gradient flows back when it requires one.
+    ``offset_weight`` (0-dim), when given, scales the offset (``logits + w * offset``); a learned
+    ``w`` gets its gradient here, without a B x I gradient tensor (``offset`` must then not learn).
     ``fold_bias``: see :func:`output_product`.
     """
     cd = compute_dtype(h.device.type)
     with torch.autocast(h.device.type, enabled=False):
-        return _OutputLayerNLL.apply(h, weight, bias, batch, workspace or Workspace(), cd, offset, fold_bias)
+        return _OutputLayerNLL.apply(h, weight, bias, batch, workspace or Workspace(), cd, offset, fold_bias,
+                                     offset_weight)
 
 
 #: dtypes the output layer can score in (see :func:`output_logits`)
