@@ -25,7 +25,6 @@ work). Target: each joint step <= 1.3x its floor, like every training step of th
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -41,8 +40,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from train_speed import (  # noqa: E402
     BATCH, N_INTERACTIONS, N_ITEMS, N_USERS, TARGETS, dense_products, gemm_floor, interleaved, machine,
-    optimizer_floor, parse_speed_arguments, peak_rss_gb, profile_steps, speed_arguments, summarise,
-    synthetic_ml20m,
+    kind_rows, machine_line, optimizer_floor, parse_speed_arguments, peak_rss_gb, profile_steps, speed_arguments,
+    summarise, synthetic_ml20m, write_report,
 )
 
 from recvae.models.hybrid import MultVAELinear  # noqa: E402
@@ -174,25 +173,16 @@ def main(argv=None) -> dict:
     }
     md = markdown(report)
     print(md)
-    if out:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-        out.with_suffix(".md").write_text(md)
-        print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    write_report(out, report, md)
     return report
 
 
 def markdown(report: dict) -> str:
-    r, info, d = report["results"], report["machine"], report["data"]
-    la, lb = info["load_average_before"], info["load_average_after"]
+    r, d = report["results"], report["data"]
     lines = [
         "# Training speed (CPU): the Mult-VAE hybrid's joint fits against their floor",
         "",
-        f"Machine: {info['cpu']}, {'with' if info['amx_bf16'] else 'without'} AMX, AVX-512 BF16 "
-        f"{'yes' if info['avx512_bf16'] else 'no'}; {info['cores']} cores, {info['threads']} torch threads; "
-        f"load average {la[0]:.2f} before, {lb[0]:.2f} after (1 min); torch {info['torch']}. "
-        f"Command: `{report['command']}`.",
+        machine_line(report["machine"], report["command"]),
         "",
         f"Synthetic ML-20M-shaped data: {d['n_users']:,} users x {d['n_items']:,} items, {d['nnz']:,} interactions; "
         f"batches of {d['batch_size']}; a seeded random dense B (float32, {d['n_items']**2 * 4 / 1e9:.2f} GB), "
@@ -218,8 +208,7 @@ def markdown(report: dict) -> str:
     for name, p in report["profiles"].items():
         lines += ["", f"Where the time of `{name}` goes (torch profiler, 3 batches; self CPU time by kind of work, "
                   f"ms per step; {p['wall_ms_per_step']:.1f} ms per step under the profiler):", "",
-                  "| work | ms / step | share |", "|---|---:|---:|"]
-        lines += [f"| {k} | {v:.1f} | {100 * p['by_kind_share'][k]:.0f}% |" for k, v in p["by_kind_ms_per_step"].items()]
+                  *kind_rows(p)]
         lines += ["", "```", p["top_ops"].rstrip(), "```"]
     return "\n".join(lines) + "\n"
 

@@ -68,6 +68,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import re
@@ -719,7 +720,7 @@ def merge_models_reports(base: dict, new: dict) -> dict:
         if base.get(key) != new.get(key):
             raise ValueError(f"--merge: the reports differ in {key} ({base.get(key)!r} and {new.get(key)!r}): "
                              "they did not measure the same data")
-    merged = json.loads(json.dumps(base))
+    merged = copy.deepcopy(base)
     runs = runs_of(base)
     merged["runs"] = runs + runs_of(new)
     merged["total_seconds"] = sum(r["total_seconds"] for r in merged["runs"])

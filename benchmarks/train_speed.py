@@ -44,7 +44,6 @@ straightforward fp32 step, peak RSS < 4 GB.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -553,25 +552,44 @@ def main(argv=None) -> dict:
     }
     md = markdown(report, X, args)
     print(md)
-    if out:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-        out.with_suffix(".md").write_text(md)
-        print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    write_report(out, report, md)
     return report
 
 
-def markdown(report: dict, X, args) -> str:
-    results, summary, met, info = report["results"], report["summary"], report["targets_met"], report["machine"]
+def machine_line(info: dict, command: str) -> str:
+    """The results' line naming the machine, its load before and after, and the command."""
     la, lb = info["load_average_before"], info["load_average_after"]
+    return (f"Machine: {info['cpu']}, {'with' if info['amx_bf16'] else 'without'} AMX, AVX-512 BF16 "
+            f"{'yes' if info['avx512_bf16'] else 'no'}; {info['cores']} cores, {info['threads']} torch threads; "
+            f"load average {la[0]:.2f} before, {lb[0]:.2f} after (1 min); torch {info['torch']}. "
+            f"Command: `{command}`.")
+
+
+def kind_rows(profile: dict) -> list[str]:
+    """A profile's table of self CPU time by kind of work (:func:`profile_steps`)."""
+    return ["| work | ms / step | share |", "|---|---:|---:|",
+            *(f"| {k} | {v:.1f} | {100 * profile['by_kind_share'][k]:.0f}% |"
+              for k, v in profile["by_kind_ms_per_step"].items())]
+
+
+def write_report(out: str | None, report: dict, md: str) -> None:
+    """``<out>.json`` and ``<out>.md`` (atomically), when ``out`` is given."""
+    if out:
+        from recvae.fileio import write_bytes, write_json
+
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(out.with_suffix(".json"), report, indent=1)
+        write_bytes(out.with_suffix(".md"), md.encode())
+        print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+
+
+def markdown(report: dict, X, args) -> str:
+    results, summary, met = report["results"], report["summary"], report["targets_met"]
     lines = [
         "# Training speed (CPU): Mult-VAE and RecVAE against their floors",
         "",
-        f"Machine: {info['cpu']}, {'with' if info['amx_bf16'] else 'without'} AMX, AVX-512 BF16 "
-        f"{'yes' if info['avx512_bf16'] else 'no'}; {info['cores']} cores, {info['threads']} torch threads; "
-        f"load average {la[0]:.2f} before, {lb[0]:.2f} after (1 min); torch {info['torch']}. "
-        f"Command: `{report['command']}`.",
+        machine_line(report["machine"], report["command"]),
         "",
         f"Synthetic ML-20M-shaped data: {X.shape[0]:,} users x {X.shape[1]:,} items, {X.nnz:,} interactions; "
         f"batches of {BATCH}; all variants interleaved, median of {results['multvae_bf16']['n']} batches after "
@@ -623,9 +641,7 @@ def markdown(report: dict, X, args) -> str:
     for name, p in report["profiles"].items():
         lines += ["", f"Where the time of `{name}` goes (torch profiler, 3 batches; self CPU time by kind of work, "
                   f"ms per step; the profiler adds its own overhead: {p['wall_ms_per_step']:.1f} ms per step "
-                  "under it):", "", "| work | ms / step | share |", "|---|---:|---:|"]
-        for k, v in p["by_kind_ms_per_step"].items():
-            lines.append(f"| {k} | {v:.1f} | {100 * p['by_kind_share'][k]:.0f}% |")
+                  "under it):", "", *kind_rows(p)]
     for name, p in report["profiles"].items():
         lines += ["", f"Top operators of `{name}` (3 batches):", "", "```", p["top_ops"].rstrip(), "```"]
     return "\n".join(lines) + "\n"

@@ -177,19 +177,14 @@ class LinearPathNetwork(LinearPath, MultVAENetwork):
             self._kept = v * (batch.values / batch.normalized)
         return v
 
-    def _offset(self, batch: SparseBatch) -> torch.Tensor | None:
+    def _offset(self, batch: SparseBatch) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         kept, self._kept = (self._kept if self.training else None), None
         if self.training and not self.in_training:
             return None
         scores = self.linear_scores(batch, kept)  # a new tensor: a fixed w scales it in place
-        if not self.linear_weight.requires_grad:
-            return scores.mul_(self.linear_weight)
-        # a learned w in training: the output layer scales the scores and computes w's gradient
-        return scores if self._offset_weight() is not None else self.linear_weight * scores
-
-    def _offset_weight(self) -> torch.Tensor | None:
-        learned = self.training and self.in_training and self.linear_weight.requires_grad
-        return self.linear_weight if learned and torch.is_grad_enabled() else None
+        if self.linear_weight.requires_grad and torch.is_grad_enabled():
+            return scores, self.linear_weight  # learned: scaled where its gradient is computed
+        return scores.mul_(self.linear_weight), None
 
 
 class RecVAELinearNetwork(LinearPath, RecVAENetwork):

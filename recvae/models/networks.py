@@ -201,14 +201,16 @@ class MultNetwork(nn.Module):
         """KL(q(z|x) || prior) averaged over the batch, users weighted by ``kl_weights``."""
         return gaussian_kl(*posterior, weights=kl_weights)
 
-    def _offset(self, batch: SparseBatch) -> torch.Tensor | None:
-        """(B, I) float32 scores of another path added to the logits (:mod:`recvae.models.hybrid`); None here."""
+    def _offset(self, batch: SparseBatch) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``(scores, w)``: (B, I) float32 scores of another path added to the logits
+        (:mod:`recvae.models.hybrid`), times ``w`` when ``w`` is not None (a learned 0-dim weight,
+        whose gradient the fused output layer computes); None here."""
         return None
 
-    def _offset_weight(self) -> torch.Tensor | None:
-        """A learned 0-dim weight the output layer scales the training loss's offset by (and
-        computes the gradient of); None: the offset comes scaled."""
-        return None
+    @staticmethod
+    def _scaled(offset: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        scores, w = offset
+        return scores if w is None else w * scores
 
     # -- public -----------------------------------------------------------------------------
     def forward(self, batch: SparseBatch, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -221,7 +223,7 @@ class MultNetwork(nn.Module):
         logits = output_logits(h, self.output_weight, self.output_bias, self.workspace,
                                None if self.training else self.score_dtype)
         offset = self._offset(batch)
-        return logits if offset is None else logits + offset
+        return logits if offset is None else logits + self._scaled(offset)
 
     def latent(self, batch: SparseBatch) -> torch.Tensor:
         """(B, latent_dim): what the decoder reads in eval mode (mu, the code, the bits' probabilities)."""
@@ -244,8 +246,9 @@ class MultNetwork(nn.Module):
             nll = item_parallel.output_nll(h, self.output_weight, self.output_bias, batch, self.shard,
                                            self.workspace)
         elif self.sampler is None:
-            nll = output_layer_nll(h, self.output_weight, self.output_bias, batch, self.workspace, offset,
-                                   offset_weight=self._offset_weight())
+            scores, w = offset if offset is not None else (None, None)
+            nll = output_layer_nll(h, self.output_weight, self.output_bias, batch, self.workspace, scores,
+                                   offset_weight=w)
         elif offset is not None:
             raise ParameterError("softmax", "the sampled softmax does not take a linear path trained with the "
                                             "network (linear_weight_mode 'fixed' or 'learned'): use softmax='full'")
