@@ -184,6 +184,28 @@ def test_a_learned_weight_moves_and_keeps_its_own_learning_rate(data):
     assert float(fixed.module_.linear_weight) == 2.0 and "linear_weight" in fixed.module_.state_dict()
 
 
+def test_a_learned_weight_scales_the_path_in_every_mode_with_or_without_gradients(data):
+    """A learned w reaches the output layer apart from the scores in a training loss; every
+    forward, in training or eval mode and with or without gradients, adds w * x B all the same."""
+    train, validation = data
+    model = make_model("multvae-linear", **TINY, linear_weight=3.0, linear_weight_mode="learned").fit(
+        train, validation, show_progress=False)
+    net = model.module_
+    batch = SparseBatch.from_csr(sp.csr_matrix(train[:20], dtype=np.float32))
+    for training in (True, False):
+        net.train(training)
+        scores, w = net._offset(batch)
+        assert w is net.linear_weight  # with gradients: w apart
+        with torch.no_grad():
+            scaled, none = net._offset(batch)
+            outs = [net(batch, torch.Generator().manual_seed(0)) for _ in range(2)]
+        assert none is None
+        torch.testing.assert_close(scaled, w.detach() * scores.detach())
+        grad_out = net(batch, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(grad_out.detach(), outs[0])
+        torch.testing.assert_close(outs[1], outs[0])
+
+
 def test_bf16_training_runs_the_offset_through_autocast(data):
     train, validation = data
     runs = [make_model("multvae-linear", **{**TINY, "precision": precision}, linear_weight_mode="learned").fit(
