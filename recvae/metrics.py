@@ -236,8 +236,8 @@ def ndcg_at_k(scores, heldout, k: int) -> np.ndarray:
 
     The ideal DCG counts ``min(K, n_u)`` hits, so a perfect ranking scores 1 for any
     ``n_u``. (The notebook multiplies the stored held-out values, all 1 there, by the
-    discounts; here any stored positive value counts as 1.) This is also what RecBole and Cornac compute for binary relevance.
-    Values lie in [0, 1].
+    discounts; here any stored positive value counts as 1.) This is also what RecBole and Cornac
+    compute for binary relevance. Values lie in [0, 1].
 
     Examples
     --------
@@ -249,6 +249,12 @@ def ndcg_at_k(scores, heldout, k: int) -> np.ndarray:
     >>> heldout = sp.csr_matrix(np.array([[1, 0, 0, 1], [0, 0, 1, 0]]))
     >>> ndcg_at_k(scores, heldout, k=3).round(4)   # (1 + 1/log2 4) / (1 + 1/log2 3); (1/log2 3) / 1
     array([0.9197, 0.6309])
+    """
+    return _single("ndcg", scores, heldout, k)
+
+
+def precision_at_k(scores, heldout, k: int) -> np.ndarray:
+    """Precision@K = hits@K / K (values in [0, 1]; at most n_u / K when n_u < K).
 
     Examples
     --------
@@ -260,6 +266,12 @@ def ndcg_at_k(scores, heldout, k: int) -> np.ndarray:
     >>> heldout = sp.csr_matrix(np.array([[1, 0, 0, 1], [0, 0, 1, 0]]))
     >>> precision_at_k(scores, heldout, k=2)
     array([0.5, 0.5])
+    """
+    return _single("precision", scores, heldout, k)
+
+
+def hit_rate_at_k(scores, heldout, k: int) -> np.ndarray:
+    """HitRate@K = 1 if hits@K >= 1 else 0 (any held-out item in the top K).
 
     Examples
     --------
@@ -271,6 +283,13 @@ def ndcg_at_k(scores, heldout, k: int) -> np.ndarray:
     >>> heldout = sp.csr_matrix(np.array([[1, 0, 0, 1], [0, 0, 1, 0]]))
     >>> hit_rate_at_k(scores, heldout, k=1)
     array([1., 0.])
+    """
+    return _single("hit_rate", scores, heldout, k)
+
+
+def mrr_at_k(scores, heldout, k: int) -> np.ndarray:
+    """MRR@K (reciprocal rank) = 1 / r_first if the first held-out item is at rank
+    r_first <= K, else 0. Its mean over users is the mean reciprocal rank.
 
     Examples
     --------
@@ -283,22 +302,6 @@ def ndcg_at_k(scores, heldout, k: int) -> np.ndarray:
     >>> mrr_at_k(scores, heldout, k=3)        # first hits at ranks 1 and 2
     array([1. , 0.5])
     """
-    return _single("ndcg", scores, heldout, k)
-
-
-def precision_at_k(scores, heldout, k: int) -> np.ndarray:
-    """Precision@K = hits@K / K (values in [0, 1]; at most n_u / K when n_u < K)."""
-    return _single("precision", scores, heldout, k)
-
-
-def hit_rate_at_k(scores, heldout, k: int) -> np.ndarray:
-    """HitRate@K = 1 if hits@K >= 1 else 0 (any held-out item in the top K)."""
-    return _single("hit_rate", scores, heldout, k)
-
-
-def mrr_at_k(scores, heldout, k: int) -> np.ndarray:
-    """MRR@K (reciprocal rank) = 1 / r_first if the first held-out item is at rank
-    r_first <= K, else 0. Its mean over users is the mean reciprocal rank."""
     return _single("mrr", scores, heldout, k)
 
 

@@ -384,3 +384,12 @@ def test_error_shapes():
         M.ndcg_at_k(np.zeros((1, 4)), sp.csr_matrix(np.ones((1, 5))), 2)
     with pytest.raises(ValueError, match="metrics: unknown metric"):
         M.per_user_metrics(np.zeros((1, 4)), sp.csr_matrix(np.ones((1, 4))), ks=(2,), metrics=("auc",))
+
+
+@pytest.mark.parametrize("name", M.USER_METRICS)
+def test_each_metric_documents_its_own_example(name):
+    """Each per-user metric's docstring shows a >>> call of that function and of no other (the API
+    reference renders one function's examples under it)."""
+    doc = getattr(M, f"{name}_at_k").__doc__
+    calls = {other for other in M.USER_METRICS if f">>> {other}_at_k(" in doc}
+    assert calls == {name}
