@@ -105,6 +105,12 @@ def worker(args) -> None:
             "comm_s": timers["comm"] / n, "optimizer_s": timers["optimizer"] / n,
             "allreduce_bytes": nbytes[0] // n, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
             "precision": precision, "threads": torch.get_num_threads()}
+    gather_to_main(group, mine, args.worker_out)
+
+
+def gather_to_main(group, mine: dict, out: str) -> None:
+    """Every rank's ``mine`` gathered on rank 0, which writes them as JSON to ``out`` (what
+    :func:`torchrun` reads back); ends the process group."""
     if group.parallel:
         import torch.distributed as dist
 
@@ -114,7 +120,7 @@ def worker(args) -> None:
     else:
         ranks = [mine]
     if group.is_main:
-        Path(args.worker_out).write_text(json.dumps({"world_size": group.world_size, "ranks": ranks}))
+        Path(out).write_text(json.dumps({"world_size": group.world_size, "ranks": ranks}))
 
 
 # -- driver ---------------------------------------------------------------------------------------

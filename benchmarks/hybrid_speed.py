@@ -40,14 +40,14 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from train_speed import (  # noqa: E402
     BATCH, N_INTERACTIONS, N_ITEMS, N_USERS, TARGETS, dense_products, gemm_floor, interleaved, machine,
-    kind_rows, machine_line, optimizer_floor, parse_speed_arguments, peak_rss_gb, profile_steps, speed_arguments,
+    kind_rows, machine_line, multvae_step, optimizer_floor, parse_speed_arguments, peak_rss_gb, profile_steps, speed_arguments,
     summarise, synthetic_ml20m, write_report,
 )
 
 from recvae.models.hybrid import MultVAELinear  # noqa: E402
 from recvae.models.networks import MultVAENetwork, NetworkConfig  # noqa: E402
 from recvae.models.sparse_layers import SparseBatch  # noqa: E402
-from recvae.models.training_loop import make_optimizer, training_step  # noqa: E402
+from recvae.models.training_loop import training_step  # noqa: E402
 
 MODES = ("fixed", "learned")
 LINEAR_WEIGHT = 10.0  # a weight of the declared grid; its value does not change the work
@@ -79,18 +79,6 @@ def hybrid_step(X, B: np.ndarray, mode: str):
         assert np.isfinite(values).all()
 
     return step, net
-
-
-def multvae_step(X):
-    net = MultVAENetwork(NetworkConfig(X.shape[1]), torch.Generator().manual_seed(0)).train()
-    opt = make_optimizer(net, lr=1e-3)
-    gen = torch.Generator().manual_seed(0)
-
-    def step(rows):
-        values = training_step(net, opt, SparseBatch.from_csr(X[rows]), beta=0.1, generator=gen, bf16=True)
-        assert np.isfinite(values).all()
-
-    return step
 
 
 def linear_product_forms(X, B_t: torch.Tensor):
@@ -127,7 +115,7 @@ def main(argv=None) -> dict:
     order = np.random.default_rng(1).permutation(X.shape[0])
     batches = [np.take(order, np.arange(i * BATCH, (i + 1) * BATCH), mode="wrap") for i in range(n_timed + args.warmup)]
 
-    steps, nets = {"multvae_bf16": multvae_step(X)}, {}
+    steps, nets = {"multvae_bf16": multvae_step(X, bf16=True)[0]}, {}
     for mode in MODES:
         steps[f"hybrid_{mode}_bf16"], nets[mode] = hybrid_step(X, B, mode)
     B_t = nets["fixed"].linear

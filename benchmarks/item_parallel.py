@@ -105,16 +105,9 @@ def worker(args) -> None:
             "softmax_buffer_bytes": args.batch * rows_held * (2 if args.precision == "bf16" else 4),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
             "threads": torch.get_num_threads(), "loss": float(values[0])}
-    if group.parallel:
-        import torch.distributed as dist
+    from distributed import gather_to_main  # the benchmarks' one gathering of the ranks' figures
 
-        ranks = [None] * group.world_size
-        dist.all_gather_object(ranks, mine)
-        dist.destroy_process_group()
-    else:
-        ranks = [mine]
-    if group.is_main:
-        Path(args.worker_out).write_text(json.dumps({"world_size": group.world_size, "ranks": ranks}))
+    gather_to_main(group, mine, args.worker_out)
 
 
 # -- driver ---------------------------------------------------------------------------------------
