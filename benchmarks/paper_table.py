@@ -69,11 +69,13 @@ from recvae.data import Interactions
 from recvae.data.interactions import sorted_unique
 from recvae.data.splits import default_n_heldout_users
 from recvae.data.time_splits import make_split
-from recvae.evaluation import evaluate, paired_difference
+from recvae.evaluation import evaluate
 from recvae.experiment import REPORT_METRICS
 from recvae.models.registry import is_neural
-from recvae.fileio import atomic_path, write_bytes, write_json
+from recvae.fileio import write_bytes, write_json
 from recvae.optional import MissingDependencyError, available
+
+from table_report import HYBRIDS, LABELS, markdown, plot_curves, summarise  # the report (benchmarks/)
 
 logger = logging.getLogger("paper_table")
 
@@ -88,27 +90,10 @@ def repo_relative(arg: str) -> str:
 ALL_MODELS = ("multvae", "multdae", "recvae", "binary-multvae", "ease", "popularity")
 #: rows run only when --models names them (the default is ALL_MODELS)
 OPTIONAL_MODELS = ("edlae", "multvae-linear", "recvae-linear")
-#: the hybrids (each run as its VAE's row is, plus the linear path)
-HYBRIDS = ("multvae-linear", "recvae-linear")
 #: the hybrids' w, one run each (their linear path: EDLAE's choice on the same split): the grid
 #: their linear_weight row declares for tuning
 HYBRID_WEIGHTS = tuning.parse_grid(None, "recvae-linear")["linear_weight"]
 EASE_GRID = tuning.EASE_GRID
-LABELS = {
-    "multvae": "Mult-VAE",
-    "multvae:paper": "Mult-VAE, paper (I-600-200-600-I, cap 0.2 over 200,000 updates)",
-    "multvae:anneal-1": "Mult-VAE, heuristic run 1 (anneal to 1.0)",
-    "multvae:heuristic": "Mult-VAE, heuristic run 2 (cap = run 1's best beta, new seed)",
-    "multvae:other-precision": "Mult-VAE, selected schedule in the other precision",
-    "multdae": "Mult-DAE",
-    "recvae": "RecVAE",
-    "binary-multvae": "Mult-VAE, binary latent (200 bits)",
-    "ease": "EASE",
-    "edlae": "EDLAE",
-    "multvae-linear": "Mult-VAE + linear path (EDLAE's B)",
-    "recvae-linear": "RecVAE + linear path (EDLAE's B)",
-    "popularity": "Popularity",
-}
 # The heuristic runs' network (chosen on ML-1M validation users; see recvae.tuning)
 HEURISTIC_NETWORK = tuning.HEURISTIC_NETWORK
 # RecVAE: the reference defaults (recvae.models.RecVAE), 50 outer epochs unless --epochs is given.
@@ -116,8 +101,6 @@ RECVAE_PARAMS: dict = {}
 # The binary-latent Mult-VAE: 200 bits (the paper's latent size), the paper's I-600-...-I network,
 # straight-through bits, beta annealed to 1.0 over the run as heuristic run 1 (best epoch kept).
 BINARY_PARAMS = {"hidden_dims": (600,), "latent_dim": 200}
-#: the paired comparison's bootstrap
-N_RESAMPLES, BOOTSTRAP_SEED = 2000, 0
 # Liang et al. 2018, Table 2 (ML-20M): Recall@20, Recall@50, NDCG@100
 PAPER_ML20M = {
     "Mult-VAE": {"recall@20": 0.395, "recall@50": 0.537, "ndcg@100": 0.426},
@@ -332,59 +315,6 @@ def run_seed(seed: int, data: Interactions, args, models, budget: TimeBudget, re
     return True
 
 
-def paired_with(per_seed: list[dict], key: str, reference: str = "ease") -> dict | None:
-    """``key``'s NDCG@100 minus ``reference``'s (EASE, or EDLAE: the strongest linear model),
-    paired by test user, over the seeds where both ran."""
-    rows = [r for r in per_seed if key in r and reference in r and key != reference]
-    if not rows or any("ndcg@100_per_user" not in r[k]["test"] for r in rows for k in (key, reference)):
-        return None
-    return paired_difference([r[key]["test"]["ndcg@100_per_user"] for r in rows],
-                             [r[reference]["test"]["ndcg@100_per_user"] for r in rows],
-                             n_resamples=N_RESAMPLES, seed=BOOTSTRAP_SEED)
-
-
-# -- reporting ---------------------------------------------------------------------------------
-
-def summarise(per_seed: list[dict]) -> dict:
-    keys = [k for k in LABELS if any(k in r for r in per_seed)]
-    out = {}
-    for key in keys:
-        rows = [r[key] for r in per_seed if key in r]
-        s = {"label": LABELS[key], "n_seeds": len(rows)}
-        for m in REPORT_METRICS:
-            v = np.array([r["test"][m]["mean"] for r in rows])
-            se = np.array([r["test"][m]["stderr"] for r in rows])
-            s[m] = {"mean": float(v.mean()), "std_over_seeds": float(v.std(ddof=1)) if v.size > 1 else None,
-                    "mean_stderr_within_seed": float(se.mean()), "per_seed": v.tolist()}
-        s["train_seconds"] = float(np.mean([r["train_seconds"] for r in rows]))
-        if "seconds_per_epoch" in rows[0]:
-            s["seconds_per_epoch"] = float(np.mean([r["seconds_per_epoch"] for r in rows]))
-            s["best_epoch"] = [r["best_epoch"] for r in rows]
-            s["validation_ndcg@100"] = float(np.mean([r["validation_ndcg@100"] for r in rows]))
-        if (key.startswith("multvae") or key == "binary-multvae") and key != "multvae:other-precision":
-            s["beta_at_best_epoch"] = [r["beta_at_best_epoch"] for r in rows]
-            s["max_beta"] = [r["max_beta"] for r in rows]
-        if key == "multvae":
-            s["selected"] = [r["selected"] for r in rows]
-        if key == "multvae:other-precision":
-            s["precision"] = rows[0]["params"]["precision"]
-            s["mode"] = rows[0]["mode"]
-        if s.get("mode") != "timing":
-            s["vs_ease"] = paired_with(per_seed, key)
-            if key != "edlae" and any("edlae" in r for r in per_seed):
-                s["vs_edlae"] = paired_with(per_seed, key, "edlae")
-        if key == "ease":
-            s["l2"] = [r["params"]["l2"] for r in rows]
-            s["validation_ndcg@100"] = float(np.mean([r["validation_ndcg@100"] for r in rows]))
-        if key in HYBRIDS:
-            s["chosen"] = [{k: r["params"][k] for k in ("linear_weight", "p", "l2")} for r in rows]
-        if key == "edlae":
-            s["chosen"] = [r["params"] for r in rows]
-            s["validation_ndcg@100"] = float(np.mean([r["validation_ndcg@100"] for r in rows]))
-        out[key] = s
-    return out
-
-
 def environment() -> dict:
     import scipy
     import torch
@@ -405,145 +335,6 @@ def environment() -> dict:
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # ru_maxrss is in KiB on Linux
-
-
-def cell(s: dict, m: str) -> str:
-    sd = s[m]["std_over_seeds"]
-    spread = f" ± {sd:.4f}" if sd is not None else ""
-    return f"{s[m]['mean']:.4f}{spread} [{s[m]['mean_stderr_within_seed']:.4f}]"
-
-
-def paired_cell(p: dict | None) -> str:
-    if p is None:
-        return ""
-    return f"{p['mean']:+.4f} [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}] ({p['wins']}/{p['n_splits']})"
-
-
-def noise_sentence(summ: dict, reference: str = "ease", name: str = "EASE") -> str:
-    """One sentence: which differences from ``reference`` are larger than noise (CI excludes 0)."""
-    vs = f"vs_{reference}"
-    real = [f"{s['label']} ({'above' if s[vs]['mean'] > 0 else 'below'})" for s in summ.values()
-            if s.get(vs) and (s[vs]["ci_low"] > 0 or s[vs]["ci_high"] < 0)]
-    if not real:
-        return f"No model's NDCG@100 differs from {name}'s by more than noise (every 95% interval contains 0)."
-    return (f"Larger than noise (95% interval excludes 0){'' if reference == 'ease' else ' against ' + name}: "
-            + "; ".join(real) + f"; every other difference from {name} is within noise.")
-
-
-def markdown(report: dict) -> str:
-    d, env, summ = report["data"], report["environment"], report["summary"]
-    lines = [
-        f"# {report['name']}: the Mult-VAE paper's protocol (test users)",
-        "",
-        f"{d['n_users']:,} users, {d['n_items']:,} items, {d['n_interactions']:,} interactions after "
-        f"preprocessing (ratings > 3.5, users with >= 5); {report.get('split', 'strong generalization split')}, "
-        f"{report['n_heldout_users']} validation + {report['n_heldout_users']} test users per seed; "
-        f"split seeds {report['seeds_done']} of {report['seeds']}. Choices made on validation NDCG@100 only.",
-        "",
-    ]
-    if not report["complete"]:
-        lines += [f"**Incomplete:** {report['stopped_reason']}. The table holds the runs that finished.", ""]
-    lines += [
-        "Mean over seeds ± standard deviation over seeds (ddof=1); in brackets the mean within-seed "
-        "standard error over test users (std/sqrt(n), as the paper reports).",
-        "",
-        "NDCG@100 − EASE: the mean paired difference over all test users of all seeds, a 95% "
-        f"paired bootstrap interval (users resampled within seeds, {N_RESAMPLES} resamples, seed "
-        f"{BOOTSTRAP_SEED}) and the seeds where the model's mean beats EASE's.",
-        "",
-    ]
-    with_edlae = any(s.get("vs_edlae") for s in summ.values())
-    if with_edlae:
-        lines += ["NDCG@100 − EDLAE: the same against EDLAE, the strongest linear model here.", ""]
-    lines += [
-        "| model | Recall@20 | Recall@50 | NDCG@100 | NDCG@100 − EASE [95% CI] (wins) | "
-        + ("NDCG@100 − EDLAE [95% CI] (wins) | " if with_edlae else "") + "train s | s / epoch | best epoch | chosen |",
-        "|---|---:|---:|---:|---:|" + ("---:|" if with_edlae else "") + "---:|---:|---:|---|",
-    ]
-    for key, s in summ.items():
-        chosen = ""
-        if key == "ease":
-            chosen = "l2 " + ", ".join(f"{v:g}" for v in s["l2"])
-        elif key == "edlae":
-            chosen = "p / l2 " + ", ".join(f"{c['p']:g} / {c['l2']:g}" for c in s["chosen"])
-        elif key in HYBRIDS:
-            chosen = "w / p / l2 " + ", ".join(f"{c['linear_weight']:g} / {c['p']:g} / {c['l2']:g}" for c in s["chosen"])
-        elif key == "multvae":
-            chosen = ", ".join(k.split(":")[1] for k in s["selected"])
-        elif (key.startswith("multvae") or key == "binary-multvae") and key != "multvae:other-precision":
-            chosen = "beta@best " + ", ".join(f"{b:.3f}" for b in s["beta_at_best_epoch"])
-        elif key == "multvae:other-precision":
-            chosen = f"{s['precision']} ({s['mode']})"
-        spe = f"{s['seconds_per_epoch']:.2f}" if "seconds_per_epoch" in s else ""
-        be = ", ".join(map(str, s["best_epoch"])) if "best_epoch" in s else ""
-        cells = [cell(s, m) for m in ("recall@20", "recall@50", "ndcg@100")]
-        if s.get("mode") == "timing":  # 5 epochs for seconds per epoch: its metrics mean nothing
-            cells = ["(timing only)"] * 3
-        edlae_cell = f" | {paired_cell(s.get('vs_edlae'))}" if with_edlae else ""
-        lines.append(f"| {s['label']} | {' | '.join(cells)} | {paired_cell(s.get('vs_ease'))}{edlae_cell} "
-                     f"| {s['train_seconds']:.1f} | {spe} | {be} | {chosen} |")
-    lines += ["", noise_sentence(summ)]
-    if with_edlae:
-        lines += ["", noise_sentence(summ, "edlae", "EDLAE")]
-    if "multvae" in summ and "multvae:other-precision" in summ:
-        o = summ["multvae:other-precision"]
-        lines += ["", f"Seconds per Mult-VAE training epoch (selected schedule, mean over seeds): "
-                      f"{report['precision']} {summ['multvae']['seconds_per_epoch']:.3f}, "
-                      f"{o['precision']} {o['seconds_per_epoch']:.3f}."]
-    if report.get("paper_table2_ml20m"):
-        lines += ["", "Paper, Table 2 (ML-20M, 10,000 test users):", "",
-                  "| model | Recall@20 | Recall@50 | NDCG@100 |", "|---|---:|---:|---:|"]
-        for name, v in report["paper_table2_ml20m"].items():
-            lines.append(f"| {name} (paper) | {v['recall@20']:.3f} | {v['recall@50']:.3f} | {v['ndcg@100']:.3f} |")
-    if "multvae:paper" in summ:
-        s = summ["multvae:paper"]
-        lines += ["", f"Paper schedule: beta reached {', '.join(f'{b:.4f}' for b in s['max_beta'])} by the end "
-                      f"(per seed); beta at the best epoch {', '.join(f'{b:.4f}' for b in s['beta_at_best_epoch'])}."]
-    if "multvae:anneal-1" in summ:
-        s = summ["multvae:anneal-1"]
-        lines += [f"Heuristic run 1 (beta to 1.0 over {report['anneal_steps']} updates): best validation epoch "
-                  f"at beta {', '.join(f'{b:.3f}' for b in s['beta_at_best_epoch'])}; run 2 uses that as its cap."]
-        net = report.get("heuristic_network")
-        if isinstance(net, dict):
-            lines += [f"Both heuristic runs: hidden {tuple(net['hidden_dims'])}, latent {net['latent_dim']}, "
-                      f"KL weighting {net['kl_weighting']} (the paper: (600,), 200, uniform)."]
-    lines += [
-        "",
-        f"Total {report['total_seconds'] / 60:.1f} min; peak RSS {report['peak_rss_gb']:.2f} GB; load average "
-        f"{report['load_average_start']} at start, {report['load_average_end']} at end; precision {report['precision']}.",
-        f"Environment: {env['cpu']} ({env['cpu_count']} CPUs, {env['torch_threads']} torch threads); torch "
-        f"{env['torch']}, numpy {env['numpy']}, scipy {env['scipy']}, recvae {env['recvae']}.",
-        "",
-        f"Command: `{report['command']}`",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def plot_curves(per_seed: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [k for k in LABELS if k != "multvae" and any("curve" in r.get(k, {}) for r in per_seed)]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for c, key in enumerate(keys):
-        for j, r in enumerate(per_seed):
-            if key in r:
-                curve = r[key]["curve"]
-                ax.plot(range(1, len(curve) + 1), curve, color=f"C{c}", alpha=0.8, lw=1,
-                        label=LABELS[key] if j == 0 else None)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation NDCG@100")
-    ax.set_title("validation NDCG@100 per epoch (one line per split seed)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=100)
-    finally:
-        plt.close(fig)
 
 
 # -- command line ------------------------------------------------------------------------------

@@ -187,6 +187,9 @@ def test_without_matplotlib_the_results_are_written_and_the_picture_skipped(pape
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.json", "tiny.md"]
     report = json.loads((tmp_path / "tiny.json").read_text())
     assert set(report["summary"]) == {"popularity", "multdae"}
+    # no EASE in the run: no paired differences from it, so no such column and no sentence on them
+    md = (tmp_path / "tiny.md").read_text()
+    assert "EASE" not in md and "| model | Recall@20 | Recall@50 | NDCG@100 | train s |" in md
     warnings = [r.getMessage() for r in caplog.records if "matplotlib" in r.getMessage()]
     assert warnings == ["matplotlib is not installed: the results will have no picture (pip install 'recvae[plot]')"]
     # said before the work started: it precedes the first seed's line
@@ -321,3 +324,59 @@ def test_the_hybrid_is_a_row_only_when_asked_its_path_edlaes_choice(paper_table,
     row = next(line for line in md.splitlines() if line.startswith(f"| {label} |"))
     d = s["vs_edlae"]
     assert f"| {d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] ({d['wins']}/{d['n_splits']}) |" in row
+
+
+def test_each_committed_table_is_the_rendering_of_its_json(tmp_path):
+    """benchmarks/results: every paper_table Markdown table is what benchmarks/table_report.py
+    renders from the JSON beside it (a hand edit or a layout change shows here), and --check
+    names a table that is not."""
+    table_report = load_script("benchmarks/table_report.py")
+    reports = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
+    tables = [p for p in reports if json.loads(p.read_text()).get("benchmark") == "paper_table"]
+    assert len(tables) >= 7
+    assert table_report.main(["--check", *map(str, reports)]) == 0
+    copy = tmp_path / "ml-100k.json"
+    copy.write_text(tables[0].read_text())
+    (tmp_path / "ml-100k.md").write_text(tables[0].with_suffix(".md").read_text().replace("0.", "1.", 1))
+    assert table_report.main(["--check", str(copy)]) == 1
+    assert table_report.main([str(copy)]) == 0  # rendered again
+    assert (tmp_path / "ml-100k.md").read_text() == tables[0].with_suffix(".md").read_text()
+
+
+def test_a_second_run_adds_its_rows_to_a_table_on_the_same_splits(paper_table, log_csv, tmp_path, capsys):
+    """table_report --into: the rows only the second run made join the first run's table; the
+    shared EASE row must match to the last digit, so the added row's paired difference is the
+    second run's own; each run keeps its rows, time and command; other data is refused unwritten."""
+    table_report = load_script("benchmarks/table_report.py")
+    base_dir, new_dir, other_dir = (tmp_path / n for n in ("base", "new", "other"))
+    for d in (base_dir, new_dir, other_dir):
+        d.mkdir()
+    assert paper_table.main(args_for(log_csv, base_dir, "--models", "ease,popularity", "--precision", "fp32")) == 0
+    assert paper_table.main(args_for(log_csv, new_dir, "--models", "ease,multdae", "--precision", "fp32")) == 0
+    assert paper_table.main(args_for(log_csv, other_dir, "--models", "ease,multdae", "--precision", "fp32",
+                                     "--seeds", "1")) == 0
+    base_json, new_json = base_dir / "tiny.json", new_dir / "tiny.json"
+    new = json.loads(new_json.read_text())
+    before = base_json.read_text(), (base_dir / "tiny.md").read_text()
+
+    assert table_report.main([str(other_dir / "tiny.json"), "--into", str(base_json)]) == 2
+    assert "differ in 'seeds_done'" in capsys.readouterr().err
+    assert (base_json.read_text(), (base_dir / "tiny.md").read_text()) == before
+
+    assert table_report.main([str(new_json), "--into", str(base_json)]) == 0
+    merged = json.loads(base_json.read_text())
+    assert list(merged["summary"]) == ["multdae", "ease", "popularity"]
+    assert merged["summary"]["multdae"] == new["summary"]["multdae"]  # its paired difference included
+    assert merged["summary"]["ease"] == json.loads(before[0])["summary"]["ease"]
+    assert [r["rows"] for r in merged["runs"]] == [["ease", "popularity"], ["multdae"]]
+    assert merged["runs"][1]["command"] == new["command"]
+    md = (base_dir / "tiny.md").read_text()
+    assert "Run 1 (rows EASE, Popularity):" in md and "Run 2 (rows Mult-DAE):" in md
+    assert md == table_report.markdown(merged)
+    # nothing left to add; a shared row whose results differ is refused
+    assert table_report.main([str(new_json), "--into", str(base_json)]) == 2
+    assert "runs no row the base lacks" in capsys.readouterr().err
+    new["per_seed"][0]["ease"]["test"]["ndcg@100"]["mean"] += 1e-12
+    new["models"].append("edlae")
+    with pytest.raises(table_report.MergeRefused, match="split seed 0: the row 'ease'"):
+        table_report.merge(json.loads(before[0]), new)
