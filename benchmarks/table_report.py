@@ -231,6 +231,8 @@ def run_lines(run: dict, env: dict) -> list[str]:
 #: what two reports must share to be one table: the data, its split and the training budget
 SAME_RUN_SETTINGS = ("data", "protocol", "n_heldout_users", "seeds_done", "precision", "epochs", "patience",
                      "ease_grid")
+#: the grids and networks of rows, where both reports record them (one run may lack the rows)
+SAME_WHERE_BOTH = ("edlae_grid", "hybrid_weights", "heuristic_network", "anneal_steps")
 _RUN_FIELDS = ("total_seconds", "peak_rss_gb", "load_average_start", "load_average_end", "precision",
                "environment", "command")
 
@@ -247,7 +249,7 @@ def merge(base: dict, new: dict) -> dict:
     taken against) has the same test results per seed to the last digit: then the added rows'
     differences from EASE and EDLAE are the ones a single run would give. The rows of each run
     are named in ``runs``; the top-level run fields stay the first run's."""
-    for key in SAME_RUN_SETTINGS:
+    for key in SAME_RUN_SETTINGS + tuple(k for k in SAME_WHERE_BOTH if k in base and k in new):
         if base.get(key) != new.get(key):
             raise MergeRefused(f"the reports differ in {key!r}: {base.get(key)!r} against {new.get(key)!r}")
     added = [k for k in LABELS if k in new["models"] and k not in base["models"]]
