@@ -513,7 +513,7 @@ def _main(args, argv) -> int:
     write_json(out / f"{name}.json", report)  # the numbers first: the picture is the optional part
     write_bytes(out / f"{name}.md", md.encode())
     print(md)
-    if plot and any("curve" in r.get(k, {}) for r in per_seed for k in LABELS):
+    if plot:
         plot_curves(per_seed, out / f"{name}.png")
     return 0
 

@@ -26,6 +26,7 @@ import numpy as np
 from recvae.evaluation import paired_difference
 from recvae.experiment import REPORT_METRICS
 from recvae.fileio import atomic_path, write_bytes, write_json
+from recvae.optional import available
 
 LABELS = {
     "multvae": "Mult-VAE",
@@ -259,7 +260,7 @@ def merge(base: dict, new: dict) -> dict:
     for b, n in zip(out["per_seed"], new["per_seed"]):
         if b["split"] != n["split"]:
             raise MergeRefused(f"split seed {b['seed']}: the splits differ")
-        for key in set(b) & set(n) - {"seed", "split", "seconds"}:
+        for key in (set(b) & set(n)) - {"seed", "split", "seconds"}:
             if b[key]["test"] != n[key]["test"]:
                 raise MergeRefused(f"split seed {b['seed']}: the row {key!r}, run by both, has other test results")
         for key in n:
@@ -276,13 +277,17 @@ def merge(base: dict, new: dict) -> dict:
     return out
 
 
-def plot_curves(per_seed: list[dict], path: Path) -> None:
+def plot_curves(per_seed: list[dict], path: Path) -> bool:
+    """Validation NDCG@100 per epoch of every row with a curve, one line per split seed, as a PNG
+    at ``path``; False, drawing nothing, when no row has one (linear models only)."""
+    keys = [k for k in LABELS if k != "multvae" and any("curve" in r.get(k, {}) for r in per_seed)]
+    if not keys:
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in LABELS if k != "multvae" and any("curve" in r.get(k, {}) for r in per_seed)]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for c, key in enumerate(keys):
         for j, r in enumerate(per_seed):
@@ -300,6 +305,7 @@ def plot_curves(per_seed: list[dict], path: Path) -> None:
             fig.savefig(tmp, dpi=100)
     finally:
         plt.close(fig)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,6 +328,11 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.into, base)
         write_bytes(args.into.with_suffix(".md"), markdown(base).encode())
         print(f"wrote {args.into} and {args.into.with_suffix('.md')}")
+        if not available("matplotlib"):
+            print(f"matplotlib is not installed: {args.into.with_suffix('.png')} was not drawn again "
+                  "(pip install 'recvae[plot]')")
+        elif plot_curves(base["per_seed"], args.into.with_suffix(".png")):
+            print(f"wrote {args.into.with_suffix('.png')}")
         return 0
     stale = []
     for path in args.reports:

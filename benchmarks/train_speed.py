@@ -61,6 +61,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from recvae.fileio import write_bytes, write_json  # noqa: E402
 from recvae.models.networks import MultVAENetwork, NetworkConfig  # noqa: E402
 from recvae.models.recvae_network import RecVAEConfig, RecVAENetwork  # noqa: E402
 from recvae.models.sparse_layers import SparseBatch  # noqa: E402
@@ -575,8 +576,6 @@ def kind_rows(profile: dict) -> list[str]:
 def write_report(out: str | None, report: dict, md: str) -> None:
     """``<out>.json`` and ``<out>.md`` (atomically), when ``out`` is given."""
     if out:
-        from recvae.fileio import write_bytes, write_json
-
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json(out.with_suffix(".json"), report, indent=1)

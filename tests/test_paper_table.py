@@ -373,6 +373,9 @@ def test_a_second_run_adds_its_rows_to_a_table_on_the_same_splits(paper_table, l
     md = (base_dir / "tiny.md").read_text()
     assert "Run 1 (rows EASE, Popularity):" in md and "Run 2 (rows Mult-DAE; the rows it shares with run 1" in md
     assert md == table_report.markdown(merged)
+    # the picture is drawn again with the added row's curves (run 1's rows had none)
+    from recvae.optional import available
+    assert (base_dir / "tiny.png").is_file() == available("matplotlib")
     # nothing left to add; a shared row whose results differ is refused
     assert table_report.main([str(new_json), "--into", str(base_json)]) == 2
     assert "runs no row the base lacks" in capsys.readouterr().err

@@ -185,7 +185,7 @@ class _OutputLayerNLL(torch.autograd.Function):
         # an offset's gradient is the logits' own (a B x I tensor: only for an offset that learns)
         grad_offset = g.float() * cn[:, None] if ctx.needs_input_grad[6] else None  # a new tensor: g is read on
         grad_offset_weight = None
-        if getattr(ctx, "offset", None) is not None:
+        if getattr(ctx, "offset", None) is not None:  # the sharded forward (item_parallel) sets none
             # d NLL / d w = sum_u cn_u sum_i g_ui offset_ui, in the float32 buffer of the forward's
             # add: no B x I gradient of the scaled offset is made (three passes fewer)
             t = ctx.workspace.get("logits_with_offset", (B, I), ctx.offset.dtype, g.device)
