@@ -19,6 +19,7 @@ from recvae.models.recvae_network import (
     composite_prior_log_density,
     log_normal,
     one_sample_kl,
+    sample_with_kl,
 )
 from recvae.models import load_model as load
 
@@ -65,6 +66,37 @@ def test_one_sample_kl_by_hand_and_its_mean_is_the_gaussian_kl():
     est = float(one_sample_kl(z, mu, logvar, log_normal(z, 0.0, 0.0)).double().mean())
     exact = 0.5 * (-math.log(0.25) + 0.25 + 0.25 - 1)
     assert est == pytest.approx(exact, abs=5e-3)
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0])  # 30: z far out, one mixture term holds all the mass
+def test_sample_with_kl_gives_autograd_values_and_gradients_of_the_reference_functions(scale):
+    g = torch.Generator().manual_seed(0)
+    B, K = 7, 5
+    mu0 = torch.randn(B, K, generator=g, dtype=torch.float64) * scale
+    logvar0 = torch.randn(B, K, generator=g, dtype=torch.float64) * 0.5 - 1
+    eps = torch.randn(B, K, generator=g, dtype=torch.float64)
+    old_mu = torch.randn(B, K, generator=g, dtype=torch.float64)
+    old_logvar = torch.randn(B, K, generator=g, dtype=torch.float64) * 0.5
+    n = torch.tensor([3.0, 1, 0, 8, 2, 5, 1], dtype=torch.float64)  # a user without items weighs 0
+    upstream = torch.randn(B, K, generator=g, dtype=torch.float64)  # the NLL's gradient w.r.t. z
+    weights = (0.2, 0.7, 0.1)
+
+    def run(fn):
+        mu, logvar = mu0.clone().requires_grad_(), logvar0.clone().requires_grad_()
+        z, kl = fn(mu, logvar)
+        ((z * upstream).sum() + 3.0 * kl).backward()
+        return z.detach(), kl.detach(), mu.grad, logvar.grad
+
+    def reference(mu, logvar):
+        z = mu + eps * torch.exp(0.5 * logvar)
+        log_prior = composite_prior_log_density(z, old_mu, old_logvar, weights, 8.0)
+        return z, (one_sample_kl(z, mu, logvar, log_prior) * n).mean()
+
+    want = run(reference)
+    got = run(lambda mu, logvar: sample_with_kl(mu, logvar, eps, old_mu, old_logvar, n, weights, 8.0))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert float(want[2].abs().max()) > 0.1  # the KL moves mu: not a vacuous comparison
 
 
 def test_encoder_loss_weights_each_users_kl_by_its_interactions(data):

@@ -84,6 +84,59 @@ def one_sample_kl(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, log_p
     return (log_normal(z, mu, logvar) - log_prior).sum(dim=1)
 
 
+class _SampleWithKL(torch.autograd.Function):
+    """z = mu + eps * exp(logvar / 2) and the batch's KL term ``mean_u n_u KL_u`` in one
+    function, with the gradient in closed form (:func:`sample_with_kl`)."""
+
+    @staticmethod
+    def forward(ctx, mu, logvar, eps, old_mu, old_logvar, row_sums, mixture_weights, wide_logvar):
+        w = [math.log(float(v)) for v in mixture_weights]
+        sigma = torch.exp(0.5 * logvar)
+        z = torch.addcmul(mu, eps, sigma)
+        # the three weighted log-densities t_c = w_c - (logvar_c + log 2 pi + (z - mean_c)^2 / var_c) / 2
+        z2 = z * z
+        t0 = z2.mul(-0.5).add_(w[0] - 0.5 * LOG_2PI)
+        d1 = z - old_mu
+        inv_var1 = torch.exp(-old_logvar)
+        t1 = (d1 * d1).mul_(inv_var1).add_(old_logvar).mul_(-0.5).add_(w[1] - 0.5 * LOG_2PI)
+        t2 = z2.mul_(-0.5 * math.exp(-wide_logvar)).add_(w[2] - 0.5 * (wide_logvar + LOG_2PI))
+        top = torch.maximum(torch.maximum(t0, t1), t2)
+        e0, e1, e2 = (t.sub_(top).exp_() for t in (t0, t1, t2))  # the mixture's terms over their largest
+        total = e0 + e1 + e2
+        log_prior = total.log().add_(top)
+        # log q(z) at its own sample: (z - mu)^2 / var is eps^2
+        log_q = (eps * eps).add_(logvar).add_(LOG_2PI).mul_(-0.5)
+        kl = (log_q.sub_(log_prior).sum(dim=1) * row_sums).mean()
+        ctx.save_for_backward(eps, sigma, z, d1, inv_var1, e0, e1, e2, total, row_sums)
+        ctx.wide_var_inv = math.exp(-wide_logvar)
+        return z, kl
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_kl):
+        eps, sigma, z, d1, inv_var1, e0, e1, e2, total, row_sums = ctx.saved_tensors
+        c = (grad_kl * row_sums / row_sums.shape[0])[:, None]  # d loss / d KL_u, (B, 1)
+        # d log p / dz = -(r_0 z + r_1 (z - old_mu) / var_1 + r_2 z / var_2), r: the terms' shares
+        minus_dlog_prior = (e0 + e2 * ctx.wide_var_inv).mul_(z).addcmul_(e1, d1 * inv_var1).div_(total)
+        grad_z = minus_dlog_prior.mul_(c).add_(grad_z) if grad_z is not None else minus_dlog_prior.mul_(c)
+        # z = mu + eps sigma; log q(z) depends on logvar alone (-1/2 each), on mu not at all
+        grad_logvar = (grad_z * eps).mul_(sigma).mul_(0.5).sub_(0.5 * c)
+        return grad_z, grad_logvar, None, None, None, None, None, None
+
+
+def sample_with_kl(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor, old_mu: torch.Tensor,
+                   old_logvar: torch.Tensor, row_sums: torch.Tensor, mixture_weights=MIXTURE_WEIGHTS,
+                   wide_logvar: float = WIDE_LOGVAR) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder phase's sample ``z = mu + eps * exp(logvar / 2)`` (B, K) and its KL term
+    ``1/B sum_u n_u KL_u``, KL_u the :func:`one_sample_kl` to the :func:`composite_prior_log_density`
+    (``old_mu``, ``old_logvar``: q_old's posterior, no gradient).
+
+    The same values as those two functions; the gradients w.r.t. ``mu`` and ``logvar`` are
+    written in closed form (the terms of log q(z) that cancel through z are left out), in ~a
+    quarter of autograd's time over the ~30 operations of the two functions."""
+    return _SampleWithKL.apply(mu, logvar, eps, old_mu.detach(), old_logvar.detach(), row_sums,
+                               tuple(mixture_weights), float(wide_logvar))
+
+
 class RecVAEEncoder(nn.Module):
     """q(z|x): sparse first layer, dense layers with summed earlier outputs, mu/logvar heads."""
 
@@ -226,11 +279,9 @@ class RecVAENetwork(nn.Module):
         ``loss = nll + gamma * kl``."""
         keep, eps = self.draw_noise(batch, True, generator)
         mu, logvar = self._encode(batch, keep)
-        z = self._sample(mu, logvar, eps)  # (B, d)
         old_mu, old_logvar = old if old is not None else self.old_posterior(batch)
-        log_prior = composite_prior_log_density(z, old_mu, old_logvar, self.config.mixture_weights,
-                                                self.config.wide_logvar)
-        kl = (one_sample_kl(z, mu, logvar, log_prior) * batch.row_sums).mean()
+        z, kl = sample_with_kl(mu, logvar, eps, old_mu, old_logvar, batch.row_sums, self.config.mixture_weights,
+                               self.config.wide_logvar)  # z: (B, d)
         nll = self._nll(z, batch)
         return LossTerms(loss=nll + gamma * kl, nll=nll, kl=kl)
 
