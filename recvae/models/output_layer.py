@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from recvae.models import cpu_kernels
 from recvae.models.sparse_layers import SparseBatch, Workspace, _accumulate, _grad_buffer, compute_dtype, version
 
 
@@ -123,6 +124,15 @@ def output_product(h, weight, bias, workspace: Workspace, cd: torch.dtype, out: 
     return OutputFactors(w_aug[:, :H], h_aug[:, :H], w_t)
 
 
+def _fused_loop(fold_bias: bool, cd: torch.dtype, device: torch.device, offset):
+    """The compiled loops (:mod:`recvae.models.cpu_kernels`) where they apply: bf16 on CPU, no
+    offset, and ``fold_bias`` (RecVAE's layer; Mult-VAE's committed results were made with the
+    eager softmax, and keep it). None: the eager code."""
+    if not fold_bias or cd != torch.bfloat16 or device.type != "cpu" or offset is not None:
+        return None
+    return cpu_kernels.library()
+
+
 def add_offset(logits: torch.Tensor, offset: torch.Tensor, workspace: Workspace,
                scale: torch.Tensor | None = None) -> None:
     """``logits += offset`` (``+= scale * offset`` with a 0-dim ``scale``, read on its device: no
@@ -148,12 +158,19 @@ class _OutputLayerNLL(torch.autograd.Function):
         if offset is not None:
             add_offset(logits, offset, workspace, offset_weight)
         ctx.offset = offset if offset_weight is not None and offset_weight.requires_grad else None
-        flat = batch.rows * I + batch.cols
-        picked = logits.view(-1)[flat].float()
-        probs = workspace.get("probs", (B, I), cd, dev)
-        torch.ops.aten._softmax.out(logits, 1, False, out=probs)
-        lse = _logsumexp_from_softmax(logits, probs, picked, batch)
-        dot = torch.zeros(B, device=dev).index_add_(0, batch.rows, batch.values * picked)
+        lib = _fused_loop(fold_bias, cd, dev, offset)
+        if lib is not None:
+            # one loop per row: the softmax, its log-sum-exp and the gradient's bracket, in place
+            lse, dot = cpu_kernels.softmax_nll_bf16(lib, logits, batch.crow, batch.cols, batch.values, batch.row_sums)
+            probs = logits
+        else:
+            flat = batch.rows * I + batch.cols
+            picked = logits.view(-1)[flat].float()
+            probs = workspace.get("probs", (B, I), cd, dev)
+            torch.ops.aten._softmax.out(logits, 1, False, out=probs)
+            lse = _logsumexp_from_softmax(logits, probs, picked, batch)
+            dot = torch.zeros(B, device=dev).index_add_(0, batch.rows, batch.values * picked)
+        ctx.bracket_done = lib is not None
         nll = (batch.row_sums * lse - dot).sum() / B
         workspace.generation += 1
         ctx.generation = workspace.generation
@@ -176,9 +193,10 @@ class _OutputLayerNLL(torch.autograd.Function):
         c = grad_out.float() / B
         n = b.row_sums
         # d NLL_u / d logits_u = n_u * (softmax_u - x_u / n_u): write the bracket in place
-        has = n[b.rows] > 0
-        flat = (b.rows * I + b.cols)[has]
-        g.view(-1).index_add_(0, flat, (-b.values[has] / n[b.rows][has]).to(cd))
+        if not ctx.bracket_done:  # (the fused loop wrote it in the forward pass)
+            has = n[b.rows] > 0
+            flat = (b.rows * I + b.cols)[has]
+            g.view(-1).index_add_(0, flat, (-b.values[has] / n[b.rows][has]).to(cd))
         cn = c * n  # (B,) per-row scale, applied to the small factors instead of the B x I one
         f = ctx.factors
         grad_h = f.grad_input(g).float().mul_(cn[:, None]).to(ctx.h_dtype) if ctx.needs_input_grad[0] else None
