@@ -135,3 +135,12 @@ def test_the_switch_takes_0_or_1_and_refuses_anything_else(fresh, monkeypatch):
     monkeypatch.setenv(cpu_kernels.SWITCH_ENV, "off")
     with pytest.raises(ValueError, match=r"^RECVAE_CPU_KERNELS must be 0 \(PyTorch code only\) or 1 .*got 'off'$"):
         cpu_kernels.library()
+
+
+@needs_compiler
+def test_loading_the_library_leaves_subnormal_numbers_to_the_rest_of_the_process(fresh):
+    # linked with -ffast-math, the library's constructor would set flush-to-zero process-wide
+    tiny = torch.tensor([1e-38])
+    before = float(tiny / 1000)
+    assert cpu_kernels.library() is not None
+    assert float(tiny / 1000) == before != 0.0

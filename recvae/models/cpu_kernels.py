@@ -34,7 +34,11 @@ from recvae.fileio import atomic_path
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared")
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC")
+#: linked in a second step without -ffast-math: linked with it, gcc adds crtfastmath.o, whose
+#: constructor turns on flush-to-zero for the whole process when the library loads, changing
+#: every other computation's results in their smallest values
+LINK_FLAGS = ("-shared", "-fopenmp")
 #: "0": never compile, always the eager code; "1" (or unset): the compiled loops where they apply
 SWITCH_ENV = "RECVAE_CPU_KERNELS"
 CACHE_ENV = "RECVAE_KERNEL_CACHE"
@@ -78,18 +82,20 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"{compiler} --version failed: {e}"
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), _cpu_features().encode(),
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS + LINK_FLAGS).encode(), version.encode(), _cpu_features().encode(),
                                      platform.machine().encode()])).hexdigest()[:20]
     folder = _cache_folder()
     target = folder / f"cpu_kernels-{key}.so"
     if not target.is_file():
         try:
-            with atomic_path(target, suffix=".so.tmp") as tmp:
-                done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True,
-                                      text=True, timeout=COMPILE_TIMEOUT_S)
-                if done.returncode != 0:
-                    last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-                    raise RuntimeError(f"{compiler} exited with {done.returncode}: {last}")
+            with atomic_path(target, suffix=".so.tmp") as tmp, tempfile.TemporaryDirectory() as work:
+                obj = os.path.join(work, "cpu_kernels.o")
+                for argv in ([compiler, *FLAGS, "-c", str(SOURCE), "-o", obj],
+                             [compiler, *LINK_FLAGS, obj, "-o", str(tmp), "-lm"]):
+                    done = subprocess.run(argv, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+                    if done.returncode != 0:
+                        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+                        raise RuntimeError(f"{compiler} exited with {done.returncode}: {last}")
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             return None, f"compiling {SOURCE.name} failed: {e}"
     try:
@@ -127,6 +133,7 @@ def _cache_folder() -> Path:
 
 
 def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    assert t.is_contiguous() and t.device.type == "cpu"
     return ctypes.c_void_p(t.data_ptr())
 
 
@@ -143,3 +150,4 @@ def softmax_nll_bf16(lib: ctypes.CDLL, logits: torch.Tensor, crow: torch.Tensor,
     lib.softmax_nll_bf16(_ptr(logits), B, I, _ptr(crow), _ptr(cols), _ptr(values), _ptr(row_sums), _ptr(lse),
                          _ptr(dot), torch.get_num_threads())
     return lse, dot
+
