@@ -10,7 +10,9 @@ the layout), or checks that each committed table is its JSON's rendering::
     python benchmarks/table_report.py ml-1m-more.json --into benchmarks/results/ml-1m-linear.json
 
 The last adds the rows a second run made (on the same splits, its shared rows equal to the last
-digit) to a committed table: one table, each run's rows, time, machine and command named.
+digit) to a committed table: one table, each run's rows, time, machine and command named. With
+``--replace recvae`` the second run's RecVAE rows take the place of the table's (a rerun after a
+change to RecVAE alone: the baselines it ran again must still agree to the last digit).
 """
 
 from __future__ import annotations
@@ -242,14 +244,21 @@ class MergeRefused(Exception):
     """Two reports that are not one table's runs (the message says what differs)."""
 
 
-def merge(base: dict, new: dict) -> dict:
+def merge(base: dict, new: dict, replace=()) -> dict:
     """``base`` with the rows that only ``new`` ran added, as one table with two runs.
 
     Refused unless both ran on the same data, split seeds and splits with the same budget
     (:data:`SAME_RUN_SETTINGS`), and every row both ran (the baselines the paired differences are
     taken against) has the same test results per seed to the last digit: then the added rows'
     differences from EASE and EDLAE are the ones a single run would give. The rows of each run
-    are named in ``runs``; the top-level run fields stay the first run's."""
+    are named in ``runs``; the top-level run fields stay the first run's.
+
+    ``replace``: rows ``new`` ran again (after a change to their model alone) that take the
+    place of ``base``'s; the other rows both ran must still agree to the last digit."""
+    unknown = [k for k in replace if k not in new["models"]]
+    if unknown:
+        raise MergeRefused(f"rows to replace that the new report did not run: {unknown} (it ran {new['models']})")
+    base = _without(base, replace)
     for key in SAME_RUN_SETTINGS + tuple(k for k in SAME_WHERE_BOTH if k in base and k in new):
         if base.get(key) != new.get(key):
             raise MergeRefused(f"the reports differ in {key!r}: {base.get(key)!r} against {new.get(key)!r}")
@@ -274,6 +283,23 @@ def merge(base: dict, new: dict) -> dict:
     out["complete"] = base["complete"] and new["complete"]
     out["stopped_reason"] = base["stopped_reason"] or new["stopped_reason"]
     out["summary"] = summarise(out["per_seed"])
+    return out
+
+
+def _without(report: dict, rows) -> dict:
+    """``report`` without ``rows`` (and their variants, ``row:...``), in its seeds and its runs."""
+    if not rows:
+        return report
+    out = copy.deepcopy(report)
+    out["models"] = [k for k in out["models"] if k not in rows]
+    for seed in out["per_seed"]:
+        for key in [k for k in seed if k.split(":")[0] in rows]:
+            del seed[key]
+    if "runs" in out:  # a run left without rows goes
+        out["runs"] = [dict(run, rows=[k for k in run["rows"] if k not in rows]) for run in out["runs"]]
+        out["runs"] = [run for run in out["runs"] if run["rows"]]
+    if "runs" not in out:  # a single run: record its rows now, as merge would
+        out["runs"] = [{"rows": list(out["models"]), **{f: report[f] for f in _RUN_FIELDS}}]
     return out
 
 
@@ -316,12 +342,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--into", type=Path, default=None, metavar="BASE",
                     help="merge: add the rows of REPORTS that BASE lacks to BASE (.json and .md, rewritten); "
                          "refused unless data, splits, budget and the shared rows' results are the same")
+    ap.add_argument("--replace", default="", metavar="ROWS",
+                    help="with --into: comma-separated rows (e.g. recvae) that REPORTS ran again after a change "
+                         "to their model alone and that take the place of BASE's")
     args = ap.parse_args(argv)
+    replace = [r for r in args.replace.split(",") if r]
+    if replace and args.into is None:
+        ap.error("--replace needs --into")
     if args.into is not None:
         base = json.loads(args.into.read_text())
         try:
             for path in args.reports:
-                base = merge(base, json.loads(path.read_text()))
+                base = merge(base, json.loads(path.read_text()), replace)
         except MergeRefused as e:
             print(f"table_report: {path} cannot join {args.into}: {e}; nothing written", file=sys.stderr)
             return 2

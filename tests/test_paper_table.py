@@ -383,3 +383,21 @@ def test_a_second_run_adds_its_rows_to_a_table_on_the_same_splits(paper_table, l
     new["models"].append("edlae")
     with pytest.raises(table_report.MergeRefused, match="split seed 0: the row 'ease'"):
         table_report.merge(json.loads(before[0]), new)
+
+    # a row run again after a change to its model alone takes the place of the base's
+    again = json.loads(new_json.read_text())
+    again["per_seed"][0]["multdae"]["test"]["ndcg@100"]["mean"] += 0.01
+    again["command"] += " --again"
+    again_json = tmp_path / "again.json"
+    again_json.write_text(json.dumps(again))
+    assert table_report.main([str(again_json), "--into", str(base_json), "--replace", "multdae"]) == 0
+    replaced = json.loads(base_json.read_text())
+    assert replaced["per_seed"][0]["multdae"] == again["per_seed"][0]["multdae"]
+    assert replaced["summary"]["multdae"]["ndcg@100"] != merged["summary"]["multdae"]["ndcg@100"]
+    assert replaced["summary"]["ease"] == merged["summary"]["ease"]
+    assert [r["rows"] for r in replaced["runs"]] == [["ease", "popularity"], ["multdae"]]  # run 2 gave way
+    assert replaced["runs"][1]["command"].endswith(" --again")
+    capsys.readouterr()
+    assert table_report.main([str(again_json), "--into", str(base_json), "--replace", "recvae"]) == 2
+    assert "rows to replace that the new report did not run: ['recvae']" in capsys.readouterr().err
+    assert json.loads(base_json.read_text()) == replaced
