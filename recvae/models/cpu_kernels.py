@@ -5,9 +5,9 @@ PyTorch makes one pass per operation. The loops of ``cpu_kernels.c`` make one pe
 are compiled once per machine with the system's C compiler (``$CC``, else ``cc``) for this CPU
 (``-march=native``), and the library is kept in a cache folder (``$RECVAE_KERNEL_CACHE``, else
 ``~/.cache/recvae/kernels``) under a name that hashes the source, the flags, the compiler and
-the CPU's features. Without a compiler, or with ``RECVAE_CPU_KERNELS=0`` (``1``, the default, uses them), or where compiling
-fails, :func:`library` returns None and the callers run their eager PyTorch code: the same
-results up to bf16 rounding, slower.
+the CPU's features. Without a compiler, or with ``RECVAE_CPU_KERNELS=0`` (``1``, the default,
+uses them), or where compiling fails, :func:`library` returns None and the callers run their
+eager PyTorch code: the same results up to bf16 rounding, slower.
 
 A cache folder that this user does not own, or that others may write to, is not used (its
 library could be anyone's): the library then goes to a private temporary folder.
@@ -123,7 +123,8 @@ def _cache_folder() -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         st = os.lstat(folder)
-        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022:
+        owner = os.getuid() if hasattr(os, "getuid") else st.st_uid  # (no owners to compare on Windows)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == owner and not st.st_mode & 0o022:
             return folder
     except OSError:
         pass

@@ -212,6 +212,7 @@ class _ShardedOutputNLL(_OutputLayerNLL):
         ctx.generation = workspace.generation
         ctx.workspace, ctx.batch, ctx.cd = workspace, batch, cd
         ctx.probs, ctx.factors = probs, factors
+        ctx.bracket_done = False  # the parent's backward writes the gradient's bracket
         ctx.h_dtype, ctx.grad_h_dtype = torch.float32, h.dtype  # the partial grad_h is summed in float32
         ctx.save_for_backward(weight, bias)
         return nll
