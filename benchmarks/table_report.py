@@ -295,11 +295,9 @@ def _without(report: dict, rows) -> dict:
     for seed in out["per_seed"]:
         for key in [k for k in seed if k.split(":")[0] in rows]:
             del seed[key]
-    if "runs" in out:  # a run left without rows goes
+    if "runs" in out:  # a run left without rows goes (a single run's rows are merge's to record)
         out["runs"] = [dict(run, rows=[k for k in run["rows"] if k not in rows]) for run in out["runs"]]
         out["runs"] = [run for run in out["runs"] if run["rows"]]
-    if "runs" not in out:  # a single run: record its rows now, as merge would
-        out["runs"] = [{"rows": list(out["models"]), **{f: report[f] for f in _RUN_FIELDS}}]
     return out
 
 

@@ -82,8 +82,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"{compiler} --version failed: {e}"
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS + LINK_FLAGS).encode(), version.encode(), _cpu_features().encode(),
-                                     platform.machine().encode()])).hexdigest()[:20]
+    parts = [source, " ".join(FLAGS + LINK_FLAGS), version, _cpu_features(), platform.machine()]
+    key = hashlib.sha256(b"\0".join(p if isinstance(p, bytes) else p.encode() for p in parts)).hexdigest()[:20]
     folder = _cache_folder()
     target = folder / f"cpu_kernels-{key}.so"
     if not target.is_file():
@@ -102,8 +102,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         lib = ctypes.CDLL(str(target))
     except OSError as e:
         return None, f"loading {target} failed: {e}"
-    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.softmax_nll_bf16.argtypes = [p, i64, i64, p, p, p, p, p, p, f32]
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.softmax_nll_bf16.argtypes = [p, i64, i64, p, p, p, p, p, p, i32]
     lib.softmax_nll_bf16.restype = None
     return lib, ""
 
@@ -144,7 +144,7 @@ def softmax_nll_bf16(lib: ctypes.CDLL, logits: torch.Tensor, crow: torch.Tensor,
     keeps its softmax; a row with an infinite or NaN logit becomes NaN). Returns (lse, dot),
     each (B,) float32: ``log sum_i exp(logit_ui)`` and ``sum_i x_ui logit_ui``."""
     B, I = logits.shape
-    assert logits.dtype == torch.bfloat16 and logits.is_contiguous() and logits.device.type == "cpu"
+    assert logits.dtype == torch.bfloat16  # (_ptr checks that it is contiguous and on the CPU)
     crow, cols = crow.contiguous().to(torch.int64), cols.contiguous().to(torch.int64)
     values, row_sums = values.contiguous().to(torch.float32), row_sums.contiguous().to(torch.float32)
     lse, dot = torch.empty(B), torch.empty(B)
